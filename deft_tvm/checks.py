@@ -1,0 +1,132 @@
+"""Argument checks that turn torch tensors into a ``DeformConvSpec`` or a clear error.
+
+Works on real and fake (meta) tensors alike: only shapes, dtypes and devices are read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .spec import SUPPORTED_DTYPES, DeformConvSpec
+
+IntPair = Union[int, Sequence[int]]
+
+
+def as_pair(value: IntPair, name: str) -> tuple[int, int]:
+    """``3 -> (3, 3)``, ``(2, 1) -> (2, 1)``; anything else is a TypeError/ValueError."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        pair = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_rank(name: str, tensor: torch.Tensor, rank: int, layout: str) -> None:
+    if tensor.dim() != rank:
+        raise ValueError(
+            f"{name} must be a {rank}-D tensor {layout}, got {tensor.dim()}-D with shape {tuple(tensor.shape)}"
+        )
+
+
+def spec_from_tensors(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: Optional[torch.Tensor],
+) -> DeformConvSpec:
+    """Validate the arguments of ``deform_conv2d`` and describe the call."""
+    named = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
+    for name, tensor in named.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    given = {name: t for name, t in named.items() if t is not None}
+
+    dtypes = {name: t.dtype for name, t in given.items()}
+    if len(set(dtypes.values())) != 1:
+        found = ", ".join(f"{n}={_dtype_name(d)}" for n, d in dtypes.items())
+        raise TypeError(f"all tensors must have the same dtype, got {found}")
+    dtype = _dtype_name(input.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}")
+    devices = {name: t.device for name, t in given.items()}
+    if len(set(devices.values())) != 1:
+        found = ", ".join(f"{n}={d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on the same device, got {found}")
+
+    _check_rank("input", input, 4, "[batch, in_channels, height, width]")
+    _check_rank("offset", offset, 4, "[batch, 2 * offset_groups * kernel_h * kernel_w, out_h, out_w]")
+    _check_rank("weight", weight, 4, "[out_channels, in_channels // groups, kernel_h, kernel_w]")
+    if mask is not None:
+        _check_rank("mask", mask, 4, "[batch, offset_groups * kernel_h * kernel_w, out_h, out_w]")
+    if bias is not None:
+        _check_rank("bias", bias, 1, "[out_channels]")
+
+    batch, in_channels, height, width = input.shape
+    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
+    if in_per_group == 0 or in_channels % in_per_group:
+        raise ValueError(
+            f"input channels ({in_channels}) must be a multiple of weight.shape[1] ({in_per_group}), "
+            f"the input channels per group"
+        )
+    groups = in_channels // in_per_group
+    if out_channels % groups:
+        raise ValueError(
+            f"weight.shape[0] (out_channels = {out_channels}) must be divisible by groups ({groups} = "
+            f"{in_channels} input channels / weight.shape[1] {in_per_group})"
+        )
+    taps = kernel_h * kernel_w
+    if taps == 0 or offset.shape[1] % (2 * taps) or offset.shape[1] == 0:
+        raise ValueError(
+            f"offset.shape[1] ({offset.shape[1]}) must be a positive multiple of 2 * kernel_h * kernel_w "
+            f"= {2 * taps} (kernel {kernel_h}x{kernel_w})"
+        )
+    offset_groups = offset.shape[1] // (2 * taps)
+    if in_channels % offset_groups:
+        raise ValueError(
+            f"input channels ({in_channels}) must be divisible by offset_groups ({offset_groups} = "
+            f"offset.shape[1] {offset.shape[1]} / {2 * taps})"
+        )
+
+    spec = DeformConvSpec(
+        batch=batch,
+        in_channels=in_channels,
+        height=height,
+        width=width,
+        out_channels=out_channels,
+        kernel_h=kernel_h,
+        kernel_w=kernel_w,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        offset_groups=offset_groups,
+        has_mask=mask is not None,
+        has_bias=bias is not None,
+        dtype=dtype,
+    )
+    expected = {"offset": spec.offset_shape, "mask": spec.mask_shape, "bias": (out_channels,)}
+    for name in ("offset", "mask", "bias"):
+        tensor = named[name]
+        if tensor is not None and tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} for input "
+                f"{tuple(input.shape)}, weight {tuple(weight.shape)}, stride {stride}, padding {padding}, "
+                f"dilation {dilation}, offset_groups {offset_groups}"
+            )
+    return spec

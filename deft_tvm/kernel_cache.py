@@ -1,0 +1,102 @@
+"""Compiled kernels, cached in memory and on disk.
+
+The disk cache lives in ``$DEFT_TVM_CACHE_DIR`` (default ``~/.cache/deft_tvm``), one shared
+library per (TVM version, target, workload). A corrupted or unloadable entry is rebuilt with a
+warning. Writes are atomic, so concurrent processes never see a half-written library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import tvm
+
+from .compute import deform_conv2d_primfunc
+from .spec import DeformConvSpec
+from .targets import target_for_device
+
+CACHE_DIR_ENV = "DEFT_TVM_CACHE_DIR"
+
+_memory: dict[tuple[str, str], Callable] = {}
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Root of the on-disk kernel cache."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "deft_tvm")
+
+
+def _target_tag(target: tvm.target.Target) -> str:
+    text = json.dumps(target.export(), sort_keys=True, default=str)
+    return f"{target.kind.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def kernel_path(spec: DeformConvSpec, target: tvm.target.Target) -> Path:
+    """Where the compiled library of ``spec`` for ``target`` is cached."""
+    return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / f"{spec.key()}.so"
+
+
+def build(spec: DeformConvSpec, target: tvm.target.Target):
+    """Compile ``spec`` with the default schedule of ``target``'s kind; returns a TVM Executable."""
+    from deft_tvm.schedules import default_schedule
+
+    sch = default_schedule(deform_conv2d_primfunc(spec), target)
+    return tvm.compile(sch.mod, target=target)
+
+
+def _export_atomically(executable, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        executable.export_library(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_or_build(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
+    path = kernel_path(spec, target)
+    if path.exists():
+        try:
+            return tvm.runtime.load_module(str(path))["main"]
+        except Exception as err:  # noqa: BLE001 - any failure to load means: rebuild it
+            warnings.warn(
+                f"deft_tvm: cached kernel {path} could not be loaded ({type(err).__name__}: {err}); rebuilding it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            path.unlink(missing_ok=True)
+    executable = build(spec, target)
+    _export_atomically(executable, path)
+    return executable["main"]
+
+
+def get_kernel(spec: DeformConvSpec, device_type: str) -> Callable:
+    """The compiled kernel for ``spec`` on a device of ``device_type`` (``"cpu"``, ...).
+
+    The kernel takes ``(input, offset, mask?, weight, bias?, output)`` as torch tensors or TVM
+    tensors (contiguous, on the device) and writes ``output`` in place.
+    """
+    target = target_for_device(device_type)
+    key = (spec.key(), str(target))
+    kernel = _memory.get(key)
+    if kernel is None:
+        with _lock:
+            kernel = _memory.get(key)
+            if kernel is None:
+                kernel = _memory[key] = _load_or_build(spec, target)
+    return kernel
+
+
+def clear_memory_cache() -> None:
+    """Forget the kernels loaded in this process (the disk cache stays)."""
+    _memory.clear()

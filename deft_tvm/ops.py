@@ -1,0 +1,63 @@
+"""The ``deft_tvm::deform_conv2d`` torch custom op: real kernel, fake (meta) kernel, autograd.
+
+Tensor shapes are those of ``deft_tvm.spec.DeformConvSpec``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import spec_from_tensors
+from .kernel_cache import get_kernel
+
+
+@torch.library.custom_op("deft_tvm::deform_conv2d", mutates_args=())
+def deform_conv2d_op(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+) -> torch.Tensor:
+    """Deformable convolution forward; see ``deft_tvm.deform_conv2d``."""
+    spec = spec_from_tensors(
+        input, offset, weight, bias, (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w), mask
+    )
+    output = input.new_empty(spec.output_shape)
+    if spec.batch == 0:
+        return output
+    kernel = get_kernel(spec, input.device.type)
+    args = [t.contiguous() for t in (input, offset, mask, weight, bias) if t is not None]
+    kernel(*args, output)
+    return output
+
+
+@deform_conv2d_op.register_fake
+def _deform_conv2d_fake(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
+    spec = spec_from_tensors(
+        input, offset, weight, bias, (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w), mask
+    )
+    return input.new_empty(spec.output_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    del ctx, inputs, output  # nothing to save until the backward kernels exist
+
+
+def _backward(ctx, grad_output):
+    raise NotImplementedError(
+        "deft_tvm.deform_conv2d has no backward yet: gradients for input, offset, mask, weight and bias "
+        "are not implemented. Use it under torch.no_grad() / for inference, or call "
+        "torchvision.ops.deform_conv2d when training."
+    )
+
+
+deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

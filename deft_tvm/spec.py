@@ -1,0 +1,127 @@
+"""The static description of one deformable-convolution call (a "workload")."""
+
+from __future__ import annotations
+
+import dataclasses
+
+SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def accumulate_dtype(dtype: str) -> str:
+    """The dtype sums and interpolation are computed in: float32 for the half types."""
+    return "float64" if dtype == "float64" else "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeformConvSpec:
+    """Shapes, hyper-parameters and dtype of one ``deform_conv2d`` call.
+
+    Tensor shapes it describes (NCHW, torchvision's layout):
+      input  ``[batch, in_channels, height, width]``
+      offset ``[batch, 2 * offset_groups * kernel_h * kernel_w, out_h, out_w]``, (dy, dx) pairs
+      mask   ``[batch, offset_groups * kernel_h * kernel_w, out_h, out_w]`` when ``has_mask``
+      weight ``[out_channels, in_channels // groups, kernel_h, kernel_w]``
+      bias   ``[out_channels]`` when ``has_bias``
+      output ``[batch, out_channels, out_h, out_w]``
+    """
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    offset_groups: int = 1
+    has_mask: bool = True
+    has_bias: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype {self.dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
+        non_negative = {"batch": self.batch, "padding": min(self.padding)}
+        positive = {
+            "in_channels": self.in_channels,
+            "height": self.height,
+            "width": self.width,
+            "out_channels": self.out_channels,
+            "kernel_h": self.kernel_h,
+            "kernel_w": self.kernel_w,
+            "stride": min(self.stride),
+            "dilation": min(self.dilation),
+            "groups": self.groups,
+            "offset_groups": self.offset_groups,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"in_channels ({self.in_channels}) and out_channels ({self.out_channels}) "
+                f"must both be divisible by groups ({self.groups})"
+            )
+        if self.in_channels % self.offset_groups:
+            raise ValueError(
+                f"in_channels ({self.in_channels}) must be divisible by offset_groups ({self.offset_groups})"
+            )
+        if self.out_h <= 0 or self.out_w <= 0:
+            raise ValueError(
+                f"kernel {self.kernel_h}x{self.kernel_w} with dilation {self.dilation} does not fit the padded "
+                f"input {self.height + 2 * self.padding[0]}x{self.width + 2 * self.padding[1]} "
+                f"(input {self.height}x{self.width}, padding {self.padding}): output would be "
+                f"{self.out_h}x{self.out_w}"
+            )
+
+    @property
+    def out_h(self) -> int:
+        span = self.dilation[0] * (self.kernel_h - 1) + 1
+        return (self.height + 2 * self.padding[0] - span) // self.stride[0] + 1
+
+    @property
+    def out_w(self) -> int:
+        span = self.dilation[1] * (self.kernel_w - 1) + 1
+        return (self.width + 2 * self.padding[1] - span) // self.stride[1] + 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.in_channels, self.height, self.width)
+
+    @property
+    def offset_shape(self) -> tuple[int, ...]:
+        return (self.batch, 2 * self.offset_groups * self.kernel_h * self.kernel_w, self.out_h, self.out_w)
+
+    @property
+    def mask_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.offset_groups * self.kernel_h * self.kernel_w, self.out_h, self.out_w)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, self.kernel_h, self.kernel_w)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.out_channels, self.out_h, self.out_w)
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds of the convolution part counted as 2 FLOPs each."""
+        reduction = self.in_channels // self.groups * self.kernel_h * self.kernel_w
+        return 2 * self.batch * self.out_channels * self.out_h * self.out_w * reduction
+
+    def key(self) -> str:
+        """A short, stable, file-name-safe identifier of the workload."""
+        return (
+            f"n{self.batch}_c{self.in_channels}_h{self.height}_w{self.width}_o{self.out_channels}"
+            f"_k{self.kernel_h}x{self.kernel_w}_s{self.stride[0]}x{self.stride[1]}"
+            f"_p{self.padding[0]}x{self.padding[1]}_d{self.dilation[0]}x{self.dilation[1]}"
+            f"_g{self.groups}_og{self.offset_groups}_{'m' if self.has_mask else 'nm'}"
+            f"{'b' if self.has_bias else 'nb'}_{self.dtype}"
+        )

@@ -1,0 +1,23 @@
+"""Schedules for the deft_tvm compute, one module per target kind (installed as ``deft_tvm.schedules``).
+
+The compute in ``deft_tvm.compute`` is pure; every fusion, tiling, parallelisation and binding
+decision lives here.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from .cpu import schedule_cpu
+
+_DEFAULT_SCHEDULES = {"llvm": schedule_cpu}
+
+
+def default_schedule(mod, target) -> s_tir.Schedule:
+    """The untuned schedule for ``target``'s kind, applied to the compute's ``main`` PrimFunc."""
+    kind = target.kind.name
+    if kind not in _DEFAULT_SCHEDULES:
+        raise NotImplementedError(
+            f"no default deft_tvm schedule for target kind {kind!r}; have {sorted(_DEFAULT_SCHEDULES)}"
+        )
+    return _DEFAULT_SCHEDULES[kind](mod)
