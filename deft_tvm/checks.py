@@ -40,6 +40,13 @@ def _check_rank(name: str, tensor: torch.Tensor, rank: int, layout: str) -> None
         )
 
 
+def check_tensor_types(**tensors: Optional[torch.Tensor]) -> None:
+    """Each argument is a torch.Tensor (or None)."""
+    for name, tensor in tensors.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
 def spec_from_tensors(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -52,9 +59,7 @@ def spec_from_tensors(
 ) -> DeformConvSpec:
     """Validate the arguments of ``deform_conv2d`` and describe the call."""
     named = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
-    for name, tensor in named.items():
-        if tensor is not None and not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_tensor_types(**named)
     given = {name: t for name, t in named.items() if t is not None}
 
     dtypes = {name: t.dtype for name, t in given.items()}

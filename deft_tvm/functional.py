@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .checks import IntPair, as_pair
+from .checks import IntPair, as_pair, check_tensor_types
 from .ops import deform_conv2d_op
 
 
@@ -39,6 +39,7 @@ def deform_conv2d(
     Samples outside the image contribute zero, as in torchvision; an offset that is NaN gives NaN,
     also as in torchvision, but never an out-of-range read.
     """
+    check_tensor_types(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
     stride_h, stride_w = as_pair(stride, "stride")
     pad_h, pad_w = as_pair(padding, "padding")
     dil_h, dil_w = as_pair(dilation, "dilation")

@@ -59,7 +59,7 @@ def deform_conv2d_reference(
     def corner(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
         valid = (yi >= 0) & (yi <= h - 1) & (xi >= 0) & (xi <= w - 1)
         index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()
-        values = torch.gather(plane, 2, index.reshape(n, c, -1)).reshape(index.shape)
+        values = torch.gather(plane, 2, index.reshape(n, c, taps * oh * ow)).reshape(index.shape)
         return torch.where(valid, values, torch.zeros_like(values))
 
     sampled = (

@@ -1,0 +1,29 @@
+"""The one per-dtype tolerance table, used by tests and by the main job's self-check.
+
+Kernels compute in the accumulate dtype (float32 for the half types, float64 for float64) and
+round once, when writing the output. Against the float64 reference (fed the same rounded
+inputs) the error is therefore:
+  * the final rounding, at most half an ulp of the output: 2**-11 relative for float16 (10
+    stored mantissa bits), 2**-8 for bfloat16 (7 bits); ``rtol`` allows two ulps of the output
+    dtype (2e-3 and 1.6e-2), and 1e-5 (about 80 ulps) for float32;
+  * the rounding of the K = in_channels / groups * kernel_h * kernel_w products summed in the
+    accumulate dtype, which grows like sqrt(K) * eps * sum(|terms|): with unit-scale inputs and
+    K <= 576 in the tests that is below 1e-5 in float32, so ``atol`` 1e-4 bounds it for outputs
+    near zero (float64: 1e-10, far above sqrt(K) * 2**-53 * sum).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float64": {"rtol": 1e-10, "atol": 1e-10},
+    "float32": {"rtol": 1e-5, "atol": 1e-4},
+    "float16": {"rtol": 2e-3, "atol": 1e-3},
+    "bfloat16": {"rtol": 1.6e-2, "atol": 8e-3},
+}
+
+
+def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: str) -> None:
+    """Compare a kernel's output with the float64 reference using the table's tolerance for ``dtype``."""
+    torch.testing.assert_close(actual.to(torch.float64), reference, equal_nan=True, **TOLERANCES[dtype])

@@ -1,0 +1,123 @@
+"""The one workload registry: name -> shapes, dtype and offset-statistics profile.
+
+Tuning, tests and benchmarks all read it. ``BENCHMARK_WORKLOADS`` are the real layers the
+project is measured on; ``TEST_WORKLOADS`` are small shapes with the same structure that tests
+compile and check quickly. ``DEFAULT_WORKLOAD`` is what the README's main job builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .spec import DeformConvSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetProfile:
+    """A synthetic distribution of sampling offsets (pixels) and modulation masks.
+
+    ``dy`` and ``dx`` are i.i.d. ``sigma * t(dof)`` (Student's t with an integer number of degrees
+    of freedom; ``dof=None`` means normal), the mask is ``sigmoid`` of a standard normal.
+    """
+
+    name: str
+    sigma: float
+    dof: int | None = None
+
+    def sample_offsets(self, shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        draws = torch.randn(shape, generator=generator, dtype=torch.float64)
+        if self.dof is not None:
+            chi2 = torch.randn((*shape, self.dof), generator=generator, dtype=torch.float64).square().sum(-1)
+            draws = draws * (chi2 / self.dof).rsqrt()
+        return (self.sigma * draws).to(dtype=dtype, device=device)
+
+    def sample_mask(self, shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+PROFILES = {
+    p.name: p
+    for p in (
+        OffsetProfile("normal_0.5px", 0.5),
+        OffsetProfile("normal_2px", 2.0),
+        OffsetProfile("normal_8px", 8.0),
+        OffsetProfile("student_t3_2px", 2.0, dof=3),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A named layer: its ``DeformConvSpec`` and the offset profile it is measured with."""
+
+    name: str
+    spec: DeformConvSpec
+    profile: str = "normal_2px"
+    description: str = ""
+
+    def with_dtype(self, dtype: str) -> "Workload":
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, dtype=dtype))
+
+    def make_inputs(self, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
+        """Random input/weight/bias and profile-distributed offset/mask, as keyword arguments."""
+        spec, profile = self.spec, PROFILES[self.profile]
+        gen = torch.Generator().manual_seed(seed)
+        dtype = getattr(torch, spec.dtype)
+
+        def normal(shape, scale=1.0):
+            return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+        fan_in = spec.weight_shape[1] * spec.kernel_h * spec.kernel_w
+        return {
+            "input": normal(spec.input_shape),
+            "offset": profile.sample_offsets(spec.offset_shape, gen, dtype, device),
+            "weight": normal(spec.weight_shape, fan_in**-0.5),
+            "bias": normal((spec.out_channels,)) if spec.has_bias else None,
+            "stride": spec.stride,
+            "padding": spec.padding,
+            "dilation": spec.dilation,
+            "mask": profile.sample_mask(spec.mask_shape, gen, dtype, device) if spec.has_mask else None,
+        }
+
+
+def _layer(name, batch, channels, height, width, *, offset_groups=1, description="") -> Workload:
+    spec = DeformConvSpec(batch, channels, height, width, channels, 3, 3, padding=(1, 1), offset_groups=offset_groups)
+    return Workload(name, spec, description=description)
+
+
+_BENCHMARK = [
+    _layer("paper_64c_64x64_n1", 1, 64, 64, 64, description="DefT paper layer, batch 1"),
+    _layer("paper_64c_64x64_n8", 8, 64, 64, 64, description="DefT paper layer, batch 8"),
+    _layer("paper_64c_64x64_n32", 32, 64, 64, 64, description="DefT paper layer, batch 32"),
+    _layer("r50dcn_c3", 2, 128, 100, 168, description="ResNet-50-DCN stage c3, 800x1344 input, batch 2"),
+    _layer("r50dcn_c4", 2, 256, 50, 84, description="ResNet-50-DCN stage c4, 800x1344 input, batch 2"),
+    _layer("r50dcn_c5", 2, 512, 25, 42, description="ResNet-50-DCN stage c5, 800x1344 input, batch 2"),
+    _layer("video_64c_180x320_og8", 1, 64, 180, 320, offset_groups=8,
+           description="video restoration alignment (EDVR/BasicVSR-style), 8 offset groups"),
+]
+
+_TEST = [
+    _layer("test_paper_small", 2, 8, 12, 12, description="paper layer structure, small"),
+    Workload(
+        "test_asymmetric",
+        DeformConvSpec(3, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2, offset_groups=3),
+        profile="student_t3_2px",
+        description="torchvision-style asymmetric parameters",
+    ),
+    _layer("test_video_small", 1, 16, 10, 14, offset_groups=8, description="video layer structure, small"),
+]
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in _BENCHMARK + _TEST}
+BENCHMARK_WORKLOADS: tuple[str, ...] = tuple(w.name for w in _BENCHMARK)
+TEST_WORKLOADS: tuple[str, ...] = tuple(w.name for w in _TEST)
+DEFAULT_WORKLOAD = "paper_64c_64x64_n1"
+
+
+def get_workload(name: str, dtype: str | None = None) -> Workload:
+    """The registered workload ``name``, optionally with another dtype."""
+    if name not in WORKLOADS:
+        raise KeyError(f"unknown workload {name!r}; registered: {', '.join(WORKLOADS)}")
+    workload = WORKLOADS[name]
+    return workload.with_dtype(dtype) if dtype else workload

@@ -1,0 +1,28 @@
+"""Helpers shared by the tests: the dtype list and random arguments for a spec."""
+
+from __future__ import annotations
+
+import torch
+
+from deft_tvm.spec import DeformConvSpec
+
+DTYPES = ["float64", "float32", "float16", "bfloat16"]
+
+def make_case(spec: DeformConvSpec, *, seed: int = 0, offset_scale: float = 2.0):
+    """Random arguments for ``spec`` as keyword arguments of ``deform_conv2d``."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, spec.dtype)
+
+    def randn(shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    return {
+        "input": randn(spec.input_shape),
+        "offset": randn(spec.offset_shape, offset_scale),
+        "weight": randn(spec.weight_shape, (spec.weight_shape[1] * spec.kernel_h * spec.kernel_w) ** -0.5),
+        "bias": randn((spec.out_channels,)) if spec.has_bias else None,
+        "stride": spec.stride,
+        "padding": spec.padding,
+        "dilation": spec.dilation,
+        "mask": torch.rand(spec.mask_shape, generator=gen, dtype=torch.float64).to(dtype) if spec.has_mask else None,
+    }
