@@ -47,7 +47,7 @@ def build(spec: DeformConvSpec, target: tvm.target.Target):
     """Compile ``spec`` with the default schedule of ``target``'s kind; returns a TVM Executable."""
     from deft_tvm.schedules import default_schedule
 
-    sch = default_schedule(deform_conv2d_primfunc(spec), target)
+    sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
     return tvm.compile(sch.mod, target=target)
 
 

@@ -13,11 +13,11 @@ from .cpu import schedule_cpu
 _DEFAULT_SCHEDULES = {"llvm": schedule_cpu}
 
 
-def default_schedule(mod, target) -> s_tir.Schedule:
-    """The untuned schedule for ``target``'s kind, applied to the compute's ``main`` PrimFunc."""
+def default_schedule(mod, spec, target) -> s_tir.Schedule:
+    """The untuned schedule for ``target``'s kind, applied to ``deform_conv2d_primfunc(spec)``."""
     kind = target.kind.name
     if kind not in _DEFAULT_SCHEDULES:
         raise NotImplementedError(
             f"no default deft_tvm schedule for target kind {kind!r}; have {sorted(_DEFAULT_SCHEDULES)}"
         )
-    return _DEFAULT_SCHEDULES[kind](mod)
+    return _DEFAULT_SCHEDULES[kind](mod, spec)

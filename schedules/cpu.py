@@ -1,9 +1,12 @@
 """Default schedule for CPU targets (``llvm``).
 
-One parallel task per (batch, output row): it interpolates the sampled columns of that row for
-every input channel and kernel tap once (a ``[in_channels, kernel_h, kernel_w, out_w]`` tile that
-stays in cache), then reduces them against the weights for every output channel into a row
-accumulator, with the output-width loop innermost and vectorised over contiguous memory.
+One parallel task per (batch, output row):
+  1. interpolate that row's sampled columns ``[in_channels, kernel_h, kernel_w, out_w]`` once,
+     with the channels of an offset group innermost: the sampling coordinates, bilinear weights
+     and border tests depend only on (offset group, tap, position), so LLVM hoists them out;
+  2. reduce the columns against the weights into register tiles of
+     ``OUT_CHANNEL_TILE x WIDTH_TILE`` accumulators (a local cache of the ``conv`` stage);
+  3. add the bias and cast while writing the row of every output channel.
 """
 
 from __future__ import annotations
@@ -11,23 +14,35 @@ from __future__ import annotations
 from tvm import s_tir
 
 from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED
+from deft_tvm.spec import DeformConvSpec
 
-VECTOR_LANES = 8
+OUT_CHANNEL_TILE = 4
+WIDTH_TILE = 16
 
 
-def schedule_cpu(mod) -> s_tir.Schedule:
-    """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.deform_conv2d_primfunc``."""
+def schedule_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
+    """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.deform_conv2d_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
     sampled = sch.get_sblock(STAGE_SAMPLED)
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)
 
     n, co, oy, ox, rc, ky, kx = sch.get_loops(conv)
-    sch.reorder(n, oy, co, rc, ky, kx, ox)
+    co_outer, co_inner = sch.split(co, [None, OUT_CHANNEL_TILE])
+    ox_outer, ox_inner = sch.split(ox, [None, WIDTH_TILE])
+    sch.reorder(n, oy, co_outer, ox_outer, rc, ky, kx, co_inner, ox_inner)
     row = sch.fuse(n, oy)
     sch.parallel(row)
-    sch.compute_at(sampled, row)
+
+    sch.compute_at(sampled, row, preserve_unit_loops=True)
+    _, channel, tap_y, tap_x, _, width = sch.get_loops(sampled)[1:]
+    group, channel_in_group = sch.split(channel, [spec.offset_groups, None])
+    sch.reorder(group, tap_y, tap_x, width, channel_in_group)
+
+    accumulators = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(accumulators, ox_outer)
     sch.reverse_compute_at(output, row)
-    # Keep one output channel's row of accumulators: the reduction runs over it, then it is written.
-    sch.decompose_reduction(conv, rc)
+    sch.unroll(co_inner)
+    init = sch.decompose_reduction(conv, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
     return sch

@@ -1,0 +1,56 @@
+"""The in-memory and on-disk kernel cache."""
+
+from __future__ import annotations
+
+import pytest
+
+import deft_tvm
+from deft_tvm import kernel_cache
+from deft_tvm.spec import DeformConvSpec
+from deft_tvm.targets import target_for_device
+from deft_tvm.tolerances import assert_close
+
+from helpers import make_case
+
+SPEC = DeformConvSpec(1, 2, 5, 6, 3, 3, 3, padding=(1, 1))
+
+
+def _run_and_check():
+    args = make_case(SPEC)
+    assert_close(deft_tvm.deform_conv2d(**args), deft_tvm.deform_conv2d_reference(**args), SPEC.dtype)
+
+
+def test_kernel_is_written_to_disk_and_reloaded_without_building(isolated_cache, monkeypatch):
+    _run_and_check()
+    path = kernel_cache.kernel_path(SPEC, target_for_device("cpu"))
+    assert path.is_file() and path.is_relative_to(isolated_cache)
+    assert f"tvm-{__import__('tvm').__version__}" in str(path)
+
+    kernel_cache.clear_memory_cache()
+    monkeypatch.setattr(kernel_cache, "build", lambda *a: pytest.fail("a cached kernel was rebuilt"))
+    _run_and_check()
+
+
+def test_memory_cache_returns_the_same_kernel(isolated_cache):
+    assert kernel_cache.get_kernel(SPEC, "cpu") is kernel_cache.get_kernel(SPEC, "cpu")
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a shared library\x00" * 50])
+def test_corrupted_entry_is_rebuilt_with_a_warning(isolated_cache, garbage):
+    path = kernel_cache.kernel_path(SPEC, target_for_device("cpu"))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(garbage)
+    with pytest.warns(RuntimeWarning, match=r"could not be loaded .* rebuilding it"):
+        _run_and_check()
+    assert path.stat().st_size > 1000
+
+
+def test_unsupported_device_type_says_why():
+    with pytest.raises(NotImplementedError, match=r"no kernels for device type 'xpu' yet; supported: 'cpu'"):
+        target_for_device("xpu")
+
+
+def test_batch_zero_needs_no_kernel(isolated_cache, monkeypatch):
+    monkeypatch.setattr(kernel_cache, "build", lambda *a: pytest.fail("batch 0 compiled a kernel"))
+    args = make_case(DeformConvSpec(0, 2, 5, 6, 3, 3, 3, padding=(1, 1)))
+    assert deft_tvm.deform_conv2d(**args).shape == (0, 3, 5, 6)
