@@ -1,6 +1,7 @@
 """deft_tvm: deformable convolution (DCNv1/DCNv2) compiled by Apache TVM, called from PyTorch."""
 
 from .functional import deform_conv2d
+from .library import export_library, load_library
 from .modules import DeformConv2d, ModulatedDeformConv2dPack
 from .reference import deform_conv2d_reference
 from .spec import DeformConvSpec
@@ -11,4 +12,6 @@ __all__ = [
     "ModulatedDeformConv2dPack",
     "deform_conv2d",
     "deform_conv2d_reference",
+    "export_library",
+    "load_library",
 ]

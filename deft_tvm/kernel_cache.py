@@ -16,16 +16,23 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import torch
 import tvm
 
 from .compute import deform_conv2d_primfunc
+from .library import loaded_kernel
 from .spec import DeformConvSpec
-from .targets import target_for_device
+from .targets import exact_cuda_compilation, target_for_device
+from .tuning_db import target_tag
 
 CACHE_DIR_ENV = "DEFT_TVM_CACHE_DIR"
 
 _memory: dict[tuple[str, str], Callable] = {}
 _lock = threading.Lock()
+
+
+class UntunedKernelWarning(UserWarning):
+    """A workload ran with the default schedule because no loaded library has a tuned kernel for it."""
 
 
 def cache_dir() -> Path:
@@ -48,7 +55,8 @@ def build(spec: DeformConvSpec, target: tvm.target.Target):
     from deft_tvm.schedules import default_schedule
 
     sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
-    return tvm.compile(sch.mod, target=target)
+    with exact_cuda_compilation():
+        return tvm.compile(sch.mod, target=target)
 
 
 def _export_atomically(executable, path: Path) -> None:
@@ -80,20 +88,34 @@ def _load_or_build(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
     return executable["main"]
 
 
-def get_kernel(spec: DeformConvSpec, device_type: str) -> Callable:
-    """The compiled kernel for ``spec`` on a device of ``device_type`` (``"cpu"``, ...).
+def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
+    """The kernel for ``spec`` on ``device`` (a CPU or a CUDA GPU).
 
-    The kernel takes ``(input, offset, mask?, weight, bias?, output)`` as torch tensors or TVM
-    tensors (contiguous, on the device) and writes ``output`` in place.
+    A kernel from a library registered by ``deft_tvm.load_library`` wins; otherwise the default
+    schedule is compiled (once, then cached in memory and on disk) with a one-time warning. The
+    kernel takes ``(input, offset, mask?, weight, bias?, output)`` as contiguous tensors on the
+    device and writes ``output`` in place.
     """
-    target = target_for_device(device_type)
-    key = (spec.key(), str(target))
-    kernel = _memory.get(key)
+    target = target_for_device(device)
+    key = spec.key()
+    tuned = loaded_kernel(target.kind.name, key)
+    if tuned is not None:
+        return tuned
+    memory_key = (key, str(target))
+    kernel = _memory.get(memory_key)
     if kernel is None:
         with _lock:
-            kernel = _memory.get(key)
+            kernel = _memory.get(memory_key)
             if kernel is None:
-                kernel = _memory[key] = _load_or_build(spec, target)
+                warnings.warn(
+                    f"deft_tvm: no tuned kernel loaded for workload {key} on {target.kind.name} "
+                    f"({target_tag(target)}); using the default schedule, compiled once and cached in "
+                    f"{cache_dir()}. For a tuned one, export a library with `deft-tvm export` from its "
+                    "tuning database and load it with deft_tvm.load_library().",
+                    UntunedKernelWarning,
+                    stacklevel=4,
+                )
+                kernel = _memory[memory_key] = _load_or_build(spec, target)
     return kernel
 
 

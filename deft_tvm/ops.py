@@ -34,7 +34,7 @@ def deform_conv2d_op(
     output = input.new_empty(spec.output_shape)
     if spec.batch == 0:
         return output
-    kernel = get_kernel(spec, input.device.type)
+    kernel = get_kernel(spec, input.device)
     args = [t.contiguous() for t in (input, offset, mask, weight, bias) if t is not None]
     kernel(*args, output)
     return output

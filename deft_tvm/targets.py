@@ -2,18 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
+import torch
 import tvm
 
 
+def cuda_target(arch: str) -> tvm.target.Target:
+    """CUDA target for a compute capability such as ``"sm_90"``, host code for the CPU."""
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+
+
+# TVM's NVRTC path always adds --use_fast_math; its nvcc path does unless told not to. Fast math
+# lets the compiler assume no NaN, which changes torchvision's NaN-offset semantics, and flushes
+# denormals, so deft_tvm compiles CUDA with nvcc and IEEE-exact float semantics.
+_EXACT_CUDA_ENV = {"TVM_CUDA_COMPILE_MODE": "nvcc", "TVM_CUDA_NVCC_NO_FAST_MATH": "1"}
+
+
+@contextlib.contextmanager
+def exact_cuda_compilation():
+    """While active, TVM compiles CUDA source with nvcc and without ``--use_fast_math``."""
+    saved = {name: os.environ.get(name) for name in _EXACT_CUDA_ENV}
+    os.environ.update(_EXACT_CUDA_ENV)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @functools.lru_cache(maxsize=None)
-def target_for_device(device_type: str) -> tvm.target.Target:
-    """The TVM target that kernels for tensors on ``device_type`` are compiled for."""
-    if device_type == "cpu":
+def target_for_device(device: torch.device | str) -> tvm.target.Target:
+    """The TVM target that kernels for tensors on ``device`` are compiled for."""
+    device = torch.device(device)
+    if device.type == "cpu":
         return tvm.target.Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return cuda_target(f"sm_{major}{minor}")
     raise NotImplementedError(
-        f"deft_tvm has no kernels for device type {device_type!r} yet; supported: 'cpu' "
-        "(CUDA kernels are being added)"
+        f"deft_tvm has no kernels for device type {device.type!r}; supported: 'cpu', 'cuda'"
     )

@@ -9,8 +9,9 @@ from __future__ import annotations
 from tvm import s_tir
 
 from .cpu import schedule_cpu
+from .cuda import schedule_cuda
 
-_DEFAULT_SCHEDULES = {"llvm": schedule_cpu}
+_DEFAULT_SCHEDULES = {"llvm": schedule_cpu, "cuda": schedule_cuda}
 
 
 def default_schedule(mod, spec, target) -> s_tir.Schedule:

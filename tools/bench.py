@@ -1,19 +1,23 @@
-"""Forward-time benchmark on this machine's CPU: deft_tvm vs the plain-torch reference vs a dense conv.
+"""Forward-time benchmark: deft_tvm vs torchvision vs a dense conv2d of the same shape, in one run.
 
-    python tools/bench.py [--workload paper_64c_64x64_n1] [--dtype float32] [--repeats 20]
+    python tools/bench.py [--workloads NAME ...] [--dtypes float32 float16 ...] [--tf32 off on]
+                          [--iters 20] [--csv tools/results/NAME.csv]
 
-All providers run in one process on the same inputs (offsets from the workload's profile). The
-dense ``torch.nn.functional.conv2d`` of the same shape is the lower bound a deformable conv is
-compared with. GPU benchmarks (torchvision, cuDNN) come with the CUDA kernels.
+On a GPU every provider is timed with CUDA events over ``--iters`` back-to-back calls after a
+warm-up (GPU time per call; host overhead hides under it once kernels are long enough), and one
+call with a synchronize around it is timed on the host (per-call latency). The dense conv2d is
+cuDNN's, in NCHW and in channels_last. On a CPU-only machine the providers are deft_tvm, the
+plain-torch float64 reference and torch's dense conv2d. Offsets come from each workload's profile.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import csv
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,54 +26,110 @@ import deft_tvm
 from deft_tvm.spec import SUPPORTED_DTYPES
 from deft_tvm.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
 
-
-def _time_ms(fn, repeats: int) -> tuple[float, float, float]:
-    fn()  # warm-up (and, for deft_tvm, compile or load the kernel)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(samples, n=5)
-    return statistics.median(samples), q[0], q[3]
+COLUMNS = ["device", "workload", "dtype", "tf32", "profile", "provider", "gpu_ms", "latency_ms", "vs_dense", "commit"]
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
+def _gpu_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _latency_ms(fn, device: str, repeats: int = 20) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    samples = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _providers(workload, device: str):
+    spec = workload.spec
+    inputs = workload.make_inputs(device=device)
+    dense = (inputs["input"], inputs["weight"], inputs["bias"], spec.stride, spec.padding, spec.dilation, spec.groups)
+    providers = {"deft_tvm": lambda: deft_tvm.deform_conv2d(**inputs)}
+    if device == "cuda":
+        try:
+            from torchvision.ops import deform_conv2d as tv_deform_conv2d
+        except ImportError:
+            tv_deform_conv2d = None
+        if tv_deform_conv2d is not None and spec.dtype != "bfloat16":  # torchvision has no bf16 kernel
+            providers["torchvision"] = lambda: tv_deform_conv2d(**inputs)
+        cl_input = inputs["input"].contiguous(memory_format=torch.channels_last)
+        cl_weight = inputs["weight"].contiguous(memory_format=torch.channels_last)
+        providers["cudnn_nchw"] = lambda: F.conv2d(*dense)
+        providers["cudnn_channels_last"] = lambda: F.conv2d(cl_input, cl_weight, *dense[2:])
+    else:
+        providers["reference_float64"] = lambda: deft_tvm.deform_conv2d_reference(**inputs)
+        providers["dense_conv2d"] = lambda: F.conv2d(*dense)
+    return providers
+
+
+def run(workloads, dtypes, tf32_modes, iters: int, device: str) -> list[dict]:
+    rows = []
+    commit = _commit()
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    for name in workloads:
+        for dtype in dtypes:
+            for tf32 in tf32_modes if dtype == "float32" and device == "cuda" else ["n/a"]:
+                torch.backends.cuda.matmul.allow_tf32 = tf32 == "on"
+                torch.backends.cudnn.allow_tf32 = tf32 == "on"
+                workload = get_workload(name, dtype)
+                timings = {}
+                with torch.no_grad():
+                    for provider, fn in _providers(workload, device).items():
+                        gpu = _gpu_ms(fn, iters) if device == "cuda" else float("nan")
+                        timings[provider] = (gpu, _latency_ms(fn, device))
+                dense = min(v[0 if device == "cuda" else 1] for k, v in timings.items() if "cudnn" in k or "dense" in k)
+                for provider, (gpu, latency) in timings.items():
+                    own = gpu if device == "cuda" else latency
+                    rows.append(dict(device=device_name, workload=name, dtype=dtype, tf32=tf32,
+                                     profile=workload.profile, provider=provider, gpu_ms=round(gpu, 4),
+                                     latency_ms=round(latency, 4), vs_dense=round(own / dense, 2), commit=commit))
+                    print(" | ".join(str(rows[-1][c]) for c in COLUMNS), flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", default=DEFAULT_WORKLOAD, choices=list(WORKLOADS))
-    parser.add_argument("--dtype", default="float32", choices=SUPPORTED_DTYPES)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--workloads", nargs="+", default=[DEFAULT_WORKLOAD], choices=list(WORKLOADS))
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=SUPPORTED_DTYPES)
+    parser.add_argument("--tf32", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
 
-    workload = get_workload(args.workload, args.dtype)
-    spec = workload.spec
-    inputs = workload.make_inputs()
-    dense_args = (inputs["input"], inputs["weight"], inputs["bias"], spec.stride, spec.padding, spec.dilation, spec.groups)
-    providers = {
-        "deft_tvm": lambda: deft_tvm.deform_conv2d(**inputs),
-        "reference (torch, float64)": lambda: deft_tvm.deform_conv2d_reference(**inputs),
-        "dense conv2d (same shape)": lambda: F.conv2d(*dense_args),
-    }
-    print(f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
-          f"commit {_commit()}; torch {torch.__version__}")
-    print(f"workload {workload.name} ({spec.key()}), dtype {spec.dtype}, offsets {workload.profile}, "
-          f"{spec.flops / 1e9:.2f} GFLOP")
-    results = {}
-    with torch.no_grad():
-        for name, fn in providers.items():
-            results[name] = _time_ms(fn, args.repeats)
-    base = results["deft_tvm"][0]
-    print(f"{'provider':30s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'vs deft_tvm':>12s}")
-    for name, (median, p20, p80) in results.items():
-        print(f"{name:30s} {median:10.2f} {p20:8.2f} {p80:8.2f} {median / base:11.2f}x")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"torch {torch.__version__}; vs_dense = own time / fastest dense conv2d of the same shape "
+          f"({'GPU time' if device == 'cuda' else 'latency'})")
+    print(" | ".join(COLUMNS))
+    rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device)
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 if __name__ == "__main__":

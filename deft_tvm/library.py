@@ -1,0 +1,157 @@
+"""One exported kernel library per target, with a manifest, and loading it without the compiler.
+
+``export_library`` compiles many workloads for one target into ONE shared library (one function
+per workload) and writes ``<name>.json`` beside it: workload key -> function name, dtype, target
+and arch, TVM and tvm-ffi versions, the library's sha256 and where each schedule came from.
+``load_library`` checks all of that against this process and machine before registering the
+kernels; calling them needs only the TVM runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import tvm
+import tvm_ffi
+
+from .spec import DeformConvSpec
+
+MANIFEST_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelEntry:
+    """A scheduled workload to put in a library; ``origin`` says where the schedule came from."""
+
+    spec: DeformConvSpec
+    schedule: object  # tvm.s_tir.Schedule
+    origin: str
+
+
+def function_name(spec: DeformConvSpec) -> str:
+    return f"deft_{spec.key()}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _target_arch(target: tvm.target.Target) -> str:
+    return str(target.arch) if target.kind.name == "cuda" else str(target.attrs.get("mtriple", "host"))
+
+
+def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, out_dir: Path,
+                   name: str = "deft_kernels") -> Path:
+    """Compile ``entries`` for ``target`` into ``out_dir/<name>.so``; returns the manifest's path."""
+    from .targets import exact_cuda_compilation
+
+    entries = list(entries)
+    if not entries:
+        raise ValueError("nothing to export: no workloads were given or found")
+    functions = {}
+    for entry in entries:
+        fname = function_name(entry.spec)
+        if fname in functions:
+            raise ValueError(f"workload {entry.spec.key()} appears twice")
+        functions[fname] = entry.schedule.mod["main"].with_attr("global_symbol", fname)
+    with exact_cuda_compilation():
+        executable = tvm.compile(tvm.IRModule(functions), target=target)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    library = out_dir / f"{name}.so"
+    executable.export_library(str(library))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "library": library.name,
+        "sha256": _sha256(library),
+        "target": json.loads(str(target)),
+        "target_kind": target.kind.name,
+        "arch": _target_arch(target),
+        "tvm_version": tvm.__version__,
+        "tvm_ffi_version": tvm_ffi.__version__,
+        "kernels": [
+            {
+                "workload": entry.spec.key(),
+                "function": function_name(entry.spec),
+                "dtype": entry.spec.dtype,
+                "spec": dataclasses.asdict(entry.spec),
+                "origin": entry.origin,
+            }
+            for entry in entries
+        ],
+    }
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def _current_arch(kind: str) -> str:
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("this kernel library is for CUDA, but no CUDA GPU is available")
+        major, minor = torch.cuda.get_device_capability()
+        return f"sm_{major}{minor}"
+    from .targets import target_for_device
+
+    return _target_arch(target_for_device("cpu"))
+
+
+@dataclasses.dataclass
+class LoadedLibrary:
+    """An exported library whose kernels were registered for dispatch."""
+
+    manifest_path: Path
+    target_kind: str
+    kernels: dict[str, Callable]  # workload key -> function
+
+
+_loaded: dict[tuple[str, str], Callable] = {}  # (target kind, workload key) -> function
+
+
+def load_library(manifest_path: str | Path) -> LoadedLibrary:
+    """Verify an exported library against its manifest and register its kernels for dispatch."""
+    manifest_path = Path(manifest_path)
+    if manifest_path.is_dir():
+        candidates = sorted(manifest_path.glob("*.json"))
+        if len(candidates) != 1:
+            raise ValueError(f"{manifest_path} holds {len(candidates)} manifests; pass the .json file")
+        manifest_path = candidates[0]
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{manifest_path}: manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+    library = manifest_path.parent / manifest["library"]
+    checks = [
+        ("sha256 of " + library.name, _sha256(library) if library.exists() else "missing file", manifest["sha256"]),
+        ("TVM version", tvm.__version__, manifest["tvm_version"]),
+        ("tvm-ffi version", tvm_ffi.__version__, manifest["tvm_ffi_version"]),
+        (f"{manifest['target_kind']} architecture", _current_arch(manifest["target_kind"]), manifest["arch"]),
+    ]
+    for what, observed, expected in checks:
+        if observed != expected:
+            raise ValueError(
+                f"refusing kernel library {library}: {what} is {observed!r} here but {expected!r} in its manifest"
+            )
+    module = tvm.runtime.load_module(str(library))
+    kernels = {k["workload"]: module[k["function"]] for k in manifest["kernels"]}
+    for key, fn in kernels.items():
+        _loaded[(manifest["target_kind"], key)] = fn
+    return LoadedLibrary(manifest_path, manifest["target_kind"], kernels)
+
+
+def loaded_kernel(target_kind: str, workload_key: str) -> Callable | None:
+    """The kernel a loaded library registered for this workload, if any."""
+    return _loaded.get((target_kind, workload_key))
+
+
+def unload_all() -> None:
+    """Forget every registered library kernel (for tests)."""
+    _loaded.clear()

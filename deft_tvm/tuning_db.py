@@ -1,0 +1,72 @@
+"""MetaSchedule tuning databases as they are laid out under ``tuning_logs/``.
+
+``<root>/<target-tag>/<workload-key>/`` holds ``workload.json`` (the ``DeformConvSpec``) and the
+MetaSchedule JSON database (``database_workload.json``, ``database_tuning_record.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from .compute import deform_conv2d_primfunc
+from .spec import DeformConvSpec
+
+SPEC_FILE = "workload.json"
+
+
+def target_tag(target: tvm.target.Target) -> str:
+    """Folder name of a target's databases: ``cuda-sm_90``, ``llvm``."""
+    if target.kind.name == "cuda":
+        return f"cuda-{target.arch}"
+    return target.kind.name
+
+
+def database_dir(root: Path, spec: DeformConvSpec, target: tvm.target.Target) -> Path:
+    return Path(root) / target_tag(target) / spec.key()
+
+
+def write_spec(directory: Path, spec: DeformConvSpec) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    fields = dataclasses.asdict(spec)
+    (directory / SPEC_FILE).write_text(json.dumps(fields, indent=1) + "\n")
+
+
+def read_spec(directory: Path) -> DeformConvSpec:
+    fields = json.loads((Path(directory) / SPEC_FILE).read_text())
+    for pair in ("stride", "padding", "dilation"):
+        fields[pair] = tuple(fields[pair])
+    return DeformConvSpec(**fields)
+
+
+def open_database(directory: Path) -> ms.database.JSONDatabase:
+    directory.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(directory))
+
+
+def commit_schedule(directory: Path, spec: DeformConvSpec, sch, target: tvm.target.Target, run_secs: float) -> None:
+    """Store ``sch`` (a schedule of ``deform_conv2d_primfunc(spec)``) as a measured tuning record."""
+    write_spec(directory, spec)
+    db = open_database(directory)
+    mod = deform_conv2d_primfunc(spec)
+    workload = db.commit_workload(mod)
+    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [run_secs], target, args_info))
+
+
+def best_schedule(directory: Path, target: tvm.target.Target):
+    """``(spec, schedule)`` of the fastest record in a database folder, or ``(spec, None)``."""
+    spec = read_spec(directory)
+    db = open_database(Path(directory))
+    sch = ms.tir_integration.compile_tir(db, deform_conv2d_primfunc(spec), target)
+    return spec, sch
+
+
+def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
+    """Every workload folder of ``target`` under ``root``, sorted."""
+    base = Path(root) / target_tag(target)
+    return sorted(p.parent for p in base.glob(f"*/{SPEC_FILE}"))

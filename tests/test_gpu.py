@@ -1,0 +1,156 @@
+"""CUDA kernels against torchvision on a real GPU (``pytest -m gpu``); skipped where there is none."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import deft_tvm
+from deft_tvm.spec import DeformConvSpec
+from deft_tvm.tolerances import assert_close
+from deft_tvm.workloads import BENCHMARK_WORKLOADS, get_workload
+
+from helpers import make_case
+from test_forward import SHAPES
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
+torchvision_ops = pytest.importorskip("torchvision.ops", reason="torchvision is needed to compare against")
+
+GPU_DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def _to(args: dict, device="cuda", dtype=None) -> dict:
+    return {k: (v.to(device=device, dtype=dtype or v.dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+
+
+def _torchvision_float64(args: dict) -> torch.Tensor:
+    """torchvision's own CUDA kernel run in float64 on the same (already rounded) inputs."""
+    return torchvision_ops.deform_conv2d(**_to(args, dtype=torch.float64))
+
+
+def _check_against_torchvision(args: dict, dtype: str) -> torch.Tensor:
+    with torch.no_grad():
+        out = deft_tvm.deform_conv2d(**args)
+        assert out.device == args["input"].device and out.dtype == args["input"].dtype
+        assert_close(out, _torchvision_float64(args), dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("has_mask", [True, False], ids=["v2_mask", "v1_no_mask"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_matrix_matches_torchvision(shape, has_mask, dtype):
+    spec = dataclasses.replace(SHAPES[shape], has_mask=has_mask, dtype=dtype)
+    _check_against_torchvision(_to(make_case(spec)), dtype)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_no_bias_and_batch_zero(dtype):
+    spec = dataclasses.replace(SHAPES["asymmetric"], has_bias=False, dtype=dtype)
+    _check_against_torchvision(_to(make_case(spec)), dtype)
+    empty = _to(make_case(dataclasses.replace(spec, batch=0)))
+    assert deft_tvm.deform_conv2d(**empty).shape == (0, 4, spec.out_h, spec.out_w)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("name", BENCHMARK_WORKLOADS)
+def test_benchmark_workloads_match_torchvision(name, dtype):
+    workload = get_workload(name, dtype)
+    _check_against_torchvision(workload.make_inputs(device="cuda"), dtype)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_fp32_matches_torchvision_fp32_directly(dtype):
+    spec = dataclasses.replace(SHAPES["asymmetric"], dtype=dtype)
+    args = _to(make_case(spec))
+    ours = deft_tvm.deform_conv2d(**args)
+    theirs = torchvision_ops.deform_conv2d(**_to(args, dtype=torch.float32))  # torchvision has no bf16
+    assert_close(ours, theirs.double(), dtype)
+
+
+def test_extreme_offsets_match_torchvision():
+    spec = DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,
+                          offset_groups=3)
+    args = _to(make_case(spec, seed=4))
+    gen = torch.Generator().manual_seed(5)
+    extremes = torch.tensor([1e6, -1e6, 1e30, -1e30, math.inf, -math.inf, 2.0, -1.0, 0.5])
+    offset = args["offset"].cpu()
+    pick = extremes[torch.randint(0, len(extremes), offset.shape, generator=gen)]
+    args["offset"] = torch.where(torch.rand(offset.shape, generator=gen) < 0.4, pick, offset).cuda()
+    out = _check_against_torchvision(args, "float32")
+    assert torch.isfinite(out).all()
+
+
+def test_nan_offsets_give_nan_without_faulting():
+    # torchvision faults on a NaN dx, so the expectation is the reference's (NaN only where used).
+    spec = DeformConvSpec(1, 2, 6, 7, 3, 3, 3, padding=(1, 1))
+    args = _to(make_case(spec))
+    args["offset"][0, 1, 2, 3] = math.nan  # dx of tap (0, 0) at output (2, 3)
+    args["offset"][0, 4, 4, 4] = math.nan  # dy of tap (1, 0) at output (4, 4)
+    out = deft_tvm.deform_conv2d(**args)
+    torch.cuda.synchronize()
+    nan_at = torch.isnan(out[0]).any(dim=0).nonzero().tolist()
+    assert nan_at == [[2, 3], [4, 4]]
+    assert_close(out, deft_tvm.deform_conv2d_reference(**_to(args, "cpu")), "float32")
+
+
+def test_runs_on_the_current_stream_after_queued_work():
+    spec = DeformConvSpec(4, 16, 32, 32, 16, 3, 3, padding=(1, 1))
+    args = _to(make_case(spec))
+    expected = deft_tvm.deform_conv2d(**args)
+    real_input = args["input"].clone()
+    args["input"] = torch.zeros_like(real_input)
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)  # the input is written only after a long delay on this stream
+        args["input"].copy_(real_input)
+        out = deft_tvm.deform_conv2d(**args)
+    stream.synchronize()
+    assert torch.equal(out, expected)
+
+
+def test_cuda_graph_capture_and_replay():
+    spec = DeformConvSpec(2, 8, 16, 16, 8, 3, 3, padding=(1, 1))
+    static = _to(make_case(spec, seed=1))
+    fresh = _to(make_case(spec, seed=2))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        deft_tvm.deform_conv2d(**static)  # warm-up: compile/load outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = deft_tvm.deform_conv2d(**static)
+    for name in ("input", "offset", "weight", "bias", "mask"):
+        static[name].copy_(fresh[name])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, deft_tvm.deform_conv2d(**fresh))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_second_device():
+    spec = DeformConvSpec(2, 8, 16, 16, 8, 3, 3, padding=(1, 1))
+    args = _to(make_case(spec), device="cuda:1")
+    out = _check_against_torchvision(args, "float32")
+    assert out.device == torch.device("cuda:1")
+
+
+def test_torch_compile_fullgraph_on_gpu():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        deft_tvm.ModulatedDeformConv2dPack(8, 8, 3, padding=1, offset_groups=2),
+        torch.nn.ReLU(),
+    ).cuda().eval()
+    torch.nn.init.normal_(model[1].conv_offset.weight, std=0.1)
+    x = torch.randn(2, 3, 10, 12, device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
