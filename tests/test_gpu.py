@@ -94,9 +94,9 @@ def test_nan_offsets_give_nan_without_faulting():
     args["offset"][0, 4, 4, 4] = math.nan  # dy of tap (1, 0) at output (4, 4)
     out = deft_tvm.deform_conv2d(**args)
     torch.cuda.synchronize()
-    nan_at = torch.isnan(out[0]).any(dim=0).nonzero().tolist()
-    assert nan_at == [[2, 3], [4, 4]]
-    assert_close(out, deft_tvm.deform_conv2d_reference(**_to(args, "cpu")), "float32")
+    reference = deft_tvm.deform_conv2d_reference(**_to(args, "cpu"))
+    assert torch.isnan(reference[0]).any(dim=0).nonzero().tolist() == [[2, 3], [4, 4]]
+    assert_close(out.cpu(), reference, "float32")  # NaN exactly where the reference has NaN
 
 
 def test_runs_on_the_current_stream_after_queued_work():
@@ -153,4 +153,6 @@ def test_torch_compile_fullgraph_on_gpu():
     x = torch.randn(2, 3, 10, 12, device="cuda")
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+        compiled, eager = torch.compile(model, fullgraph=True)(x), model(x)
+    # Inductor may pick another algorithm for the plain convolution: compare at the fp32 tolerance.
+    assert_close(compiled, eager.double(), "float32")

@@ -1,0 +1,68 @@
+"""CUDA code generation and nvcc compilation of the default schedule, on machines without a GPU too."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+
+import pytest
+import tvm
+from tvm.support import nvcc
+
+from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm.schedules import default_schedule
+from deft_tvm.spec import DeformConvSpec
+from deft_tvm.targets import cuda_target, exact_cuda_compilation
+
+from helpers import DTYPES
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+
+SHAPES = {
+    "paper_small": DeformConvSpec(2, 16, 12, 12, 16, 3, 3, padding=(1, 1)),
+    "asymmetric": DeformConvSpec(
+        2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2, offset_groups=3,
+        has_bias=False,
+    ),
+}
+
+
+def _cuda_source(spec: DeformConvSpec, arch: str) -> str:
+    target = cuda_target(arch)
+    sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
+    executable = tvm.compile(sch.mod, target=target)
+    (device_module,) = executable.mod.imports
+    return device_module.inspect_source()
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_default_schedule_compiles_with_nvcc(shape, dtype, arch):
+    spec = dataclasses.replace(SHAPES[shape], dtype=dtype)
+    source = _cuda_source(spec, arch)
+    assert "__global__" in source
+    assert "__shared__" in source  # interpolated tiles and weights are staged in shared memory
+    with exact_cuda_compilation(), cuda_target(arch):
+        cubin = nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
+    assert len(cubin) > 1000 and cubin[:4] == b"\x7fELF"
+
+
+def test_no_global_columns_buffer():
+    # The only global buffers of the kernel are its arguments: the sampled columns never leave the chip.
+    source = _cuda_source(SHAPES["paper_small"], "sm_90")
+    assert source.count("__global__") == 2  # the kernel's declaration and its definition
+    kernel_params = re.search(r"__global__ void __launch_bounds__\(\d+\) main_kernel\(([^)]*)\)", source).group(1)
+    assert kernel_params.count("float* __restrict__") == 6  # input, offset, mask, weight, bias, output
+    assert "__shared__ alignas(64) float sampled_shared" in source and "float weight_shared" in source
+
+
+def test_exact_cuda_compilation_restores_the_environment(monkeypatch):
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvrtc")
+    monkeypatch.delenv("TVM_CUDA_NVCC_NO_FAST_MATH", raising=False)
+    import os
+
+    with exact_cuda_compilation():
+        assert os.environ["TVM_CUDA_COMPILE_MODE"] == "nvcc" and os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] == "1"
+    assert os.environ["TVM_CUDA_COMPILE_MODE"] == "nvrtc" and "TVM_CUDA_NVCC_NO_FAST_MATH" not in os.environ
