@@ -3,6 +3,8 @@
 Stages (names are the block names schedules refer to):
   ``sampled`` - the bilinearly interpolated, mask-modulated input ("sampled columns"),
                 shape ``[batch, in_channels, kernel_h, kernel_w, out_h, out_w]``
+  ``weight_acc`` - the weights in the accumulate dtype (a cast; identity for float32/float64),
+                shape ``[out_channels, in_channels // groups, kernel_h, kernel_w]``
   ``conv``    - the reduction over ``(in_channels // groups, kernel_h, kernel_w)``,
                 shape ``[batch, out_channels, out_h, out_w]`` in the accumulate dtype
   ``output``  - bias added and cast to the tensor dtype, shape ``[batch, out_channels, out_h, out_w]``
@@ -17,6 +19,7 @@ from tvm import te, tirx
 from .spec import DeformConvSpec, accumulate_dtype
 
 STAGE_SAMPLED = "sampled"
+STAGE_WEIGHT = "weight_acc"
 STAGE_CONV = "conv"
 STAGE_OUTPUT = "output"
 
@@ -90,6 +93,8 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
         (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w), sample, name=STAGE_SAMPLED
     )
 
+    weight_acc = te.compute(spec.weight_shape, lambda *i: weight(*i).astype(acc), name=STAGE_WEIGHT)
+
     rc = te.reduce_axis((0, in_per_group), name="rc")
     rky = te.reduce_axis((0, kh), name="rky")
     rkx = te.reduce_axis((0, kw), name="rkx")
@@ -97,7 +102,7 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
         spec.output_shape,
         lambda n, co, oy, ox: te.sum(
             sampled[n, co // out_per_group * in_per_group + rc, rky, rkx, oy, ox]
-            * weight[co, rc, rky, rkx].astype(acc),
+            * weight_acc[co, rc, rky, rkx],
             axis=[rc, rky, rkx],
         ),
         name=STAGE_CONV,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED
+from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
 from deft_tvm.spec import DeformConvSpec
 
 OUT_CHANNEL_TILE = 4
@@ -23,6 +23,7 @@ WIDTH_TILE = 16
 def schedule_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.deform_conv2d_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
+    sch.compute_inline(sch.get_sblock(STAGE_WEIGHT))
     sampled = sch.get_sblock(STAGE_SAMPLED)
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)

@@ -7,8 +7,8 @@ The convolution is tiled like a GEMM of ``[out_channels] x [positions]`` reduced
   ``oy_threads * oy_regs`` rows by ``ox_threads`` columns of one image;
 * for each chunk of ``k_chunk`` input channels it computes the bilinear interpolation of that
   chunk for the whole spatial tile and every kernel tap into shared memory, once per (sample,
-  input channel), and stages the matching weights in shared memory: every output channel of the
-  block reuses them (no global "columns" buffer exists);
+  input channel), and stages the matching weights, cast to the accumulate dtype, in shared
+  memory: every output channel of the block reuses them (no global "columns" buffer exists);
 * each thread accumulates ``co_regs x oy_regs`` outputs in registers, and the bias add, cast and
   store happen from those registers, consecutive threads writing consecutive columns (coalesced).
 """
@@ -19,7 +19,7 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED
+from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
 from deft_tvm.spec import DeformConvSpec
 
 
@@ -28,24 +28,24 @@ class CudaTiling:
     """Tile sizes of the default CUDA schedule."""
 
     co_threads: int = 8
-    co_regs: int = 4
-    oy_threads: int = 2
+    co_regs: int = 8
+    oy_threads: int = 1
     oy_regs: int = 2
-    ox_threads: int = 16
+    ox_threads: int = 32
     k_chunk: int = 4
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "CudaTiling":
-        """Shrink the default tile where the layer is smaller than it."""
+        """The default tile (best of a hand sweep on an H100, tools/sweep_cuda_tiling.py), shrunk
+        where the layer is smaller than it."""
         out_per_group = spec.out_channels // spec.groups
-        ox_threads = 32 if spec.out_w >= 32 else 16 if spec.out_w >= 16 else 8
-        co_regs = 4 if out_per_group >= 32 else 2 if out_per_group >= 8 else 1
-        co_threads = max(1, min(8, out_per_group // co_regs))
+        ox_threads = 32 if spec.out_w >= 24 else 16 if spec.out_w >= 12 else 8
+        co_regs = min(8, out_per_group)
         return cls(
-            co_threads=co_threads,
+            co_threads=max(1, min(8, out_per_group // co_regs)),
             co_regs=co_regs,
-            oy_threads=max(1, 64 // ox_threads // 2),
-            oy_regs=2 if spec.out_h >= 4 else 1,
+            oy_threads=1,
+            oy_regs=2 if spec.out_h >= 2 else 1,
             ox_threads=ox_threads,
             k_chunk=min(4, spec.in_channels // spec.groups),
         )
@@ -80,7 +80,9 @@ def schedule_cuda(mod, spec: DeformConvSpec, tiling: CudaTiling | None = None) -
     sampled_shared = sch.cache_read(conv, 0, "shared")
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
     sch.compute_inline(sampled)
-    weight_shared = sch.cache_read(conv, 1, "shared")
+    # Weights of the chunk, already cast to the accumulate dtype, in shared memory.
+    weight_shared = sch.get_sblock(STAGE_WEIGHT)
+    sch.set_scope(weight_shared, 0, "shared")
     sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
     for stage in (sampled_shared, weight_shared):
         loops = sch.get_loops(stage)[-6 if stage == sampled_shared else -4:]

@@ -55,7 +55,7 @@ def test_no_global_columns_buffer():
     assert source.count("__global__") == 2  # the kernel's declaration and its definition
     kernel_params = re.search(r"__global__ void __launch_bounds__\(\d+\) main_kernel\(([^)]*)\)", source).group(1)
     assert kernel_params.count("float* __restrict__") == 6  # input, offset, mask, weight, bias, output
-    assert "__shared__ alignas(64) float sampled_shared" in source and "float weight_shared" in source
+    assert "__shared__ alignas(64) float sampled_shared" in source and "float weight_acc_shared" in source
 
 
 def test_exact_cuda_compilation_restores_the_environment(monkeypatch):
