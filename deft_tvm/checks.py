@@ -5,7 +5,8 @@ Works on real and fake (meta) tensors alike: only shapes, dtypes and devices are
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import functools
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -33,18 +34,30 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_rank(name: str, tensor: torch.Tensor, rank: int, layout: str) -> None:
-    if tensor.dim() != rank:
-        raise ValueError(
-            f"{name} must be a {rank}-D tensor {layout}, got {tensor.dim()}-D with shape {tuple(tensor.shape)}"
-        )
-
-
 def check_tensor_types(**tensors: Optional[torch.Tensor]) -> None:
     """Each argument is a torch.Tensor (or None)."""
     for name, tensor in tensors.items():
         if tensor is not None and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
+class _Described(NamedTuple):
+    """What validation reads of a tensor: hashable, so validated signatures can be cached."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _describe(tensor: Optional[torch.Tensor]) -> Optional[_Described]:
+    return None if tensor is None else _Described(tuple(tensor.shape), tensor.dtype, tensor.device)
+
+
+def _check_rank(name: str, tensor: Optional[_Described], rank: int, layout: str) -> None:
+    if tensor is not None and len(tensor.shape) != rank:
+        raise ValueError(
+            f"{name} must be a {rank}-D tensor {layout}, got {len(tensor.shape)}-D with shape {tensor.shape}"
+        )
 
 
 def spec_from_tensors(
@@ -57,9 +70,23 @@ def spec_from_tensors(
     dilation: tuple[int, int],
     mask: Optional[torch.Tensor],
 ) -> DeformConvSpec:
-    """Validate the arguments of ``deform_conv2d`` and describe the call."""
+    """Validate the arguments of ``deform_conv2d`` and describe the call.
+
+    The result depends only on shapes, dtypes, devices and hyper-parameters, so it is cached per
+    such signature: a repeated call costs one dictionary look-up.
+    """
+    check_tensor_types(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+    signature = (_describe(input), _describe(offset), _describe(weight), _describe(bias), _describe(mask),
+                 stride, padding, dilation)
+    try:
+        return _cached_spec(signature)
+    except TypeError:  # symbolic (traced) sizes are not hashable: validate without the cache
+        return _spec_from_signature(signature)
+
+
+def _spec_from_signature(signature) -> DeformConvSpec:
+    input, offset, weight, bias, mask, stride, padding, dilation = signature
     named = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
-    check_tensor_types(**named)
     given = {name: t for name, t in named.items() if t is not None}
 
     dtypes = {name: t.dtype for name, t in given.items()}
@@ -77,10 +104,8 @@ def spec_from_tensors(
     _check_rank("input", input, 4, "[batch, in_channels, height, width]")
     _check_rank("offset", offset, 4, "[batch, 2 * offset_groups * kernel_h * kernel_w, out_h, out_w]")
     _check_rank("weight", weight, 4, "[out_channels, in_channels // groups, kernel_h, kernel_w]")
-    if mask is not None:
-        _check_rank("mask", mask, 4, "[batch, offset_groups * kernel_h * kernel_w, out_h, out_w]")
-    if bias is not None:
-        _check_rank("bias", bias, 1, "[out_channels]")
+    _check_rank("mask", mask, 4, "[batch, offset_groups * kernel_h * kernel_w, out_h, out_w]")
+    _check_rank("bias", bias, 1, "[out_channels]")
 
     batch, in_channels, height, width = input.shape
     out_channels, in_per_group, kernel_h, kernel_w = weight.shape
@@ -128,10 +153,13 @@ def spec_from_tensors(
     expected = {"offset": spec.offset_shape, "mask": spec.mask_shape, "bias": (out_channels,)}
     for name in ("offset", "mask", "bias"):
         tensor = named[name]
-        if tensor is not None and tuple(tensor.shape) != expected[name]:
+        if tensor is not None and tensor.shape != expected[name]:
             raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]} for input "
-                f"{tuple(input.shape)}, weight {tuple(weight.shape)}, stride {stride}, padding {padding}, "
+                f"{name} has shape {tensor.shape}, expected {expected[name]} for input "
+                f"{input.shape}, weight {weight.shape}, stride {stride}, padding {padding}, "
                 f"dilation {dilation}, offset_groups {offset_groups}"
             )
     return spec
+
+
+_cached_spec = functools.lru_cache(maxsize=4096)(_spec_from_signature)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -116,8 +117,8 @@ class DeformConvSpec:
         reduction = self.in_channels // self.groups * self.kernel_h * self.kernel_w
         return 2 * self.batch * self.out_channels * self.out_h * self.out_w * reduction
 
-    def key(self) -> str:
-        """A short, stable, file-name-safe identifier of the workload."""
+    @functools.cached_property
+    def _key(self) -> str:
         return (
             f"n{self.batch}_c{self.in_channels}_h{self.height}_w{self.width}_o{self.out_channels}"
             f"_k{self.kernel_h}x{self.kernel_w}_s{self.stride[0]}x{self.stride[1]}"
@@ -125,3 +126,7 @@ class DeformConvSpec:
             f"_g{self.groups}_og{self.offset_groups}_{'m' if self.has_mask else 'nm'}"
             f"{'b' if self.has_bias else 'nb'}_{self.dtype}"
         )
+
+    def key(self) -> str:
+        """A short, stable, file-name-safe identifier of the workload."""
+        return self._key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_calling_a_loaded_library_needs_no_compiler(exported, tmp_path):
         kernel_cache.build = forbidden
         warnings.simplefilter("error")
         deft_tvm.load_library({str(exported)!r})
-        spec = DeformConvSpec(**{{**{SPECS[0].__dict__!r}}})
+        spec = DeformConvSpec(**{dataclasses.asdict(SPECS[0])!r})
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(spec.input_shape, generator=gen)
         offset = torch.randn(spec.offset_shape, generator=gen)

@@ -1,0 +1,67 @@
+"""Host cost of one call for a tiny layer, where the kernel itself takes next to no time.
+
+    python tools/host_overhead.py [--calls 2000]
+
+Times ``--calls`` back-to-back calls on the host clock (one synchronize at the end) for deft_tvm,
+torchvision (on a GPU, where it is installed) and a dense conv2d, and the bare compiled kernel
+(the TVM function called with preallocated torch tensors), all on a 1x4x8x8 3x3 DCNv2 layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import deft_tvm
+from deft_tvm.checks import spec_from_tensors
+from deft_tvm.kernel_cache import UntunedKernelWarning, get_kernel
+
+
+def _us_per_call(fn, calls: int, sync) -> float:
+    for _ in range(10):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    warnings.simplefilter("ignore", UntunedKernelWarning)
+    gen = torch.Generator().manual_seed(0)
+    x, offset = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 18, 8, 8, generator=gen)
+    mask, weight, bias = torch.rand(1, 9, 8, 8, generator=gen), torch.randn(4, 4, 3, 3, generator=gen), torch.randn(4)
+    x, offset, mask, weight, bias = (t.to(device) for t in (x, offset, mask, weight, bias))
+    spec = spec_from_tensors(x, offset, weight, bias, (1, 1), (1, 1), (1, 1), mask)
+    kernel, out = get_kernel(spec, x.device), torch.empty(spec.output_shape, device=device)
+    providers = {
+        "deft_tvm.deform_conv2d": lambda: deft_tvm.deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask),
+        "compiled kernel alone": lambda: kernel(x, offset, mask, weight, bias, out),
+        "dense conv2d": lambda: F.conv2d(x, weight, bias, 1, 1),
+    }
+    if device == "cuda":
+        try:
+            from torchvision.ops import deform_conv2d as tv
+
+            providers["torchvision deform_conv2d"] = lambda: tv(x, offset, weight, bias, 1, 1, 1, mask)
+        except ImportError:
+            pass
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    with torch.no_grad():
+        for name, fn in providers.items():
+            print(f"{name:28s} {_us_per_call(fn, args.calls, sync):8.1f} us per call")
+
+
+if __name__ == "__main__":
+    main()
