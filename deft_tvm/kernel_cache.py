@@ -7,6 +7,7 @@ warning. Writes are atomic, so concurrent processes never see a half-written lib
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -117,6 +118,25 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
                 )
                 kernel = _memory[memory_key] = _load_or_build(spec, target)
     return kernel
+
+
+def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
+    """Compile, in parallel, the default-schedule kernels of ``specs`` that the disk cache lacks.
+
+    Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
+    the number of kernels built.
+    """
+    target = target_for_device(device)
+    missing = {s.key(): s for s in specs if loaded_kernel(target.kind.name, s.key()) is None
+               and not kernel_path(s, target).exists()}
+
+    def build_and_store(spec):
+        _export_atomically(build(spec, target), kernel_path(spec, target))
+
+    with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+        for future in [pool.submit(build_and_store, s) for s in missing.values()]:
+            future.result()
+    return len(missing)
 
 
 def clear_memory_cache() -> None:

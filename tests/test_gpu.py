@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deft_tvm
+from deft_tvm import kernel_cache
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.tolerances import assert_close
 from deft_tvm.workloads import BENCHMARK_WORKLOADS, get_workload
@@ -22,6 +23,16 @@ if not torch.cuda.is_available():
 torchvision_ops = pytest.importorskip("torchvision.ops", reason="torchvision is needed to compare against")
 
 GPU_DTYPES = ["float32", "float16", "bfloat16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prebuild_kernels():
+    """Compile this module's kernels in parallel up front instead of one by one inside the tests."""
+    specs = [dataclasses.replace(s, has_mask=m, dtype=d) for s in SHAPES.values() for m in (True, False)
+             for d in GPU_DTYPES]
+    specs += [get_workload(name, d).spec for name in BENCHMARK_WORKLOADS for d in GPU_DTYPES]
+    specs += [dataclasses.replace(SHAPES["asymmetric"], has_bias=False, dtype=d) for d in GPU_DTYPES]
+    kernel_cache.prebuild(specs, torch.device("cuda"))
 
 
 def _to(args: dict, device="cuda", dtype=None) -> dict:

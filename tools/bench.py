@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import deft_tvm
+from deft_tvm import kernel_cache
 from deft_tvm.spec import SUPPORTED_DTYPES
 from deft_tvm.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
 
@@ -88,6 +89,7 @@ def _providers(workload, device: str):
 def run(workloads, dtypes, tf32_modes, iters: int, device: str) -> list[dict]:
     rows = []
     commit = _commit()
+    kernel_cache.prebuild([get_workload(n, d).spec for n in workloads for d in dtypes], torch.device(device))
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     for name in workloads:
         for dtype in dtypes:
