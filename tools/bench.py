@@ -86,9 +86,8 @@ def _providers(workload, device: str):
     return providers
 
 
-def run(workloads, dtypes, tf32_modes, iters: int, device: str) -> list[dict]:
+def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str) -> list[dict]:
     rows = []
-    commit = _commit()
     kernel_cache.prebuild([get_workload(n, d).spec for n in workloads for d in dtypes], torch.device(device))
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     for name in workloads:
@@ -119,13 +118,14 @@ def main(argv=None) -> None:
     parser.add_argument("--tf32", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
+    parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__}; vs_dense = own time / fastest dense conv2d of the same shape "
           f"({'GPU time' if device == 'cuda' else 'latency'})")
     print(" | ".join(COLUMNS))
-    rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device)
+    rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device, args.commit or _commit())
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as f:

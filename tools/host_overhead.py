@@ -2,9 +2,11 @@
 
     python tools/host_overhead.py [--calls 2000]
 
-Times ``--calls`` back-to-back calls on the host clock (one synchronize at the end) for deft_tvm,
-torchvision (on a GPU, where it is installed) and a dense conv2d, and the bare compiled kernel
-(the TVM function called with preallocated torch tensors), all on a 1x4x8x8 3x3 DCNv2 layer.
+For deft_tvm, torchvision (on a GPU, where it is installed), a dense conv2d and the bare compiled
+kernel (the TVM function called with preallocated torch tensors), all on a 1x4x8x8 3x3 DCNv2
+layer, it reports the host time of one call (``--calls`` calls without synchronizing, few enough
+that the launch queue never fills) and the time per call including the GPU (one synchronize at
+the end of the same number of calls).
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ from deft_tvm.checks import spec_from_tensors
 from deft_tvm.kernel_cache import UntunedKernelWarning, get_kernel
 
 
-def _us_per_call(fn, calls: int, sync) -> float:
+def _us_per_call(fn, calls: int, sync) -> tuple[float, float]:
     for _ in range(10):
         fn()
     sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    host = time.perf_counter() - start
     sync()
-    return (time.perf_counter() - start) / calls * 1e6
+    total = time.perf_counter() - start
+    return host / calls * 1e6, total / calls * 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -60,7 +64,8 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
     with torch.no_grad():
         for name, fn in providers.items():
-            print(f"{name:28s} {_us_per_call(fn, args.calls, sync):8.1f} us per call")
+            host, total = _us_per_call(fn, args.calls, sync)
+            print(f"{name:28s} host {host:7.1f} us per call, with the device {total:7.1f} us per call")
 
 
 if __name__ == "__main__":
