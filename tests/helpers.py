@@ -26,3 +26,17 @@ def make_case(spec: DeformConvSpec, *, seed: int = 0, offset_scale: float = 2.0)
         "dilation": spec.dilation,
         "mask": torch.rand(spec.mask_shape, generator=gen, dtype=torch.float64).to(dtype) if spec.has_mask else None,
     }
+
+
+def small_dcn_model() -> torch.nn.Sequential:
+    """Conv -> ModulatedDeformConv2dPack (offsets made non-zero) -> ReLU, seeded, in eval mode."""
+    import deft_tvm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        deft_tvm.ModulatedDeformConv2dPack(8, 8, 3, padding=1, offset_groups=2),
+        torch.nn.ReLU(),
+    ).eval()
+    torch.nn.init.normal_(model[1].conv_offset.weight, std=0.1)
+    return model

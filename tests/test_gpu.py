@@ -14,7 +14,7 @@ from deft_tvm.spec import DeformConvSpec
 from deft_tvm.tolerances import assert_close
 from deft_tvm.workloads import BENCHMARK_WORKLOADS, get_workload
 
-from helpers import make_case
+from helpers import make_case, small_dcn_model
 from test_forward import SHAPES
 
 pytestmark = pytest.mark.gpu
@@ -155,13 +155,7 @@ def test_second_device():
 
 
 def test_torch_compile_fullgraph_on_gpu():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1),
-        deft_tvm.ModulatedDeformConv2dPack(8, 8, 3, padding=1, offset_groups=2),
-        torch.nn.ReLU(),
-    ).cuda().eval()
-    torch.nn.init.normal_(model[1].conv_offset.weight, std=0.1)
+    model = small_dcn_model().cuda()
     x = torch.randn(2, 3, 10, 12, device="cuda")
     torch._dynamo.reset()
     # TF32 off: the offsets come from a plain convolution, and inductor may choose another

@@ -7,11 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-import deft_tvm
 from deft_tvm.ops import deform_conv2d_op
 from deft_tvm.spec import DeformConvSpec
 
-from helpers import make_case
+from helpers import make_case, small_dcn_model
 
 SPEC = DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2, offset_groups=3)
 
@@ -42,13 +41,7 @@ def test_fake_tensor_shapes_and_errors():
 
 
 def test_torch_compile_fullgraph_of_a_dcn_model():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1),
-        deft_tvm.ModulatedDeformConv2dPack(8, 8, 3, padding=1, offset_groups=2),
-        torch.nn.ReLU(),
-    ).eval()
-    torch.nn.init.normal_(model[1].conv_offset.weight, std=0.1)
+    model = small_dcn_model()
     x = torch.randn(2, 3, 10, 12)
     torch._dynamo.reset()
     with torch.no_grad():

@@ -38,7 +38,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def _gpu_ms(fn, iters: int) -> float:
+def gpu_ms(fn, iters: int = 20) -> float:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -99,7 +99,7 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str) -> 
                 timings = {}
                 with torch.no_grad():
                     for provider, fn in _providers(workload, device).items():
-                        gpu = _gpu_ms(fn, iters) if device == "cuda" else float("nan")
+                        gpu = gpu_ms(fn, iters) if device == "cuda" else float("nan")
                         timings[provider] = (gpu, _latency_ms(fn, device))
                 dense = min(v[0 if device == "cuda" else 1] for k, v in timings.items() if "cudnn" in k or "dense" in k)
                 for provider, (gpu, latency) in timings.items():

@@ -16,6 +16,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 import tvm
+from bench import gpu_ms  # tools/ is on sys.path when this script runs
 
 from deft_tvm.compute import deform_conv2d_primfunc
 from deft_tvm.schedules.cuda import CudaTiling, schedule_cuda
@@ -32,18 +33,6 @@ CANDIDATES = [
     CudaTiling(co_threads=4, co_regs=16, oy_threads=1, oy_regs=2, ox_threads=32, k_chunk=4),
     CudaTiling(co_threads=8, co_regs=8, oy_threads=2, oy_regs=2, ox_threads=16, k_chunk=8),
 ]
-
-
-def _gpu_ms(fn, iters=20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:
@@ -72,8 +61,8 @@ def main() -> None:
             inputs = workload.make_inputs(device="cuda")
             out = torch.empty(spec.output_shape, dtype=inputs["input"].dtype, device="cuda")
             tensors = [inputs[k] for k in ("input", "offset", "mask", "weight", "bias") if inputs[k] is not None]
-            base = {"torchvision": _gpu_ms(lambda: tv(**inputs)),
-                    "cudnn": _gpu_ms(lambda: F.conv2d(inputs["input"], inputs["weight"], inputs["bias"], padding=1))}
+            base = {"torchvision": gpu_ms(lambda: tv(**inputs)),
+                    "cudnn": gpu_ms(lambda: F.conv2d(inputs["input"], inputs["weight"], inputs["bias"], padding=1))}
             print(f"{name} {dtype}: torchvision {base['torchvision']:.3f} ms, cuDNN NCHW {base['cudnn']:.3f} ms")
             for i, tiling in enumerate(CANDIDATES):
                 try:
@@ -81,7 +70,7 @@ def main() -> None:
                 except Exception as err:  # noqa: BLE001 - report and go on with the other candidates
                     print(f"  {i} build failed: {str(err).splitlines()[-1][:200]}")
                     continue
-                ms = _gpu_ms(lambda: fn(*tensors, out))
+                ms = gpu_ms(lambda: fn(*tensors, out))
                 shown = dataclasses.astuple(tiling or CudaTiling.for_spec(spec))
                 print(f"  {i} {shown} {ms:.3f} ms  ({ms / base['torchvision']:.2f}x torchvision)")
 
