@@ -27,7 +27,6 @@ def cmd_list(args) -> int:
 
 def cmd_build(args) -> int:
     """Compile a workload for this machine's target and check it against the float64 reference."""
-    from . import deform_conv2d, deform_conv2d_reference
     from .kernel_cache import get_kernel, kernel_path
     from .targets import target_for_device
 
@@ -40,13 +39,68 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     get_kernel(spec, device)
     print(f"kernel   ready in {time.perf_counter() - start:.2f} s, cached at {kernel_path(spec, target)}")
-    inputs = workload.make_inputs(seed=args.seed, device=device)
+    err = _check_against_reference(workload, device, args.seed)
+    print(f"check    matches the float64 reference (max abs error {err:.3g}, dtype {spec.dtype})")
+    return 0
+
+
+def _check_against_reference(workload, device: str, seed: int) -> float:
+    from . import deform_conv2d, deform_conv2d_reference
+
+    inputs = workload.make_inputs(seed=seed, device=device)
     with torch.no_grad():
         out = deform_conv2d(**inputs)
         ref = deform_conv2d_reference(**inputs)
-    assert_close(out, ref, spec.dtype)
-    err = (out.double() - ref).abs().max().item()
-    print(f"check    matches the float64 reference (max abs error {err:.3g}, dtype {spec.dtype})")
+    assert_close(out, ref, workload.spec.dtype)
+    return (out.double() - ref).abs().max().item()
+
+
+def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch) -> Path:
+    """The best schedule of a workload as Python (its MetaSchedule trace), for people to read."""
+    path = root / tag / f"{workload_name}_{spec.dtype}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f'"""Best tuned schedule of {workload_name} ({spec.key()}) for {tag}, written by `deft-tvm tune`.\n\n'
+        f'Apply it to ``deft_tvm.compute.deform_conv2d_primfunc(spec)``; the tuning record itself is in\n'
+        f'tuning_logs/{tag}/{spec.key()}/."""\n\n{sch.trace}\n'
+    )
+    return path
+
+
+def cmd_tune(args) -> int:
+    """Tune workloads on the DefT design space, export them as one library, check it."""
+    from .library import KernelEntry, export_library, load_library
+    from .targets import target_for_device
+    from .tuning import tune
+    from .tuning_db import best_schedule, database_dir, target_tag
+
+    target = target_for_device(args.device)
+    tag = target_tag(target)
+    entries = []
+    for name in args.workloads:
+        for dtype in args.dtypes:
+            workload = get_workload(name, dtype)
+            spec = workload.spec
+            directory = database_dir(args.logs, spec, target)
+            print(f"tune     {name} {dtype} on {tag}: {spec.key()} (offsets: {workload.profile}) -> {directory}")
+            result = tune(spec, workload.profile, target, directory, args.trials,
+                          trials_per_round=args.trials_per_round, seed=args.seed)
+            _, sch = best_schedule(directory, target)
+            if sch is None:
+                print(f"error    no successful candidate for {name} {dtype} in {result.trials} trials")
+                return 1
+            readable = write_readable_schedule(args.schedules, tag, name, spec, sch)
+            best = f"{result.best_s * 1e3:.4f} ms" if result.best_s is not None else "n/a"
+            print(f"best     {best} after {result.trials} trials ({result.new_trials} new in {result.seconds:.0f} s); "
+                  f"schedule: {readable}")
+            entries.append(KernelEntry(spec, sch, origin=str(directory)))
+    manifest = export_library(entries, target, args.out, "deft_kernels")
+    print(f"exported {len(entries)} kernels for {tag} -> {manifest}")
+    load_library(manifest)
+    for name in args.workloads:
+        for dtype in args.dtypes:
+            err = _check_against_reference(get_workload(name, dtype), args.device, args.seed or 0)
+            print(f"check    {name} {dtype}: the exported kernel matches the float64 reference (max abs error {err:.3g})")
     return 0
 
 
@@ -97,6 +151,19 @@ def main(argv=None) -> int:
     build.add_argument("--dtype", choices=SUPPORTED_DTYPES, default=None, help="default: the workload's dtype")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=cmd_build)
+    tune = sub.add_parser("tune", help="tune workloads with MetaSchedule, export the kernel library and check it")
+    tune.add_argument("--workloads", nargs="+", default=[DEFAULT_WORKLOAD], choices=list(WORKLOADS))
+    tune.add_argument("--dtypes", nargs="+", default=["float32"], choices=SUPPORTED_DTYPES)
+    tune.add_argument("--device", choices=["cpu", "cuda"], default=_device(), help="default: cuda if there is a GPU")
+    tune.add_argument("--trials", type=int, default=8,
+                      help="records each workload's database should hold; tuning resumes up to it (default 8)")
+    tune.add_argument("--trials-per-round", type=int, default=32)
+    tune.add_argument("--seed", type=int, default=None)
+    tune.add_argument("--logs", type=Path, default=Path("tuning_logs"), help="root of the tuning databases")
+    tune.add_argument("--schedules", type=Path, default=Path("schedules") / "tuned",
+                      help="where the best schedules are written in readable form")
+    tune.add_argument("--out", type=Path, default=Path("deft_kernels"), help="folder of the exported library")
+    tune.set_defaults(func=cmd_tune)
     export = sub.add_parser("export", help="compile tuned workloads into one kernel library with a manifest")
     export.add_argument("--device", choices=["cpu", "cuda"], default=_device())
     export.add_argument("--arch", default=None, help="CUDA arch such as sm_90 (default: this machine's GPU)")

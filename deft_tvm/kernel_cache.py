@@ -1,8 +1,14 @@
 """Compiled kernels, cached in memory and on disk.
 
+Which schedule a workload gets: the fastest record of the tuning database committed with the
+package (``tuning_logs/<target-tag>/<workload-key>/``) when there is one, compiled from its trace
+with no search; otherwise the target's default schedule, with a one-time warning.
+
 The disk cache lives in ``$DEFT_TVM_CACHE_DIR`` (default ``~/.cache/deft_tvm``), one shared
-library per (TVM version, target, workload). A corrupted or unloadable entry is rebuilt with a
-warning. Writes are atomic, so concurrent processes never see a half-written library.
+library per (TVM version, target, workload, schedule): the file name carries a structural hash of
+the scheduled module, so a new record or schedule never reuses a stale kernel. A corrupted or
+unloadable entry is rebuilt with a warning. Writes are atomic, so concurrent processes never see a
+half-written library.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from .compute import deform_conv2d_primfunc
 from .library import loaded_kernel
 from .spec import DeformConvSpec
 from .targets import exact_cuda_compilation, target_for_device
-from .tuning_db import target_tag
+from .tuning_db import best_schedule, committed_database, target_tag
 
 CACHE_DIR_ENV = "DEFT_TVM_CACHE_DIR"
 
@@ -46,16 +52,30 @@ def _target_tag(target: tvm.target.Target) -> str:
     return f"{target.kind.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def kernel_path(spec: DeformConvSpec, target: tvm.target.Target) -> Path:
-    """Where the compiled library of ``spec`` for ``target`` is cached."""
-    return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / f"{spec.key()}.so"
-
-
-def build(spec: DeformConvSpec, target: tvm.target.Target):
-    """Compile ``spec`` with the default schedule of ``target``'s kind; returns a TVM Executable."""
+def schedule_for(spec: DeformConvSpec, target: tvm.target.Target):
+    """``(schedule, tuned)``: the committed tuned record's schedule if there is one, else the default."""
     from deft_tvm.schedules import default_schedule
 
-    sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
+    directory = committed_database(spec, target)
+    if directory is not None:
+        _, sch = best_schedule(directory, target)
+        if sch is not None:
+            return sch, True
+    return default_schedule(deform_conv2d_primfunc(spec), spec, target), False
+
+
+def kernel_path(spec: DeformConvSpec, target: tvm.target.Target, sch=None) -> Path:
+    """Where the compiled library of ``spec`` for ``target`` (scheduled by ``sch``, default: the
+    schedule ``schedule_for`` picks) is cached."""
+    sch = sch if sch is not None else schedule_for(spec, target)[0]
+    fingerprint = tvm.ir.structural_hash(sch.mod) & 0xFFFFFFFFFFFFFFFF
+    return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / f"{spec.key()}-{fingerprint:016x}.so"
+
+
+def build(spec: DeformConvSpec, target: tvm.target.Target, sch=None):
+    """Compile ``spec`` with ``sch`` (default: the schedule ``schedule_for`` picks); returns a TVM
+    Executable."""
+    sch = sch if sch is not None else schedule_for(spec, target)[0]
     with exact_cuda_compilation():
         return tvm.compile(sch.mod, target=target)
 
@@ -72,8 +92,8 @@ def _export_atomically(executable, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _load_or_build(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
-    path = kernel_path(spec, target)
+def _load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch) -> Callable:
+    path = kernel_path(spec, target, sch)
     if path.exists():
         try:
             return tvm.runtime.load_module(str(path))["main"]
@@ -84,7 +104,7 @@ def _load_or_build(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
                 stacklevel=3,
             )
             path.unlink(missing_ok=True)
-    executable = build(spec, target)
+    executable = build(spec, target, sch)
     _export_atomically(executable, path)
     return executable["main"]
 
@@ -92,8 +112,9 @@ def _load_or_build(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
 def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
     """The kernel for ``spec`` on ``device`` (a CPU or a CUDA GPU).
 
-    A kernel from a library registered by ``deft_tvm.load_library`` wins; otherwise the default
-    schedule is compiled (once, then cached in memory and on disk) with a one-time warning. The
+    A kernel from a library registered by ``deft_tvm.load_library`` wins; otherwise the committed
+    tuned record, else the default schedule (with a one-time warning), is compiled once and cached
+    in memory and on disk. The
     kernel takes ``(input, offset, mask?, weight, bias?, output)`` as contiguous tensors on the
     device and writes ``output`` in place.
     """
@@ -108,33 +129,40 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
         with _lock:
             kernel = _memory.get(memory_key)
             if kernel is None:
-                warnings.warn(
-                    f"deft_tvm: no tuned kernel loaded for workload {key} on {target.kind.name} "
-                    f"({target_tag(target)}); using the default schedule, compiled once and cached in "
-                    f"{cache_dir()}. For a tuned one, export a library with `deft-tvm export` from its "
-                    "tuning database and load it with deft_tvm.load_library().",
-                    UntunedKernelWarning,
-                    stacklevel=4,
-                )
-                kernel = _memory[memory_key] = _load_or_build(spec, target)
+                sch, tuned = schedule_for(spec, target)
+                if not tuned:
+                    warnings.warn(
+                        f"deft_tvm: no tuned kernel for workload {key} on {target.kind.name} "
+                        f"({target_tag(target)}); using the default schedule, compiled once and cached in "
+                        f"{cache_dir()}. Tune it with `deft-tvm tune --stats PROFILE.json` (a profile from "
+                        "`deft-tvm stats`), then load the exported library with deft_tvm.load_library().",
+                        UntunedKernelWarning,
+                        stacklevel=4,
+                    )
+                kernel = _memory[memory_key] = _load_or_build(spec, target, sch)
     return kernel
 
 
 def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
-    """Compile, in parallel, the default-schedule kernels of ``specs`` that the disk cache lacks.
+    """Compile, in parallel, the kernels of ``specs`` (tuned record or default schedule) that the
+    disk cache lacks.
 
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
     the number of kernels built.
     """
     target = target_for_device(device)
-    missing = {s.key(): s for s in specs if loaded_kernel(target.kind.name, s.key()) is None
-               and not kernel_path(s, target).exists()}
+    missing = {}
+    for spec in specs:
+        if loaded_kernel(target.kind.name, spec.key()) is None:
+            sch = schedule_for(spec, target)[0]
+            if not kernel_path(spec, target, sch).exists():
+                missing[spec.key()] = (spec, sch)
 
-    def build_and_store(spec):
-        _export_atomically(build(spec, target), kernel_path(spec, target))
+    def build_and_store(spec, sch):
+        _export_atomically(build(spec, target, sch), kernel_path(spec, target, sch))
 
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-        for future in [pool.submit(build_and_store, s) for s in missing.values()]:
+        for future in [pool.submit(build_and_store, *item) for item in missing.values()]:
             future.result()
     return len(missing)
 

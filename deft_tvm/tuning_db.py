@@ -66,6 +66,19 @@ def best_schedule(directory: Path, target: tvm.target.Target):
     return spec, sch
 
 
+def committed_root() -> Path:
+    """The ``tuning_logs`` folder shipped with the package (``deft_tvm.tuning_logs``)."""
+    import deft_tvm.tuning_logs
+
+    return Path(deft_tvm.tuning_logs.__file__).parent
+
+
+def committed_database(spec: DeformConvSpec, target: tvm.target.Target) -> Path | None:
+    """The committed database folder of ``spec`` for ``target``, if one holds a record."""
+    directory = database_dir(committed_root(), spec, target)
+    return directory if (directory / "database_tuning_record.json").exists() else None
+
+
 def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
     """Every workload folder of ``target`` under ``root``, sorted."""
     base = Path(root) / target_tag(target)

@@ -8,17 +8,28 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from .cpu import schedule_cpu
-from .cuda import schedule_cuda
+from .cpu import deft_cpu_space, schedule_cpu
+from .cuda import deft_cuda_space, schedule_cuda
 
 _DEFAULT_SCHEDULES = {"llvm": schedule_cpu, "cuda": schedule_cuda}
+_DESIGN_SPACES = {"llvm": deft_cpu_space, "cuda": deft_cuda_space}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _DEFAULT_SCHEDULES:
+        raise NotImplementedError(
+            f"no deft_tvm schedule for target kind {kind!r}; have {sorted(_DEFAULT_SCHEDULES)}"
+        )
 
 
 def default_schedule(mod, spec, target) -> s_tir.Schedule:
     """The untuned schedule for ``target``'s kind, applied to ``deform_conv2d_primfunc(spec)``."""
-    kind = target.kind.name
-    if kind not in _DEFAULT_SCHEDULES:
-        raise NotImplementedError(
-            f"no default deft_tvm schedule for target kind {kind!r}; have {sorted(_DEFAULT_SCHEDULES)}"
-        )
-    return _DEFAULT_SCHEDULES[kind](mod, spec)
+    _check_kind(target.kind.name)
+    return _DEFAULT_SCHEDULES[target.kind.name](mod, spec)
+
+
+def design_space(spec, target):
+    """The DefT design space of ``target``'s kind: a function that schedules a ``Schedule`` of
+    ``deform_conv2d_primfunc(spec)`` in place with tile sizes sampled by MetaSchedule."""
+    _check_kind(target.kind.name)
+    return _DESIGN_SPACES[target.kind.name](spec)

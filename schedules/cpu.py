@@ -7,6 +7,9 @@ One parallel task per (batch, output row):
   2. reduce the columns against the weights into register tiles of
      ``OUT_CHANNEL_TILE x WIDTH_TILE`` accumulators (a local cache of the ``conv`` stage);
   3. add the bias and cast while writing the row of every output channel.
+
+``schedule_cpu`` uses fixed register tiles; ``deft_cpu_space`` is the MetaSchedule design space in
+which both tile sizes are ``sample_perfect_tile`` instructions.
 """
 
 from __future__ import annotations
@@ -23,14 +26,29 @@ WIDTH_TILE = 16
 def schedule_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.deform_conv2d_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
+    apply_deft_cpu(sch, spec, lambda loop, tile: [None, tile])
+    return sch
+
+
+def deft_cpu_space(spec: DeformConvSpec):
+    """MetaSchedule design space (for ``ScheduleFn``): the CPU schedule with sampled tiles."""
+
+    def space(sch: s_tir.Schedule) -> None:
+        apply_deft_cpu(sch, spec, lambda loop, tile: sch.sample_perfect_tile(loop, n=2, max_innermost_factor=32))
+
+    return space
+
+
+def apply_deft_cpu(sch: s_tir.Schedule, spec: DeformConvSpec, tile_factors) -> None:
+    """Apply the CPU schedule in place; ``tile_factors(loop, default_tile)`` gives a loop's split."""
     sch.compute_inline(sch.get_sblock(STAGE_WEIGHT))
     sampled = sch.get_sblock(STAGE_SAMPLED)
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)
 
     n, co, oy, ox, rc, ky, kx = sch.get_loops(conv)
-    co_outer, co_inner = sch.split(co, [None, OUT_CHANNEL_TILE])
-    ox_outer, ox_inner = sch.split(ox, [None, WIDTH_TILE])
+    co_outer, co_inner = sch.split(co, tile_factors(co, OUT_CHANNEL_TILE))
+    ox_outer, ox_inner = sch.split(ox, tile_factors(ox, WIDTH_TILE))
     sch.reorder(n, oy, co_outer, ox_outer, rc, ky, kx, co_inner, ox_inner)
     row = sch.fuse(n, oy)
     sch.parallel(row)
@@ -46,4 +64,3 @@ def schedule_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     sch.unroll(co_inner)
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
-    return sch

@@ -1,16 +1,25 @@
-"""Default (untuned) schedule for CUDA targets.
+"""The DefT CUDA schedule: one schedule structure, with fixed tiles (the default) or with tiles
+sampled by MetaSchedule (the tuning design space, ``deft_cuda_space``).
 
 The convolution is tiled like a GEMM of ``[out_channels] x [positions]`` reduced over
-``(in_channels / groups, kernel_h, kernel_w)``:
+``(kernel_h, kernel_w, in_channels / groups)``, kernel taps outermost:
 
 * a thread block owns ``co_threads * co_regs`` output channels and a spatial tile of
-  ``oy_threads * oy_regs`` rows by ``ox_threads`` columns of one image;
-* for each chunk of ``k_chunk`` input channels it computes the bilinear interpolation of that
-  chunk for the whole spatial tile and every kernel tap into shared memory, once per (sample,
-  input channel), and stages the matching weights, cast to the accumulate dtype, in shared
-  memory: every output channel of the block reuses them (no global "columns" buffer exists);
-* each thread accumulates ``co_regs x oy_regs`` outputs in registers, and the bias add, cast and
-  store happen from those registers, consecutive threads writing consecutive columns (coalesced).
+  ``oy_threads * oy_regs`` rows by ``ox_threads * ox_regs`` columns of one image;
+* for each kernel tap and chunk of ``k_chunk`` input channels it computes the bilinear
+  interpolation of the chunk for the whole spatial tile into shared memory, one thread per
+  position looping over the chunk's channels, so the sampling point, the four corner indices and
+  weights and the mask are computed once per (tap, position) and reused for every channel; every
+  output channel of the block reuses the tile (no global "columns" buffer exists);
+* the tap's weights of the chunk, cast to the accumulate dtype, are staged in shared memory;
+* each thread copies its ``co_regs`` weights and ``oy_regs x ox_regs`` samples of one reduction
+  step into registers and accumulates the ``co_regs x oy_regs x ox_regs`` outer product there;
+  bias, cast and store run from those registers (a warp writes whole rows).
+
+Which tiles are fast depends on the layer and on the offsets (the sampled tile's corners are
+gathered through L1/L2): ``deft_cuda_space`` exposes every tile size to MetaSchedule as a
+``sample_perfect_tile`` instruction, so the cost model and the evolutionary search tune them, on
+inputs drawn from the workload's offset profile (``deft_tvm.tuning``).
 """
 
 from __future__ import annotations
@@ -22,76 +31,154 @@ from tvm import s_tir
 from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
 from deft_tvm.spec import DeformConvSpec
 
+# Largest per-thread register tile along each axis, and largest channel chunk, the space samples.
+MAX_CO_REGS = 8
+MAX_SPATIAL_REGS = 4
+MAX_K_CHUNK = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class CudaTiling:
-    """Tile sizes of the default CUDA schedule."""
+    """Tile sizes of the schedule (threads and per-thread registers along each axis)."""
 
     co_threads: int = 8
     co_regs: int = 8
     oy_threads: int = 1
-    oy_regs: int = 2
+    oy_regs: int = 4
     ox_threads: int = 32
-    k_chunk: int = 4
+    ox_regs: int = 2
+    k_chunk: int = 8
+
+    @property
+    def threads(self) -> int:
+        return self.co_threads * self.oy_threads * self.ox_threads
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "CudaTiling":
-        """The default tile (best of a hand sweep on an H100, tools/sweep_cuda_tiling.py), shrunk
-        where the layer is smaller than it."""
+        """The default tile, shrunk where the layer is smaller than it."""
         out_per_group = spec.out_channels // spec.groups
-        ox_threads = 32 if spec.out_w >= 24 else 16 if spec.out_w >= 12 else 8
-        co_regs = min(8, out_per_group)
+        co_regs = _largest_divisor(out_per_group, cls.co_regs)
+        ox_threads = 32 if spec.out_w >= 48 else 16 if spec.out_w >= 16 else 8
         return cls(
-            co_threads=max(1, min(8, out_per_group // co_regs)),
+            co_threads=max(1, min(cls.co_threads, out_per_group // co_regs)),
             co_regs=co_regs,
             oy_threads=1,
-            oy_regs=2 if spec.out_h >= 2 else 1,
+            oy_regs=min(cls.oy_regs, spec.out_h),
             ox_threads=ox_threads,
-            k_chunk=min(4, spec.in_channels // spec.groups),
+            ox_regs=2 if spec.out_w >= 2 * ox_threads else 1,
+            k_chunk=min(cls.k_chunk, spec.in_channels // spec.groups),
         )
 
 
-def schedule_cuda(mod, spec: DeformConvSpec, tiling: CudaTiling | None = None) -> s_tir.Schedule:
-    """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.deform_conv2d_primfunc(spec)``."""
-    t = tiling or CudaTiling.for_spec(spec)
-    sch = s_tir.Schedule(mod)
-    sampled = sch.get_sblock(STAGE_SAMPLED)
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+class FixedTiles:
+    """Split factors from a ``CudaTiling`` (outermost factor inferred; non-divisible sizes are
+    predicated)."""
+
+    def __init__(self, tiling: CudaTiling):
+        self.t = tiling
+
+    def co(self, sch, loop):
+        return [None, self.t.co_threads, self.t.co_regs]
+
+    def oy(self, sch, loop):
+        return [None, self.t.oy_threads, self.t.oy_regs]
+
+    def ox(self, sch, loop):
+        return [None, self.t.ox_threads, self.t.ox_regs]
+
+    def rc(self, sch, loop):
+        return [None, self.t.k_chunk]
+
+
+class SampledTiles:
+    """Split factors sampled by MetaSchedule (``sample_perfect_tile``: divisors of the extent)."""
+
+    def co(self, sch, loop):
+        return sch.sample_perfect_tile(loop, n=3, max_innermost_factor=MAX_CO_REGS)
+
+    def oy(self, sch, loop):
+        return sch.sample_perfect_tile(loop, n=3, max_innermost_factor=MAX_SPATIAL_REGS)
+
+    def ox(self, sch, loop):
+        return sch.sample_perfect_tile(loop, n=3, max_innermost_factor=MAX_SPATIAL_REGS)
+
+    def rc(self, sch, loop):
+        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_K_CHUNK)
+
+
+def _spread_over_threads(sch, loops, co_t, oy_t, ox_t):
+    """Fuse ``loops`` and spread them over the block's (threadIdx.y, threadIdx.x) layout."""
+    fused = sch.fuse(*loops)
+    _, ty, ty_x, tx = sch.split(fused, [None, co_t, oy_t, ox_t])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(sch.fuse(ty_x, tx), "threadIdx.x")
+
+
+def apply_deft_cuda(sch: s_tir.Schedule, tiles) -> None:
+    """Apply the DefT schedule to ``sch`` (a schedule of ``deform_conv2d_primfunc``) in place."""
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)
+    weight = sch.get_sblock(STAGE_WEIGHT)
 
     n, co, oy, ox, rc, ky, kx = sch.get_loops(conv)
-    co_b, co_t, co_r = sch.split(co, [None, t.co_threads, t.co_regs])
-    oy_b, oy_t, oy_r = sch.split(oy, [None, t.oy_threads, t.oy_regs])
-    ox_b, ox_t = sch.split(ox, [None, t.ox_threads])
-    rc_o, rc_i = sch.split(rc, [None, t.k_chunk])
-    sch.reorder(n, co_b, oy_b, ox_b, co_t, oy_t, ox_t, rc_o, rc_i, ky, kx, co_r, oy_r)
-    block = sch.fuse(n, co_b, oy_b, ox_b)
-    thread_x = sch.fuse(oy_t, ox_t)
-    sch.bind(block, "blockIdx.x")
+    co_f, oy_f, ox_f, rc_f = tiles.co(sch, co), tiles.oy(sch, oy), tiles.ox(sch, ox), tiles.rc(sch, rc)
+    co_b, co_t, co_r = sch.split(co, co_f)
+    oy_b, oy_t, oy_r = sch.split(oy, oy_f)
+    ox_b, ox_t, ox_r = sch.split(ox, ox_f)
+    rc_o, rc_i = sch.split(rc, rc_f)
+    sch.reorder(n, co_b, oy_b, ox_b, co_t, oy_t, ox_t, ky, kx, rc_o, rc_i, co_r, oy_r, ox_r)
+    sch.bind(sch.fuse(n, co_b, oy_b, ox_b), "blockIdx.x")
     sch.bind(co_t, "threadIdx.y")
+    thread_x = sch.fuse(oy_t, ox_t)
     sch.bind(thread_x, "threadIdx.x")
-    threads = t.co_threads * t.oy_threads * t.ox_threads
+    co_threads, oy_threads, ox_threads = co_f[1], oy_f[1], ox_f[1]
 
     # Accumulate in registers; bias, cast and the coalesced store run from them.
     sch.set_scope(conv, 0, "local")
     sch.reverse_compute_at(output, thread_x, preserve_unit_loops=True)
 
-    # Interpolated tile of the current input-channel chunk, computed straight into shared memory.
+    # The interpolated tile of one tap and channel chunk, computed straight into shared memory:
+    # one thread per position, the chunk's channels innermost (sampling point computed once).
     sampled_shared = sch.cache_read(conv, 0, "shared")
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
-    sch.compute_inline(sampled)
-    # Weights of the chunk, already cast to the accumulate dtype, in shared memory.
-    weight_shared = sch.get_sblock(STAGE_WEIGHT)
-    sch.set_scope(weight_shared, 0, "shared")
-    sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
-    for stage in (sampled_shared, weight_shared):
-        loops = sch.get_loops(stage)[-6 if stage == sampled_shared else -4:]
-        fused = sch.fuse(*loops)
-        _, ty, tx = sch.split(fused, [None, t.co_threads, threads // t.co_threads])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
+    sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))
+    _, s_c, s_ky, s_kx, s_y, s_x = sch.get_loops(sampled_shared)[-6:]
+    sch.reorder(s_y, s_x, s_c, s_ky, s_kx)
+    _spread_over_threads(sch, [s_y, s_x], co_threads, oy_threads, ox_threads)
+    sch.unroll(s_c)
 
-    sch.decompose_reduction(conv, rc_o)
-    sch.unroll(co_r)
-    sch.unroll(oy_r)
+    # The tap's weights of the chunk, already in the accumulate dtype, in shared memory.
+    sch.set_scope(weight, 0, "shared")
+    # Stored tap-major, output channel innermost: a thread's co_regs weights are contiguous.
+    sch.transform_layout(weight, ("write", 0), lambda co, rc, ky, kx: (ky, kx, rc, co))
+    sch.compute_at(weight, rc_o, preserve_unit_loops=True)
+    _spread_over_threads(sch, sch.get_loops(weight)[-4:], co_threads, oy_threads, ox_threads)
+
+    # Per-thread register fragments of one reduction step, then the outer product.
+    for index in (0, 1):
+        fragment = sch.cache_read(conv, index, "local")
+        sch.compute_at(fragment, rc_i, preserve_unit_loops=True)
+
+    sch.decompose_reduction(conv, ky)
+    for loop in (co_r, oy_r, ox_r):
+        sch.unroll(loop)
+
+
+def schedule_cuda(mod, spec: DeformConvSpec, tiling: CudaTiling | None = None) -> s_tir.Schedule:
+    """The default schedule of the ``main`` PrimFunc of ``deform_conv2d_primfunc(spec)``."""
+    sch = s_tir.Schedule(mod)
+    apply_deft_cuda(sch, FixedTiles(tiling or CudaTiling.for_spec(spec)))
     return sch
+
+
+def deft_cuda_space(spec: DeformConvSpec):
+    """MetaSchedule design space (for ``ScheduleFn``): the DefT schedule with sampled tiles."""
+
+    def space(sch: s_tir.Schedule) -> None:
+        apply_deft_cuda(sch, SampledTiles())
+
+    return space

@@ -3,6 +3,10 @@
     python tools/bench.py [--workloads NAME ...] [--dtypes float32 float16 ...] [--tf32 off on]
                           [--iters 20] [--csv tools/results/NAME.csv]
 
+Providers: ``deft_tvm`` (what users get: the committed tuned record when there is one, else the
+default schedule; the ``schedule`` column says which), ``deft_tvm_default`` (the default schedule,
+only where a tuned record exists, as the ablation), torchvision and dense conv2d.
+
 On a GPU every provider is timed with CUDA events over ``--iters`` back-to-back calls after a
 warm-up (GPU time per call; host overhead hides under it once kernels are long enough), and one
 call with a synchronize around it is timed on the host (per-call latency). The dense conv2d is
@@ -24,10 +28,14 @@ import torch.nn.functional as F
 
 import deft_tvm
 from deft_tvm import kernel_cache
+from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm.schedules import default_schedule
+from deft_tvm.targets import target_for_device
 from deft_tvm.spec import SUPPORTED_DTYPES
 from deft_tvm.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
 
-COLUMNS = ["device", "workload", "dtype", "tf32", "profile", "provider", "gpu_ms", "latency_ms", "vs_dense", "commit"]
+COLUMNS = ["device", "workload", "dtype", "tf32", "profile", "provider", "schedule", "gpu_ms", "latency_ms",
+           "vs_dense", "vs_torchvision", "commit"]
 
 
 def _commit() -> str:
@@ -69,6 +77,12 @@ def _providers(workload, device: str):
     inputs = workload.make_inputs(device=device)
     dense = (inputs["input"], inputs["weight"], inputs["bias"], spec.stride, spec.padding, spec.dilation, spec.groups)
     providers = {"deft_tvm": lambda: deft_tvm.deform_conv2d(**inputs)}
+    target = target_for_device(device)
+    if kernel_cache.schedule_for(spec, target)[1]:
+        default = kernel_cache.build(spec, target, default_schedule(deform_conv2d_primfunc(spec), spec, target))["main"]
+        args = [inputs[k] for k in ("input", "offset", "mask", "weight", "bias") if inputs[k] is not None]
+        out = torch.empty(spec.output_shape, dtype=args[0].dtype, device=device)
+        providers["deft_tvm_default"] = lambda: default(*args, out)
     if device == "cuda":
         try:
             from torchvision.ops import deform_conv2d as tv_deform_conv2d
@@ -101,12 +115,18 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str) -> 
                     for provider, fn in _providers(workload, device).items():
                         gpu = gpu_ms(fn, iters) if device == "cuda" else float("nan")
                         timings[provider] = (gpu, _latency_ms(fn, device))
-                dense = min(v[0 if device == "cuda" else 1] for k, v in timings.items() if "cudnn" in k or "dense" in k)
+                column = 0 if device == "cuda" else 1
+                dense = min(v[column] for k, v in timings.items() if "cudnn" in k or "dense" in k)
+                torchvision = timings["torchvision"][column] if "torchvision" in timings else float("nan")
+                tuned = kernel_cache.schedule_for(workload.spec, target_for_device(device))[1]
                 for provider, (gpu, latency) in timings.items():
                     own = gpu if device == "cuda" else latency
+                    schedule = {"deft_tvm": "tuned" if tuned else "default", "deft_tvm_default": "default"}
                     rows.append(dict(device=device_name, workload=name, dtype=dtype, tf32=tf32,
-                                     profile=workload.profile, provider=provider, gpu_ms=round(gpu, 4),
-                                     latency_ms=round(latency, 4), vs_dense=round(own / dense, 2), commit=commit))
+                                     profile=workload.profile, provider=provider,
+                                     schedule=schedule.get(provider, ""), gpu_ms=round(gpu, 4),
+                                     latency_ms=round(latency, 4), vs_dense=round(own / dense, 2),
+                                     vs_torchvision=round(torchvision / own, 2), commit=commit))
                     print(" | ".join(str(rows[-1][c]) for c in COLUMNS), flush=True)
     return rows
 
@@ -122,7 +142,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"torch {torch.__version__}; vs_dense = own time / fastest dense conv2d of the same shape "
+    print(f"torch {torch.__version__}; vs_dense = own time / fastest dense conv2d of the same shape, "
+          "vs_torchvision = torchvision time / own time "
           f"({'GPU time' if device == 'cuda' else 'latency'})")
     print(" | ".join(COLUMNS))
     rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device, args.commit or _commit())

@@ -1,0 +1,218 @@
+"""MetaSchedule tuning of one workload on the DefT design space, measured on realistic inputs.
+
+* The design space is ``deft_tvm.schedules.design_space`` (``ScheduleFn``): the fused DefT
+  schedule whose tile sizes are ``sample_perfect_tile`` instructions, so the XGBoost cost model and
+  the evolutionary search tune them; ``VerifyGPUCode`` drops tiles that overflow the GPU's limits.
+* Every candidate is measured on inputs whose offsets and mask are drawn from the workload's
+  offset profile (``ProfileInputs``, the runner's ``f_alloc_argument``), never on the runner's
+  default uniform fill, which would shift every sample 1-10 px down-right.
+* Records go to the MetaSchedule JSON database of ``tuning_logs/<target-tag>/<workload-key>/`` as
+  they are measured; tuning again with the same folder resumes: it runs only the trials still
+  missing from the requested total and starts its search from the records already there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from .compute import deform_conv2d_primfunc
+from .spec import DeformConvSpec
+from .targets import exact_cuda_compilation
+from .tuning_db import open_database, write_spec
+
+TUNING_FILE = "tuning.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileInputs:
+    """The runner's ``f_alloc_argument``: the kernel's arguments with offsets and mask drawn from
+    ``profile`` (a ``deft_tvm.workloads.PROFILES`` name), one seeded set per repeat."""
+
+    spec: DeformConvSpec
+    profile: str
+    seed: int = 0
+
+    def __call__(self, device, args_info, alloc_repeat: int):
+        import torch
+
+        from .workloads import Workload
+
+        workload = Workload("tuning", self.spec, self.profile)
+        sets = []
+        for repeat in range(alloc_repeat):
+            inputs = workload.make_inputs(seed=self.seed + repeat)
+            tensors = [inputs[k] for k in ("input", "offset", "mask", "weight", "bias") if inputs[k] is not None]
+            tensors.append(torch.zeros(self.spec.output_shape, dtype=tensors[0].dtype))
+            expected = [(info[1], tuple(info[2])) for info in args_info]
+            observed = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]
+            if observed != expected:
+                raise ValueError(f"ProfileInputs: arguments {observed} do not match the kernel's {expected}")
+            args = []
+            for t in tensors:
+                on_device = tvm.runtime.empty(t.shape, str(t.dtype).removeprefix("torch."), device)
+                on_device.copyfrom(tvm.runtime.from_dlpack(t.contiguous()))
+                args.append(on_device)
+            sets.append(args)
+        return sets
+
+
+@derived_object
+class ProgressReport(ms.measure_callback.PyMeasureCallback):
+    """Prints one line per measured round: trials so far, round time, best time, trials/minute."""
+
+    def __init__(self, label: str, already: int, best_s: float | None):
+        self.label = label
+        self.trials = already
+        self.best_s = best_s
+        self.start = self.last = time.perf_counter()
+        self.new = 0
+        self.rounds: list[dict] = []
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        now = time.perf_counter()
+        times = [
+            sum(float(s) for s in r.run_secs) / len(r.run_secs)
+            for r in runner_results
+            if r.error_msg is None and r.run_secs
+        ]
+        failed = len(runner_results) - len(times)
+        if times:
+            self.best_s = min([t for t in (self.best_s,) if t is not None] + times)
+        self.trials += len(runner_results)
+        self.new += len(runner_results)
+        round_s = now - self.last
+        self.last = now
+        per_minute = 60 * self.new / max(now - self.start, 1e-9)
+        best = f"{self.best_s * 1e3:.4f} ms" if self.best_s is not None else "none yet"
+        self.rounds.append({"candidates": len(runner_results), "failed": failed, "seconds": round(round_s, 2)})
+        print(
+            f"[tune {self.label}] {self.trials} trials, round of {len(runner_results)} ({failed} failed) "
+            f"in {round_s:.1f} s, best {best}, {per_minute:.1f} trials/min",
+            flush=True,
+        )
+
+
+def _postprocs(target: tvm.target.Target):
+    if target.kind.name == "cuda":
+        return [ms.postproc.DisallowDynamicLoop(), ms.postproc.VerifyGPUCode()]
+    return [ms.postproc.DisallowDynamicLoop()]
+
+
+def design_space_generator(spec: DeformConvSpec, target: tvm.target.Target) -> ms.space_generator.ScheduleFn:
+    """The DefT space of ``spec`` for ``target`` as a MetaSchedule space generator."""
+    from deft_tvm.schedules import design_space
+
+    return ms.space_generator.ScheduleFn(
+        design_space(spec, target),
+        sch_rules=[],
+        postprocs=_postprocs(target),
+        mutator_probs={ms.mutator.MutateTileSize(): 1.0},
+    )
+
+
+def measured_records(directory: Path) -> list[ms.database.TuningRecord]:
+    """The records of a database folder that ran successfully."""
+    if not (Path(directory) / "database_tuning_record.json").exists():
+        return []
+    return [r for r in open_database(Path(directory)).get_all_tuning_records() if r.run_secs and
+            all(float(s) < 1e9 for s in r.run_secs)]
+
+
+def record_count(directory: Path) -> int:
+    """Every record of a database folder, failed runs included (they count as trials spent)."""
+    path = Path(directory) / "database_tuning_record.json"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
+def best_time(directory: Path) -> float | None:
+    """Mean run time in seconds of the fastest measured record, or None."""
+    times = [sum(float(s) for s in r.run_secs) / len(r.run_secs) for r in measured_records(directory)]
+    return min(times) if times else None
+
+
+@dataclasses.dataclass
+class TuningResult:
+    directory: Path
+    trials: int
+    new_trials: int
+    best_s: float | None
+    seconds: float
+    rounds: list[dict]
+
+
+def tune(
+    spec: DeformConvSpec,
+    profile: str,
+    target: tvm.target.Target,
+    directory: Path,
+    trials: int,
+    *,
+    trials_per_round: int = 32,
+    population: int = 128,
+    seed: int | None = None,
+    num_tuning_cores: int | str = "physical",
+) -> TuningResult:
+    """Tune ``spec`` until ``directory``'s database holds ``trials`` records (resuming it)."""
+    directory = Path(directory)
+    write_spec(directory, spec)
+    already = record_count(directory)
+    meta_path = directory / TUNING_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "sessions": []}
+    if meta["profile"] != profile:
+        raise ValueError(
+            f"{directory} was tuned with offset profile {meta['profile']!r}, not {profile!r}; "
+            "use another folder for another profile"
+        )
+    remaining = trials - already
+    label = f"{spec.key()} {target.kind.name}"
+    if remaining <= 0:
+        print(f"[tune {label}] {already} trials already in {directory}, nothing to do", flush=True)
+        return TuningResult(directory, already, 0, best_time(directory), 0.0, [])
+
+    mod = deform_conv2d_primfunc(spec)
+    is_cuda = target.kind.name == "cuda"
+    runner = ms.runner.LocalRunner(
+        evaluator_config=ms.runner.EvaluatorConfig(
+            number=5 if is_cuda else 2, repeat=3 if is_cuda else 1, min_repeat_ms=20 if is_cuda else 0,
+            enable_cpu_cache_flush=not is_cuda,
+        ),
+        f_alloc_argument=ProfileInputs(spec, profile),
+    )
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(population, 32), genetic_num_iters=2,
+    )
+    progress = ProgressReport(label, already, best_time(directory))
+    start = time.perf_counter()
+    with exact_cuda_compilation(), tempfile.TemporaryDirectory(prefix="deft_tune_") as scratch:
+        ms.tune_tir(
+            mod,
+            target,
+            work_dir=scratch,
+            max_trials_global=remaining,
+            num_trials_per_iter=min(trials_per_round, remaining),
+            space=design_space_generator(spec, target),
+            builder=ms.builder.LocalBuilder(timeout_sec=120),
+            runner=runner,
+            database=open_database(directory),
+            cost_model="xgb",
+            strategy=strategy,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+            seed=seed,
+            num_tuning_cores=num_tuning_cores,
+        )
+    seconds = time.perf_counter() - start
+    meta["sessions"].append({
+        "target": str(target.kind.name if not is_cuda else f"cuda {target.arch}"),
+        "new_trials": progress.new, "seconds": round(seconds, 1), "rounds": progress.rounds,
+        "tvm": tvm.__version__,
+    })
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return TuningResult(directory, record_count(directory), progress.new, best_time(directory), seconds, progress.rounds)
