@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 import tvm
+import tvm_ffi
 
 from .compute import deform_conv2d_primfunc
 from .library import loaded_kernel
@@ -68,7 +69,7 @@ def kernel_path(spec: DeformConvSpec, target: tvm.target.Target, sch=None) -> Pa
     """Where the compiled library of ``spec`` for ``target`` (scheduled by ``sch``, default: the
     schedule ``schedule_for`` picks) is cached."""
     sch = sch if sch is not None else schedule_for(spec, target)[0]
-    fingerprint = tvm.ir.structural_hash(sch.mod) & 0xFFFFFFFFFFFFFFFF
+    fingerprint = tvm_ffi.structural_hash(sch.mod) & 0xFFFFFFFFFFFFFFFF
     return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / f"{spec.key()}-{fingerprint:016x}.so"
 
 

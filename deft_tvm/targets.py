@@ -11,8 +11,13 @@ import tvm
 
 
 def cuda_target(arch: str) -> tvm.target.Target:
-    """CUDA target for a compute capability such as ``"sm_90"``, host code for the CPU."""
-    return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    """CUDA target for a compute capability such as ``"sm_90"``, host code for the CPU, with the
+    per-block limits every sm_70+ GPU has (MetaSchedule's ``VerifyGPUCode`` checks them)."""
+    return tvm.target.Target(
+        {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+         "thread_warp_size": 32, "registers_per_block": 65536},
+        host={"kind": "llvm"},
+    )
 
 
 # TVM's NVRTC path always adds --use_fast_math; its nvcc path does unless told not to. Fast math

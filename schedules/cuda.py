@@ -47,7 +47,7 @@ class CudaTiling:
     oy_regs: int = 4
     ox_threads: int = 32
     ox_regs: int = 2
-    k_chunk: int = 8
+    k_chunk: int = 16
 
     @property
     def threads(self) -> int:

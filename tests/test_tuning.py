@@ -1,0 +1,93 @@
+"""MetaSchedule tuning on the DefT design spaces: measurement inputs, resumable databases, committed
+records picked up by the kernel cache, and sampled CUDA schedules that compile."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import tvm
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+
+import deft_tvm
+from deft_tvm import kernel_cache, tuning_db
+from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm.schedules import default_schedule, design_space
+from deft_tvm.targets import cuda_target, target_for_device
+from deft_tvm.tolerances import assert_close
+from deft_tvm.tuning import ProfileInputs, record_count, tune
+from deft_tvm.workloads import PROFILES, get_workload
+
+from helpers import make_case
+
+SMALL = get_workload("test_paper_small")
+
+
+def _args_info(spec):
+    return [["TENSOR", a.dtype, list(a.shape)] for a in ms.arg_info.ArgInfo.from_prim_func(deform_conv2d_primfunc(spec)["main"])]
+
+
+def test_measurement_inputs_follow_the_offset_profile():
+    spec = dataclasses.replace(SMALL.spec, batch=8)
+    (args,) = ProfileInputs(spec, "normal_8px")(tvm.cpu(), _args_info(spec), 1)
+    offset = torch.from_dlpack(args[1])
+    assert tuple(offset.shape) == spec.offset_shape
+    # 8 * 18 * 12 * 12 = 20736 draws of N(0, 8 px): the sample std is within 2 % (>5 standard errors).
+    assert offset.std().item() == pytest.approx(PROFILES["normal_8px"].sigma, rel=0.02)
+    mask = torch.from_dlpack(args[2])
+    assert 0 < mask.min().item() and mask.max().item() < 1  # sigmoid of a normal, not the runner's uniform [1, 10]
+
+
+def test_measurement_inputs_refuse_another_kernel():
+    other = dataclasses.replace(SMALL.spec, in_channels=SMALL.spec.in_channels * 2)
+    with pytest.raises(ValueError, match=r"arguments .* do not match the kernel's"):
+        ProfileInputs(SMALL.spec, "normal_2px")(tvm.cpu(), _args_info(other), 1)
+
+
+def test_cpu_tuning_writes_a_resumable_database(tmp_path, isolated_cache):
+    target = target_for_device("cpu")
+    directory = tuning_db.database_dir(tmp_path, SMALL.spec, target)
+    result = tune(SMALL.spec, SMALL.profile, target, directory, trials=2, trials_per_round=2, seed=1)
+    assert result.new_trials == 2 and record_count(directory) == 2 and result.best_s is not None
+    spec, sch = tuning_db.best_schedule(directory, target)
+    assert spec == SMALL.spec and sch is not None
+    assert "sample_perfect_tile" in str(sch.trace)  # the tiles came from the search, not fixed
+
+    again = tune(SMALL.spec, SMALL.profile, target, directory, trials=2, seed=1)
+    assert again.new_trials == 0 and record_count(directory) == 2  # resumed: nothing left to run
+    with pytest.raises(ValueError, match=r"tuned with offset profile 'normal_2px', not 'normal_8px'"):
+        tune(SMALL.spec, "normal_8px", target, directory, trials=4)
+
+
+def test_committed_record_is_used_without_warning(tmp_path, isolated_cache, monkeypatch):
+    spec = dataclasses.replace(SMALL.spec, batch=1)
+    target = target_for_device("cpu")
+    sch = s_tir.Schedule(deform_conv2d_primfunc(spec))
+    design_space(spec, target)(sch)  # one sampled point of the space stands for a tuned record
+    tuning_db.commit_schedule(tuning_db.database_dir(tmp_path, spec, target), spec, sch, target, 1e-3)
+    monkeypatch.setattr(tuning_db, "committed_root", lambda: tmp_path)
+
+    picked, tuned = kernel_cache.schedule_for(spec, target)
+    assert tuned and str(picked.trace) == str(sch.trace)
+    default = default_schedule(deform_conv2d_primfunc(spec), spec, target)
+    assert kernel_cache.kernel_path(spec, target) != kernel_cache.kernel_path(spec, target, default)
+
+    args = make_case(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernel_cache.UntunedKernelWarning)
+        out = deft_tvm.deform_conv2d(**args)
+    assert_close(out, deft_tvm.deform_conv2d_reference(**args), spec.dtype)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sampled_cuda_schedules_generate_code(seed):
+    spec = dataclasses.replace(SMALL.spec, dtype="float16")
+    sch = s_tir.Schedule(deform_conv2d_primfunc(spec), seed=seed)
+    design_space(spec, cuda_target("sm_90"))(sch)
+    decisions = [tuple(int(x) for x in d) for d in sch.trace.decisions.values()]
+    assert len(decisions) == 4  # output channels, rows, columns, input-channel chunk
+    source = tvm.compile(sch.mod, target=cuda_target("sm_90")).mod.imports[0].inspect_source()
+    assert "__shared__" in source and "__global__" in source
