@@ -135,8 +135,8 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
                     warnings.warn(
                         f"deft_tvm: no tuned kernel for workload {key} on {target.kind.name} "
                         f"({target_tag(target)}); using the default schedule, compiled once and cached in "
-                        f"{cache_dir()}. Tune it with `deft-tvm tune --stats PROFILE.json` (a profile from "
-                        "`deft-tvm stats`), then load the exported library with deft_tvm.load_library().",
+                        f"{cache_dir()}. Registry workloads are tuned with `deft-tvm tune --workloads "
+                        "NAME` (see `deft-tvm list`); load the exported library with deft_tvm.load_library().",
                         UntunedKernelWarning,
                         stacklevel=4,
                     )
