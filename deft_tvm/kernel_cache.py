@@ -93,7 +93,8 @@ def _export_atomically(executable, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch) -> Callable:
+def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch) -> Callable:
+    """The kernel of ``spec`` scheduled by ``sch``, from the disk cache or compiled into it."""
     path = kernel_path(spec, target, sch)
     if path.exists():
         try:
@@ -115,15 +116,14 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
 
     A kernel from a library registered by ``deft_tvm.load_library`` wins; otherwise the committed
     tuned record, else the default schedule (with a one-time warning), is compiled once and cached
-    in memory and on disk. The
-    kernel takes ``(input, offset, mask?, weight, bias?, output)`` as contiguous tensors on the
+    in memory and on disk. The kernel takes ``(input, offset, mask?, weight, bias?, output)`` as contiguous tensors on the
     device and writes ``output`` in place.
     """
     target = target_for_device(device)
     key = spec.key()
-    tuned = loaded_kernel(target.kind.name, key)
-    if tuned is not None:
-        return tuned
+    loaded = loaded_kernel(target.kind.name, key)
+    if loaded is not None:
+        return loaded
     memory_key = (key, str(target))
     kernel = _memory.get(memory_key)
     if kernel is None:
@@ -140,7 +140,7 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
                         UntunedKernelWarning,
                         stacklevel=4,
                     )
-                kernel = _memory[memory_key] = _load_or_build(spec, target, sch)
+                kernel = _memory[memory_key] = load_or_build(spec, target, sch)
     return kernel
 
 

@@ -83,7 +83,7 @@ def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, ou
                 "workload": entry.spec.key(),
                 "function": function_name(entry.spec),
                 "dtype": entry.spec.dtype,
-                "spec": dataclasses.asdict(entry.spec),
+                "spec": entry.spec.to_dict(),
                 "origin": entry.origin,
             }
             for entry in entries

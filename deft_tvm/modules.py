@@ -113,10 +113,16 @@ class ModulatedDeformConv2dPack(DeformConv2d):
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
+    @staticmethod
+    def split_conv_offset(conv_offset_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``conv_offset``'s output ``[batch, 3 * offset_groups * kernel_h * kernel_w, out_h, out_w]``
+        -> ``(offset, mask)``: the first two thirds, and the sigmoid of the last third."""
+        dy_dx_1, dy_dx_2, mask_logits = torch.chunk(conv_offset_output, 3, dim=1)
+        return torch.cat((dy_dx_1, dy_dx_2), dim=1), torch.sigmoid(mask_logits)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        dy_dx_1, dy_dx_2, mask_logits = torch.chunk(self.conv_offset(input), 3, dim=1)
-        offset = torch.cat((dy_dx_1, dy_dx_2), dim=1)
-        return super().forward(input, offset, torch.sigmoid(mask_logits))
+        offset, mask = self.split_conv_offset(self.conv_offset(input))
+        return super().forward(input, offset, mask)
 
     def __repr__(self) -> str:
         base = super().__repr__()[:-1]

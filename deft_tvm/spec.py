@@ -130,3 +130,12 @@ class DeformConvSpec:
     def key(self) -> str:
         """A short, stable, file-name-safe identifier of the workload."""
         return self._key
+
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (pairs as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "DeformConvSpec":
+        """Inverse of ``to_dict``."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})

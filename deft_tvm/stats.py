@@ -165,14 +165,9 @@ def _patch(out_size: int, tile: int, kernel: int, stride: int, pad: int, dilatio
     return first, last
 
 
-def _spec_json(spec: DeformConvSpec) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec).items()}
-
-
 def layer_spec(layer_stats: dict) -> DeformConvSpec:
     """The ``DeformConvSpec`` of a layer's first call, from its statistics."""
-    fields = layer_stats["spec"]
-    return DeformConvSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return DeformConvSpec.from_dict(layer_stats["spec"])
 
 
 class _LayerRecorder:
@@ -247,7 +242,7 @@ class _LayerRecorder:
         kept = self.reservoir.rows
         samples = self.quantities["dy"].n
         stats = {
-            "spec": _spec_json(self.spec),
+            "spec": self.spec.to_dict(),
             "calls": self.calls,
             "samples": samples,
             "nonfinite": self.nonfinite,
@@ -420,9 +415,8 @@ def _dcn_classes() -> tuple[type, ...]:
 def _attach(layer: nn.Module, recorder: _LayerRecorder):
     """Hook ``layer`` so that each call is recorded; returns the hook's handle."""
     if isinstance(layer, ModulatedDeformConv2dPack):
-        def after_conv_offset(conv_offset, args, output):  # as in ModulatedDeformConv2dPack.forward
-            dy_dx_1, dy_dx_2, mask_logits = torch.chunk(output, 3, dim=1)
-            recorder.record(layer, args[0], torch.cat((dy_dx_1, dy_dx_2), dim=1), torch.sigmoid(mask_logits))
+        def after_conv_offset(conv_offset, args, output):
+            recorder.record(layer, args[0], *layer.split_conv_offset(output))
 
         return layer.conv_offset.register_forward_hook(after_conv_offset)
 

@@ -26,7 +26,7 @@ from tvm.s_tir import meta_schedule as ms
 from .compute import deform_conv2d_primfunc
 from .spec import DeformConvSpec
 from .targets import exact_cuda_compilation
-from .tuning_db import open_database, write_spec
+from .tuning_db import open_database, target_tag, write_spec
 
 TUNING_FILE = "tuning.json"
 
@@ -56,12 +56,16 @@ class ProfileInputs:
             if observed != expected:
                 raise ValueError(f"ProfileInputs: arguments {observed} do not match the kernel's {expected}")
             args = []
-            for t in tensors:
-                on_device = tvm.runtime.empty(t.shape, str(t.dtype).removeprefix("torch."), device)
+            for t, (dtype, shape) in zip(tensors, observed):
+                on_device = tvm.runtime.empty(shape, dtype, device)
                 on_device.copyfrom(tvm.runtime.from_dlpack(t.contiguous()))
                 args.append(on_device)
             sets.append(args)
         return sets
+
+
+def _mean_seconds(run_secs) -> float:
+    return sum(float(s) for s in run_secs) / len(run_secs)
 
 
 @derived_object
@@ -78,14 +82,10 @@ class ProgressReport(ms.measure_callback.PyMeasureCallback):
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         now = time.perf_counter()
-        times = [
-            sum(float(s) for s in r.run_secs) / len(r.run_secs)
-            for r in runner_results
-            if r.error_msg is None and r.run_secs
-        ]
+        times = [_mean_seconds(r.run_secs) for r in runner_results if r.error_msg is None and r.run_secs]
         failed = len(runner_results) - len(times)
         if times:
-            self.best_s = min([t for t in (self.best_s,) if t is not None] + times)
+            self.best_s = min(times) if self.best_s is None else min(self.best_s, *times)
         self.trials += len(runner_results)
         self.new += len(runner_results)
         round_s = now - self.last
@@ -134,7 +134,7 @@ def record_count(directory: Path) -> int:
 
 def best_time(directory: Path) -> float | None:
     """Mean run time in seconds of the fastest measured record, or None."""
-    times = [sum(float(s) for s in r.run_secs) / len(r.run_secs) for r in measured_records(directory)]
+    times = [_mean_seconds(r.run_secs) for r in measured_records(directory)]
     return min(times) if times else None
 
 
@@ -210,7 +210,7 @@ def tune(
         )
     seconds = time.perf_counter() - start
     meta["sessions"].append({
-        "target": str(target.kind.name if not is_cuda else f"cuda {target.arch}"),
+        "target": target_tag(target),
         "new_trials": progress.new, "seconds": round(seconds, 1), "rounds": progress.rounds,
         "tvm": tvm.__version__,
     })

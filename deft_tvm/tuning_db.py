@@ -6,7 +6,6 @@ MetaSchedule JSON database (``database_workload.json``, ``database_tuning_record
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -32,15 +31,12 @@ def database_dir(root: Path, spec: DeformConvSpec, target: tvm.target.Target) ->
 
 def write_spec(directory: Path, spec: DeformConvSpec) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    fields = dataclasses.asdict(spec)
+    fields = spec.to_dict()
     (directory / SPEC_FILE).write_text(json.dumps(fields, indent=1) + "\n")
 
 
 def read_spec(directory: Path) -> DeformConvSpec:
-    fields = json.loads((Path(directory) / SPEC_FILE).read_text())
-    for pair in ("stride", "padding", "dilation"):
-        fields[pair] = tuple(fields[pair])
-    return DeformConvSpec(**fields)
+    return DeformConvSpec.from_dict(json.loads((Path(directory) / SPEC_FILE).read_text()))
 
 
 def open_database(directory: Path) -> ms.database.JSONDatabase:

@@ -49,10 +49,6 @@ class CudaTiling:
     ox_regs: int = 2
     k_chunk: int = 16
 
-    @property
-    def threads(self) -> int:
-        return self.co_threads * self.oy_threads * self.ox_threads
-
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "CudaTiling":
         """The default tile, shrunk where the layer is smaller than it."""

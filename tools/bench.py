@@ -72,14 +72,14 @@ def _latency_ms(fn, device: str, repeats: int = 20) -> float:
     return statistics.median(samples)
 
 
-def _providers(workload, device: str):
+def _providers(workload, device: str, tuned: bool):
     spec = workload.spec
     inputs = workload.make_inputs(device=device)
     dense = (inputs["input"], inputs["weight"], inputs["bias"], spec.stride, spec.padding, spec.dilation, spec.groups)
     providers = {"deft_tvm": lambda: deft_tvm.deform_conv2d(**inputs)}
-    target = target_for_device(device)
-    if kernel_cache.schedule_for(spec, target)[1]:
-        default = kernel_cache.build(spec, target, default_schedule(deform_conv2d_primfunc(spec), spec, target))["main"]
+    if tuned:
+        target = target_for_device(device)
+        default = kernel_cache.load_or_build(spec, target, default_schedule(deform_conv2d_primfunc(spec), spec, target))
         args = [inputs[k] for k in ("input", "offset", "mask", "weight", "bias") if inputs[k] is not None]
         out = torch.empty(spec.output_shape, dtype=args[0].dtype, device=device)
         providers["deft_tvm_default"] = lambda: default(*args, out)
@@ -104,24 +104,25 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str) -> 
     rows = []
     kernel_cache.prebuild([get_workload(n, d).spec for n in workloads for d in dtypes], torch.device(device))
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    target = target_for_device(device)
     for name in workloads:
         for dtype in dtypes:
+            workload = get_workload(name, dtype)
+            tuned = kernel_cache.schedule_for(workload.spec, target)[1]
+            schedule = {"deft_tvm": "tuned" if tuned else "default", "deft_tvm_default": "default"}
             for tf32 in tf32_modes if dtype == "float32" and device == "cuda" else ["n/a"]:
                 torch.backends.cuda.matmul.allow_tf32 = tf32 == "on"
                 torch.backends.cudnn.allow_tf32 = tf32 == "on"
-                workload = get_workload(name, dtype)
                 timings = {}
                 with torch.no_grad():
-                    for provider, fn in _providers(workload, device).items():
+                    for provider, fn in _providers(workload, device, tuned).items():
                         gpu = gpu_ms(fn, iters) if device == "cuda" else float("nan")
                         timings[provider] = (gpu, _latency_ms(fn, device))
                 column = 0 if device == "cuda" else 1
                 dense = min(v[column] for k, v in timings.items() if "cudnn" in k or "dense" in k)
                 torchvision = timings["torchvision"][column] if "torchvision" in timings else float("nan")
-                tuned = kernel_cache.schedule_for(workload.spec, target_for_device(device))[1]
                 for provider, (gpu, latency) in timings.items():
                     own = gpu if device == "cuda" else latency
-                    schedule = {"deft_tvm": "tuned" if tuned else "default", "deft_tvm_default": "default"}
                     rows.append(dict(device=device_name, workload=name, dtype=dtype, tf32=tf32,
                                      profile=workload.profile, provider=provider,
                                      schedule=schedule.get(provider, ""), gpu_ms=round(gpu, 4),

@@ -43,10 +43,9 @@ class ReferencePack(deft_tvm.ModulatedDeformConv2dPack):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        dy_dx_1, dy_dx_2, mask_logits = torch.chunk(self.conv_offset(input), 3, dim=1)
+        offset, mask = self.split_conv_offset(self.conv_offset(input))
         out = deft_tvm.deform_conv2d_reference(
-            input, torch.cat((dy_dx_1, dy_dx_2), dim=1), self.weight, self.bias, self.stride, self.padding,
-            self.dilation, torch.sigmoid(mask_logits),
+            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask,
         )
         return out.to(input.dtype)
 
