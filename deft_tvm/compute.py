@@ -1,13 +1,26 @@
 """Pure TE compute of deformable convolution (torchvision semantics), with named stages.
 
 Stages (names are the block names schedules refer to):
-  ``sampled`` - the bilinearly interpolated, mask-modulated input ("sampled columns"),
-                shape ``[batch, in_channels, kernel_h, kernel_w, out_h, out_w]``
-  ``weight_acc`` - the weights in the accumulate dtype (a cast; identity for float32/float64),
-                shape ``[out_channels, in_channels // groups, kernel_h, kernel_w]``
-  ``conv``    - the reduction over ``(in_channels // groups, kernel_h, kernel_w)``,
-                shape ``[batch, out_channels, out_h, out_w]`` in the accumulate dtype
-  ``output``  - bias added and cast to the tensor dtype, shape ``[batch, out_channels, out_h, out_w]``
+  ``sample_index``  - per sampling point, the flat in-plane index (``y * width + x``) of each of
+                      the four bilinear corners, or -1 where the corner contributes nothing,
+                      int32 of shape ``[batch, offset_groups, kernel_h, kernel_w, out_h, out_w, 4]``
+  ``sample_weight`` - per sampling point, the four bilinear weights times the mask (0 when the
+                      point is outside the image), same shape, in the accumulate dtype
+  ``sample_corner`` - the four corner values of every (channel, sampling point), read at the
+                      clamped index (every read is in range, whatever the offsets),
+                      shape ``[batch, in_channels, kernel_h, kernel_w, out_h, out_w, 4]``
+  ``sampled``       - the bilinearly interpolated, mask-modulated input ("sampled columns"),
+                      shape ``[batch, in_channels, kernel_h, kernel_w, out_h, out_w]``
+  ``weight_acc``    - the weights in the accumulate dtype (a cast; identity for float32/float64),
+                      shape ``[out_channels, in_channels // groups, kernel_h, kernel_w]``
+  ``conv``          - the reduction over ``(in_channels // groups, kernel_h, kernel_w)``,
+                      shape ``[batch, out_channels, out_h, out_w]`` in the accumulate dtype
+  ``output``        - bias added and cast to the tensor dtype, shape ``[batch, out_channels, out_h, out_w]``
+
+The sampling point is its own pair of stages because it depends on (offset group, tap, position)
+but not on the channel: a schedule can compute it once and reuse it for every channel of the group.
+The corner reads are their own stage so that a schedule can issue them unconditionally (the choice
+between a corner's value and zero then selects between registers instead of guarding the load).
 
 Nothing here decides fusion, tiling or binding: those are schedule decisions (``schedules/``).
 """
@@ -18,43 +31,40 @@ from tvm import te, tirx
 
 from .spec import DeformConvSpec, accumulate_dtype
 
+STAGE_INDEX = "sample_index"
+STAGE_POINT_WEIGHT = "sample_weight"
+STAGE_CORNER = "sample_corner"
 STAGE_SAMPLED = "sampled"
 STAGE_WEIGHT = "weight_acc"
 STAGE_CONV = "conv"
 STAGE_OUTPUT = "output"
 
+CORNERS = 4
 
-def _bilinear(data, n, c, y, x, height: int, width: int, acc: str):
-    """torchvision's ``bilinear_interpolate`` for one (batch, channel) plane.
 
-    A sample contributes nothing when ``y <= -1 or y >= height or x <= -1 or x >= width``; NaN
-    coordinates are not caught by that test, so, as in torchvision, they give NaN. Each of the four
-    corners is read only when inside the image, and the index used for every load is clamped, so
-    no coordinate (huge, infinite or NaN) can produce an out-of-range read.
+def _bilinear_point(y, x, corner, height: int, width: int, acc: str, index: bool):
+    """torchvision's ``bilinear_interpolate`` split per corner: the flat index of ``corner``
+    (0: low y low x, 1: low y high x, 2: high y low x, 3: high y high x; -1 when the corner does
+    not contribute) if ``index``, else its weight.
+
+    A point contributes nothing when ``y <= -1 or y >= height or x <= -1 or x >= width`` (all its
+    indices are -1 and weights 0); NaN coordinates are not caught by that test, so, as in
+    torchvision, their weights and the result are NaN. ``floor`` is taken of a value known to lie
+    in (-1, size): NaN and out-of-range coordinates map to 0 there, so no conversion overflows.
     """
     outside = tirx.any(y <= -1, y >= height, x <= -1, x >= width)
-    # floor() is taken of a value known to lie in (-1, size); NaN and out-of-range values map to 0
-    # there, and the weights below are computed from the raw coordinate, so NaN propagates.
-    y_low = tirx.floor(tirx.if_then_else(tirx.all(y > -1, y < height), y, tirx.const(0, acc))).astype("int32")
-    x_low = tirx.floor(tirx.if_then_else(tirx.all(x > -1, x < width), x, tirx.const(0, acc))).astype("int32")
+    y_low = tirx.floor(tirx.Select(tirx.all(y > -1, y < height), y, tirx.const(0, acc))).astype("int32")
+    x_low = tirx.floor(tirx.Select(tirx.all(x > -1, x < width), x, tirx.const(0, acc))).astype("int32")
+    high_y, high_x = corner // 2, corner % 2
+    if index:
+        yi, xi = y_low + high_y, x_low + high_x
+        inside = tirx.all(tirx.Not(outside), yi >= 0, yi <= height - 1, xi >= 0, xi <= width - 1)
+        return tirx.Select(inside, yi * width + xi, tirx.const(-1, "int32"))
     ly = y - y_low.astype(acc)
     lx = x - x_low.astype(acc)
-    hy = tirx.const(1, acc) - ly
-    hx = tirx.const(1, acc) - lx
-
-    def corner(yi, xi):
-        inside = tirx.all(yi >= 0, yi <= height - 1, xi >= 0, xi <= width - 1)
-        yc = tirx.max(tirx.min(yi, height - 1), 0)
-        xc = tirx.max(tirx.min(xi, width - 1), 0)
-        return tirx.if_then_else(inside, data[n, c, yc, xc].astype(acc), tirx.const(0, acc))
-
-    value = (
-        hy * hx * corner(y_low, x_low)
-        + hy * lx * corner(y_low, x_low + 1)
-        + ly * hx * corner(y_low + 1, x_low)
-        + ly * lx * corner(y_low + 1, x_low + 1)
-    )
-    return tirx.if_then_else(outside, tirx.const(0, acc), value)
+    wy = tirx.Select(high_y == 1, ly, tirx.const(1, acc) - ly)
+    wx = tirx.Select(high_x == 1, lx, tirx.const(1, acc) - lx)
+    return tirx.Select(outside, tirx.const(0, acc), wy * wx)
 
 
 def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
@@ -70,6 +80,7 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     in_per_group = spec.in_channels // spec.groups
     out_per_group = spec.out_channels // spec.groups
     (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = spec.stride, spec.padding, spec.dilation
+    point_shape = (spec.batch, spec.offset_groups, kh, kw, spec.out_h, spec.out_w, CORNERS)
 
     data = te.placeholder(spec.input_shape, dtype, name="input")
     offset = te.placeholder(spec.offset_shape, dtype, name="offset")
@@ -77,17 +88,46 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     weight = te.placeholder(spec.weight_shape, dtype, name="weight")
     bias = te.placeholder((spec.out_channels,), dtype, name="bias") if spec.has_bias else None
 
-    def sample(n, c, ky, kx, oy, ox):
-        group = c // channels_per_offset_group
+    def point(n, g, ky, kx, oy, ox, corner, index):
         tap = ky * kw + kx
-        dy = offset[n, group * 2 * taps + 2 * tap, oy, ox].astype(acc)
-        dx = offset[n, group * 2 * taps + 2 * tap + 1, oy, ox].astype(acc)
+        dy = offset[n, g * 2 * taps + 2 * tap, oy, ox].astype(acc)
+        dx = offset[n, g * 2 * taps + 2 * tap + 1, oy, ox].astype(acc)
         y = (oy * stride_h - pad_h + ky * dil_h).astype(acc) + dy
         x = (ox * stride_w - pad_w + kx * dil_w).astype(acc) + dx
-        value = _bilinear(data, n, c, y, x, spec.height, spec.width, acc)
+        return _bilinear_point(y, x, corner, spec.height, spec.width, acc, index)
+
+    def point_weight(n, g, ky, kx, oy, ox, corner):
+        value = point(n, g, ky, kx, oy, ox, corner, index=False)
         if mask is not None:
-            value = value * mask[n, group * taps + tap, oy, ox].astype(acc)
+            value = value * mask[n, g * taps + ky * kw + kx, oy, ox].astype(acc)
         return value
+
+    sample_index = te.compute(
+        point_shape, lambda *i: point(*i, index=True), name=STAGE_INDEX
+    )
+    sample_weight = te.compute(point_shape, point_weight, name=STAGE_POINT_WEIGHT)
+
+    def corner_value(n, c, ky, kx, oy, ox, corner):
+        flat = tirx.max(sample_index[n, c // channels_per_offset_group, ky, kx, oy, ox, corner], 0)
+        return data[n, c, flat // spec.width, flat % spec.width]
+
+    sample_corner = te.compute(
+        (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w, CORNERS), corner_value,
+        name=STAGE_CORNER,
+    )
+
+    def sample(n, c, ky, kx, oy, ox):
+        g = c // channels_per_offset_group
+        terms = [
+            tirx.Select(
+                sample_index[n, g, ky, kx, oy, ox, k] >= 0,
+                sample_corner[n, c, ky, kx, oy, ox, k].astype(acc),
+                tirx.const(0, acc),
+            )
+            * sample_weight[n, g, ky, kx, oy, ox, k]
+            for k in range(CORNERS)
+        ]
+        return terms[0] + terms[1] + terms[2] + terms[3]
 
     sampled = te.compute(
         (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w), sample, name=STAGE_SAMPLED

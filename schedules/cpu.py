@@ -2,8 +2,8 @@
 
 One parallel task per (batch, output row):
   1. interpolate that row's sampled columns ``[in_channels, kernel_h, kernel_w, out_w]`` once,
-     with the channels of an offset group innermost: the sampling coordinates, bilinear weights
-     and border tests depend only on (offset group, tap, position), so LLVM hoists them out;
+     with the channels of an offset group innermost: the sampling point (corner indices and
+     weights) is computed once per (offset group, tap, position) and reused for the channels;
   2. reduce the columns against the weights into register tiles of
      ``OUT_CHANNEL_TILE x WIDTH_TILE`` accumulators (a local cache of the ``conv`` stage);
   3. add the bias and cast while writing the row of every output channel.
@@ -16,7 +16,15 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
+from deft_tvm.compute import (
+    STAGE_CONV,
+    STAGE_CORNER,
+    STAGE_INDEX,
+    STAGE_OUTPUT,
+    STAGE_POINT_WEIGHT,
+    STAGE_SAMPLED,
+    STAGE_WEIGHT,
+)
 from deft_tvm.spec import DeformConvSpec
 
 OUT_CHANNEL_TILE = 4
@@ -57,6 +65,9 @@ def apply_deft_cpu(sch: s_tir.Schedule, spec: DeformConvSpec, tile_factors) -> N
     _, channel, tap_y, tap_x, _, width = sch.get_loops(sampled)[1:]
     group, channel_in_group = sch.split(channel, [spec.offset_groups, None])
     sch.reorder(group, tap_y, tap_x, width, channel_in_group)
+    sch.compute_inline(sch.get_sblock(STAGE_CORNER))
+    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
+        sch.compute_at(sch.get_sblock(stage), width, preserve_unit_loops=True)
 
     accumulators = sch.cache_write(conv, 0, "local")
     sch.reverse_compute_at(accumulators, ox_outer)

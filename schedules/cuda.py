@@ -8,9 +8,10 @@ The convolution is tiled like a GEMM of ``[out_channels] x [positions]`` reduced
   ``oy_threads * oy_regs`` rows by ``ox_threads * ox_regs`` columns of one image;
 * for each kernel tap and chunk of ``k_chunk`` input channels it computes the bilinear
   interpolation of the chunk for the whole spatial tile into shared memory, one thread per
-  position looping over the chunk's channels, so the sampling point, the four corner indices and
-  weights and the mask are computed once per (tap, position) and reused for every channel; every
-  output channel of the block reuses the tile (no global "columns" buffer exists);
+  position looping over the chunk's channels: the sampling point (four corner indices, and
+  weights times the mask) is computed once per (tap, position) into registers and reused for
+  every channel, whose four corners are read unconditionally at clamped indices into registers;
+  every output channel of the block reuses the tile (no global "columns" buffer exists);
 * the tap's weights of the chunk, cast to the accumulate dtype, are staged in shared memory;
 * each thread copies its ``co_regs`` weights and ``oy_regs x ox_regs`` samples of one reduction
   step into registers and accumulates the ``co_regs x oy_regs x ox_regs`` outer product there;
@@ -28,7 +29,15 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
+from deft_tvm.compute import (
+    STAGE_CONV,
+    STAGE_CORNER,
+    STAGE_INDEX,
+    STAGE_OUTPUT,
+    STAGE_POINT_WEIGHT,
+    STAGE_SAMPLED,
+    STAGE_WEIGHT,
+)
 from deft_tvm.spec import DeformConvSpec
 
 # Largest per-thread register tile along each axis, and largest channel chunk, the space samples.
@@ -107,11 +116,14 @@ class SampledTiles:
 
 
 def _spread_over_threads(sch, loops, co_t, oy_t, ox_t):
-    """Fuse ``loops`` and spread them over the block's (threadIdx.y, threadIdx.x) layout."""
+    """Fuse ``loops`` and spread them over the block's (threadIdx.y, threadIdx.x) layout; returns
+    the threadIdx.x loop."""
     fused = sch.fuse(*loops)
     _, ty, ty_x, tx = sch.split(fused, [None, co_t, oy_t, ox_t])
     sch.bind(ty, "threadIdx.y")
-    sch.bind(sch.fuse(ty_x, tx), "threadIdx.x")
+    thread_x = sch.fuse(ty_x, tx)
+    sch.bind(thread_x, "threadIdx.x")
+    return thread_x
 
 
 def apply_deft_cuda(sch: s_tir.Schedule, tiles) -> None:
@@ -144,7 +156,18 @@ def apply_deft_cuda(sch: s_tir.Schedule, tiles) -> None:
     sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))
     _, s_c, s_ky, s_kx, s_y, s_x = sch.get_loops(sampled_shared)[-6:]
     sch.reorder(s_y, s_x, s_c, s_ky, s_kx)
-    _spread_over_threads(sch, [s_y, s_x], co_threads, oy_threads, ox_threads)
+    position = _spread_over_threads(sch, [s_y, s_x], co_threads, oy_threads, ox_threads)
+    # The four corners of a channel are read into registers unconditionally (clamped indices);
+    # the sampling point (indices and weights) is computed once per position for all channels.
+    corner = sch.get_sblock(STAGE_CORNER)
+    sch.compute_at(corner, s_c, preserve_unit_loops=True)
+    sch.set_scope(corner, 0, "local")
+    sch.unroll(sch.get_loops(corner)[-1])
+    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
+        block = sch.get_sblock(stage)
+        sch.compute_at(block, position, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "local")
+        sch.unroll(sch.get_loops(block)[-1])
     sch.unroll(s_c)
 
     # The tap's weights of the chunk, already in the accumulate dtype, in shared memory.

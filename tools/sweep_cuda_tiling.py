@@ -25,13 +25,13 @@ from deft_tvm.workloads import get_workload
 
 CANDIDATES = [
     None,  # CudaTiling.for_spec
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=16),
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=2, ox_threads=32, ox_regs=1, k_chunk=8),
-    CudaTiling(co_threads=16, co_regs=4, oy_threads=1, oy_regs=2, ox_threads=32, ox_regs=2, k_chunk=8),
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=2, oy_regs=2, ox_threads=32, ox_regs=1, k_chunk=16),
-    CudaTiling(co_threads=4, co_regs=16, oy_threads=1, oy_regs=2, ox_threads=32, ox_regs=2, k_chunk=8),
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=2, oy_regs=2, ox_threads=16, ox_regs=2, k_chunk=8),
-    CudaTiling(co_threads=8, co_regs=4, oy_threads=2, oy_regs=2, ox_threads=32, ox_regs=1, k_chunk=16),
+    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=32),
+    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=8),
+    CudaTiling(co_threads=8, co_regs=8, oy_threads=2, oy_regs=2, ox_threads=32, ox_regs=2, k_chunk=16),
+    CudaTiling(co_threads=16, co_regs=4, oy_threads=1, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=16),
+    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=2, ox_threads=32, ox_regs=2, k_chunk=16),
+    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=4, ox_threads=16, ox_regs=4, k_chunk=16),
+    CudaTiling(co_threads=8, co_regs=8, oy_threads=2, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=16),
 ]
 
 
