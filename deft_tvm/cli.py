@@ -164,9 +164,11 @@ def main(argv=None) -> int:
                       help="where the best schedules are written in readable form")
     tune.add_argument("--out", type=Path, default=Path("deft_kernels"), help="folder of the exported library")
     tune.set_defaults(func=cmd_tune)
+    from .bench import register_cli as register_bench
     from .stats import register_cli as register_stats
 
     register_stats(sub)
+    register_bench(sub)
     export = sub.add_parser("export", help="compile tuned workloads into one kernel library with a manifest")
     export.add_argument("--device", choices=["cpu", "cuda"], default=_device())
     export.add_argument("--arch", default=None, help="CUDA arch such as sm_90 (default: this machine's GPU)")

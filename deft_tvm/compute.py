@@ -10,6 +10,8 @@ Stages (names are the block names schedules refer to):
                       clamped index (every read is in range, whatever the offsets),
                       shape ``[batch, in_channels, kernel_h, kernel_w, out_h, out_w, 4]``
   ``sampled``       - the bilinearly interpolated, mask-modulated input ("sampled columns"),
+                      interpolated in the accumulate dtype and rounded to the tensor dtype (as
+                      torchvision's columns buffer is; tensor cores take half-type operands),
                       shape ``[batch, in_channels, kernel_h, kernel_w, out_h, out_w]``
   ``weight_acc``    - the weights in the accumulate dtype (a cast; identity for float32/float64),
                       shape ``[out_channels, in_channels // groups, kernel_h, kernel_w]``
@@ -127,7 +129,7 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
             * sample_weight[n, g, ky, kx, oy, ox, k]
             for k in range(CORNERS)
         ]
-        return terms[0] + terms[1] + terms[2] + terms[3]
+        return (terms[0] + terms[1] + terms[2] + terms[3]).astype(dtype)
 
     sampled = te.compute(
         (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w), sample, name=STAGE_SAMPLED
@@ -141,8 +143,8 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     conv = te.compute(
         spec.output_shape,
         lambda n, co, oy, ox: te.sum(
-            sampled[n, co // out_per_group * in_per_group + rc, rky, rkx, oy, ox]
-            * weight_acc[co, rc, rky, rkx],
+            weight_acc[co, rc, rky, rkx]
+            * sampled[n, co // out_per_group * in_per_group + rc, rky, rkx, oy, ox].astype(acc),
             axis=[rc, rky, rkx],
         ),
         name=STAGE_CONV,

@@ -3,6 +3,9 @@
 * The design space is ``deft_tvm.schedules.design_space`` (``ScheduleFn``): the fused DefT
   schedule whose tile sizes are ``sample_perfect_tile`` instructions, so the XGBoost cost model and
   the evolutionary search tune them; ``VerifyGPUCode`` drops tiles that overflow the GPU's limits.
+  ``space="generic"`` tunes MetaSchedule's own default space instead (``post-order-apply`` with
+  the target's default rules, postprocessors and mutators), as the baseline ``deft-tvm bench
+  --generic-trials`` measures; its databases are kept apart from ``tuning_logs/``.
 * Every candidate is measured on inputs whose offsets and mask are drawn from the workload's
   offset profile (``ProfileInputs``, the runner's ``f_alloc_argument``), never on the runner's
   default uniform fill, which would shift every sample 1-10 px down-right.
@@ -106,6 +109,17 @@ def _postprocs(target: tvm.target.Target):
     return [ms.postproc.DisallowDynamicLoop()]
 
 
+def _build(mod: tvm.IRModule, target: tvm.target.Target, _params):
+    """The builder's build: MetaSchedule's ``default_build`` without its import of
+    ``tvm.s_tir.tensor_intrin``, which parses every tensor intrinsic (~40 s of CPU on Python 3.11)
+    in each round's fresh build workers. A scheduled module carries its tensorized bodies, so
+    building it needs no registered intrinsic."""
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
 def design_space_generator(spec: DeformConvSpec, target: tvm.target.Target) -> ms.space_generator.ScheduleFn:
     """The DefT space of ``spec`` for ``target`` as a MetaSchedule space generator."""
     from deft_tvm.schedules import design_space
@@ -116,6 +130,19 @@ def design_space_generator(spec: DeformConvSpec, target: tvm.target.Target) -> m
         postprocs=_postprocs(target),
         mutator_probs={ms.mutator.MutateTileSize(): 1.0},
     )
+
+
+SPACES = ("deft", "generic")
+
+
+def space_generator(space: str, spec: DeformConvSpec, target: tvm.target.Target):
+    """The space ``tune`` searches: ``"deft"`` (the DefT space) or ``"generic"`` (MetaSchedule's
+    default ``post-order-apply`` space with the target's default rules, postprocs and mutators)."""
+    if space == "deft":
+        return design_space_generator(spec, target)
+    if space == "generic":
+        return "post-order-apply"
+    raise ValueError(f"unknown design space {space!r}; choose one of {', '.join(SPACES)}")
 
 
 def measured_records(directory: Path) -> list[ms.database.TuningRecord]:
@@ -148,6 +175,18 @@ class TuningResult:
     rounds: list[dict]
 
 
+def _check_folder(directory: Path, meta: dict, **wanted: str) -> None:
+    """Refuse to resume a database tuned with another offset profile or design space."""
+    recorded = {"profile": meta["profile"], "space": meta.get("space", "deft")}  # older folders: the DefT space
+    labels = {"profile": "offset profile", "space": "design space"}
+    for field, value in wanted.items():
+        if recorded[field] != value:
+            raise ValueError(
+                f"{directory} was tuned with {labels[field]} {recorded[field]!r}, not {value!r}; "
+                f"use another folder for another {labels[field]}"
+            )
+
+
 def tune(
     spec: DeformConvSpec,
     profile: str,
@@ -159,18 +198,18 @@ def tune(
     population: int = 128,
     seed: int | None = None,
     num_tuning_cores: int | str = "physical",
+    space: str = "deft",
 ) -> TuningResult:
-    """Tune ``spec`` until ``directory``'s database holds ``trials`` records (resuming it)."""
+    """Tune ``spec`` on ``space`` (see ``space_generator``) until ``directory``'s database holds
+    ``trials`` records (resuming it)."""
+    generator = space_generator(space, spec, target)
     directory = Path(directory)
     write_spec(directory, spec)
     already = record_count(directory)
     meta_path = directory / TUNING_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "sessions": []}
-    if meta["profile"] != profile:
-        raise ValueError(
-            f"{directory} was tuned with offset profile {meta['profile']!r}, not {profile!r}; "
-            "use another folder for another profile"
-        )
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "space": space,
+                                                                           "sessions": []}
+    _check_folder(directory, meta, profile=profile, space=space)
     remaining = trials - already
     label = f"{spec.key()} {target.kind.name}"
     if remaining <= 0:
@@ -198,8 +237,8 @@ def tune(
             work_dir=scratch,
             max_trials_global=remaining,
             num_trials_per_iter=min(trials_per_round, remaining),
-            space=design_space_generator(spec, target),
-            builder=ms.builder.LocalBuilder(timeout_sec=120),
+            space=generator,
+            builder=ms.builder.LocalBuilder(f_build=_build, timeout_sec=120),
             runner=runner,
             database=open_database(directory),
             cost_model="xgb",

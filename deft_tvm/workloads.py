@@ -107,6 +107,8 @@ _TEST = [
         description="torchvision-style asymmetric parameters",
     ),
     _layer("test_video_small", 1, 16, 10, 14, offset_groups=8, description="video layer structure, small"),
+    _layer("test_tensor_core_small", 2, 32, 10, 16, offset_groups=2,
+           description="smallest shape the float16 tensor-core schedule takes (channels and width % 16)"),
 ]
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in _BENCHMARK + _TEST}

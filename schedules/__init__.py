@@ -10,9 +10,25 @@ from tvm import s_tir
 
 from .cpu import deft_cpu_space, schedule_cpu
 from .cuda import deft_cuda_space, schedule_cuda
+from .cuda_tensorcore import deft_cuda_tensorcore_space, schedule_cuda_tensorcore, supports_tensor_cores
 
-_DEFAULT_SCHEDULES = {"llvm": schedule_cpu, "cuda": schedule_cuda}
-_DESIGN_SPACES = {"llvm": deft_cpu_space, "cuda": deft_cuda_space}
+
+def _schedule_cuda(mod, spec) -> s_tir.Schedule:
+    """Tensor cores where the layer tiles into their fragments, the SIMT schedule otherwise."""
+    if supports_tensor_cores(spec):
+        return schedule_cuda_tensorcore(mod, spec)
+    return schedule_cuda(mod, spec)
+
+
+def _cuda_space(spec):
+    """The tensor-core space where the layer tiles into their fragments, the SIMT space otherwise."""
+    if supports_tensor_cores(spec):
+        return deft_cuda_tensorcore_space(spec)
+    return deft_cuda_space(spec)
+
+
+_DEFAULT_SCHEDULES = {"llvm": schedule_cpu, "cuda": _schedule_cuda}
+_DESIGN_SPACES = {"llvm": deft_cpu_space, "cuda": _cuda_space}
 
 
 def _check_kind(kind: str) -> None:

@@ -151,7 +151,7 @@ def apply_deft_cuda(sch: s_tir.Schedule, tiles) -> None:
 
     # The interpolated tile of one tap and channel chunk, computed straight into shared memory:
     # one thread per position, the chunk's channels innermost (sampling point computed once).
-    sampled_shared = sch.cache_read(conv, 0, "shared")
+    sampled_shared = sch.cache_read(conv, 1, "shared")
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
     sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))
     _, s_c, s_ky, s_kx, s_y, s_x = sch.get_loops(sampled_shared)[-6:]

@@ -11,9 +11,11 @@ import tvm
 from tvm.support import nvcc
 
 from deft_tvm.compute import deform_conv2d_primfunc
-from deft_tvm.schedules import default_schedule
+from deft_tvm.schedules import default_schedule, design_space
+from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.targets import cuda_target, exact_cuda_compilation
+from deft_tvm.workloads import get_workload
 
 from helpers import DTYPES
 
@@ -28,9 +30,12 @@ SHAPES = {
 }
 
 
-def _cuda_source(spec: DeformConvSpec, arch: str) -> str:
+TENSOR_CORE_SPEC = get_workload("test_tensor_core_small", "float16").spec
+
+
+def _cuda_source(spec: DeformConvSpec, arch: str, sch=None) -> str:
     target = cuda_target(arch)
-    sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
+    sch = sch or default_schedule(deform_conv2d_primfunc(spec), spec, target)
     executable = tvm.compile(sch.mod, target=target)
     (device_module,) = executable.mod.imports
     return device_module.inspect_source()
@@ -66,3 +71,45 @@ def test_exact_cuda_compilation_restores_the_environment(monkeypatch):
     with exact_cuda_compilation():
         assert os.environ["TVM_CUDA_COMPILE_MODE"] == "nvcc" and os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] == "1"
     assert os.environ["TVM_CUDA_COMPILE_MODE"] == "nvrtc" and "TVM_CUDA_NVCC_NO_FAST_MATH" not in os.environ
+
+
+def _compile_cubin(source: str, arch: str) -> bytes:
+    with exact_cuda_compilation(), cuda_target(arch):
+        return nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (TENSOR_CORE_SPEC, True),
+        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32"), False),  # no TF32/fp32 WMMA in TVM
+        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="bfloat16"), False),
+        (dataclasses.replace(TENSOR_CORE_SPEC, width=12), False),  # out_w % 16
+        (dataclasses.replace(TENSOR_CORE_SPEC, out_channels=24), False),  # out_channels % 16
+        (dataclasses.replace(TENSOR_CORE_SPEC, groups=2), False),
+    ],
+    ids=["fp16", "fp32", "bf16", "width12", "cout24", "groups2"],
+)
+def test_which_layers_take_tensor_cores(spec, expected):
+    assert supports_tensor_cores(spec) is expected
+
+
+def test_float16_default_uses_tensor_cores_and_compiles_with_nvcc():
+    source = _cuda_source(TENSOR_CORE_SPEC, "sm_90")
+    assert source.count("nvcuda::wmma::mma_sync") >= 1
+    assert "half sampled_shared" in source  # the interpolated tile is staged as float16 operands
+    cubin = _compile_cubin(source, "sm_90")
+    assert cubin[:4] == b"\x7fELF"
+
+
+def test_tensor_core_design_space_samples_compile_with_nvcc():
+    spec, target = TENSOR_CORE_SPEC, cuda_target("sm_90")
+    mod = deform_conv2d_primfunc(spec)
+    decisions = set()
+    for seed in (1, 2, 3):
+        sch = tvm.s_tir.Schedule(mod, seed=seed)
+        design_space(spec, target)(sch)
+        decisions.add(str(list(sch.trace.decisions.values())))
+        assert "mma_sync" in _cuda_source(spec, "sm_90", sch)
+    assert len(decisions) > 1  # the tiles really are sampled
+    assert _compile_cubin(_cuda_source(spec, "sm_90", sch), "sm_90")[:4] == b"\x7fELF"

@@ -10,6 +10,7 @@ import torch
 
 import deft_tvm
 from deft_tvm import kernel_cache
+from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.tolerances import assert_close
 from deft_tvm.workloads import BENCHMARK_WORKLOADS, get_workload
@@ -94,6 +95,23 @@ def test_extreme_offsets_match_torchvision():
     pick = extremes[torch.randint(0, len(extremes), offset.shape, generator=gen)]
     args["offset"] = torch.where(torch.rand(offset.shape, generator=gen) < 0.4, pick, offset).cuda()
     out = _check_against_torchvision(args, "float32")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", ["v2_mask", "v1_no_mask_no_bias", "extreme_offsets"])
+def test_tensor_core_schedule_matches_torchvision(variant):
+    spec = get_workload("test_tensor_core_small", "float16").spec
+    if variant == "v1_no_mask_no_bias":
+        spec = dataclasses.replace(spec, has_mask=False, has_bias=False)
+    assert supports_tensor_cores(spec)
+    args = _to(make_case(spec, seed=6))
+    if variant == "extreme_offsets":
+        gen = torch.Generator().manual_seed(7)
+        extremes = torch.tensor([1e4, -1e4, math.inf, -math.inf, 20.0, -1.0, 0.5], dtype=torch.float16)
+        offset = args["offset"].cpu()
+        pick = extremes[torch.randint(0, len(extremes), offset.shape, generator=gen)]
+        args["offset"] = torch.where(torch.rand(offset.shape, generator=gen) < 0.4, pick, offset).cuda()
+    out = _check_against_torchvision(args, "float16")
     assert torch.isfinite(out).all()
 
 
@@ -196,7 +214,8 @@ def test_exported_cuda_library_round_trip(tmp_path):
         import torch, tvm
         import deft_tvm
         from deft_tvm import kernel_cache
-        from deft_tvm.spec import DeformConvSpec
+        from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
+from deft_tvm.spec import DeformConvSpec
         from torchvision.ops import deform_conv2d as tv
 
         def forbidden(*args, **kwargs):

@@ -1,9 +1,11 @@
-"""MetaSchedule tuning on the DefT design spaces: measurement inputs, resumable databases, committed
-records picked up by the kernel cache, and sampled CUDA schedules that compile."""
+"""MetaSchedule tuning on the DefT design spaces: measurement inputs, resumable databases, the generic
+space kept apart, committed records picked up by the kernel cache, and sampled CUDA schedules that
+compile."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -18,7 +20,7 @@ from deft_tvm.compute import deform_conv2d_primfunc
 from deft_tvm.schedules import default_schedule, design_space
 from deft_tvm.targets import cuda_target, target_for_device
 from deft_tvm.tolerances import assert_close
-from deft_tvm.tuning import ProfileInputs, record_count, tune
+from deft_tvm.tuning import TUNING_FILE, ProfileInputs, record_count, space_generator, tune
 from deft_tvm.workloads import PROFILES, get_workload
 
 from helpers import make_case
@@ -55,11 +57,29 @@ def test_cpu_tuning_writes_a_resumable_database(tmp_path, isolated_cache):
     spec, sch = tuning_db.best_schedule(directory, target)
     assert spec == SMALL.spec and sch is not None
     assert "sample_perfect_tile" in str(sch.trace)  # the tiles came from the search, not fixed
+    assert json.loads((directory / TUNING_FILE).read_text())["space"] == "deft"
 
     again = tune(SMALL.spec, SMALL.profile, target, directory, trials=2, seed=1)
     assert again.new_trials == 0 and record_count(directory) == 2  # resumed: nothing left to run
     with pytest.raises(ValueError, match=r"tuned with offset profile 'normal_2px', not 'normal_8px'"):
         tune(SMALL.spec, "normal_8px", target, directory, trials=4)
+
+
+def test_generic_space_is_metaschedules_default_and_kept_apart(tmp_path):
+    target = target_for_device("cpu")
+    assert space_generator("generic", SMALL.spec, target) == "post-order-apply"
+    assert isinstance(space_generator("deft", SMALL.spec, target), ms.space_generator.ScheduleFn)
+    with pytest.raises(ValueError, match=r"unknown design space 'ansor'"):
+        tune(SMALL.spec, SMALL.profile, target, tmp_path / "x", trials=1, space="ansor")
+
+    generic, older = tmp_path / "generic", tmp_path / "older"
+    for directory, meta in ((generic, {"space": "generic"}), (older, {})):  # older folders record no space
+        directory.mkdir()
+        (directory / TUNING_FILE).write_text(json.dumps({"profile": SMALL.profile, "sessions": [], **meta}))
+    with pytest.raises(ValueError, match=r"tuned with design space 'generic', not 'deft'"):
+        tune(SMALL.spec, SMALL.profile, target, generic, trials=1)
+    with pytest.raises(ValueError, match=r"tuned with design space 'deft', not 'generic'"):
+        tune(SMALL.spec, SMALL.profile, target, older, trials=1, space="generic")
 
 
 def test_committed_record_is_used_without_warning(tmp_path, isolated_cache, monkeypatch):

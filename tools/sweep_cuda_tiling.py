@@ -20,18 +20,19 @@ from bench import gpu_ms  # tools/ is on sys.path when this script runs
 
 from deft_tvm.compute import deform_conv2d_primfunc
 from deft_tvm.schedules.cuda import CudaTiling, schedule_cuda
+from deft_tvm.schedules.cuda_tensorcore import TensorCoreTiling, schedule_cuda_tensorcore, supports_tensor_cores
 from deft_tvm.targets import exact_cuda_compilation, target_for_device
 from deft_tvm.workloads import get_workload
 
 CANDIDATES = [
     None,  # CudaTiling.for_spec
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=32),
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=8),
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=2, oy_regs=2, ox_threads=32, ox_regs=2, k_chunk=16),
-    CudaTiling(co_threads=16, co_regs=4, oy_threads=1, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=16),
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=2, ox_threads=32, ox_regs=2, k_chunk=16),
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=1, oy_regs=4, ox_threads=16, ox_regs=4, k_chunk=16),
-    CudaTiling(co_threads=8, co_regs=8, oy_threads=2, oy_regs=4, ox_threads=32, ox_regs=2, k_chunk=16),
+    TensorCoreTiling(warps_co=2, frags_co=2, warps_oy=4, frags_ox=4, k_frags=2, fill_unroll=4),
+    TensorCoreTiling(warps_co=2, frags_co=2, warps_oy=4, frags_ox=4, k_frags=2, fill_unroll=8),
+    TensorCoreTiling(warps_co=2, frags_co=2, warps_oy=4, frags_ox=4, k_frags=2, fill_unroll=2),
+    TensorCoreTiling(warps_co=2, frags_co=2, warps_oy=4, frags_ox=4, k_frags=1, fill_unroll=4),
+    TensorCoreTiling(warps_co=2, frags_co=2, warps_oy=4, frags_ox=2, k_frags=2, fill_unroll=4),
+    TensorCoreTiling(warps_co=2, frags_co=2, warps_oy=2, frags_ox=4, k_frags=2, fill_unroll=4),
+    TensorCoreTiling(warps_co=2, frags_co=2, warps_oy=8, frags_ox=2, k_frags=2, fill_unroll=4),
 ]
 
 
@@ -47,8 +48,13 @@ def main() -> None:
             for dtype in args.dtypes:
                 spec = get_workload(name, dtype).spec
                 for i, tiling in enumerate(CANDIDATES):
-                    def build(spec=spec, tiling=tiling):
-                        sch = schedule_cuda(deform_conv2d_primfunc(spec), spec, tiling)
+                    tensor_cores = isinstance(tiling, TensorCoreTiling)
+                    if tensor_cores and not supports_tensor_cores(spec):
+                        continue
+                    schedule = schedule_cuda_tensorcore if tensor_cores else schedule_cuda
+
+                    def build(spec=spec, tiling=tiling, schedule=schedule):
+                        sch = schedule(deform_conv2d_primfunc(spec), spec, tiling)
                         return tvm.compile(sch.mod, target=target)["main"]
                     jobs[(name, dtype, i)] = pool.submit(build)
     from torchvision.ops import deform_conv2d as tv
@@ -65,13 +71,15 @@ def main() -> None:
                     "cudnn": gpu_ms(lambda: F.conv2d(inputs["input"], inputs["weight"], inputs["bias"], padding=1))}
             print(f"{name} {dtype}: torchvision {base['torchvision']:.3f} ms, cuDNN NCHW {base['cudnn']:.3f} ms")
             for i, tiling in enumerate(CANDIDATES):
+                if (name, dtype, i) not in jobs:
+                    continue
                 try:
                     fn = jobs[(name, dtype, i)].result()
                 except Exception as err:  # noqa: BLE001 - report and go on with the other candidates
                     print(f"  {i} build failed: {str(err).splitlines()[-1][:200]}")
                     continue
                 ms = gpu_ms(lambda: fn(*tensors, out))
-                shown = dataclasses.astuple(tiling or CudaTiling.for_spec(spec))
+                shown = f"{type(tiling or CudaTiling()).__name__} {dataclasses.astuple(tiling or CudaTiling.for_spec(spec))}"
                 print(f"  {i} {shown} {ms:.3f} ms  ({ms / base['torchvision']:.2f}x torchvision)")
 
 
