@@ -1,7 +1,7 @@
 """The one per-dtype tolerance table, used by tests and by the main job's self-check.
 
-Kernels compute in the accumulate dtype (float32 for the half types, float64 for float64) and
-round once, when writing the output. Against the float64 reference (fed the same rounded
+Kernels interpolate and accumulate in the accumulate dtype (float32 for the half types, float64
+for float64) and round when writing the output. Against the float64 reference (fed the same rounded
 inputs) the error is therefore:
   * the final rounding, at most half an ulp of the output: 2**-11 relative for float16 (10
     stored mantissa bits), 2**-8 for bfloat16 (7 bits); ``rtol`` allows two ulps of the output
@@ -9,7 +9,13 @@ inputs) the error is therefore:
   * the rounding of the K = in_channels / groups * kernel_h * kernel_w products summed in the
     accumulate dtype, which grows like sqrt(K) * eps * sum(|terms|): with unit-scale inputs and
     K <= 576 in the tests that is below 1e-5 in float32, so ``atol`` 1e-4 bounds it for outputs
-    near zero (float64: 1e-10, far above sqrt(K) * 2**-53 * sum).
+    near zero (float64: 1e-10, far above sqrt(K) * 2**-53 * sum);
+  * for the half types, the rounding of the interpolated values to the tensor dtype before the
+    product (as torchvision's columns buffer; tensor cores take half operands): each product is
+    off by at most half an ulp relative (2**-11 float16, 2**-8 bfloat16), and with independent
+    signs the sum by about that times the root-sum-square of the products, which for layers with
+    weights of scale 1/sqrt(K) on unit inputs is of order one: ~5e-4 (float16) and ~4e-3
+    (bfloat16), inside ``atol`` 1e-3 and 8e-3.
 """
 
 from __future__ import annotations

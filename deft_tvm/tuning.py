@@ -202,7 +202,10 @@ def tune(
 ) -> TuningResult:
     """Tune ``spec`` on ``space`` (see ``space_generator``) until ``directory``'s database holds
     ``trials`` records (resuming it)."""
+    from deft_tvm.schedules import register_tensor_intrinsics
+
     generator = space_generator(space, spec, target)
+    register_tensor_intrinsics(target)  # resuming replays the stored traces
     directory = Path(directory)
     write_spec(directory, spec)
     already = record_count(directory)

@@ -56,6 +56,9 @@ def commit_schedule(directory: Path, spec: DeformConvSpec, sch, target: tvm.targ
 
 def best_schedule(directory: Path, target: tvm.target.Target):
     """``(spec, schedule)`` of the fastest record in a database folder, or ``(spec, None)``."""
+    from deft_tvm.schedules import register_tensor_intrinsics
+
+    register_tensor_intrinsics(target)
     spec = read_spec(directory)
     db = open_database(Path(directory))
     sch = ms.tir_integration.compile_tir(db, deform_conv2d_primfunc(spec), target)

@@ -38,6 +38,13 @@ def _check_kind(kind: str) -> None:
         )
 
 
+def register_tensor_intrinsics(target) -> None:
+    """Register the tensor intrinsics ``target``'s schedules may use, before replaying a stored
+    trace (a tuning record) that tensorizes: imported only then, as registering them is slow."""
+    if target.kind.name == "cuda":
+        from tvm.s_tir.tensor_intrin import cuda  # noqa: F401 - registers the WMMA intrinsics
+
+
 def default_schedule(mod, spec, target) -> s_tir.Schedule:
     """The untuned schedule for ``target``'s kind, applied to ``deform_conv2d_primfunc(spec)``."""
     _check_kind(target.kind.name)
