@@ -15,6 +15,7 @@ from deft_tvm.schedules import default_schedule, design_space
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.targets import cuda_target, exact_cuda_compilation
+from deft_tvm.tuning_db import best_schedule, committed_root, database_dirs
 from deft_tvm.workloads import get_workload
 
 from helpers import DTYPES
@@ -113,3 +114,15 @@ def test_tensor_core_design_space_samples_compile_with_nvcc():
         assert "mma_sync" in _cuda_source(spec, "sm_90", sch)
     assert len(decisions) > 1  # the tiles really are sampled
     assert _compile_cubin(_cuda_source(spec, "sm_90", sch), "sm_90")[:4] == b"\x7fELF"
+
+
+def test_committed_cuda_records_replay_and_compile():
+    # Tuning records replay tensorize instructions: the intrinsics must be registered first.
+    target = cuda_target("sm_90")
+    directories = database_dirs(committed_root(), target)
+    assert directories, "no committed CUDA tuning record"
+    for directory in directories:
+        spec, sch = best_schedule(directory, target)
+        assert sch is not None, directory
+        source = _cuda_source(spec, "sm_90", sch)
+        assert ("mma_sync" in source) == supports_tensor_cores(spec)
