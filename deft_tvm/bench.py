@@ -67,7 +67,6 @@ RENDERED_COLUMNS = ("device", "workload", "dtype", "tf32", "profile", "provider"
 MODE = "forward"
 DENSE_PROVIDERS = ("cudnn_nchw", "cudnn_channels_last", "dense_conv2d")
 PLOTTED_PROVIDERS = ("deft_tvm", "deft_tvm_default", "generic_ms")
-KERNEL_ARGS = ("input", "offset", "mask", "weight", "bias")
 FLUSH_MIN_BYTES = 256 * 2**20
 DEFAULT_GENERIC_DIR = kernel_cache.cache_dir() / "generic"
 NAN = float("nan")
@@ -203,7 +202,7 @@ def providers(workload, device: str, kernels: dict) -> dict:
     """Provider -> callable, every provider on the same inputs of ``workload``."""
     spec = workload.spec
     inputs = workload.make_inputs(device=device)
-    args = [inputs[k] for k in KERNEL_ARGS if inputs[k] is not None]
+    args = workload.kernel_tensors(inputs)
     out = torch.empty(spec.output_shape, dtype=args[0].dtype, device=device)
     calls = {"deft_tvm": lambda: deform_conv2d(**inputs)}
     calls.update({name: functools.partial(kernel, *args, out) for name, (kernel, _) in kernels.items()})
@@ -405,18 +404,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
 # --- command line ---------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse ``type``: an integer of at least ``minimum``."""
 
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -425,8 +422,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=SUPPORTED_DTYPES)
     parser.add_argument("--tf32", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help="TF32 modes of float32 rows on a GPU (default: off on)")
-    parser.add_argument("--iters", type=_positive_int, default=20, help="calls timed per measurement (default 20)")
-    parser.add_argument("--generic-trials", type=_non_negative_int, default=0,
+    parser.add_argument("--iters", type=_int_at_least(1), default=20, help="calls timed per measurement (default 20)")
+    parser.add_argument("--generic-trials", type=_int_at_least(0), default=0,
                         help="also tune and time generic MetaSchedule with this many trials (default 0: not)")
     parser.add_argument("--generic-dir", type=Path, default=DEFAULT_GENERIC_DIR,
                         help=f"root of the generic databases, outside tuning_logs/ (default {DEFAULT_GENERIC_DIR})")

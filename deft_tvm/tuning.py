@@ -52,7 +52,7 @@ class ProfileInputs:
         sets = []
         for repeat in range(alloc_repeat):
             inputs = workload.make_inputs(seed=self.seed + repeat)
-            tensors = [inputs[k] for k in ("input", "offset", "mask", "weight", "bias") if inputs[k] is not None]
+            tensors = Workload.kernel_tensors(inputs)
             tensors.append(torch.zeros(self.spec.output_shape, dtype=tensors[0].dtype))
             expected = [(info[1], tuple(info[2])) for info in args_info]
             observed = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]

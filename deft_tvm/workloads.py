@@ -60,6 +60,13 @@ class Workload:
     def with_dtype(self, dtype: str) -> "Workload":
         return dataclasses.replace(self, spec=dataclasses.replace(self.spec, dtype=dtype))
 
+    @staticmethod
+    def kernel_tensors(inputs: dict) -> list[torch.Tensor]:
+        """The tensors of ``make_inputs``' keyword arguments in a compiled kernel's parameter order
+        (``input, offset, mask?, weight, bias?``, as ``deform_conv2d_te`` returns them), before
+        the output."""
+        return [inputs[k] for k in ("input", "offset", "mask", "weight", "bias") if inputs[k] is not None]
+
     def make_inputs(self, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
         """Random input/weight/bias and profile-distributed offset/mask, as keyword arguments."""
         spec, profile = self.spec, PROFILES[self.profile]

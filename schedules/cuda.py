@@ -62,7 +62,7 @@ class CudaTiling:
     def for_spec(cls, spec: DeformConvSpec) -> "CudaTiling":
         """The default tile, shrunk where the layer is smaller than it."""
         out_per_group = spec.out_channels // spec.groups
-        co_regs = _largest_divisor(out_per_group, cls.co_regs)
+        co_regs = largest_divisor(out_per_group, cls.co_regs)
         ox_threads = 32 if spec.out_w >= 48 else 16 if spec.out_w >= 16 else 8
         return cls(
             co_threads=max(1, min(cls.co_threads, out_per_group // co_regs)),
@@ -75,8 +75,26 @@ class CudaTiling:
         )
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``at_most``."""
     return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+def place_sampling_in_registers(sch: s_tir.Schedule, channel, position) -> None:
+    """Under the interpolated tile's fill (one thread per position, ``channel`` its innermost
+    channel loop, unrolled here): the four corners of a channel are read into registers
+    unconditionally (clamped indices), and the sampling point (indices and weights) is computed
+    into registers once per ``position`` for all its channels."""
+    corner = sch.get_sblock(STAGE_CORNER)
+    sch.compute_at(corner, channel, preserve_unit_loops=True)
+    sch.set_scope(corner, 0, "local")
+    sch.unroll(sch.get_loops(corner)[-1])
+    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
+        block = sch.get_sblock(stage)
+        sch.compute_at(block, position, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "local")
+        sch.unroll(sch.get_loops(block)[-1])
+    sch.unroll(channel)
 
 
 class FixedTiles:
@@ -157,18 +175,7 @@ def apply_deft_cuda(sch: s_tir.Schedule, tiles) -> None:
     _, s_c, s_ky, s_kx, s_y, s_x = sch.get_loops(sampled_shared)[-6:]
     sch.reorder(s_y, s_x, s_c, s_ky, s_kx)
     position = _spread_over_threads(sch, [s_y, s_x], co_threads, oy_threads, ox_threads)
-    # The four corners of a channel are read into registers unconditionally (clamped indices);
-    # the sampling point (indices and weights) is computed once per position for all channels.
-    corner = sch.get_sblock(STAGE_CORNER)
-    sch.compute_at(corner, s_c, preserve_unit_loops=True)
-    sch.set_scope(corner, 0, "local")
-    sch.unroll(sch.get_loops(corner)[-1])
-    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
-        block = sch.get_sblock(stage)
-        sch.compute_at(block, position, preserve_unit_loops=True)
-        sch.set_scope(block, 0, "local")
-        sch.unroll(sch.get_loops(block)[-1])
-    sch.unroll(s_c)
+    place_sampling_in_registers(sch, s_c, position)
 
     # The tap's weights of the chunk, already in the accumulate dtype, in shared memory.
     sch.set_scope(weight, 0, "shared")

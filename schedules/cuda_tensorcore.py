@@ -26,15 +26,8 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute import (
-    STAGE_CONV,
-    STAGE_CORNER,
-    STAGE_INDEX,
-    STAGE_OUTPUT,
-    STAGE_POINT_WEIGHT,
-    STAGE_SAMPLED,
-    STAGE_WEIGHT,
-)
+from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
+from deft_tvm.schedules.cuda import largest_divisor, place_sampling_in_registers
 from deft_tvm.spec import DeformConvSpec
 
 FRAGMENT = 16
@@ -71,10 +64,10 @@ class TensorCoreTiling:
         warps_co = 2 if co_frags % 2 == 0 else 1
         return cls(
             warps_co=warps_co,
-            frags_co=_largest_divisor(co_frags // warps_co, cls.frags_co),
-            warps_oy=_largest_divisor(spec.out_h, cls.warps_oy),
-            frags_ox=_largest_divisor(ox_frags, cls.frags_ox),
-            k_frags=_largest_divisor(k_frags, cls.k_frags),
+            frags_co=largest_divisor(co_frags // warps_co, cls.frags_co),
+            warps_oy=largest_divisor(spec.out_h, cls.warps_oy),
+            frags_ox=largest_divisor(ox_frags, cls.frags_ox),
+            k_frags=largest_divisor(k_frags, cls.k_frags),
             fill_unroll=cls.fill_unroll,
         )
 
@@ -119,10 +112,6 @@ class SampledTensorCoreTiles:
     def fill_unroll(self, sch):
         choices = [1, 2, 4, 8, 16]
         return sch.sample_categorical(choices, [1 / len(choices)] * len(choices))
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
 def supports_tensor_cores(spec: DeformConvSpec) -> bool:
@@ -198,7 +187,6 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     out_lane = sch.fuse(*sch.get_loops(output)[-4:])
     _, lane = sch.split(out_lane, [None, WARP])
     sch.bind(lane, "threadIdx.x")
-    store_intrinsic = cuda_intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN
 
     # Operand fragments are loaded per 16-channel step (placed before their producers are).
     sch.compute_at(sampled_frag, rc_f, preserve_unit_loops=True)
@@ -212,17 +200,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     # Channels in steps of ``fill_unroll``, unrolled within a step: that many channels' corner
     # reads are in flight per thread while registers stay free for the accumulators.
     _, s_c = sch.split(s_c, [None, tiles.fill_unroll(sch)])
-    position_lane = _cooperative(sch, [s_y, s_x], warps_co, warps_oy)
-    corner = sch.get_sblock(STAGE_CORNER)
-    sch.compute_at(corner, s_c, preserve_unit_loops=True)
-    sch.set_scope(corner, 0, "local")
-    sch.unroll(sch.get_loops(corner)[-1])
-    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
-        block = sch.get_sblock(stage)
-        sch.compute_at(block, position_lane, preserve_unit_loops=True)
-        sch.set_scope(block, 0, "local")
-        sch.unroll(sch.get_loops(block)[-1])
-    sch.unroll(s_c)
+    place_sampling_in_registers(sch, s_c, _cooperative(sch, [s_y, s_x], warps_co, warps_oy))
 
     # The chunk's weights of the tap, into shared memory.
     sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
@@ -238,7 +216,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     sch.reorder(a_ky, a_kx, a_co_f, a_co_i, a_rc)
     sch.tensorize(a_co_i, cuda_intrinsics.WMMA_LOAD_16x16x16_F16_A_INTRIN)
 
-    sch.tensorize(store_co_i, store_intrinsic)
+    sch.tensorize(store_co_i, cuda_intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN)
     init = sch.decompose_reduction(conv, ky)
     init_co_i, init_ox_i = sch.get_loops(init)[-2:]
     sch.tensorize(init_co_i, cuda_intrinsics.WMMA_FILL_16x16x16_F32_INTRIN)

@@ -66,7 +66,7 @@ def main() -> None:
             spec = workload.spec
             inputs = workload.make_inputs(device="cuda")
             out = torch.empty(spec.output_shape, dtype=inputs["input"].dtype, device="cuda")
-            tensors = [inputs[k] for k in ("input", "offset", "mask", "weight", "bias") if inputs[k] is not None]
+            tensors = workload.kernel_tensors(inputs)
             base = {"torchvision": gpu_ms(lambda: tv(**inputs)),
                     "cudnn": gpu_ms(lambda: F.conv2d(inputs["input"], inputs["weight"], inputs["bias"], padding=1))}
             print(f"{name} {dtype}: torchvision {base['torchvision']:.3f} ms, cuDNN NCHW {base['cudnn']:.3f} ms")
