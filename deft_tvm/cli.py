@@ -61,8 +61,9 @@ def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f'"""Best tuned schedule of {workload_name} ({spec.key()}) for {tag}, written by `deft-tvm tune`.\n\n'
-        f'Apply it to ``deft_tvm.compute.deform_conv2d_primfunc(spec)``; the tuning record itself is in\n'
-        f'tuning_logs/{tag}/{spec.key()}/."""\n\n{sch.trace}\n'
+        f'Apply it to ``deft_tvm.compute.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: import\n'
+        f'``tvm.s_tir.tensor_intrin.cuda`` first); the tuning record itself is in\n'
+        f'tuning_logs/{tag}/{spec.key()}/."""\n\nfrom tvm import s_tir\n\n{sch.trace}\n'
     )
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import tvm
@@ -15,7 +16,7 @@ from deft_tvm.schedules import default_schedule, design_space
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.targets import cuda_target, exact_cuda_compilation
-from deft_tvm.tuning_db import best_schedule, committed_root, database_dirs
+from deft_tvm.tuning_db import best_schedule, committed_root, database_dir, database_dirs
 from deft_tvm.workloads import get_workload
 
 from helpers import DTYPES
@@ -126,3 +127,18 @@ def test_committed_cuda_records_replay_and_compile():
         assert sch is not None, directory
         source = _cuda_source(spec, "sm_90", sch)
         assert ("mma_sync" in source) == supports_tensor_cores(spec)
+
+
+def test_committed_readable_schedules_replay_their_records():
+    target = cuda_target("sm_90")
+    readable = sorted((Path(__file__).parents[1] / "schedules" / "tuned" / "cuda-sm_90").glob("*.py"))
+    assert len(readable) == len(database_dirs(committed_root(), target))
+    for path in readable:
+        name, dtype = path.stem.rsplit("_", 1)
+        spec = get_workload(name, dtype).spec
+        _, recorded = best_schedule(database_dir(committed_root(), spec, target), target)
+        namespace = {}
+        exec(compile(path.read_text(), str(path), "exec"), namespace)
+        replayed = tvm.s_tir.Schedule(deform_conv2d_primfunc(spec))
+        namespace["apply_trace"](replayed)
+        tvm.ir.assert_structural_equal(replayed.mod, recorded.mod)

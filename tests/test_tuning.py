@@ -16,6 +16,7 @@ from tvm.s_tir import meta_schedule as ms
 
 import deft_tvm
 from deft_tvm import kernel_cache, tuning_db
+from deft_tvm.cli import write_readable_schedule
 from deft_tvm.compute import deform_conv2d_primfunc
 from deft_tvm.schedules import default_schedule, design_space
 from deft_tvm.targets import cuda_target, target_for_device
@@ -111,3 +112,15 @@ def test_sampled_cuda_schedules_generate_code(seed):
     assert len(decisions) == 4  # output channels, rows, columns, input-channel chunk
     source = tvm.compile(sch.mod, target=cuda_target("sm_90")).mod.imports[0].inspect_source()
     assert "__shared__" in source and "__global__" in source
+
+
+def test_readable_schedule_replays_the_schedule(tmp_path):
+    spec = get_workload("test_asymmetric").spec
+    target = target_for_device("cpu")
+    sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
+    path = write_readable_schedule(tmp_path, "llvm", "test_asymmetric", spec, sch)
+    namespace = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    replayed = s_tir.Schedule(deform_conv2d_primfunc(spec))
+    namespace["apply_trace"](replayed)
+    tvm.ir.assert_structural_equal(replayed.mod, sch.mod)
