@@ -256,14 +256,15 @@ def print_row(row: dict) -> None:
 def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *,
         generic_trials: int = 0, generic_dir: Path = DEFAULT_GENERIC_DIR) -> list[dict]:
     """Time every provider on every workload, dtype and TF32 mode; one row (``COLUMNS``) each."""
-    kernel_cache.prebuild([get_workload(n, d).spec for n in workloads for d in dtypes], torch.device(device))
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     target = target_for_device(device)
+    kernel_cache.prebuild([get_workload(n, d).for_target(target).spec for n in workloads for d in dtypes],
+                          torch.device(device))
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     flush = l2_flush_buffer() if device == "cuda" else None
     rows = []
     for name in workloads:
         for dtype in dtypes:
-            workload = get_workload(name, dtype)
+            workload = get_workload(name, dtype).for_target(target)
             tuned = kernel_cache.schedule_for(workload.spec, target)[1]
             kernels = deft_kernels(workload, device, tuned, generic_trials, generic_dir)
             schedules = {"deft_tvm": "tuned" if tuned else "default", **{k: v[1] for k, v in kernels.items()}}

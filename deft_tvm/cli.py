@@ -31,9 +31,9 @@ def cmd_build(args) -> int:
     from .targets import target_for_device
 
     device = _device()
-    workload = get_workload(args.workload, args.dtype)
-    spec = workload.spec
     target = target_for_device(device)
+    workload = get_workload(args.workload, args.dtype)
+    spec = workload.for_target(target).spec
     print(f"workload {workload.name}: {spec.key()} (offsets: {workload.profile})")
     print(f"target   {target}")
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def cmd_tune(args) -> int:
     entries = []
     for name in args.workloads:
         for dtype in args.dtypes:
-            workload = get_workload(name, dtype)
+            workload = get_workload(name, dtype).for_target(target)
             spec = workload.spec
             directory = database_dir(args.logs, spec, target)
             print(f"tune     {name} {dtype} on {tag}: {spec.key()} (offsets: {workload.profile}) -> {directory}")
@@ -132,7 +132,7 @@ def cmd_export(args) -> int:
     tuned = {e.spec.key() for e in entries}
     for name in args.workloads:
         for dtype in args.dtypes:
-            spec = get_workload(name, dtype).spec
+            spec = get_workload(name, dtype).for_target(target).spec
             if spec.key() not in tuned:
                 sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
                 entries.append(KernelEntry(spec, sch, origin="default schedule"))

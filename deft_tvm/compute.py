@@ -73,7 +73,8 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     """Build the TE graph; returns ``(inputs, output)``.
 
     ``inputs`` is ``[input, offset, mask?, weight, bias?]`` (mask/bias only when the spec has
-    them), which together with ``output`` is the argument order of every compiled kernel.
+    them; input and weight in ``spec.layout``), which together with ``output`` is the argument
+    order of every compiled kernel.
     """
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
     kh, kw = spec.kernel_h, spec.kernel_w
@@ -84,10 +85,10 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = spec.stride, spec.padding, spec.dilation
     point_shape = (spec.batch, spec.offset_groups, kh, kw, spec.out_h, spec.out_w, CORNERS)
 
-    data = te.placeholder(spec.input_shape, dtype, name="input")
+    data = te.placeholder(spec.kernel_input_shape, dtype, name="input")
     offset = te.placeholder(spec.offset_shape, dtype, name="offset")
     mask = te.placeholder(spec.mask_shape, dtype, name="mask") if spec.has_mask else None
-    weight = te.placeholder(spec.weight_shape, dtype, name="weight")
+    weight = te.placeholder(spec.kernel_weight_shape, dtype, name="weight")
     bias = te.placeholder((spec.out_channels,), dtype, name="bias") if spec.has_bias else None
 
     def point(n, g, ky, kx, oy, ox, corner, index):
@@ -111,6 +112,8 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
 
     def corner_value(n, c, ky, kx, oy, ox, corner):
         flat = tirx.max(sample_index[n, c // channels_per_offset_group, ky, kx, oy, ox, corner], 0)
+        if spec.layout == "NHWC":
+            return data[n, flat // spec.width, flat % spec.width, c]
         return data[n, c, flat // spec.width, flat % spec.width]
 
     sample_corner = te.compute(
@@ -135,7 +138,12 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
         (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w), sample, name=STAGE_SAMPLED
     )
 
-    weight_acc = te.compute(spec.weight_shape, lambda *i: weight(*i).astype(acc), name=STAGE_WEIGHT)
+    def weight_value(co, rc, ky, kx):
+        if spec.layout == "NHWC":
+            return weight[co, ky, kx, rc].astype(acc)
+        return weight[co, rc, ky, kx].astype(acc)
+
+    weight_acc = te.compute(spec.weight_shape, weight_value, name=STAGE_WEIGHT)
 
     rc = te.reduce_axis((0, in_per_group), name="rc")
     rky = te.reduce_axis((0, kh), name="rky")

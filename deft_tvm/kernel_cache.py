@@ -30,7 +30,7 @@ import tvm_ffi
 from .compute import deform_conv2d_primfunc
 from .library import loaded_kernel
 from .spec import DeformConvSpec
-from .targets import exact_cuda_compilation, target_for_device
+from .targets import compile_kernel, exact_cuda_compilation, target_for_device
 from .tuning_db import best_schedule, committed_database, target_tag
 
 CACHE_DIR_ENV = "DEFT_TVM_CACHE_DIR"
@@ -77,8 +77,7 @@ def build(spec: DeformConvSpec, target: tvm.target.Target, sch=None):
     """Compile ``spec`` with ``sch`` (default: the schedule ``schedule_for`` picks); returns a TVM
     Executable."""
     sch = sch if sch is not None else schedule_for(spec, target)[0]
-    with exact_cuda_compilation():
-        return tvm.compile(sch.mod, target=target)
+    return compile_kernel(sch.mod, target)
 
 
 def _export_atomically(executable, path: Path) -> None:

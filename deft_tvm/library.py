@@ -52,7 +52,7 @@ def _target_arch(target: tvm.target.Target) -> str:
 def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, out_dir: Path,
                    name: str = "deft_kernels") -> Path:
     """Compile ``entries`` for ``target`` into ``out_dir/<name>.so``; returns the manifest's path."""
-    from .targets import exact_cuda_compilation
+    from .targets import compile_kernel
 
     entries = list(entries)
     if not entries:
@@ -63,8 +63,7 @@ def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, ou
         if fname in functions:
             raise ValueError(f"workload {entry.spec.key()} appears twice")
         functions[fname] = entry.schedule.mod["main"].with_attr("global_symbol", fname)
-    with exact_cuda_compilation():
-        executable = tvm.compile(tvm.IRModule(functions), target=target)
+    executable = compile_kernel(tvm.IRModule(functions), target)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     library = out_dir / f"{name}.so"

@@ -11,6 +11,8 @@ import torch
 
 from .checks import spec_from_tensors
 from .kernel_cache import get_kernel
+from .targets import target_for_device
+from .workloads import kernel_arguments
 
 
 @torch.library.custom_op("deft_tvm::deform_conv2d", mutates_args=())
@@ -34,9 +36,11 @@ def deform_conv2d_op(
     output = input.new_empty(spec.output_shape)
     if spec.batch == 0:
         return output
+    from deft_tvm.schedules import kernel_spec  # imported on use, as kernel_cache does: it is slow to import
+
+    spec = kernel_spec(spec, target_for_device(input.device))
     kernel = get_kernel(spec, input.device)
-    args = [t.contiguous() for t in (input, offset, mask, weight, bias) if t is not None]
-    kernel(*args, output)
+    kernel(*kernel_arguments(spec, input, offset, mask, weight, bias), output)
     return output
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
+LAYOUTS = ("NCHW", "NHWC")
 
 
 def accumulate_dtype(dtype: str) -> str:
@@ -24,6 +25,13 @@ class DeformConvSpec:
       weight ``[out_channels, in_channels // groups, kernel_h, kernel_w]``
       bias   ``[out_channels]`` when ``has_bias``
       output ``[batch, out_channels, out_h, out_w]``
+
+    ``layout`` is the layout a compiled kernel takes input and weight in: ``"NCHW"`` (as above),
+    or ``"NHWC"`` (channels last: input ``[batch, height, width, in_channels]``, weight
+    ``[out_channels, kernel_h, kernel_w, in_channels // groups]``, see ``kernel_input_shape`` and
+    ``kernel_weight_shape``; torch's channels_last tensors permuted, no copy), which lets a GPU
+    kernel read the channels of a sampling point or a weight row contiguously. The torch-facing
+    shapes above do not depend on it.
     """
 
     batch: int
@@ -41,10 +49,13 @@ class DeformConvSpec:
     has_mask: bool = True
     has_bias: bool = True
     dtype: str = "float32"
+    layout: str = "NCHW"
 
     def __post_init__(self):
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype {self.dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not supported; expected one of {LAYOUTS}")
         non_negative = {"batch": self.batch, "padding": min(self.padding)}
         positive = {
             "in_channels": self.in_channels,
@@ -96,6 +107,20 @@ class DeformConvSpec:
         return (self.batch, self.in_channels, self.height, self.width)
 
     @property
+    def kernel_input_shape(self) -> tuple[int, ...]:
+        """The input's shape as a compiled kernel takes it (``input_shape`` in ``layout``)."""
+        if self.layout == "NHWC":
+            return (self.batch, self.height, self.width, self.in_channels)
+        return self.input_shape
+
+    @property
+    def kernel_weight_shape(self) -> tuple[int, ...]:
+        """The weight's shape as a compiled kernel takes it (``weight_shape`` in ``layout``)."""
+        if self.layout == "NHWC":
+            return (self.out_channels, self.kernel_h, self.kernel_w, self.in_channels // self.groups)
+        return self.weight_shape
+
+    @property
     def offset_shape(self) -> tuple[int, ...]:
         return (self.batch, 2 * self.offset_groups * self.kernel_h * self.kernel_w, self.out_h, self.out_w)
 
@@ -125,6 +150,7 @@ class DeformConvSpec:
             f"_p{self.padding[0]}x{self.padding[1]}_d{self.dilation[0]}x{self.dilation[1]}"
             f"_g{self.groups}_og{self.offset_groups}_{'m' if self.has_mask else 'nm'}"
             f"{'b' if self.has_bias else 'nb'}_{self.dtype}"
+            f"{'_nhwc' if self.layout == 'NHWC' else ''}"
         )
 
     def key(self) -> str:

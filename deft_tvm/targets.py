@@ -41,6 +41,27 @@ def exact_cuda_compilation():
                 os.environ[name] = value
 
 
+# TVM 0.27's StorageRewrite folds the tensor-core kernel's float16 operand tiles and float32
+# epilogue staging (all dynamic shared memory) into one typed allocation that LowerIntrin then
+# rejects ("tvm_access_ptr element type must match the source buffer"). Without it the dynamic
+# shared memory merge still overlaps buffers whose lifetimes do not, and nvcc allocates registers.
+PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
+
+
+@contextlib.contextmanager
+def kernel_compilation():
+    """While active, TVM builds kernels as deft_tvm does: ``PASS_CONFIG``, and CUDA compiled with
+    nvcc without fast math (``exact_cuda_compilation``)."""
+    with exact_cuda_compilation(), tvm.transform.PassContext(config=PASS_CONFIG):
+        yield
+
+
+def compile_kernel(mod: tvm.IRModule, target: tvm.target.Target):
+    """``tvm.compile`` of a scheduled kernel module under ``kernel_compilation``."""
+    with kernel_compilation():
+        return tvm.compile(mod, target=target)
+
+
 @functools.lru_cache(maxsize=None)
 def target_for_device(device: torch.device | str) -> tvm.target.Target:
     """The TVM target that kernels for tensors on ``device`` are compiled for."""

@@ -28,8 +28,8 @@ from tvm.s_tir import meta_schedule as ms
 
 from .compute import deform_conv2d_primfunc
 from .spec import DeformConvSpec
-from .targets import exact_cuda_compilation
-from .tuning_db import open_database, target_tag, write_spec
+from .targets import compile_kernel, exact_cuda_compilation, kernel_compilation
+from .tuning_db import commit_schedule, open_database, target_tag, write_spec
 
 TUNING_FILE = "tuning.json"
 
@@ -52,7 +52,7 @@ class ProfileInputs:
         sets = []
         for repeat in range(alloc_repeat):
             inputs = workload.make_inputs(seed=self.seed + repeat)
-            tensors = Workload.kernel_tensors(inputs)
+            tensors = workload.kernel_tensors(inputs)
             tensors.append(torch.zeros(self.spec.output_shape, dtype=tensors[0].dtype))
             expected = [(info[1], tuple(info[2])) for info in args_info]
             observed = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]
@@ -117,7 +117,42 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, _params):
     from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    with kernel_compilation():
+        return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def measure(spec: DeformConvSpec, profile: str, target: tvm.target.Target, sch) -> float:
+    """Mean seconds per call of ``sch`` on ``profile`` inputs, timed as the tuning runner times
+    candidates (on this machine's device of ``target``'s kind)."""
+    mod = compile_kernel(sch.mod, target).mod
+    device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
+    args_info = [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])]
+    args = ProfileInputs(spec, profile)(device, args_info, 1)[0]
+    config = _evaluator_config(target)
+    timer = mod.time_evaluator("main", device, number=config.number, repeat=config.repeat,
+                               min_repeat_ms=config.min_repeat_ms)
+    return float(sum(timer(*args).results) / config.repeat)
+
+
+def _seed_database(spec: DeformConvSpec, profile: str, target: tvm.target.Target, directory: Path) -> float:
+    """Measure ``schedules.search_start`` (the default schedule as a point of the design space) and store
+    it as the database's first record: the evolutionary search draws part of its initial
+    population from measured records, so it starts from (and never ends worse than) the default.
+    Returns its time in seconds."""
+    from deft_tvm.schedules import search_start
+
+    sch = search_start(spec, target)
+    seconds = measure(spec, profile, target, sch)
+    commit_schedule(directory, spec, sch, target, seconds)
+    return seconds
+
+
+def _evaluator_config(target: tvm.target.Target) -> ms.runner.EvaluatorConfig:
+    is_cuda = target.kind.name == "cuda"
+    return ms.runner.EvaluatorConfig(
+        number=5 if is_cuda else 2, repeat=3 if is_cuda else 1, min_repeat_ms=20 if is_cuda else 0,
+        enable_cpu_cache_flush=not is_cuda,
+    )
 
 
 def design_space_generator(spec: DeformConvSpec, target: tvm.target.Target) -> ms.space_generator.ScheduleFn:
@@ -213,20 +248,20 @@ def tune(
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "space": space,
                                                                            "sessions": []}
     _check_folder(directory, meta, profile=profile, space=space)
-    remaining = trials - already
     label = f"{spec.key()} {target.kind.name}"
+    if already == 0 and space == "deft" and trials > 0:
+        seconds = _seed_database(spec, profile, target, directory)
+        print(f"[tune {label}] 1 trial: the default schedule as the search's start, {seconds * 1e3:.4f} ms",
+              flush=True)
+        already = 1
+    remaining = trials - already
     if remaining <= 0:
         print(f"[tune {label}] {already} trials already in {directory}, nothing to do", flush=True)
         return TuningResult(directory, already, 0, best_time(directory), 0.0, [])
 
     mod = deform_conv2d_primfunc(spec)
-    is_cuda = target.kind.name == "cuda"
     runner = ms.runner.LocalRunner(
-        evaluator_config=ms.runner.EvaluatorConfig(
-            number=5 if is_cuda else 2, repeat=3 if is_cuda else 1, min_repeat_ms=20 if is_cuda else 0,
-            enable_cpu_cache_flush=not is_cuda,
-        ),
-        f_alloc_argument=ProfileInputs(spec, profile),
+        evaluator_config=_evaluator_config(target), f_alloc_argument=ProfileInputs(spec, profile),
     )
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(population, 32), genetic_num_iters=2,

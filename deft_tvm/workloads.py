@@ -37,6 +37,15 @@ class OffsetProfile:
         return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
 
 
+def kernel_arguments(spec: DeformConvSpec, input, offset, mask, weight, bias) -> list[torch.Tensor]:
+    """The tensors in a compiled kernel's parameter order (``input, offset, mask?, weight, bias?``,
+    as ``deform_conv2d_te`` returns them; the output follows), contiguous, input and weight in
+    ``spec.layout`` (for ``"NHWC"``, channels last: no copy for torch channels_last tensors)."""
+    if spec.layout == "NHWC":
+        input, weight = input.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
+    return [t.contiguous() for t in (input, offset, mask, weight, bias) if t is not None]
+
+
 PROFILES = {
     p.name: p
     for p in (
@@ -60,12 +69,16 @@ class Workload:
     def with_dtype(self, dtype: str) -> "Workload":
         return dataclasses.replace(self, spec=dataclasses.replace(self.spec, dtype=dtype))
 
-    @staticmethod
-    def kernel_tensors(inputs: dict) -> list[torch.Tensor]:
-        """The tensors of ``make_inputs``' keyword arguments in a compiled kernel's parameter order
-        (``input, offset, mask?, weight, bias?``, as ``deform_conv2d_te`` returns them), before
-        the output."""
-        return [inputs[k] for k in ("input", "offset", "mask", "weight", "bias") if inputs[k] is not None]
+    def for_target(self, target) -> "Workload":
+        """This workload with the spec ``target``'s kernels take (``schedules.kernel_spec``)."""
+        from deft_tvm.schedules import kernel_spec
+
+        return dataclasses.replace(self, spec=kernel_spec(self.spec, target))
+
+    def kernel_tensors(self, inputs: dict) -> list[torch.Tensor]:
+        """``make_inputs``' keyword arguments as this workload's compiled kernel takes them, before
+        the output (see ``kernel_arguments``)."""
+        return kernel_arguments(self.spec, *(inputs[k] for k in ("input", "offset", "mask", "weight", "bias")))
 
     def make_inputs(self, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
         """Random input/weight/bias and profile-distributed offset/mask, as keyword arguments."""

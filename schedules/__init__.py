@@ -6,23 +6,34 @@ decision lives here.
 
 from __future__ import annotations
 
+import dataclasses
+
 from tvm import s_tir
 
+from deft_tvm.compute import deform_conv2d_primfunc
+
 from .cpu import deft_cpu_space, schedule_cpu
-from .cuda import deft_cuda_space, schedule_cuda
-from .cuda_tensorcore import deft_cuda_tensorcore_space, schedule_cuda_tensorcore, supports_tensor_cores
+from .cuda import deft_cuda_space, schedule_cuda, seed_cuda_schedule
+from .cuda_tensorcore import (
+    deft_cuda_tensorcore_space,
+    schedule_cuda_tensorcore,
+    seed_tensorcore_schedule,
+    supports_tensor_cores,
+)
 
 
 def _schedule_cuda(mod, spec) -> s_tir.Schedule:
-    """Tensor cores where the layer tiles into their fragments, the SIMT schedule otherwise."""
-    if supports_tensor_cores(spec):
+    """Tensor cores where the layer tiles into their fragments (its kernel gathers from a
+    channels-last input), the SIMT schedule otherwise."""
+    if supports_tensor_cores(spec) and spec.layout == "NHWC":
         return schedule_cuda_tensorcore(mod, spec)
     return schedule_cuda(mod, spec)
 
 
 def _cuda_space(spec):
-    """The tensor-core space where the layer tiles into their fragments, the SIMT space otherwise."""
-    if supports_tensor_cores(spec):
+    """The tensor-core space where the layer tiles into their fragments (channels-last input),
+    the SIMT space otherwise."""
+    if supports_tensor_cores(spec) and spec.layout == "NHWC":
         return deft_cuda_tensorcore_space(spec)
     return deft_cuda_space(spec)
 
@@ -45,10 +56,31 @@ def register_tensor_intrinsics(target) -> None:
         from tvm.s_tir.tensor_intrin import cuda  # noqa: F401 - registers the WMMA intrinsics
 
 
+def kernel_spec(spec, target):
+    """The spec of the kernel ``target`` runs for the call ``spec`` describes: on CUDA, layers the
+    tensor-core schedule takes gather from channels-last input and weight (``layout="NHWC"``);
+    everything else reads NCHW."""
+    channels_last = target.kind.name == "cuda" and supports_tensor_cores(spec)
+    return dataclasses.replace(spec, layout="NHWC" if channels_last else "NCHW")
+
+
 def default_schedule(mod, spec, target) -> s_tir.Schedule:
     """The untuned schedule for ``target``'s kind, applied to ``deform_conv2d_primfunc(spec)``."""
     _check_kind(target.kind.name)
     return _DEFAULT_SCHEDULES[target.kind.name](mod, spec)
+
+
+def search_start(spec, target) -> s_tir.Schedule:
+    """The schedule a search of ``design_space`` starts from: the default one, expressed (where
+    it lies in the space) as decisions of the space's sampling instructions, so that the search
+    can mutate it."""
+    _check_kind(target.kind.name)
+    mod = deform_conv2d_primfunc(spec)
+    if target.kind.name != "cuda":
+        return default_schedule(mod, spec, target)
+    if supports_tensor_cores(spec) and spec.layout == "NHWC":
+        return seed_tensorcore_schedule(mod, spec)
+    return seed_cuda_schedule(mod, spec)
 
 
 def design_space(spec, target):

@@ -26,6 +26,7 @@ inputs drawn from the workload's offset profile (``deft_tvm.tuning``).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tvm import s_tir
 
@@ -118,19 +119,33 @@ class FixedTiles:
 
 
 class SampledTiles:
-    """Split factors sampled by MetaSchedule (``sample_perfect_tile``: divisors of the extent)."""
+    """Split factors sampled by MetaSchedule (``sample_perfect_tile``: divisors of the extent);
+    with ``start``, the samples are decided as that tiling (which must divide the extents)."""
+
+    def __init__(self, start: CudaTiling | None = None):
+        self.start = start
+
+    def _sample(self, sch, loop, n: int, max_innermost: int, inner: tuple[int, ...]):
+        decision = None
+        if self.start is not None:
+            decision = [int(sch.get(loop).extent) // math.prod(inner), *inner]
+        return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_innermost, decision=decision)
 
     def co(self, sch, loop):
-        return sch.sample_perfect_tile(loop, n=3, max_innermost_factor=MAX_CO_REGS)
+        t = self.start
+        return self._sample(sch, loop, 3, MAX_CO_REGS, t and (t.co_threads, t.co_regs))
 
     def oy(self, sch, loop):
-        return sch.sample_perfect_tile(loop, n=3, max_innermost_factor=MAX_SPATIAL_REGS)
+        t = self.start
+        return self._sample(sch, loop, 3, MAX_SPATIAL_REGS, t and (t.oy_threads, t.oy_regs))
 
     def ox(self, sch, loop):
-        return sch.sample_perfect_tile(loop, n=3, max_innermost_factor=MAX_SPATIAL_REGS)
+        t = self.start
+        return self._sample(sch, loop, 3, MAX_SPATIAL_REGS, t and (t.ox_threads, t.ox_regs))
 
     def rc(self, sch, loop):
-        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_K_CHUNK)
+        t = self.start
+        return self._sample(sch, loop, 2, MAX_K_CHUNK, t and (t.k_chunk,))
 
 
 def _spread_over_threads(sch, loops, co_t, oy_t, ox_t):
@@ -198,6 +213,22 @@ def schedule_cuda(mod, spec: DeformConvSpec, tiling: CudaTiling | None = None) -
     """The default schedule of the ``main`` PrimFunc of ``deform_conv2d_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
     apply_deft_cuda(sch, FixedTiles(tiling or CudaTiling.for_spec(spec)))
+    return sch
+
+
+def seed_cuda_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
+    """The default tiling as a point of ``deft_cuda_space`` (sampling instructions decided as
+    ``CudaTiling.for_spec``) for the search to start from; the default schedule itself where its
+    tiles do not divide the layer (the space holds perfect tilings only)."""
+    t = CudaTiling.for_spec(spec)
+    sch = s_tir.Schedule(mod)
+    divides = (
+        spec.out_channels % (t.co_threads * t.co_regs) == 0
+        and spec.out_h % (t.oy_threads * t.oy_regs) == 0
+        and spec.out_w % (t.ox_threads * t.ox_regs) == 0
+        and spec.in_channels // spec.groups % t.k_chunk == 0
+    )
+    apply_deft_cuda(sch, SampledTiles(start=t) if divides else FixedTiles(t))
     return sch
 
 

@@ -1,23 +1,25 @@
 """The DefT CUDA schedule on tensor cores (float16 operands, float32 accumulation, WMMA 16x16x16).
 
-Same structure as ``schedules/cuda.py`` (a GEMM of ``[out_channels] x [positions]`` reduced over
-``(kernel_h, kernel_w, in_channels / groups)``, kernel taps outermost, the interpolated tile of one
-tap and channel chunk computed straight into shared memory, never a global columns buffer), with
-the inner product on tensor cores:
+The convolution as a GEMM of ``[out_channels] x [positions]`` (batch, rows and columns flattened)
+reduced over ``(kernel_h, kernel_w, in_channels)``, kernel taps outermost; the interpolated tile of
+one tap and channel chunk is computed straight into shared memory, never a global columns buffer:
 
-* a thread block owns ``warps_co * frags_co * 16`` output channels and ``warps_oy`` rows of
-  ``frags_ox * 16`` columns of one image; each warp accumulates ``frags_co x frags_ox`` 16x16
-  fragments of one row in registers (``wmma.accumulator``);
-* per (tap, chunk of ``k_frags * 16`` channels) every thread of the block interpolates positions of
-  the tile (sampling point once per position, the chunk's channels in a loop) into a float16 tile
-  in shared memory laid out ``[row][channel][column]``, and the chunk's weights are copied to shared
-  memory laid out ``[out_channel][channel]``;
-* each warp loads its 16x16 operand fragments from those tiles and issues ``mma_sync``;
+* a thread block owns ``warps_co * frags_co * 16`` output channels and ``warps_p * frags_p * 16``
+  flat positions (which may span rows and images); each warp accumulates ``frags_co x frags_p``
+  16x16 fragments in registers (``wmma.accumulator``);
+* input and weight are channels last (``layout="NHWC"``): per (tap, chunk of ``k_frags * 16``
+  channels) each thread takes a (position, 8 channels) pair, computes the sampling point's corner
+  indices and weights, reads each corner's 8 channels in one 16-byte load, interpolates in float32
+  and stores the 8 float16 values to the shared tile ``[position][channel]`` in one 16-byte store;
+  the chunk's weights are copied to a shared ``[out_channel][channel]`` tile 16 bytes at a time;
+* each warp loads its operand fragments from those tiles (the sampled one column-major) and
+  issues ``mma_sync``;
 * the accumulators go through shared memory (``store_matrix_sync``) to the bias + cast epilogue.
+  All shared buffers are dynamic shared memory, which TVM merges into one allocation that reuses
+  the operand tiles' bytes for the epilogue.
 
-Applies when the layer's shape tiles exactly: ``in_channels / groups``, ``out_channels / groups``
-and ``out_w`` multiples of 16 and a float16 dtype (``supports_tensor_cores``); other layers use
-the SIMT schedule.
+Applies when the layer tiles exactly (``supports_tensor_cores``): float16, one group, in/out
+channels and ``batch * out_h * out_w`` multiples of 16; other layers use the SIMT schedule.
 """
 
 from __future__ import annotations
@@ -26,50 +28,69 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute import STAGE_CONV, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
-from deft_tvm.schedules.cuda import largest_divisor, place_sampling_in_registers
+from deft_tvm.compute import (
+    STAGE_CONV,
+    STAGE_CORNER,
+    STAGE_INDEX,
+    STAGE_OUTPUT,
+    STAGE_POINT_WEIGHT,
+    STAGE_SAMPLED,
+    STAGE_WEIGHT,
+)
+from deft_tvm.schedules.cuda import largest_divisor
 from deft_tvm.spec import DeformConvSpec
 
 FRAGMENT = 16
 WARP = 32
-# Largest factors the tuning space samples: fragments per warp along co and ox, warps along oy,
-# fragments of channels per reduction chunk.
+# Largest factors the tuning space samples: fragments per warp along co and positions, warps along
+# each, fragments of channels per reduction chunk.
 MAX_FRAGS = 4
-MAX_WARPS_OY = 8
+MAX_WARPS_CO = 4
+MAX_WARPS_P = 8
 MAX_K_FRAGS = 4
+# Channels a thread reads or writes at once: 16 bytes of float16.
+VECTOR = 8
+# Input channels of a reduction chunk in the default tiling.
+DEFAULT_CHUNK = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorCoreTiling:
-    """Warps of the block and 16x16 fragments per warp along each axis, 16-channel fragments per
-    reduction chunk, and how many channels of the chunk's interpolation a thread unrolls."""
+    """Warps of the block and 16x16 fragments per warp along output channels and flat positions,
+    16-channel fragments per reduction chunk, and the channels a thread gathers per corner read."""
 
     warps_co: int = 2
     frags_co: int = 2
-    warps_oy: int = 4
-    frags_ox: int = 4
+    warps_p: int = 4
+    frags_p: int = 4
     k_frags: int = 2
-    fill_unroll: int = 8
+    vector: int = VECTOR
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "TensorCoreTiling":
-        """The default tiling, shrunk where the layer is smaller than it."""
+        """Small blocks, many per SM (measured on an H100 over the registry's layers,
+        ``tools/sweep_cuda_tiling.py``): up to 128 output channels (each block interpolates its
+        positions once for all of its channels) on 2 warps (4 above 64 channels), one warp along
+        positions with 2 fragments of them (4 above 64 channels), 32-channel reduction chunks."""
         co_frags = spec.out_channels // spec.groups // FRAGMENT
-        ox_frags = spec.out_w // FRAGMENT
+        p_frags = spec.batch * spec.out_h * spec.out_w // FRAGMENT
         k_frags = spec.in_channels // spec.groups // FRAGMENT
-        # A chunk spanning several offset groups computes several sampling points per position:
-        # with few channels per offset group, one fragment of channels per chunk is faster.
-        if spec.in_channels // spec.offset_groups < 2 * FRAGMENT:
-            k_frags = 1
-        warps_co = 2 if co_frags % 2 == 0 else 1
+        block_co = largest_divisor(co_frags, 8)
+        wide = block_co > 4
+        warps_co = largest_divisor(block_co, 4 if wide else 2)
         return cls(
             warps_co=warps_co,
-            frags_co=largest_divisor(co_frags // warps_co, cls.frags_co),
-            warps_oy=largest_divisor(spec.out_h, cls.warps_oy),
-            frags_ox=largest_divisor(ox_frags, cls.frags_ox),
-            k_frags=largest_divisor(k_frags, cls.k_frags),
-            fill_unroll=cls.fill_unroll,
+            frags_co=block_co // warps_co,
+            warps_p=1,
+            frags_p=largest_divisor(p_frags, 4 if wide else 2),
+            k_frags=largest_divisor(k_frags, DEFAULT_CHUNK // FRAGMENT),
+            vector=_vector(spec),
         )
+
+
+def _vector(spec: DeformConvSpec) -> int:
+    """Channels per corner read: up to 16 bytes of consecutive channels of one offset group."""
+    return largest_divisor(spec.in_channels // spec.offset_groups, VECTOR)
 
 
 class FixedTensorCoreTiles:
@@ -79,112 +100,175 @@ class FixedTensorCoreTiles:
         self.t = tiling
 
     def co(self, sch, fragments):
-        return [None, self.t.warps_co, self.t.frags_co]
+        return [None, self.t.frags_co]
 
-    def oy(self, sch, loop):
-        return [None, self.t.warps_oy]
+    def co_warps(self, sch, blocks_by_warps):
+        return [None, self.t.warps_co]
 
-    def ox(self, sch, fragments):
-        return [None, self.t.frags_ox]
+    def p(self, sch, fragments):
+        return [None, self.t.frags_p]
+
+    def p_warps(self, sch, blocks_by_warps):
+        return [None, self.t.warps_p]
 
     def rc(self, sch, fragments):
         return [None, self.t.k_frags]
 
-    def fill_unroll(self, sch):
-        return self.t.fill_unroll
+    def vector(self, sch):
+        return self.t.vector
 
 
 class SampledTensorCoreTiles:
-    """Split factors sampled by MetaSchedule (divisors of the extents in fragments)."""
+    """Split factors sampled by MetaSchedule (divisors of the extents in fragments); with
+    ``start``, the samples are decided as that tiling (a point of the space the search can mutate)."""
+
+    def __init__(self, spec: DeformConvSpec, start: TensorCoreTiling | None = None):
+        self.vector_width = _vector(spec)
+        self.start = start
+
+    def _sample(self, sch, loop, max_innermost: int, field: str):
+        decision = None
+        if self.start is not None:
+            inner = getattr(self.start, field)
+            decision = [int(sch.get(loop).extent) // inner, inner]
+        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max_innermost, decision=decision)
 
     def co(self, sch, fragments):
-        return sch.sample_perfect_tile(fragments, n=3, max_innermost_factor=MAX_FRAGS)
+        return self._sample(sch, fragments, MAX_FRAGS, "frags_co")
 
-    def oy(self, sch, loop):
-        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_WARPS_OY)
+    def co_warps(self, sch, blocks_by_warps):
+        return self._sample(sch, blocks_by_warps, MAX_WARPS_CO, "warps_co")
 
-    def ox(self, sch, fragments):
-        return sch.sample_perfect_tile(fragments, n=2, max_innermost_factor=MAX_FRAGS)
+    def p(self, sch, fragments):
+        return self._sample(sch, fragments, MAX_FRAGS, "frags_p")
+
+    def p_warps(self, sch, blocks_by_warps):
+        return self._sample(sch, blocks_by_warps, MAX_WARPS_P, "warps_p")
 
     def rc(self, sch, fragments):
-        return sch.sample_perfect_tile(fragments, n=2, max_innermost_factor=MAX_K_FRAGS)
+        return self._sample(sch, fragments, MAX_K_FRAGS, "k_frags")
 
-    def fill_unroll(self, sch):
-        choices = [1, 2, 4, 8, 16]
-        return sch.sample_categorical(choices, [1 / len(choices)] * len(choices))
+    def vector(self, sch):
+        return self.vector_width
 
 
 def supports_tensor_cores(spec: DeformConvSpec) -> bool:
-    """Whether the layer tiles exactly into 16x16x16 float16 fragments (one group)."""
+    """Whether the layer tiles exactly into 16x16x16 float16 fragments (one group; channels, and
+    positions over the whole batch, in multiples of 16)."""
     return (
         spec.dtype == "float16"
         and spec.groups == 1
         and (spec.in_channels // spec.groups) % FRAGMENT == 0
         and (spec.out_channels // spec.groups) % FRAGMENT == 0
-        and spec.out_w % FRAGMENT == 0
+        and spec.batch * spec.out_h * spec.out_w % FRAGMENT == 0
     )
 
 
-def _cooperative(sch, loops, warps_co, warps_oy):
+def _cooperative(sch, loops, warps_co, warps_p):
     """Spread ``loops`` (fused) over the block's threads (warps on threadIdx.y, lanes on
     threadIdx.x); returns the lane loop."""
     fused = sch.fuse(*loops)
-    _, warp_co, warp_oy, lane = sch.split(fused, [None, warps_co, warps_oy, WARP])
-    sch.bind(sch.fuse(warp_co, warp_oy), "threadIdx.y")
+    _, warp_co, warp_p, lane = sch.split(fused, [None, warps_co, warps_p, WARP])
+    sch.bind(sch.fuse(warp_co, warp_p), "threadIdx.y")
     sch.bind(lane, "threadIdx.x")
     return lane
 
 
+def _flat_position(sch):
+    """Index map of a ``(batch, out_h, out_w)`` position to its flat index in the output plane."""
+    _, _, out_h, out_w = (int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock(STAGE_OUTPUT)))
+    return lambda n, oy, ox: n * (out_h * out_w) + oy * out_w + ox
+
+
+def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int) -> None:
+    """Fill ``fill`` (the interpolated tile ``[position][channel]`` of one tap and channel chunk)
+    with one thread per (position, ``vector`` consecutive channels): the sampling point's corner
+    indices and weights into registers, each corner's ``vector`` channels in one contiguous read
+    of the channels-last input, the interpolation unrolled over them into registers, then one
+    contiguous store of the ``vector`` values to shared memory."""
+    store = sch.cache_write(fill, 0, "local")
+    position, channel = sch.get_loops(store)[-2:]
+    channel_vec, channel = sch.split(channel, [None, vector])
+    lane = _cooperative(sch, [position, channel_vec], warps_co, warps_p)
+    sch.vectorize(channel)
+    sch.compute_at(fill, lane, preserve_unit_loops=True)
+    sch.unroll(sch.get_loops(fill)[-1])
+    corner = sch.get_sblock(STAGE_CORNER)
+    sch.compute_at(corner, lane, preserve_unit_loops=True)
+    sch.set_scope(corner, 0, "local")
+    sch.transform_layout(corner, ("write", 0), lambda n, c, ky, kx, oy, ox, k: (n, ky, kx, oy, ox, k, c))
+    corner_c, corner_k = sch.get_loops(corner)[-6], sch.get_loops(corner)[-1]
+    sch.reorder(corner_k, corner_c)
+    sch.unroll(corner_k)
+    sch.vectorize(corner_c)
+    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
+        block = sch.get_sblock(stage)
+        sch.compute_at(block, lane, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "local")
+        sch.unroll(sch.get_loops(block)[-1])
+
+
 def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
-    """Apply the tensor-core DefT schedule to ``sch`` (of ``deform_conv2d_primfunc``) in place,
-    with split factors from ``tiles`` (``FixedTensorCoreTiles`` or ``SampledTensorCoreTiles``)."""
+    """Apply the tensor-core DefT schedule to ``sch`` (of ``deform_conv2d_primfunc`` of a spec with
+    ``layout="NHWC"``) in place, with split factors from ``tiles``
+    (``FixedTensorCoreTiles`` or ``SampledTensorCoreTiles``)."""
     # Importing TVM's tensor intrinsics registers all of them (about a minute on a slow CPU): only
     # schedules that use them pay for it.
-    from tvm.s_tir.tensor_intrin import cuda as cuda_intrinsics
+    from tvm.s_tir.tensor_intrin import cuda as intrinsics
 
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)
+    flat = _flat_position(sch)
     sch.compute_inline(sch.get_sblock(STAGE_WEIGHT))
 
-    # Operand and accumulator layouts whose 16x16 fragments are the two innermost dimensions.
-    sampled_shared = sch.cache_read(conv, 1, "shared")
-    weight_shared = sch.cache_read(conv, 0, "shared")
+    # A GEMM over flat positions (batch, rows and columns fused): [out_channel] x [position]
+    # reduced over (tap, channel); every operand and accumulator layout has its 16x16 fragments
+    # as the two innermost dimensions (the sampled operand position-major, i.e. column-major B).
+    # Operand tiles and the epilogue's staging are all dynamic shared memory, which TVM merges
+    # into one allocation reusing bytes between buffers whose lifetimes do not overlap.
+    sampled_shared = sch.cache_read(conv, 1, "shared.dyn")
+    weight_shared = sch.cache_read(conv, 0, "shared.dyn")
     sampled_frag = sch.cache_read(conv, 1, "wmma.matrix_b")
     weight_frag = sch.cache_read(conv, 0, "wmma.matrix_a")
     sch.set_scope(conv, 0, "wmma.accumulator")
     conv_shared = sch.cache_read(output, 0, "shared.dyn")
     for block in (sampled_shared, sampled_frag):
-        sch.transform_layout(block, ("write", 0), lambda n, c, ky, kx, oy, ox: (n, ky, kx, oy, c, ox))
-    for block in (weight_shared, weight_frag):
-        sch.transform_layout(block, ("write", 0), lambda co, rc, ky, kx: (ky, kx, co, rc))
-    sch.transform_layout(conv, ("write", 0), lambda n, co, oy, ox: (n, oy, co, ox))
-    sch.transform_layout(conv_shared, ("write", 0), lambda n, co, oy, ox: (n, oy, co, ox))
+        sch.transform_layout(block, ("write", 0), lambda n, c, ky, kx, oy, ox: (ky, kx, flat(n, oy, ox), c))
+        sch.transform_block_layout(block, lambda n, c, ky, kx, oy, ox: (ky, kx, flat(n, oy, ox), c))
+    for block in (weight_shared, weight_frag):  # the weight is [co][ky][kx][rc] (channels last)
+        sch.transform_layout(block, ("write", 0), lambda co, ky, kx, rc: (ky, kx, co, rc))
+    for block in (conv, conv_shared):
+        sch.transform_layout(block, ("write", 0), lambda n, co, oy, ox: (co, flat(n, oy, ox)))
+    sch.transform_block_layout(conv, lambda n, co, oy, ox, rc, ky, kx: (co, flat(n, oy, ox), ky, kx, rc))
+    sch.transform_block_layout(conv_shared, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
+    sch.transform_block_layout(output, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
 
-    n, co, oy, ox, rc, ky, kx = sch.get_loops(conv)
+    co, p, ky, kx, rc = sch.get_loops(conv)
     co, co_i = sch.split(co, [None, FRAGMENT])
-    ox, ox_i = sch.split(ox, [None, FRAGMENT])
+    p, p_i = sch.split(p, [None, FRAGMENT])
     rc, rc_i = sch.split(rc, [None, FRAGMENT])
-    co_factors, oy_factors = tiles.co(sch, co), tiles.oy(sch, oy)
-    ox_factors, rc_factors = tiles.ox(sch, ox), tiles.rc(sch, rc)
-    warps_co, warps_oy = co_factors[1], oy_factors[1]
-    co_b, co_w, co_f = sch.split(co, co_factors)
-    oy_b, oy_w = sch.split(oy, oy_factors)
-    ox_b, ox_f = sch.split(ox, ox_factors)
-    rc_o, rc_f = sch.split(rc, rc_factors)
-    sch.reorder(n, co_b, oy_b, ox_b, co_w, oy_w, ky, kx, rc_o, rc_f, co_f, ox_f, co_i, ox_i, rc_i)
-    sch.bind(sch.fuse(n, co_b, oy_b, ox_b), "blockIdx.x")
-    warp = sch.fuse(co_w, oy_w)
+    co_frag_factors, p_frag_factors = tiles.co(sch, co), tiles.p(sch, p)
+    co, co_f = sch.split(co, co_frag_factors)
+    p, p_f = sch.split(p, p_frag_factors)
+    co_factors, p_factors = tiles.co_warps(sch, co), tiles.p_warps(sch, p)
+    co_b, co_w = sch.split(co, co_factors)
+    p_b, p_w = sch.split(p, p_factors)
+    warps_co, warps_p = co_factors[1], p_factors[1]
+    rc_o, rc_f = sch.split(rc, tiles.rc(sch, rc))
+    sch.reorder(co_b, p_b, co_w, p_w, ky, kx, rc_o, rc_f, co_f, p_f, co_i, p_i, rc_i)
+    sch.bind(sch.fuse(co_b, p_b), "blockIdx.x")
+    warp = sch.fuse(co_w, p_w)
     sch.bind(warp, "threadIdx.y")
 
     # Epilogue, one accumulator fragment at a time: the warp stores it to shared memory, then its
-    # lanes add the bias, cast and write it out (8 KB of staging for the whole block).
+    # lanes add the bias, cast and write it out.
     sch.reverse_compute_at(conv_shared, warp, preserve_unit_loops=True)
-    _, store_co, store_oy, store_ox = sch.get_loops(conv_shared)[-4:]
+    store_co, store_p = sch.get_loops(conv_shared)[-2:]
     store_co_f, store_co_i = sch.split(store_co, [None, FRAGMENT])
-    store_ox_f, store_ox_i = sch.split(store_ox, [None, FRAGMENT])
-    sch.reorder(store_oy, store_co_f, store_ox_f, store_co_i, store_ox_i)
-    sch.reverse_compute_at(output, store_ox_f, preserve_unit_loops=True)
-    out_lane = sch.fuse(*sch.get_loops(output)[-4:])
+    store_p_f, store_p_i = sch.split(store_p, [None, FRAGMENT])
+    sch.reorder(store_co_f, store_p_f, store_co_i, store_p_i)
+    sch.reverse_compute_at(output, store_p_f, preserve_unit_loops=True)
+    out_lane = sch.fuse(*sch.get_loops(output)[-2:])
     _, lane = sch.split(out_lane, [None, WARP])
     sch.bind(lane, "threadIdx.x")
 
@@ -195,32 +279,30 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     # The interpolated float16 tile of one tap and channel chunk, into shared memory.
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
     sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))
-    _, s_c, s_ky, s_kx, s_y, s_x = sch.get_loops(sampled_shared)[-6:]
-    sch.reorder(s_y, s_x, s_c, s_ky, s_kx)
-    # Channels in steps of ``fill_unroll``, unrolled within a step: that many channels' corner
-    # reads are in flight per thread while registers stay free for the accumulators.
-    _, s_c = sch.split(s_c, [None, tiles.fill_unroll(sch)])
-    place_sampling_in_registers(sch, s_c, _cooperative(sch, [s_y, s_x], warps_co, warps_oy))
+    _gather_channels_vectorised(sch, sampled_shared, tiles.vector(sch), warps_co, warps_p)
 
     # The chunk's weights of the tap, into shared memory.
     sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
-    _cooperative(sch, sch.get_loops(weight_shared)[-4:], warps_co, warps_oy)
+    w_co, w_ky, w_kx, w_rc = sch.get_loops(weight_shared)[-4:]
+    w_rc, w_vec = sch.split(w_rc, [None, VECTOR])
+    _cooperative(sch, [w_co, w_ky, w_kx, w_rc], warps_co, warps_p)
+    sch.vectorize(w_vec)
 
     # Per-warp operand fragments of one 16-channel step, then mma_sync.
-    b_c, b_ky, b_kx, b_y, b_x = sch.get_loops(sampled_frag)[-5:]
-    b_x_f, b_x_i = sch.split(b_x, [None, FRAGMENT])
-    sch.reorder(b_y, b_ky, b_kx, b_x_f, b_c, b_x_i)
-    sch.tensorize(b_c, cuda_intrinsics.WMMA_LOAD_16x16x16_F16_B_INTRIN)
-    a_co, a_rc, a_ky, a_kx = sch.get_loops(weight_frag)[-4:]
+    b_p, b_c = sch.get_loops(sampled_frag)[-2:]
+    b_p_f, b_p_i = sch.split(b_p, [None, FRAGMENT])
+    sch.reorder(b_p_f, b_p_i, b_c)
+    sch.tensorize(b_p_i, intrinsics.WMMA_LOAD_16x16x16_F16_B_TRANS_DYN_INTRIN)
+    a_co, a_ky, a_kx, a_rc = sch.get_loops(weight_frag)[-4:]
     a_co_f, a_co_i = sch.split(a_co, [None, FRAGMENT])
     sch.reorder(a_ky, a_kx, a_co_f, a_co_i, a_rc)
-    sch.tensorize(a_co_i, cuda_intrinsics.WMMA_LOAD_16x16x16_F16_A_INTRIN)
+    sch.tensorize(a_co_i, intrinsics.WMMA_LOAD_16x16x16_F16_A_DYN_INTRIN)
 
-    sch.tensorize(store_co_i, cuda_intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN)
+    sch.tensorize(store_co_i, intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN)
     init = sch.decompose_reduction(conv, ky)
-    init_co_i, init_ox_i = sch.get_loops(init)[-2:]
-    sch.tensorize(init_co_i, cuda_intrinsics.WMMA_FILL_16x16x16_F32_INTRIN)
-    sch.tensorize(co_i, cuda_intrinsics.WMMA_SYNC_16x16x16_f16f16f32_INTRIN)
+    init_co_i = sch.get_loops(init)[-2]
+    sch.tensorize(init_co_i, intrinsics.WMMA_FILL_16x16x16_F32_INTRIN)
+    sch.tensorize(co_i, intrinsics.WMMA_SYNC_16x16x16_f16f16f32_TRANS_INTRIN)
 
 
 def schedule_cuda_tensorcore(mod, spec: DeformConvSpec, tiling: TensorCoreTiling | None = None) -> s_tir.Schedule:
@@ -230,10 +312,18 @@ def schedule_cuda_tensorcore(mod, spec: DeformConvSpec, tiling: TensorCoreTiling
     return sch
 
 
+def seed_tensorcore_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
+    """The default tiling as a point of ``deft_cuda_tensorcore_space`` (sampling instructions
+    decided as ``TensorCoreTiling.for_spec``), for the search to start from."""
+    sch = s_tir.Schedule(mod)
+    apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec, start=TensorCoreTiling.for_spec(spec)))
+    return sch
+
+
 def deft_cuda_tensorcore_space(spec: DeformConvSpec):
     """MetaSchedule design space (for ``ScheduleFn``): the tensor-core schedule with sampled tiles."""
 
     def space(sch: s_tir.Schedule) -> None:
-        apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles())
+        apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec))
 
     return space

@@ -12,10 +12,10 @@ import tvm
 from tvm.support import nvcc
 
 from deft_tvm.compute import deform_conv2d_primfunc
-from deft_tvm.schedules import default_schedule, design_space
+from deft_tvm.schedules import default_schedule, design_space, kernel_spec
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
-from deft_tvm.targets import cuda_target, exact_cuda_compilation
+from deft_tvm.targets import compile_kernel, cuda_target, exact_cuda_compilation
 from deft_tvm.tuning_db import best_schedule, committed_root, database_dir, database_dirs
 from deft_tvm.workloads import get_workload
 
@@ -32,13 +32,13 @@ SHAPES = {
 }
 
 
-TENSOR_CORE_SPEC = get_workload("test_tensor_core_small", "float16").spec
+TENSOR_CORE_SPEC = get_workload("test_tensor_core_small", "float16").for_target(cuda_target("sm_90")).spec
 
 
 def _cuda_source(spec: DeformConvSpec, arch: str, sch=None) -> str:
     target = cuda_target(arch)
     sch = sch or default_schedule(deform_conv2d_primfunc(spec), spec, target)
-    executable = tvm.compile(sch.mod, target=target)
+    executable = compile_kernel(sch.mod, target)
     (device_module,) = executable.mod.imports
     return device_module.inspect_source()
 
@@ -86,20 +86,31 @@ def _compile_cubin(source: str, arch: str) -> bytes:
         (TENSOR_CORE_SPEC, True),
         (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32"), False),  # no TF32/fp32 WMMA in TVM
         (dataclasses.replace(TENSOR_CORE_SPEC, dtype="bfloat16"), False),
-        (dataclasses.replace(TENSOR_CORE_SPEC, width=12), False),  # out_w % 16
+        (dataclasses.replace(TENSOR_CORE_SPEC, width=13), False),  # batch * out_h * out_w % 16
+        (dataclasses.replace(TENSOR_CORE_SPEC, width=12), True),  # rows need not be whole fragments
         (dataclasses.replace(TENSOR_CORE_SPEC, out_channels=24), False),  # out_channels % 16
         (dataclasses.replace(TENSOR_CORE_SPEC, groups=2), False),
     ],
-    ids=["fp16", "fp32", "bf16", "width12", "cout24", "groups2"],
+    ids=["fp16", "fp32", "bf16", "width13", "width12", "cout24", "groups2"],
 )
 def test_which_layers_take_tensor_cores(spec, expected):
     assert supports_tensor_cores(spec) is expected
+    # Those layers' CUDA kernels gather from a channels-last input; CPU kernels read NCHW.
+    nchw = dataclasses.replace(spec, layout="NCHW")
+    assert kernel_spec(nchw, cuda_target("sm_90")).layout == ("NHWC" if expected else "NCHW")
+    assert kernel_spec(nchw, tvm.target.Target("llvm")).layout == "NCHW"
+
+
+def test_float16_nchw_input_takes_the_simt_schedule():
+    spec = dataclasses.replace(TENSOR_CORE_SPEC, layout="NCHW")
+    assert "mma_sync" not in _cuda_source(spec, "sm_90")
 
 
 def test_float16_default_uses_tensor_cores_and_compiles_with_nvcc():
     source = _cuda_source(TENSOR_CORE_SPEC, "sm_90")
     assert source.count("nvcuda::wmma::mma_sync") >= 1
-    assert "half sampled_shared" in source  # the interpolated tile is staged as float16 operands
+    assert "*(uint4*)(input_ptr" in source  # 8 channels of a corner per 16-byte read (channels last)
+    assert "*(uint4*)(weight_ptr" in source
     cubin = _compile_cubin(source, "sm_90")
     assert cubin[:4] == b"\x7fELF"
 
@@ -126,7 +137,7 @@ def test_committed_cuda_records_replay_and_compile():
         spec, sch = best_schedule(directory, target)
         assert sch is not None, directory
         source = _cuda_source(spec, "sm_90", sch)
-        assert ("mma_sync" in source) == supports_tensor_cores(spec)
+        assert ("mma_sync" in source) == (supports_tensor_cores(spec) and spec.layout == "NHWC")
 
 
 def test_committed_readable_schedules_replay_their_records():
@@ -135,7 +146,7 @@ def test_committed_readable_schedules_replay_their_records():
     assert len(readable) == len(database_dirs(committed_root(), target))
     for path in readable:
         name, dtype = path.stem.rsplit("_", 1)
-        spec = get_workload(name, dtype).spec
+        spec = get_workload(name, dtype).for_target(target).spec
         _, recorded = best_schedule(database_dir(committed_root(), spec, target), target)
         namespace = {}
         exec(compile(path.read_text(), str(path), "exec"), namespace)

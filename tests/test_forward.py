@@ -9,8 +9,10 @@ import torch
 
 import deft_tvm
 from deft_tvm import deform_conv2d_reference
+from deft_tvm.kernel_cache import get_kernel
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.tolerances import assert_close
+from deft_tvm.workloads import kernel_arguments
 
 from helpers import DTYPES, make_case
 
@@ -84,3 +86,26 @@ def test_output_does_not_alias_inputs_and_inputs_are_untouched():
     deft_tvm.deform_conv2d(**args)
     for name, value in before.items():
         assert torch.equal(args[name], value), name
+
+
+@pytest.mark.parametrize("shape", ["asymmetric", "1x1", "batch33_small"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_channels_last_input_kernel_matches_reference(shape, memory_format):
+    # The compute with layout="NHWC" (what the CUDA tensor-core kernels gather from), on the
+    # CPU target, fed as the custom op feeds it from either memory format.
+    spec = dataclasses.replace(SHAPES[shape], layout="NHWC")
+    args = make_case(spec)
+    kernel = get_kernel(spec, torch.device("cpu"))
+    out = torch.empty(spec.output_shape, dtype=args["input"].dtype)
+    source = args["input"].contiguous(memory_format=memory_format)
+    kernel(*kernel_arguments(spec, source, args["offset"], args["mask"], args["weight"], args["bias"]), out)
+    assert_close(out, deform_conv2d_reference(**args), spec.dtype)
+
+
+def test_kernel_layout_is_part_of_the_key():
+    spec = SHAPES["asymmetric"]
+    nhwc = dataclasses.replace(spec, layout="NHWC")
+    assert nhwc.key() == spec.key() + "_nhwc"
+    assert nhwc.kernel_input_shape == (2, 9, 11, 6)
+    with pytest.raises(ValueError, match="layout 'CHWN' is not supported"):
+        dataclasses.replace(spec, layout="CHWN")

@@ -10,8 +10,10 @@ import torch
 
 import deft_tvm
 from deft_tvm import kernel_cache
+from deft_tvm.schedules import kernel_spec
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
+from deft_tvm.targets import target_for_device
 from deft_tvm.tolerances import assert_close
 from deft_tvm.workloads import BENCHMARK_WORKLOADS, get_workload
 
@@ -33,7 +35,8 @@ def _prebuild_kernels():
              for d in GPU_DTYPES]
     specs += [get_workload(name, d).spec for name in BENCHMARK_WORKLOADS for d in GPU_DTYPES]
     specs += [dataclasses.replace(SHAPES["asymmetric"], has_bias=False, dtype=d) for d in GPU_DTYPES]
-    kernel_cache.prebuild(specs, torch.device("cuda"))
+    target = target_for_device(torch.device("cuda"))
+    kernel_cache.prebuild([kernel_spec(s, target) for s in specs], torch.device("cuda"))
 
 
 def _to(args: dict, device="cuda", dtype=None) -> dict:
@@ -98,13 +101,21 @@ def test_extreme_offsets_match_torchvision():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("variant", ["v2_mask", "v1_no_mask_no_bias", "extreme_offsets"])
+@pytest.mark.parametrize(
+    "variant", ["v2_mask", "v1_no_mask_no_bias", "extreme_offsets", "channels_last_input", "width_12", "batch_1"]
+)
 def test_tensor_core_schedule_matches_torchvision(variant):
     spec = get_workload("test_tensor_core_small", "float16").spec
     if variant == "v1_no_mask_no_bias":
         spec = dataclasses.replace(spec, has_mask=False, has_bias=False)
+    if variant == "width_12":  # fragments of 16 positions span rows
+        spec = dataclasses.replace(spec, width=12)
+    if variant == "batch_1":
+        spec = dataclasses.replace(spec, batch=1)
     assert supports_tensor_cores(spec)
     args = _to(make_case(spec, seed=6))
+    if variant == "channels_last_input":  # taken without a copy
+        args["input"] = args["input"].contiguous(memory_format=torch.channels_last)
     if variant == "extreme_offsets":
         gen = torch.Generator().manual_seed(7)
         extremes = torch.tensor([1e4, -1e4, math.inf, -math.inf, 20.0, -1.0, 0.5], dtype=torch.float16)
@@ -201,10 +212,10 @@ def test_exported_cuda_library_round_trip(tmp_path):
     from deft_tvm import library
     from deft_tvm.compute import deform_conv2d_primfunc
     from deft_tvm.schedules import default_schedule
-    from deft_tvm.targets import target_for_device
 
     target = target_for_device(torch.device("cuda"))
     specs = [dataclasses.replace(SHAPES["asymmetric"], dtype=d) for d in GPU_DTYPES]
+    specs.append(kernel_spec(get_workload("test_tensor_core_small", "float16").spec, target))  # channels-last
     entries = [library.KernelEntry(s, default_schedule(deform_conv2d_primfunc(s), s, target), "default schedule")
                for s in specs]
     manifest = library.export_library(entries, target, tmp_path / "lib")
@@ -214,8 +225,7 @@ def test_exported_cuda_library_round_trip(tmp_path):
         import torch, tvm
         import deft_tvm
         from deft_tvm import kernel_cache
-        from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
-from deft_tvm.spec import DeformConvSpec
+        from deft_tvm.spec import DeformConvSpec
         from torchvision.ops import deform_conv2d as tv
 
         def forbidden(*args, **kwargs):
@@ -241,6 +251,7 @@ from deft_tvm.spec import DeformConvSpec
             assert_close(out, ref, spec.dtype)
         print("ran without the compiler")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # From another folder: the checkout's deft_tvm/ (without its schedules) must not shadow the install.
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ran without the compiler" in result.stdout

@@ -18,10 +18,10 @@ import deft_tvm
 from deft_tvm import kernel_cache, tuning_db
 from deft_tvm.cli import write_readable_schedule
 from deft_tvm.compute import deform_conv2d_primfunc
-from deft_tvm.schedules import default_schedule, design_space
-from deft_tvm.targets import cuda_target, target_for_device
+from deft_tvm.schedules import default_schedule, design_space, search_start
+from deft_tvm.targets import compile_kernel, cuda_target, target_for_device
 from deft_tvm.tolerances import assert_close
-from deft_tvm.tuning import TUNING_FILE, ProfileInputs, record_count, space_generator, tune
+from deft_tvm.tuning import TUNING_FILE, ProfileInputs, measured_records, record_count, space_generator, tune
 from deft_tvm.workloads import PROFILES, get_workload
 
 from helpers import make_case
@@ -53,17 +53,28 @@ def test_measurement_inputs_refuse_another_kernel():
 def test_cpu_tuning_writes_a_resumable_database(tmp_path, isolated_cache):
     target = target_for_device("cpu")
     directory = tuning_db.database_dir(tmp_path, SMALL.spec, target)
-    result = tune(SMALL.spec, SMALL.profile, target, directory, trials=2, trials_per_round=2, seed=1)
-    assert result.new_trials == 2 and record_count(directory) == 2 and result.best_s is not None
+    result = tune(SMALL.spec, SMALL.profile, target, directory, trials=3, trials_per_round=2, seed=1)
+    # The first record is the default schedule (the search's start), the next two the search's.
+    assert result.new_trials == 2 and record_count(directory) == 3 and result.best_s is not None
+    traces = [str(r.trace) for r in measured_records(directory)]
+    assert sum("sample_perfect_tile" in t for t in traces) == 2  # the tiles came from the search
     spec, sch = tuning_db.best_schedule(directory, target)
     assert spec == SMALL.spec and sch is not None
-    assert "sample_perfect_tile" in str(sch.trace)  # the tiles came from the search, not fixed
     assert json.loads((directory / TUNING_FILE).read_text())["space"] == "deft"
 
-    again = tune(SMALL.spec, SMALL.profile, target, directory, trials=2, seed=1)
-    assert again.new_trials == 0 and record_count(directory) == 2  # resumed: nothing left to run
+    again = tune(SMALL.spec, SMALL.profile, target, directory, trials=3, seed=1)
+    assert again.new_trials == 0 and record_count(directory) == 3  # resumed: nothing left to run
     with pytest.raises(ValueError, match=r"tuned with offset profile 'normal_2px', not 'normal_8px'"):
         tune(SMALL.spec, "normal_8px", target, directory, trials=4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"], ids=["tensor_cores", "simt"])
+def test_cuda_search_starts_from_the_default_schedule_as_a_point_of_the_space(dtype):
+    target = cuda_target("sm_90")
+    spec = get_workload("paper_64c_64x64_n32", dtype).for_target(target).spec
+    start = search_start(spec, target)
+    assert "sample_perfect_tile" in str(start.trace)  # mutable by the search
+    tvm.ir.assert_structural_equal(start.mod, default_schedule(deform_conv2d_primfunc(spec), spec, target).mod)
 
 
 def test_generic_space_is_metaschedules_default_and_kept_apart(tmp_path):
@@ -110,7 +121,7 @@ def test_sampled_cuda_schedules_generate_code(seed):
     design_space(spec, cuda_target("sm_90"))(sch)
     decisions = [tuple(int(x) for x in d) for d in sch.trace.decisions.values()]
     assert len(decisions) == 4  # output channels, rows, columns, input-channel chunk
-    source = tvm.compile(sch.mod, target=cuda_target("sm_90")).mod.imports[0].inspect_source()
+    source = compile_kernel(sch.mod, cuda_target("sm_90")).mod.imports[0].inspect_source()
     assert "__shared__" in source and "__global__" in source
 
 
