@@ -8,6 +8,17 @@ from deft_tvm.spec import DeformConvSpec
 
 DTYPES = ["float64", "float32", "float16", "bfloat16"]
 
+# float16 layers the CUDA tensor-core schedule takes, with torchvision-style asymmetric parameters:
+# few channels per offset group (2-byte gathers), positions spanning rows, stride/dilation per axis,
+# no mask or bias, 1x1 kernels.
+TENSOR_CORE_SHAPES = {
+    "og8_cpg2": DeformConvSpec(1, 16, 8, 16, 16, 3, 3, padding=(1, 1), offset_groups=8, dtype="float16"),
+    "og3_width8": DeformConvSpec(2, 48, 9, 8, 32, 3, 3, padding=(1, 1), offset_groups=3, dtype="float16"),
+    "asymmetric": DeformConvSpec(2, 32, 17, 15, 48, 3, 3, stride=(2, 1), padding=(1, 0), dilation=(2, 1),
+                                 offset_groups=4, dtype="float16", has_mask=False, has_bias=False),
+    "1x1": DeformConvSpec(4, 64, 8, 8, 16, 1, 1, dtype="float16"),
+}
+
 def make_case(spec: DeformConvSpec, *, seed: int = 0, offset_scale: float = 2.0):
     """Random arguments for ``spec`` as keyword arguments of ``deform_conv2d``."""
     gen = torch.Generator().manual_seed(seed)

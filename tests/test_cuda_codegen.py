@@ -19,7 +19,7 @@ from deft_tvm.targets import compile_kernel, cuda_target, exact_cuda_compilation
 from deft_tvm.tuning_db import best_schedule, committed_root, database_dir, database_dirs
 from deft_tvm.workloads import get_workload
 
-from helpers import DTYPES
+from helpers import DTYPES, TENSOR_CORE_SHAPES
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 
@@ -99,6 +99,15 @@ def test_which_layers_take_tensor_cores(spec, expected):
     nchw = dataclasses.replace(spec, layout="NCHW")
     assert kernel_spec(nchw, cuda_target("sm_90")).layout == ("NHWC" if expected else "NCHW")
     assert kernel_spec(nchw, tvm.target.Target("llvm")).layout == "NCHW"
+
+
+@pytest.mark.parametrize("shape", list(TENSOR_CORE_SHAPES))
+def test_tensor_core_schedule_compiles_for_asymmetric_layers(shape):
+    spec = kernel_spec(TENSOR_CORE_SHAPES[shape], cuda_target("sm_90"))
+    assert spec.layout == "NHWC"
+    source = _cuda_source(spec, "sm_90")
+    assert "nvcuda::wmma::mma_sync" in source
+    assert _compile_cubin(source, "sm_90")[:4] == b"\x7fELF"
 
 
 def test_float16_nchw_input_takes_the_simt_schedule():

@@ -17,7 +17,7 @@ from deft_tvm.targets import target_for_device
 from deft_tvm.tolerances import assert_close
 from deft_tvm.workloads import BENCHMARK_WORKLOADS, get_workload
 
-from helpers import make_case, small_dcn_model
+from helpers import TENSOR_CORE_SHAPES, make_case, small_dcn_model
 from test_forward import SHAPES
 
 pytestmark = pytest.mark.gpu
@@ -35,6 +35,7 @@ def _prebuild_kernels():
              for d in GPU_DTYPES]
     specs += [get_workload(name, d).spec for name in BENCHMARK_WORKLOADS for d in GPU_DTYPES]
     specs += [dataclasses.replace(SHAPES["asymmetric"], has_bias=False, dtype=d) for d in GPU_DTYPES]
+    specs += list(TENSOR_CORE_SHAPES.values())
     target = target_for_device(torch.device("cuda"))
     kernel_cache.prebuild([kernel_spec(s, target) for s in specs], torch.device("cuda"))
 
@@ -123,6 +124,14 @@ def test_tensor_core_schedule_matches_torchvision(variant):
         pick = extremes[torch.randint(0, len(extremes), offset.shape, generator=gen)]
         args["offset"] = torch.where(torch.rand(offset.shape, generator=gen) < 0.4, pick, offset).cuda()
     out = _check_against_torchvision(args, "float16")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("shape", list(TENSOR_CORE_SHAPES))
+def test_tensor_core_schedule_matches_torchvision_on_asymmetric_layers(shape):
+    spec = TENSOR_CORE_SHAPES[shape]
+    assert supports_tensor_cores(spec)
+    out = _check_against_torchvision(_to(make_case(spec, seed=8)), "float16")
     assert torch.isfinite(out).all()
 
 
