@@ -22,18 +22,22 @@ from .cuda_tensorcore import (
 )
 
 
+def _takes_tensor_cores(spec) -> bool:
+    """Whether ``spec``'s CUDA kernel is the tensor-core schedule: the layer tiles into its
+    fragments and the kernel gathers from channels-last tensors (``kernel_spec``)."""
+    return supports_tensor_cores(spec) and spec.layout == "NHWC"
+
+
 def _schedule_cuda(mod, spec) -> s_tir.Schedule:
-    """Tensor cores where the layer tiles into their fragments (its kernel gathers from a
-    channels-last input), the SIMT schedule otherwise."""
-    if supports_tensor_cores(spec) and spec.layout == "NHWC":
+    """The tensor-core schedule where ``_takes_tensor_cores``, the SIMT schedule otherwise."""
+    if _takes_tensor_cores(spec):
         return schedule_cuda_tensorcore(mod, spec)
     return schedule_cuda(mod, spec)
 
 
 def _cuda_space(spec):
-    """The tensor-core space where the layer tiles into their fragments (channels-last input),
-    the SIMT space otherwise."""
-    if supports_tensor_cores(spec) and spec.layout == "NHWC":
+    """The tensor-core space where ``_takes_tensor_cores``, the SIMT space otherwise."""
+    if _takes_tensor_cores(spec):
         return deft_cuda_tensorcore_space(spec)
     return deft_cuda_space(spec)
 
@@ -60,8 +64,9 @@ def kernel_spec(spec, target):
     """The spec of the kernel ``target`` runs for the call ``spec`` describes: on CUDA, layers the
     tensor-core schedule takes gather from channels-last input and weight (``layout="NHWC"``);
     everything else reads NCHW."""
-    channels_last = target.kind.name == "cuda" and supports_tensor_cores(spec)
-    return dataclasses.replace(spec, layout="NHWC" if channels_last else "NCHW")
+    layout = "NHWC" if target.kind.name == "cuda" and supports_tensor_cores(spec) else "NCHW"
+    # The op asks on every call: keep the spec (and its cached key) when it already fits.
+    return spec if spec.layout == layout else dataclasses.replace(spec, layout=layout)
 
 
 def default_schedule(mod, spec, target) -> s_tir.Schedule:
@@ -78,7 +83,7 @@ def search_start(spec, target) -> s_tir.Schedule:
     mod = deform_conv2d_primfunc(spec)
     if target.kind.name != "cuda":
         return default_schedule(mod, spec, target)
-    if supports_tensor_cores(spec) and spec.layout == "NHWC":
+    if _takes_tensor_cores(spec):
         return seed_tensorcore_schedule(mod, spec)
     return seed_cuda_schedule(mod, spec)
 

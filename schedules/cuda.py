@@ -81,6 +81,16 @@ def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
+def place_sampling_point_in_registers(sch: s_tir.Schedule, position) -> None:
+    """The sampling point (four corner indices, four weights times the mask) computed into
+    registers under ``position``, once for all the channels a thread interpolates there."""
+    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
+        block = sch.get_sblock(stage)
+        sch.compute_at(block, position, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "local")
+        sch.unroll(sch.get_loops(block)[-1])
+
+
 def place_sampling_in_registers(sch: s_tir.Schedule, channel, position) -> None:
     """Under the interpolated tile's fill (one thread per position, ``channel`` its innermost
     channel loop, unrolled here): the four corners of a channel are read into registers
@@ -90,11 +100,7 @@ def place_sampling_in_registers(sch: s_tir.Schedule, channel, position) -> None:
     sch.compute_at(corner, channel, preserve_unit_loops=True)
     sch.set_scope(corner, 0, "local")
     sch.unroll(sch.get_loops(corner)[-1])
-    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
-        block = sch.get_sblock(stage)
-        sch.compute_at(block, position, preserve_unit_loops=True)
-        sch.set_scope(block, 0, "local")
-        sch.unroll(sch.get_loops(block)[-1])
+    place_sampling_point_in_registers(sch, position)
     sch.unroll(channel)
 
 

@@ -28,16 +28,8 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute import (
-    STAGE_CONV,
-    STAGE_CORNER,
-    STAGE_INDEX,
-    STAGE_OUTPUT,
-    STAGE_POINT_WEIGHT,
-    STAGE_SAMPLED,
-    STAGE_WEIGHT,
-)
-from deft_tvm.schedules.cuda import largest_divisor
+from deft_tvm.compute import STAGE_CONV, STAGE_CORNER, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
+from deft_tvm.schedules.cuda import largest_divisor, place_sampling_point_in_registers
 from deft_tvm.spec import DeformConvSpec
 
 FRAGMENT = 16
@@ -201,11 +193,7 @@ def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: 
     sch.reorder(corner_k, corner_c)
     sch.unroll(corner_k)
     sch.vectorize(corner_c)
-    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
-        block = sch.get_sblock(stage)
-        sch.compute_at(block, lane, preserve_unit_loops=True)
-        sch.set_scope(block, 0, "local")
-        sch.unroll(sch.get_loops(block)[-1])
+    place_sampling_point_in_registers(sch, lane)
 
 
 def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
