@@ -49,14 +49,15 @@ DEFAULT_CHUNK = 32
 @dataclasses.dataclass(frozen=True)
 class TensorCoreTiling:
     """Warps of the block and 16x16 fragments per warp along output channels and flat positions,
-    16-channel fragments per reduction chunk, and the channels a thread gathers per corner read."""
+    16-channel fragments per reduction chunk, and the channels a thread gathers per corner read
+    (no defaults: ``for_spec`` picks them for a layer)."""
 
-    warps_co: int = 2
-    frags_co: int = 2
-    warps_p: int = 4
-    frags_p: int = 4
-    k_frags: int = 2
-    vector: int = VECTOR
+    warps_co: int
+    frags_co: int
+    warps_p: int
+    frags_p: int
+    k_frags: int
+    vector: int
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "TensorCoreTiling":
