@@ -32,6 +32,9 @@ class DeformConvSpec:
     ``kernel_weight_shape``; torch's channels_last tensors permuted, no copy), which lets a GPU
     kernel read the channels of a sampling point or a weight row contiguously. The torch-facing
     shapes above do not depend on it.
+
+    ``tf32`` (float32 only) lets a kernel multiply on TF32 tensor cores (operands with 10 mantissa
+    bits, sums in float32), as torch's matmuls do when ``torch.backends.cuda.matmul.allow_tf32``.
     """
 
     batch: int
@@ -50,10 +53,13 @@ class DeformConvSpec:
     has_bias: bool = True
     dtype: str = "float32"
     layout: str = "NCHW"
+    tf32: bool = False
 
     def __post_init__(self):
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype {self.dtype!r} is not supported; expected one of {SUPPORTED_DTYPES}")
+        if self.tf32 and self.dtype != "float32":
+            raise ValueError(f"tf32 applies to float32 only, got dtype {self.dtype!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout {self.layout!r} is not supported; expected one of {LAYOUTS}")
         non_negative = {"batch": self.batch, "padding": min(self.padding)}
@@ -150,7 +156,7 @@ class DeformConvSpec:
             f"_p{self.padding[0]}x{self.padding[1]}_d{self.dilation[0]}x{self.dilation[1]}"
             f"_g{self.groups}_og{self.offset_groups}_{'m' if self.has_mask else 'nm'}"
             f"{'b' if self.has_bias else 'nb'}_{self.dtype}"
-            f"{'_nhwc' if self.layout == 'NHWC' else ''}"
+            f"{'_nhwc' if self.layout == 'NHWC' else ''}{'_tf32' if self.tf32 else ''}"
         )
 
     def key(self) -> str:

@@ -41,18 +41,11 @@ def exact_cuda_compilation():
                 os.environ[name] = value
 
 
-# TVM 0.27's StorageRewrite folds the tensor-core kernel's float16 operand tiles and float32
-# epilogue staging (all dynamic shared memory) into one typed allocation that LowerIntrin then
-# rejects ("tvm_access_ptr element type must match the source buffer"). Without it the dynamic
-# shared memory merge still overlaps buffers whose lifetimes do not, and nvcc allocates registers.
-PASS_CONFIG = {"tirx.disable_storage_rewrite": True}
-
-
 @contextlib.contextmanager
 def kernel_compilation():
-    """While active, TVM builds kernels as deft_tvm does: ``PASS_CONFIG``, and CUDA compiled with
-    nvcc without fast math (``exact_cuda_compilation``)."""
-    with exact_cuda_compilation(), tvm.transform.PassContext(config=PASS_CONFIG):
+    """While active, TVM builds kernels as deft_tvm does (CUDA compiled with nvcc without fast
+    math, ``exact_cuda_compilation``)."""
+    with exact_cuda_compilation():
         yield
 
 

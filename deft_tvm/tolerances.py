@@ -15,7 +15,11 @@ inputs) the error is therefore:
     off by at most half an ulp relative (2**-11 float16, 2**-8 bfloat16), and with independent
     signs the sum by about that times the root-sum-square of the products, which for layers with
     weights of scale 1/sqrt(K) on unit inputs is of order one: ~5e-4 (float16) and ~4e-3
-    (bfloat16), inside ``atol`` 1e-3 and 8e-3.
+    (bfloat16), inside ``atol`` 1e-3 and 8e-3;
+  * float32 on TF32 tensor cores (row "tf32", ``tolerance_key``): both operands of each product
+    lose their low 13 mantissa bits (truncated to 10: up to 2**-10 relative each), so by the
+    argument above the sum is off by about 2**-10 times the root-sum-square of the products
+    (~1e-3 for those layers, more where the truncations add up): ``rtol`` and ``atol`` 5e-3.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"rtol": 1e-5, "atol": 1e-4},
     "float16": {"rtol": 2e-3, "atol": 1e-3},
     "bfloat16": {"rtol": 1.6e-2, "atol": 8e-3},
+    "tf32": {"rtol": 5e-3, "atol": 5e-3},
 }
+
+
+def tolerance_key(dtype: str, tf32: bool = False) -> str:
+    """The row of ``TOLERANCES`` for a kernel of ``dtype`` (``"tf32"`` for float32 on TF32)."""
+    return "tf32" if tf32 and dtype == "float32" else dtype
 
 
 def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: str) -> None:

@@ -57,16 +57,22 @@ def register_tensor_intrinsics(target) -> None:
     """Register the tensor intrinsics ``target``'s schedules may use, before replaying a stored
     trace (a tuning record) that tensorizes: imported only then, as registering them is slow."""
     if target.kind.name == "cuda":
-        from tvm.s_tir.tensor_intrin import cuda  # noqa: F401 - registers the WMMA intrinsics
+        from .cuda_tf32 import register_tf32_intrinsics
+
+        register_tf32_intrinsics()  # and TVM's WMMA/MMA intrinsics, which it imports
 
 
 def kernel_spec(spec, target):
     """The spec of the kernel ``target`` runs for the call ``spec`` describes: on CUDA, layers the
-    tensor-core schedule takes gather from channels-last input and weight (``layout="NHWC"``);
-    everything else reads NCHW."""
-    layout = "NHWC" if target.kind.name == "cuda" and supports_tensor_cores(spec) else "NCHW"
+    tensor-core schedule takes (float16; float32 where ``spec.tf32`` allows TF32) gather from
+    channels-last input and weight (``layout="NHWC"``); everything else reads NCHW in full
+    precision."""
+    channels_last = target.kind.name == "cuda" and supports_tensor_cores(spec)
+    layout, tf32 = ("NHWC", spec.tf32) if channels_last else ("NCHW", False)
     # The op asks on every call: keep the spec (and its cached key) when it already fits.
-    return spec if spec.layout == layout else dataclasses.replace(spec, layout=layout)
+    if (spec.layout, spec.tf32) == (layout, tf32):
+        return spec
+    return dataclasses.replace(spec, layout=layout, tf32=tf32)
 
 
 def default_schedule(mod, spec, target) -> s_tir.Schedule:

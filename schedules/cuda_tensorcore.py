@@ -40,10 +40,53 @@ MAX_FRAGS = 4
 MAX_WARPS_CO = 4
 MAX_WARPS_P = 8
 MAX_K_FRAGS = 4
-# Channels a thread reads or writes at once: 16 bytes of float16.
+# Channels a thread reads or writes at once: 16 bytes of float16 (4 float32).
 VECTOR = 8
 # Input channels of a reduction chunk in the default tiling.
 DEFAULT_CHUNK = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """How a tensor-core layer's operands reach the tensor cores: float16 through WMMA 16x16x16
+    fragments, float32 (TF32) through PTX mma m16n8k8 on warp-scope fragments (``cuda_tf32``)."""
+
+    k: int  # channels per reduction fragment
+    vector: int  # channels per 16-byte read
+    scope_a: str
+    scope_b: str
+    scope_c: str
+    load_a: str
+    load_b: str
+    sync: str
+    fill: str
+    store: str
+
+    @property
+    def warp_fragments(self) -> bool:
+        return self.scope_c == "warp"
+
+
+def operands(dtype: str) -> Operands:
+    """The ``Operands`` of a ``dtype`` layer (registers the intrinsics: slow the first time)."""
+    from tvm.s_tir.tensor_intrin import cuda as intrinsics
+
+    from deft_tvm.schedules.cuda_tf32 import register_tf32_intrinsics
+
+    if dtype == "float16":
+        return Operands(
+            16, 8, "wmma.matrix_a", "wmma.matrix_b", "wmma.accumulator",
+            ops.load_a, ops.load_b,
+            ops.sync, ops.fill,
+            ops.store,
+        )
+    load_a, load_b, sync = register_tf32_intrinsics()
+    return Operands(8, 4, "warp", "warp", "warp", load_a, load_b, sync, intrinsics.MMA_fill_16x16_f32_INTRIN,
+                    intrinsics.MMA_store_16x16_f32_shared_dyn_INTRIN)
+
+
+def _k_fragment(spec: DeformConvSpec) -> int:
+    return 16 if spec.dtype == "float16" else 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +108,10 @@ class TensorCoreTiling:
         ``tools/sweep_cuda_tiling.py``): up to 128 output channels (each block interpolates its
         positions once for all of its channels) on 2 warps (4 above 64 channels), one warp along
         positions with 2 fragments of them (4 above 64 channels), 32-channel reduction chunks."""
+        k = _k_fragment(spec)
         co_frags = spec.out_channels // spec.groups // FRAGMENT
         p_frags = spec.batch * spec.out_h * spec.out_w // FRAGMENT
-        k_frags = spec.in_channels // spec.groups // FRAGMENT
+        k_frags = spec.in_channels // spec.groups // k
         block_co = largest_divisor(co_frags, 8)
         wide = block_co > 4
         warps_co = largest_divisor(block_co, 4 if wide else 2)
@@ -76,14 +120,15 @@ class TensorCoreTiling:
             frags_co=block_co // warps_co,
             warps_p=1,
             frags_p=largest_divisor(p_frags, 4 if wide else 2),
-            k_frags=largest_divisor(k_frags, DEFAULT_CHUNK // FRAGMENT),
+            k_frags=largest_divisor(k_frags, DEFAULT_CHUNK // k),
             vector=_vector(spec),
         )
 
 
 def _vector(spec: DeformConvSpec) -> int:
     """Channels per corner read: up to 16 bytes of consecutive channels of one offset group."""
-    return largest_divisor(spec.in_channels // spec.offset_groups, VECTOR)
+    per_read = VECTOR if spec.dtype == "float16" else VECTOR // 2
+    return largest_divisor(spec.in_channels // spec.offset_groups, per_read)
 
 
 class FixedTensorCoreTiles:
@@ -146,10 +191,11 @@ class SampledTensorCoreTiles:
 
 
 def supports_tensor_cores(spec: DeformConvSpec) -> bool:
-    """Whether the layer tiles exactly into 16x16x16 float16 fragments (one group; channels, and
-    positions over the whole batch, in multiples of 16)."""
+    """Whether the layer runs on tensor cores: float16, or float32 where TF32 is allowed
+    (``spec.tf32``), tiling exactly into 16x16 fragments (one group; channels, and positions over
+    the whole batch, in multiples of 16)."""
     return (
-        spec.dtype == "float16"
+        (spec.dtype == "float16" or spec.tf32)
         and spec.groups == 1
         and (spec.in_channels // spec.groups) % FRAGMENT == 0
         and (spec.out_channels // spec.groups) % FRAGMENT == 0
@@ -201,25 +247,24 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     """Apply the tensor-core DefT schedule to ``sch`` (of ``deform_conv2d_primfunc`` of a spec with
     ``layout="NHWC"``) in place, with split factors from ``tiles``
     (``FixedTensorCoreTiles`` or ``SampledTensorCoreTiles``)."""
-    # Importing TVM's tensor intrinsics registers all of them (about a minute on a slow CPU): only
-    # schedules that use them pay for it.
-    from tvm.s_tir.tensor_intrin import cuda as intrinsics
-
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)
+    # Importing TVM's tensor intrinsics registers all of them (about a minute on a slow CPU): only
+    # schedules that use them pay for it.
+    ops = operands(str(sch.get(output).writes[0].source.dtype))
     flat = _flat_position(sch)
     sch.compute_inline(sch.get_sblock(STAGE_WEIGHT))
 
     # A GEMM over flat positions (batch, rows and columns fused): [out_channel] x [position]
     # reduced over (tap, channel); every operand and accumulator layout has its 16x16 fragments
     # as the two innermost dimensions (the sampled operand position-major, i.e. column-major B).
-    # Operand tiles and the epilogue's staging are all dynamic shared memory, which TVM merges
-    # into one allocation reusing bytes between buffers whose lifetimes do not overlap.
-    sampled_shared = sch.cache_read(conv, 1, "shared.dyn")
-    weight_shared = sch.cache_read(conv, 0, "shared.dyn")
-    sampled_frag = sch.cache_read(conv, 1, "wmma.matrix_b")
-    weight_frag = sch.cache_read(conv, 0, "wmma.matrix_a")
-    sch.set_scope(conv, 0, "wmma.accumulator")
+    # Operand tiles in shared memory, the epilogue's float32 staging in dynamic shared memory (one
+    # dtype per scope: TVM's StorageRewrite cannot merge float16 and float32 buffers).
+    sampled_shared = sch.cache_read(conv, 1, "shared")
+    weight_shared = sch.cache_read(conv, 0, "shared")
+    sampled_frag = sch.cache_read(conv, 1, ops.scope_b)
+    weight_frag = sch.cache_read(conv, 0, ops.scope_a)
+    sch.set_scope(conv, 0, ops.scope_c)
     conv_shared = sch.cache_read(output, 0, "shared.dyn")
     for block in (sampled_shared, sampled_frag):
         sch.transform_layout(block, ("write", 0), lambda n, c, ky, kx, oy, ox: (ky, kx, flat(n, oy, ox), c))
@@ -231,11 +276,19 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     sch.transform_block_layout(conv, lambda n, co, oy, ox, rc, ky, kx: (co, flat(n, oy, ox), ky, kx, rc))
     sch.transform_block_layout(conv_shared, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
     sch.transform_block_layout(output, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
+    if ops.warp_fragments:  # [tile][tile][lane][register] as the mma instructions hold them
+        from deft_tvm.schedules.cuda_tf32 import a_map, b_map, c_map
+
+        sch.transform_layout(weight_frag, ("write", 0),
+                             lambda ky, kx, co, rc: (ky, kx, co // 16, rc // 8, *a_map(co % 16, rc % 8)))
+        sch.transform_layout(sampled_frag, ("write", 0),
+                             lambda ky, kx, p, c: (ky, kx, p // 16, c // 8, *b_map(p % 16, c % 8)))
+        sch.transform_layout(conv, ("write", 0), lambda co, p: (co // 16, p // 16, *c_map(co % 16, p % 16)))
 
     co, p, ky, kx, rc = sch.get_loops(conv)
     co, co_i = sch.split(co, [None, FRAGMENT])
     p, p_i = sch.split(p, [None, FRAGMENT])
-    rc, rc_i = sch.split(rc, [None, FRAGMENT])
+    rc, rc_i = sch.split(rc, [None, ops.k])
     co_frag_factors, p_frag_factors = tiles.co(sch, co), tiles.p(sch, p)
     co, co_f = sch.split(co, co_frag_factors)
     p, p_f = sch.split(p, p_frag_factors)
@@ -273,7 +326,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     # The chunk's weights of the tap, into shared memory.
     sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
     w_co, w_ky, w_kx, w_rc = sch.get_loops(weight_shared)[-4:]
-    w_rc, w_vec = sch.split(w_rc, [None, VECTOR])
+    w_rc, w_vec = sch.split(w_rc, [None, ops.vector])
     _cooperative(sch, [w_co, w_ky, w_kx, w_rc], warps_co, warps_p)
     sch.vectorize(w_vec)
 
@@ -281,17 +334,17 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     b_p, b_c = sch.get_loops(sampled_frag)[-2:]
     b_p_f, b_p_i = sch.split(b_p, [None, FRAGMENT])
     sch.reorder(b_p_f, b_p_i, b_c)
-    sch.tensorize(b_p_i, intrinsics.WMMA_LOAD_16x16x16_F16_B_TRANS_DYN_INTRIN)
+    sch.tensorize(b_p_i, ops.load_b)
     a_co, a_ky, a_kx, a_rc = sch.get_loops(weight_frag)[-4:]
     a_co_f, a_co_i = sch.split(a_co, [None, FRAGMENT])
     sch.reorder(a_ky, a_kx, a_co_f, a_co_i, a_rc)
-    sch.tensorize(a_co_i, intrinsics.WMMA_LOAD_16x16x16_F16_A_DYN_INTRIN)
+    sch.tensorize(a_co_i, ops.load_a)
 
-    sch.tensorize(store_co_i, intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN)
+    sch.tensorize(store_co_i, ops.store)
     init = sch.decompose_reduction(conv, ky)
     init_co_i = sch.get_loops(init)[-2]
-    sch.tensorize(init_co_i, intrinsics.WMMA_FILL_16x16x16_F32_INTRIN)
-    sch.tensorize(co_i, intrinsics.WMMA_SYNC_16x16x16_f16f16f32_TRANS_INTRIN)
+    sch.tensorize(init_co_i, ops.fill)
+    sch.tensorize(co_i, ops.sync)
 
 
 def schedule_cuda_tensorcore(mod, spec: DeformConvSpec, tiling: TensorCoreTiling | None = None) -> s_tir.Schedule:
