@@ -76,9 +76,9 @@ def operands(dtype: str) -> Operands:
     if dtype == "float16":
         return Operands(
             16, 8, "wmma.matrix_a", "wmma.matrix_b", "wmma.accumulator",
-            ops.load_a, ops.load_b,
-            ops.sync, ops.fill,
-            ops.store,
+            intrinsics.WMMA_LOAD_16x16x16_F16_A_INTRIN, intrinsics.WMMA_LOAD_16x16x16_F16_B_TRANS_INTRIN,
+            intrinsics.WMMA_SYNC_16x16x16_f16f16f32_TRANS_INTRIN, intrinsics.WMMA_FILL_16x16x16_F32_INTRIN,
+            intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN,
         )
     load_a, load_b, sync = register_tf32_intrinsics()
     return Operands(8, 4, "warp", "warp", "warp", load_a, load_b, sync, intrinsics.MMA_fill_16x16_f32_INTRIN,
