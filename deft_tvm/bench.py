@@ -257,29 +257,29 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *,
         generic_trials: int = 0, generic_dir: Path = DEFAULT_GENERIC_DIR) -> list[dict]:
     """Time every provider on every workload, dtype and TF32 mode; one row (``COLUMNS``) each."""
     target = target_for_device(device)
-    kernel_cache.prebuild([get_workload(n, d).for_target(target).spec for n in workloads for d in dtypes],
-                          torch.device(device))
+    cases = [(name, dtype, tf32) for name in workloads for dtype in dtypes
+             for tf32 in _tf32_modes(dtype, device, tf32_modes)]
+    # The kernels the op runs in each case: float32 with TF32 on takes the TF32 ones.
+    case_workloads = {case: get_workload(case[0], case[1], case[2] == "on").for_target(target) for case in cases}
+    kernel_cache.prebuild(list(dict.fromkeys(w.spec for w in case_workloads.values())), torch.device(device))
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     flush = l2_flush_buffer() if device == "cuda" else None
     rows = []
-    for name in workloads:
-        for dtype in dtypes:
-            workload = get_workload(name, dtype).for_target(target)
-            tuned = kernel_cache.schedule_for(workload.spec, target)[1]
-            kernels = deft_kernels(workload, device, tuned, generic_trials, generic_dir)
-            schedules = {"deft_tvm": "tuned" if tuned else "default", **{k: v[1] for k, v in kernels.items()}}
-            for tf32 in _tf32_modes(dtype, device, tf32_modes):
-                group = []
-                with tf32_mode(tf32), torch.no_grad():
-                    for provider, fn in providers(workload, device, kernels).items():
-                        group.append(dict(device=device_name, workload=name, dtype=dtype, tf32=tf32,
-                                          profile=workload.profile, provider=provider,
-                                          schedule=schedules.get(provider, ""), mode=MODE,
-                                          **{k: round(v, 4) for k, v in measure(fn, device, iters, flush).items()},
-                                          commit=commit))
-                for row in add_ratios(group):
-                    print_row(row)
-                rows += group
+    for (name, dtype, tf32), workload in case_workloads.items():
+        tuned = kernel_cache.schedule_for(workload.spec, target)[1]
+        kernels = deft_kernels(workload, device, tuned, generic_trials, generic_dir)
+        schedules = {"deft_tvm": "tuned" if tuned else "default", **{k: v[1] for k, v in kernels.items()}}
+        group = []
+        with tf32_mode(tf32), torch.no_grad():
+            for provider, fn in providers(workload, device, kernels).items():
+                group.append(dict(device=device_name, workload=name, dtype=dtype, tf32=tf32,
+                                  profile=workload.profile, provider=provider,
+                                  schedule=schedules.get(provider, ""), mode=MODE,
+                                  **{k: round(v, 4) for k, v in measure(fn, device, iters, flush).items()},
+                                  commit=commit))
+        for row in add_ratios(group):
+            print_row(row)
+        rows += group
     return rows
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .spec import SUPPORTED_DTYPES
-from .tolerances import assert_close
+from .tolerances import assert_close, tolerance_key
 from .workloads import DEFAULT_WORKLOAD, PROFILES, WORKLOADS, get_workload
 
 
@@ -44,25 +44,33 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _tf32(args, dtype: str) -> bool:
+    """Whether ``--tf32`` asks for TF32 kernels of ``dtype`` (float32 only)."""
+    return args.tf32 and dtype == "float32"
+
+
 def _check_against_reference(workload, device: str, seed: int) -> float:
     from . import deform_conv2d, deform_conv2d_reference
+    from .bench import tf32_mode
+    from .targets import target_for_device
 
+    spec = workload.for_target(target_for_device(device)).spec  # tf32 only where the kernel is
     inputs = workload.make_inputs(seed=seed, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), tf32_mode("on" if spec.tf32 else "off"):
         out = deform_conv2d(**inputs)
         ref = deform_conv2d_reference(**inputs)
-    assert_close(out, ref, workload.spec.dtype)
+    assert_close(out, ref, tolerance_key(spec.dtype, spec.tf32))
     return (out.double() - ref).abs().max().item()
 
 
 def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch) -> Path:
     """The best schedule of a workload as Python (its MetaSchedule trace), for people to read."""
-    path = root / tag / f"{workload_name}_{spec.dtype}.py"
+    path = root / tag / f"{workload_name}_{spec.dtype}{'_tf32' if spec.tf32 else ''}.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f'"""Best tuned schedule of {workload_name} ({spec.key()}) for {tag}, written by `deft-tvm tune`.\n\n'
-        f'Apply it to ``deft_tvm.compute.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: import\n'
-        f'``tvm.s_tir.tensor_intrin.cuda`` first); the tuning record itself is in\n'
+        f'Apply it to ``deft_tvm.compute.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: call\n'
+        f'``deft_tvm.schedules.register_tensor_intrinsics(target)`` first); the tuning record itself is in\n'
         f'tuning_logs/{tag}/{spec.key()}/."""\n\nfrom tvm import s_tir\n\n{sch.trace}\n'
     )
     return path
@@ -80,7 +88,7 @@ def cmd_tune(args) -> int:
     entries = []
     for name in args.workloads:
         for dtype in args.dtypes:
-            workload = get_workload(name, dtype).for_target(target)
+            workload = get_workload(name, dtype, _tf32(args, dtype)).for_target(target)
             spec = workload.spec
             directory = database_dir(args.logs, spec, target)
             print(f"tune     {name} {dtype} on {tag}: {spec.key()} (offsets: {workload.profile}) -> {directory}")
@@ -100,7 +108,7 @@ def cmd_tune(args) -> int:
     load_library(manifest)
     for name in args.workloads:
         for dtype in args.dtypes:
-            err = _check_against_reference(get_workload(name, dtype), args.device, args.seed or 0)
+            err = _check_against_reference(get_workload(name, dtype, _tf32(args, dtype)), args.device, args.seed or 0)
             print(f"check    {name} {dtype}: the exported kernel matches the float64 reference (max abs error {err:.3g})")
     return 0
 
@@ -132,7 +140,7 @@ def cmd_export(args) -> int:
     tuned = {e.spec.key() for e in entries}
     for name in args.workloads:
         for dtype in args.dtypes:
-            spec = get_workload(name, dtype).for_target(target).spec
+            spec = get_workload(name, dtype, _tf32(args, dtype)).for_target(target).spec
             if spec.key() not in tuned:
                 sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
                 entries.append(KernelEntry(spec, sch, origin="default schedule"))
@@ -156,6 +164,9 @@ def main(argv=None) -> int:
     tune.add_argument("--workloads", nargs="+", default=[DEFAULT_WORKLOAD], choices=list(WORKLOADS))
     tune.add_argument("--dtypes", nargs="+", default=["float32"], choices=SUPPORTED_DTYPES)
     tune.add_argument("--device", choices=["cpu", "cuda"], default=_device(), help="default: cuda if there is a GPU")
+    tune.add_argument("--tf32", action="store_true",
+                      help="float32 kernels for TF32 tensor cores, the ones the op runs where "
+                      "torch.backends.cuda.matmul.allow_tf32 (CUDA; other dtypes unaffected)")
     tune.add_argument("--trials", type=int, default=8,
                       help="records each workload's database should hold; tuning resumes up to it (default 8)")
     tune.add_argument("--trials-per-round", type=int, default=32)
@@ -177,6 +188,9 @@ def main(argv=None) -> int:
     export.add_argument("--workloads", nargs="*", default=[], choices=list(WORKLOADS),
                         help="also export these registry workloads (default schedule where not tuned)")
     export.add_argument("--dtypes", nargs="+", default=["float32"], choices=SUPPORTED_DTYPES)
+    export.add_argument("--tf32", action="store_true",
+                        help="float32 kernels for TF32 tensor cores, the ones the op runs where "
+                      "torch.backends.cuda.matmul.allow_tf32 (CUDA; other dtypes unaffected)")
     export.add_argument("--out", type=Path, required=True, help="output folder")
     export.add_argument("--name", default="deft_kernels", help="library file name, without extension")
     export.set_defaults(func=cmd_export)

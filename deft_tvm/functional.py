@@ -37,7 +37,9 @@ def deform_conv2d(
         ``[batch, out_channels, out_h, out_w]``, same dtype and device as ``input``.
 
     Samples outside the image contribute zero, as in torchvision; an offset that is NaN gives NaN,
-    also as in torchvision, but never an out-of-range read.
+    also as in torchvision, but never an out-of-range read. On a GPU, float32 layers multiply on
+    TF32 tensor cores (operands cut to 10 mantissa bits, sums in float32) where
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, as torchvision's matmuls then do.
     """
     check_tensor_types(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
     stride_h, stride_w = as_pair(stride, "stride")

@@ -40,8 +40,9 @@ def deform_conv2d_op(
     from deft_tvm.schedules import kernel_spec  # imported on use, as kernel_cache does: it is slow to import
 
     # TF32 where torch allows it for matmuls (torchvision's deform_conv2d multiplies with addmm).
-    tf32 = spec.dtype == "float32" and torch.backends.cuda.matmul.allow_tf32
-    spec = kernel_spec(dataclasses.replace(spec, tf32=tf32), target_for_device(input.device))
+    if spec.dtype == "float32" and input.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        spec = dataclasses.replace(spec, tf32=True)
+    spec = kernel_spec(spec, target_for_device(input.device))
     kernel = get_kernel(spec, input.device)
     kernel(*kernel_arguments(spec, input, offset, mask, weight, bias), output)
     return output

@@ -66,8 +66,9 @@ class Workload:
     profile: str = "normal_2px"
     description: str = ""
 
-    def with_dtype(self, dtype: str) -> "Workload":
-        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, dtype=dtype))
+    def with_dtype(self, dtype: str, tf32: bool = False) -> "Workload":
+        """This workload in ``dtype`` (float32 ``tf32``: allowed to multiply on TF32 tensor cores)."""
+        return dataclasses.replace(self, spec=dataclasses.replace(self.spec, dtype=dtype, tf32=tf32))
 
     def for_target(self, target) -> "Workload":
         """This workload with the spec ``target``'s kernels take (``schedules.kernel_spec``)."""
@@ -137,9 +138,11 @@ TEST_WORKLOADS: tuple[str, ...] = tuple(w.name for w in _TEST)
 DEFAULT_WORKLOAD = "paper_64c_64x64_n1"
 
 
-def get_workload(name: str, dtype: str | None = None) -> Workload:
-    """The registered workload ``name``, optionally with another dtype."""
+def get_workload(name: str, dtype: str | None = None, tf32: bool = False) -> Workload:
+    """The registered workload ``name``, optionally in another dtype; ``tf32`` (float32 only): its
+    kernels may multiply on TF32 tensor cores, as the op's do under
+    ``torch.backends.cuda.matmul.allow_tf32``."""
     if name not in WORKLOADS:
         raise KeyError(f"unknown workload {name!r}; registered: {', '.join(WORKLOADS)}")
     workload = WORKLOADS[name]
-    return workload.with_dtype(dtype) if dtype else workload
+    return workload.with_dtype(dtype or workload.spec.dtype, tf32) if dtype or tf32 else workload

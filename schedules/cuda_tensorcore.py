@@ -1,4 +1,4 @@
-"""The DefT CUDA schedule on tensor cores (float16 operands, float32 accumulation, WMMA 16x16x16).
+"""The DefT CUDA schedule on tensor cores (float16 or TF32 operands, float32 accumulation).
 
 The convolution as a GEMM of ``[out_channels] x [positions]`` (batch, rows and columns flattened)
 reduced over ``(kernel_h, kernel_w, in_channels)``, kernel taps outermost; the interpolated tile of
@@ -7,19 +7,19 @@ one tap and channel chunk is computed straight into shared memory, never a globa
 * a thread block owns ``warps_co * frags_co * 16`` output channels and ``warps_p * frags_p * 16``
   flat positions (which may span rows and images); each warp accumulates ``frags_co x frags_p``
   16x16 fragments in registers (``wmma.accumulator``);
-* input and weight are channels last (``layout="NHWC"``): per (tap, chunk of ``k_frags * 16``
-  channels) each thread takes a (position, 8 channels) pair, computes the sampling point's corner
-  indices and weights, reads each corner's 8 channels in one 16-byte load, interpolates in float32
-  and stores the 8 float16 values to the shared tile ``[position][channel]`` in one 16-byte store;
-  the chunk's weights are copied to a shared ``[out_channel][channel]`` tile 16 bytes at a time;
+* input and weight are channels last (``layout="NHWC"``): per (tap, chunk of ``k_frags``
+  reduction fragments of 16 (float16) or 8 (TF32) channels) each thread takes a (position, 16
+  bytes of channels) pair, computes the sampling point's corner indices and weights, reads each
+  corner's channels in one 16-byte load, interpolates in float32 and stores the values to the
+  shared tile ``[position][channel]`` in one 16-byte store; the chunk's weights are copied to a
+  shared ``[out_channel][channel]`` tile 16 bytes at a time;
 * each warp loads its operand fragments from those tiles (the sampled one column-major) and
   issues ``mma_sync``;
 * the accumulators go through shared memory (``store_matrix_sync``) to the bias + cast epilogue.
-  All shared buffers are dynamic shared memory, which TVM merges into one allocation that reuses
-  the operand tiles' bytes for the epilogue.
 
-Applies when the layer tiles exactly (``supports_tensor_cores``): float16, one group, in/out
-channels and ``batch * out_h * out_w`` multiples of 16; other layers use the SIMT schedule.
+Applies to one-group layers with in and out channels in multiples of 16 (``supports_tensor_cores``)
+in float16, or in float32 where TF32 is allowed (``spec.tf32``: PTX mma m16n8k8, ``cuda_tf32``);
+positions are padded to whole fragments (``pad_einsum``). Other layers use the SIMT schedule.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class TensorCoreTiling:
         positions with 2 fragments of them (4 above 64 channels), 32-channel reduction chunks."""
         k = _k_fragment(spec)
         co_frags = spec.out_channels // spec.groups // FRAGMENT
-        p_frags = spec.batch * spec.out_h * spec.out_w // FRAGMENT
+        p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
         k_frags = spec.in_channels // spec.groups // k
         block_co = largest_divisor(co_frags, 8)
         wide = block_co > 4
@@ -192,14 +192,13 @@ class SampledTensorCoreTiles:
 
 def supports_tensor_cores(spec: DeformConvSpec) -> bool:
     """Whether the layer runs on tensor cores: float16, or float32 where TF32 is allowed
-    (``spec.tf32``), tiling exactly into 16x16 fragments (one group; channels, and positions over
-    the whole batch, in multiples of 16)."""
+    (``spec.tf32``), one group, in and out channels in multiples of 16 (positions are padded to
+    whole fragments)."""
     return (
         (spec.dtype == "float16" or spec.tf32)
         and spec.groups == 1
         and (spec.in_channels // spec.groups) % FRAGMENT == 0
         and (spec.out_channels // spec.groups) % FRAGMENT == 0
-        and spec.batch * spec.out_h * spec.out_w % FRAGMENT == 0
     )
 
 
@@ -249,6 +248,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     (``FixedTensorCoreTiles`` or ``SampledTensorCoreTiles``)."""
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)
+    sampled = sch.get_sblock(STAGE_SAMPLED)
     # Importing TVM's tensor intrinsics registers all of them (about a minute on a slow CPU): only
     # schedules that use them pay for it.
     ops = operands(str(sch.get(output).writes[0].source.dtype))
@@ -256,26 +256,32 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     sch.compute_inline(sch.get_sblock(STAGE_WEIGHT))
 
     # A GEMM over flat positions (batch, rows and columns fused): [out_channel] x [position]
-    # reduced over (tap, channel); every operand and accumulator layout has its 16x16 fragments
-    # as the two innermost dimensions (the sampled operand position-major, i.e. column-major B).
-    # Operand tiles in shared memory, the epilogue's float32 staging in dynamic shared memory (one
-    # dtype per scope: TVM's StorageRewrite cannot merge float16 and float32 buffers).
+    # reduced over (tap, channel): the sampled tile is [tap][position][channel] (position-major,
+    # i.e. column-major B), the weight [out_channel][tap][channel] (channels last).
+    sch.transform_layout(sampled, ("write", 0), lambda n, c, ky, kx, oy, ox: (ky, kx, flat(n, oy, ox), c))
+    sch.transform_block_layout(sampled, lambda n, c, ky, kx, oy, ox: (ky, kx, flat(n, oy, ox), c))
+    sch.transform_layout(conv, ("write", 0), lambda n, co, oy, ox: (co, flat(n, oy, ox)))
+    sch.transform_block_layout(conv, lambda n, co, oy, ox, rc, ky, kx: (co, flat(n, oy, ox), ky, kx, rc))
+    sch.transform_block_layout(output, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
+    positions = int(sch.get(sch.get_loops(conv)[1]).extent)
+    if positions % FRAGMENT:
+        # Positions padded to whole fragments: the padding samples zeros (its sampling points are
+        # never computed) and its results are never written out.
+        sch.pad_einsum(conv, [1, FRAGMENT, 1, 1, 1])
+        sch.compute_inline(sampled)
+        sampled = sch.get_sblock(f"{STAGE_SAMPLED}_pad")
+        sch.compute_inline(sch.get_sblock(f"{STAGE_CONV}_pad"))
+
+    # Operand tiles in shared memory, the accumulators staged for the epilogue in dynamic shared
+    # memory (one dtype per scope: TVM's StorageRewrite cannot merge float16 and float32 buffers).
     sampled_shared = sch.cache_read(conv, 1, "shared")
     weight_shared = sch.cache_read(conv, 0, "shared")
     sampled_frag = sch.cache_read(conv, 1, ops.scope_b)
     weight_frag = sch.cache_read(conv, 0, ops.scope_a)
-    sch.set_scope(conv, 0, ops.scope_c)
-    conv_shared = sch.cache_read(output, 0, "shared.dyn")
-    for block in (sampled_shared, sampled_frag):
-        sch.transform_layout(block, ("write", 0), lambda n, c, ky, kx, oy, ox: (ky, kx, flat(n, oy, ox), c))
-        sch.transform_block_layout(block, lambda n, c, ky, kx, oy, ox: (ky, kx, flat(n, oy, ox), c))
-    for block in (weight_shared, weight_frag):  # the weight is [co][ky][kx][rc] (channels last)
+    conv_shared = sch.cache_write(conv, 0, ops.scope_c)
+    sch.set_scope(conv_shared, 0, "shared.dyn")
+    for block in (weight_shared, weight_frag):  # the weight is [co][ky][kx][rc]
         sch.transform_layout(block, ("write", 0), lambda co, ky, kx, rc: (ky, kx, co, rc))
-    for block in (conv, conv_shared):
-        sch.transform_layout(block, ("write", 0), lambda n, co, oy, ox: (co, flat(n, oy, ox)))
-    sch.transform_block_layout(conv, lambda n, co, oy, ox, rc, ky, kx: (co, flat(n, oy, ox), ky, kx, rc))
-    sch.transform_block_layout(conv_shared, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
-    sch.transform_block_layout(output, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
     if ops.warp_fragments:  # [tile][tile][lane][register] as the mma instructions hold them
         from deft_tvm.schedules.cuda_tf32 import a_map, b_map, c_map
 
@@ -320,7 +326,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
 
     # The interpolated float16 tile of one tap and channel chunk, into shared memory.
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
-    sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))
+    sch.compute_inline(sampled)
     _gather_channels_vectorised(sch, sampled_shared, tiles.vector(sch), warps_co, warps_p)
 
     # The chunk's weights of the tap, into shared memory.

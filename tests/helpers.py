@@ -17,6 +17,7 @@ TENSOR_CORE_SHAPES = {
     "asymmetric": DeformConvSpec(2, 32, 17, 15, 48, 3, 3, stride=(2, 1), padding=(1, 0), dilation=(2, 1),
                                  offset_groups=4, dtype="float16", has_mask=False, has_bias=False),
     "1x1": DeformConvSpec(4, 64, 8, 8, 16, 1, 1, dtype="float16"),
+    "positions_padded": DeformConvSpec(1, 16, 7, 9, 32, 3, 3, padding=(1, 1), dtype="float16"),  # 63 positions
 }
 
 def make_case(spec: DeformConvSpec, *, seed: int = 0, offset_scale: float = 2.0):

@@ -84,29 +84,41 @@ def _compile_cubin(source: str, arch: str) -> bytes:
     "spec, expected",
     [
         (TENSOR_CORE_SPEC, True),
-        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32"), False),  # no TF32/fp32 WMMA in TVM
+        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32"), False),  # full float32: SIMT
+        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32", tf32=True), True),
         (dataclasses.replace(TENSOR_CORE_SPEC, dtype="bfloat16"), False),
-        (dataclasses.replace(TENSOR_CORE_SPEC, width=13), False),  # batch * out_h * out_w % 16
+        (dataclasses.replace(TENSOR_CORE_SPEC, width=13), True),  # positions padded to whole fragments
         (dataclasses.replace(TENSOR_CORE_SPEC, width=12), True),  # rows need not be whole fragments
         (dataclasses.replace(TENSOR_CORE_SPEC, out_channels=24), False),  # out_channels % 16
         (dataclasses.replace(TENSOR_CORE_SPEC, groups=2), False),
     ],
-    ids=["fp16", "fp32", "bf16", "width13", "width12", "cout24", "groups2"],
+    ids=["fp16", "fp32", "fp32_tf32", "bf16", "width13", "width12", "cout24", "groups2"],
 )
 def test_which_layers_take_tensor_cores(spec, expected):
     assert supports_tensor_cores(spec) is expected
     # Those layers' CUDA kernels gather from a channels-last input; CPU kernels read NCHW.
+    # TF32 stays only where the kernel uses tensor cores.
     nchw = dataclasses.replace(spec, layout="NCHW")
-    assert kernel_spec(nchw, cuda_target("sm_90")).layout == ("NHWC" if expected else "NCHW")
-    assert kernel_spec(nchw, tvm.target.Target("llvm")).layout == "NCHW"
+    cuda = kernel_spec(nchw, cuda_target("sm_90"))
+    assert cuda.layout == ("NHWC" if expected else "NCHW") and cuda.tf32 == (expected and spec.tf32)
+    cpu = kernel_spec(nchw, tvm.target.Target("llvm"))
+    assert cpu.layout == "NCHW" and not cpu.tf32
 
 
+# What a tensor-core kernel's source multiplies with: WMMA (float16), PTX mma m16n8k8 (TF32).
+MMA_INSTRUCTION = {False: "nvcuda::wmma::mma_sync", True: "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"}
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["float16", "tf32"])
 @pytest.mark.parametrize("shape", list(TENSOR_CORE_SHAPES))
-def test_tensor_core_schedule_compiles_for_asymmetric_layers(shape):
-    spec = kernel_spec(TENSOR_CORE_SHAPES[shape], cuda_target("sm_90"))
-    assert spec.layout == "NHWC"
+def test_tensor_core_schedule_compiles_for_asymmetric_layers(shape, tf32):
+    spec = TENSOR_CORE_SHAPES[shape]
+    if tf32:
+        spec = dataclasses.replace(spec, dtype="float32", tf32=True)
+    spec = kernel_spec(spec, cuda_target("sm_90"))
+    assert spec.layout == "NHWC" and spec.tf32 == tf32
     source = _cuda_source(spec, "sm_90")
-    assert "nvcuda::wmma::mma_sync" in source
+    assert MMA_INSTRUCTION[tf32] in source and MMA_INSTRUCTION[not tf32] not in source
     assert _compile_cubin(source, "sm_90")[:4] == b"\x7fELF"
 
 
@@ -124,15 +136,18 @@ def test_float16_default_uses_tensor_cores_and_compiles_with_nvcc():
     assert cubin[:4] == b"\x7fELF"
 
 
-def test_tensor_core_design_space_samples_compile_with_nvcc():
+@pytest.mark.parametrize("tf32", [False, True], ids=["float16", "tf32"])
+def test_tensor_core_design_space_samples_compile_with_nvcc(tf32):
     spec, target = TENSOR_CORE_SPEC, cuda_target("sm_90")
+    if tf32:
+        spec = dataclasses.replace(spec, dtype="float32", tf32=True)
     mod = deform_conv2d_primfunc(spec)
     decisions = set()
     for seed in (1, 2, 3):
         sch = tvm.s_tir.Schedule(mod, seed=seed)
         design_space(spec, target)(sch)
         decisions.add(str(list(sch.trace.decisions.values())))
-        assert "mma_sync" in _cuda_source(spec, "sm_90", sch)
+        assert MMA_INSTRUCTION[tf32] in _cuda_source(spec, "sm_90", sch)
     assert len(decisions) > 1  # the tiles really are sampled
     assert _compile_cubin(_cuda_source(spec, "sm_90", sch), "sm_90")[:4] == b"\x7fELF"
 
@@ -154,8 +169,10 @@ def test_committed_readable_schedules_replay_their_records():
     readable = sorted((Path(__file__).parents[1] / "schedules" / "tuned" / "cuda-sm_90").glob("*.py"))
     assert len(readable) == len(database_dirs(committed_root(), target))
     for path in readable:
-        name, dtype = path.stem.rsplit("_", 1)
-        spec = get_workload(name, dtype).for_target(target).spec
+        name, precision = path.stem.rsplit("_", 1)  # <workload>_<dtype> or <workload>_float32_tf32
+        tf32 = precision == "tf32"
+        name, dtype = name.rsplit("_", 1) if tf32 else (name, precision)
+        spec = get_workload(name, dtype, tf32).for_target(target).spec
         _, recorded = best_schedule(database_dir(committed_root(), spec, target), target)
         namespace = {}
         exec(compile(path.read_text(), str(path), "exec"), namespace)

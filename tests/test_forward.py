@@ -11,7 +11,7 @@ import deft_tvm
 from deft_tvm import deform_conv2d_reference
 from deft_tvm.kernel_cache import get_kernel
 from deft_tvm.spec import DeformConvSpec
-from deft_tvm.tolerances import assert_close
+from deft_tvm.tolerances import assert_close, tolerance_key
 from deft_tvm.workloads import kernel_arguments
 
 from helpers import DTYPES, make_case
@@ -109,3 +109,23 @@ def test_kernel_layout_is_part_of_the_key():
     assert nhwc.kernel_input_shape == (2, 9, 11, 6)
     with pytest.raises(ValueError, match="layout 'CHWN' is not supported"):
         dataclasses.replace(spec, layout="CHWN")
+
+
+def test_tf32_is_part_of_the_key_and_float32_only():
+    spec = SHAPES["asymmetric"]
+    assert dataclasses.replace(spec, tf32=True).key() == spec.key() + "_tf32"
+    with pytest.raises(ValueError, match="tf32 applies to float32 only, got dtype 'float16'"):
+        dataclasses.replace(spec, dtype="float16", tf32=True)
+    assert tolerance_key("float32", tf32=True) == "tf32" and tolerance_key("float16", tf32=True) == "float16"
+
+
+def test_allowing_tf32_leaves_cpu_kernels_in_full_float32():
+    # TF32 applies to CUDA tensor cores only: on the CPU the float32 tolerance still holds.
+    args = make_case(SHAPES["3x3_pad1"])
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = deft_tvm.deform_conv2d(**args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert_close(out, deform_conv2d_reference(**args), "float32")

@@ -10,6 +10,7 @@ import torch
 
 import deft_tvm
 from deft_tvm import kernel_cache
+from deft_tvm.bench import tf32_mode
 from deft_tvm.schedules import kernel_spec
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
@@ -26,6 +27,9 @@ if not torch.cuda.is_available():
 torchvision_ops = pytest.importorskip("torchvision.ops", reason="torchvision is needed to compare against")
 
 GPU_DTYPES = ["float32", "float16", "bfloat16"]
+# float32 layers the TF32 tensor-core kernels take (TF32 on): the tensor-core test shapes.
+TF32_SPECS = {"tensor_core_small": get_workload("test_tensor_core_small", "float32", tf32=True).spec,
+              **{name: dataclasses.replace(s, dtype="float32", tf32=True) for name, s in TENSOR_CORE_SHAPES.items()}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,6 +40,8 @@ def _prebuild_kernels():
     specs += [get_workload(name, d).spec for name in BENCHMARK_WORKLOADS for d in GPU_DTYPES]
     specs += [dataclasses.replace(SHAPES["asymmetric"], has_bias=False, dtype=d) for d in GPU_DTYPES]
     specs += list(TENSOR_CORE_SHAPES.values())
+    specs += [dataclasses.replace(s, dtype="float32", tf32=True) for s in TF32_SPECS.values()]
+    specs += [get_workload(name, "float32", tf32=True).spec for name in BENCHMARK_WORKLOADS]
     target = target_for_device(torch.device("cuda"))
     kernel_cache.prebuild([kernel_spec(s, target) for s in specs], torch.device("cuda"))
 
@@ -133,6 +139,35 @@ def test_tensor_core_schedule_matches_torchvision_on_asymmetric_layers(shape):
     assert supports_tensor_cores(spec)
     out = _check_against_torchvision(_to(make_case(spec, seed=8)), "float16")
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", ["plain", "extreme_offsets", "channels_last_input"])
+@pytest.mark.parametrize("shape", list(TF32_SPECS))
+def test_tf32_tensor_cores_match_torchvision(shape, variant):
+    spec = TF32_SPECS[shape]
+    assert kernel_spec(spec, target_for_device(torch.device("cuda"))).tf32  # the TF32 kernel runs
+    args = _to(make_case(dataclasses.replace(spec, tf32=False), seed=9))
+    if variant == "channels_last_input":
+        args["input"] = args["input"].contiguous(memory_format=torch.channels_last)
+    if variant == "extreme_offsets":
+        gen = torch.Generator().manual_seed(10)
+        extremes = torch.tensor([1e30, -1e30, math.inf, -math.inf, 20.0, -1.0, 0.5])
+        offset = args["offset"].cpu()
+        pick = extremes[torch.randint(0, len(extremes), offset.shape, generator=gen)]
+        args["offset"] = torch.where(torch.rand(offset.shape, generator=gen) < 0.4, pick, offset).cuda()
+    with tf32_mode("on"):
+        out = _check_against_torchvision(args, "tf32")
+    with tf32_mode("off"):
+        exact = _check_against_torchvision(args, "float32")
+    assert torch.isfinite(out).all()
+    # TF32 really multiplied: operands lost mantissa bits, so the float32 kernel's result differs.
+    assert (out - exact).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", BENCHMARK_WORKLOADS)
+def test_benchmark_workloads_match_torchvision_with_tf32(name):
+    with tf32_mode("on"):
+        _check_against_torchvision(get_workload(name, "float32").make_inputs(device="cuda"), "tf32")
 
 
 def test_nan_offsets_give_nan_without_faulting():
@@ -234,6 +269,7 @@ def test_exported_cuda_library_round_trip(tmp_path):
         import torch, tvm
         import deft_tvm
         from deft_tvm import kernel_cache
+from deft_tvm.bench import tf32_mode
         from deft_tvm.spec import DeformConvSpec
         from torchvision.ops import deform_conv2d as tv
 

@@ -26,6 +26,14 @@ def test_registry_lists():
         assert workload.profile in PROFILES
 
 
+def test_tf32_workloads_are_float32_with_tf32():
+    spec = get_workload("paper_64c_64x64_n32", tf32=True).spec
+    assert spec.dtype == "float32" and spec.tf32 and spec.key().endswith("_float32_tf32")
+    assert not get_workload("paper_64c_64x64_n32", "float32").spec.tf32
+    with pytest.raises(ValueError, match="tf32 applies to float32 only, got dtype 'float16'"):
+        get_workload("paper_64c_64x64_n32", "float16", tf32=True)
+
+
 def test_unknown_workload_names_the_registered_ones():
     with pytest.raises(KeyError, match=r"unknown workload 'nope'; registered: paper_64c_64x64_n1"):
         get_workload("nope")
