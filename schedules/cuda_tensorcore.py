@@ -42,6 +42,9 @@ MAX_WARPS_P = 8
 MAX_K_FRAGS = 4
 # Channels a thread reads or writes at once: 16 bytes of float16 (4 float32).
 VECTOR = 8
+# Operand tile rows in shared memory are ROW_PAD bytes past a multiple of ROW_ALIGN bytes.
+ROW_ALIGN = 64
+ROW_PAD = 16
 # Input channels of a reduction chunk in the default tiling.
 DEFAULT_CHUNK = 32
 
@@ -218,12 +221,12 @@ def _flat_position(sch):
     return lambda n, oy, ox: n * (out_h * out_w) + oy * out_w + ox
 
 
-def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int) -> None:
+def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int):
     """Fill ``fill`` (the interpolated tile ``[position][channel]`` of one tap and channel chunk)
     with one thread per (position, ``vector`` consecutive channels): the sampling point's corner
     indices and weights into registers, each corner's ``vector`` channels in one contiguous read
     of the channels-last input, the interpolation unrolled over them into registers, then one
-    contiguous store of the ``vector`` values to shared memory."""
+    contiguous store of the ``vector`` values to shared memory (the block returned)."""
     store = sch.cache_write(fill, 0, "local")
     position, channel = sch.get_loops(store)[-2:]
     channel_vec, channel = sch.split(channel, [None, vector])
@@ -240,6 +243,7 @@ def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: 
     sch.unroll(corner_k)
     sch.vectorize(corner_c)
     place_sampling_point_in_registers(sch, lane)
+    return store
 
 
 def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
@@ -327,7 +331,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     # The interpolated float16 tile of one tap and channel chunk, into shared memory.
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
     sch.compute_inline(sampled)
-    _gather_channels_vectorised(sch, sampled_shared, tiles.vector(sch), warps_co, warps_p)
+    sampled_store = _gather_channels_vectorised(sch, sampled_shared, tiles.vector(sch), warps_co, warps_p)
 
     # The chunk's weights of the tap, into shared memory.
     sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
@@ -335,6 +339,12 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     w_rc, w_vec = sch.split(w_rc, [None, ops.vector])
     _cooperative(sch, [w_co, w_ky, w_kx, w_rc], warps_co, warps_p)
     sch.vectorize(w_vec)
+
+    # Operand tile rows padded (ROW_ALIGN, ROW_PAD): the rows a fragment load reads at once start
+    # in different shared-memory banks (unpadded rows of 64 or 128 bytes share them).
+    itemsize = 2 if ops.k == 16 else 4
+    for block in (sampled_store, weight_shared):
+        sch.storage_align(block, 0, axis=2, factor=ROW_ALIGN // itemsize, offset=ROW_PAD // itemsize)
 
     # Per-warp operand fragments of one 16-channel step, then mma_sync.
     b_p, b_c = sch.get_loops(sampled_frag)[-2:]

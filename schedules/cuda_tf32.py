@@ -17,6 +17,10 @@ multiply-accumulate (two m16n8k8).
 """
 from __future__ import annotations
 
+import sys
+
+import tvm_ffi
+from tvm.runtime import convert
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -121,9 +125,24 @@ def sync_intrin():
 NAMES = ("deft_mma_load_a_16x8_tf32_shared", "deft_mma_load_b_trans_16x8_tf32_shared", "deft_mma_sync_16x16x8_tf32")
 
 
+# The index map TVM's CUDA codegen looks up to lower ``mma_store`` (the accumulator layout, c_map).
+ACCUMULATOR_LAYOUT = "tirx.index_map.shared_16x16_to_ldmatrix_32x8_layout"
+
+
+def register_accumulator_layout() -> None:
+    """Register ``ACCUMULATOR_LAYOUT`` where it is missing. ``tvm.s_tir.tensor_intrin.cuda``
+    registers it on import, which takes ~40 s; tuning's build workers compile scheduled TF32
+    kernels without that import, so they register it here."""
+    if tvm_ffi.get_global_func(ACCUMULATOR_LAYOUT, allow_missing=True) is None:
+        tvm_ffi.register_global_func(ACCUMULATOR_LAYOUT, lambda index: convert(list(c_map(index[0], index[1]))))
+
+
 def register_tf32_intrinsics():
     """Register (once) TVM's tensor intrinsics and these; returns the names of (load A, load B,
     multiply-accumulate)."""
+    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
+        # TVM's module registers the accumulator layout itself (and fails if it exists).
+        tvm_ffi.remove_global_func(ACCUMULATOR_LAYOUT)
     from tvm.s_tir.tensor_intrin import cuda  # noqa: F401 - TVM's WMMA/MMA intrinsics
 
     if TensorIntrin.get(NAMES[0], allow_missing=True) is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import tvm
+from tvm.s_tir import meta_schedule as ms
 from tvm.support import nvcc
 
 from deft_tvm.compute import deform_conv2d_primfunc
@@ -16,6 +17,7 @@ from deft_tvm.schedules import default_schedule, design_space, kernel_spec
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.targets import compile_kernel, cuda_target, exact_cuda_compilation
+from deft_tvm.tuning import _build as tuning_build
 from deft_tvm.tuning_db import best_schedule, committed_root, database_dir, database_dirs
 from deft_tvm.workloads import get_workload
 
@@ -150,6 +152,17 @@ def test_tensor_core_design_space_samples_compile_with_nvcc(tf32):
         assert MMA_INSTRUCTION[tf32] in _cuda_source(spec, "sm_90", sch)
     assert len(decisions) > 1  # the tiles really are sampled
     assert _compile_cubin(_cuda_source(spec, "sm_90", sch), "sm_90")[:4] == b"\x7fELF"
+
+
+def test_tuning_builder_builds_tf32_samples():
+    # The builder's workers compile without TVM's tensor intrinsics imported; the TF32 kernels'
+    # accumulator store still needs its layout there.
+    spec, target = dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32", tf32=True), cuda_target("sm_90")
+    sch = tvm.s_tir.Schedule(deform_conv2d_primfunc(spec), seed=1)
+    design_space(spec, target)(sch)
+    builder = ms.builder.LocalBuilder(f_build=tuning_build, max_workers=1, timeout_sec=300)
+    (result,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    assert result.error_msg is None, result.error_msg
 
 
 def test_committed_cuda_records_replay_and_compile():
