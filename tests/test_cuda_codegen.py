@@ -174,7 +174,8 @@ def test_committed_cuda_records_replay_and_compile():
         spec, sch = best_schedule(directory, target)
         assert sch is not None, directory
         source = _cuda_source(spec, "sm_90", sch)
-        assert ("mma_sync" in source) == (supports_tensor_cores(spec) and spec.layout == "NHWC")
+        tensor_cores = supports_tensor_cores(spec) and spec.layout == "NHWC"
+        assert (MMA_INSTRUCTION[spec.tf32] in source) == tensor_cores, directory
 
 
 def test_committed_readable_schedules_replay_their_records():

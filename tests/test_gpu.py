@@ -260,6 +260,7 @@ def test_exported_cuda_library_round_trip(tmp_path):
     target = target_for_device(torch.device("cuda"))
     specs = [dataclasses.replace(SHAPES["asymmetric"], dtype=d) for d in GPU_DTYPES]
     specs.append(kernel_spec(get_workload("test_tensor_core_small", "float16").spec, target))  # channels-last
+    specs.append(kernel_spec(get_workload("test_tensor_core_small", "float32", tf32=True).spec, target))  # TF32
     entries = [library.KernelEntry(s, default_schedule(deform_conv2d_primfunc(s), s, target), "default schedule")
                for s in specs]
     manifest = library.export_library(entries, target, tmp_path / "lib")
@@ -269,7 +270,6 @@ def test_exported_cuda_library_round_trip(tmp_path):
         import torch, tvm
         import deft_tvm
         from deft_tvm import kernel_cache
-from deft_tvm.bench import tf32_mode
         from deft_tvm.spec import DeformConvSpec
         from torchvision.ops import deform_conv2d as tv
 
@@ -289,11 +289,12 @@ from deft_tvm.bench import tf32_mode
                 weight=0.2 * torch.randn(spec.weight_shape, generator=gen), bias=torch.randn(spec.out_channels, generator=gen),
                 mask=torch.rand(spec.mask_shape, generator=gen))
             args = {{k: v.to("cuda", dtype) for k, v in args.items()}}
+            torch.backends.cuda.matmul.allow_tf32 = spec.tf32  # the op then asks for the TF32 kernel
             out = deft_tvm.deform_conv2d(**args, stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
             ref = tv(**{{k: v.double() for k, v in args.items()}}, stride=spec.stride, padding=spec.padding,
                      dilation=spec.dilation)
-            from deft_tvm.tolerances import assert_close
-            assert_close(out, ref, spec.dtype)
+            from deft_tvm.tolerances import assert_close, tolerance_key
+            assert_close(out, ref, tolerance_key(spec.dtype, spec.tf32))
         print("ran without the compiler")
     """)
     # From another folder: the checkout's deft_tvm/ (without its schedules) must not shadow the install.
