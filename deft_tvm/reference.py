@@ -13,7 +13,7 @@ import torch
 from .checks import IntPair, as_pair, spec_from_tensors
 
 
-def _sample_grid(size: int, out_size: int, kernel: int, stride: int, pad: int, dilation: int, device):
+def sample_grid(out_size: int, kernel: int, stride: int, pad: int, dilation: int, device):
     """Regular sampling positions ``[kernel, out_size]`` along one axis."""
     out_pos = torch.arange(out_size, device=device, dtype=torch.float64) * stride - pad
     taps = torch.arange(kernel, device=device, dtype=torch.float64) * dilation
@@ -42,8 +42,8 @@ def deform_conv2d_reference(
     x64 = input.to(torch.float64)
 
     off = offset.to(torch.float64).reshape(n, og, kh, kw, 2, oh, ow)
-    grid_y = _sample_grid(h, oh, kh, stride[0], padding[0], dilation[0], input.device)  # [kh, oh]
-    grid_x = _sample_grid(w, ow, kw, stride[1], padding[1], dilation[1], input.device)  # [kw, ow]
+    grid_y = sample_grid(oh, kh, stride[0], padding[0], dilation[0], input.device)  # [kh, oh]
+    grid_x = sample_grid(ow, kw, stride[1], padding[1], dilation[1], input.device)  # [kw, ow]
     y = grid_y[None, None, :, None, :, None] + off[:, :, :, :, 0]  # [n, og, kh, kw, oh, ow]
     x = grid_x[None, None, None, :, None, :] + off[:, :, :, :, 1]
     # Each input channel uses the offsets of its offset group: [n, c, kh, kw, oh, ow].

@@ -301,3 +301,29 @@ def test_exported_cuda_library_round_trip(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ran without the compiler" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["asymmetric", "point_at_minus_one"])
+def test_reference_backward_matches_torchvision_gradients(case):
+    # The float64 reference backward is the ground truth of the gradient tests: pin it to
+    # torchvision's own gradients (float64, on the GPU), including its one-sided offset gradient
+    # at y = -1 and x = -1.
+    from deft_tvm.reference_backward import deform_conv2d_reference_backward
+
+    spec = dataclasses.replace(SHAPES["asymmetric"], dtype="float64")
+    args = _to(make_case(spec, seed=11))
+    if case == "point_at_minus_one":  # offsets that put sampling points exactly on y = -1 or x = -1
+        rows = torch.arange(spec.out_h, dtype=torch.float64, device="cuda")[:, None] * spec.stride[0] - spec.padding[0]
+        cols = torch.arange(spec.out_w, dtype=torch.float64, device="cuda")[None, :] * spec.stride[1] - spec.padding[1]
+        offset = args["offset"].reshape(spec.batch, spec.offset_groups, spec.kernel_h, spec.kernel_w, 2,
+                                        spec.out_h, spec.out_w).clone()
+        offset[:, :, 0, :, 0] = -1.0 - rows  # taps of kernel row 0: y = -1 exactly
+        offset[:, :, 1, 0, 1] = -1.0 - cols  # tap (1, 0): x = -1 exactly
+        args["offset"] = offset.reshape(spec.offset_shape)
+    grad_output = torch.randn(spec.output_shape, dtype=torch.float64, device="cuda")
+    leaves = {k: args[k].clone().requires_grad_(True) for k in ("input", "offset", "weight", "bias", "mask")}
+    out = torchvision_ops.deform_conv2d(**{**args, **leaves})
+    expected = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_output)))
+    grads = deform_conv2d_reference_backward(grad_output, **args)._asdict()
+    for name, value in expected.items():
+        torch.testing.assert_close(grads[name], value, rtol=1e-10, atol=1e-10, msg=name)
