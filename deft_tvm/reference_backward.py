@@ -6,6 +6,8 @@ torchvision's offset gradient (``get_coordinate_weight``) has no early return fo
 outside the image, so a point exactly at ``y = -1`` (or ``x = -1``), which contributes nothing to
 the output, still gets the one-sided derivative of its in-image corners; the mask gradient
 (``bilinear_interpolate``) and the input gradient (``col2im``, corners within one pixel) do not.
+Where torchvision's result is undefined (it converts an infinite or NaN coordinate to int), an
+infinite coordinate gets no gradient and a NaN one NaN offset, mask and weight gradients.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ def deform_conv2d_reference_backward(
     grad_col = torch.einsum("goikl,ngopq->ngiklpq", w64, grad_out).reshape(n, og, per_group, kh, kw, oh, ow)
 
     # Bilinear corners (low/high in y and x) with the values of the channels of each offset group;
-    # a corner outside the image (or of a non-finite coordinate) reads zero.
+    # a corner outside the image reads zero. Coordinates are clamped to [-2, size + 1], which keeps
+    # every corner's validity and makes infinite ones (where torchvision converts inf to int) read
+    # zeros with finite weights: no gradient; NaN stays NaN.
+    y, x = y.clamp(-2, h + 1), x.clamp(-2, w + 1)
     y_low, x_low = torch.floor(y), torch.floor(x)
     plane = input.to(torch.float64).reshape(n, og, per_group, h * w)
 
@@ -95,8 +100,11 @@ def deform_conv2d_reference_backward(
 
     # Offsets (get_coordinate_weight): the derivative of the interpolation along y and along x,
     # with no test of whether the point itself lies inside the image.
+    # A NaN coordinate (whose output is NaN) gets NaN for both.
     d_dy = lx[:, :, None] * (v[1, 1] - v[0, 1]) + (1 - lx)[:, :, None] * (v[1, 0] - v[0, 0])
     d_dx = ly[:, :, None] * (v[1, 1] - v[1, 0]) + (1 - ly)[:, :, None] * (v[0, 1] - v[0, 0])
+    undefined = (y.isnan() | x.isnan())[:, :, None]
+    d_dy, d_dx = (torch.where(undefined, torch.full_like(d, torch.nan), d) for d in (d_dy, d_dx))
     grad_offset = torch.stack([(scaled * d_dy).sum(2), (scaled * d_dx).sum(2)], dim=4)  # [n, og, kh, kw, 2, oh, ow]
 
     # Mask and weight: the interpolated value (bilinear_interpolate: zero outside (-1, size)).

@@ -76,8 +76,9 @@ def test_point_exactly_at_minus_one_keeps_torchvisions_one_sided_offset_gradient
     assert _autograd(args, grad_output)["offset"][0, 0, 0, 1] == 0
 
 
-@pytest.mark.parametrize("dy, dx", [(-1.5, 0.25), (3.0, 0.25), (0.5, -2.5), (1e6, 0.0)],
-                         ids=["above_minus_one", "at_height", "left_of_minus_one", "far"])
+@pytest.mark.parametrize("dy, dx", [(-1.5, 0.25), (3.0, 0.25), (0.5, -2.5), (1e6, 0.0), (float("inf"), 0.0),
+                                    (0.0, float("-inf"))],
+                         ids=["above_minus_one", "at_height", "left_of_minus_one", "far", "inf", "minus_inf"])
 def test_points_outside_get_no_gradient(dy, dx):
     spec, args = _one_point_case(dy, dx)
     grad_output = torch.zeros(spec.output_shape, dtype=torch.float64)
@@ -94,3 +95,12 @@ def test_batch_zero_gives_empty_and_zero_gradients():
     assert grads.input.shape == spec.input_shape and grads.offset.shape == spec.offset_shape
     assert grads.weight.shape == spec.weight_shape and grads.weight.abs().sum() == 0
     assert grads.bias.abs().sum() == 0
+
+
+def test_nan_offset_gives_nan_offset_and_mask_gradients():
+    spec, args = _one_point_case(float("nan"), 0.25)
+    grad_output = torch.zeros(spec.output_shape, dtype=torch.float64)
+    grad_output[0, 0, 0, 1] = 1.0
+    grads = deform_conv2d_reference_backward(grad_output, **args)
+    assert torch.isnan(grads.offset[0, :, 0, 1]).all() and torch.isnan(grads.mask[0, 0, 0, 1])
+    assert grads.input.isfinite().all()  # a NaN point has no in-image corner to scatter to
