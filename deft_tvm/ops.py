@@ -57,15 +57,28 @@ def _deform_conv2d_fake(input, offset, weight, bias, mask, stride_h, stride_w, p
 
 
 def _setup_context(ctx, inputs, output):
-    del ctx, inputs, output  # nothing to save until the backward kernels exist
+    input, offset, weight, bias, mask, *hyper = inputs
+    ctx.save_for_backward(input, offset, weight, mask)
+    ctx.has_bias = bias is not None
+    ctx.hyper = hyper
 
 
 def _backward(ctx, grad_output):
-    raise NotImplementedError(
-        "deft_tvm.deform_conv2d has no backward yet: gradients for input, offset, mask, weight and bias "
-        "are not implemented. Use it under torch.no_grad() / for inference, or call "
-        "torchvision.ops.deform_conv2d when training."
-    )
+    if torch.is_grad_enabled():
+        raise RuntimeError("deft_tvm.deform_conv2d has no double backward (create_graph=True)")
+    from .backward import deform_conv2d_backward
+
+    input, offset, weight, mask = ctx.saved_tensors
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = ctx.hyper
+    bias = weight.new_empty(weight.shape[0]) if ctx.has_bias else None
+    spec = spec_from_tensors(input, offset, weight, bias, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w), mask)
+    if spec.batch == 0:
+        grads = (torch.zeros_like(input), torch.zeros_like(offset), torch.zeros_like(weight),
+                 torch.zeros_like(bias) if bias is not None else None,
+                 torch.zeros_like(mask) if mask is not None else None)
+    else:
+        grads = deform_conv2d_backward(spec, grad_output, input, offset, mask, weight)
+    return (grads[0], grads[1], grads[2], grads[3], grads[4], None, None, None, None, None, None)
 
 
 deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

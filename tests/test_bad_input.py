@@ -87,12 +87,12 @@ def test_kernel_larger_than_padded_input():
         deft_tvm.deform_conv2d(x, offset, weight)
 
 
-def test_backward_is_not_implemented_yet():
+def test_double_backward_is_refused():
     args = _args()
     args["input"].requires_grad_(True)
     out = deft_tvm.deform_conv2d(**args)
-    with pytest.raises(NotImplementedError, match="deft_tvm.deform_conv2d has no backward yet"):
-        out.sum().backward()
+    with pytest.raises(RuntimeError, match=r"deft_tvm.deform_conv2d has no double backward \(create_graph=True\)"):
+        torch.autograd.grad(out.sum(), args["input"], create_graph=True)
 
 
 def test_module_rejects_indivisible_channels():

@@ -23,9 +23,9 @@ def _op_args(spec: DeformConvSpec):
 @pytest.mark.parametrize("has_mask, has_bias", [(True, True), (False, False)])
 def test_opcheck(has_mask, has_bias):
     spec = dataclasses.replace(SPEC, has_mask=has_mask, has_bias=has_bias)
-    # test_autograd_registration is left out until the backward exists (it raises NotImplementedError).
     torch.library.opcheck(
-        deform_conv2d_op, _op_args(spec), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static")
+        deform_conv2d_op, _op_args(spec),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"),
     )
 
 

@@ -1,0 +1,193 @@
+"""Pure TE compute of the deformable-convolution backward (torchvision's gradient semantics, see
+``reference_backward``), with named stages.
+
+Stages:
+  ``grad_columns`` - weight^T @ grad_output per group, ``[batch, in_channels, kh, kw, out_h, out_w]``
+  ``coord_index`` / ``coord_share`` - per sampling point the four corners' flat indices (-1 outside
+                     the image, no test of the point itself) and mask * bilinear shares
+  ``coord_corner`` - the corner values per channel (zero outside)
+  ``grad_offset``, ``grad_mask``, ``grad_weight``, ``grad_bias`` - the reductions
+grad_input is a scatter of ``grad_columns * coord_share`` to the corners (``scatter_primfunc``, TIR:
+TE has no scatter). Only the CPU runs these kernels so far, unscheduled (``deft_tvm.backward``).
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from .compute import CORNERS
+from .spec import DeformConvSpec, accumulate_dtype
+
+
+def deform_conv2d_backward_te(spec: DeformConvSpec):
+    """Build the TE graph; returns ``(inputs, outputs)``: inputs ``[input, offset, mask?, weight,
+    grad_output]`` (NCHW), outputs the stages ``grad_columns``, ``coord_index``, ``coord_share``
+    (for the scatter), ``grad_offset``, ``grad_mask`` (with a mask), ``grad_weight`` (in the
+    tensor dtype) and ``grad_bias_acc`` (accumulate dtype)."""
+    dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
+    kh, kw, og, g = spec.kernel_h, spec.kernel_w, spec.offset_groups, spec.groups
+    taps = kh * kw
+    cpg = spec.in_channels // og
+    ipg, opg = spec.in_channels // g, spec.out_channels // g
+    h, w = spec.height, spec.width
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    point_shape = (spec.batch, og, kh, kw, spec.out_h, spec.out_w)
+
+    data = te.placeholder(spec.input_shape, dtype, name="input")
+    offset = te.placeholder(spec.offset_shape, dtype, name="offset")
+    mask = te.placeholder(spec.mask_shape, dtype, name="mask") if spec.has_mask else None
+    weight = te.placeholder(spec.weight_shape, dtype, name="weight")
+    grad_out = te.placeholder(spec.output_shape, dtype, name="grad_output")
+
+    def coords(n, gi, ky, kx, oy, ox):
+        tap = ky * kw + kx
+        y = (oy * sh - ph + ky * dh).astype(acc) + offset[n, gi * 2 * taps + 2 * tap, oy, ox].astype(acc)
+        x = (ox * sw - pw + kx * dw).astype(acc) + offset[n, gi * 2 * taps + 2 * tap + 1, oy, ox].astype(acc)
+        return y, x
+
+    def low(v, size):
+        """floor of v clamped to (-2, size + 1) (else -2): no conversion overflows; NaN -> -2."""
+        safe = tirx.Select(tirx.all(v > -2, v < size + 1), v, tirx.const(-2, acc))
+        return safe, tirx.floor(safe).astype("int32")
+
+    def mask_at(n, gi, ky, kx, oy, ox):
+        return mask[n, gi * taps + ky * kw + kx, oy, ox].astype(acc) if mask is not None else tirx.const(1, acc)
+
+    def index(n, gi, ky, kx, oy, ox, k):
+        y, x = coords(n, gi, ky, kx, oy, ox)
+        _, yl = low(y, h)
+        _, xl = low(x, w)
+        yi, xi = yl + k // 2, xl + k % 2
+        inside = tirx.all(yi >= 0, yi < h, xi >= 0, xi < w)
+        return tirx.Select(inside, yi * w + xi, tirx.const(-1, "int32"))
+
+    def fractions(n, gi, ky, kx, oy, ox):
+        y, x = coords(n, gi, ky, kx, oy, ox)
+        ys, yl = low(y, h)
+        xs, xl = low(x, w)
+        return ys - yl.astype(acc), xs - xl.astype(acc)
+
+    coord_index = te.compute((*point_shape, CORNERS), index, name="coord_index")
+
+    def share(n, gi, ky, kx, oy, ox, k):
+        ly, lx = fractions(n, gi, ky, kx, oy, ox)
+        wy = tirx.Select(k // 2 == 1, ly, 1 - ly)
+        wx = tirx.Select(k % 2 == 1, lx, 1 - lx)
+        return wy * wx * mask_at(n, gi, ky, kx, oy, ox)
+
+    coord_share = te.compute((*point_shape, CORNERS), share, name="coord_share")
+
+    def corner(n, c, ky, kx, oy, ox, k):
+        flat = coord_index[n, c // cpg, ky, kx, oy, ox, k]
+        safe = tirx.max(flat, 0)
+        return tirx.Select(flat >= 0, data[n, c, safe // w, safe % w].astype(acc), tirx.const(0, acc))
+
+    coord_corner = te.compute(
+        (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w, CORNERS), corner, name="coord_corner")
+
+    ro = te.reduce_axis((0, opg), name="ro")
+    grad_columns = te.compute(
+        (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w),
+        lambda n, c, ky, kx, oy, ox: te.sum(
+            weight[c // ipg * opg + ro, c % ipg, ky, kx].astype(acc) * grad_out[n, c // ipg * opg + ro, oy, ox].astype(acc),
+            axis=ro),
+        name="grad_columns")
+
+    def outside(n, gi, ky, kx, oy, ox):
+        y, x = coords(n, gi, ky, kx, oy, ox)
+        return tirx.any(y <= -1, y >= h, x <= -1, x >= w)
+
+    def nan_point(n, gi, ky, kx, oy, ox):
+        y, x = coords(n, gi, ky, kx, oy, ox)
+        return tirx.any(tirx.isnan(y), tirx.isnan(x))
+
+    rj = te.reduce_axis((0, cpg), name="rj")
+
+    def d_offset(n, ch, oy, ox):
+        gi, rest = ch // (2 * taps), ch % (2 * taps)
+        tap, d = rest // 2, rest % 2
+        ky, kx = tap // kw, tap % kw
+        c = gi * cpg + rj
+        ly, lx = fractions(n, gi, ky, kx, oy, ox)
+        v = [coord_corner[n, c, ky, kx, oy, ox, k] for k in range(CORNERS)]
+        along_y = lx * (v[3] - v[1]) + (1 - lx) * (v[2] - v[0])
+        along_x = ly * (v[3] - v[2]) + (1 - ly) * (v[1] - v[0])
+        term = grad_columns[n, c, ky, kx, oy, ox] * mask_at(n, gi, ky, kx, oy, ox) * tirx.Select(d == 0, along_y, along_x)
+        return te.sum(tirx.Select(nan_point(n, gi, ky, kx, oy, ox), tirx.const(float("nan"), acc), term), axis=rj)
+
+    grad_offset_acc = te.compute(spec.offset_shape, d_offset, name="grad_offset_acc")
+    grad_offset = te.compute(spec.offset_shape, lambda *i: grad_offset_acc(*i).astype(dtype), name="grad_offset")
+
+    def interpolated(n, c, ky, kx, oy, ox):
+        gi = c // cpg
+        ly, lx = fractions(n, gi, ky, kx, oy, ox)
+        terms = [coord_corner[n, c, ky, kx, oy, ox, k]
+                 * tirx.Select(k // 2 == 1, ly, 1 - ly) * tirx.Select(k % 2 == 1, lx, 1 - lx) for k in range(CORNERS)]
+        value = terms[0] + terms[1] + terms[2] + terms[3]
+        value = tirx.Select(nan_point(n, gi, ky, kx, oy, ox), tirx.const(float("nan"), acc), value)
+        return tirx.Select(outside(n, gi, ky, kx, oy, ox), tirx.const(0, acc), value)
+
+    outputs = []
+    if mask is not None:
+        rm = te.reduce_axis((0, cpg), name="rm")
+
+        def d_mask(n, ch, oy, ox):
+            gi, tap = ch // taps, ch % taps
+            ky, kx = tap // kw, tap % kw
+            c = gi * cpg + rm
+            return te.sum(grad_columns[n, c, ky, kx, oy, ox] * interpolated(n, c, ky, kx, oy, ox), axis=rm)
+
+        grad_mask_acc = te.compute(spec.mask_shape, d_mask, name="grad_mask_acc")
+        outputs.append(te.compute(spec.mask_shape, lambda *i: grad_mask_acc(*i).astype(dtype), name="grad_mask"))
+
+    rn = te.reduce_axis((0, spec.batch), name="rn")
+    ry = te.reduce_axis((0, spec.out_h), name="ry")
+    rx = te.reduce_axis((0, spec.out_w), name="rx")
+
+    def d_weight(o, i, ky, kx):
+        c = o // opg * ipg + i
+        gi = c // cpg
+        column = interpolated(rn, c, ky, kx, ry, rx) * mask_at(rn, gi, ky, kx, ry, rx)
+        return te.sum(grad_out[rn, o, ry, rx].astype(acc) * column, axis=[rn, ry, rx])
+
+    grad_weight_acc = te.compute(spec.weight_shape, d_weight, name="grad_weight_acc")
+    grad_weight = te.compute(spec.weight_shape, lambda *i: grad_weight_acc(*i).astype(dtype), name="grad_weight")
+    bn = te.reduce_axis((0, spec.batch), name="bn")
+    by = te.reduce_axis((0, spec.out_h), name="by")
+    bx = te.reduce_axis((0, spec.out_w), name="bx")
+    grad_bias = te.compute((spec.out_channels,), lambda o: te.sum(grad_out[bn, o, by, bx].astype(acc), axis=[bn, by, bx]),
+                           name="grad_bias_acc")
+    inputs = [t for t in (data, offset, mask, weight, grad_out) if t is not None]
+    return inputs, [grad_columns, coord_index, coord_share, grad_offset, *outputs, grad_weight, grad_bias]
+
+
+def scatter_primfunc(spec: DeformConvSpec):
+    """grad_input (in the accumulate dtype) as the scatter of ``grad_columns * coord_share`` to the
+    corners in ``coord_index``; each (batch, channel) plane is written by its own samples only, so
+    its loop can run in parallel without atomics and the sums are deterministic."""
+    from tvm.script import tirx as T
+
+    acc = accumulate_dtype(spec.dtype)
+    n, c, h, w = spec.input_shape
+    kh, kw, og, oh, ow = spec.kernel_h, spec.kernel_w, spec.offset_groups, spec.out_h, spec.out_w
+    cpg = c // og
+
+    @T.prim_func
+    def scatter(
+        grad_columns: T.Buffer((n, c, kh, kw, oh, ow), acc),
+        coord_index: T.Buffer((n, og, kh, kw, oh, ow, 4), "int32"),
+        coord_share: T.Buffer((n, og, kh, kw, oh, ow, 4), acc),
+        grad_input: T.Buffer((n, c, h * w), acc),
+    ):
+        T.func_attr({"global_symbol": "scatter", "tirx.noalias": True})
+        for plane in T.parallel(n * c):
+            for i in range(h * w):
+                grad_input[plane // c, plane % c, i] = T.cast(0, acc)
+            for ky, kx, oy, ox, k in T.grid(kh, kw, oh, ow, 4):
+                index = coord_index[plane // c, plane % c // cpg, ky, kx, oy, ox, k]
+                if index >= 0:
+                    grad_input[plane // c, plane % c, index] = grad_input[plane // c, plane % c, index] + (
+                        grad_columns[plane // c, plane % c, ky, kx, oy, ox]
+                        * coord_share[plane // c, plane % c // cpg, ky, kx, oy, ox, k])
+
+    return scatter
