@@ -44,6 +44,31 @@ STAGE_OUTPUT = "output"
 CORNERS = 4
 
 
+def sampling_coordinates(spec: DeformConvSpec, offset: te.Tensor, acc: str):
+    """``(n, g, ky, kx, oy, ox) -> (y, x)``: where tap ``(ky, kx)`` of output ``(oy, ox)`` samples
+    the input for offset group ``g``, in ``acc`` (regular grid position plus the offset)."""
+    taps = spec.kernel_h * spec.kernel_w
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = spec.stride, spec.padding, spec.dilation
+
+    def coordinates(n, g, ky, kx, oy, ox):
+        tap = ky * spec.kernel_w + kx
+        dy = offset[n, g * 2 * taps + 2 * tap, oy, ox].astype(acc)
+        dx = offset[n, g * 2 * taps + 2 * tap + 1, oy, ox].astype(acc)
+        y = (oy * stride_h - pad_h + ky * dil_h).astype(acc) + dy
+        x = (ox * stride_w - pad_w + kx * dil_w).astype(acc) + dx
+        return y, x
+
+    return coordinates
+
+
+def bilinear_share(ly, lx, corner, acc: str):
+    """The bilinear weight of ``corner`` (0: low y low x, 1: low y high x, 2: high y low x, 3: high
+    y high x) of a point at fractions ``(ly, lx)`` past its low corner."""
+    wy = tirx.Select(corner // 2 == 1, ly, tirx.const(1, acc) - ly)
+    wx = tirx.Select(corner % 2 == 1, lx, tirx.const(1, acc) - lx)
+    return wy * wx
+
+
 def _bilinear_point(y, x, corner, height: int, width: int, acc: str, index: bool):
     """torchvision's ``bilinear_interpolate`` split per corner: the flat index of ``corner``
     (0: low y low x, 1: low y high x, 2: high y low x, 3: high y high x; -1 when the corner does
@@ -57,16 +82,12 @@ def _bilinear_point(y, x, corner, height: int, width: int, acc: str, index: bool
     outside = tirx.any(y <= -1, y >= height, x <= -1, x >= width)
     y_low = tirx.floor(tirx.Select(tirx.all(y > -1, y < height), y, tirx.const(0, acc))).astype("int32")
     x_low = tirx.floor(tirx.Select(tirx.all(x > -1, x < width), x, tirx.const(0, acc))).astype("int32")
-    high_y, high_x = corner // 2, corner % 2
     if index:
-        yi, xi = y_low + high_y, x_low + high_x
+        yi, xi = y_low + corner // 2, x_low + corner % 2
         inside = tirx.all(tirx.Not(outside), yi >= 0, yi <= height - 1, xi >= 0, xi <= width - 1)
         return tirx.Select(inside, yi * width + xi, tirx.const(-1, "int32"))
-    ly = y - y_low.astype(acc)
-    lx = x - x_low.astype(acc)
-    wy = tirx.Select(high_y == 1, ly, tirx.const(1, acc) - ly)
-    wx = tirx.Select(high_x == 1, lx, tirx.const(1, acc) - lx)
-    return tirx.Select(outside, tirx.const(0, acc), wy * wx)
+    share = bilinear_share(y - y_low.astype(acc), x - x_low.astype(acc), corner, acc)
+    return tirx.Select(outside, tirx.const(0, acc), share)
 
 
 def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
@@ -82,7 +103,6 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     channels_per_offset_group = spec.in_channels // spec.offset_groups
     in_per_group = spec.in_channels // spec.groups
     out_per_group = spec.out_channels // spec.groups
-    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = spec.stride, spec.padding, spec.dilation
     point_shape = (spec.batch, spec.offset_groups, kh, kw, spec.out_h, spec.out_w, CORNERS)
 
     data = te.placeholder(spec.kernel_input_shape, dtype, name="input")
@@ -91,12 +111,10 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     weight = te.placeholder(spec.kernel_weight_shape, dtype, name="weight")
     bias = te.placeholder((spec.out_channels,), dtype, name="bias") if spec.has_bias else None
 
+    coordinates = sampling_coordinates(spec, offset, acc)
+
     def point(n, g, ky, kx, oy, ox, corner, index):
-        tap = ky * kw + kx
-        dy = offset[n, g * 2 * taps + 2 * tap, oy, ox].astype(acc)
-        dx = offset[n, g * 2 * taps + 2 * tap + 1, oy, ox].astype(acc)
-        y = (oy * stride_h - pad_h + ky * dil_h).astype(acc) + dy
-        x = (ox * stride_w - pad_w + kx * dil_w).astype(acc) + dx
+        y, x = coordinates(n, g, ky, kx, oy, ox)
         return _bilinear_point(y, x, corner, spec.height, spec.width, acc, index)
 
     def point_weight(n, g, ky, kx, oy, ox, corner):

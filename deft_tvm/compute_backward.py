@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .compute import CORNERS
+from .compute import CORNERS, bilinear_share, sampling_coordinates
 from .spec import DeformConvSpec, accumulate_dtype
 
 
@@ -30,7 +30,6 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
     cpg = spec.in_channels // og
     ipg, opg = spec.in_channels // g, spec.out_channels // g
     h, w = spec.height, spec.width
-    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     point_shape = (spec.batch, og, kh, kw, spec.out_h, spec.out_w)
 
     data = te.placeholder(spec.input_shape, dtype, name="input")
@@ -39,11 +38,7 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
     weight = te.placeholder(spec.weight_shape, dtype, name="weight")
     grad_out = te.placeholder(spec.output_shape, dtype, name="grad_output")
 
-    def coords(n, gi, ky, kx, oy, ox):
-        tap = ky * kw + kx
-        y = (oy * sh - ph + ky * dh).astype(acc) + offset[n, gi * 2 * taps + 2 * tap, oy, ox].astype(acc)
-        x = (ox * sw - pw + kx * dw).astype(acc) + offset[n, gi * 2 * taps + 2 * tap + 1, oy, ox].astype(acc)
-        return y, x
+    coords = sampling_coordinates(spec, offset, acc)
 
     def low(v, size):
         """floor of v clamped to (-2, size + 1) (else -2): no conversion overflows; NaN -> -2."""
@@ -71,9 +66,7 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
 
     def share(n, gi, ky, kx, oy, ox, k):
         ly, lx = fractions(n, gi, ky, kx, oy, ox)
-        wy = tirx.Select(k // 2 == 1, ly, 1 - ly)
-        wx = tirx.Select(k % 2 == 1, lx, 1 - lx)
-        return wy * wx * mask_at(n, gi, ky, kx, oy, ox)
+        return bilinear_share(ly, lx, k, acc) * mask_at(n, gi, ky, kx, oy, ox)
 
     coord_share = te.compute((*point_shape, CORNERS), share, name="coord_share")
 
@@ -121,8 +114,7 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
     def interpolated(n, c, ky, kx, oy, ox):
         gi = c // cpg
         ly, lx = fractions(n, gi, ky, kx, oy, ox)
-        terms = [coord_corner[n, c, ky, kx, oy, ox, k]
-                 * tirx.Select(k // 2 == 1, ly, 1 - ly) * tirx.Select(k % 2 == 1, lx, 1 - lx) for k in range(CORNERS)]
+        terms = [coord_corner[n, c, ky, kx, oy, ox, k] * bilinear_share(ly, lx, k, acc) for k in range(CORNERS)]
         value = terms[0] + terms[1] + terms[2] + terms[3]
         value = tirx.Select(nan_point(n, gi, ky, kx, oy, ox), tirx.const(float("nan"), acc), value)
         return tirx.Select(outside(n, gi, ky, kx, oy, ox), tirx.const(0, acc), value)

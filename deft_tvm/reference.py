@@ -13,11 +13,23 @@ import torch
 from .checks import IntPair, as_pair, spec_from_tensors
 
 
-def sample_grid(out_size: int, kernel: int, stride: int, pad: int, dilation: int, device):
+def _sample_grid(out_size: int, kernel: int, stride: int, pad: int, dilation: int, device):
     """Regular sampling positions ``[kernel, out_size]`` along one axis."""
     out_pos = torch.arange(out_size, device=device, dtype=torch.float64) * stride - pad
     taps = torch.arange(kernel, device=device, dtype=torch.float64) * dilation
     return taps[:, None] + out_pos[None, :]
+
+
+def sampling_points(spec, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each tap samples the input (regular grid plus offset), float64 ``(y, x)``, each
+    ``[batch, offset_groups, kernel_h, kernel_w, out_h, out_w]``."""
+    n, og, kh, kw, oh, ow = spec.batch, spec.offset_groups, spec.kernel_h, spec.kernel_w, spec.out_h, spec.out_w
+    off = offset.to(torch.float64).reshape(n, og, kh, kw, 2, oh, ow)
+    grid_y = _sample_grid(oh, kh, spec.stride[0], spec.padding[0], spec.dilation[0], offset.device)  # [kh, oh]
+    grid_x = _sample_grid(ow, kw, spec.stride[1], spec.padding[1], spec.dilation[1], offset.device)  # [kw, ow]
+    y = grid_y[None, None, :, None, :, None] + off[:, :, :, :, 0]
+    x = grid_x[None, None, None, :, None, :] + off[:, :, :, :, 1]
+    return y, x
 
 
 def deform_conv2d_reference(
@@ -41,11 +53,7 @@ def deform_conv2d_reference(
     taps, oh, ow = kh * kw, spec.out_h, spec.out_w
     x64 = input.to(torch.float64)
 
-    off = offset.to(torch.float64).reshape(n, og, kh, kw, 2, oh, ow)
-    grid_y = sample_grid(oh, kh, stride[0], padding[0], dilation[0], input.device)  # [kh, oh]
-    grid_x = sample_grid(ow, kw, stride[1], padding[1], dilation[1], input.device)  # [kw, ow]
-    y = grid_y[None, None, :, None, :, None] + off[:, :, :, :, 0]  # [n, og, kh, kw, oh, ow]
-    x = grid_x[None, None, None, :, None, :] + off[:, :, :, :, 1]
+    y, x = sampling_points(spec, offset)  # [n, og, kh, kw, oh, ow]
     # Each input channel uses the offsets of its offset group: [n, c, kh, kw, oh, ow].
     y = y.repeat_interleave(c // og, dim=1)
     x = x.repeat_interleave(c // og, dim=1)

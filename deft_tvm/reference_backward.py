@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .checks import IntPair, as_pair, spec_from_tensors
-from .reference import sample_grid
+from .reference import sampling_points
 
 
 class DeformConvGrads(NamedTuple):
@@ -52,11 +52,7 @@ def deform_conv2d_reference_backward(
     oh, ow, co = spec.out_h, spec.out_w, spec.out_channels
     per_group = c // og
 
-    off = offset.to(torch.float64).reshape(n, og, kh, kw, 2, oh, ow)
-    grid_y = sample_grid(oh, kh, stride[0], padding[0], dilation[0], input.device)  # [kh, oh]
-    grid_x = sample_grid(ow, kw, stride[1], padding[1], dilation[1], input.device)  # [kw, ow]
-    y = grid_y[None, None, :, None, :, None] + off[:, :, :, :, 0]  # [n, og, kh, kw, oh, ow]
-    x = grid_x[None, None, None, :, None, :] + off[:, :, :, :, 1]
+    y, x = sampling_points(spec, offset)  # [n, og, kh, kw, oh, ow]
     m = (mask.to(torch.float64).reshape(n, og, kh, kw, oh, ow) if mask is not None
          else torch.ones_like(y))
 

@@ -20,6 +20,15 @@ TENSOR_CORE_SHAPES = {
     "positions_padded": DeformConvSpec(1, 16, 7, 9, 32, 3, 3, padding=(1, 1), dtype="float16"),  # 63 positions
 }
 
+# The tensor arguments of deform_conv2d, in its order (bias and mask may be None).
+TENSOR_ARGUMENTS = ("input", "offset", "weight", "bias", "mask")
+
+
+def grad_leaves(args: dict) -> dict:
+    """Copies of ``args``' tensor arguments (those given) that require grad, by name."""
+    return {k: args[k].clone().requires_grad_(True) for k in TENSOR_ARGUMENTS if args[k] is not None}
+
+
 def make_case(spec: DeformConvSpec, *, seed: int = 0, offset_scale: float = 2.0):
     """Random arguments for ``spec`` as keyword arguments of ``deform_conv2d``."""
     gen = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ from deft_tvm.reference_backward import deform_conv2d_reference_backward
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.tolerances import assert_close
 
-from helpers import make_case
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 SPECS = {
     "asymmetric": DeformConvSpec(2, 6, 5, 6, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,
@@ -22,7 +22,6 @@ SPECS = {
                                       has_bias=False),
     "1x1_batch3": DeformConvSpec(3, 3, 4, 3, 2, 1, 1),
 }
-ARGUMENTS = ("input", "offset", "weight", "bias", "mask")
 
 
 def _call(spec: DeformConvSpec):
@@ -30,17 +29,13 @@ def _call(spec: DeformConvSpec):
         input, offset, weight, bias, spec.stride, spec.padding, spec.dilation, mask)
 
 
-def _leaves(args: dict) -> dict:
-    return {k: args[k].clone().requires_grad_(True) for k in ARGUMENTS if args[k] is not None}
-
-
 @pytest.mark.parametrize("shape", list(SPECS))
 def test_gradcheck_float64(shape):
     spec = dataclasses.replace(SPECS[shape], dtype="float64")
     args = make_case(spec, seed=3)
-    leaves = _leaves(args)
+    leaves = grad_leaves(args)
     call = _call(spec)
-    tensors = {k: args[k] for k in ARGUMENTS}
+    tensors = {k: args[k] for k in TENSOR_ARGUMENTS}
     assert torch.autograd.gradcheck(lambda *t: call(**{**tensors, **dict(zip(leaves, t))}), tuple(leaves.values()),
                                     eps=1e-6, atol=1e-6)
 
@@ -53,8 +48,8 @@ def test_gradients_match_torchvisions(shape, dtype):
     offset = args["offset"].clone()
     offset.view(-1)[::7] = -1.0 - torch.arange(offset.numel())[::7] % 3  # some points on y or x = -1, -2, -3
     args["offset"] = offset
-    leaves = _leaves(args)
-    out = _call(spec)(**{**{k: args[k] for k in ARGUMENTS}, **leaves})
+    leaves = grad_leaves(args)
+    out = _call(spec)(**{**{k: args[k] for k in TENSOR_ARGUMENTS}, **leaves})
     grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(out.dtype))
     expected = deform_conv2d_reference_backward(grad_output, **args)._asdict()
@@ -66,7 +61,7 @@ def test_gradients_match_torchvisions(shape, dtype):
 def test_batch_zero_gives_zero_gradients():
     spec = dataclasses.replace(SPECS["asymmetric"], batch=0, dtype="float64")
     args = make_case(spec)
-    leaves = _leaves(args)
-    _call(spec)(**{**{k: args[k] for k in ARGUMENTS}, **leaves}).sum().backward()
+    leaves = grad_leaves(args)
+    _call(spec)(**{**{k: args[k] for k in TENSOR_ARGUMENTS}, **leaves}).sum().backward()
     assert leaves["weight"].grad.shape == spec.weight_shape and leaves["weight"].grad.abs().sum() == 0
     assert leaves["input"].grad.shape == spec.input_shape

@@ -18,7 +18,7 @@ from deft_tvm.targets import target_for_device
 from deft_tvm.tolerances import assert_close
 from deft_tvm.workloads import BENCHMARK_WORKLOADS, get_workload
 
-from helpers import TENSOR_CORE_SHAPES, make_case, small_dcn_model
+from helpers import TENSOR_CORE_SHAPES, grad_leaves, make_case, small_dcn_model
 from test_forward import SHAPES
 
 pytestmark = pytest.mark.gpu
@@ -321,7 +321,7 @@ def test_reference_backward_matches_torchvision_gradients(case):
         offset[:, :, 1, 0, 1] = -1.0 - cols  # tap (1, 0): x = -1 exactly
         args["offset"] = offset.reshape(spec.offset_shape)
     grad_output = torch.randn(spec.output_shape, dtype=torch.float64, device="cuda")
-    leaves = {k: args[k].clone().requires_grad_(True) for k in ("input", "offset", "weight", "bias", "mask")}
+    leaves = grad_leaves(args)
     out = torchvision_ops.deform_conv2d(**{**args, **leaves})
     expected = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_output)))
     grads = deform_conv2d_reference_backward(grad_output, **args)._asdict()

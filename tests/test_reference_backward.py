@@ -12,7 +12,7 @@ from deft_tvm import deform_conv2d_reference
 from deft_tvm.reference_backward import deform_conv2d_reference_backward
 from deft_tvm.spec import DeformConvSpec
 
-from helpers import make_case
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 SPECS = {
     "asymmetric": DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,
@@ -21,11 +21,10 @@ SPECS = {
                                       has_bias=False, dtype="float64"),
     "1x1_batch3": DeformConvSpec(3, 3, 5, 4, 2, 1, 1, dtype="float64"),
 }
-ARGUMENTS = ("input", "offset", "weight", "bias", "mask")
 
 
 def _autograd(args: dict, grad_output: torch.Tensor) -> dict:
-    leaves = {k: args[k].clone().requires_grad_(True) for k in ARGUMENTS if args[k] is not None}
+    leaves = grad_leaves(args)
     out = deform_conv2d_reference(**{**args, **leaves})
     grads = torch.autograd.grad(out, list(leaves.values()), grad_output)
     return dict(zip(leaves, grads))
@@ -40,7 +39,7 @@ def test_matches_autograd_of_the_forward_reference_inside_the_image(shape):
     grad_output = torch.randn(spec.output_shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     expected = _autograd(args, grad_output)
     grads = deform_conv2d_reference_backward(grad_output, **args)._asdict()
-    for name in ARGUMENTS:
+    for name in TENSOR_ARGUMENTS:
         if args[name] is None:
             assert grads[name] is None, name
         else:
