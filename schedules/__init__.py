@@ -12,7 +12,7 @@ from tvm import s_tir
 
 from deft_tvm.compute import deform_conv2d_primfunc
 
-from .cpu import deft_cpu_space, schedule_cpu
+from .cpu import deft_cpu_space, schedule_cpu, seed_cpu_schedule
 from .cuda import deft_cuda_space, schedule_cuda, seed_cuda_schedule
 from .cuda_tensorcore import (
     deft_cuda_tensorcore_space,
@@ -88,7 +88,7 @@ def search_start(spec, target) -> s_tir.Schedule:
     _check_kind(target.kind.name)
     mod = deform_conv2d_primfunc(spec)
     if target.kind.name != "cuda":
-        return default_schedule(mod, spec, target)
+        return seed_cpu_schedule(mod, spec)
     if _takes_tensor_cores(spec):
         return seed_tensorcore_schedule(mod, spec)
     return seed_cuda_schedule(mod, spec)

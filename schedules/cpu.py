@@ -4,12 +4,14 @@ One parallel task per (batch, output row):
   1. interpolate that row's sampled columns ``[in_channels, kernel_h, kernel_w, out_w]`` once,
      with the channels of an offset group innermost: the sampling point (corner indices and
      weights) is computed once per (offset group, tap, position) and reused for the channels;
-  2. reduce the columns against the weights into register tiles of
-     ``OUT_CHANNEL_TILE x WIDTH_TILE`` accumulators (a local cache of the ``conv`` stage);
+  2. reduce the columns against the weights into register tiles of accumulators (a local cache
+     of the ``conv`` stage), by default the largest divisors of the output channels and width
+     up to ``OUT_CHANNEL_TILE x WIDTH_TILE``;
   3. add the bias and cast while writing the row of every output channel.
 
 ``schedule_cpu`` uses fixed register tiles; ``deft_cpu_space`` is the MetaSchedule design space in
-which both tile sizes are ``sample_perfect_tile`` instructions.
+which both tile sizes are ``sample_perfect_tile`` instructions; ``seed_cpu_schedule`` is the default
+as a point of that space (the search's start).
 """
 
 from __future__ import annotations
@@ -31,20 +33,48 @@ OUT_CHANNEL_TILE = 4
 WIDTH_TILE = 16
 
 
+def _dividing_tile(extent: int, tile: int) -> int:
+    """The largest divisor of ``extent`` up to ``tile``: no ragged tail, and a point of the space."""
+    return max(d for d in range(1, min(extent, tile) + 1) if extent % d == 0)
+
+
 def schedule_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.deform_conv2d_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
-    apply_deft_cpu(sch, spec, lambda loop, tile: [None, tile])
+    apply_deft_cpu(sch, spec, lambda loop, tile: [None, _dividing_tile(int(sch.get(loop).extent), tile)])
     return sch
+
+
+MAX_TILE = 32
+
+
+def _sampled_tiles(sch: s_tir.Schedule, decided: bool):
+    """Tile factors as ``sample_perfect_tile`` instructions; ``decided`` fixes them at the default tile."""
+
+    def tile_factors(loop, tile):
+        extent = int(sch.get(loop).extent)
+        inner = _dividing_tile(extent, tile)
+        decision = [extent // inner, inner] if decided else None
+        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_TILE, decision=decision)
+
+    return tile_factors
 
 
 def deft_cpu_space(spec: DeformConvSpec):
     """MetaSchedule design space (for ``ScheduleFn``): the CPU schedule with sampled tiles."""
 
     def space(sch: s_tir.Schedule) -> None:
-        apply_deft_cpu(sch, spec, lambda loop, tile: sch.sample_perfect_tile(loop, n=2, max_innermost_factor=32))
+        apply_deft_cpu(sch, spec, _sampled_tiles(sch, decided=False))
 
     return space
+
+
+def seed_cpu_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
+    """The default schedule as a point of ``deft_cpu_space`` (its tiles decided as the default's)
+    for the search to start from and mutate."""
+    sch = s_tir.Schedule(mod)
+    apply_deft_cpu(sch, spec, _sampled_tiles(sch, decided=True))
+    return sch
 
 
 def apply_deft_cpu(sch: s_tir.Schedule, spec: DeformConvSpec, tile_factors) -> None:

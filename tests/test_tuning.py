@@ -56,8 +56,8 @@ def test_cpu_tuning_writes_a_resumable_database(tmp_path, isolated_cache):
     result = tune(SMALL.spec, SMALL.profile, target, directory, trials=3, trials_per_round=2, seed=1)
     # The first record is the default schedule (the search's start), the next two the search's.
     assert result.new_trials == 2 and record_count(directory) == 3 and result.best_s is not None
-    traces = [str(r.trace) for r in measured_records(directory)]
-    assert sum("sample_perfect_tile" in t for t in traces) == 2  # the tiles came from the search
+    records = measured_records(directory)
+    assert len(records) == 3 and all("sample_perfect_tile" in str(r.trace) for r in records)  # points of the space
     spec, sch = tuning_db.best_schedule(directory, target)
     assert spec == SMALL.spec and sch is not None
     assert json.loads((directory / TUNING_FILE).read_text())["space"] == "deft"
@@ -66,6 +66,15 @@ def test_cpu_tuning_writes_a_resumable_database(tmp_path, isolated_cache):
     assert again.new_trials == 0 and record_count(directory) == 3  # resumed: nothing left to run
     with pytest.raises(ValueError, match=r"tuned with offset profile 'normal_2px', not 'normal_8px'"):
         tune(SMALL.spec, "normal_8px", target, directory, trials=4)
+
+
+@pytest.mark.parametrize("name", ["test_paper_small", "test_asymmetric"])
+def test_cpu_search_starts_from_the_default_schedule_as_a_point_of_the_space(name):
+    target = target_for_device("cpu")
+    spec = get_workload(name).spec
+    start = search_start(spec, target)
+    assert "sample_perfect_tile" in str(start.trace)  # mutable by the search
+    tvm.ir.assert_structural_equal(start.mod, default_schedule(deform_conv2d_primfunc(spec), spec, target).mod)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"], ids=["tensor_cores", "simt"])
