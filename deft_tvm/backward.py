@@ -1,7 +1,13 @@
-"""The backward kernels, on the CPU only so far: ``compute_backward`` compiled for llvm without a
-schedule (the scatter parallel over (batch, channel) planes), kept in memory per workload.
+"""The backward kernels: ``compute_backward`` compiled for the tensors' device and kept in memory
+per workload.
 
-``deform_conv2d_backward`` returns torchvision's gradients of every argument; on CUDA it raises.
+* CPU (llvm): unscheduled, grad_input by the plane scatter (parallel over (batch, channel)
+  planes, deterministic).
+* CUDA: ``schedules.cuda_backward`` (untuned), grad_input by ``atomicAdd`` or, when
+  ``torch.use_deterministic_algorithms(True)`` is set, by the sorted gather (no atomics, the same
+  bits on every run).
+
+``deform_conv2d_backward`` returns torchvision's gradients of every argument.
 """
 
 from __future__ import annotations
@@ -13,46 +19,80 @@ import torch
 import tvm
 from tvm import te
 
-from .compute_backward import deform_conv2d_backward_te, scatter_primfunc
+from .compute_backward import deform_conv2d_backward_te, scatter_primfunc, sort_by_pixel, sorted_gather_primfunc
 from .reference_backward import DeformConvGrads
 from .spec import DeformConvSpec, accumulate_dtype
+from .targets import compile_kernel, target_for_device
 
-_kernels: dict[str, tuple[Callable, Callable, list]] = {}
+_kernels: dict[tuple[str, str, str], Callable] = {}
 _lock = threading.Lock()
 
 
-def _kernels_for(spec: DeformConvSpec):
+def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
+    cuda = target.kind.name == "cuda"
+    if part == "gradients":
+        inputs, outputs = deform_conv2d_backward_te(spec)
+        mod = tvm.IRModule({"main": te.create_prim_func(inputs + outputs)})
+        if cuda:
+            from deft_tvm.schedules.cuda_backward import schedule_backward_cuda
+
+            mod = schedule_backward_cuda(mod, spec.has_mask).mod
+        return compile_kernel(mod, target)["main"]
+    if part == "gather":
+        from deft_tvm.schedules.cuda_backward import THREADS
+
+        func = sorted_gather_primfunc(spec, THREADS if cuda else None)
+    elif cuda:
+        from deft_tvm.schedules.cuda_backward import scatter_atomic_primfunc
+
+        func = scatter_atomic_primfunc(spec)
+    else:
+        func = scatter_primfunc(spec)
+    return compile_kernel(tvm.IRModule({part: func}), target)[part]
+
+
+def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
+    """``part`` ("gradients", "scatter" or "gather") of ``spec``'s backward for ``target``, compiled once."""
+    key = (spec.key(), str(target), part)
     with _lock:
-        if spec.key() not in _kernels:
-            inputs, outputs = deform_conv2d_backward_te(spec)
-            gradients = tvm.compile(tvm.IRModule({"main": te.create_prim_func(inputs + outputs)}), target="llvm")
-            scatter = tvm.compile(tvm.IRModule({"scatter": scatter_primfunc(spec)}), target="llvm")
-            shapes = [(o.op.name, tuple(int(s) for s in o.shape), str(o.dtype)) for o in outputs]
-            _kernels[spec.key()] = (gradients["main"], scatter["scatter"], shapes)
-        return _kernels[spec.key()]
+        if key not in _kernels:
+            _kernels[key] = _build(spec, target, part)
+        return _kernels[key]
+
+
+def _output_buffers(spec: DeformConvSpec, device: torch.device) -> dict[str, torch.Tensor]:
+    """Empty tensors for the gradient kernel's outputs, in its parameter order."""
+    _, outputs = deform_conv2d_backward_te(spec)
+    return {o.op.name: torch.empty(tuple(int(s) for s in o.shape), dtype=getattr(torch, str(o.dtype)), device=device)
+            for o in outputs}
 
 
 def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mask, weight) -> DeformConvGrads:
-    """Gradients of every argument of the forward call ``spec`` describes (CPU tensors of the
-    spec's dtype; NCHW)."""
-    if input.device.type != "cpu":
-        raise NotImplementedError(
-            f"deft_tvm.deform_conv2d has no backward on {input.device.type} yet (only on the CPU); "
-            "use torchvision.ops.deform_conv2d for training on GPUs"
-        )
-    gradients, scatter, shapes = _kernels_for(spec)
-    results = {name: torch.empty(shape, dtype=getattr(torch, dtype)) for name, shape, dtype in shapes}
+    """Gradients of every argument of the forward call ``spec`` describes (tensors of the spec's
+    dtype on one CPU or CUDA device; NCHW)."""
+    device = input.device
+    target = target_for_device(device)
+    results = _output_buffers(spec, device)
     given = [t.contiguous() for t in (input, offset, mask, weight, grad_output) if t is not None]
-    gradients(*[tvm.runtime.from_dlpack(t) for t in given + list(results.values())])
+    _kernel(spec, target, "gradients")(*given, *results.values())
+
     n, c, h, w = spec.input_shape
-    grad_input = torch.empty((n, c, h * w), dtype=getattr(torch, accumulate_dtype(spec.dtype)))
-    scatter(*[tvm.runtime.from_dlpack(results[k]) for k in ("grad_columns", "coord_index", "coord_share")],
-            tvm.runtime.from_dlpack(grad_input))
-    dtype = input.dtype
+    acc = getattr(torch, accumulate_dtype(spec.dtype))
+    columns, index, share = results["grad_columns"], results["coord_index"], results["coord_share"]
+    if device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        order, starts = sort_by_pixel(index, h * w)
+        grad_input = torch.empty((n, c, h * w), dtype=acc, device=device)
+        _kernel(spec, target, "gather")(columns.flatten(2), share.flatten(2), order, starts, grad_input)
+    elif device.type == "cuda":
+        grad_input = torch.zeros((n, c, h * w), dtype=acc, device=device)
+        _kernel(spec, target, "scatter")(columns.flatten(2), index.flatten(2, -2), share.flatten(2, -2), grad_input)
+    else:
+        grad_input = torch.empty((n, c, h * w), dtype=acc, device=device)
+        _kernel(spec, target, "scatter")(columns, index, share, grad_input)
     return DeformConvGrads(
-        input=grad_input.reshape(spec.input_shape).to(dtype),
+        input=grad_input.reshape(spec.input_shape).to(input.dtype),
         offset=results["grad_offset"],
         weight=results["grad_weight"],
-        bias=results["grad_bias_acc"].to(dtype) if spec.has_bias else None,
+        bias=results["grad_bias_acc"].to(input.dtype) if spec.has_bias else None,
         mask=results["grad_mask"] if spec.has_mask else None,
     )

@@ -183,3 +183,82 @@ def scatter_primfunc(spec: DeformConvSpec):
                         * coord_share[plane // c, plane % c // cpg, ky, kx, oy, ox, k])
 
     return scatter
+
+
+
+def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
+    """grad_input (in the accumulate dtype) without atomics and deterministic on any device: every
+    input pixel sums, in a fixed order, the shares of the samples that touch it.
+
+    For each (batch, offset group) the corner entries ``e = ((ky * kw + kx) * out_h * out_w + oy *
+    out_w + ox) * 4 + corner`` are stably sorted by the pixel they touch (``order``; entries outside
+    the image sort last), and ``starts[n, g, p]`` is the first sorted entry of pixel ``p`` (``h * w
+    + 1`` of them). One thread per (batch, channel, pixel): ``threads`` per CUDA block, or a
+    parallel CPU loop when ``None``."""
+    from tvm.script import tirx as T
+
+    acc = accumulate_dtype(spec.dtype)
+    n, c, h, w = spec.input_shape
+    og = spec.offset_groups
+    cpg, pixels = c // og, h * w
+    entries = spec.kernel_h * spec.kernel_w * spec.out_h * spec.out_w * CORNERS
+    total = n * c * pixels
+
+    @T.macro
+    def pixel_sum(i, grad_columns, coord_share, order, starts, grad_input):
+        b = i // (c * pixels)
+        ch = i // pixels % c
+        p = i % pixels
+        g = ch // cpg
+        value = T.cast(0, acc)
+        for s in range(starts[b, g, p], starts[b, g, p + 1]):
+            value = value + grad_columns[b, ch, order[b, g, s] // CORNERS] * coord_share[b, g, order[b, g, s]]
+        grad_input[b, ch, p] = value
+
+    if threads is None:
+
+        @T.prim_func
+        def gather(
+            grad_columns: T.Buffer((n, c, entries // CORNERS), acc),
+            coord_share: T.Buffer((n, og, entries), acc),
+            order: T.Buffer((n, og, entries), "int32"),
+            starts: T.Buffer((n, og, pixels + 1), "int32"),
+            grad_input: T.Buffer((n, c, pixels), acc),
+        ):
+            T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
+            for i in T.parallel(total):
+                pixel_sum(i, grad_columns, coord_share, order, starts, grad_input)
+
+        return gather
+
+    blocks = (total + threads - 1) // threads
+
+    @T.prim_func
+    def gather_cuda(
+        grad_columns: T.Buffer((n, c, entries // CORNERS), acc),
+        coord_share: T.Buffer((n, og, entries), acc),
+        order: T.Buffer((n, og, entries), "int32"),
+        starts: T.Buffer((n, og, pixels + 1), "int32"),
+        grad_input: T.Buffer((n, c, pixels), acc),
+    ):
+        T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
+        for block in T.thread_binding(blocks, thread="blockIdx.x"):
+            for thread in T.thread_binding(threads, thread="threadIdx.x"):
+                if block * threads + thread < total:
+                    pixel_sum(block * threads + thread, grad_columns, coord_share, order, starts, grad_input)
+
+    return gather_cuda
+
+
+def sort_by_pixel(coord_index, pixels: int):
+    """``(order, starts)`` for ``sorted_gather_primfunc`` from ``coord_index`` (a torch int32 tensor
+    ``[batch, offset_groups, kh, kw, out_h, out_w, 4]``): a stable sort keeps equal pixels' entries
+    in index order, so the sums are the same on every run."""
+    import torch
+
+    keys = coord_index.flatten(2)
+    keys = torch.where(keys < 0, pixels, keys)
+    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
+    bounds = torch.arange(pixels + 1, device=keys.device, dtype=keys.dtype).expand(*keys.shape[:2], -1)
+    starts = torch.searchsorted(sorted_keys, bounds.contiguous())
+    return order.to(torch.int32).contiguous(), starts.to(torch.int32).contiguous()

@@ -8,7 +8,7 @@ import torch
 import tvm
 from tvm import te
 
-from deft_tvm.compute_backward import deform_conv2d_backward_te, scatter_primfunc
+from deft_tvm.compute_backward import deform_conv2d_backward_te, scatter_primfunc, sort_by_pixel, sorted_gather_primfunc
 from deft_tvm.reference_backward import deform_conv2d_reference_backward
 from deft_tvm.spec import DeformConvSpec
 
@@ -45,3 +45,33 @@ def test_backward_compute_matches_the_reference(shape):
     torch.testing.assert_close(results["grad_bias_acc"], torch.einsum("nopq->o", grad_output), rtol=1e-12, atol=1e-12)
     if spec.has_mask:
         torch.testing.assert_close(results["grad_mask"], expected.mask, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", list(SPECS))
+def test_sorted_gather_equals_the_plane_scatter_bit_for_bit(shape):
+    # The deterministic CUDA grad_input, run here as a CPU loop: each pixel sums its samples in
+    # the order the plane scatter adds them, so even the rounding is the same.
+    spec = SPECS[shape]
+    n, c, h, w = spec.input_shape
+    point_shape = (n, spec.offset_groups, spec.kernel_h, spec.kernel_w, spec.out_h, spec.out_w, 4)
+    gen = torch.Generator().manual_seed(5)
+    columns = torch.randn((n, c, *point_shape[2:6]), generator=gen, dtype=torch.float64)
+    index = torch.randint(-1, h * w, point_shape, generator=gen, dtype=torch.int32)  # -1: outside
+    share = torch.rand(point_shape, generator=gen, dtype=torch.float64)
+    scattered = torch.empty((n, c, h * w), dtype=torch.float64)
+    scatter = tvm.compile(tvm.IRModule({"scatter": scatter_primfunc(spec)}), target="llvm")["scatter"]
+    scatter(columns, index, share, scattered)
+
+    order, starts = sort_by_pixel(index, h * w)
+    assert starts[..., -1].eq((index >= 0).flatten(2).sum(-1)).all()  # entries outside sort last
+    gathered = torch.full((n, c, h * w), float("nan"), dtype=torch.float64)  # every pixel is written
+    gather = tvm.compile(tvm.IRModule({"gather": sorted_gather_primfunc(spec)}), target="llvm")["gather"]
+    gather(columns.flatten(2), share.flatten(2), order, starts, gathered)
+    assert torch.equal(gathered, scattered)
+
+
+def test_sort_by_pixel_keeps_equal_pixels_in_entry_order():
+    index = torch.tensor([3, -1, 0, 3, 0, 2, 3, -1], dtype=torch.int32).reshape(1, 1, 1, 1, 1, 2, 4)
+    order, starts = sort_by_pixel(index, pixels=4)
+    assert order.flatten().tolist() == [2, 4, 5, 0, 3, 6, 1, 7]
+    assert starts.flatten().tolist() == [0, 2, 2, 3, 6]

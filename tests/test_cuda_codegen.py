@@ -13,7 +13,9 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.support import nvcc
 
 from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm.compute_backward import deform_conv2d_backward_te, sorted_gather_primfunc
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec
+from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc, schedule_backward_cuda
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.targets import compile_kernel, cuda_target, exact_cuda_compilation
@@ -193,3 +195,26 @@ def test_committed_readable_schedules_replay_their_records():
         replayed = tvm.s_tir.Schedule(deform_conv2d_primfunc(spec))
         namespace["apply_trace"](replayed)
         tvm.ir.assert_structural_equal(replayed.mod, recorded.mod)
+
+
+def _backward_sources(spec: DeformConvSpec) -> dict[str, str]:
+    inputs, outputs = deform_conv2d_backward_te(spec)
+    mod = tvm.IRModule({"main": tvm.te.create_prim_func(inputs + outputs)})
+    funcs = {
+        "gradients": schedule_backward_cuda(mod, spec.has_mask).mod,
+        "scatter": tvm.IRModule({"scatter": scatter_atomic_primfunc(spec)}),
+        "gather": tvm.IRModule({"gather": sorted_gather_primfunc(spec, THREADS)}),
+    }
+    return {name: compile_kernel(m, cuda_target("sm_90")).mod.imports[0].inspect_source() for name, m in funcs.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_backward_kernels_compile_with_nvcc(shape, dtype):
+    spec = dataclasses.replace(SHAPES[shape], dtype=dtype)
+    sources = _backward_sources(spec)
+    # One kernel per stage: corner indices, shares, grad_columns, grad_offset, grad_mask?, grad_weight, grad_bias.
+    assert len(re.findall(r"__global__ void[^;{]*\{", sources["gradients"])) == 6 + spec.has_mask
+    assert "atomicAdd" in sources["scatter"] and "atomicAdd" not in sources["gather"]
+    for source in sources.values():
+        assert _compile_cubin(source, "sm_90")[:4] == b"\x7fELF"

@@ -327,3 +327,57 @@ def test_reference_backward_matches_torchvision_gradients(case):
     grads = deform_conv2d_reference_backward(grad_output, **args)._asdict()
     for name, value in expected.items():
         torch.testing.assert_close(grads[name], value, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def _gradients(fn, args: dict, grad_output: torch.Tensor) -> dict:
+    leaves = grad_leaves(args)
+    out = fn(**{**args, **leaves})
+    return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_output)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_cuda_backward_matches_torchvision_gradients(shape, deterministic, dtype):
+    # Against torchvision's float64 gradients of the same (rounded) inputs.
+    spec = dataclasses.replace(SHAPES[shape], dtype=dtype)
+    args = _to(make_case(spec, seed=12))
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    expected = _gradients(torchvision_ops.deform_conv2d, _to(args, dtype=torch.float64), grad_output.double())
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        grads = _gradients(deft_tvm.deform_conv2d, args, grad_output)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, value in expected.items():
+        assert grads[name].dtype == args[name].dtype, name
+        scale = max(value.abs().max().item(), 1.0)  # sums over many samples: compare relative to the largest
+        assert_close(grads[name].double() / scale, value / scale, dtype)
+
+
+def test_cuda_backward_bfloat16_matches_the_reference():
+    from deft_tvm.reference_backward import deform_conv2d_reference_backward
+
+    spec = dataclasses.replace(SHAPES["asymmetric"], dtype="bfloat16")
+    args = _to(make_case(spec, seed=13))
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(torch.bfloat16)
+    grads = _gradients(deft_tvm.deform_conv2d, args, grad_output)
+    expected = deform_conv2d_reference_backward(grad_output.double(), **_to(args, dtype=torch.float64))._asdict()
+    for name, value in grads.items():
+        scale = max(expected[name].abs().max().item(), 1.0)
+        assert_close(value.double() / scale, expected[name] / scale, "bfloat16")
+
+
+def test_deterministic_cuda_backward_is_bit_identical_across_runs():
+    spec = get_workload("paper_64c_64x64_n8", "float32").spec
+    args = _to(make_case(spec, seed=14))
+    grad_output = torch.randn(spec.output_shape, device="cuda")
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _gradients(deft_tvm.deform_conv2d, args, grad_output)
+        second = _gradients(deft_tvm.deform_conv2d, args, grad_output)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
