@@ -7,8 +7,10 @@ Stages:
                      the image, no test of the point itself) and mask * bilinear shares
   ``coord_corner`` - the corner values per channel (zero outside)
   ``grad_offset``, ``grad_mask``, ``grad_weight``, ``grad_bias`` - the reductions
-grad_input is a scatter of ``grad_columns * coord_share`` to the corners (``scatter_primfunc``, TIR:
-TE has no scatter). Only the CPU runs these kernels so far, unscheduled (``deft_tvm.backward``).
+grad_input is a scatter of ``grad_columns * coord_share`` to the corners (TIR: TE has no scatter):
+``scatter_primfunc`` over (batch, channel) planes on the CPU, or ``sorted_gather_primfunc`` per
+pixel over the samples sorted by pixel (deterministic on CUDA); CUDA's atomic scatter is in
+``schedules/cuda_backward.py``.
 """
 
 from __future__ import annotations
