@@ -12,6 +12,7 @@ per workload.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable
 
@@ -28,16 +29,22 @@ _kernels: dict[tuple[str, str, str], Callable] = {}
 _lock = threading.Lock()
 
 
+def gradients_module(spec: DeformConvSpec, target: tvm.target.Target) -> tvm.IRModule:
+    """Every backward stage but grad_input's as one ``main`` PrimFunc, scheduled for CUDA targets
+    (``schedules.cuda_backward``), unscheduled for the CPU."""
+    inputs, outputs = deform_conv2d_backward_te(spec)
+    mod = tvm.IRModule({"main": te.create_prim_func(inputs + outputs)})
+    if target.kind.name != "cuda":
+        return mod
+    from deft_tvm.schedules.cuda_backward import schedule_backward_cuda
+
+    return schedule_backward_cuda(mod, spec.has_mask).mod
+
+
 def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
     cuda = target.kind.name == "cuda"
     if part == "gradients":
-        inputs, outputs = deform_conv2d_backward_te(spec)
-        mod = tvm.IRModule({"main": te.create_prim_func(inputs + outputs)})
-        if cuda:
-            from deft_tvm.schedules.cuda_backward import schedule_backward_cuda
-
-            mod = schedule_backward_cuda(mod, spec.has_mask).mod
-        return compile_kernel(mod, target)["main"]
+        return compile_kernel(gradients_module(spec, target), target)["main"]
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
@@ -60,11 +67,17 @@ def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Calla
         return _kernels[key]
 
 
+@functools.lru_cache(maxsize=None)
+def _output_layout(spec: DeformConvSpec) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    """(name, shape, dtype) of the gradient kernel's outputs, in its parameter order."""
+    _, outputs = deform_conv2d_backward_te(spec)
+    return tuple((o.op.name, tuple(int(s) for s in o.shape), str(o.dtype)) for o in outputs)
+
+
 def _output_buffers(spec: DeformConvSpec, device: torch.device) -> dict[str, torch.Tensor]:
     """Empty tensors for the gradient kernel's outputs, in its parameter order."""
-    _, outputs = deform_conv2d_backward_te(spec)
-    return {o.op.name: torch.empty(tuple(int(s) for s in o.shape), dtype=getattr(torch, str(o.dtype)), device=device)
-            for o in outputs}
+    return {name: torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            for name, shape, dtype in _output_layout(spec)}
 
 
 def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mask, weight) -> DeformConvGrads:

@@ -27,21 +27,17 @@ from deft_tvm.compute import (
     STAGE_SAMPLED,
     STAGE_WEIGHT,
 )
+from deft_tvm.schedules.cuda import largest_divisor
 from deft_tvm.spec import DeformConvSpec
 
 OUT_CHANNEL_TILE = 4
 WIDTH_TILE = 16
 
 
-def _dividing_tile(extent: int, tile: int) -> int:
-    """The largest divisor of ``extent`` up to ``tile``: no ragged tail, and a point of the space."""
-    return max(d for d in range(1, min(extent, tile) + 1) if extent % d == 0)
-
-
 def schedule_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.deform_conv2d_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
-    apply_deft_cpu(sch, spec, lambda loop, tile: [None, _dividing_tile(int(sch.get(loop).extent), tile)])
+    apply_deft_cpu(sch, spec, lambda loop, tile: [None, largest_divisor(int(sch.get(loop).extent), tile)])
     return sch
 
 
@@ -53,7 +49,7 @@ def _sampled_tiles(sch: s_tir.Schedule, decided: bool):
 
     def tile_factors(loop, tile):
         extent = int(sch.get(loop).extent)
-        inner = _dividing_tile(extent, tile)
+        inner = largest_divisor(extent, tile)
         decision = [extent // inner, inner] if decided else None
         return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_TILE, decision=decision)
 

@@ -101,23 +101,14 @@ def scatter_atomic_primfunc(spec: DeformConvSpec):
         T.func_attr({"global_symbol": "scatter", "tirx.noalias": True})
         for block in T.thread_binding(blocks, thread="blockIdx.x"):
             for thread in T.thread_binding(THREADS, thread="threadIdx.x"):
-                for k in T.unroll(4):
-                    if block * THREADS + thread < total:
-                        if coord_index[(block * THREADS + thread) // (c * samples),
-                                       (block * THREADS + thread) // samples % c // cpg,
-                                       (block * THREADS + thread) % samples, k] >= 0:
+                if block * THREADS + thread < total:
+                    b = (block * THREADS + thread) // (c * samples)
+                    ch = (block * THREADS + thread) // samples % c
+                    sample = (block * THREADS + thread) % samples
+                    for k in T.unroll(4):
+                        if coord_index[b, ch // cpg, sample, k] >= 0:
                             T.evaluate(T.cuda.atomic_add(
-                                T.address_of(grad_input[
-                                    (block * THREADS + thread) // (c * samples),
-                                    (block * THREADS + thread) // samples % c,
-                                    coord_index[(block * THREADS + thread) // (c * samples),
-                                                (block * THREADS + thread) // samples % c // cpg,
-                                                (block * THREADS + thread) % samples, k]]),
-                                grad_columns[(block * THREADS + thread) // (c * samples),
-                                             (block * THREADS + thread) // samples % c,
-                                             (block * THREADS + thread) % samples]
-                                * coord_share[(block * THREADS + thread) // (c * samples),
-                                              (block * THREADS + thread) // samples % c // cpg,
-                                              (block * THREADS + thread) % samples, k]))
+                                T.address_of(grad_input[b, ch, coord_index[b, ch // cpg, sample, k]]),
+                                grad_columns[b, ch, sample] * coord_share[b, ch // cpg, sample, k]))
 
     return scatter

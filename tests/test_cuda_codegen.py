@@ -13,9 +13,10 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.support import nvcc
 
 from deft_tvm.compute import deform_conv2d_primfunc
-from deft_tvm.compute_backward import deform_conv2d_backward_te, sorted_gather_primfunc
+from deft_tvm.backward import gradients_module
+from deft_tvm.compute_backward import sorted_gather_primfunc
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec
-from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc, schedule_backward_cuda
+from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.spec import DeformConvSpec
 from deft_tvm.targets import compile_kernel, cuda_target, exact_cuda_compilation
@@ -198,10 +199,8 @@ def test_committed_readable_schedules_replay_their_records():
 
 
 def _backward_sources(spec: DeformConvSpec) -> dict[str, str]:
-    inputs, outputs = deform_conv2d_backward_te(spec)
-    mod = tvm.IRModule({"main": tvm.te.create_prim_func(inputs + outputs)})
     funcs = {
-        "gradients": schedule_backward_cuda(mod, spec.has_mask).mod,
+        "gradients": gradients_module(spec, cuda_target("sm_90")),
         "scatter": tvm.IRModule({"scatter": scatter_atomic_primfunc(spec)}),
         "gather": tvm.IRModule({"gather": sorted_gather_primfunc(spec, THREADS)}),
     }

@@ -303,6 +303,12 @@ def test_exported_cuda_library_round_trip(tmp_path):
     assert "ran without the compiler" in result.stdout
 
 
+def _gradients(fn, args: dict, grad_output: torch.Tensor) -> dict:
+    leaves = grad_leaves(args)
+    out = fn(**{**args, **leaves})
+    return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_output)))
+
+
 @pytest.mark.parametrize("case", ["asymmetric", "point_at_minus_one"])
 def test_reference_backward_matches_torchvision_gradients(case):
     # The float64 reference backward is the ground truth of the gradient tests: pin it to
@@ -321,18 +327,10 @@ def test_reference_backward_matches_torchvision_gradients(case):
         offset[:, :, 1, 0, 1] = -1.0 - cols  # tap (1, 0): x = -1 exactly
         args["offset"] = offset.reshape(spec.offset_shape)
     grad_output = torch.randn(spec.output_shape, dtype=torch.float64, device="cuda")
-    leaves = grad_leaves(args)
-    out = torchvision_ops.deform_conv2d(**{**args, **leaves})
-    expected = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_output)))
+    expected = _gradients(torchvision_ops.deform_conv2d, args, grad_output)
     grads = deform_conv2d_reference_backward(grad_output, **args)._asdict()
     for name, value in expected.items():
         torch.testing.assert_close(grads[name], value, rtol=1e-10, atol=1e-10, msg=name)
-
-
-def _gradients(fn, args: dict, grad_output: torch.Tensor) -> dict:
-    leaves = grad_leaves(args)
-    out = fn(**{**args, **leaves})
-    return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_output)))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
