@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import tvm
+import tvm_ffi
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
@@ -103,18 +104,32 @@ def test_generic_space_is_metaschedules_default_and_kept_apart(tmp_path):
         tune(SMALL.spec, SMALL.profile, target, older, trials=1, space="generic")
 
 
+def _default(spec, target):
+    return default_schedule(deform_conv2d_primfunc(spec), spec, target)
+
+
+def _point_other_than_default(spec, target):
+    """The first seeded sample of the design space that is not the default schedule (the default is
+    itself a point of the space, so a single random sample can coincide with it)."""
+    default = tvm_ffi.structural_hash(_default(spec, target).mod)
+    for seed in range(1, 50):
+        sch = s_tir.Schedule(deform_conv2d_primfunc(spec), seed=seed)
+        design_space(spec, target)(sch)
+        if tvm_ffi.structural_hash(sch.mod) != default:
+            return sch
+    raise AssertionError(f"49 samples of the design space of {spec.key()} all equal the default schedule")
+
+
 def test_committed_record_is_used_without_warning(tmp_path, isolated_cache, monkeypatch):
     spec = dataclasses.replace(SMALL.spec, batch=1)
     target = target_for_device("cpu")
-    sch = s_tir.Schedule(deform_conv2d_primfunc(spec))
-    design_space(spec, target)(sch)  # one sampled point of the space stands for a tuned record
+    sch = _point_other_than_default(spec, target)  # stands for a tuned record
     tuning_db.commit_schedule(tuning_db.database_dir(tmp_path, spec, target), spec, sch, target, 1e-3)
     monkeypatch.setattr(tuning_db, "committed_root", lambda: tmp_path)
 
     picked, tuned = kernel_cache.schedule_for(spec, target)
     assert tuned and str(picked.trace) == str(sch.trace)
-    default = default_schedule(deform_conv2d_primfunc(spec), spec, target)
-    assert kernel_cache.kernel_path(spec, target) != kernel_cache.kernel_path(spec, target, default)
+    assert kernel_cache.kernel_path(spec, target) != kernel_cache.kernel_path(spec, target, _default(spec, target))
 
     args = make_case(spec)
     with warnings.catch_warnings():
