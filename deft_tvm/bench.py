@@ -1,6 +1,8 @@
-"""Forward-time benchmark: deft_tvm vs torchvision vs a dense conv2d of the same shape, in one run.
+"""Benchmark of the forward (and forward+backward): deft_tvm vs torchvision vs a dense conv2d of the
+same shape, in one run.
 
-    deft-tvm bench [--workloads NAME ...] [--dtypes float32 float16 ...] [--tf32 off on] [--iters 20]
+    deft-tvm bench [--workloads NAME ...] [--dtypes float32 float16 ...] [--tf32 off on]
+                   [--modes forward forward_backward] [--iters 20]
                    [--generic-trials N [--generic-dir DIR]] [--commit SHA]
                    [--csv PATH.csv] [--markdown PATH.md] [--plot PATH.png]
     deft-tvm bench --from-csv PATH.csv [--markdown PATH.md] [--plot PATH.png]
@@ -17,6 +19,12 @@ importable; it has no bfloat16 kernel) and cuDNN's dense conv2d in NCHW and chan
 CPU the plain-torch float64 reference and torch's dense conv2d. Offsets come from each workload's
 profile.
 
+Modes: ``forward`` (under ``torch.no_grad``) and ``forward_backward``: one call is the forward plus
+``torch.autograd.grad`` of every input (input, offset, mask, weight, bias; a dense conv2d has
+gradients of its input, weight and bias only) for a fixed random grad_output, through each
+provider's own autograd. The kernels called directly (``deft_tvm_default``, ``generic_ms``) have no
+backward and are timed in forward mode only.
+
 Timing on a GPU: ``gpu_ms`` is CUDA-event time per call over ``--iters`` back-to-back calls after a
 warm-up (host overhead hides under it once kernels are long enough); ``cold_*_ms`` are the median,
 20th and 80th percentiles of ``--iters`` single calls, each timed by its own event pair after a
@@ -28,8 +36,8 @@ conv2d's and ``vs_torchvision`` torchvision's time over the provider's, in GPU t
 
 Outputs: a table on stdout; ``--csv`` (rows keyed by device, workload, dtype, tf32, profile,
 provider, mode and commit: rows of an existing file under other keys are kept, same-key rows
-replaced), ``--markdown`` (one row per workload, dtype and TF32 mode) and ``--plot`` (deft_tvm's
-speedup over torchvision, needs matplotlib). ``--from-csv`` renders the markdown and plot of a
+replaced), ``--markdown`` (one table per mode, one row per workload, dtype and TF32 mode) and
+``--plot`` (deft_tvm's speedup over torchvision, needs matplotlib). ``--from-csv`` renders the markdown and plot of a
 CSV measured elsewhere without running anything.
 """
 
@@ -64,7 +72,8 @@ KEY = ("device", "workload", "dtype", "tf32", "profile", "provider", "mode", "co
 TIME_COLUMNS = ("gpu_ms", "cold_median_ms", "cold_p20_ms", "cold_p80_ms", "latency_ms")
 # What markdown and plot read; CSVs of older benches lack the other columns.
 RENDERED_COLUMNS = ("device", "workload", "dtype", "tf32", "profile", "provider", "gpu_ms", "latency_ms", "commit")
-MODE = "forward"
+FORWARD, FORWARD_BACKWARD = "forward", "forward_backward"
+MODES = (FORWARD, FORWARD_BACKWARD)
 DENSE_PROVIDERS = ("cudnn_nchw", "cudnn_channels_last", "dense_conv2d")
 PLOTTED_PROVIDERS = ("deft_tvm", "deft_tvm_default", "generic_ms")
 FLUSH_MIN_BYTES = 256 * 2**20
@@ -181,8 +190,16 @@ def _torchvision_deform_conv2d():
     return tv_deform_conv2d
 
 
-def baselines(spec, inputs: dict, device: str) -> dict:
-    """Provider -> callable of the non-deft_tvm providers on ``inputs``."""
+def channels_last_copies(inputs: dict) -> dict[str, torch.Tensor]:
+    """``input`` and ``weight`` of ``inputs`` in channels_last memory format, as leaves of their own
+    (needing gradients where the originals do)."""
+    return {k: inputs[k].detach().contiguous(memory_format=torch.channels_last).requires_grad_(inputs[k].requires_grad)
+            for k in ("input", "weight")}
+
+
+def baselines(spec, inputs: dict, channels_last: dict, device: str) -> dict:
+    """Provider -> callable of the non-deft_tvm providers on ``inputs`` (``channels_last``: their
+    channels_last copies, see ``channels_last_copies``)."""
     dense = (inputs["input"], inputs["weight"], inputs["bias"], spec.stride, spec.padding, spec.dilation, spec.groups)
     if device != "cuda":
         return {"reference_float64": lambda: deform_conv2d_reference(**inputs),
@@ -191,23 +208,38 @@ def baselines(spec, inputs: dict, device: str) -> dict:
     tv_deform_conv2d = _torchvision_deform_conv2d()
     if tv_deform_conv2d is not None and spec.dtype != "bfloat16":  # torchvision has no bf16 kernel
         providers["torchvision"] = lambda: tv_deform_conv2d(**inputs)
-    cl_input = inputs["input"].contiguous(memory_format=torch.channels_last)
-    cl_weight = inputs["weight"].contiguous(memory_format=torch.channels_last)
     providers["cudnn_nchw"] = lambda: F.conv2d(*dense)
-    providers["cudnn_channels_last"] = lambda: F.conv2d(cl_input, cl_weight, *dense[2:])
+    providers["cudnn_channels_last"] = lambda: F.conv2d(channels_last["input"], channels_last["weight"], *dense[2:])
     return providers
 
 
-def providers(workload, device: str, kernels: dict) -> dict:
-    """Provider -> callable, every provider on the same inputs of ``workload``."""
+def _forward_backward(forward, leaves: list[torch.Tensor], grad_output: torch.Tensor):
+    """A call of ``forward`` and of the gradients of ``leaves`` (those it does not use get None)."""
+    return lambda: torch.autograd.grad(forward(), leaves, grad_output, allow_unused=True)
+
+
+def providers(workload, device: str, kernels: dict, mode: str = FORWARD) -> dict:
+    """Provider -> callable, every provider on the same inputs of ``workload``; in ``forward_backward``
+    mode each call also computes the gradients, and the directly called ``kernels`` are left out."""
     spec = workload.spec
     inputs = workload.make_inputs(device=device)
-    args = workload.kernel_tensors(inputs)
-    out = torch.empty(spec.output_shape, dtype=args[0].dtype, device=device)
+    backward = mode == FORWARD_BACKWARD
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            value.requires_grad_(backward)
+    channels_last = channels_last_copies(inputs)
     calls = {"deft_tvm": lambda: deform_conv2d(**inputs)}
-    calls.update({name: functools.partial(kernel, *args, out) for name, (kernel, _) in kernels.items()})
-    calls.update(baselines(spec, inputs, device))
-    return calls
+    if not backward:
+        args = workload.kernel_tensors(inputs)
+        out = torch.empty(spec.output_shape, dtype=args[0].dtype, device=device)
+        calls.update({name: functools.partial(kernel, *args, out) for name, (kernel, _) in kernels.items()})
+    calls.update(baselines(spec, inputs, channels_last, device))
+    if not backward:
+        return calls
+    leaves = [t for t in (*inputs.values(), *channels_last.values()) if isinstance(t, torch.Tensor)]
+    gen = torch.Generator().manual_seed(1)
+    grad_output = torch.randn(spec.output_shape, generator=gen).to(dtype=getattr(torch, spec.dtype), device=device)
+    return {name: _forward_backward(fn, leaves, grad_output) for name, fn in calls.items()}
 
 
 @contextlib.contextmanager
@@ -253,9 +285,10 @@ def print_row(row: dict) -> None:
     print(" | ".join(str(row[c]) for c in COLUMNS), flush=True)
 
 
-def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *,
+def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *, modes=(FORWARD,),
         generic_trials: int = 0, generic_dir: Path = DEFAULT_GENERIC_DIR) -> list[dict]:
-    """Time every provider on every workload, dtype and TF32 mode; one row (``COLUMNS``) each."""
+    """Time every provider on every workload, dtype, TF32 mode and mode (``MODES``); one row
+    (``COLUMNS``) each."""
     target = target_for_device(device)
     cases = [(name, dtype, tf32) for name in workloads for dtype in dtypes
              for tf32 in _tf32_modes(dtype, device, tf32_modes)]
@@ -269,17 +302,18 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *,
         tuned = kernel_cache.schedule_for(workload.spec, target)[1]
         kernels = deft_kernels(workload, device, tuned, generic_trials, generic_dir)
         schedules = {"deft_tvm": "tuned" if tuned else "default", **{k: v[1] for k, v in kernels.items()}}
-        group = []
-        with tf32_mode(tf32), torch.no_grad():
-            for provider, fn in providers(workload, device, kernels).items():
-                group.append(dict(device=device_name, workload=name, dtype=dtype, tf32=tf32,
-                                  profile=workload.profile, provider=provider,
-                                  schedule=schedules.get(provider, ""), mode=MODE,
-                                  **{k: round(v, 4) for k, v in measure(fn, device, iters, flush).items()},
-                                  commit=commit))
-        for row in add_ratios(group):
-            print_row(row)
-        rows += group
+        for mode in modes:
+            group = []
+            with tf32_mode(tf32), torch.set_grad_enabled(mode == FORWARD_BACKWARD):
+                for provider, fn in providers(workload, device, kernels, mode).items():
+                    group.append(dict(device=device_name, workload=name, dtype=dtype, tf32=tf32,
+                                      profile=workload.profile, provider=provider,
+                                      schedule=schedules.get(provider, ""), mode=mode,
+                                      **{k: round(v, 4) for k, v in measure(fn, device, iters, flush).items()},
+                                      commit=commit))
+            for row in add_ratios(group):
+                print_row(row)
+            rows += group
     return rows
 
 
@@ -296,7 +330,7 @@ def read_csv(path: Path) -> list[dict]:
         missing = [c for c in RENDERED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path} is not a bench CSV: it lacks the columns {', '.join(missing)}")
-        defaults = {**dict.fromkeys(COLUMNS, ""), **dict.fromkeys(TIME_COLUMNS, "nan"), "mode": MODE}
+        defaults = {**dict.fromkeys(COLUMNS, ""), **dict.fromkeys(TIME_COLUMNS, "nan"), "mode": FORWARD}
         return [{c: row.get(c) or defaults[c] for c in COLUMNS} for row in reader]
 
 
@@ -323,7 +357,7 @@ def _groups(rows: list[dict], columns) -> dict[tuple, list[dict]]:
 
 
 def summary(rows: list[dict]) -> dict[str, float]:
-    """deft_tvm, torchvision and best dense times of one workload, dtype and TF32 mode, and the ratios."""
+    """deft_tvm, torchvision and best dense times of one workload, dtype, TF32 mode and mode, and the ratios."""
     deft, torchvision, dense = _best(rows, ("deft_tvm",)), _best(rows, ("torchvision",)), _best(rows, DENSE_PROVIDERS)
     return {"deft_tvm": deft, "torchvision": torchvision, "dense": dense,
             "speedup_vs_torchvision": torchvision / deft, "slowdown_vs_dense": deft / dense}
@@ -337,12 +371,15 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}x" if math.isfinite(value) else "—"
 
 
+MODE_TITLES = {FORWARD: "forward", FORWARD_BACKWARD: "forward+backward"}
+
+
 def _markdown_section(key: tuple, rows: list[dict]) -> list[str]:
-    device, commit, profile = key
+    device, commit, profile, mode = key
     on_gpu = any(math.isfinite(float(r["gpu_ms"])) for r in rows)
     dense = "cuDNN best" if on_gpu else "dense conv2d"
     metric = "GPU time per call (CUDA events, back-to-back calls)" if on_gpu else "host latency per call"
-    lines = [f"{device}, commit {commit}, offset profile {profile}: forward {metric}", "",
+    lines = [f"{device}, commit {commit}, offset profile {profile}: {MODE_TITLES[mode]} {metric}", "",
              f"| workload | dtype | TF32 | deft_tvm ms | torchvision ms | {dense} ms | "
              f"deft speedup over torchvision | deft slowdown vs {dense} |",
              "|---|---|---|---|---|---|---|---|"]
@@ -354,11 +391,10 @@ def _markdown_section(key: tuple, rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict]) -> str:
-    """Markdown tables of ``rows``: one per device, commit and offset profile, one line per workload,
-    dtype and TF32 mode."""
+    """Markdown tables of ``rows``: one per device, commit, offset profile and mode, one line per
+    workload, dtype and TF32 mode."""
     sections = [_markdown_section(key, group)
-                for key, group in _groups([r for r in rows if r["mode"] == MODE],
-                                          ("device", "commit", "profile")).items()]
+                for key, group in _groups(rows, ("device", "commit", "profile", "mode")).items()]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
@@ -372,13 +408,15 @@ def _figure_class():
 
 
 def speedups(rows: list[dict]) -> tuple[list[str], dict[str, list[float]]]:
-    """Bar labels (workload, dtype, TF32) and, per plotted provider present, its speedup over torchvision."""
-    groups = {k: g for k, g in _groups(rows, ("device", "workload", "dtype", "tf32")).items()
+    """Bar labels (workload, dtype, TF32, mode other than forward) and, per plotted provider present,
+    its speedup over torchvision."""
+    groups = {k: g for k, g in _groups(rows, ("device", "workload", "dtype", "tf32", "mode")).items()
               if any(r["provider"] == "torchvision" for r in g)}
     if not groups:
         raise ValueError("no torchvision rows to compare with (torchvision is measured on GPUs only)")
     present = [p for p in PLOTTED_PROVIDERS if any(r["provider"] == p for g in groups.values() for r in g)]
-    labels = [f"{w}\n{d}" + (f" TF32 {t}" if t != "n/a" else "") for _, w, d, t in groups]
+    labels = [f"{w}\n{d}" + (f" TF32 {t}" if t != "n/a" else "") + (f"\n{MODE_TITLES[m]}" if m != FORWARD else "")
+              for _, w, d, t, m in groups]
     bars = {p: [_best(g, ("torchvision",)) / _best(g, (p,)) for g in groups.values()] for p in present}
     return labels, bars
 
@@ -397,7 +435,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("speedup over torchvision (x)")
     devices = sorted({r["device"] for r in rows})
     commits = sorted({r["commit"] for r in rows})
-    ax.set_title(f"{', '.join(devices)}, commit {', '.join(commits)}: forward GPU time per call", fontsize=10)
+    modes = ", ".join(MODE_TITLES[m] for m in dict.fromkeys(r["mode"] for r in rows))
+    ax.set_title(f"{', '.join(devices)}, commit {', '.join(commits)}: {modes} GPU time per call", fontsize=10)
     ax.legend()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -423,6 +462,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=SUPPORTED_DTYPES)
     parser.add_argument("--tf32", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help="TF32 modes of float32 rows on a GPU (default: off on)")
+    parser.add_argument("--modes", nargs="+", default=[FORWARD], choices=MODES,
+                        help="forward and/or forward_backward (default: forward)")
     parser.add_argument("--iters", type=_int_at_least(1), default=20, help="calls timed per measurement (default 20)")
     parser.add_argument("--generic-trials", type=_int_at_least(0), default=0,
                         help="also tune and time generic MetaSchedule with this many trials (default 0: not)")
@@ -470,7 +511,7 @@ def run_command(args, parser: argparse.ArgumentParser) -> int:
               f"vs_torchvision = torchvision time / own time ({'GPU time' if device == 'cuda' else 'latency'})")
         print(" | ".join(COLUMNS))
         rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device, args.commit or _commit(),
-                   generic_trials=args.generic_trials, generic_dir=args.generic_dir)
+                   modes=args.modes, generic_trials=args.generic_trials, generic_dir=args.generic_dir)
         if args.csv is not None:
             write_csv(args.csv, rows)
     if args.markdown is not None:
@@ -483,7 +524,7 @@ def run_command(args, parser: argparse.ArgumentParser) -> int:
 
 def register_cli(subparsers) -> None:
     """Add the ``bench`` subcommand to an ``argparse`` subparsers object."""
-    parser = subparsers.add_parser("bench", help="time deft_tvm against torchvision and cuDNN (forward)",
+    parser = subparsers.add_parser("bench", help="time deft_tvm against torchvision and cuDNN (forward, forward+backward)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=lambda args: run_command(args, parser))

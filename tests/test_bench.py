@@ -14,6 +14,7 @@ from deft_tvm import bench, cli, tuning_db
 from deft_tvm.compute import deform_conv2d_primfunc
 from deft_tvm.schedules import default_schedule
 from deft_tvm.targets import target_for_device
+from deft_tvm.tolerances import assert_close
 from deft_tvm.tuning import TuningResult
 from deft_tvm.workloads import TEST_WORKLOADS, get_workload
 
@@ -63,6 +64,30 @@ def test_cpu_run_times_every_provider_once(cpu_rows):
     deft, _, dense = cpu_rows
     assert deft["schedule"] == "default" and dense["vs_dense"] == 1.0
     assert deft["vs_dense"] == pytest.approx(deft["latency_ms"] / dense["latency_ms"], abs=0.01)
+
+
+def test_forward_backward_calls_compute_the_gradients_of_every_input():
+    workload = get_workload("test_asymmetric")
+    calls = bench.providers(workload, "cpu", {"deft_tvm_default": (None, "default")}, bench.FORWARD_BACKWARD)
+    assert list(calls) == ["deft_tvm", "reference_float64", "dense_conv2d"]  # no direct kernels
+    with torch.enable_grad():
+        deft, reference, dense = (calls[name]() for name in calls)
+    # leaves: input, offset, weight, bias, mask, then the channels_last copies of input and weight
+    assert [g is not None for g in deft] == [True] * 5 + [False] * 2 == [g is not None for g in reference]
+    assert [g is not None for g in dense] == [True, False, True, True, False, False, False]
+    for own, expected in zip(deft[:5], reference[:5]):
+        assert_close(own, expected.double(), "float32")
+    assert not any(g.abs().max() == 0 for g in deft[:5])
+
+
+def test_cpu_run_in_both_modes_gives_one_table_per_mode():
+    rows = bench.run([WORKLOAD], ["float32"], ["off"], iters=1, device="cpu", commit="test",
+                     modes=bench.MODES)
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        (mode, provider) for mode in bench.MODES for provider in ("deft_tvm", "reference_float64", "dense_conv2d")]
+    assert all(r["latency_ms"] > 0 for r in rows)
+    titles = [line for line in bench.markdown(rows).splitlines() if line.startswith("cpu, commit test")]
+    assert [t.split(": ")[1].split(" host")[0] for t in titles] == ["forward", "forward+backward"]
 
 
 def test_csv_round_trip_merges_by_key(tmp_path, cpu_rows):
@@ -117,6 +142,8 @@ def test_markdown_of_a_cpu_run_compares_with_the_dense_conv(cpu_rows):
 def test_speedups_over_torchvision():
     labels, bars = bench.speedups(_gpu_rows())
     assert labels == ["paper_64c_64x64_n32\nfloat32 TF32 off"]  # fp16 has no torchvision row
+    both_modes = _gpu_rows() + [{**r, "mode": "forward_backward"} for r in _gpu_rows()]
+    assert bench.speedups(both_modes)[0] == [labels[0], labels[0] + "\nforward+backward"]
     assert bars == {"deft_tvm": [0.5], "deft_tvm_default": [pytest.approx(2 / 3)], "generic_ms": [0.25]}
     with pytest.raises(ValueError, match="no torchvision rows"):
         bench.speedups([r for r in _gpu_rows() if r["provider"] != "torchvision"])
