@@ -1,11 +1,13 @@
 """The backward kernels: ``compute_backward`` compiled for the tensors' device and kept in memory
 per workload.
 
-* CPU (llvm): unscheduled, grad_input by the plane scatter (parallel over (batch, channel)
-  planes, deterministic).
-* CUDA: ``schedules.cuda_backward`` (untuned), grad_input by ``atomicAdd`` or, when
-  ``torch.use_deterministic_algorithms(True)`` is set, by the sorted gather (no atomics, the same
-  bits on every run).
+* The gradient kernels (every stage but grad_input's) are the workload's ``backward`` part: from a
+  loaded kernel library if it has them, else the committed tuned record or the default schedule
+  (``schedules/cpu_backward.py``, ``schedules/cuda_backward.py``), compiled through the kernel
+  cache (memory and disk), as the forward's are.
+* grad_input: on the CPU the plane scatter (parallel over (batch, channel) planes,
+  deterministic); on CUDA ``atomicAdd`` or, when ``torch.use_deterministic_algorithms(True)`` is
+  set, the sorted gather (no atomics, the same bits on every run).
 
 ``deform_conv2d_backward`` returns torchvision's gradients of every argument.
 """
@@ -18,33 +20,22 @@ from typing import Callable
 
 import torch
 import tvm
-from tvm import te
 
+from . import kernel_cache
 from .compute_backward import deform_conv2d_backward_te, scatter_primfunc, sort_by_pixel, sorted_gather_primfunc
+from .library import loaded_kernel
 from .reference_backward import DeformConvGrads
-from .spec import DeformConvSpec, accumulate_dtype
+from .spec import DeformConvSpec, accumulate_dtype, kernel_key
 from .targets import compile_kernel, target_for_device
 
 _kernels: dict[tuple[str, str, str], Callable] = {}
 _lock = threading.Lock()
 
 
-def gradients_module(spec: DeformConvSpec, target: tvm.target.Target) -> tvm.IRModule:
-    """Every backward stage but grad_input's as one ``main`` PrimFunc, scheduled for CUDA targets
-    (``schedules.cuda_backward``), unscheduled for the CPU."""
-    inputs, outputs = deform_conv2d_backward_te(spec)
-    mod = tvm.IRModule({"main": te.create_prim_func(inputs + outputs)})
-    if target.kind.name != "cuda":
-        return mod
-    from deft_tvm.schedules.cuda_backward import schedule_backward_cuda
-
-    return schedule_backward_cuda(mod, spec.has_mask).mod
-
-
 def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
     cuda = target.kind.name == "cuda"
     if part == "gradients":
-        return compile_kernel(gradients_module(spec, target), target)["main"]
+        return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0])
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
@@ -59,7 +50,12 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
 
 
 def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
-    """``part`` ("gradients", "scatter" or "gather") of ``spec``'s backward for ``target``, compiled once."""
+    """``part`` ("gradients", "scatter" or "gather") of ``spec``'s backward for ``target``, compiled
+    once (the gradient kernels of a loaded library win)."""
+    if part == "gradients":
+        loaded = loaded_kernel(target.kind.name, kernel_key(spec, "backward"))
+        if loaded is not None:
+            return loaded
     key = (spec.key(), str(target), part)
     with _lock:
         if key not in _kernels:

@@ -81,7 +81,7 @@ DEFAULT_GENERIC_DIR = kernel_cache.cache_dir() / "generic"
 NAN = float("nan")
 
 
-def _commit() -> str:
+def current_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         return out.stdout.strip()
@@ -182,7 +182,7 @@ def deft_kernels(workload, device: str, tuned: bool, generic_trials: int, generi
     return kernels
 
 
-def _torchvision_deform_conv2d():
+def torchvision_deform_conv2d():
     try:
         from torchvision.ops import deform_conv2d as tv_deform_conv2d
     except ImportError:
@@ -205,7 +205,7 @@ def baselines(spec, inputs: dict, channels_last: dict, device: str) -> dict:
         return {"reference_float64": lambda: deform_conv2d_reference(**inputs),
                 "dense_conv2d": lambda: F.conv2d(*dense)}
     providers = {}
-    tv_deform_conv2d = _torchvision_deform_conv2d()
+    tv_deform_conv2d = torchvision_deform_conv2d()
     if tv_deform_conv2d is not None and spec.dtype != "bfloat16":  # torchvision has no bf16 kernel
         providers["torchvision"] = lambda: tv_deform_conv2d(**inputs)
     providers["cudnn_nchw"] = lambda: F.conv2d(*dense)
@@ -444,7 +444,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 # --- command line ---------------------------------------------------------------------------------
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     """An argparse ``type``: an integer of at least ``minimum``."""
 
     def parse(text: str) -> int:
@@ -464,8 +464,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TF32 modes of float32 rows on a GPU (default: off on)")
     parser.add_argument("--modes", nargs="+", default=[FORWARD], choices=MODES,
                         help="forward and/or forward_backward (default: forward)")
-    parser.add_argument("--iters", type=_int_at_least(1), default=20, help="calls timed per measurement (default 20)")
-    parser.add_argument("--generic-trials", type=_int_at_least(0), default=0,
+    parser.add_argument("--iters", type=int_at_least(1), default=20, help="calls timed per measurement (default 20)")
+    parser.add_argument("--generic-trials", type=int_at_least(0), default=0,
                         help="also tune and time generic MetaSchedule with this many trials (default 0: not)")
     parser.add_argument("--generic-dir", type=Path, default=DEFAULT_GENERIC_DIR,
                         help=f"root of the generic databases, outside tuning_logs/ (default {DEFAULT_GENERIC_DIR})")
@@ -510,7 +510,7 @@ def run_command(args, parser: argparse.ArgumentParser) -> int:
         print(f"torch {torch.__version__}; vs_dense = own time / fastest dense conv2d of the same shape, "
               f"vs_torchvision = torchvision time / own time ({'GPU time' if device == 'cuda' else 'latency'})")
         print(" | ".join(COLUMNS))
-        rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device, args.commit or _commit(),
+        rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device, args.commit or current_commit(),
                    modes=args.modes, generic_trials=args.generic_trials, generic_dir=args.generic_dir)
         if args.csv is not None:
             write_csv(args.csv, rows)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .spec import SUPPORTED_DTYPES
+from .spec import SUPPORTED_DTYPES, kernel_key
 from .tolerances import assert_close, tolerance_key
 from .workloads import DEFAULT_WORKLOAD, PROFILES, WORKLOADS, get_workload
 
@@ -63,53 +64,103 @@ def _check_against_reference(workload, device: str, seed: int) -> float:
     return (out.double() - ref).abs().max().item()
 
 
-def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch) -> Path:
-    """The best schedule of a workload as Python (its MetaSchedule trace), for people to read."""
-    path = root / tag / f"{workload_name}_{spec.dtype}{'_tf32' if spec.tf32 else ''}.py"
+def _check_gradients_against_reference(workload, device: str, seed: int) -> float:
+    """The op's gradients of every input vs the float64 reference backward; the largest error."""
+    from . import deform_conv2d
+    from .reference_backward import deform_conv2d_reference_backward
+
+    inputs = workload.make_inputs(seed=seed, device=device)
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    out = deform_conv2d(**{**inputs, **leaves})
+    gen = torch.Generator().manual_seed(seed)
+    grad_output = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(device=device, dtype=out.dtype))
+    expected = deform_conv2d_reference_backward(grad_output.to(device), **inputs)._asdict()
+    for name, grad in zip(leaves, grads):
+        assert_close(grad, expected[name], workload.spec.dtype)
+    return max((g.double() - expected[k]).abs().max().item() for k, g in zip(leaves, grads))
+
+
+def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch, part: str = "forward") -> Path:
+    """The best schedule of a workload's ``part`` kernel as Python (its MetaSchedule trace), for
+    people to read."""
+    suffix = ("_tf32" if spec.tf32 else "") + ("" if part == "forward" else f"_{part}")
+    path = root / tag / f"{workload_name}_{spec.dtype}{suffix}.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        f'"""Best tuned schedule of {workload_name} ({spec.key()}) for {tag}, written by `deft-tvm tune`.\n\n'
-        f'Apply it to ``deft_tvm.compute.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: call\n'
+        f'"""Best tuned schedule of {workload_name} ({kernel_key(spec, part)}) for {tag}, written by `deft-tvm tune`.\n\n'
+        f'Apply it to ``deft_tvm.compute.kernel_primfunc(spec, {part!r})`` (CUDA tensor-core traces: call\n'
         f'``deft_tvm.schedules.register_tensor_intrinsics(target)`` first); the tuning record itself is in\n'
-        f'tuning_logs/{tag}/{spec.key()}/."""\n\nfrom tvm import s_tir\n\n{sch.trace}\n'
+        f'tuning_logs/{tag}/{kernel_key(spec, part)}/."""\n\nfrom tvm import s_tir\n\n{sch.trace}\n'
     )
     return path
 
 
-def cmd_tune(args) -> int:
-    """Tune workloads on the DefT design space, export them as one library, check it."""
-    from .library import KernelEntry, export_library, load_library
-    from .targets import target_for_device
+def _parts(args) -> tuple[str, ...]:
+    return ("forward", "backward") if args.backward else ("forward",)
+
+
+def _part_spec(workload, target, part: str):
+    """The spec of ``workload``'s ``part`` kernel on ``target``: the forward's is the kernel spec
+    (``Workload.for_target``); the backward reads NCHW tensors in full precision."""
+    if part == "forward":
+        return workload.for_target(target).spec
+    return dataclasses.replace(workload.spec, layout="NCHW", tf32=False)
+
+
+def _tune_kernel(args, target, name: str, workload, part: str):
+    """Tune one kernel of a workload and write its readable schedule; its ``KernelEntry``, or None
+    when no candidate ran."""
+    from .library import KernelEntry
     from .tuning import tune
     from .tuning_db import best_schedule, database_dir, target_tag
 
-    target = target_for_device(args.device)
     tag = target_tag(target)
+    spec = _part_spec(workload, target, part)
+    directory = database_dir(args.logs, spec, target, part)
+    label = f"{name} {spec.dtype}" + ("" if part == "forward" else f" {part}")
+    print(f"tune     {label} on {tag}: {kernel_key(spec, part)} (offsets: {workload.profile}) -> {directory}")
+    result = tune(spec, workload.profile, target, directory, args.trials,
+                  trials_per_round=args.trials_per_round, seed=args.seed, part=part)
+    _, sch = best_schedule(directory, target)
+    if sch is None:
+        print(f"error    no successful candidate for {label} in {result.trials} trials")
+        return None
+    readable = write_readable_schedule(args.schedules, tag, name, spec, sch, part)
+    best = f"{result.best_s * 1e3:.4f} ms" if result.best_s is not None else "n/a"
+    print(f"best     {best} after {result.trials} trials ({result.new_trials} new in {result.seconds:.0f} s); "
+          f"schedule: {readable}")
+    return KernelEntry(spec, sch, origin=str(directory), part=part)
+
+
+def cmd_tune(args) -> int:
+    """Tune workloads on the DefT design space, export them as one library, check it."""
+    from .library import export_library, load_library
+    from .targets import target_for_device
+    from .tuning_db import target_tag
+
+    target = target_for_device(args.device)
     entries = []
     for name in args.workloads:
         for dtype in args.dtypes:
-            workload = get_workload(name, dtype, _tf32(args, dtype)).for_target(target)
-            spec = workload.spec
-            directory = database_dir(args.logs, spec, target)
-            print(f"tune     {name} {dtype} on {tag}: {spec.key()} (offsets: {workload.profile}) -> {directory}")
-            result = tune(spec, workload.profile, target, directory, args.trials,
-                          trials_per_round=args.trials_per_round, seed=args.seed)
-            _, sch = best_schedule(directory, target)
-            if sch is None:
-                print(f"error    no successful candidate for {name} {dtype} in {result.trials} trials")
-                return 1
-            readable = write_readable_schedule(args.schedules, tag, name, spec, sch)
-            best = f"{result.best_s * 1e3:.4f} ms" if result.best_s is not None else "n/a"
-            print(f"best     {best} after {result.trials} trials ({result.new_trials} new in {result.seconds:.0f} s); "
-                  f"schedule: {readable}")
-            entries.append(KernelEntry(spec, sch, origin=str(directory)))
+            workload = get_workload(name, dtype, _tf32(args, dtype))
+            for part in _parts(args):
+                entry = _tune_kernel(args, target, name, workload, part)
+                if entry is None:
+                    return 1
+                entries.append(entry)
     manifest = export_library(entries, target, args.out, "deft_kernels")
-    print(f"exported {len(entries)} kernels for {tag} -> {manifest}")
+    print(f"exported {len(entries)} kernels for {target_tag(target)} -> {manifest}")
     load_library(manifest)
     for name in args.workloads:
         for dtype in args.dtypes:
-            err = _check_against_reference(get_workload(name, dtype, _tf32(args, dtype)), args.device, args.seed or 0)
+            workload = get_workload(name, dtype, _tf32(args, dtype))
+            err = _check_against_reference(workload, args.device, args.seed or 0)
             print(f"check    {name} {dtype}: the exported kernel matches the float64 reference (max abs error {err:.3g})")
+            if args.backward:
+                err = _check_gradients_against_reference(workload, args.device, args.seed or 0)
+                print(f"check    {name} {dtype}: the exported backward's gradients match the float64 reference "
+                      f"(max abs error {err:.3g})")
     return 0
 
 
@@ -125,9 +176,9 @@ def cmd_export(args) -> int:
     """Compile tuned workloads (and optionally registry workloads with the default schedule) into one library."""
     from deft_tvm.schedules import default_schedule
 
-    from .compute import deform_conv2d_primfunc
+    from .compute import kernel_primfunc
     from .library import KernelEntry, export_library
-    from .tuning_db import best_schedule, database_dirs, target_tag
+    from .tuning_db import best_schedule, database_dirs, read_part, target_tag
 
     target = _export_target(args)
     entries = []
@@ -136,17 +187,19 @@ def cmd_export(args) -> int:
         if sch is None:
             print(f"skipped  {directory}: no successful record for this target")
             continue
-        entries.append(KernelEntry(spec, sch, origin=str(directory)))
-    tuned = {e.spec.key() for e in entries}
+        entries.append(KernelEntry(spec, sch, origin=str(directory), part=read_part(directory)))
+    tuned = {kernel_key(e.spec, e.part) for e in entries}
     for name in args.workloads:
         for dtype in args.dtypes:
-            spec = get_workload(name, dtype, _tf32(args, dtype)).for_target(target).spec
-            if spec.key() not in tuned:
-                sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
-                entries.append(KernelEntry(spec, sch, origin="default schedule"))
+            workload = get_workload(name, dtype, _tf32(args, dtype))
+            for part in _parts(args):
+                spec = _part_spec(workload, target, part)
+                if kernel_key(spec, part) not in tuned:
+                    sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)
+                    entries.append(KernelEntry(spec, sch, origin="default schedule", part=part))
     manifest = export_library(entries, target, args.out, args.name)
     for entry in entries:
-        print(f"kernel   {entry.spec.key()}  ({entry.origin})")
+        print(f"kernel   {kernel_key(entry.spec, entry.part)}  ({entry.origin})")
     print(f"exported {len(entries)} kernels for {target_tag(target)} -> {manifest}")
     return 0
 
@@ -167,6 +220,8 @@ def main(argv=None) -> int:
     tune.add_argument("--tf32", action="store_true",
                       help="float32 kernels for TF32 tensor cores, the ones the op runs where "
                       "torch.backends.cuda.matmul.allow_tf32 (CUDA; other dtypes unaffected)")
+    tune.add_argument("--backward", action="store_true",
+                      help="also tune the backward's gradient kernels of each workload (in folders ending _backward)")
     tune.add_argument("--trials", type=int, default=8,
                       help="records each workload's database should hold; tuning resumes up to it (default 8)")
     tune.add_argument("--trials-per-round", type=int, default=32)
@@ -191,6 +246,8 @@ def main(argv=None) -> int:
     export.add_argument("--tf32", action="store_true",
                         help="float32 kernels for TF32 tensor cores, the ones the op runs where "
                       "torch.backends.cuda.matmul.allow_tf32 (CUDA; other dtypes unaffected)")
+    export.add_argument("--backward", action="store_true",
+                        help="also export the backward's gradient kernels of --workloads (default schedule where not tuned)")
     export.add_argument("--out", type=Path, required=True, help="output folder")
     export.add_argument("--name", default="deft_kernels", help="library file name, without extension")
     export.set_defaults(func=cmd_export)

@@ -194,3 +194,14 @@ def deform_conv2d_primfunc(spec: DeformConvSpec):
     inputs, output = deform_conv2d_te(spec)
     func = te.create_prim_func(inputs + [output]).with_attr("global_symbol", "main")
     return tvm.IRModule({"main": func})
+
+
+def kernel_primfunc(spec: DeformConvSpec, part: str = "forward"):
+    """The unscheduled ``main`` PrimFunc (in an IRModule) of ``spec``'s ``part``: the forward
+    (``deform_conv2d_primfunc``) or every backward stage but grad_input's scatter
+    (``compute_backward.deform_conv2d_backward_primfunc``)."""
+    from .compute_backward import deform_conv2d_backward_primfunc
+    from .spec import kernel_key
+
+    kernel_key(spec, part)  # rejects unknown parts
+    return deform_conv2d_primfunc(spec) if part == "forward" else deform_conv2d_backward_primfunc(spec)

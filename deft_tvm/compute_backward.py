@@ -6,6 +6,7 @@ Stages:
   ``coord_index`` / ``coord_share`` - per sampling point the four corners' flat indices (-1 outside
                      the image, no test of the point itself) and mask * bilinear shares
   ``coord_corner`` - the corner values per channel (zero outside)
+  ``sampled_columns`` - the forward's interpolated samples times the mask (what grad_weight reduces)
   ``grad_offset``, ``grad_mask``, ``grad_weight``, ``grad_bias`` - the reductions
 grad_input is a scatter of ``grad_columns * coord_share`` to the corners (TIR: TE has no scatter):
 ``scatter_primfunc`` over (batch, channel) planes on the CPU, or ``sorted_gather_primfunc`` per
@@ -138,11 +139,14 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
     ry = te.reduce_axis((0, spec.out_h), name="ry")
     rx = te.reduce_axis((0, spec.out_w), name="rx")
 
+    sampled_columns = te.compute(
+        grad_columns.shape,
+        lambda n, c, ky, kx, oy, ox: interpolated(n, c, ky, kx, oy, ox) * mask_at(n, c // cpg, ky, kx, oy, ox),
+        name="sampled_columns")
+
     def d_weight(o, i, ky, kx):
         c = o // opg * ipg + i
-        gi = c // cpg
-        column = interpolated(rn, c, ky, kx, ry, rx) * mask_at(rn, gi, ky, kx, ry, rx)
-        return te.sum(grad_out[rn, o, ry, rx].astype(acc) * column, axis=[rn, ry, rx])
+        return te.sum(grad_out[rn, o, ry, rx].astype(acc) * sampled_columns[rn, c, ky, kx, ry, rx], axis=[rn, ry, rx])
 
     grad_weight_acc = te.compute(spec.weight_shape, d_weight, name="grad_weight_acc")
     grad_weight = te.compute(spec.weight_shape, lambda *i: grad_weight_acc(*i).astype(dtype), name="grad_weight")
@@ -153,6 +157,16 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
                            name="grad_bias_acc")
     inputs = [t for t in (data, offset, mask, weight, grad_out) if t is not None]
     return inputs, [grad_columns, coord_index, coord_share, grad_offset, *outputs, grad_weight, grad_bias]
+
+
+def deform_conv2d_backward_primfunc(spec: DeformConvSpec):
+    """Every stage of ``deform_conv2d_backward_te`` as one unscheduled TIR PrimFunc in an IRModule
+    (function name ``main``; parameters: its inputs, then its outputs)."""
+    import tvm
+
+    inputs, outputs = deform_conv2d_backward_te(spec)
+    func = te.create_prim_func(inputs + outputs).with_attr("global_symbol", "main")
+    return tvm.IRModule({"main": func})
 
 
 def scatter_primfunc(spec: DeformConvSpec):

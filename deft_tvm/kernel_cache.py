@@ -27,7 +27,7 @@ import torch
 import tvm
 import tvm_ffi
 
-from .compute import deform_conv2d_primfunc
+from .compute import kernel_primfunc
 from .library import loaded_kernel
 from .spec import DeformConvSpec
 from .targets import compile_kernel, exact_cuda_compilation, target_for_device
@@ -53,16 +53,17 @@ def _target_tag(target: tvm.target.Target) -> str:
     return f"{target.kind.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def schedule_for(spec: DeformConvSpec, target: tvm.target.Target):
-    """``(schedule, tuned)``: the committed tuned record's schedule if there is one, else the default."""
+def schedule_for(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward"):
+    """``(schedule, tuned)`` of ``spec``'s ``part`` kernel: the committed tuned record's schedule
+    if there is one, else the default."""
     from deft_tvm.schedules import default_schedule
 
-    directory = committed_database(spec, target)
+    directory = committed_database(spec, target, part)
     if directory is not None:
         _, sch = best_schedule(directory, target)
         if sch is not None:
             return sch, True
-    return default_schedule(deform_conv2d_primfunc(spec), spec, target), False
+    return default_schedule(kernel_primfunc(spec, part), spec, target, part), False
 
 
 def kernel_path(spec: DeformConvSpec, target: tvm.target.Target, sch=None) -> Path:

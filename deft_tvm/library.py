@@ -1,7 +1,8 @@
 """One exported kernel library per target, with a manifest, and loading it without the compiler.
 
 ``export_library`` compiles many workloads for one target into ONE shared library (one function
-per workload) and writes ``<name>.json`` beside it: workload key -> function name, dtype, target
+per workload and kernel part: the forward, and the backward's gradient kernels where tuned or
+asked for) and writes ``<name>.json`` beside it: kernel key -> function name, part, dtype, target
 and arch, TVM and tvm-ffi versions, the library's sha256 and where each schedule came from.
 ``load_library`` checks all of that against this process and machine before registering the
 kernels; calling them needs only the TVM runtime.
@@ -19,22 +20,24 @@ import torch
 import tvm
 import tvm_ffi
 
-from .spec import DeformConvSpec
+from .spec import DeformConvSpec, kernel_key
 
 MANIFEST_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelEntry:
-    """A scheduled workload to put in a library; ``origin`` says where the schedule came from."""
+    """A scheduled workload kernel (``part``: ``deft_tvm.spec.PARTS``) to put in a library;
+    ``origin`` says where the schedule came from."""
 
     spec: DeformConvSpec
     schedule: object  # tvm.s_tir.Schedule
     origin: str
+    part: str = "forward"
 
 
-def function_name(spec: DeformConvSpec) -> str:
-    return f"deft_{spec.key()}"
+def function_name(spec: DeformConvSpec, part: str = "forward") -> str:
+    return f"deft_{kernel_key(spec, part)}"
 
 
 def _sha256(path: Path) -> str:
@@ -59,9 +62,9 @@ def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, ou
         raise ValueError("nothing to export: no workloads were given or found")
     functions = {}
     for entry in entries:
-        fname = function_name(entry.spec)
+        fname = function_name(entry.spec, entry.part)
         if fname in functions:
-            raise ValueError(f"workload {entry.spec.key()} appears twice")
+            raise ValueError(f"workload kernel {kernel_key(entry.spec, entry.part)} appears twice")
         functions[fname] = entry.schedule.mod["main"].with_attr("global_symbol", fname)
     executable = compile_kernel(tvm.IRModule(functions), target)
     out_dir = Path(out_dir)
@@ -79,8 +82,9 @@ def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, ou
         "tvm_ffi_version": tvm_ffi.__version__,
         "kernels": [
             {
-                "workload": entry.spec.key(),
-                "function": function_name(entry.spec),
+                "workload": kernel_key(entry.spec, entry.part),
+                "part": entry.part,
+                "function": function_name(entry.spec, entry.part),
                 "dtype": entry.spec.dtype,
                 "spec": entry.spec.to_dict(),
                 "origin": entry.origin,
@@ -110,10 +114,10 @@ class LoadedLibrary:
 
     manifest_path: Path
     target_kind: str
-    kernels: dict[str, Callable]  # workload key -> function
+    kernels: dict[str, Callable]  # kernel key -> function
 
 
-_loaded: dict[tuple[str, str], Callable] = {}  # (target kind, workload key) -> function
+_loaded: dict[tuple[str, str], Callable] = {}  # (target kind, kernel key) -> function
 
 
 def load_library(manifest_path: str | Path) -> LoadedLibrary:
@@ -147,7 +151,7 @@ def load_library(manifest_path: str | Path) -> LoadedLibrary:
 
 
 def loaded_kernel(target_kind: str, workload_key: str) -> Callable | None:
-    """The kernel a loaded library registered for this workload, if any."""
+    """The kernel a loaded library registered under this kernel key (``deft_tvm.spec.kernel_key``), if any."""
     return _loaded.get((target_kind, workload_key))
 
 

@@ -171,3 +171,14 @@ class DeformConvSpec:
     def from_dict(cls, fields: dict) -> "DeformConvSpec":
         """Inverse of ``to_dict``."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+PARTS = ("forward", "backward")
+
+
+def kernel_key(spec: DeformConvSpec, part: str = "forward") -> str:
+    """The identifier of ``spec``'s ``part`` kernel (one of ``PARTS``): the spec's key for the
+    forward, with ``_backward`` appended for the backward's gradient kernels."""
+    if part not in PARTS:
+        raise ValueError(f"unknown kernel part {part!r}; expected one of {', '.join(PARTS)}")
+    return spec.key() if part == "forward" else f"{spec.key()}_{part}"

@@ -6,6 +6,8 @@
   ``space="generic"`` tunes MetaSchedule's own default space instead (``post-order-apply`` with
   the target's default rules, postprocessors and mutators), as the baseline ``deft-tvm bench
   --generic-trials`` measures; its databases are kept apart from ``tuning_logs/``.
+* ``part="backward"`` tunes the backward's gradient kernels (``schedules.design_space(spec, target,
+  "backward")``: CPU tiles, CUDA threads per block) the same way, in a folder of its own.
 * Every candidate is measured on inputs whose offsets and mask are drawn from the workload's
   offset profile (``ProfileInputs``, the runner's ``f_alloc_argument``), never on the runner's
   default uniform fill, which would shift every sample 1-10 px down-right.
@@ -26,8 +28,8 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from .compute import deform_conv2d_primfunc
-from .spec import DeformConvSpec
+from .compute import kernel_primfunc
+from .spec import DeformConvSpec, kernel_key
 from .targets import compile_kernel, exact_cuda_compilation, kernel_compilation
 from .tuning_db import commit_schedule, open_database, target_tag, write_spec
 
@@ -37,24 +39,37 @@ TUNING_FILE = "tuning.json"
 @dataclasses.dataclass(frozen=True)
 class ProfileInputs:
     """The runner's ``f_alloc_argument``: the kernel's arguments with offsets and mask drawn from
-    ``profile`` (a ``deft_tvm.workloads.PROFILES`` name), one seeded set per repeat."""
+    ``profile`` (a ``deft_tvm.workloads.PROFILES`` name), one seeded set per repeat. The inputs of
+    the ``part`` kernel come first (the backward's: the forward's tensors but the bias, then a
+    random grad_output); its outputs follow, zeroed."""
 
     spec: DeformConvSpec
     profile: str
     seed: int = 0
+    part: str = "forward"
 
-    def __call__(self, device, args_info, alloc_repeat: int):
+    def _inputs(self, seed: int) -> list:
         import torch
 
         from .workloads import Workload
 
         workload = Workload("tuning", self.spec, self.profile)
+        inputs = workload.make_inputs(seed=seed)
+        if self.part == "forward":
+            return workload.kernel_tensors(inputs)
+        gen = torch.Generator().manual_seed(seed)
+        grad_output = torch.randn(self.spec.output_shape, generator=gen).to(inputs["input"].dtype)
+        return [t for t in (inputs["input"], inputs["offset"], inputs["mask"], inputs["weight"], grad_output)
+                if t is not None]
+
+    def __call__(self, device, args_info, alloc_repeat: int):
+        import torch
+
+        expected = [(info[1], tuple(info[2])) for info in args_info]
         sets = []
         for repeat in range(alloc_repeat):
-            inputs = workload.make_inputs(seed=self.seed + repeat)
-            tensors = workload.kernel_tensors(inputs)
-            tensors.append(torch.zeros(self.spec.output_shape, dtype=tensors[0].dtype))
-            expected = [(info[1], tuple(info[2])) for info in args_info]
+            tensors = self._inputs(self.seed + repeat)
+            tensors += [torch.zeros(shape, dtype=getattr(torch, dtype)) for dtype, shape in expected[len(tensors):]]
             observed = [(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for t in tensors]
             if observed != expected:
                 raise ValueError(f"ProfileInputs: arguments {observed} do not match the kernel's {expected}")
@@ -124,29 +139,30 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, _params):
         return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def measure(spec: DeformConvSpec, profile: str, target: tvm.target.Target, sch) -> float:
-    """Mean seconds per call of ``sch`` on ``profile`` inputs, timed as the tuning runner times
-    candidates (on this machine's device of ``target``'s kind)."""
+def measure(spec: DeformConvSpec, profile: str, target: tvm.target.Target, sch, part: str = "forward") -> float:
+    """Mean seconds per call of ``sch`` (a schedule of ``spec``'s ``part``) on ``profile`` inputs,
+    timed as the tuning runner times candidates (on this machine's device of ``target``'s kind)."""
     mod = compile_kernel(sch.mod, target).mod
     device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
     args_info = [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])]
-    args = ProfileInputs(spec, profile)(device, args_info, 1)[0]
+    args = ProfileInputs(spec, profile, part=part)(device, args_info, 1)[0]
     config = _evaluator_config(target)
     timer = mod.time_evaluator("main", device, number=config.number, repeat=config.repeat,
                                min_repeat_ms=config.min_repeat_ms)
     return float(sum(timer(*args).results) / config.repeat)
 
 
-def _seed_database(spec: DeformConvSpec, profile: str, target: tvm.target.Target, directory: Path) -> float:
+def _seed_database(spec: DeformConvSpec, profile: str, target: tvm.target.Target, directory: Path,
+                   part: str) -> float:
     """Measure ``schedules.search_start`` (the default schedule as a point of the design space) and store
     it as the database's first record: the evolutionary search draws part of its initial
     population from measured records, so it starts from (and never ends worse than) the default.
     Returns its time in seconds."""
     from deft_tvm.schedules import search_start
 
-    sch = search_start(spec, target)
-    seconds = measure(spec, profile, target, sch)
-    commit_schedule(directory, spec, sch, target, seconds)
+    sch = search_start(spec, target, part)
+    seconds = measure(spec, profile, target, sch, part)
+    commit_schedule(directory, spec, sch, target, seconds, part)
     return seconds
 
 
@@ -158,26 +174,38 @@ def _evaluator_config(target: tvm.target.Target) -> ms.runner.EvaluatorConfig:
     )
 
 
-def design_space_generator(spec: DeformConvSpec, target: tvm.target.Target) -> ms.space_generator.ScheduleFn:
-    """The DefT space of ``spec`` for ``target`` as a MetaSchedule space generator."""
+def _mutators(target: tvm.target.Target, part: str) -> dict:
+    """What the evolutionary search mutates, with which probability: tile sizes, and for the CUDA
+    backward also the threads per block of its elementwise kernels."""
+    if part == "backward" and target.kind.name == "cuda":
+        return {ms.mutator.MutateTileSize(): 0.5, ms.mutator.MutateThreadBinding(): 0.5}
+    return {ms.mutator.MutateTileSize(): 1.0}
+
+
+def design_space_generator(spec: DeformConvSpec, target: tvm.target.Target,
+                           part: str = "forward") -> ms.space_generator.ScheduleFn:
+    """The DefT space of ``spec``'s ``part`` for ``target`` as a MetaSchedule space generator."""
     from deft_tvm.schedules import design_space
 
     return ms.space_generator.ScheduleFn(
-        design_space(spec, target),
+        design_space(spec, target, part),
         sch_rules=[],
         postprocs=_postprocs(target),
-        mutator_probs={ms.mutator.MutateTileSize(): 1.0},
+        mutator_probs=_mutators(target, part),
     )
 
 
 SPACES = ("deft", "generic")
 
 
-def space_generator(space: str, spec: DeformConvSpec, target: tvm.target.Target):
+def space_generator(space: str, spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward"):
     """The space ``tune`` searches: ``"deft"`` (the DefT space) or ``"generic"`` (MetaSchedule's
-    default ``post-order-apply`` space with the target's default rules, postprocs and mutators)."""
+    default ``post-order-apply`` space with the target's default rules, postprocs and mutators;
+    the forward's ablation only)."""
     if space == "deft":
-        return design_space_generator(spec, target)
+        return design_space_generator(spec, target, part)
+    if space == "generic" and part != "forward":
+        raise ValueError(f"the generic space is the forward's ablation; tune the {part} kernels with space='deft'")
     if space == "generic":
         return "post-order-apply"
     raise ValueError(f"unknown design space {space!r}; choose one of {', '.join(SPACES)}")
@@ -237,23 +265,24 @@ def tune(
     seed: int | None = None,
     num_tuning_cores: int | str = "physical",
     space: str = "deft",
+    part: str = "forward",
 ) -> TuningResult:
-    """Tune ``spec`` on ``space`` (see ``space_generator``) until ``directory``'s database holds
-    ``trials`` records (resuming it)."""
+    """Tune ``spec``'s ``part`` kernel (``deft_tvm.spec.PARTS``) on ``space`` (see
+    ``space_generator``) until ``directory``'s database holds ``trials`` records (resuming it)."""
     from deft_tvm.schedules import register_tensor_intrinsics
 
-    generator = space_generator(space, spec, target)
+    generator = space_generator(space, spec, target, part)
     register_tensor_intrinsics(target)  # resuming replays the stored traces
     directory = Path(directory)
-    write_spec(directory, spec)
+    write_spec(directory, spec, part)
     already = record_count(directory)
     meta_path = directory / TUNING_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "space": space,
                                                                            "sessions": []}
     _check_folder(directory, meta, profile=profile, space=space)
-    label = f"{spec.key()} {target.kind.name}"
+    label = f"{kernel_key(spec, part)} {target.kind.name}"
     if already == 0 and space == "deft" and trials > 0:
-        seconds = _seed_database(spec, profile, target, directory)
+        seconds = _seed_database(spec, profile, target, directory, part)
         print(f"[tune {label}] 1 trial: the default schedule as the search's start, {seconds * 1e3:.4f} ms",
               flush=True)
         already = 1
@@ -262,9 +291,9 @@ def tune(
         print(f"[tune {label}] {already} trials already in {directory}, nothing to do", flush=True)
         return TuningResult(directory, already, 0, best_time(directory), 0.0, [])
 
-    mod = deform_conv2d_primfunc(spec)
+    mod = kernel_primfunc(spec, part)
     runner = ms.runner.LocalRunner(
-        evaluator_config=_evaluator_config(target), f_alloc_argument=ProfileInputs(spec, profile),
+        evaluator_config=_evaluator_config(target), f_alloc_argument=ProfileInputs(spec, profile, part=part),
     )
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(population, 32), genetic_num_iters=2,

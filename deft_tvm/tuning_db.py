@@ -1,7 +1,9 @@
 """MetaSchedule tuning databases as they are laid out under ``tuning_logs/``.
 
-``<root>/<target-tag>/<workload-key>/`` holds ``workload.json`` (the ``DeformConvSpec``) and the
-MetaSchedule JSON database (``database_workload.json``, ``database_tuning_record.json``).
+``<root>/<target-tag>/<kernel-key>/`` holds ``workload.json`` (the ``DeformConvSpec`` and the kernel
+part: ``forward``, or ``backward`` for the gradient kernels, whose folders' keys end in
+``_backward``; folders without a part are forward ones) and the MetaSchedule JSON database
+(``database_workload.json``, ``database_tuning_record.json``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from pathlib import Path
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from .compute import deform_conv2d_primfunc
-from .spec import DeformConvSpec
+from .compute import kernel_primfunc
+from .spec import DeformConvSpec, kernel_key
 
 SPEC_FILE = "workload.json"
 
@@ -25,18 +27,27 @@ def target_tag(target: tvm.target.Target) -> str:
     return target.kind.name
 
 
-def database_dir(root: Path, spec: DeformConvSpec, target: tvm.target.Target) -> Path:
-    return Path(root) / target_tag(target) / spec.key()
+def database_dir(root: Path, spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> Path:
+    return Path(root) / target_tag(target) / kernel_key(spec, part)
 
 
-def write_spec(directory: Path, spec: DeformConvSpec) -> None:
+def write_spec(directory: Path, spec: DeformConvSpec, part: str = "forward") -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    fields = spec.to_dict()
+    fields = {**spec.to_dict(), "part": part}
     (directory / SPEC_FILE).write_text(json.dumps(fields, indent=1) + "\n")
 
 
+def _fields(directory: Path) -> dict:
+    return json.loads((Path(directory) / SPEC_FILE).read_text())
+
+
 def read_spec(directory: Path) -> DeformConvSpec:
-    return DeformConvSpec.from_dict(json.loads((Path(directory) / SPEC_FILE).read_text()))
+    return DeformConvSpec.from_dict({k: v for k, v in _fields(directory).items() if k != "part"})
+
+
+def read_part(directory: Path) -> str:
+    """The kernel part a database folder tunes (``forward`` where it records none)."""
+    return _fields(directory).get("part", "forward")
 
 
 def open_database(directory: Path) -> ms.database.JSONDatabase:
@@ -44,24 +55,26 @@ def open_database(directory: Path) -> ms.database.JSONDatabase:
     return ms.database.JSONDatabase(work_dir=str(directory))
 
 
-def commit_schedule(directory: Path, spec: DeformConvSpec, sch, target: tvm.target.Target, run_secs: float) -> None:
-    """Store ``sch`` (a schedule of ``deform_conv2d_primfunc(spec)``) as a measured tuning record."""
-    write_spec(directory, spec)
+def commit_schedule(directory: Path, spec: DeformConvSpec, sch, target: tvm.target.Target, run_secs: float,
+                    part: str = "forward") -> None:
+    """Store ``sch`` (a schedule of ``kernel_primfunc(spec, part)``) as a measured tuning record."""
+    write_spec(directory, spec, part)
     db = open_database(directory)
-    mod = deform_conv2d_primfunc(spec)
+    mod = kernel_primfunc(spec, part)
     workload = db.commit_workload(mod)
     args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
     db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [run_secs], target, args_info))
 
 
 def best_schedule(directory: Path, target: tvm.target.Target):
-    """``(spec, schedule)`` of the fastest record in a database folder, or ``(spec, None)``."""
+    """``(spec, schedule)`` of the fastest record in a database folder (of the folder's part,
+    ``read_part``), or ``(spec, None)``."""
     from deft_tvm.schedules import register_tensor_intrinsics
 
     register_tensor_intrinsics(target)
     spec = read_spec(directory)
     db = open_database(Path(directory))
-    sch = ms.tir_integration.compile_tir(db, deform_conv2d_primfunc(spec), target)
+    sch = ms.tir_integration.compile_tir(db, kernel_primfunc(spec, read_part(directory)), target)
     return spec, sch
 
 
@@ -72,9 +85,9 @@ def committed_root() -> Path:
     return Path(deft_tvm.tuning_logs.__file__).parent
 
 
-def committed_database(spec: DeformConvSpec, target: tvm.target.Target) -> Path | None:
-    """The committed database folder of ``spec`` for ``target``, if one holds a record."""
-    directory = database_dir(committed_root(), spec, target)
+def committed_database(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> Path | None:
+    """The committed database folder of ``spec``'s ``part`` for ``target``, if one holds a record."""
+    directory = database_dir(committed_root(), spec, target, part)
     return directory if (directory / "database_tuning_record.json").exists() else None
 
 

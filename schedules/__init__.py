@@ -10,10 +10,12 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm.compute import kernel_primfunc
 
 from .cpu import deft_cpu_space, schedule_cpu, seed_cpu_schedule
+from .cpu_backward import backward_cpu_space, schedule_backward_cpu, seed_backward_cpu_schedule
 from .cuda import deft_cuda_space, schedule_cuda, seed_cuda_schedule
+from .cuda_backward import backward_cuda_space, schedule_backward_cuda, seed_backward_cuda_schedule
 from .cuda_tensorcore import (
     deft_cuda_tensorcore_space,
     schedule_cuda_tensorcore,
@@ -75,18 +77,28 @@ def kernel_spec(spec, target):
     return dataclasses.replace(spec, layout=layout, tf32=tf32)
 
 
-def default_schedule(mod, spec, target) -> s_tir.Schedule:
-    """The untuned schedule for ``target``'s kind, applied to ``deform_conv2d_primfunc(spec)``."""
+_BACKWARD = {
+    "llvm": (schedule_backward_cpu, backward_cpu_space, seed_backward_cpu_schedule),
+    "cuda": (schedule_backward_cuda, backward_cuda_space, seed_backward_cuda_schedule),
+}
+
+
+def default_schedule(mod, spec, target, part: str = "forward") -> s_tir.Schedule:
+    """The untuned schedule for ``target``'s kind, applied to ``kernel_primfunc(spec, part)``."""
     _check_kind(target.kind.name)
+    if part == "backward":
+        return _BACKWARD[target.kind.name][0](mod, spec)
     return _DEFAULT_SCHEDULES[target.kind.name](mod, spec)
 
 
-def search_start(spec, target) -> s_tir.Schedule:
+def search_start(spec, target, part: str = "forward") -> s_tir.Schedule:
     """The schedule a search of ``design_space`` starts from: the default one, expressed (where
     it lies in the space) as decisions of the space's sampling instructions, so that the search
     can mutate it."""
     _check_kind(target.kind.name)
-    mod = deform_conv2d_primfunc(spec)
+    mod = kernel_primfunc(spec, part)
+    if part == "backward":
+        return _BACKWARD[target.kind.name][2](mod, spec)
     if target.kind.name != "cuda":
         return seed_cpu_schedule(mod, spec)
     if _takes_tensor_cores(spec):
@@ -94,8 +106,11 @@ def search_start(spec, target) -> s_tir.Schedule:
     return seed_cuda_schedule(mod, spec)
 
 
-def design_space(spec, target):
+def design_space(spec, target, part: str = "forward"):
     """The DefT design space of ``target``'s kind: a function that schedules a ``Schedule`` of
-    ``deform_conv2d_primfunc(spec)`` in place with tile sizes sampled by MetaSchedule."""
+    ``kernel_primfunc(spec, part)`` in place with tile sizes (threads per block for the CUDA
+    backward) sampled by MetaSchedule."""
     _check_kind(target.kind.name)
+    if part == "backward":
+        return _BACKWARD[target.kind.name][1](spec)
     return _DESIGN_SPACES[target.kind.name](spec)

@@ -4,30 +4,137 @@
   reduces over the group's output channels in a loop);
 * ``grad_offset`` / ``grad_mask``: one thread per element, the reduction over the offset group's
   channels in registers, the corner values read where they are used (``coord_corner`` inlined);
-* ``grad_weight`` / ``grad_bias``: one thread block per element, its threads splitting the
-  reduction over (batch, rows, columns) and combining their sums in a cross-thread reduction.
+* ``grad_weight``: a GEMM of ``[out_channels] x [in_channels / groups]`` per kernel tap, reduced
+  over (batch, rows, columns) and split over thread blocks along that reduction (``rfactor``:
+  ``splits`` partial sums, added by a second small kernel). A block owns ``o_threads * o_regs``
+  output channels and ``i_threads * i_regs`` input channels of one tap and one split; for each
+  step of ``rows`` output rows it interpolates the samples of its input channels (times the mask)
+  straight into shared memory, once for all its output channels (no global columns buffer),
+  stages grad_output's rows in shared memory, and each thread accumulates an ``o_regs x i_regs``
+  outer product in registers;
+* ``grad_bias``: one thread block per output channel, its threads splitting the reduction over
+  (batch, rows, columns) in a cross-thread reduction.
 
-``scatter_atomic_primfunc`` scatters grad_input with atomics. A first, untuned schedule: any
-layer, without tiling or shared-memory reuse.
+``scatter_atomic_primfunc`` scatters grad_input with atomics. ``backward_cuda_space`` samples the
+grad_weight tiles (``sample_perfect_tile``) and every other kernel's threads per block
+(``sample_categorical`` over ``THREAD_CHOICES``); the default is ``WeightTiling.for_spec`` and
+``THREADS`` / ``REDUCTION_THREADS``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from tvm import s_tir
 
+from deft_tvm.schedules.cuda import largest_divisor
 from deft_tvm.spec import DeformConvSpec, accumulate_dtype
 
 THREADS = 256
 REDUCTION_THREADS = 256
+THREAD_CHOICES = (64, 128, 256, 512)
+# Largest per-thread register tile along each grad_weight axis, and most rows per step, sampled.
+MAX_WEIGHT_REGS = 8
+MAX_ROWS = 8
+MAX_SPLITS = 64  # bounds grad_weight's partial sums: splits x the weight's size in the accumulate dtype
 
 
-def _bind_elementwise(sch: s_tir.Schedule, block) -> None:
-    """One thread per element of ``block``'s spatial loops (its reduction loops stay inside)."""
-    spatial = [loop for loop, kind in zip(sch.get_loops(block), _iter_kinds(sch, block)) if kind == 0]
-    fused = sch.fuse(*spatial)
-    blocks, threads = sch.split(fused, [None, THREADS])
-    sch.bind(blocks, "blockIdx.x")
-    sch.bind(threads, "threadIdx.x")
+@dataclasses.dataclass(frozen=True)
+class WeightTiling:
+    """grad_weight's tiles: threads and registers per output / input channel, output rows per
+    reduction step, and the number of blocks the reduction is split over."""
+
+    o_threads: int = 8
+    o_regs: int = 4
+    i_threads: int = 16
+    i_regs: int = 4
+    rows: int = 1
+    splits: int = 64
+
+    @classmethod
+    def for_spec(cls, spec: DeformConvSpec) -> "WeightTiling":
+        """The default tile, shrunk where the layer is smaller; a step covers about 64 positions."""
+        opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
+        o_regs, i_regs = largest_divisor(opg, cls.o_regs), largest_divisor(ipg, cls.i_regs)
+        rows = largest_divisor(spec.out_h, max(1, 64 // spec.out_w))
+        return cls(
+            o_threads=max(1, min(cls.o_threads, opg // o_regs)),
+            o_regs=o_regs,
+            i_threads=max(1, min(cls.i_threads, ipg // i_regs)),
+            i_regs=i_regs,
+            rows=rows,
+            splits=largest_divisor(spec.batch * spec.out_h // rows, cls.splits),
+        )
+
+    def divides(self, spec: DeformConvSpec) -> bool:
+        """Whether every tile divides its extent (the design space holds such tilings only)."""
+        return (spec.out_channels % (self.o_threads * self.o_regs) == 0
+                and spec.in_channels // spec.groups % (self.i_threads * self.i_regs) == 0)
+
+
+class FixedTiles:
+    """The schedule's knobs as constants (a ``WeightTiling`` and the thread counts); splits that
+    do not divide are predicated."""
+
+    def __init__(self, tiling: WeightTiling):
+        self.t = tiling
+
+    def threads(self, sch):
+        return THREADS
+
+    def reduction_threads(self, sch):
+        return REDUCTION_THREADS
+
+    def o(self, sch, loop):
+        return [None, self.t.o_threads, self.t.o_regs]
+
+    def i(self, sch, loop):
+        return [None, self.t.i_threads, self.t.i_regs]
+
+    def rows(self, sch, loop):
+        return [None, self.t.rows]
+
+    def splits(self, sch, loop):
+        return [None, self.t.splits]
+
+
+class SampledTiles:
+    """The knobs as MetaSchedule sampling instructions; with ``start``, decided as that tiling and
+    the default thread counts (which must divide the extents)."""
+
+    def __init__(self, start: WeightTiling | None = None):
+        self.start = start
+
+    def _categorical(self, sch, default: int):
+        decision = THREAD_CHOICES.index(default) if self.start is not None else None
+        probs = [1.0 / len(THREAD_CHOICES)] * len(THREAD_CHOICES)
+        return sch.sample_categorical(list(THREAD_CHOICES), probs, decision=decision)
+
+    def _tile(self, sch, loop, n: int, max_innermost: int, inner):
+        extent = int(sch.get(loop).extent)
+        decision = None if self.start is None else [extent // math.prod(inner), *inner]
+        return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_innermost, decision=decision)
+
+    def threads(self, sch):
+        return self._categorical(sch, THREADS)
+
+    def reduction_threads(self, sch):
+        return self._categorical(sch, REDUCTION_THREADS)
+
+    def o(self, sch, loop):
+        t = self.start
+        return self._tile(sch, loop, 3, MAX_WEIGHT_REGS, t and (t.o_threads, t.o_regs))
+
+    def i(self, sch, loop):
+        t = self.start
+        return self._tile(sch, loop, 3, MAX_WEIGHT_REGS, t and (t.i_threads, t.i_regs))
+
+    def rows(self, sch, loop):
+        return self._tile(sch, loop, 2, MAX_ROWS, self.start and (self.start.rows,))
+
+    def splits(self, sch, loop):
+        return self._tile(sch, loop, 2, MAX_SPLITS, self.start and (self.start.splits,))
 
 
 def _iter_kinds(sch: s_tir.Schedule, block) -> list[int]:
@@ -35,45 +142,115 @@ def _iter_kinds(sch: s_tir.Schedule, block) -> list[int]:
     return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
 
 
-def _accumulate_in_registers(sch: s_tir.Schedule, acc_name: str, cast_name: str) -> None:
+def _bind_elementwise(sch: s_tir.Schedule, block, threads) -> None:
+    """One thread per element of ``block``'s spatial loops (its reduction loops stay inside),
+    ``threads`` per thread block (a split bound to threadIdx.x: the pattern MetaSchedule's
+    ``MutateThreadBinding`` mutates where ``threads`` is sampled)."""
+    spatial = [loop for loop, kind in zip(sch.get_loops(block), _iter_kinds(sch, block)) if kind == 0]
+    fused = sch.fuse(*spatial)
+    blocks, inner = sch.split(fused, [None, threads])
+    sch.bind(blocks, "blockIdx.x")
+    sch.bind(inner, "threadIdx.x")
+
+
+def _accumulate_in_registers(sch: s_tir.Schedule, acc_name: str, cast_name: str, threads) -> None:
     """The cast stage ``cast_name`` one thread per element, its reduction ``acc_name`` in registers."""
     cast = sch.get_sblock(cast_name)
-    _bind_elementwise(sch, cast)
+    _bind_elementwise(sch, cast, threads)
     acc = sch.get_sblock(acc_name)
     sch.compute_at(acc, sch.get_loops(cast)[-1], preserve_unit_loops=True)
     sch.set_scope(acc, 0, "local")
 
 
-def _reduce_across_threads(sch: s_tir.Schedule, acc_name: str, cast_name: str | None) -> None:
+def _reduce_across_threads(sch: s_tir.Schedule, acc_name: str, threads) -> None:
     """One thread block per element of ``acc_name``: its reduction loops fused and split over the
-    block's threads (a cross-thread reduction), cast by ``cast_name`` (if any) in the same kernel."""
+    block's ``threads`` threads (a cross-thread reduction)."""
     acc = sch.get_sblock(acc_name)
-    if cast_name is not None:
-        cast = sch.get_sblock(cast_name)
-        element = sch.fuse(*sch.get_loops(cast))
-        sch.bind(element, "blockIdx.x")
-        sch.compute_at(acc, element, preserve_unit_loops=True)
-        sch.set_scope(acc, 0, "local")
     loops, kinds = sch.get_loops(acc), _iter_kinds(sch, acc)
-    reduction = sch.fuse(*[loop for loop, kind in zip(loops[-len(kinds):], kinds) if kind == 2])
-    _, threads = sch.split(reduction, [None, REDUCTION_THREADS])
-    sch.bind(threads, "threadIdx.x")
-    if cast_name is None:
-        spatial = [loop for loop, kind in zip(loops[-len(kinds):], kinds) if kind == 0]
-        sch.bind(sch.fuse(*spatial), "blockIdx.x")
+    reduction = sch.fuse(*[loop for loop, kind in zip(loops, kinds) if kind == 2])
+    _, inner = sch.split(reduction, [None, threads])
+    sch.bind(inner, "threadIdx.x")
+    sch.bind(sch.fuse(*[loop for loop, kind in zip(loops, kinds) if kind == 0]), "blockIdx.x")
 
 
-def schedule_backward_cuda(mod, has_mask: bool) -> s_tir.Schedule:
-    """Schedule the ``main`` PrimFunc of ``te.create_prim_func`` over ``deform_conv2d_backward_te``."""
-    sch = s_tir.Schedule(mod)
+def _spread_over_threads(sch: s_tir.Schedule, loops, o_threads, i_threads) -> None:
+    """Fuse ``loops`` and spread them over the block's (threadIdx.y, threadIdx.x) layout."""
+    _, ty, tx = sch.split(sch.fuse(*loops), [None, o_threads, i_threads])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+
+
+def _tile_grad_weight(sch: s_tir.Schedule, tiles, threads) -> None:
+    """grad_weight as a split-reduction GEMM with the samples interpolated into shared memory."""
+    acc = sch.get_sblock("grad_weight_acc")
+    o, i, ky, kx, rn, ry, rx = sch.get_loops(acc)
+    ry_steps, ry_rows = sch.split(ry, tiles.rows(sch, ry))
+    steps = sch.fuse(rn, ry_steps)
+    step, split = sch.split(steps, tiles.splits(sch, steps))  # split s takes steps s, s + splits, ...
+    partial = sch.rfactor(split, factor_axis=0)  # partial sums per split; acc now adds them up
+    _accumulate_in_registers(sch, "grad_weight_acc", "grad_weight", threads)
+
+    o, i, ky, kx, step, split, ry_rows, rx = sch.get_loops(partial)
+    o_f, i_f = tiles.o(sch, o), tiles.i(sch, i)
+    o_b, o_t, o_r = sch.split(o, o_f)
+    i_b, i_t, i_r = sch.split(i, i_f)
+    sch.reorder(split, ky, kx, o_b, i_b, o_t, i_t, step, ry_rows, rx, o_r, i_r)
+    sch.bind(sch.fuse(split, ky, kx, o_b, i_b), "blockIdx.x")
+    sch.bind(o_t, "threadIdx.y")
+    sch.bind(i_t, "threadIdx.x")
+    registers = sch.cache_write(partial, 0, "local")
+    sch.reverse_compute_at(registers, i_t, preserve_unit_loops=True)
+
+    # One step's samples (interpolated here, times the mask) and grad_output rows in shared memory.
+    for index, name, dims in ((1, "sampled_columns", 6), (0, None, 4)):
+        shared = sch.cache_read(partial, index, "shared", consumer_blocks=[partial])
+        sch.compute_at(shared, step, preserve_unit_loops=True)
+        if name is not None:
+            sch.compute_inline(sch.get_sblock(name))
+        _spread_over_threads(sch, sch.get_loops(shared)[-dims:], o_f[1], i_f[1])
+    for index in (0, 1):
+        sch.compute_at(sch.cache_read(partial, index, "local"), rx, preserve_unit_loops=True)
+    sch.decompose_reduction(partial, step)
+    sch.unroll(o_r)
+    sch.unroll(i_r)
+
+
+def apply_backward_cuda(sch: s_tir.Schedule, has_mask: bool, tiles) -> None:
+    """Apply the CUDA backward schedule in place with the knobs of ``tiles`` (``FixedTiles`` or
+    ``SampledTiles``)."""
     sch.compute_inline(sch.get_sblock("coord_corner"))
     for name in ("coord_index", "coord_share", "grad_columns"):
-        _bind_elementwise(sch, sch.get_sblock(name))
-    _accumulate_in_registers(sch, "grad_offset_acc", "grad_offset")
+        _bind_elementwise(sch, sch.get_sblock(name), tiles.threads(sch))
+    _accumulate_in_registers(sch, "grad_offset_acc", "grad_offset", tiles.threads(sch))
     if has_mask:
-        _accumulate_in_registers(sch, "grad_mask_acc", "grad_mask")
-    _reduce_across_threads(sch, "grad_weight_acc", "grad_weight")
-    _reduce_across_threads(sch, "grad_bias_acc", None)
+        _accumulate_in_registers(sch, "grad_mask_acc", "grad_mask", tiles.threads(sch))
+    _tile_grad_weight(sch, tiles, tiles.threads(sch))
+    _reduce_across_threads(sch, "grad_bias_acc", tiles.reduction_threads(sch))
+
+
+def schedule_backward_cuda(mod, spec: DeformConvSpec, tiling: WeightTiling | None = None) -> s_tir.Schedule:
+    """Schedule the ``main`` PrimFunc of ``compute_backward.deform_conv2d_backward_primfunc(spec)``
+    with the default knobs (or ``tiling`` for grad_weight)."""
+    sch = s_tir.Schedule(mod)
+    apply_backward_cuda(sch, spec.has_mask, FixedTiles(tiling or WeightTiling.for_spec(spec)))
+    return sch
+
+
+def backward_cuda_space(spec: DeformConvSpec):
+    """MetaSchedule design space (for ``ScheduleFn``): the CUDA backward schedule with sampled knobs."""
+
+    def space(sch: s_tir.Schedule) -> None:
+        apply_backward_cuda(sch, spec.has_mask, SampledTiles())
+
+    return space
+
+
+def seed_backward_cuda_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
+    """The default backward schedule as a point of ``backward_cuda_space`` (the default schedule
+    itself where its grad_weight tiles do not divide the layer)."""
+    tiling = WeightTiling.for_spec(spec)
+    sch = s_tir.Schedule(mod)
+    apply_backward_cuda(sch, spec.has_mask, SampledTiles(tiling) if tiling.divides(spec) else FixedTiles(tiling))
     return sch
 
 

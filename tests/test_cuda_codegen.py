@@ -12,8 +12,7 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.support import nvcc
 
-from deft_tvm.compute import deform_conv2d_primfunc
-from deft_tvm.backward import gradients_module
+from deft_tvm.compute import deform_conv2d_primfunc, kernel_primfunc
 from deft_tvm.compute_backward import sorted_gather_primfunc
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec
 from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc
@@ -200,7 +199,7 @@ def test_committed_readable_schedules_replay_their_records():
 
 def _backward_sources(spec: DeformConvSpec) -> dict[str, str]:
     funcs = {
-        "gradients": gradients_module(spec, cuda_target("sm_90")),
+        "gradients": default_schedule(kernel_primfunc(spec, "backward"), spec, cuda_target("sm_90"), "backward").mod,
         "scatter": tvm.IRModule({"scatter": scatter_atomic_primfunc(spec)}),
         "gather": tvm.IRModule({"gather": sorted_gather_primfunc(spec, THREADS)}),
     }
@@ -212,8 +211,11 @@ def _backward_sources(spec: DeformConvSpec) -> dict[str, str]:
 def test_backward_kernels_compile_with_nvcc(shape, dtype):
     spec = dataclasses.replace(SHAPES[shape], dtype=dtype)
     sources = _backward_sources(spec)
-    # One kernel per stage: corner indices, shares, grad_columns, grad_offset, grad_mask?, grad_weight, grad_bias.
-    assert len(re.findall(r"__global__ void[^;{]*\{", sources["gradients"])) == 6 + spec.has_mask
+    # One kernel per stage: corner indices, shares, grad_columns, grad_offset, grad_mask?, grad_weight's
+    # partial sums and their sum, grad_bias.
+    assert len(re.findall(r"__global__ void[^;{]*\{", sources["gradients"])) == 7 + spec.has_mask
+    # grad_weight interpolates into shared memory, once per block for all its output channels.
+    assert re.search(r"__shared__ [^;]* sampled_columns_shared", sources["gradients"])
     assert "atomicAdd" in sources["scatter"] and "atomicAdd" not in sources["gather"]
     for source in sources.values():
         assert _compile_cubin(source, "sm_90")[:4] == b"\x7fELF"
