@@ -7,13 +7,15 @@
 * ``grad_offset`` / ``grad_mask``: parallel over (batch, channel of the gradient), the reduction
   over the offset group's channels in a register;
 * ``grad_weight``: parallel over (output-channel tile, input channel), the reduction over (batch,
-  rows, columns) into local accumulators of a tile of ``OUT_CHANNEL_TILE`` output channels; each
-  row of ``sampled_columns`` is interpolated once per tile (once per input channel, tap and row
-  when the tile is all of a group's output channels) and reused by the tile's channels;
+  rows, columns) into local accumulators of a tile of ``OUT_CHANNEL_TILE`` output channels times
+  ``LANES`` columns (``rfactor``: each lane sums every ``LANES``-th column, so the innermost loop
+  has independent accumulators to vectorise; the lanes are added up afterwards); each row of
+  ``sampled_columns`` is interpolated once per tile (once per input channel, tap and row when the
+  tile is all of a group's output channels) and reused by the tile's channels;
 * ``grad_bias``: parallel over output channels.
 
 ``schedule_backward_cpu`` uses the default tiles (the largest divisors up to the constants);
-``backward_cpu_space`` samples both (``sample_perfect_tile``), ``seed_backward_cpu_schedule`` is the
+``backward_cpu_space`` samples all three (``sample_perfect_tile``), ``seed_backward_cpu_schedule`` is the
 default as a point of that space.
 """
 
@@ -25,6 +27,7 @@ from deft_tvm.schedules.cuda import largest_divisor
 from deft_tvm.spec import DeformConvSpec
 
 OUT_CHANNEL_TILE = 64
+LANES = 16
 WIDTH_TILE = 16
 MAX_TILE = 64
 
@@ -100,14 +103,18 @@ def apply_backward_cpu(sch: s_tir.Schedule, has_mask: bool, tile_factors) -> Non
         _reduce_in_register(sch, "grad_mask_acc", "grad_mask")
 
     weight = sch.get_sblock("grad_weight_acc")
-    o, i, ky, kx, rn, ry, rx = sch.get_loops(weight)
+    rx = sch.get_loops(weight)[-1]
+    _, lane = sch.split(rx, tile_factors(rx, LANES))
+    lanes = sch.rfactor(lane, factor_axis=0)  # a partial sum per lane; grad_weight_acc adds them up
+    o, i, ky, kx, rn, ry, rx, lane = sch.get_loops(lanes)
     o_outer, o_inner = sch.split(o, tile_factors(o, OUT_CHANNEL_TILE))
-    sch.reorder(o_outer, i, ky, kx, rn, ry, o_inner, rx)
+    sch.reorder(o_outer, i, ky, kx, rn, ry, o_inner, rx, lane)
     sch.parallel(sch.fuse(o_outer, i))
     sch.compute_at(sch.get_sblock("sampled_columns"), ry, preserve_unit_loops=True)
-    accumulators = sch.cache_write(weight, 0, "local")
+    accumulators = sch.cache_write(lanes, 0, "local")
     sch.reverse_compute_at(accumulators, kx)
-    sch.decompose_reduction(weight, rn)
+    sch.decompose_reduction(lanes, rn)
+    _parallel(sch, weight, 2)
     _parallel(sch, sch.get_sblock("grad_weight"), 2)
 
     _parallel(sch, sch.get_sblock("grad_bias_acc"), 1)

@@ -72,7 +72,7 @@ def test_cpu_backward_interpolates_rows_inside_the_weight_reduction():
     spec = get_workload("test_paper_small").spec
     sch = default_schedule(kernel_primfunc(spec, "backward"), spec, CPU, "backward")
     row_loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("sampled_columns"))]
-    weight_loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("grad_weight_acc_update"))]
+    weight_loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("grad_weight_acc_rf_update"))]
     assert row_loops[:5] == weight_loops[:5]  # parallel (tile, channel), ky, kx, batch, row
     assert [int(loop.extent) for loop in row_loops[5:]] == [1, 1, 1, 1, 1, spec.out_w]
 
