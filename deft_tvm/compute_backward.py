@@ -5,6 +5,7 @@ Stages:
   ``grad_columns`` - weight^T @ grad_output per group, ``[batch, in_channels, kh, kw, out_h, out_w]``
   ``coord_index`` / ``coord_share`` - per sampling point the four corners' flat indices (-1 outside
                      the image, no test of the point itself) and mask * bilinear shares
+  ``coord_fraction`` - per sampling point its fractional position (ly, lx) in its pixel
   ``coord_corner`` - the corner values per channel (zero outside)
   ``sampled_columns`` - the forward's interpolated samples times the mask (what grad_weight reduces)
   ``grad_offset``, ``grad_mask``, ``grad_weight``, ``grad_bias`` - the reductions
@@ -66,6 +67,12 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
         return ys - yl.astype(acc), xs - xl.astype(acc)
 
     coord_index = te.compute((*point_shape, CORNERS), index, name="coord_index")
+    coord_fraction = te.compute(
+        (*point_shape, 2), lambda n, gi, ky, kx, oy, ox, a: tirx.Select(a == 0, *fractions(n, gi, ky, kx, oy, ox)),
+        name="coord_fraction")
+
+    def fraction_at(n, gi, ky, kx, oy, ox):
+        return coord_fraction[n, gi, ky, kx, oy, ox, 0], coord_fraction[n, gi, ky, kx, oy, ox, 1]
 
     def share(n, gi, ky, kx, oy, ox, k):
         ly, lx = fractions(n, gi, ky, kx, oy, ox)
@@ -104,7 +111,7 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
         tap, d = rest // 2, rest % 2
         ky, kx = tap // kw, tap % kw
         c = gi * cpg + rj
-        ly, lx = fractions(n, gi, ky, kx, oy, ox)
+        ly, lx = fraction_at(n, gi, ky, kx, oy, ox)
         v = [coord_corner[n, c, ky, kx, oy, ox, k] for k in range(CORNERS)]
         along_y = lx * (v[3] - v[1]) + (1 - lx) * (v[2] - v[0])
         along_x = ly * (v[3] - v[2]) + (1 - ly) * (v[1] - v[0])
@@ -116,7 +123,7 @@ def deform_conv2d_backward_te(spec: DeformConvSpec):
 
     def interpolated(n, c, ky, kx, oy, ox):
         gi = c // cpg
-        ly, lx = fractions(n, gi, ky, kx, oy, ox)
+        ly, lx = fraction_at(n, gi, ky, kx, oy, ox)
         terms = [coord_corner[n, c, ky, kx, oy, ox, k] * bilinear_share(ly, lx, k, acc) for k in range(CORNERS)]
         value = terms[0] + terms[1] + terms[2] + terms[3]
         value = tirx.Select(nan_point(n, gi, ky, kx, oy, ox), tirx.const(float("nan"), acc), value)

@@ -1,7 +1,8 @@
 """CPU (``llvm``) schedule of the backward compute (``deft_tvm.compute_backward``).
 
 * ``coord_corner`` is inlined: corner values are read where they are used;
-* ``coord_index`` / ``coord_share``: parallel over (batch, offset group, tap);
+* ``coord_index`` / ``coord_fraction`` / ``coord_share``: parallel over (batch, offset group, tap),
+  each sampling point's fractions computed once for all the channels that use them;
 * ``grad_columns``: parallel over (batch, channel), the reduction over the group's output channels
   outside a tile of output columns (``WIDTH_TILE``: a contiguous inner loop for LLVM to vectorise);
 * ``grad_offset`` / ``grad_mask``: parallel over (batch, channel of the gradient), the reduction
@@ -87,7 +88,7 @@ def _reduce_in_register(sch: s_tir.Schedule, acc_name: str, cast_name: str) -> N
 def apply_backward_cpu(sch: s_tir.Schedule, has_mask: bool, tile_factors) -> None:
     """Apply the CPU backward schedule in place; ``tile_factors(loop, default_tile)`` gives a loop's split."""
     sch.compute_inline(sch.get_sblock("coord_corner"))
-    for name in ("coord_index", "coord_share"):
+    for name in ("coord_index", "coord_fraction", "coord_share"):
         _parallel(sch, sch.get_sblock(name), 4)
 
     columns = sch.get_sblock("grad_columns")

@@ -219,6 +219,7 @@ def apply_backward_cuda(sch: s_tir.Schedule, has_mask: bool, tiles) -> None:
     """Apply the CUDA backward schedule in place with the knobs of ``tiles`` (``FixedTiles`` or
     ``SampledTiles``)."""
     sch.compute_inline(sch.get_sblock("coord_corner"))
+    sch.compute_inline(sch.get_sblock("coord_fraction"))
     for name in ("coord_index", "coord_share", "grad_columns"):
         _bind_elementwise(sch, sch.get_sblock(name), tiles.threads(sch))
     _accumulate_in_registers(sch, "grad_offset_acc", "grad_offset", tiles.threads(sch))
