@@ -319,10 +319,6 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *, 
 
 # --- CSV ------------------------------------------------------------------------------------------
 
-def _key(row: dict) -> tuple:
-    return tuple(str(row[c]) for c in KEY)
-
-
 def read_csv(path: Path) -> list[dict]:
     """The rows of a bench CSV, with the columns older benches lacked filled (``mode`` forward, NaN times)."""
     with Path(path).open(newline="") as f:
@@ -334,16 +330,26 @@ def read_csv(path: Path) -> list[dict]:
         return [{c: row.get(c) or defaults[c] for c in COLUMNS} for row in reader]
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Write ``rows`` to ``path``, keeping the rows already there whose key (``KEY``) no new row has."""
+def merge_csv(path: Path, rows: list[dict], columns, key, read) -> None:
+    """Write ``rows`` (dicts with ``columns``) to ``path``, keeping the rows already there (as
+    ``read(path)`` returns them) whose values of the ``key`` columns no new row has."""
     path = Path(path)
-    new_keys = {_key(r) for r in rows}
-    kept = [r for r in read_csv(path) if _key(r) not in new_keys] if path.exists() else []
+
+    def row_key(row):
+        return tuple(str(row[c]) for c in key)
+
+    new_keys = {row_key(r) for r in rows}
+    kept = [r for r in read(path) if row_key(r) not in new_keys] if path.exists() else []
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(kept + rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path``, keeping the rows already there whose key (``KEY``) no new row has."""
+    merge_csv(path, rows, COLUMNS, KEY, read_csv)
 
 
 # --- markdown and plot ----------------------------------------------------------------------------

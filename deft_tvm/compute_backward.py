@@ -208,7 +208,6 @@ def scatter_primfunc(spec: DeformConvSpec):
     return scatter
 
 
-
 def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
     """grad_input (in the accumulate dtype) without atomics and deterministic on any device: every
     input pixel sums, in a fixed order, the shares of the samples that touch it.
@@ -238,26 +237,12 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
             value = value + grad_columns[b, ch, order[b, g, s] // CORNERS] * coord_share[b, g, order[b, g, s]]
         grad_input[b, ch, p] = value
 
-    if threads is None:
-
-        @T.prim_func
-        def gather(
-            grad_columns: T.Buffer((n, c, entries // CORNERS), acc),
-            coord_share: T.Buffer((n, og, entries), acc),
-            order: T.Buffer((n, og, entries), "int32"),
-            starts: T.Buffer((n, og, pixels + 1), "int32"),
-            grad_input: T.Buffer((n, c, pixels), acc),
-        ):
-            T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
-            for i in T.parallel(total):
-                pixel_sum(i, grad_columns, coord_share, order, starts, grad_input)
-
-        return gather
-
+    cpu = threads is None  # a Python constant: TVMScript keeps only the branch it selects
+    threads = threads or 1
     blocks = (total + threads - 1) // threads
 
     @T.prim_func
-    def gather_cuda(
+    def gather(
         grad_columns: T.Buffer((n, c, entries // CORNERS), acc),
         coord_share: T.Buffer((n, og, entries), acc),
         order: T.Buffer((n, og, entries), "int32"),
@@ -265,12 +250,16 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
         grad_input: T.Buffer((n, c, pixels), acc),
     ):
         T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
-        for block in T.thread_binding(blocks, thread="blockIdx.x"):
-            for thread in T.thread_binding(threads, thread="threadIdx.x"):
-                if block * threads + thread < total:
-                    pixel_sum(block * threads + thread, grad_columns, coord_share, order, starts, grad_input)
+        if cpu:
+            for i in T.parallel(total):
+                pixel_sum(i, grad_columns, coord_share, order, starts, grad_input)
+        else:
+            for block in T.thread_binding(blocks, thread="blockIdx.x"):
+                for thread in T.thread_binding(threads, thread="threadIdx.x"):
+                    if block * threads + thread < total:
+                        pixel_sum(block * threads + thread, grad_columns, coord_share, order, starts, grad_input)
 
-    return gather_cuda
+    return gather
 
 
 def sort_by_pixel(coord_index, pixels: int):

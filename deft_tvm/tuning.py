@@ -7,7 +7,8 @@
   the target's default rules, postprocessors and mutators), as the baseline ``deft-tvm bench
   --generic-trials`` measures; its databases are kept apart from ``tuning_logs/``.
 * ``part="backward"`` tunes the backward's gradient kernels (``schedules.design_space(spec, target,
-  "backward")``: CPU tiles, CUDA threads per block) the same way, in a folder of its own.
+  "backward")``: CPU tiles; CUDA grad_weight tiles and threads per block) the same way, in a
+  folder of its own.
 * Every candidate is measured on inputs whose offsets and mask are drawn from the workload's
   offset profile (``ProfileInputs``, the runner's ``f_alloc_argument``), never on the runner's
   default uniform fill, which would shift every sample 1-10 px down-right.
@@ -176,7 +177,7 @@ def _evaluator_config(target: tvm.target.Target) -> ms.runner.EvaluatorConfig:
 
 def _mutators(target: tvm.target.Target, part: str) -> dict:
     """What the evolutionary search mutates, with which probability: tile sizes, and for the CUDA
-    backward also the threads per block of its elementwise kernels."""
+    backward also the threads per block of its other kernels."""
     if part == "backward" and target.kind.name == "cuda":
         return {ms.mutator.MutateTileSize(): 0.5, ms.mutator.MutateThreadBinding(): 0.5}
     return {ms.mutator.MutateTileSize(): 1.0}

@@ -37,17 +37,16 @@ def write_spec(directory: Path, spec: DeformConvSpec, part: str = "forward") -> 
     (directory / SPEC_FILE).write_text(json.dumps(fields, indent=1) + "\n")
 
 
-def _fields(directory: Path) -> dict:
-    return json.loads((Path(directory) / SPEC_FILE).read_text())
-
-
-def read_spec(directory: Path) -> DeformConvSpec:
-    return DeformConvSpec.from_dict({k: v for k, v in _fields(directory).items() if k != "part"})
+def read_kernel(directory: Path) -> tuple[DeformConvSpec, str]:
+    """``(spec, part)`` of a database folder (part ``forward`` where it records none)."""
+    fields = json.loads((Path(directory) / SPEC_FILE).read_text())
+    part = fields.pop("part", "forward")
+    return DeformConvSpec.from_dict(fields), part
 
 
 def read_part(directory: Path) -> str:
     """The kernel part a database folder tunes (``forward`` where it records none)."""
-    return _fields(directory).get("part", "forward")
+    return read_kernel(directory)[1]
 
 
 def open_database(directory: Path) -> ms.database.JSONDatabase:
@@ -72,9 +71,9 @@ def best_schedule(directory: Path, target: tvm.target.Target):
     from deft_tvm.schedules import register_tensor_intrinsics
 
     register_tensor_intrinsics(target)
-    spec = read_spec(directory)
+    spec, part = read_kernel(directory)
     db = open_database(Path(directory))
-    sch = ms.tir_integration.compile_tir(db, kernel_primfunc(spec, read_part(directory)), target)
+    sch = ms.tir_integration.compile_tir(db, kernel_primfunc(spec, part), target)
     return spec, sch
 
 

@@ -37,21 +37,27 @@ WIDTH_TILE = 16
 def schedule_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.deform_conv2d_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
-    apply_deft_cpu(sch, spec, lambda loop, tile: [None, largest_divisor(int(sch.get(loop).extent), tile)])
+    apply_deft_cpu(sch, spec, fixed_tiles(sch))
     return sch
 
 
 MAX_TILE = 32
 
 
-def _sampled_tiles(sch: s_tir.Schedule, decided: bool):
-    """Tile factors as ``sample_perfect_tile`` instructions; ``decided`` fixes them at the default tile."""
+def fixed_tiles(sch: s_tir.Schedule):
+    """``tile_factors(loop, tile)``: the split of ``loop`` by the largest divisor of its extent up to ``tile``."""
+    return lambda loop, tile: [None, largest_divisor(int(sch.get(loop).extent), tile)]
+
+
+def sampled_tiles(sch: s_tir.Schedule, decided: bool, max_tile: int = MAX_TILE):
+    """``tile_factors(loop, tile)`` as ``sample_perfect_tile`` instructions (inner factor at most
+    ``max_tile``); ``decided`` fixes them at ``fixed_tiles``' split."""
 
     def tile_factors(loop, tile):
         extent = int(sch.get(loop).extent)
         inner = largest_divisor(extent, tile)
         decision = [extent // inner, inner] if decided else None
-        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_TILE, decision=decision)
+        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max_tile, decision=decision)
 
     return tile_factors
 
@@ -60,7 +66,7 @@ def deft_cpu_space(spec: DeformConvSpec):
     """MetaSchedule design space (for ``ScheduleFn``): the CPU schedule with sampled tiles."""
 
     def space(sch: s_tir.Schedule) -> None:
-        apply_deft_cpu(sch, spec, _sampled_tiles(sch, decided=False))
+        apply_deft_cpu(sch, spec, sampled_tiles(sch, decided=False))
 
     return space
 
@@ -69,7 +75,7 @@ def seed_cpu_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """The default schedule as a point of ``deft_cpu_space`` (its tiles decided as the default's)
     for the search to start from and mutate."""
     sch = s_tir.Schedule(mod)
-    apply_deft_cpu(sch, spec, _sampled_tiles(sch, decided=True))
+    apply_deft_cpu(sch, spec, sampled_tiles(sch, decided=True))
     return sch
 
 

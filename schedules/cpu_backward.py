@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from deft_tvm.schedules.cuda import largest_divisor
+from deft_tvm.schedules.cpu import fixed_tiles, sampled_tiles
 from deft_tvm.spec import DeformConvSpec
 
 OUT_CHANNEL_TILE = 64
@@ -36,27 +36,15 @@ MAX_TILE = 64
 def schedule_backward_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``compute_backward.deform_conv2d_backward_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
-    apply_backward_cpu(sch, spec.has_mask, lambda loop, tile: [None, largest_divisor(int(sch.get(loop).extent), tile)])
+    apply_backward_cpu(sch, spec.has_mask, fixed_tiles(sch))
     return sch
-
-
-def _sampled_tiles(sch: s_tir.Schedule, decided: bool):
-    """Tile factors as ``sample_perfect_tile`` instructions; ``decided`` fixes them at the default tile."""
-
-    def tile_factors(loop, tile):
-        extent = int(sch.get(loop).extent)
-        inner = largest_divisor(extent, tile)
-        decision = [extent // inner, inner] if decided else None
-        return sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_TILE, decision=decision)
-
-    return tile_factors
 
 
 def backward_cpu_space(spec: DeformConvSpec):
     """MetaSchedule design space (for ``ScheduleFn``): the CPU backward schedule with sampled tiles."""
 
     def space(sch: s_tir.Schedule) -> None:
-        apply_backward_cpu(sch, spec.has_mask, _sampled_tiles(sch, decided=False))
+        apply_backward_cpu(sch, spec.has_mask, sampled_tiles(sch, False, MAX_TILE))
 
     return space
 
@@ -64,7 +52,7 @@ def backward_cpu_space(spec: DeformConvSpec):
 def seed_backward_cpu_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """The default backward schedule as a point of ``backward_cpu_space``."""
     sch = s_tir.Schedule(mod)
-    apply_backward_cpu(sch, spec.has_mask, _sampled_tiles(sch, decided=True))
+    apply_backward_cpu(sch, spec.has_mask, sampled_tiles(sch, True, MAX_TILE))
     return sch
 
 

@@ -124,6 +124,13 @@ class FixedTiles:
         return [None, self.t.k_chunk]
 
 
+def sample_tile(sch: s_tir.Schedule, loop, n: int, max_innermost: int, inner: tuple[int, ...] | None):
+    """``loop`` split into ``n`` factors by ``sample_perfect_tile``; with ``inner`` (the ``n - 1``
+    inner factors, which must divide the extent) the decision is fixed at that split."""
+    decision = None if inner is None else [int(sch.get(loop).extent) // math.prod(inner), *inner]
+    return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_innermost, decision=decision)
+
+
 class SampledTiles:
     """Split factors sampled by MetaSchedule (``sample_perfect_tile``: divisors of the extent);
     with ``start``, the samples are decided as that tiling (which must divide the extents)."""
@@ -131,27 +138,21 @@ class SampledTiles:
     def __init__(self, start: CudaTiling | None = None):
         self.start = start
 
-    def _sample(self, sch, loop, n: int, max_innermost: int, inner: tuple[int, ...]):
-        decision = None
-        if self.start is not None:
-            decision = [int(sch.get(loop).extent) // math.prod(inner), *inner]
-        return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_innermost, decision=decision)
-
     def co(self, sch, loop):
         t = self.start
-        return self._sample(sch, loop, 3, MAX_CO_REGS, t and (t.co_threads, t.co_regs))
+        return sample_tile(sch, loop, 3, MAX_CO_REGS, t and (t.co_threads, t.co_regs))
 
     def oy(self, sch, loop):
         t = self.start
-        return self._sample(sch, loop, 3, MAX_SPATIAL_REGS, t and (t.oy_threads, t.oy_regs))
+        return sample_tile(sch, loop, 3, MAX_SPATIAL_REGS, t and (t.oy_threads, t.oy_regs))
 
     def ox(self, sch, loop):
         t = self.start
-        return self._sample(sch, loop, 3, MAX_SPATIAL_REGS, t and (t.ox_threads, t.ox_regs))
+        return sample_tile(sch, loop, 3, MAX_SPATIAL_REGS, t and (t.ox_threads, t.ox_regs))
 
     def rc(self, sch, loop):
         t = self.start
-        return self._sample(sch, loop, 2, MAX_K_CHUNK, t and (t.k_chunk,))
+        return sample_tile(sch, loop, 2, MAX_K_CHUNK, t and (t.k_chunk,))
 
 
 def _spread_over_threads(sch, loops, co_t, oy_t, ox_t):

@@ -24,11 +24,10 @@ grad_weight tiles (``sample_perfect_tile``) and every other kernel's threads per
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from tvm import s_tir
 
-from deft_tvm.schedules.cuda import largest_divisor
+from deft_tvm.schedules.cuda import largest_divisor, sample_tile
 from deft_tvm.spec import DeformConvSpec, accumulate_dtype
 
 THREADS = 256
@@ -111,11 +110,6 @@ class SampledTiles:
         probs = [1.0 / len(THREAD_CHOICES)] * len(THREAD_CHOICES)
         return sch.sample_categorical(list(THREAD_CHOICES), probs, decision=decision)
 
-    def _tile(self, sch, loop, n: int, max_innermost: int, inner):
-        extent = int(sch.get(loop).extent)
-        decision = None if self.start is None else [extent // math.prod(inner), *inner]
-        return sch.sample_perfect_tile(loop, n=n, max_innermost_factor=max_innermost, decision=decision)
-
     def threads(self, sch):
         return self._categorical(sch, THREADS)
 
@@ -124,17 +118,17 @@ class SampledTiles:
 
     def o(self, sch, loop):
         t = self.start
-        return self._tile(sch, loop, 3, MAX_WEIGHT_REGS, t and (t.o_threads, t.o_regs))
+        return sample_tile(sch, loop, 3, MAX_WEIGHT_REGS, t and (t.o_threads, t.o_regs))
 
     def i(self, sch, loop):
         t = self.start
-        return self._tile(sch, loop, 3, MAX_WEIGHT_REGS, t and (t.i_threads, t.i_regs))
+        return sample_tile(sch, loop, 3, MAX_WEIGHT_REGS, t and (t.i_threads, t.i_regs))
 
     def rows(self, sch, loop):
-        return self._tile(sch, loop, 2, MAX_ROWS, self.start and (self.start.rows,))
+        return sample_tile(sch, loop, 2, MAX_ROWS, self.start and (self.start.rows,))
 
     def splits(self, sch, loop):
-        return self._tile(sch, loop, 2, MAX_SPLITS, self.start and (self.start.splits,))
+        return sample_tile(sch, loop, 2, MAX_SPLITS, self.start and (self.start.splits,))
 
 
 def _iter_kinds(sch: s_tir.Schedule, block) -> list[int]:

@@ -53,7 +53,7 @@ from digits_data import augment, load_digits  # tools/ is on sys.path when this 
 from torch import nn
 
 import deft_tvm
-from deft_tvm.bench import current_commit, int_at_least, tf32_mode, torchvision_deform_conv2d
+from deft_tvm.bench import current_commit, int_at_least, merge_csv, tf32_mode, torchvision_deform_conv2d
 from deft_tvm.reference_backward import deform_conv2d_reference_backward
 from deft_tvm.tolerances import TOLERANCES, tolerance_key
 
@@ -312,22 +312,18 @@ def run(images: torch.Tensor, labels: torch.Tensor, *, variants, steps: int, war
     return rows, check_losses({v: r["losses"] for v, r in results.items()}, dtype, tf32_label == "on", dcn_layers)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a train_bench CSV; refuses a file with other columns."""
+    with Path(path).open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != COLUMNS:
+            raise ValueError(f"{path} is not a train_bench CSV: its columns are {reader.fieldnames}")
+        return list(reader)
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write ``rows`` to ``path``, keeping the rows already there whose key (``KEY``) no new row has."""
-    path = Path(path)
-    new_keys = {tuple(str(r[c]) for c in KEY) for r in rows}
-    kept = []
-    if path.exists():
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames != COLUMNS:
-                raise ValueError(f"{path} is not a train_bench CSV: its columns are {reader.fieldnames}")
-            kept = [r for r in reader if tuple(r[c] for c in KEY) not in new_keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(kept + rows)
+    merge_csv(path, rows, COLUMNS, KEY, read_rows)
 
 
 def select_variants(requested: Optional[list[str]], check_reference: bool, dtype: str) -> list[str]:
