@@ -1,5 +1,6 @@
 """deft_tvm: deformable convolution (DCNv1/DCNv2) compiled by Apache TVM, called from PyTorch."""
 
+from . import onnx_export  # registers the ONNX export of deft_tvm::deform_conv2d
 from .functional import deform_conv2d
 from .library import export_library, load_library
 from .modules import DeformConv2d, ModulatedDeformConv2dPack

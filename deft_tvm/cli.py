@@ -1,4 +1,9 @@
-"""The ``deft-tvm`` command line."""
+"""The ``deft-tvm`` command line.
+
+A mistake in the command line or in the files it names (no GPU for ``--device cuda``, a missing
+file, a bad ``--model``, an unknown choice) ends in one line on stderr and exit status 2;
+``deft-tvm --debug ...`` shows the traceback instead. Anything else is a bug and shows its traceback.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,29 @@ from .tolerances import assert_close, tolerance_key
 from .workloads import DEFAULT_WORKLOAD, PROFILES, WORKLOADS, get_workload
 
 
+class UsageError(Exception):
+    """A mistake in the command line or its files; its message names the bad value and what to do.
+
+    ``main`` prints it as ``deft-tvm COMMAND: error: MESSAGE`` and returns 2 (re-raises under ``--debug``).
+    """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line on stderr (exit status 2): the message
+    and a pointer to ``--help``, without the usage text. Its subparsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _require_gpu(args, remedy: str) -> None:
+    """UsageError when ``--device cuda`` was asked for where torch sees no CUDA GPU."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: torch sees no CUDA GPU on this machine; {remedy}")
 
 
 def cmd_list(args) -> int:
@@ -139,6 +165,7 @@ def cmd_tune(args) -> int:
     from .targets import target_for_device
     from .tuning_db import target_tag
 
+    _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
     target = target_for_device(args.device)
     entries = []
     for name in args.workloads:
@@ -169,6 +196,7 @@ def _export_target(args):
 
     if args.device == "cuda" and args.arch:
         return cuda_target(args.arch)
+    _require_gpu(args, "pass --arch (e.g. --arch sm_90) to compile for a GPU elsewhere, or --device cpu")
     return target_for_device(args.device)
 
 
@@ -197,6 +225,11 @@ def cmd_export(args) -> int:
                 if kernel_key(spec, part) not in tuned:
                     sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)
                     entries.append(KernelEntry(spec, sch, origin="default schedule", part=part))
+    if not entries:
+        raise UsageError(
+            f"nothing to export: --logs {args.logs} holds no tuning records for {target_tag(target)} and no "
+            f"--workloads were given; tune first (deft-tvm tune), point --logs at the records, or pass --workloads"
+        )
     manifest = export_library(entries, target, args.out, args.name)
     for entry in entries:
         print(f"kernel   {kernel_key(entry.spec, entry.part)}  ({entry.origin})")
@@ -205,7 +238,16 @@ def cmd_export(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="deft-tvm", description=__doc__)
+    """Run ``deft-tvm`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    Raises:
+        SystemExit: status 2 after a one-line message, for arguments argparse rejects.
+        UsageError: under ``--debug`` only; otherwise its one line goes to stderr and 2 is returned.
+    """
+    parser = ArgumentParser(prog="deft-tvm", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a usage error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the registered workloads and offset profiles").set_defaults(func=cmd_list)
     build = sub.add_parser("build", help="compile a workload for this machine and check it against the reference")
@@ -252,8 +294,18 @@ def main(argv=None) -> int:
     export.add_argument("--name", default="deft_kernels", help="library file name, without extension")
     export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        print(f"deft-tvm {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m deft_tvm.cli``: run the package's copy of this module, whose UsageError is the
+    # class the subcommands (deft_tvm.stats) raise, not this __main__ copy's.
+    from deft_tvm.cli import main as package_main
+
+    sys.exit(package_main())

@@ -188,11 +188,13 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
 
 
 def deform_conv2d_primfunc(spec: DeformConvSpec):
-    """The compute as an unscheduled TIR PrimFunc in an IRModule (function name ``main``)."""
+    """The compute as an unscheduled TIR PrimFunc in an IRModule (function name ``main``), indexed
+    in ``spec.index_dtype``."""
     import tvm
 
     inputs, output = deform_conv2d_te(spec)
-    func = te.create_prim_func(inputs + [output]).with_attr("global_symbol", "main")
+    func = te.create_prim_func(inputs + [output], index_dtype_override=spec.index_dtype)
+    func = func.with_attr("global_symbol", "main")
     return tvm.IRModule({"main": func})
 
 

@@ -172,8 +172,15 @@ def deform_conv2d_backward_primfunc(spec: DeformConvSpec):
     import tvm
 
     inputs, outputs = deform_conv2d_backward_te(spec)
-    func = te.create_prim_func(inputs + outputs).with_attr("global_symbol", "main")
+    func = te.create_prim_func(inputs + outputs, index_dtype_override=spec.index_dtype)
+    func = func.with_attr("global_symbol", "main")
     return tvm.IRModule({"main": func})
+
+
+def index_extents(spec: DeformConvSpec, *extents: int) -> tuple:
+    """``extents`` as constants of ``spec.index_dtype``: the buffer shapes and loop extents of a
+    hand-written PrimFunc, so its index arithmetic is 64-bit exactly where it must be."""
+    return tuple(tirx.IntImm(spec.index_dtype, e) for e in extents)
 
 
 def scatter_primfunc(spec: DeformConvSpec):
@@ -186,17 +193,18 @@ def scatter_primfunc(spec: DeformConvSpec):
     n, c, h, w = spec.input_shape
     kh, kw, og, oh, ow = spec.kernel_h, spec.kernel_w, spec.offset_groups, spec.out_h, spec.out_w
     cpg = c // og
+    n, c, pixels, planes = index_extents(spec, n, c, h * w, n * c)
 
     @T.prim_func
     def scatter(
         grad_columns: T.Buffer((n, c, kh, kw, oh, ow), acc),
         coord_index: T.Buffer((n, og, kh, kw, oh, ow, 4), "int32"),
         coord_share: T.Buffer((n, og, kh, kw, oh, ow, 4), acc),
-        grad_input: T.Buffer((n, c, h * w), acc),
+        grad_input: T.Buffer((n, c, pixels), acc),
     ):
         T.func_attr({"global_symbol": "scatter", "tirx.noalias": True})
-        for plane in T.parallel(n * c):
-            for i in range(h * w):
+        for plane in T.parallel(planes):
+            for i in range(pixels):
                 grad_input[plane // c, plane % c, i] = T.cast(0, acc)
             for ky, kx, oy, ox, k in T.grid(kh, kw, oh, ow, 4):
                 index = coord_index[plane // c, plane % c // cpg, ky, kx, oy, ox, k]
@@ -224,7 +232,8 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
     og = spec.offset_groups
     cpg, pixels = c // og, h * w
     entries = spec.kernel_h * spec.kernel_w * spec.out_h * spec.out_w * CORNERS
-    total = n * c * pixels
+    blocks = (n * c * pixels + (threads or 1) - 1) // (threads or 1)
+    n, c, pixels, samples, total, blocks = index_extents(spec, n, c, pixels, entries // CORNERS, n * c * pixels, blocks)
 
     @T.macro
     def pixel_sum(i, grad_columns, coord_share, order, starts, grad_input):
@@ -239,11 +248,10 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
 
     cpu = threads is None  # a Python constant: TVMScript keeps only the branch it selects
     threads = threads or 1
-    blocks = (total + threads - 1) // threads
 
     @T.prim_func
     def gather(
-        grad_columns: T.Buffer((n, c, entries // CORNERS), acc),
+        grad_columns: T.Buffer((n, c, samples), acc),
         coord_share: T.Buffer((n, og, entries), acc),
         order: T.Buffer((n, og, entries), "int32"),
         starts: T.Buffer((n, og, pixels + 1), "int32"),

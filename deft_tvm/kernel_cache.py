@@ -17,6 +17,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -51,6 +52,20 @@ def cache_dir() -> Path:
 def _target_tag(target: tvm.target.Target) -> str:
     text = json.dumps(target.export(), sort_keys=True, default=str)
     return f"{target.kind.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning issued by this module's caller to the first
+    frame outside deft_tvm, its schedules, torch and TVM: the user's own line (Python 3.12's
+    ``skip_file_prefixes``, on 3.10 too)."""
+    import deft_tvm.schedules
+
+    internal = tuple(str(Path(m.__file__).parent) for m in (torch, tvm, deft_tvm.schedules)) + (
+        str(Path(__file__).parent),)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def schedule_for(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward"):
@@ -138,7 +153,7 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
                         f"{cache_dir()}. Registry workloads are tuned with `deft-tvm tune --workloads "
                         "NAME` (see `deft-tvm list`); load the exported library with deft_tvm.load_library().",
                         UntunedKernelWarning,
-                        stacklevel=4,
+                        stacklevel=_user_stacklevel(),
                     )
                 kernel = _memory[memory_key] = load_or_build(spec, target, sch)
     return kernel

@@ -1,26 +1,78 @@
-"""``nn.Module`` wrappers: torchvision's ``DeformConv2d`` and a layer that predicts its own offsets."""
+"""``nn.Module`` wrappers: torchvision's ``DeformConv2d`` and a layer that predicts its own offsets.
 
-from __future__ import annotations
+Both check their arguments when constructed and script with ``torch.jit.script``: ``forward``
+calls the ``deft_tvm::deform_conv2d`` op with the (height, width) pairs stored at construction.
+"""
 
+# No ``from __future__ import annotations``: TorchScript needs the class attributes' annotations
+# as types, not strings.
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import init
 
+from . import ops  # noqa: F401  (registers torch.ops.deft_tvm.deform_conv2d, which forward calls)
 from .checks import IntPair, as_pair
-from .functional import deform_conv2d
+
+
+def _positive_int(value: object, name: str) -> int:
+    """``value`` if it is an int >= 1; TypeError for a bool or non-int, ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _pair_at_least(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
+    """``as_pair(value, name)`` whose two ints are >= ``minimum`` (0 or 1), else ValueError."""
+    pair = as_pair(value, name)
+    if min(pair) < minimum:
+        expected = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return pair
+
+
+def _check_divisible(channels_name: str, channels: int, groups_name: str, groups: int) -> None:
+    """ValueError (torchvision's message, then the values) when ``groups`` does not divide ``channels``."""
+    if channels % groups:
+        raise ValueError(
+            f"{channels_name} must be divisible by {groups_name}, got {channels_name}={channels} and "
+            f"{groups_name}={groups}"
+        )
+
+
+def _split_conv_offset(conv_offset_output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``conv_offset``'s output ``[batch, 3 * offset_groups * kernel_h * kernel_w, out_h, out_w]``
+    -> ``(offset, mask)``: the first two thirds, and the sigmoid of the last third."""
+    dy_dx_1, dy_dx_2, mask_logits = torch.chunk(conv_offset_output, 3, dim=1)
+    return torch.cat((dy_dx_1, dy_dx_2), dim=1), torch.sigmoid(mask_logits)
 
 
 class DeformConv2d(nn.Module):
     """Same constructor, parameter initialisation and repr as ``torchvision.ops.DeformConv2d``.
 
-    ``forward(input, offset, mask=None)``: input ``[batch, in_channels, height, width]``, offset
-    ``[batch, 2 * offset_groups * kernel_h * kernel_w, out_h, out_w]``, mask
-    ``[batch, offset_groups * kernel_h * kernel_w, out_h, out_w]`` or None; returns
-    ``[batch, out_channels, out_h, out_w]``.
+    ``kernel_size``, ``stride``, ``padding`` and ``dilation`` are an int or a (height, width) pair,
+    stored as pairs. ``forward(input, offset, mask=None)``: input ``[batch, in_channels, height,
+    width]``, offset ``[batch, 2 * offset_groups * kernel_h * kernel_w, out_h, out_w]``, mask
+    ``[batch, offset_groups * kernel_h * kernel_w, out_h, out_w]`` or None, all of one dtype
+    (float32, float64, float16 or bfloat16) and device; returns ``[batch, out_channels, out_h,
+    out_w]`` (errors: those of ``deft_tvm.deform_conv2d``).
+
+    Raises:
+        TypeError: a channel count or ``groups`` that is not an int (or is a bool); a size that is
+            neither an int nor a pair of ints.
+        ValueError: ``in_channels``, ``out_channels``, ``groups``, ``kernel_size``, ``stride`` or
+            ``dilation`` below 1, ``padding`` below 0, a size that is not a pair, or channels not
+            divisible by ``groups`` (torchvision's messages, followed by the values found).
     """
+
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
 
     def __init__(
         self,
@@ -34,17 +86,15 @@ class DeformConv2d(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        if in_channels % groups != 0:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups != 0:
-            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = as_pair(kernel_size, "kernel_size")
-        self.stride = as_pair(stride, "stride")
-        self.padding = as_pair(padding, "padding")
-        self.dilation = as_pair(dilation, "dilation")
-        self.groups = groups
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.groups = _positive_int(groups, "groups")
+        _check_divisible("in_channels", in_channels, "groups", groups)
+        _check_divisible("out_channels", out_channels, "groups", groups)
+        self.kernel_size = _pair_at_least(kernel_size, "kernel_size", 1)
+        self.stride = _pair_at_least(stride, "stride", 1)
+        self.padding = _pair_at_least(padding, "padding", 0)
+        self.dilation = _pair_at_least(dilation, "dilation", 1)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels))
@@ -60,9 +110,13 @@ class DeformConv2d(nn.Module):
             init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return deform_conv2d(
-            input, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, mask=mask,
+        return self._deform_conv2d(input, offset, mask)
+
+    def _deform_conv2d(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The op with this layer's weight, bias and pairs."""
+        return torch.ops.deft_tvm.deform_conv2d(
+            input, offset, self.weight, self.bias, mask, self.stride[0], self.stride[1], self.padding[0],
+            self.padding[1], self.dilation[0], self.dilation[1],
         )
 
     def __repr__(self) -> str:
@@ -87,7 +141,13 @@ class ModulatedDeformConv2dPack(DeformConv2d):
 
     ``forward(input)``: input ``[batch, in_channels, height, width]`` ->
     ``[batch, out_channels, out_h, out_w]``.
+
+    Raises:
+        TypeError, ValueError: as ``DeformConv2d``; also ``offset_groups`` not an int, below 1, or
+            not dividing ``in_channels``.
     """
+
+    split_conv_offset = staticmethod(_split_conv_offset)
 
     def __init__(
         self,
@@ -102,9 +162,8 @@ class ModulatedDeformConv2dPack(DeformConv2d):
         bias: bool = True,
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        if in_channels % offset_groups != 0:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})")
-        self.offset_groups = offset_groups
+        self.offset_groups = _positive_int(offset_groups, "offset_groups")
+        _check_divisible("in_channels", in_channels, "offset_groups", offset_groups)
         kh, kw = self.kernel_size
         self.conv_offset = nn.Conv2d(
             in_channels, 3 * offset_groups * kh * kw, self.kernel_size, stride=self.stride,
@@ -113,16 +172,9 @@ class ModulatedDeformConv2dPack(DeformConv2d):
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
-    @staticmethod
-    def split_conv_offset(conv_offset_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``conv_offset``'s output ``[batch, 3 * offset_groups * kernel_h * kernel_w, out_h, out_w]``
-        -> ``(offset, mask)``: the first two thirds, and the sigmoid of the last third."""
-        dy_dx_1, dy_dx_2, mask_logits = torch.chunk(conv_offset_output, 3, dim=1)
-        return torch.cat((dy_dx_1, dy_dx_2), dim=1), torch.sigmoid(mask_logits)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        offset, mask = self.split_conv_offset(self.conv_offset(input))
-        return super().forward(input, offset, mask)
+        offset, mask = _split_conv_offset(self.conv_offset(input))
+        return self._deform_conv2d(input, offset, mask)
 
     def __repr__(self) -> str:
         base = super().__repr__()[:-1]

@@ -1,4 +1,7 @@
-"""The ``deft_tvm::deform_conv2d`` torch custom op: real kernel, fake (meta) kernel, autograd.
+"""The torch custom ops: ``deft_tvm::deform_conv2d`` and its backward
+``deft_tvm::deform_conv2d_backward``, each with a real kernel and a fake (meta) kernel, the
+forward's autograd (through the backward op, so AOT autograd and ``torch.compile`` see two
+opaque ops) and autocast rules.
 
 Tensor shapes are those of ``deft_tvm.spec.DeformConvSpec``.
 """
@@ -16,6 +19,12 @@ from .targets import target_for_device
 from .workloads import kernel_arguments
 
 
+def _spec(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
+    return spec_from_tensors(
+        input, offset, weight, bias, (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w), mask
+    )
+
+
 @torch.library.custom_op("deft_tvm::deform_conv2d", mutates_args=())
 def deform_conv2d_op(
     input: torch.Tensor,
@@ -31,9 +40,7 @@ def deform_conv2d_op(
     dilation_w: int,
 ) -> torch.Tensor:
     """Deformable convolution forward; see ``deft_tvm.deform_conv2d``."""
-    spec = spec_from_tensors(
-        input, offset, weight, bias, (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w), mask
-    )
+    spec = _spec(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
     output = input.new_empty(spec.output_shape)
     if spec.batch == 0:
         return output
@@ -49,11 +56,47 @@ def deform_conv2d_op(
 
 
 @deform_conv2d_op.register_fake
-def _deform_conv2d_fake(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
-    spec = spec_from_tensors(
-        input, offset, weight, bias, (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w), mask
-    )
-    return input.new_empty(spec.output_shape)
+def _deform_conv2d_fake(input, offset, weight, bias, mask, *hyper):
+    return input.new_empty(_spec(input, offset, weight, bias, mask, *hyper).output_shape)
+
+
+@torch.library.custom_op("deft_tvm::deform_conv2d_backward", mutates_args=())
+def deform_conv2d_backward_op(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    has_bias: bool,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's gradients of ``deform_conv2d`` for ``grad_output`` ``[batch, out_channels,
+    out_h, out_w]``: ``(grad_input, grad_offset, grad_weight, grad_bias, grad_mask)``, contiguous,
+    in the tensors' dtype, shaped as input, offset, weight, bias ``[out_channels]`` and mask
+    (``[0]``, empty, for a forward without bias or mask). Raises as ``deform_conv2d`` does for
+    inconsistent arguments."""
+    bias = weight.new_empty(weight.shape[0]) if has_bias else None
+    spec = _spec(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    if spec.batch == 0:
+        grads = [t.new_zeros(t.shape) if t is not None else None for t in (input, offset, weight, bias, mask)]
+    else:
+        from .backward import deform_conv2d_backward  # imported on use: it loads the backward compute
+
+        grads = deform_conv2d_backward(spec, grad_output, input, offset, mask, weight)
+    return tuple(input.new_empty(0) if g is None else g for g in grads)
+
+
+@deform_conv2d_backward_op.register_fake
+def _deform_conv2d_backward_fake(grad_output, input, offset, weight, mask, has_bias, *hyper):
+    _spec(input, offset, weight, weight.new_empty(weight.shape[0]) if has_bias else None, mask, *hyper)
+    return (input.new_empty(input.shape), offset.new_empty(offset.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[0] if has_bias else 0),
+            mask.new_empty(mask.shape) if mask is not None else input.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -64,21 +107,40 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    if torch.is_grad_enabled():
-        raise RuntimeError("deft_tvm.deform_conv2d has no double backward (create_graph=True)")
-    from .backward import deform_conv2d_backward
-
     input, offset, weight, mask = ctx.saved_tensors
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w = ctx.hyper
-    bias = weight.new_empty(weight.shape[0]) if ctx.has_bias else None
-    spec = spec_from_tensors(input, offset, weight, bias, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w), mask)
-    if spec.batch == 0:
-        grads = (torch.zeros_like(input), torch.zeros_like(offset), torch.zeros_like(weight),
-                 torch.zeros_like(bias) if bias is not None else None,
-                 torch.zeros_like(mask) if mask is not None else None)
-    else:
-        grads = deform_conv2d_backward(spec, grad_output, input, offset, mask, weight)
-    return (grads[0], grads[1], grads[2], grads[3], grads[4], None, None, None, None, None, None)
+    grad_input, grad_offset, grad_weight, grad_bias, grad_mask = deform_conv2d_backward_op(
+        grad_output, input, offset, weight, mask, ctx.has_bias, *ctx.hyper)
+    return (grad_input, grad_offset, grad_weight, grad_bias if ctx.has_bias else None,
+            grad_mask if mask is not None else None, None, None, None, None, None, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("deft_tvm.deform_conv2d has no double backward (create_graph=True)")
 
 
 deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+deform_conv2d_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}  # device type -> its autocast dispatch key
+_library = torch.library.Library("deft_tvm", "FRAGMENT")
+
+
+def _register_autocast(device_type: str) -> None:
+    """Under ``torch.autocast(device_type, dtype=D)`` the forward runs in ``D`` (float16 or
+    bfloat16), as ``conv2d`` does: its floating-point tensors on that device type, except float64
+    ones, are cast to ``D`` (torch's own eligibility rule, ``torch.library.register_autocast``,
+    whose cast dtype is fixed at registration; here it is the autocast dtype in force). The
+    backward needs no rule: autograd hands it the forward's dtype."""
+
+    def autocast_kernel(keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                and a.device.type == device_type else a for a in args]
+        with torch.autocast(device_type, enabled=False):
+            return deform_conv2d_op(*args)
+
+    _library.impl("deform_conv2d", autocast_kernel, AUTOCAST_KEYS[device_type], with_keyset=True)
+
+
+for _device_type in AUTOCAST_KEYS:
+    _register_autocast(_device_type)

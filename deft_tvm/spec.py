@@ -7,6 +7,7 @@ import functools
 
 SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
 LAYOUTS = ("NCHW", "NHWC")
+INT32_MAX = 2**31 - 1
 
 
 def accumulate_dtype(dtype: str) -> str:
@@ -141,6 +142,21 @@ class DeformConvSpec:
     @property
     def output_shape(self) -> tuple[int, ...]:
         return (self.batch, self.out_channels, self.out_h, self.out_w)
+
+    @property
+    def index_dtype(self) -> str:
+        """``"int64"`` when an index space of the forward or backward kernels can pass 2**31 - 1,
+        else ``"int32"`` (faster address arithmetic). The largest is the sampled corners' or the
+        scatter's ``(batch, in_channels, kernel_h, kernel_w, out_h, out_w, 4)``; the tensors
+        themselves are checked too, as a 1x1 kernel's corners can be fewer than the input's
+        elements."""
+        taps = self.kernel_h * self.kernel_w
+        spaces = (
+            self.batch * self.in_channels * taps * self.out_h * self.out_w * 4,
+            self.batch * self.in_channels * self.height * self.width,
+            self.batch * self.out_channels * self.out_h * self.out_w,
+        )
+        return "int64" if max(spaces) > INT32_MAX else "int32"
 
     @property
     def flops(self) -> int:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .checks import as_pair, spec_from_tensors
+from .cli import UsageError
 from .modules import DeformConv2d, ModulatedDeformConv2dPack
 from .spec import DeformConvSpec
 
@@ -552,31 +553,78 @@ def describe(profile: Profile, target_fraction: float = 0.99) -> str:
 
 
 def _load_model(reference: str) -> nn.Module:
-    """``MODULE:CALLABLE`` -> the ``nn.Module`` that ``MODULE.CALLABLE()`` returns."""
+    """``MODULE:CALLABLE`` -> the ``nn.Module`` that ``MODULE.CALLABLE()`` returns.
+
+    Raises:
+        UsageError: ``reference`` is not ``MODULE:CALLABLE``, MODULE cannot be found, it has no
+            callable CALLABLE, or CALLABLE returns something other than an ``nn.Module``. Errors
+            raised while MODULE imports or CALLABLE runs are theirs and propagate.
+    """
     module_name, sep, attr = reference.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--model must be MODULE:CALLABLE, got {reference!r}")
-    model = getattr(importlib.import_module(module_name), attr)()
+        raise UsageError(f"--model {reference}: expected MODULE:CALLABLE, e.g. --model my_models:build_model")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not f"{module_name}.".startswith(f"{err.name}."):  # not MODULE or a package of it
+            raise  # MODULE was found but imports something missing: its traceback says where
+        raise UsageError(
+            f"--model {reference}: no module named {err.name!r}; check the name and put the folder that "
+            f"holds it on PYTHONPATH (e.g. PYTHONPATH=. deft-tvm stats ...)"
+        ) from err
+    if not hasattr(module, attr):
+        raise UsageError(f"--model {reference}: module {module_name} has no attribute {attr!r}; "
+                         f"name a function or class of it that builds the model")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise UsageError(f"--model {reference}: {module_name}.{attr} is not callable (type {type(factory).__name__}); "
+                         f"name a function or class that builds the model")
+    model = factory()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{reference}() returned {type(model).__name__}, expected a torch.nn.Module")
+        raise UsageError(f"--model {reference}: {reference}() returned {type(model).__name__}, "
+                         f"expected a torch.nn.Module")
     return model
+
+
+def _read_profile(path: Path) -> Profile:
+    """``load_profile(path)`` for ``--show``; UsageError when the file is missing, unreadable or not a profile."""
+    remedy = "pass a file that `deft-tvm stats --model ... --out PATH.json` wrote"
+    try:
+        return load_profile(path)
+    except FileNotFoundError as err:
+        raise UsageError(f"--show {path}: no such file; {remedy}") from err
+    except OSError as err:
+        raise UsageError(f"--show {path}: cannot read it ({err.strerror or err}); {remedy}") from err
+    except ValueError as err:  # not UTF-8 JSON, or not load_profile's format and version
+        raise UsageError(f"--show {path}: not an offset profile ({err}); {remedy}") from err
 
 
 def _cmd_stats(args, parser: argparse.ArgumentParser) -> int:
     if args.show is not None:
-        profile = load_profile(args.show)
+        profile = _read_profile(args.show)
         print(describe(profile))
         print()
         print(compare(profile))
         return 0
     if args.input_shape is None or args.out is None:
         parser.error("--model needs --input-shape and --out")
+    if min(args.input_shape) < 1:
+        raise UsageError(f"--input-shape {' '.join(map(str, args.input_shape))}: expected four positive sizes N C H W")
+    if args.batches < 1:
+        raise UsageError(f"--batches {args.batches}: expected at least 1")
     model = _load_model(args.model).eval()
+    if not any(isinstance(m, _dcn_classes()) for m in model.modules()):
+        raise UsageError(f"--model {args.model}: {type(model).__name__} has no deformable convolution layer "
+                         f"(deft_tvm.DeformConv2d, its subclasses, or torchvision's); name a model that has one")
     gen = torch.Generator().manual_seed(args.seed)
     batches = (torch.randn(args.input_shape, generator=gen) for _ in range(args.batches))
     source = (f"deft-tvm stats --model {args.model} --input-shape {' '.join(map(str, args.input_shape))} "
               f"--batches {args.batches} --seed {args.seed} (standard normal inputs)")
-    path = collect(model, batches, seed=args.seed, source=source).save(args.out)
+    profile = collect(model, batches, seed=args.seed, source=source)
+    try:
+        path = profile.save(args.out)
+    except OSError as err:
+        raise UsageError(f"--out {args.out}: cannot write it ({err.strerror or err}); pass a writable PATH.json") from err
     print(f"saved    {path}")
     return 0
 

@@ -28,6 +28,7 @@ import dataclasses
 from tvm import s_tir
 
 from deft_tvm.schedules.cuda import largest_divisor, sample_tile
+from deft_tvm.compute_backward import index_extents
 from deft_tvm.spec import DeformConvSpec, accumulate_dtype
 
 THREADS = 256
@@ -260,15 +261,15 @@ def scatter_atomic_primfunc(spec: DeformConvSpec):
     n, c, h, w = spec.input_shape
     kh, kw, og, oh, ow = spec.kernel_h, spec.kernel_w, spec.offset_groups, spec.out_h, spec.out_w
     cpg, samples = c // og, kh * kw * oh * ow
-    total = n * c * samples
-    blocks = (total + THREADS - 1) // THREADS
+    blocks = (n * c * samples + THREADS - 1) // THREADS
+    n, c, samples, pixels, total, blocks = index_extents(spec, n, c, samples, h * w, n * c * samples, blocks)
 
     @T.prim_func
     def scatter(
         grad_columns: T.Buffer((n, c, samples), acc),
         coord_index: T.Buffer((n, og, samples, 4), "int32"),
         coord_share: T.Buffer((n, og, samples, 4), acc),
-        grad_input: T.Buffer((n, c, h * w), acc),
+        grad_input: T.Buffer((n, c, pixels), acc),
     ):
         T.func_attr({"global_symbol": "scatter", "tirx.noalias": True})
         for block in T.thread_binding(blocks, thread="blockIdx.x"):

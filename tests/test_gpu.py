@@ -238,16 +238,6 @@ def test_torch_compile_fullgraph_on_gpu():
     assert_close(compiled, eager.double(), "float32")
 
 
-def test_opcheck_on_gpu():
-    from deft_tvm.ops import deform_conv2d_op
-
-    spec = dataclasses.replace(SHAPES["asymmetric"], dtype="float16")
-    a = _to(make_case(spec))
-    args = (a["input"], a["offset"], a["weight"], a["bias"], a["mask"], *spec.stride, *spec.padding, *spec.dilation)
-    torch.library.opcheck(deform_conv2d_op, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
-
-
 def test_exported_cuda_library_round_trip(tmp_path):
     import subprocess
     import sys

@@ -55,3 +55,17 @@ def test_batch_zero_needs_no_kernel(isolated_cache, monkeypatch):
     monkeypatch.setattr(kernel_cache, "build", lambda *a: pytest.fail("batch 0 compiled a kernel"))
     args = make_case(DeformConvSpec(0, 2, 5, 6, 3, 3, 3, padding=(1, 1)))
     assert deft_tvm.deform_conv2d(**args).shape == (0, 3, 5, 6)
+
+
+def test_untuned_warning_points_at_the_callers_line(isolated_cache):
+    kernel_cache.clear_memory_cache()
+    args = make_case(SPEC)
+    layer = deft_tvm.DeformConv2d(SPEC.in_channels, SPEC.out_channels, 3, padding=1)
+    with pytest.warns(kernel_cache.UntunedKernelWarning) as functional_call:
+        deft_tvm.deform_conv2d(**args)
+    kernel_cache.clear_memory_cache()
+    with pytest.warns(kernel_cache.UntunedKernelWarning) as module_call:
+        with torch.no_grad():
+            layer(args["input"], args["offset"], args["mask"])
+    for record in (*functional_call, *module_call):
+        assert record.filename == __file__, record.filename

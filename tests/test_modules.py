@@ -1,7 +1,8 @@
-"""DeformConv2d and ModulatedDeformConv2dPack."""
+"""DeformConv2d and ModulatedDeformConv2dPack: repr, init, forward, TorchScript, construction checks."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -77,3 +78,82 @@ def test_pack_layer_uses_its_predicted_offsets_and_mask():
         )
         assert_close(layer(x), expected, "float32")
     assert repr(layer) == "ModulatedDeformConv2dPack(4, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), offset_groups=2)"
+
+
+# torch 2.13 deprecates TorchScript in favour of torch.export; the modules still script.
+SCRIPTING_DEPRECATED = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+
+
+@SCRIPTING_DEPRECATED
+@pytest.mark.parametrize("bias, mask", [(True, True), (False, False)])
+def test_scripted_deform_conv2d_matches_eager(bias, mask):
+    torch.manual_seed(0)
+    layer = deft_tvm.DeformConv2d(6, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2, bias=bias)
+    scripted = torch.jit.script(layer)
+    x = torch.randn(2, 6, 9, 11)
+    offset = torch.randn(2, 2 * 3 * 6, 4, 10)
+    mask = torch.rand(2, 3 * 6, 4, 10) if mask else None
+    with torch.no_grad():
+        assert torch.equal(scripted(x, offset, mask), layer(x, offset, mask))
+        assert torch.equal(scripted(x, offset), layer(x, offset))
+
+
+@SCRIPTING_DEPRECATED
+@pytest.mark.parametrize("bias", [True, False])
+def test_scripted_pack_layer_matches_eager_after_save_and_load(bias):
+    torch.manual_seed(0)
+    layer = deft_tvm.ModulatedDeformConv2dPack(4, 4, 3, padding=1, groups=2, offset_groups=2, bias=bias)
+    torch.nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(layer), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), layer(x))
+    assert (loaded.stride, loaded.padding, loaded.dilation) == ((1, 1), (1, 1), (1, 1))
+
+
+@SCRIPTING_DEPRECATED
+def test_scripted_pack_layer_has_the_eager_gradients():
+    torch.manual_seed(0)
+    layer = deft_tvm.ModulatedDeformConv2dPack(4, 4, 3, padding=1, groups=2, offset_groups=2)
+    torch.nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    leaves = [x, layer.weight, layer.bias, layer.conv_offset.weight]
+    eager = torch.autograd.grad(layer(x).sum(), leaves)
+    scripted = torch.autograd.grad(torch.jit.script(layer)(x).sum(), leaves)  # shares layer's parameters
+    assert all(torch.equal(e, s) for e, s in zip(eager, scripted))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(stride=0), ValueError, r"stride must be positive, got 0$"),
+        (dict(stride=(0, 1)), ValueError, r"stride must be positive, got \(0, 1\)$"),
+        (dict(padding=-1), ValueError, r"padding must be non-negative, got -1$"),
+        (dict(dilation=(1, 0)), ValueError, r"dilation must be positive, got \(1, 0\)$"),
+        (dict(kernel_size=(3, 0)), ValueError, r"kernel_size must be positive, got \(3, 0\)$"),
+        (dict(kernel_size=(3, 3, 3)), ValueError, r"kernel_size must be an int or a pair of ints, got \(3, 3, 3\)"),
+        (dict(in_channels=0), ValueError, r"in_channels must be a positive integer, got 0$"),
+        (dict(out_channels=-2), ValueError, r"out_channels must be a positive integer, got -2$"),
+        (dict(groups=0), ValueError, r"groups must be a positive integer, got 0$"),
+        (dict(groups=3), ValueError, r"in_channels must be divisible by groups, got in_channels=8 and groups=3$"),
+        (dict(out_channels=6, groups=4), ValueError,
+         r"out_channels must be divisible by groups, got out_channels=6 and groups=4$"),
+        (dict(offset_groups=0), ValueError, r"offset_groups must be a positive integer, got 0$"),
+        (dict(offset_groups=3), ValueError,
+         r"in_channels must be divisible by offset_groups, got in_channels=8 and offset_groups=3$"),
+        (dict(in_channels=8.0), TypeError, r"in_channels must be an int, got float 8\.0$"),
+        (dict(groups=True), TypeError, r"groups must be an int, got bool True$"),
+        (dict(stride=True), TypeError, r"stride must be an int or a pair of ints, got True$"),
+        (dict(padding=(1, 1.5)), ValueError, r"padding must be an int or a pair of ints, got \(1, 1\.5\)$"),
+    ],
+)
+def test_construction_rejects_bad_arguments(kwargs, error, message):
+    arguments = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, **kwargs}
+    with pytest.raises(error, match=message):
+        deft_tvm.ModulatedDeformConv2dPack(**arguments)
+    if "offset_groups" not in kwargs:
+        with pytest.raises(error, match=message):
+            deft_tvm.DeformConv2d(**arguments)
