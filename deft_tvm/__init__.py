@@ -1,11 +1,11 @@
 """deft_tvm: deformable convolution (DCNv1/DCNv2) compiled by Apache TVM, called from PyTorch."""
 
-from . import onnx_export  # registers the ONNX export of deft_tvm::deform_conv2d
-from .functional import deform_conv2d
-from .library import export_library, load_library
-from .modules import DeformConv2d, ModulatedDeformConv2dPack
-from .reference import deform_conv2d_reference
-from .spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.frontend import onnx_export  # registers the ONNX export of deft_tvm::deform_conv2d
+from deft_tvm.frontend.functional import deform_conv2d
+from deft_tvm.frontend.modules import DeformConv2d, ModulatedDeformConv2dPack
+from deft_tvm.reference.forward import deform_conv2d_reference
+from deft_tvm.runtime.library import export_library, load_library
 
 __all__ = [
     "DeformConv2d",

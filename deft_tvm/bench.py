@@ -58,13 +58,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import deform_conv2d, deform_conv2d_reference, kernel_cache
-from .compute import deform_conv2d_primfunc
-from .spec import SUPPORTED_DTYPES
-from .targets import target_for_device
-from .tuning import tune
-from .tuning_db import best_schedule, committed_root, database_dir
-from .workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
+from deft_tvm.compute.forward import deform_conv2d_primfunc
+from deft_tvm.compute.spec import SUPPORTED_DTYPES
+from deft_tvm.frontend.functional import deform_conv2d
+from deft_tvm.reference.forward import deform_conv2d_reference
+from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.records import best_schedule, committed_root, database_dir
+from deft_tvm.runtime.targets import target_for_device
+from deft_tvm.tuning.search import tune
+from deft_tvm.tuning.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
 
 COLUMNS = ["device", "workload", "dtype", "tf32", "profile", "provider", "schedule", "mode", "gpu_ms",
            "cold_median_ms", "cold_p20_ms", "cold_p80_ms", "latency_ms", "vs_dense", "vs_torchvision", "commit"]

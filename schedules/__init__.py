@@ -7,10 +7,12 @@ decision lives here.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from tvm import s_tir
 
-from deft_tvm.compute import kernel_primfunc
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import kernel_key
 
 from .cpu import deft_cpu_space, schedule_cpu, seed_cpu_schedule
 from .cpu_backward import backward_cpu_space, schedule_backward_cpu, seed_backward_cpu_schedule
@@ -30,29 +32,53 @@ def _takes_tensor_cores(spec) -> bool:
     return supports_tensor_cores(spec) and spec.layout == "NHWC"
 
 
-def _schedule_cuda(mod, spec) -> s_tir.Schedule:
-    """The tensor-core schedule where ``_takes_tensor_cores``, the SIMT schedule otherwise."""
-    if _takes_tensor_cores(spec):
-        return schedule_cuda_tensorcore(mod, spec)
-    return schedule_cuda(mod, spec)
+def _any_spec(spec) -> bool:
+    return True
 
 
-def _cuda_space(spec):
-    """The tensor-core space where ``_takes_tensor_cores``, the SIMT space otherwise."""
-    if _takes_tensor_cores(spec):
-        return deft_cuda_tensorcore_space(spec)
-    return deft_cuda_space(spec)
+@dataclasses.dataclass(frozen=True)
+class ScheduleFamily:
+    """One schedule structure and the kernels it applies to.
+
+    ``applies(spec)`` narrows (``target_kind``, ``part``) further; ``default(mod, spec)`` schedules
+    the unscheduled ``kernel_primfunc(spec, part)`` with fixed tiles; ``space(spec)`` is its DefT
+    design space (a function scheduling a ``Schedule`` in place with sampled tiles);
+    ``search_start(mod, spec)`` is the default expressed as decisions of that space.
+    """
+
+    name: str
+    target_kind: str
+    part: str
+    applies: Callable
+    default: Callable
+    space: Callable
+    search_start: Callable
 
 
-_DEFAULT_SCHEDULES = {"llvm": schedule_cpu, "cuda": _schedule_cuda}
-_DESIGN_SPACES = {"llvm": deft_cpu_space, "cuda": _cuda_space}
+# The first family that applies to a kernel is its family (tensor cores before SIMT).
+FAMILIES = (
+    ScheduleFamily("cpu", "llvm", "forward", _any_spec, schedule_cpu, deft_cpu_space, seed_cpu_schedule),
+    ScheduleFamily("cpu_backward", "llvm", "backward", _any_spec, schedule_backward_cpu, backward_cpu_space,
+                   seed_backward_cpu_schedule),
+    ScheduleFamily("cuda_tensorcore", "cuda", "forward", _takes_tensor_cores, schedule_cuda_tensorcore,
+                   deft_cuda_tensorcore_space, seed_tensorcore_schedule),
+    ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule),
+    ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
+                   seed_backward_cuda_schedule),
+)
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in _DEFAULT_SCHEDULES:
-        raise NotImplementedError(
-            f"no deft_tvm schedule for target kind {kind!r}; have {sorted(_DEFAULT_SCHEDULES)}"
-        )
+def schedule_family(spec, target, part: str = "forward") -> ScheduleFamily:
+    """The family of ``spec``'s ``part`` kernel on ``target``: the first of ``FAMILIES`` that
+    applies. ValueError for an unknown part, NotImplementedError for a target kind without one."""
+    kernel_key(spec, part)  # rejects unknown parts
+    kind = target.kind.name
+    for family in FAMILIES:
+        if family.target_kind == kind and family.part == part and family.applies(spec):
+            return family
+    raise NotImplementedError(
+        f"no deft_tvm schedule for target kind {kind!r}; have {sorted({f.target_kind for f in FAMILIES})}"
+    )
 
 
 def register_tensor_intrinsics(target) -> None:
@@ -77,40 +103,20 @@ def kernel_spec(spec, target):
     return dataclasses.replace(spec, layout=layout, tf32=tf32)
 
 
-_BACKWARD = {
-    "llvm": (schedule_backward_cpu, backward_cpu_space, seed_backward_cpu_schedule),
-    "cuda": (schedule_backward_cuda, backward_cuda_space, seed_backward_cuda_schedule),
-}
-
-
 def default_schedule(mod, spec, target, part: str = "forward") -> s_tir.Schedule:
-    """The untuned schedule for ``target``'s kind, applied to ``kernel_primfunc(spec, part)``."""
-    _check_kind(target.kind.name)
-    if part == "backward":
-        return _BACKWARD[target.kind.name][0](mod, spec)
-    return _DEFAULT_SCHEDULES[target.kind.name](mod, spec)
+    """The untuned schedule of ``spec``'s family, applied to ``kernel_primfunc(spec, part)``."""
+    return schedule_family(spec, target, part).default(mod, spec)
 
 
 def search_start(spec, target, part: str = "forward") -> s_tir.Schedule:
     """The schedule a search of ``design_space`` starts from: the default one, expressed (where
     it lies in the space) as decisions of the space's sampling instructions, so that the search
     can mutate it."""
-    _check_kind(target.kind.name)
-    mod = kernel_primfunc(spec, part)
-    if part == "backward":
-        return _BACKWARD[target.kind.name][2](mod, spec)
-    if target.kind.name != "cuda":
-        return seed_cpu_schedule(mod, spec)
-    if _takes_tensor_cores(spec):
-        return seed_tensorcore_schedule(mod, spec)
-    return seed_cuda_schedule(mod, spec)
+    return schedule_family(spec, target, part).search_start(kernel_primfunc(spec, part), spec)
 
 
 def design_space(spec, target, part: str = "forward"):
-    """The DefT design space of ``target``'s kind: a function that schedules a ``Schedule`` of
+    """The DefT design space of ``spec``'s family: a function that schedules a ``Schedule`` of
     ``kernel_primfunc(spec, part)`` in place with tile sizes (threads per block for the CUDA
     backward) sampled by MetaSchedule."""
-    _check_kind(target.kind.name)
-    if part == "backward":
-        return _BACKWARD[target.kind.name][1](spec)
-    return _DESIGN_SPACES[target.kind.name](spec)
+    return schedule_family(spec, target, part).space(spec)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from deft_tvm.compute import (
+from deft_tvm.compute.forward import (
     STAGE_CONV,
     STAGE_CORNER,
     STAGE_INDEX,
@@ -27,8 +27,8 @@ from deft_tvm.compute import (
     STAGE_SAMPLED,
     STAGE_WEIGHT,
 )
+from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cuda import largest_divisor
-from deft_tvm.spec import DeformConvSpec
 
 OUT_CHANNEL_TILE = 4
 WIDTH_TILE = 16

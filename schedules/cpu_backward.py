@@ -1,4 +1,4 @@
-"""CPU (``llvm``) schedule of the backward compute (``deft_tvm.compute_backward``).
+"""CPU (``llvm``) schedule of the backward compute (``deft_tvm.compute.backward``).
 
 * ``coord_corner`` is inlined: corner values are read where they are used;
 * ``coord_index`` / ``coord_fraction`` / ``coord_share``: parallel over (batch, offset group, tap),
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from tvm import s_tir
 
+from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cpu import fixed_tiles, sampled_tiles
-from deft_tvm.spec import DeformConvSpec
 
 OUT_CHANNEL_TILE = 64
 LANES = 16
@@ -34,7 +34,7 @@ MAX_TILE = 64
 
 
 def schedule_backward_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
-    """Schedule the ``main`` PrimFunc of ``compute_backward.deform_conv2d_backward_primfunc(spec)``."""
+    """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.backward.deform_conv2d_backward_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
     apply_backward_cpu(sch, spec.has_mask, fixed_tiles(sch))
     return sch

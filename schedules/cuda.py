@@ -20,7 +20,7 @@ The convolution is tiled like a GEMM of ``[out_channels] x [positions]`` reduced
 Which tiles are fast depends on the layer and on the offsets (the sampled tile's corners are
 gathered through L1/L2): ``deft_cuda_space`` exposes every tile size to MetaSchedule as a
 ``sample_perfect_tile`` instruction, so the cost model and the evolutionary search tune them, on
-inputs drawn from the workload's offset profile (``deft_tvm.tuning``).
+inputs drawn from the workload's offset profile (``deft_tvm.tuning.search``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import math
 
 from tvm import s_tir
 
-from deft_tvm.compute import (
+from deft_tvm.compute.forward import (
     STAGE_CONV,
     STAGE_CORNER,
     STAGE_INDEX,
@@ -39,7 +39,7 @@ from deft_tvm.compute import (
     STAGE_SAMPLED,
     STAGE_WEIGHT,
 )
-from deft_tvm.spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec
 
 # Largest per-thread register tile along each axis, and largest channel chunk, the space samples.
 MAX_CO_REGS = 8

@@ -1,4 +1,4 @@
-"""CUDA schedule of the backward compute (``deft_tvm.compute_backward``): one kernel per stage.
+"""CUDA schedule of the backward compute (``deft_tvm.compute.backward``): one kernel per stage.
 
 * ``coord_index`` / ``coord_share`` and ``grad_columns``: one thread per element (``grad_columns``
   reduces over the group's output channels in a loop);
@@ -27,9 +27,9 @@ import dataclasses
 
 from tvm import s_tir
 
+from deft_tvm.compute.sampling import index_extents
+from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
 from deft_tvm.schedules.cuda import largest_divisor, sample_tile
-from deft_tvm.compute_backward import index_extents
-from deft_tvm.spec import DeformConvSpec, accumulate_dtype
 
 THREADS = 256
 REDUCTION_THREADS = 256
@@ -225,7 +225,7 @@ def apply_backward_cuda(sch: s_tir.Schedule, has_mask: bool, tiles) -> None:
 
 
 def schedule_backward_cuda(mod, spec: DeformConvSpec, tiling: WeightTiling | None = None) -> s_tir.Schedule:
-    """Schedule the ``main`` PrimFunc of ``compute_backward.deform_conv2d_backward_primfunc(spec)``
+    """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.backward.deform_conv2d_backward_primfunc(spec)``
     with the default knobs (or ``tiling`` for grad_weight)."""
     sch = s_tir.Schedule(mod)
     apply_backward_cuda(sch, spec.has_mask, FixedTiles(tiling or WeightTiling.for_spec(spec)))

@@ -28,9 +28,9 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute import STAGE_CONV, STAGE_CORNER, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
+from deft_tvm.compute.forward import STAGE_CONV, STAGE_CORNER, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
+from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cuda import largest_divisor, place_sampling_point_in_registers
-from deft_tvm.spec import DeformConvSpec
 
 FRAGMENT = 16
 WARP = 32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deft_tvm.spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec
 
 DTYPES = ["float64", "float32", "float16", "bfloat16"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deft_tvm
-from deft_tvm.tolerances import assert_close
+from deft_tvm.reference.tolerances import assert_close
 
 AUTOCAST_DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 

@@ -7,13 +7,12 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 import deft_tvm
-from deft_tvm.reference_backward import deform_conv2d_reference_backward
-from deft_tvm.spec import DeformConvSpec
-from deft_tvm.tolerances import assert_close
-
-from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.backward import deform_conv2d_reference_backward
+from deft_tvm.reference.tolerances import assert_close
 
 SPECS = {
     "asymmetric": DeformConvSpec(2, 6, 5, 6, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import tvm
+from helpers import make_case
 from tvm import te
 
-from deft_tvm.compute_backward import deform_conv2d_backward_te, scatter_primfunc, sort_by_pixel, sorted_gather_primfunc
-from deft_tvm.reference_backward import deform_conv2d_reference_backward
-from deft_tvm.spec import DeformConvSpec
-
-from helpers import make_case
+from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc, sorted_gather_primfunc
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.backward import deform_conv2d_reference_backward
+from deft_tvm.runtime.backward import sort_by_pixel
 
 SPECS = {
     "asymmetric": DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,

@@ -9,20 +9,20 @@ import json
 import pytest
 import torch
 import tvm
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 from tvm import s_tir
 
 import deft_tvm
-from deft_tvm import backward, cli, library
-from deft_tvm.compute import kernel_primfunc
+from deft_tvm import cli
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import DeformConvSpec, kernel_key
+from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.runtime import backward, library
+from deft_tvm.runtime.records import best_schedule, database_dir, read_part
+from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_device
 from deft_tvm.schedules import default_schedule, design_space, search_start
-from deft_tvm.spec import DeformConvSpec, kernel_key
-from deft_tvm.targets import compile_kernel, cuda_target, target_for_device
-from deft_tvm.tolerances import assert_close
-from deft_tvm.tuning import ProfileInputs, measured_records, tune
-from deft_tvm.tuning_db import best_schedule, database_dir, read_part
-from deft_tvm.workloads import get_workload
-
-from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
+from deft_tvm.tuning.search import ProfileInputs, measured_records, tune
+from deft_tvm.tuning.workloads import get_workload
 
 CPU = target_for_device("cpu")
 ASYMMETRIC = get_workload("test_asymmetric")
@@ -139,7 +139,7 @@ def test_tuned_backward_is_exported_loaded_and_used(tmp_path, isolated_cache, mo
     monkeypatch.setattr(backward.kernel_cache, "load_or_build", lambda *a: pytest.fail("compiled, not loaded"))
     monkeypatch.setattr(backward, "_kernels", {})
     grads = torch.autograd.grad(out_tensor.sum(), list(leaves.values()))
-    from deft_tvm.reference_backward import deform_conv2d_reference_backward
+    from deft_tvm.reference.backward import deform_conv2d_reference_backward
 
     expected = deform_conv2d_reference_backward(torch.ones(out_tensor.shape, dtype=torch.float64), **args)._asdict()
     for name, grad in zip(leaves, grads):

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from deft_tvm import bench, cli, tuning_db
-from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm import bench, cli
+from deft_tvm.compute.forward import deform_conv2d_primfunc
+from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.runtime import records
+from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules import default_schedule
-from deft_tvm.targets import target_for_device
-from deft_tvm.tolerances import assert_close
-from deft_tvm.tuning import TuningResult
-from deft_tvm.workloads import TEST_WORKLOADS, get_workload
+from deft_tvm.tuning.search import TuningResult
+from deft_tvm.tuning.workloads import TEST_WORKLOADS, get_workload
 
 WORKLOAD = "test_paper_small"
 GPU = "NVIDIA H100 80GB HBM3"
@@ -181,7 +182,7 @@ def test_generic_provider_times_the_generic_database(tmp_path, monkeypatch):
     def fake_tune(spec, profile, target, directory, trials, **kwargs):
         calls.append((directory, trials, kwargs))
         sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
-        tuning_db.commit_schedule(directory, spec, sch, target, 1e-3)
+        records.commit_schedule(directory, spec, sch, target, 1e-3)
         return TuningResult(directory, trials, trials, 1e-3, 0.0, [])
 
     monkeypatch.setattr(bench, "tune", fake_tune)
@@ -191,7 +192,7 @@ def test_generic_provider_times_the_generic_database(tmp_path, monkeypatch):
     assert rows[1]["schedule"] == "generic (3 trials)" and rows[1]["latency_ms"] > 0
     (directory, trials, kwargs), = calls
     assert trials == 3 and kwargs == {"space": "generic"}
-    assert directory == tuning_db.database_dir(tmp_path / "generic", get_workload(WORKLOAD).spec,
+    assert directory == records.database_dir(tmp_path / "generic", get_workload(WORKLOAD).spec,
                                                target_for_device("cpu"))
 
 

@@ -9,21 +9,21 @@ from pathlib import Path
 
 import pytest
 import tvm
+from helpers import DTYPES, TENSOR_CORE_SHAPES
 from tvm.s_tir import meta_schedule as ms
 from tvm.support import nvcc
 
-from deft_tvm.compute import deform_conv2d_primfunc, kernel_primfunc
-from deft_tvm.compute_backward import sorted_gather_primfunc
+from deft_tvm.compute.backward import sorted_gather_primfunc
+from deft_tvm.compute.forward import deform_conv2d_primfunc
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.runtime.records import best_schedule, committed_root, database_dir, database_dirs
+from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_compilation
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec
 from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
-from deft_tvm.spec import DeformConvSpec
-from deft_tvm.targets import compile_kernel, cuda_target, exact_cuda_compilation
-from deft_tvm.tuning import _build as tuning_build
-from deft_tvm.tuning_db import best_schedule, committed_root, database_dir, database_dirs
-from deft_tvm.workloads import get_workload
-
-from helpers import DTYPES, TENSOR_CORE_SHAPES
+from deft_tvm.tuning.search import _build as tuning_build
+from deft_tvm.tuning.workloads import get_workload
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 

@@ -6,15 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import DTYPES, make_case
 
 import deft_tvm
 from deft_tvm import deform_conv2d_reference
-from deft_tvm.kernel_cache import get_kernel
-from deft_tvm.spec import DeformConvSpec
-from deft_tvm.tolerances import assert_close, tolerance_key
-from deft_tvm.workloads import kernel_arguments
-
-from helpers import DTYPES, make_case
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.tolerances import assert_close, tolerance_key
+from deft_tvm.runtime.kernel_cache import get_kernel
 
 SHAPES = {
     "3x3_pad1": DeformConvSpec(2, 4, 7, 8, 5, 3, 3, padding=(1, 1)),
@@ -98,7 +96,7 @@ def test_channels_last_input_kernel_matches_reference(shape, memory_format):
     kernel = get_kernel(spec, torch.device("cpu"))
     out = torch.empty(spec.output_shape, dtype=args["input"].dtype)
     source = args["input"].contiguous(memory_format=memory_format)
-    kernel(*kernel_arguments(spec, source, args["offset"], args["mask"], args["weight"], args["bias"]), out)
+    kernel(*spec.kernel_arguments(source, args["offset"], args["mask"], args["weight"], args["bias"]), out)
     assert_close(out, deform_conv2d_reference(**args), spec.dtype)
 
 

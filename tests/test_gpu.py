@@ -7,19 +7,18 @@ import math
 
 import pytest
 import torch
-
-import deft_tvm
-from deft_tvm import kernel_cache
-from deft_tvm.bench import tf32_mode
-from deft_tvm.schedules import kernel_spec
-from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
-from deft_tvm.spec import DeformConvSpec
-from deft_tvm.targets import target_for_device
-from deft_tvm.tolerances import assert_close
-from deft_tvm.workloads import BENCHMARK_WORKLOADS, get_workload
-
 from helpers import TENSOR_CORE_SHAPES, grad_leaves, make_case, small_dcn_model
 from test_forward import SHAPES
+
+import deft_tvm
+from deft_tvm.bench import tf32_mode
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.targets import target_for_device
+from deft_tvm.schedules import kernel_spec
+from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
+from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -243,8 +242,8 @@ def test_exported_cuda_library_round_trip(tmp_path):
     import sys
     import textwrap
 
-    from deft_tvm import library
-    from deft_tvm.compute import deform_conv2d_primfunc
+    from deft_tvm.compute.forward import deform_conv2d_primfunc
+    from deft_tvm.runtime import library
     from deft_tvm.schedules import default_schedule
 
     target = target_for_device(torch.device("cuda"))
@@ -259,8 +258,8 @@ def test_exported_cuda_library_round_trip(tmp_path):
         import dataclasses, warnings
         import torch, tvm
         import deft_tvm
-        from deft_tvm import kernel_cache
-        from deft_tvm.spec import DeformConvSpec
+        from deft_tvm.runtime import kernel_cache
+        from deft_tvm.compute.spec import DeformConvSpec
         from torchvision.ops import deform_conv2d as tv
 
         def forbidden(*args, **kwargs):
@@ -283,7 +282,7 @@ def test_exported_cuda_library_round_trip(tmp_path):
             out = deft_tvm.deform_conv2d(**args, stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
             ref = tv(**{{k: v.double() for k, v in args.items()}}, stride=spec.stride, padding=spec.padding,
                      dilation=spec.dilation)
-            from deft_tvm.tolerances import assert_close, tolerance_key
+            from deft_tvm.reference.tolerances import assert_close, tolerance_key
             assert_close(out, ref, tolerance_key(spec.dtype, spec.tf32))
         print("ran without the compiler")
     """)
@@ -304,7 +303,7 @@ def test_reference_backward_matches_torchvision_gradients(case):
     # The float64 reference backward is the ground truth of the gradient tests: pin it to
     # torchvision's own gradients (float64, on the GPU), including its one-sided offset gradient
     # at y = -1 and x = -1.
-    from deft_tvm.reference_backward import deform_conv2d_reference_backward
+    from deft_tvm.reference.backward import deform_conv2d_reference_backward
 
     spec = dataclasses.replace(SHAPES["asymmetric"], dtype="float64")
     args = _to(make_case(spec, seed=11))
@@ -345,7 +344,7 @@ def test_cuda_backward_matches_torchvision_gradients(shape, deterministic, dtype
 
 
 def test_cuda_backward_bfloat16_matches_the_reference():
-    from deft_tvm.reference_backward import deform_conv2d_reference_backward
+    from deft_tvm.reference.backward import deform_conv2d_reference_backward
 
     spec = dataclasses.replace(SHAPES["asymmetric"], dtype="bfloat16")
     args = _to(make_case(spec, seed=13))

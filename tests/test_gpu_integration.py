@@ -7,14 +7,13 @@ import dataclasses
 
 import pytest
 import torch
-
-import deft_tvm
-from deft_tvm.ops import deform_conv2d_backward_op, deform_conv2d_op
-from deft_tvm.tolerances import assert_close
-
 from helpers import small_dcn_model
 from test_forward import SHAPES
 from test_torch_integration import OPCHECK_UTILS, _hyper, _op_args, _training_step
+
+import deft_tvm
+from deft_tvm.frontend.ops import deform_conv2d_backward_op, deform_conv2d_op
+from deft_tvm.reference.tolerances import assert_close
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_large_index import HUGE_BACKWARD, HUGE_FORWARD
 
 import deft_tvm
-from deft_tvm.tolerances import assert_close
-
-from test_large_index import HUGE_BACKWARD, HUGE_FORWARD
+from deft_tvm.reference.tolerances import assert_close
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():

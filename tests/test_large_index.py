@@ -9,20 +9,19 @@ import shutil
 import pytest
 import torch
 import tvm
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 import deft_tvm
-from deft_tvm import backward, kernel_cache
-from deft_tvm.compute import kernel_primfunc
-from deft_tvm.compute_backward import scatter_primfunc, sorted_gather_primfunc
-from deft_tvm.reference_backward import deform_conv2d_reference_backward
+from deft_tvm.compute.backward import scatter_primfunc, sorted_gather_primfunc
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.backward import deform_conv2d_reference_backward
+from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.runtime import backward, kernel_cache
+from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_device
 from deft_tvm.schedules import default_schedule, kernel_spec
 from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc
-from deft_tvm.spec import DeformConvSpec
-from deft_tvm.targets import compile_kernel, cuda_target, target_for_device
-from deft_tvm.tolerances import assert_close
-from deft_tvm.workloads import WORKLOADS
-
-from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
+from deft_tvm.tuning.workloads import WORKLOADS
 
 # The two shapes of issue 12 that failed with "Literal value 2147483648 exceeds range of int32":
 # a forward of input (8, 256, 1024, 1024) and a backward of (8, 128, 512, 512).

@@ -11,17 +11,17 @@ import warnings
 
 import pytest
 import torch
+from helpers import make_case
 
 import deft_tvm
-from deft_tvm import cli, kernel_cache, library
-from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm import cli
+from deft_tvm.compute.forward import deform_conv2d_primfunc
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.runtime import kernel_cache, library
+from deft_tvm.runtime.records import commit_schedule, database_dir
+from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules import default_schedule
-from deft_tvm.spec import DeformConvSpec
-from deft_tvm.targets import target_for_device
-from deft_tvm.tolerances import assert_close
-from deft_tvm.tuning_db import commit_schedule, database_dir
-
-from helpers import make_case
 
 SPECS = [
     DeformConvSpec(2, 4, 7, 8, 6, 3, 3, padding=(1, 1)),
@@ -113,8 +113,8 @@ def test_calling_a_loaded_library_needs_no_compiler(exported, tmp_path):
         import warnings
         import torch, tvm
         import deft_tvm
-        from deft_tvm import kernel_cache
-        from deft_tvm.spec import DeformConvSpec
+        from deft_tvm.runtime import kernel_cache
+        from deft_tvm.compute.spec import DeformConvSpec
 
         def forbidden(*args, **kwargs):
             raise AssertionError("the TVM compiler was invoked")

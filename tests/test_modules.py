@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import deft_tvm
-from deft_tvm.tolerances import assert_close
+from deft_tvm.reference.tolerances import assert_close
 
 
 @pytest.mark.parametrize(

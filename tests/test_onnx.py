@@ -9,7 +9,7 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import deft_tvm  # noqa: E402
-from deft_tvm.tolerances import assert_close  # noqa: E402
+from deft_tvm.reference.tolerances import assert_close  # noqa: E402
 
 # Extra torch.onnx.export arguments per exporter; the torch.export-based one is torch's default.
 EXPORTERS = {"dynamo": {}, "torchscript": {"dynamo": False}}

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import deft_tvm
-from deft_tvm import stats
+from deft_tvm.cli import stats as stats_cli
+from deft_tvm.tuning import stats
 
 # Most tests run one layer shape (3x3, padding 1, with a mask) so that one kernel is compiled.
 SHAPE = (4, 2, 16, 16)
@@ -109,7 +110,7 @@ ASYMMETRIC = dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2
 
 def brute_force(offset, height, width, tiles, halos):
     """Sample-by-sample: (dy values, outside count, {tile: [covered count per halo]}, boundary hits) for
-    the ASYMMETRIC layer, straight from the definitions in deft_tvm.stats' docstring."""
+    the ASYMMETRIC layer, straight from the definitions in deft_tvm.tuning.stats' docstring."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (ASYMMETRIC[k] for k in ("kernel_size", "stride", "padding", "dilation"))
     batch, channels, out_h, out_w = offset.shape
     groups = channels // (2 * kh * kw)
@@ -307,7 +308,7 @@ def test_hooks_are_removed_after_collect_and_after_an_error():
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deft-tvm")
-    stats.register_cli(parser.add_subparsers(dest="command", required=True))
+    stats_cli.register_cli(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

@@ -12,20 +12,20 @@ import pytest
 import torch
 import tvm
 import tvm_ffi
+from helpers import make_case
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
 import deft_tvm
-from deft_tvm import kernel_cache, tuning_db
 from deft_tvm.cli import write_readable_schedule
-from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm.compute.forward import deform_conv2d_primfunc
+from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime import records
+from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_device
 from deft_tvm.schedules import default_schedule, design_space, search_start
-from deft_tvm.targets import compile_kernel, cuda_target, target_for_device
-from deft_tvm.tolerances import assert_close
-from deft_tvm.tuning import TUNING_FILE, ProfileInputs, measured_records, record_count, space_generator, tune
-from deft_tvm.workloads import PROFILES, get_workload
-
-from helpers import make_case
+from deft_tvm.tuning.search import TUNING_FILE, ProfileInputs, measured_records, record_count, space_generator, tune
+from deft_tvm.tuning.workloads import PROFILES, get_workload
 
 SMALL = get_workload("test_paper_small")
 
@@ -53,13 +53,13 @@ def test_measurement_inputs_refuse_another_kernel():
 
 def test_cpu_tuning_writes_a_resumable_database(tmp_path, isolated_cache):
     target = target_for_device("cpu")
-    directory = tuning_db.database_dir(tmp_path, SMALL.spec, target)
+    directory = records.database_dir(tmp_path, SMALL.spec, target)
     result = tune(SMALL.spec, SMALL.profile, target, directory, trials=3, trials_per_round=2, seed=1)
     # The first record is the default schedule (the search's start), the next two the search's.
     assert result.new_trials == 2 and record_count(directory) == 3 and result.best_s is not None
-    records = measured_records(directory)
-    assert len(records) == 3 and all("sample_perfect_tile" in str(r.trace) for r in records)  # points of the space
-    spec, sch = tuning_db.best_schedule(directory, target)
+    measured = measured_records(directory)
+    assert len(measured) == 3 and all("sample_perfect_tile" in str(r.trace) for r in measured)  # points of the space
+    spec, sch = records.best_schedule(directory, target)
     assert spec == SMALL.spec and sch is not None
     assert json.loads((directory / TUNING_FILE).read_text())["space"] == "deft"
 
@@ -124,8 +124,8 @@ def test_committed_record_is_used_without_warning(tmp_path, isolated_cache, monk
     spec = dataclasses.replace(SMALL.spec, batch=1)
     target = target_for_device("cpu")
     sch = _point_other_than_default(spec, target)  # stands for a tuned record
-    tuning_db.commit_schedule(tuning_db.database_dir(tmp_path, spec, target), spec, sch, target, 1e-3)
-    monkeypatch.setattr(tuning_db, "committed_root", lambda: tmp_path)
+    records.commit_schedule(records.database_dir(tmp_path, spec, target), spec, sch, target, 1e-3)
+    monkeypatch.setattr(records, "committed_root", lambda: tmp_path)
 
     picked, tuned = kernel_cache.schedule_for(spec, target)
     assert tuned and str(picked.trace) == str(sch.trace)

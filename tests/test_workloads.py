@@ -7,9 +7,14 @@ import torch
 
 import deft_tvm
 from deft_tvm import cli
-from deft_tvm.tolerances import assert_close
-from deft_tvm.workloads import (
-    BENCHMARK_WORKLOADS, DEFAULT_WORKLOAD, PROFILES, TEST_WORKLOADS, WORKLOADS, get_workload,
+from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.tuning.workloads import (
+    BENCHMARK_WORKLOADS,
+    DEFAULT_WORKLOAD,
+    PROFILES,
+    TEST_WORKLOADS,
+    WORKLOADS,
+    get_workload,
 )
 
 

@@ -15,8 +15,8 @@ import torch
 
 import deft_tvm
 from deft_tvm.bench import tf32_mode
-from deft_tvm.tolerances import assert_close, tolerance_key
-from deft_tvm.workloads import TEST_WORKLOADS, get_workload
+from deft_tvm.reference.tolerances import assert_close, tolerance_key
+from deft_tvm.tuning.workloads import TEST_WORKLOADS, get_workload
 
 EXTREMES = torch.tensor([math.inf, -math.inf, 1e30, -1e30, 1e6, -1e6, 70.0, -70.0, -1.0])
 NAN_FRACTION = 0.002  # a NaN poisons every output that reads it, so only a few

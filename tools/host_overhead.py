@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import deft_tvm
-from deft_tvm.checks import spec_from_tensors
-from deft_tvm.kernel_cache import UntunedKernelWarning, get_kernel
+from deft_tvm.frontend.checks import spec_from_tensors
+from deft_tvm.runtime.kernel_cache import UntunedKernelWarning, get_kernel
 
 
 def _us_per_call(fn, calls: int, sync) -> tuple[float, float]:

@@ -32,7 +32,7 @@ from digits_data import (  # tools/ is on sys.path when this script runs
 from torch import nn
 
 import deft_tvm
-from deft_tvm import stats
+from deft_tvm.tuning import stats
 
 OUT = Path(__file__).resolve().parent.parent / "tuning_logs" / "profiles" / "digits_dcn.json"
 TEST_SIZE = 360

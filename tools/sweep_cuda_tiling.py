@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from bench import gpu_ms  # tools/ is on sys.path when this script runs
 
-from deft_tvm.compute import deform_conv2d_primfunc
+from deft_tvm.compute.forward import deform_conv2d_primfunc
+from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules import default_schedule
 from deft_tvm.schedules.cuda_tensorcore import FRAGMENT, TensorCoreTiling, schedule_cuda_tensorcore
-from deft_tvm.targets import compile_kernel, target_for_device
-from deft_tvm.workloads import get_workload
+from deft_tvm.tuning.workloads import get_workload
 
 
 def tensor_core_tilings(spec, samples: int, seed: int = 0) -> list[TensorCoreTiling]:

@@ -54,8 +54,8 @@ from torch import nn
 
 import deft_tvm
 from deft_tvm.bench import current_commit, int_at_least, merge_csv, tf32_mode, torchvision_deform_conv2d
-from deft_tvm.reference_backward import deform_conv2d_reference_backward
-from deft_tvm.tolerances import TOLERANCES, tolerance_key
+from deft_tvm.reference.backward import deform_conv2d_reference_backward
+from deft_tvm.reference.tolerances import TOLERANCES, tolerance_key
 
 VARIANTS = ("deft_tvm", "torchvision", "reference", "plain")
 DCN_VARIANTS = ("deft_tvm", "torchvision", "reference")

@@ -1,6 +1,6 @@
 """Best tuned schedule of paper_64c_64x64_n32 (n32_c64_h64_w64_o64_k3x3_s1x1_p1x1_d1x1_g1_og1_mb_float32) for cuda-sm_90, written by `deft-tvm tune`.
 
-Apply it to ``deft_tvm.compute.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: import
+Apply it to ``deft_tvm.compute.forward.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: import
 ``tvm.s_tir.tensor_intrin.cuda`` first); the tuning record itself is in
 tuning_logs/cuda-sm_90/n32_c64_h64_w64_o64_k3x3_s1x1_p1x1_d1x1_g1_og1_mb_float32/."""
 

@@ -1,6 +1,6 @@
 """Best tuned schedule of r50dcn_c3 (n2_c128_h100_w168_o128_k3x3_s1x1_p1x1_d1x1_g1_og1_mb_float16_nhwc) for cuda-sm_90, written by `deft-tvm tune`.
 
-Apply it to ``deft_tvm.compute.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: call
+Apply it to ``deft_tvm.compute.forward.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: call
 ``deft_tvm.schedules.register_tensor_intrinsics(target)`` first); the tuning record itself is in
 tuning_logs/cuda-sm_90/n2_c128_h100_w168_o128_k3x3_s1x1_p1x1_d1x1_g1_og1_mb_float16_nhwc/."""
 

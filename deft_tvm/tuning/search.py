@@ -29,10 +29,10 @@ import tvm
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from .compute import kernel_primfunc
-from .spec import DeformConvSpec, kernel_key
-from .targets import compile_kernel, exact_cuda_compilation, kernel_compilation
-from .tuning_db import commit_schedule, open_database, target_tag, write_spec
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import DeformConvSpec, kernel_key
+from deft_tvm.runtime.records import commit_schedule, open_database, target_tag, write_spec
+from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, kernel_compilation
 
 TUNING_FILE = "tuning.json"
 
@@ -52,7 +52,7 @@ class ProfileInputs:
     def _inputs(self, seed: int) -> list:
         import torch
 
-        from .workloads import Workload
+        from deft_tvm.tuning.workloads import Workload
 
         workload = Workload("tuning", self.spec, self.profile)
         inputs = workload.make_inputs(seed=seed)
@@ -268,7 +268,7 @@ def tune(
     space: str = "deft",
     part: str = "forward",
 ) -> TuningResult:
-    """Tune ``spec``'s ``part`` kernel (``deft_tvm.spec.PARTS``) on ``space`` (see
+    """Tune ``spec``'s ``part`` kernel (``deft_tvm.compute.spec.PARTS``) on ``space`` (see
     ``space_generator``) until ``directory``'s database holds ``trials`` records (resuming it)."""
     from deft_tvm.schedules import register_tensor_intrinsics
 

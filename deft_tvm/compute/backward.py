@@ -1,5 +1,5 @@
 """Pure TE compute of the deformable-convolution backward (torchvision's gradient semantics, see
-``reference_backward``), with named stages.
+``deft_tvm.reference.backward``), with named stages.
 
 Stages:
   ``grad_columns`` - weight^T @ grad_output per group, ``[batch, in_channels, kh, kw, out_h, out_w]``
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .compute import CORNERS, bilinear_share, sampling_coordinates
-from .spec import DeformConvSpec, accumulate_dtype
+from deft_tvm.compute.sampling import CORNERS, bilinear_share, index_extents, sampling_coordinates
+from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
 
 
 def deform_conv2d_backward_te(spec: DeformConvSpec):
@@ -177,12 +177,6 @@ def deform_conv2d_backward_primfunc(spec: DeformConvSpec):
     return tvm.IRModule({"main": func})
 
 
-def index_extents(spec: DeformConvSpec, *extents: int) -> tuple:
-    """``extents`` as constants of ``spec.index_dtype``: the buffer shapes and loop extents of a
-    hand-written PrimFunc, so its index arithmetic is 64-bit exactly where it must be."""
-    return tuple(tirx.IntImm(spec.index_dtype, e) for e in extents)
-
-
 def scatter_primfunc(spec: DeformConvSpec):
     """grad_input (in the accumulate dtype) as the scatter of ``grad_columns * coord_share`` to the
     corners in ``coord_index``; each (batch, channel) plane is written by its own samples only, so
@@ -268,17 +262,3 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
                         pixel_sum(block * threads + thread, grad_columns, coord_share, order, starts, grad_input)
 
     return gather
-
-
-def sort_by_pixel(coord_index, pixels: int):
-    """``(order, starts)`` for ``sorted_gather_primfunc`` from ``coord_index`` (a torch int32 tensor
-    ``[batch, offset_groups, kh, kw, out_h, out_w, 4]``): a stable sort keeps equal pixels' entries
-    in index order, so the sums are the same on every run."""
-    import torch
-
-    keys = coord_index.flatten(2)
-    keys = torch.where(keys < 0, pixels, keys)
-    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
-    bounds = torch.arange(pixels + 1, device=keys.device, dtype=keys.dtype).expand(*keys.shape[:2], -1)
-    starts = torch.searchsorted(sorted_keys, bounds.contiguous())
-    return order.to(torch.int32).contiguous(), starts.to(torch.int32).contiguous()

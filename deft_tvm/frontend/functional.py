@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from .checks import IntPair, as_pair, check_tensor_types
-from .ops import deform_conv2d_op
+from deft_tvm.frontend.checks import IntPair, as_pair, check_tensor_types
+from deft_tvm.frontend.ops import deform_conv2d_op
 
 
 def deform_conv2d(

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from .spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +35,6 @@ class OffsetProfile:
 
     def sample_mask(self, shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
         return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
-
-
-def kernel_arguments(spec: DeformConvSpec, input, offset, mask, weight, bias) -> list[torch.Tensor]:
-    """The tensors in a compiled kernel's parameter order (``input, offset, mask?, weight, bias?``,
-    as ``deform_conv2d_te`` returns them; the output follows), contiguous, input and weight in
-    ``spec.layout`` (for ``"NHWC"``, channels last: no copy for torch channels_last tensors)."""
-    if spec.layout == "NHWC":
-        input, weight = input.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
-    return [t.contiguous() for t in (input, offset, mask, weight, bias) if t is not None]
 
 
 PROFILES = {
@@ -78,8 +69,8 @@ class Workload:
 
     def kernel_tensors(self, inputs: dict) -> list[torch.Tensor]:
         """``make_inputs``' keyword arguments as this workload's compiled kernel takes them, before
-        the output (see ``kernel_arguments``)."""
-        return kernel_arguments(self.spec, *(inputs[k] for k in ("input", "offset", "mask", "weight", "bias")))
+        the output (``DeformConvSpec.kernel_arguments``)."""
+        return self.spec.kernel_arguments(*(inputs[k] for k in ("input", "offset", "mask", "weight", "bias")))
 
     def make_inputs(self, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
         """Random input/weight/bias and profile-distributed offset/mask, as keyword arguments."""

@@ -15,24 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .spec import SUPPORTED_DTYPES, kernel_key
-from .tolerances import assert_close, tolerance_key
-from .workloads import DEFAULT_WORKLOAD, PROFILES, WORKLOADS, get_workload
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its files; its message names the bad value and what to do.
-
-    ``main`` prints it as ``deft-tvm COMMAND: error: MESSAGE`` and returns 2 (re-raises under ``--debug``).
-    """
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line on stderr (exit status 2): the message
-    and a pointer to ``--help``, without the usage text. Its subparsers are of this class too."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+from deft_tvm.cli.errors import ArgumentParser, UsageError
+from deft_tvm.compute.spec import SUPPORTED_DTYPES, kernel_key
+from deft_tvm.reference.tolerances import assert_close, tolerance_key
+from deft_tvm.tuning.workloads import DEFAULT_WORKLOAD, PROFILES, WORKLOADS, get_workload
 
 
 def _device() -> str:
@@ -54,8 +40,8 @@ def cmd_list(args) -> int:
 
 def cmd_build(args) -> int:
     """Compile a workload for this machine's target and check it against the float64 reference."""
-    from .kernel_cache import get_kernel, kernel_path
-    from .targets import target_for_device
+    from deft_tvm.runtime.kernel_cache import get_kernel, kernel_path
+    from deft_tvm.runtime.targets import target_for_device
 
     device = _device()
     target = target_for_device(device)
@@ -77,9 +63,10 @@ def _tf32(args, dtype: str) -> bool:
 
 
 def _check_against_reference(workload, device: str, seed: int) -> float:
-    from . import deform_conv2d, deform_conv2d_reference
-    from .bench import tf32_mode
-    from .targets import target_for_device
+    from deft_tvm.bench import tf32_mode
+    from deft_tvm.frontend.functional import deform_conv2d
+    from deft_tvm.reference.forward import deform_conv2d_reference
+    from deft_tvm.runtime.targets import target_for_device
 
     spec = workload.for_target(target_for_device(device)).spec  # tf32 only where the kernel is
     inputs = workload.make_inputs(seed=seed, device=device)
@@ -92,8 +79,8 @@ def _check_against_reference(workload, device: str, seed: int) -> float:
 
 def _check_gradients_against_reference(workload, device: str, seed: int) -> float:
     """The op's gradients of every input vs the float64 reference backward; the largest error."""
-    from . import deform_conv2d
-    from .reference_backward import deform_conv2d_reference_backward
+    from deft_tvm.frontend.functional import deform_conv2d
+    from deft_tvm.reference.backward import deform_conv2d_reference_backward
 
     inputs = workload.make_inputs(seed=seed, device=device)
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -115,7 +102,7 @@ def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f'"""Best tuned schedule of {workload_name} ({kernel_key(spec, part)}) for {tag}, written by `deft-tvm tune`.\n\n'
-        f'Apply it to ``deft_tvm.compute.kernel_primfunc(spec, {part!r})`` (CUDA tensor-core traces: call\n'
+        f'Apply it to ``deft_tvm.compute.kernels.kernel_primfunc(spec, {part!r})`` (CUDA tensor-core traces: call\n'
         f'``deft_tvm.schedules.register_tensor_intrinsics(target)`` first); the tuning record itself is in\n'
         f'tuning_logs/{tag}/{kernel_key(spec, part)}/."""\n\nfrom tvm import s_tir\n\n{sch.trace}\n'
     )
@@ -137,9 +124,9 @@ def _part_spec(workload, target, part: str):
 def _tune_kernel(args, target, name: str, workload, part: str):
     """Tune one kernel of a workload and write its readable schedule; its ``KernelEntry``, or None
     when no candidate ran."""
-    from .library import KernelEntry
-    from .tuning import tune
-    from .tuning_db import best_schedule, database_dir, target_tag
+    from deft_tvm.runtime.library import KernelEntry
+    from deft_tvm.runtime.records import best_schedule, database_dir, target_tag
+    from deft_tvm.tuning.search import tune
 
     tag = target_tag(target)
     spec = _part_spec(workload, target, part)
@@ -161,9 +148,9 @@ def _tune_kernel(args, target, name: str, workload, part: str):
 
 def cmd_tune(args) -> int:
     """Tune workloads on the DefT design space, export them as one library, check it."""
-    from .library import export_library, load_library
-    from .targets import target_for_device
-    from .tuning_db import target_tag
+    from deft_tvm.runtime.library import export_library, load_library
+    from deft_tvm.runtime.records import target_tag
+    from deft_tvm.runtime.targets import target_for_device
 
     _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
     target = target_for_device(args.device)
@@ -192,7 +179,7 @@ def cmd_tune(args) -> int:
 
 
 def _export_target(args):
-    from .targets import cuda_target, target_for_device
+    from deft_tvm.runtime.targets import cuda_target, target_for_device
 
     if args.device == "cuda" and args.arch:
         return cuda_target(args.arch)
@@ -202,11 +189,10 @@ def _export_target(args):
 
 def cmd_export(args) -> int:
     """Compile tuned workloads (and optionally registry workloads with the default schedule) into one library."""
+    from deft_tvm.compute.kernels import kernel_primfunc
+    from deft_tvm.runtime.library import KernelEntry, export_library
+    from deft_tvm.runtime.records import best_schedule, database_dirs, read_part, target_tag
     from deft_tvm.schedules import default_schedule
-
-    from .compute import kernel_primfunc
-    from .library import KernelEntry, export_library
-    from .tuning_db import best_schedule, database_dirs, read_part, target_tag
 
     target = _export_target(args)
     entries = []
@@ -273,8 +259,8 @@ def main(argv=None) -> int:
                       help="where the best schedules are written in readable form")
     tune.add_argument("--out", type=Path, default=Path("deft_kernels"), help="folder of the exported library")
     tune.set_defaults(func=cmd_tune)
-    from .bench import register_cli as register_bench
-    from .stats import register_cli as register_stats
+    from deft_tvm.bench import register_cli as register_bench
+    from deft_tvm.cli.stats import register_cli as register_stats
 
     register_stats(sub)
     register_bench(sub)
@@ -301,11 +287,3 @@ def main(argv=None) -> int:
             raise
         print(f"deft-tvm {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    # ``python -m deft_tvm.cli``: run the package's copy of this module, whose UsageError is the
-    # class the subcommands (deft_tvm.stats) raise, not this __main__ copy's.
-    from deft_tvm.cli import main as package_main
-
-    sys.exit(package_main())

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .checks import IntPair, as_pair, spec_from_tensors
+from deft_tvm.frontend.checks import IntPair, as_pair, spec_from_tensors
 
 
 def _sample_grid(out_size: int, kernel: int, stride: int, pad: int, dilation: int, device):

@@ -175,6 +175,15 @@ class DeformConvSpec:
             f"{'_nhwc' if self.layout == 'NHWC' else ''}{'_tf32' if self.tf32 else ''}"
         )
 
+    def kernel_arguments(self, input, offset, mask, weight, bias) -> list:
+        """The torch tensors of a call in a compiled kernel's parameter order (``input, offset,
+        mask?, weight, bias?``, as ``compute.forward.deform_conv2d_te`` declares them; the output
+        follows), contiguous, input and weight in ``layout`` (for ``"NHWC"`` channels last: no copy
+        for torch channels_last tensors)."""
+        if self.layout == "NHWC":
+            input, weight = input.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
+        return [t.contiguous() for t in (input, offset, mask, weight, bias) if t is not None]
+
     def key(self) -> str:
         """A short, stable, file-name-safe identifier of the workload."""
         return self._key

@@ -16,8 +16,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .checks import IntPair, as_pair, spec_from_tensors
-from .reference import sampling_points
+from deft_tvm.frontend.checks import IntPair, as_pair, spec_from_tensors
+from deft_tvm.reference.forward import sampling_points
 
 
 class DeformConvGrads(NamedTuple):

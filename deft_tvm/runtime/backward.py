@@ -1,4 +1,4 @@
-"""The backward kernels: ``compute_backward`` compiled for the tensors' device and kept in memory
+"""The backward kernels: ``deft_tvm.compute.backward`` compiled for the tensors' device and kept in memory
 per workload.
 
 * The gradient kernels (every stage but grad_input's) are the workload's ``backward`` part: from a
@@ -21,12 +21,11 @@ from typing import Callable
 import torch
 import tvm
 
-from . import kernel_cache
-from .compute_backward import deform_conv2d_backward_te, scatter_primfunc, sort_by_pixel, sorted_gather_primfunc
-from .library import loaded_kernel
-from .reference_backward import DeformConvGrads
-from .spec import DeformConvSpec, accumulate_dtype, kernel_key
-from .targets import compile_kernel, target_for_device
+from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc, sorted_gather_primfunc
+from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype, kernel_key
+from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.library import loaded_kernel
+from deft_tvm.runtime.targets import compile_kernel, target_for_device
 
 _kernels: dict[tuple[str, str, str], Callable] = {}
 _lock = threading.Lock()
@@ -76,9 +75,11 @@ def _output_buffers(spec: DeformConvSpec, device: torch.device) -> dict[str, tor
             for name, shape, dtype in _output_layout(spec)}
 
 
-def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mask, weight) -> DeformConvGrads:
+def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mask, weight) -> tuple:
     """Gradients of every argument of the forward call ``spec`` describes (tensors of the spec's
-    dtype on one CPU or CUDA device; NCHW)."""
+    dtype on one CPU or CUDA device; NCHW): ``(grad_input, grad_offset, grad_weight, grad_bias,
+    grad_mask)``, contiguous, in the tensors' dtype and shaped as the arguments; grad_bias and
+    grad_mask None where the call has no bias or mask."""
     device = input.device
     target = target_for_device(device)
     results = _output_buffers(spec, device)
@@ -98,10 +99,20 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
     else:
         grad_input = torch.empty((n, c, h * w), dtype=acc, device=device)
         _kernel(spec, target, "scatter")(columns, index, share, grad_input)
-    return DeformConvGrads(
-        input=grad_input.reshape(spec.input_shape).to(input.dtype),
-        offset=results["grad_offset"],
-        weight=results["grad_weight"],
-        bias=results["grad_bias_acc"].to(input.dtype) if spec.has_bias else None,
-        mask=results["grad_mask"] if spec.has_mask else None,
-    )
+    return (grad_input.reshape(spec.input_shape).to(input.dtype), results["grad_offset"], results["grad_weight"],
+            results["grad_bias_acc"].to(input.dtype) if spec.has_bias else None,
+            results["grad_mask"] if spec.has_mask else None)
+
+
+def sort_by_pixel(coord_index, pixels: int):
+    """``(order, starts)`` for ``sorted_gather_primfunc`` from ``coord_index`` (a torch int32 tensor
+    ``[batch, offset_groups, kh, kw, out_h, out_w, 4]``): a stable sort keeps equal pixels' entries
+    in index order, so the sums are the same on every run."""
+    import torch
+
+    keys = coord_index.flatten(2)
+    keys = torch.where(keys < 0, pixels, keys)
+    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
+    bounds = torch.arange(pixels + 1, device=keys.device, dtype=keys.dtype).expand(*keys.shape[:2], -1)
+    starts = torch.searchsorted(sorted_keys, bounds.contiguous())
+    return order.to(torch.int32).contiguous(), starts.to(torch.int32).contiguous()

@@ -3,20 +3,17 @@
 forward's autograd (through the backward op, so AOT autograd and ``torch.compile`` see two
 opaque ops) and autocast rules.
 
-Tensor shapes are those of ``deft_tvm.spec.DeformConvSpec``.
+Tensor shapes are those of ``deft_tvm.compute.spec.DeformConvSpec``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
 
-from .checks import spec_from_tensors
-from .kernel_cache import get_kernel
-from .targets import target_for_device
-from .workloads import kernel_arguments
+from deft_tvm.frontend.checks import spec_from_tensors
+from deft_tvm.runtime.kernel_cache import forward_kernel
 
 
 def _spec(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
@@ -44,14 +41,8 @@ def deform_conv2d_op(
     output = input.new_empty(spec.output_shape)
     if spec.batch == 0:
         return output
-    from deft_tvm.schedules import kernel_spec  # imported on use, as kernel_cache does: it is slow to import
-
-    # TF32 where torch allows it for matmuls (torchvision's deform_conv2d multiplies with addmm).
-    if spec.dtype == "float32" and input.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        spec = dataclasses.replace(spec, tf32=True)
-    spec = kernel_spec(spec, target_for_device(input.device))
-    kernel = get_kernel(spec, input.device)
-    kernel(*kernel_arguments(spec, input, offset, mask, weight, bias), output)
+    spec, kernel = forward_kernel(spec, input.device)
+    kernel(*spec.kernel_arguments(input, offset, mask, weight, bias), output)
     return output
 
 
@@ -85,7 +76,7 @@ def deform_conv2d_backward_op(
     if spec.batch == 0:
         grads = [t.new_zeros(t.shape) if t is not None else None for t in (input, offset, weight, bias, mask)]
     else:
-        from .backward import deform_conv2d_backward  # imported on use: it loads the backward compute
+        from deft_tvm.runtime.backward import deform_conv2d_backward  # imported on use: it loads the backward compute
 
         grads = deform_conv2d_backward(spec, grad_output, input, offset, mask, weight)
     return tuple(input.new_empty(0) if g is None else g for g in grads)

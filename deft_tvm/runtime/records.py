@@ -14,8 +14,8 @@ from pathlib import Path
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from .compute import kernel_primfunc
-from .spec import DeformConvSpec, kernel_key
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import DeformConvSpec, kernel_key
 
 SPEC_FILE = "workload.json"
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .spec import DeformConvSpec, accumulate_dtype
+from deft_tvm.compute.sampling import CORNERS, bilinear_share, sampling_coordinates
+from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
 
 STAGE_INDEX = "sample_index"
 STAGE_POINT_WEIGHT = "sample_weight"
@@ -40,34 +41,6 @@ STAGE_SAMPLED = "sampled"
 STAGE_WEIGHT = "weight_acc"
 STAGE_CONV = "conv"
 STAGE_OUTPUT = "output"
-
-CORNERS = 4
-
-
-def sampling_coordinates(spec: DeformConvSpec, offset: te.Tensor, acc: str):
-    """``(n, g, ky, kx, oy, ox) -> (y, x)``: where tap ``(ky, kx)`` of output ``(oy, ox)`` samples
-    the input for offset group ``g``, in ``acc`` (regular grid position plus the offset)."""
-    taps = spec.kernel_h * spec.kernel_w
-    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = spec.stride, spec.padding, spec.dilation
-
-    def coordinates(n, g, ky, kx, oy, ox):
-        tap = ky * spec.kernel_w + kx
-        dy = offset[n, g * 2 * taps + 2 * tap, oy, ox].astype(acc)
-        dx = offset[n, g * 2 * taps + 2 * tap + 1, oy, ox].astype(acc)
-        y = (oy * stride_h - pad_h + ky * dil_h).astype(acc) + dy
-        x = (ox * stride_w - pad_w + kx * dil_w).astype(acc) + dx
-        return y, x
-
-    return coordinates
-
-
-def bilinear_share(ly, lx, corner, acc: str):
-    """The bilinear weight of ``corner`` (0: low y low x, 1: low y high x, 2: high y low x, 3: high
-    y high x) of a point at fractions ``(ly, lx)`` past its low corner."""
-    wy = tirx.Select(corner // 2 == 1, ly, tirx.const(1, acc) - ly)
-    wx = tirx.Select(corner % 2 == 1, lx, tirx.const(1, acc) - lx)
-    return wy * wx
-
 
 def _bilinear_point(y, x, corner, height: int, width: int, acc: str, index: bool):
     """torchvision's ``bilinear_interpolate`` split per corner: the flat index of ``corner``
@@ -196,14 +169,3 @@ def deform_conv2d_primfunc(spec: DeformConvSpec):
     func = te.create_prim_func(inputs + [output], index_dtype_override=spec.index_dtype)
     func = func.with_attr("global_symbol", "main")
     return tvm.IRModule({"main": func})
-
-
-def kernel_primfunc(spec: DeformConvSpec, part: str = "forward"):
-    """The unscheduled ``main`` PrimFunc (in an IRModule) of ``spec``'s ``part``: the forward
-    (``deform_conv2d_primfunc``) or every backward stage but grad_input's scatter
-    (``compute_backward.deform_conv2d_backward_primfunc``)."""
-    from .compute_backward import deform_conv2d_backward_primfunc
-    from .spec import kernel_key
-
-    kernel_key(spec, part)  # rejects unknown parts
-    return deform_conv2d_primfunc(spec) if part == "forward" else deform_conv2d_backward_primfunc(spec)

@@ -20,14 +20,14 @@ import torch
 import tvm
 import tvm_ffi
 
-from .spec import DeformConvSpec, kernel_key
+from deft_tvm.compute.spec import DeformConvSpec, kernel_key
 
 MANIFEST_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelEntry:
-    """A scheduled workload kernel (``part``: ``deft_tvm.spec.PARTS``) to put in a library;
+    """A scheduled workload kernel (``part``: ``deft_tvm.compute.spec.PARTS``) to put in a library;
     ``origin`` says where the schedule came from."""
 
     spec: DeformConvSpec
@@ -55,7 +55,7 @@ def _target_arch(target: tvm.target.Target) -> str:
 def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, out_dir: Path,
                    name: str = "deft_kernels") -> Path:
     """Compile ``entries`` for ``target`` into ``out_dir/<name>.so``; returns the manifest's path."""
-    from .targets import compile_kernel
+    from deft_tvm.runtime.targets import compile_kernel
 
     entries = list(entries)
     if not entries:
@@ -103,7 +103,7 @@ def _current_arch(kind: str) -> str:
             raise RuntimeError("this kernel library is for CUDA, but no CUDA GPU is available")
         major, minor = torch.cuda.get_device_capability()
         return f"sm_{major}{minor}"
-    from .targets import target_for_device
+    from deft_tvm.runtime.targets import target_for_device
 
     return _target_arch(target_for_device("cpu"))
 
@@ -151,7 +151,7 @@ def load_library(manifest_path: str | Path) -> LoadedLibrary:
 
 
 def loaded_kernel(target_kind: str, workload_key: str) -> Callable | None:
-    """The kernel a loaded library registered under this kernel key (``deft_tvm.spec.kernel_key``), if any."""
+    """The kernel a loaded library registered under this kernel key (``deft_tvm.compute.spec.kernel_key``), if any."""
     return _loaded.get((target_kind, workload_key))
 
 

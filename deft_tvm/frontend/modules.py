@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import init
 
-from . import ops  # noqa: F401  (registers torch.ops.deft_tvm.deform_conv2d, which forward calls)
-from .checks import IntPair, as_pair
+from deft_tvm.frontend import ops  # noqa: F401  (registers torch.ops.deft_tvm.deform_conv2d, which forward calls)
+from deft_tvm.frontend.checks import IntPair, as_pair
 
 
 def _positive_int(value: object, name: str) -> int:

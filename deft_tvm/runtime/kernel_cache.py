@@ -14,6 +14,7 @@ half-written library.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,11 +29,11 @@ import torch
 import tvm
 import tvm_ffi
 
-from .compute import kernel_primfunc
-from .library import loaded_kernel
-from .spec import DeformConvSpec
-from .targets import compile_kernel, exact_cuda_compilation, target_for_device
-from .tuning_db import best_schedule, committed_database, target_tag
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.runtime.library import loaded_kernel
+from deft_tvm.runtime.records import best_schedule, committed_database, target_tag
+from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
 CACHE_DIR_ENV = "DEFT_TVM_CACHE_DIR"
 
@@ -60,8 +61,8 @@ def _user_stacklevel() -> int:
     ``skip_file_prefixes``, on 3.10 too)."""
     import deft_tvm.schedules
 
-    internal = tuple(str(Path(m.__file__).parent) for m in (torch, tvm, deft_tvm.schedules)) + (
-        str(Path(__file__).parent),)
+    package = Path(__file__).parents[1]  # deft_tvm/
+    internal = tuple(str(Path(m.__file__).parent) for m in (torch, tvm, deft_tvm.schedules)) + (str(package),)
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
         frame, level = frame.f_back, level + 1
@@ -157,6 +158,20 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
                     )
                 kernel = _memory[memory_key] = load_or_build(spec, target, sch)
     return kernel
+
+
+def forward_kernel(spec: DeformConvSpec, device: torch.device) -> tuple[DeformConvSpec, Callable]:
+    """``(kernel spec, kernel)`` of the forward call ``spec`` describes (torch's NCHW view) on
+    ``device``: float32 multiplies on TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set on
+    CUDA (torchvision's matmuls do then), and the kernel spec's layout is the one the target's
+    schedule gathers from (``schedules.kernel_spec``); the kernel takes
+    ``kernel_spec.kernel_arguments(...)`` and the output."""
+    from deft_tvm.schedules import kernel_spec
+
+    if spec.dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        spec = dataclasses.replace(spec, tf32=True)
+    spec = kernel_spec(spec, target_for_device(device))
+    return spec, get_kernel(spec, device)
 
 
 def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .spec import SUPPORTED_DTYPES, DeformConvSpec
+from deft_tvm.compute.spec import SUPPORTED_DTYPES, DeformConvSpec
 
 IntPair = Union[int, Sequence[int]]
 
