@@ -1,7 +1,10 @@
 """CUDA schedule of the backward compute (``deft_tvm.compute.backward``): one kernel per stage.
 
-* ``coord_index`` / ``coord_share`` and ``grad_columns``: one thread per element (``grad_columns``
-  reduces over the group's output channels in a loop);
+* ``coord_index`` / ``coord_share``: one thread per element;
+* ``grad_columns``: weight^T . grad_output as a register-tiled GEMM per (batch, tap, row): a block
+  owns ``c_threads * c_regs`` input channels x ``p_threads * p_regs`` columns, stages ``k_step``
+  output channels of both operands in shared memory per step, and each thread accumulates a
+  ``c_regs x p_regs`` tile in registers;
 * ``grad_offset`` / ``grad_mask``: one thread per element, the reduction over the offset group's
   channels in registers, the corner values read where they are used (``coord_corner`` inlined);
 * ``grad_weight``: a GEMM of ``[out_channels] x [in_channels / groups]`` per kernel tap, reduced
@@ -16,8 +19,8 @@
   (batch, rows, columns) in a cross-thread reduction.
 
 ``scatter_atomic_primfunc`` scatters grad_input with atomics. ``backward_cuda_space`` samples the
-grad_weight tiles (``sample_perfect_tile``) and every other kernel's threads per block
-(``sample_categorical`` over ``THREAD_CHOICES``); the default is ``WeightTiling.for_spec`` and
+grad_weight and grad_columns tiles (``sample_perfect_tile``) and every other kernel's threads per block
+(``sample_categorical`` over ``THREAD_CHOICES``); the default is ``BackwardTiling.for_spec`` and
 ``THREADS`` / ``REDUCTION_THREADS``.
 """
 
@@ -37,13 +40,17 @@ THREAD_CHOICES = (64, 128, 256, 512)
 # Largest per-thread register tile along each grad_weight axis, and most rows per step, sampled.
 MAX_WEIGHT_REGS = 8
 MAX_ROWS = 8
+MAX_K_STEP = 32  # output channels per shared-memory step of grad_columns
 MAX_SPLITS = 64  # bounds grad_weight's partial sums: splits x the weight's size in the accumulate dtype
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightTiling:
-    """grad_weight's tiles: threads and registers per output / input channel, output rows per
-    reduction step, and the number of blocks the reduction is split over."""
+class BackwardTiling:
+    """The backward's GEMM tiles. grad_weight: threads and registers per output / input channel,
+    output rows per reduction step, and the number of blocks the reduction is split over.
+    grad_columns: threads and registers per input channel (``c_*``) and per output column
+    (``p_*``) of a block's (channels x columns of one row) tile, and output channels per
+    shared-memory step (``k_step``)."""
 
     o_threads: int = 8
     o_regs: int = 4
@@ -51,13 +58,20 @@ class WeightTiling:
     i_regs: int = 4
     rows: int = 1
     splits: int = 64
+    c_threads: int = 16
+    c_regs: int = 4
+    p_threads: int = 16
+    p_regs: int = 4
+    k_step: int = 16
 
     @classmethod
-    def for_spec(cls, spec: DeformConvSpec) -> "WeightTiling":
-        """The default tile, shrunk where the layer is smaller; a step covers about 64 positions."""
+    def for_spec(cls, spec: DeformConvSpec) -> "BackwardTiling":
+        """The default tiles, shrunk where the layer is smaller; a grad_weight step covers about 64
+        positions."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
         o_regs, i_regs = largest_divisor(opg, cls.o_regs), largest_divisor(ipg, cls.i_regs)
         rows = largest_divisor(spec.out_h, max(1, 64 // spec.out_w))
+        c_regs, p_regs = largest_divisor(spec.in_channels, cls.c_regs), largest_divisor(spec.out_w, cls.p_regs)
         return cls(
             o_threads=max(1, min(cls.o_threads, opg // o_regs)),
             o_regs=o_regs,
@@ -65,6 +79,11 @@ class WeightTiling:
             i_regs=i_regs,
             rows=rows,
             splits=largest_divisor(spec.batch * spec.out_h // rows, cls.splits),
+            c_threads=largest_divisor(spec.in_channels // c_regs, cls.c_threads),
+            c_regs=c_regs,
+            p_threads=largest_divisor(spec.out_w // p_regs, cls.p_threads),
+            p_regs=p_regs,
+            k_step=largest_divisor(opg, cls.k_step),
         )
 
     def divides(self, spec: DeformConvSpec) -> bool:
@@ -74,10 +93,10 @@ class WeightTiling:
 
 
 class FixedTiles:
-    """The schedule's knobs as constants (a ``WeightTiling`` and the thread counts); splits that
+    """The schedule's knobs as constants (a ``BackwardTiling`` and the thread counts); splits that
     do not divide are predicated."""
 
-    def __init__(self, tiling: WeightTiling):
+    def __init__(self, tiling: BackwardTiling):
         self.t = tiling
 
     def threads(self, sch):
@@ -98,12 +117,21 @@ class FixedTiles:
     def splits(self, sch, loop):
         return [None, self.t.splits]
 
+    def columns_c(self, sch, loop):
+        return [None, self.t.c_threads, self.t.c_regs]
+
+    def columns_p(self, sch, loop):
+        return [None, self.t.p_threads, self.t.p_regs]
+
+    def columns_k(self, sch, loop):
+        return [None, self.t.k_step]
+
 
 class SampledTiles:
     """The knobs as MetaSchedule sampling instructions; with ``start``, decided as that tiling and
     the default thread counts (which must divide the extents)."""
 
-    def __init__(self, start: WeightTiling | None = None):
+    def __init__(self, start: BackwardTiling | None = None):
         self.start = start
 
     def _categorical(self, sch, default: int):
@@ -130,6 +158,17 @@ class SampledTiles:
 
     def splits(self, sch, loop):
         return sample_tile(sch, loop, 2, MAX_SPLITS, self.start and (self.start.splits,))
+
+    def columns_c(self, sch, loop):
+        t = self.start
+        return sample_tile(sch, loop, 3, MAX_WEIGHT_REGS, t and (t.c_threads, t.c_regs))
+
+    def columns_p(self, sch, loop):
+        t = self.start
+        return sample_tile(sch, loop, 3, MAX_WEIGHT_REGS, t and (t.p_threads, t.p_regs))
+
+    def columns_k(self, sch, loop):
+        return sample_tile(sch, loop, 2, MAX_K_STEP, self.start and (self.start.k_step,))
 
 
 def _iter_kinds(sch: s_tir.Schedule, block) -> list[int]:
@@ -175,6 +214,39 @@ def _spread_over_threads(sch: s_tir.Schedule, loops, o_threads, i_threads) -> No
     sch.bind(tx, "threadIdx.x")
 
 
+def _read_index(sch: s_tir.Schedule, block, buffer: str) -> int:
+    """The index of ``block``'s read of ``buffer`` (for ``cache_read``)."""
+    return [r.source.name for r in sch.get(block).reads].index(buffer)
+
+
+def _tile_grad_columns(sch: s_tir.Schedule, tiles) -> None:
+    """grad_columns = weight^T . grad_output (per group) as a register-tiled GEMM: a block owns a
+    (channels x columns) tile of one output row of one (batch, tap), each thread a ``c_regs x
+    p_regs`` tile in registers, and every ``k_step`` output channels both operands' chunks are
+    staged in shared memory by all the block's threads. (Tiles stay inside a row: a tile of
+    flattened positions would cross rows, and the write-back of its bounding box would overwrite
+    other threads' results.)"""
+    block = sch.get_sblock("grad_columns")
+    n, c, ky, kx, oy, ox, ro = sch.get_loops(block)
+    c_f, x_f = tiles.columns_c(sch, c), tiles.columns_p(sch, ox)
+    c_b, c_t, c_r = sch.split(c, c_f)
+    x_b, x_t, x_r = sch.split(ox, x_f)
+    k_o, k_i = sch.split(ro, tiles.columns_k(sch, ro))
+    sch.reorder(n, ky, kx, oy, c_b, x_b, c_t, x_t, k_o, k_i, c_r, x_r)
+    sch.bind(sch.fuse(n, ky, kx, oy, c_b, x_b), "blockIdx.x")
+    sch.bind(c_t, "threadIdx.y")
+    sch.bind(x_t, "threadIdx.x")
+    registers = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(registers, x_t, preserve_unit_loops=True)
+    for buffer in ("weight", "grad_output"):
+        shared = sch.cache_read(block, _read_index(sch, block, buffer), "shared", consumer_blocks=[block])
+        sch.compute_at(shared, k_o, preserve_unit_loops=True)
+        _spread_over_threads(sch, sch.get_loops(shared)[-4:], c_f[1], x_f[1])
+    sch.decompose_reduction(block, k_o)
+    sch.unroll(c_r)
+    sch.unroll(x_r)
+
+
 def _tile_grad_weight(sch: s_tir.Schedule, tiles, threads) -> None:
     """grad_weight as a split-reduction GEMM with the samples interpolated into shared memory."""
     acc = sch.get_sblock("grad_weight_acc")
@@ -215,8 +287,9 @@ def apply_backward_cuda(sch: s_tir.Schedule, has_mask: bool, tiles) -> None:
     ``SampledTiles``)."""
     sch.compute_inline(sch.get_sblock("coord_corner"))
     sch.compute_inline(sch.get_sblock("coord_fraction"))
-    for name in ("coord_index", "coord_share", "grad_columns"):
+    for name in ("coord_index", "coord_share"):
         _bind_elementwise(sch, sch.get_sblock(name), tiles.threads(sch))
+    _tile_grad_columns(sch, tiles)
     _accumulate_in_registers(sch, "grad_offset_acc", "grad_offset", tiles.threads(sch))
     if has_mask:
         _accumulate_in_registers(sch, "grad_mask_acc", "grad_mask", tiles.threads(sch))
@@ -224,11 +297,11 @@ def apply_backward_cuda(sch: s_tir.Schedule, has_mask: bool, tiles) -> None:
     _reduce_across_threads(sch, "grad_bias_acc", tiles.reduction_threads(sch))
 
 
-def schedule_backward_cuda(mod, spec: DeformConvSpec, tiling: WeightTiling | None = None) -> s_tir.Schedule:
+def schedule_backward_cuda(mod, spec: DeformConvSpec, tiling: BackwardTiling | None = None) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.backward.deform_conv2d_backward_primfunc(spec)``
     with the default knobs (or ``tiling`` for grad_weight)."""
     sch = s_tir.Schedule(mod)
-    apply_backward_cuda(sch, spec.has_mask, FixedTiles(tiling or WeightTiling.for_spec(spec)))
+    apply_backward_cuda(sch, spec.has_mask, FixedTiles(tiling or BackwardTiling.for_spec(spec)))
     return sch
 
 
@@ -244,7 +317,7 @@ def backward_cuda_space(spec: DeformConvSpec):
 def seed_backward_cuda_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """The default backward schedule as a point of ``backward_cuda_space`` (the default schedule
     itself where its grad_weight tiles do not divide the layer)."""
-    tiling = WeightTiling.for_spec(spec)
+    tiling = BackwardTiling.for_spec(spec)
     sch = s_tir.Schedule(mod)
     apply_backward_cuda(sch, spec.has_mask, SampledTiles(tiling) if tiling.divides(spec) else FixedTiles(tiling))
     return sch

@@ -20,7 +20,7 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.runtime.records import best_schedule, committed_root, database_dir, database_dirs
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_compilation
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec
-from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc
+from deft_tvm.schedules.cuda_backward import THREADS, BackwardTiling, scatter_atomic_primfunc
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.tuning.search import _build as tuning_build
 from deft_tvm.tuning.workloads import get_workload
@@ -216,6 +216,12 @@ def test_backward_kernels_compile_with_nvcc(shape, dtype):
     assert len(re.findall(r"__global__ void[^;{]*\{", sources["gradients"])) == 7 + spec.has_mask
     # grad_weight interpolates into shared memory, once per block for all its output channels.
     assert re.search(r"__shared__ [^;]* sampled_columns_shared", sources["gradients"])
+    # grad_columns is a tiled GEMM: both operands staged in shared memory, each thread's tile in
+    # registers (c_regs x p_regs, no bounding box of other threads' positions).
+    tiling = BackwardTiling.for_spec(spec)
+    assert re.search(r"__shared__ [^;]* weight_shared", sources["gradients"])
+    assert re.search(r"__shared__ [^;]* grad_output_shared", sources["gradients"])
+    assert f"grad_columns_local_ptr[{tiling.c_regs * tiling.p_regs}]" in sources["gradients"]
     assert "atomicAdd" in sources["scatter"] and "atomicAdd" not in sources["gather"]
     for source in sources.values():
         assert _compile_cubin(source, "sm_90")[:4] == b"\x7fELF"
