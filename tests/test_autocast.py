@@ -18,11 +18,11 @@ def _pack_layer() -> deft_tvm.ModulatedDeformConv2dPack:
     return layer
 
 
-@AUTOCAST_DTYPES
-def test_pack_layer_under_autocast_matches_the_reference_in_the_autocast_dtype(dtype):
-    layer = _pack_layer()
-    x = torch.randn(2, 8, 9, 10)
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+def check_pack_layer_under_autocast(layer: deft_tvm.ModulatedDeformConv2dPack, x: torch.Tensor, dtype) -> None:
+    """``layer(x)`` under autocast on ``x``'s device type runs in ``dtype`` and matches the float64
+    reference of the cast tensors (offsets and mask from ``conv_offset`` under the same autocast)
+    at ``dtype``'s tolerance."""
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype):
         out = layer(x)
         offset, mask = layer.split_conv_offset(layer.conv_offset(x))  # autocast: already in dtype
     assert out.dtype == offset.dtype == mask.dtype == dtype
@@ -30,6 +30,11 @@ def test_pack_layer_under_autocast_matches_the_reference_in_the_autocast_dtype(d
         x.to(dtype), offset, layer.weight.to(dtype), layer.bias.to(dtype), layer.stride, layer.padding,
         layer.dilation, mask)
     assert_close(out, expected, str(dtype).removeprefix("torch."))
+
+
+@AUTOCAST_DTYPES
+def test_pack_layer_under_autocast_matches_the_reference_in_the_autocast_dtype(dtype):
+    check_pack_layer_under_autocast(_pack_layer(), torch.randn(2, 8, 9, 10), dtype)
 
 
 @AUTOCAST_DTYPES

@@ -7,12 +7,13 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 import deft_tvm
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.reference.tolerances import assert_close
+
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 SPECS = {
     "asymmetric": DeformConvSpec(2, 6, 5, 6, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,

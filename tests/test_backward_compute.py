@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import tvm
-from helpers import make_case
 from tvm import te
 
 from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc, sorted_gather_primfunc
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.runtime.backward import sort_by_pixel
+
+from helpers import make_case
 
 SPECS = {
     "asymmetric": DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 import tvm
-from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 from tvm import s_tir
 
 import deft_tvm
@@ -23,6 +22,8 @@ from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_dev
 from deft_tvm.schedules import default_schedule, design_space, search_start
 from deft_tvm.tuning.search import ProfileInputs, measured_records, tune
 from deft_tvm.tuning.workloads import get_workload
+
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 CPU = target_for_device("cpu")
 ASYMMETRIC = get_workload("test_asymmetric")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_case
 
 import deft_tvm
 from deft_tvm.compute.spec import DeformConvSpec
+
+from helpers import make_case
 
 SPEC = DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2, offset_groups=3)
 

@@ -10,11 +10,12 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES
 
 import deft_tvm
 from deft_tvm import deform_conv2d_reference
 from deft_tvm.reference.tolerances import assert_close
+
+from helpers import DTYPES
 
 H, W = 4, 5
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import tvm
-from helpers import DTYPES, TENSOR_CORE_SHAPES
 from tvm.s_tir import meta_schedule as ms
 from tvm.support import nvcc
 
@@ -24,6 +23,8 @@ from deft_tvm.schedules.cuda_backward import THREADS, BackwardTiling, scatter_at
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.tuning.search import _build as tuning_build
 from deft_tvm.tuning.workloads import get_workload
+
+from helpers import DTYPES, TENSOR_CORE_SHAPES
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 

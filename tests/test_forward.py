@@ -6,13 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import DTYPES, make_case
 
 import deft_tvm
 from deft_tvm import deform_conv2d_reference
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.tolerances import assert_close, tolerance_key
 from deft_tvm.runtime.kernel_cache import get_kernel
+
+from helpers import DTYPES, make_case
 
 SHAPES = {
     "3x3_pad1": DeformConvSpec(2, 4, 7, 8, 5, 3, 3, padding=(1, 1)),

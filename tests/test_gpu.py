@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from helpers import TENSOR_CORE_SHAPES, grad_leaves, make_case, small_dcn_model
-from test_forward import SHAPES
 
 import deft_tvm
 from deft_tvm.bench import tf32_mode
@@ -19,6 +17,9 @@ from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules import kernel_spec
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
+
+from helpers import TENSOR_CORE_SHAPES, grad_leaves, make_case, small_dcn_model
+from test_forward import SHAPES
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():

@@ -7,13 +7,15 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import small_dcn_model
-from test_forward import SHAPES
-from test_torch_integration import OPCHECK_UTILS, _hyper, _op_args, _training_step
 
 import deft_tvm
 from deft_tvm.frontend.ops import deform_conv2d_backward_op, deform_conv2d_op
 from deft_tvm.reference.tolerances import assert_close
+
+from helpers import small_dcn_model
+from test_autocast import check_pack_layer_under_autocast
+from test_forward import SHAPES
+from test_torch_integration import OPCHECK_UTILS, _hyper, _op_args, _training_step
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -56,14 +58,7 @@ def test_pack_layer_under_cuda_autocast_matches_the_reference(dtype):
     torch.manual_seed(0)
     layer = deft_tvm.ModulatedDeformConv2dPack(16, 32, 3, padding=1, offset_groups=2).cuda()
     torch.nn.init.normal_(layer.conv_offset.weight, std=0.1)
-    x = torch.randn(2, 16, 12, 10, device="cuda")
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-        out = layer(x)
-        offset, mask = layer.split_conv_offset(layer.conv_offset(x))
-    assert out.dtype == offset.dtype == dtype
-    expected = deft_tvm.deform_conv2d_reference(x.to(dtype), offset, layer.weight.to(dtype), layer.bias.to(dtype),
-                                                padding=1, mask=mask)
-    assert_close(out, expected, str(dtype).removeprefix("torch."))
+    check_pack_layer_under_autocast(layer, torch.randn(2, 16, 12, 10, device="cuda"), dtype)
 
 
 def test_gradscaler_training_with_autocast_lowers_the_loss():

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_large_index import HUGE_BACKWARD, HUGE_FORWARD
 
 import deft_tvm
 from deft_tvm.reference.tolerances import assert_close
+
+from test_large_index import HUGE_BACKWARD, HUGE_FORWARD
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():

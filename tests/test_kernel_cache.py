@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_case
 
 import deft_tvm
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.tolerances import assert_close
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import target_for_device
+
+from helpers import make_case
 
 SPEC = DeformConvSpec(1, 2, 5, 6, 3, 3, 3, padding=(1, 1))
 

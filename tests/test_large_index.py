@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 import tvm
-from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 import deft_tvm
 from deft_tvm.compute.backward import scatter_primfunc, sorted_gather_primfunc
@@ -22,6 +21,8 @@ from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_dev
 from deft_tvm.schedules import default_schedule, kernel_spec
 from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc
 from deft_tvm.tuning.workloads import WORKLOADS
+
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 # The two shapes of issue 12 that failed with "Literal value 2147483648 exceeds range of int32":
 # a forward of input (8, 256, 1024, 1024) and a backward of (8, 128, 512, 512).

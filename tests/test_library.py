@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-from helpers import make_case
 
 import deft_tvm
 from deft_tvm import cli
@@ -22,6 +21,8 @@ from deft_tvm.runtime import kernel_cache, library
 from deft_tvm.runtime.records import commit_schedule, database_dir
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules import default_schedule
+
+from helpers import make_case
 
 SPECS = [
     DeformConvSpec(2, 4, 7, 8, 6, 3, 3, padding=(1, 1)),

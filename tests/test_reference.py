@@ -2,10 +2,11 @@
 
 import torch
 import torch.nn.functional as F
-from helpers import make_case
 
 from deft_tvm import deform_conv2d_reference
 from deft_tvm.compute.spec import DeformConvSpec
+
+from helpers import make_case
 
 
 def test_zero_offsets_and_unit_mask_is_a_dense_convolution():

@@ -7,11 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 from deft_tvm import deform_conv2d_reference
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
+
+from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
 
 SPECS = {
     "asymmetric": DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,

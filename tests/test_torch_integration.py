@@ -7,10 +7,11 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import make_case, small_dcn_model
 
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.frontend.ops import deform_conv2d_backward_op, deform_conv2d_op
+
+from helpers import make_case, small_dcn_model
 
 SPEC = DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2, offset_groups=3)
 # opcheck's own utilities (all of torch.library.opcheck's defaults, plus the static AOT dispatch).

@@ -12,7 +12,6 @@ import pytest
 import torch
 import tvm
 import tvm_ffi
-from helpers import make_case
 from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 
@@ -20,12 +19,13 @@ import deft_tvm
 from deft_tvm.cli import write_readable_schedule
 from deft_tvm.compute.forward import deform_conv2d_primfunc
 from deft_tvm.reference.tolerances import assert_close
-from deft_tvm.runtime import kernel_cache
-from deft_tvm.runtime import records
+from deft_tvm.runtime import kernel_cache, records
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_device
 from deft_tvm.schedules import default_schedule, design_space, search_start
 from deft_tvm.tuning.search import TUNING_FILE, ProfileInputs, measured_records, record_count, space_generator, tune
 from deft_tvm.tuning.workloads import PROFILES, get_workload
+
+from helpers import make_case
 
 SMALL = get_workload("test_paper_small")
 

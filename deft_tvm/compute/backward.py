@@ -226,7 +226,9 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
     og = spec.offset_groups
     cpg, pixels = c // og, h * w
     entries = spec.kernel_h * spec.kernel_w * spec.out_h * spec.out_w * CORNERS
-    blocks = (n * c * pixels + (threads or 1) - 1) // (threads or 1)
+    cpu = threads is None  # a Python constant: TVMScript keeps only the branch it selects
+    threads = threads or 1
+    blocks = (n * c * pixels + threads - 1) // threads
     n, c, pixels, samples, total, blocks = index_extents(spec, n, c, pixels, entries // CORNERS, n * c * pixels, blocks)
 
     @T.macro
@@ -239,9 +241,6 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
         for s in range(starts[b, g, p], starts[b, g, p + 1]):
             value = value + grad_columns[b, ch, order[b, g, s] // CORNERS] * coord_share[b, g, order[b, g, s]]
         grad_input[b, ch, p] = value
-
-    cpu = threads is None  # a Python constant: TVMScript keeps only the branch it selects
-    threads = threads or 1
 
     @T.prim_func
     def gather(
