@@ -18,7 +18,8 @@
 * ``grad_bias``: one thread block per output channel, its threads splitting the reduction over
   (batch, rows, columns) in a cross-thread reduction.
 
-``scatter_atomic_primfunc`` scatters grad_input with atomics. ``backward_cuda_space`` samples the
+This is the staged backward of the deterministic mode (grad_input then comes from the sorted gather
+over ``grad_columns``); with atomics, ``cuda_backward_fused.py`` runs instead. ``backward_cuda_space`` samples the
 grad_weight and grad_columns tiles (``sample_perfect_tile``) and every other kernel's threads per block
 (``sample_categorical`` over ``THREAD_CHOICES``); the default is ``BackwardTiling.for_spec`` and
 ``THREADS`` / ``REDUCTION_THREADS``.
@@ -30,8 +31,7 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute.sampling import index_extents
-from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
+from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cuda import largest_divisor, sample_tile
 
 THREADS = 256
@@ -322,39 +322,3 @@ def seed_backward_cuda_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     apply_backward_cuda(sch, spec.has_mask, SampledTiles(tiling) if tiling.divides(spec) else FixedTiles(tiling))
     return sch
 
-
-def scatter_atomic_primfunc(spec: DeformConvSpec):
-    """grad_input on CUDA (in the accumulate dtype, zeroed by the caller): one thread per sample
-    ``(batch, channel, tap, position)`` adds ``grad_columns * coord_share`` to each of its corners
-    inside the image with ``atomicAdd`` (the order of the additions, hence the rounding, varies
-    from run to run)."""
-    from tvm.script import tirx as T
-
-    acc = accumulate_dtype(spec.dtype)
-    n, c, h, w = spec.input_shape
-    kh, kw, og, oh, ow = spec.kernel_h, spec.kernel_w, spec.offset_groups, spec.out_h, spec.out_w
-    cpg, samples = c // og, kh * kw * oh * ow
-    blocks = (n * c * samples + THREADS - 1) // THREADS
-    n, c, samples, pixels, total, blocks = index_extents(spec, n, c, samples, h * w, n * c * samples, blocks)
-
-    @T.prim_func
-    def scatter(
-        grad_columns: T.Buffer((n, c, samples), acc),
-        coord_index: T.Buffer((n, og, samples, 4), "int32"),
-        coord_share: T.Buffer((n, og, samples, 4), acc),
-        grad_input: T.Buffer((n, c, pixels), acc),
-    ):
-        T.func_attr({"global_symbol": "scatter", "tirx.noalias": True})
-        for block in T.thread_binding(blocks, thread="blockIdx.x"):
-            for thread in T.thread_binding(THREADS, thread="threadIdx.x"):
-                if block * THREADS + thread < total:
-                    b = (block * THREADS + thread) // (c * samples)
-                    ch = (block * THREADS + thread) // samples % c
-                    sample = (block * THREADS + thread) % samples
-                    for k in T.unroll(4):
-                        if coord_index[b, ch // cpg, sample, k] >= 0:
-                            T.evaluate(T.cuda.atomic_add(
-                                T.address_of(grad_input[b, ch, coord_index[b, ch // cpg, sample, k]]),
-                                grad_columns[b, ch, sample] * coord_share[b, ch // cpg, sample, k]))
-
-    return scatter

@@ -19,7 +19,7 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.runtime.records import best_schedule, committed_root, database_dir, database_dirs
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_compilation
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec
-from deft_tvm.schedules.cuda_backward import THREADS, BackwardTiling, scatter_atomic_primfunc
+from deft_tvm.schedules.cuda_backward import THREADS, BackwardTiling
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
 from deft_tvm.tuning.search import _build as tuning_build
 from deft_tvm.tuning.workloads import get_workload
@@ -201,7 +201,6 @@ def test_committed_readable_schedules_replay_their_records():
 def _backward_sources(spec: DeformConvSpec) -> dict[str, str]:
     funcs = {
         "gradients": default_schedule(kernel_primfunc(spec, "backward"), spec, cuda_target("sm_90"), "backward").mod,
-        "scatter": tvm.IRModule({"scatter": scatter_atomic_primfunc(spec)}),
         "gather": tvm.IRModule({"gather": sorted_gather_primfunc(spec, THREADS)}),
     }
     return {name: compile_kernel(m, cuda_target("sm_90")).mod.imports[0].inspect_source() for name, m in funcs.items()}
@@ -223,6 +222,6 @@ def test_backward_kernels_compile_with_nvcc(shape, dtype):
     assert re.search(r"__shared__ [^;]* weight_shared", sources["gradients"])
     assert re.search(r"__shared__ [^;]* grad_output_shared", sources["gradients"])
     assert f"grad_columns_local_ptr[{tiling.c_regs * tiling.p_regs}]" in sources["gradients"]
-    assert "atomicAdd" in sources["scatter"] and "atomicAdd" not in sources["gather"]
+    assert "atomicAdd" not in sources["gather"]
     for source in sources.values():
         assert _compile_cubin(source, "sm_90")[:4] == b"\x7fELF"

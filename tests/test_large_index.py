@@ -19,7 +19,8 @@ from deft_tvm.reference.tolerances import assert_close
 from deft_tvm.runtime import backward, kernel_cache
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_device
 from deft_tvm.schedules import default_schedule, kernel_spec
-from deft_tvm.schedules.cuda_backward import THREADS, scatter_atomic_primfunc
+from deft_tvm.schedules.cuda_backward import THREADS
+from deft_tvm.schedules.cuda_backward_fused import fused_backward_module
 from deft_tvm.tuning.workloads import WORKLOADS
 
 from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
@@ -50,8 +51,8 @@ def _huge_kernels(spec: DeformConvSpec, target, part: str) -> list[tvm.IRModule]
     if target.kind.name == "llvm":
         return [gradients, tvm.IRModule({"scatter": scatter_primfunc(spec)}),
                 tvm.IRModule({"gather": sorted_gather_primfunc(spec)})]
-    return [gradients, tvm.IRModule({"scatter": scatter_atomic_primfunc(spec)}),
-            tvm.IRModule({"gather": sorted_gather_primfunc(spec, THREADS)})]
+    fused, _, _ = fused_backward_module(spec)
+    return [gradients, fused, tvm.IRModule({"gather": sorted_gather_primfunc(spec, THREADS)})]
 
 
 @pytest.mark.parametrize("spec, part", [(HUGE_FORWARD, "forward"), (HUGE_BACKWARD, "backward")])

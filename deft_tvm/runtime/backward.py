@@ -1,19 +1,24 @@
 """The backward kernels: ``deft_tvm.compute.backward`` compiled for the tensors' device and kept in memory
 per workload.
 
-* The gradient kernels (every stage but grad_input's) are the workload's ``backward`` part: from a
-  loaded kernel library if it has them, else the committed tuned record or the default schedule
-  (``schedules/cpu_backward.py``, ``schedules/cuda_backward.py``), compiled through the kernel
-  cache (memory and disk), as the forward's are.
-* grad_input: on the CPU the plane scatter (parallel over (batch, channel) planes,
-  deterministic); on CUDA ``atomicAdd`` or, when ``torch.use_deterministic_algorithms(True)`` is
-  set, the sorted gather (no atomics, the same bits on every run).
+* On CUDA with atomics allowed (``torch.use_deterministic_algorithms`` off, torch's default): the
+  fused kernels of ``schedules/cuda_backward_fused.py`` (grad_input, grad_offset and grad_mask in
+  one kernel that never writes the columns; grad_weight and grad_bias as split partial sums and
+  their fixed-order sum), with their default tilings, compiled once per process.
+* Otherwise the staged backward: the gradient kernels (every stage but grad_input's) are the
+  workload's ``backward`` part: from a loaded kernel library if it has them, else the committed
+  tuned record or the default schedule (``schedules/cpu_backward.py``,
+  ``schedules/cuda_backward.py``), compiled through the kernel cache (memory and disk), as the
+  forward's are; grad_input is, on the CPU, the plane scatter (parallel over (batch, channel)
+  planes, deterministic) and, on CUDA in deterministic mode, the sorted gather (no atomics, the
+  same bits on every run).
 
 ``deform_conv2d_backward`` returns torchvision's gradients of every argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from typing import Callable
@@ -35,22 +40,37 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
     cuda = target.kind.name == "cuda"
     if part == "gradients":
         return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0])
+    if part == "fused":
+        from deft_tvm.schedules.cuda_backward_fused import fused_backward_module
+
+        module, data, weight = fused_backward_module(spec)
+        executable = compile_kernel(module, target)
+        return FusedKernels(executable["grad_data"], executable["grad_weight"], executable["weight_reduce"],
+                            data.channel_splits, weight.splits)
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
         func = sorted_gather_primfunc(spec, THREADS if cuda else None)
-    elif cuda:
-        from deft_tvm.schedules.cuda_backward import scatter_atomic_primfunc
-
-        func = scatter_atomic_primfunc(spec)
     else:
         func = scatter_primfunc(spec)
     return compile_kernel(tvm.IRModule({part: func}), target)[part]
 
 
-def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
-    """``part`` ("gradients", "scatter" or "gather") of ``spec``'s backward for ``target``, compiled
-    once (the gradient kernels of a loaded library win)."""
+@dataclasses.dataclass(frozen=True)
+class FusedKernels:
+    """The fused CUDA backward's kernels (``schedules/cuda_backward_fused.py``) and the number of
+    partial sums each writes."""
+
+    data: Callable
+    weight: Callable
+    reduce: Callable
+    channel_splits: int
+    weight_splits: int
+
+
+def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
+    """``part`` ("gradients", "scatter" (CPU), "gather" or "fused" (CUDA)) of ``spec``'s backward for
+    ``target``, compiled once (the gradient kernels of a loaded library win)."""
     if part == "gradients":
         loaded = loaded_kernel(target.kind.name, kernel_key(spec, "backward"))
         if loaded is not None:
@@ -82,6 +102,8 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
     grad_mask None where the call has no bias or mask."""
     device = input.device
     target = target_for_device(device)
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        return _fused_backward(spec, target, grad_output, input, offset, mask, weight)
     results = _output_buffers(spec, device)
     given = [t.contiguous() for t in (input, offset, mask, weight, grad_output) if t is not None]
     _kernel(spec, target, "gradients")(*given, *results.values())
@@ -89,19 +111,44 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
     n, c, h, w = spec.input_shape
     acc = getattr(torch, accumulate_dtype(spec.dtype))
     columns, index, share = results["grad_columns"], results["coord_index"], results["coord_share"]
-    if device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+    if device.type == "cuda":  # deterministic mode (the fused kernels take the other case)
         order, starts = sort_by_pixel(index, h * w)
         grad_input = torch.empty((n, c, h * w), dtype=acc, device=device)
         _kernel(spec, target, "gather")(columns.flatten(2), share.flatten(2), order, starts, grad_input)
-    elif device.type == "cuda":
-        grad_input = torch.zeros((n, c, h * w), dtype=acc, device=device)
-        _kernel(spec, target, "scatter")(columns.flatten(2), index.flatten(2, -2), share.flatten(2, -2), grad_input)
     else:
         grad_input = torch.empty((n, c, h * w), dtype=acc, device=device)
         _kernel(spec, target, "scatter")(columns, index, share, grad_input)
     return (grad_input.reshape(spec.input_shape).to(input.dtype), results["grad_offset"], results["grad_weight"],
             results["grad_bias_acc"].to(input.dtype) if spec.has_bias else None,
             results["grad_mask"] if spec.has_mask else None)
+
+
+def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, mask, weight) -> tuple:
+    """``deform_conv2d_backward`` on CUDA with atomics: the fused kernels, no columns buffer."""
+    kernels = _kernel(spec, target, "fused")
+    n, c, h, w = spec.input_shape
+    o, device = spec.out_channels, input.device
+    acc = getattr(torch, accumulate_dtype(spec.dtype))
+    input, grad_output = input.contiguous().view(n, c, h * w), grad_output.contiguous()
+    offset, weight = offset.contiguous(), weight.contiguous()
+    mask = mask.contiguous() if mask is not None else None
+    grad_input = torch.zeros((n, c, h * w), dtype=acc, device=device)
+    grad_offset = torch.empty((kernels.channel_splits, *spec.offset_shape), dtype=acc, device=device)
+    grad_mask = torch.empty((kernels.channel_splits, *spec.mask_shape), dtype=acc, device=device) if spec.has_mask \
+        else None
+    kernels.data(*[t for t in (input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask)
+                   if t is not None])
+    taps = spec.kernel_h * spec.kernel_w
+    weight_part = torch.empty((kernels.weight_splits, o, c // spec.groups, taps), dtype=acc, device=device)
+    bias_part = torch.empty((kernels.weight_splits, o), dtype=acc, device=device) if spec.has_bias else None
+    kernels.weight(*[t for t in (input, offset, mask, grad_output.view(n, o, -1), weight_part, bias_part)
+                     if t is not None])
+    grad_weight = torch.empty(spec.weight_shape, dtype=input.dtype, device=device)
+    grad_bias = torch.empty((o,), dtype=input.dtype, device=device) if spec.has_bias else None
+    kernels.reduce(*[t for t in (weight_part.view(kernels.weight_splits, -1), bias_part, grad_weight.view(-1),
+                                 grad_bias) if t is not None])
+    return (grad_input.view(spec.input_shape).to(input.dtype), grad_offset.sum(0).to(input.dtype), grad_weight,
+            grad_bias, grad_mask.sum(0).to(input.dtype) if grad_mask is not None else None)
 
 
 def sort_by_pixel(coord_index, pixels: int):

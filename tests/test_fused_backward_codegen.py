@@ -1,0 +1,103 @@
+"""The fused CUDA backward (``schedules/cuda_backward_fused.py``): its default tilings fit every
+registry layer, and its kernels generate and compile with nvcc for sm_90, on machines without a
+GPU too."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+
+import pytest
+
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_compilation
+from deft_tvm.schedules.cuda_backward_fused import (
+    SHARED_BYTES,
+    DataTiling,
+    WeightTiling,
+    fused_backward_module,
+    grad_data_primfunc,
+    grad_weight_primfunc,
+)
+from deft_tvm.tuning.workloads import WORKLOADS
+
+from helpers import DTYPES
+from test_forward import SHAPES
+from test_large_index import HUGE_BACKWARD
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+REGISTRY_SPECS = [dataclasses.replace(w.spec, dtype=d) for w in WORKLOADS.values() for d in DTYPES]
+
+
+def _source(spec: DeformConvSpec, data: DataTiling | None = None) -> str:
+    module, _, _ = fused_backward_module(spec, data)
+    return compile_kernel(module, cuda_target("sm_90")).mod.imports[0].inspect_source()
+
+
+def _compile(source: str) -> bytes:
+    from tvm.support import nvcc
+
+    with exact_cuda_compilation(), cuda_target("sm_90"):
+        return nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
+
+
+def _parameters(source: str, kernel: str) -> list[str]:
+    match = re.search(rf"__global__ void (?:__launch_bounds__\(\d+\) )?{kernel}_kernel\(([^)]*)\)", source)
+    return sorted(re.findall(r"(\w+)_ptr", match.group(1)))
+
+
+@pytest.mark.parametrize("spec", REGISTRY_SPECS, ids=lambda s: s.key())
+def test_default_tilings_divide_the_layer_and_fit_shared_memory(spec):
+    data, weight = DataTiling.for_spec(spec), WeightTiling.for_spec(spec)
+    cpg, ipg, opg = (spec.in_channels // spec.offset_groups, spec.in_channels // spec.groups,
+                     spec.out_channels // spec.groups)
+    assert cpg % (data.chunk * data.channel_splits) == 0 and ipg % data.chunk == 0 and opg % data.o_step == 0
+    assert data.shared_bytes(spec) <= SHARED_BYTES and data.tile_h * data.tile_w == 128
+    assert opg % (weight.o_threads * weight.o_regs) == 0 and ipg % (weight.c_threads * weight.c_regs) == 0
+    # Every flat position is in exactly one split's steps.
+    assert (weight.splits - 1) * weight.steps(spec) * weight.positions < spec.batch * spec.out_h * spec.out_w
+    assert weight.splits * weight.steps(spec) * weight.positions >= spec.batch * spec.out_h * spec.out_w
+
+
+def test_tilings_that_do_not_divide_the_layer_are_rejected():
+    spec = SHAPES["asymmetric"]  # 6 channels, 3 per offset group, 3 per group
+    with pytest.raises(ValueError, match=r"does not divide the layer's channels \(per offset group 2"):
+        grad_data_primfunc(spec, dataclasses.replace(DataTiling.for_spec(spec), chunk=4))
+    with pytest.raises(ValueError, match=r"does not divide the layer's channels per group \(2 out, 3 in\)"):
+        grad_weight_primfunc(spec, dataclasses.replace(WeightTiling.for_spec(spec), c_regs=2))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["mask_bias", "neither"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_kernels_compile_and_take_only_the_gradients_buffers(shape, variant, dtype):
+    spec = dataclasses.replace(SHAPES[shape], dtype=dtype, has_mask=variant == "mask_bias",
+                               has_bias=variant == "mask_bias")
+    source = _source(spec)
+    # No columns buffer and no per-sample tables: the kernels take the op's tensors, the gradients
+    # and the partial sums only.
+    mask = ["mask"] * spec.has_mask
+    assert _parameters(source, "grad_data") == sorted(
+        ["input", "offset", *mask, "weight", "grad_output", "grad_input", "grad_offset", *["grad_mask"] * spec.has_mask])
+    assert _parameters(source, "grad_weight") == sorted(
+        ["input", "offset", *mask, "grad_output", "weight_part", *["bias_part"] * spec.has_bias])
+    assert re.search(r"__shared__ [^;]* in_patch", source) and re.search(r"__shared__ [^;]* grad_patch", source)
+    assert "atomicAdd" in source
+    assert _compile(source)[:4] == b"\x7fELF"
+
+
+@needs_nvcc
+def test_unstaged_data_kernel_reads_and_adds_through_global_memory():
+    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float16")
+    source = _source(spec, dataclasses.replace(DataTiling.for_spec(spec), staged=False))
+    assert "in_patch" not in source and "grad_patch" not in source
+    assert _compile(source)[:4] == b"\x7fELF"
+
+
+@needs_nvcc
+def test_fused_kernels_index_in_64_bits_past_int32():
+    source = _source(HUGE_BACKWARD)
+    assert "long long" in source or "int64_t" in source
+    assert _compile(source)[:4] == b"\x7fELF"
