@@ -45,6 +45,8 @@ from deft_tvm.schedules.cuda import largest_divisor
 
 SHARED_BYTES = 48 * 1024  # static shared memory per block every sm_70+ GPU allows
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+# Tile shapes (rows, columns) of 128 positions, in order of preference.
+TILE_SHAPES = ((8, 16), (4, 32), (16, 8), (2, 64))
 # Blocks a grid should have to fill an H200 (132 SMs) a few times over.
 TARGET_BLOCKS = 4 * 132
 
@@ -75,30 +77,26 @@ class DataTiling:
         rows, cols = self.patch(spec)
         acc = DTYPE_BYTES[accumulate_dtype(spec.dtype)]
         patches = self.chunk * rows * cols * (DTYPE_BYTES[spec.dtype] + acc) if self.staged else 0
-        grads = self.o_step * self.tile_h * self.tile_w * DTYPE_BYTES[spec.dtype] * self.grads_staged(spec)
-        return patches + grads + self.o_step * self.chunk * acc
-
-    def grads_staged(self, spec: DeformConvSpec) -> bool:
-        """Whether the block's grad_output is staged in shared memory once per chunk (when one
-        weight stage covers the group's output channels), else read per tap from global memory."""
-        return self.o_step == spec.out_channels // spec.groups
+        return patches + self.o_step * self.chunk * acc
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec, halo: int = 4) -> "DataTiling":
-        """128 positions per block in the tile shape that pads the output least (the squarest of
-        equals), a ``halo`` px halo, 8-channel chunks, 64 output channels per weight stage (fewer
-        channels, then a smaller halo, then fewer output channels, where shared memory would pass
-        48 KB), and channel splits until the grid has about ``TARGET_BLOCKS``
-        blocks (measured on an H200 over the registry's layers, fp16 and fp32)."""
-        def padded(shape):  # padded positions, then the smaller patch
+        """128 positions per block in the tile shape that pads the output least (of equals, the
+        first of ``TILE_SHAPES``), a ``halo`` px halo, 8-channel chunks, 32 output channels per weight stage (fewer
+        channels, then a smaller halo, where shared memory would pass 48 KB), and channel splits
+        until the grid has about ``TARGET_BLOCKS`` blocks. Measured on an H200 (fp16 data kernel,
+        ms): this tiling 1.57 / 1.45 / 0.70 / 0.87 on paper N=32 / r50 c3 / video / r50 c5,
+        against 2.29 / 1.41 / 0.83 / 0.88 with grad_output staged in shared memory once per
+        chunk (16 x 8 tiles, 64-channel weight stages)."""
+        def padded(shape):
             th, tw = shape
-            return -(-spec.out_h // th) * th * -(-spec.out_w // tw) * tw, math.prod(cls(th, tw, 0, 1, 1, 1).patch(spec))
+            return -(-spec.out_h // th) * th * -(-spec.out_w // tw) * tw
 
-        tile_h, tile_w = min(((128 // w, w) for w in (8, 16, 32, 64)), key=padded)
+        tile_h, tile_w = min(TILE_SHAPES, key=padded)  # the first of equals
         per_group = math.gcd(spec.in_channels // spec.groups, spec.in_channels // spec.offset_groups)
-        opg = spec.out_channels // spec.groups
-        fitting = (cls(tile_h, tile_w, h, chunk, largest_divisor(opg, o_step), 1) for o_step in (64, 32, 16)
-                   for h in range(halo, -1, -1) for chunk in range(8, 0, -1) if per_group % chunk == 0)
+        o_step = largest_divisor(spec.out_channels // spec.groups, 32)
+        fitting = (cls(tile_h, tile_w, h, chunk, o_step, 1) for h in range(halo, -1, -1)
+                   for chunk in range(8, 0, -1) if per_group % chunk == 0)
         tiling = next(t for t in fitting if t.shared_bytes(spec) <= SHARED_BYTES)
         chunks = spec.in_channels // spec.offset_groups // tiling.chunk
         tiles = spec.batch * spec.offset_groups * -(-spec.out_h // tile_h) * -(-spec.out_w // tile_w)
@@ -121,17 +119,20 @@ class WeightTiling:
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "WeightTiling":
-        """Up to 64 x 64 channels per block on up to 8 x 16 threads with 8 x 4 registers, 64
-        positions per step, and splits until the grid has about ``2 * TARGET_BLOCKS`` blocks
-        (measured on an H200 over the registry's layers)."""
+        """Up to 64 x 64 channels per block, on 16 x 16 threads with 4 x 4 registers and splits
+        until the grid has about ``TARGET_BLOCKS`` blocks for groups of up to 64 output channels,
+        on 8 x 16 threads with 8 x 4 registers and about twice the blocks for wider ones; 64
+        positions per step. Measured on an H200 (fp16, ms): 0.76 / 0.41 on paper N=32 / video
+        (0.94 / 0.86 on r50 c3 / c5) against 1.04 / 0.48 (1.28 / 0.95) the other way round."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
-        o_regs, c_regs = largest_divisor(opg, 8), largest_divisor(ipg, 4)
-        o_threads = largest_divisor(opg // o_regs, 8)
+        wide = opg > 64
+        o_regs, c_regs = largest_divisor(opg, 8 if wide else 4), largest_divisor(ipg, 4)
+        o_threads = largest_divisor(opg // o_regs, 8 if wide else 16)
         c_threads = largest_divisor(ipg // c_regs, 16)
         tiles = spec.kernel_h * spec.kernel_w * (spec.out_channels // (o_threads * o_regs)) * (
             ipg // (c_threads * c_regs))
         steps = -(-spec.batch * spec.out_h * spec.out_w // 64)
-        splits = max(1, min(steps, -(-2 * TARGET_BLOCKS // tiles)))
+        splits = max(1, min(steps, -(-(2 if wide else 1) * TARGET_BLOCKS // tiles)))
         per_split = -(-steps // splits)
         return cls(o_threads, o_regs, c_threads, c_regs, 64, -(-steps // per_split))  # no empty split
 
@@ -160,7 +161,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     if cpg % (chunk * splits) or ipg % chunk or opg % o_step:
         raise ValueError(f"{tiling} does not divide the layer's channels (per offset group {cpg}, "
                          f"per group {ipg} in / {opg} out)")
-    staged, dy_staged = tiling.staged, tiling.grads_staged(spec)
+    staged = tiling.staged
     rows, cols = tiling.patch(spec)
     patch = rows * cols if staged else 1
     threads = th * tw
@@ -187,7 +188,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         in_patch = T.alloc_buffer((chunk * patch,), dtype, scope="shared")
         grad_patch = T.alloc_buffer((chunk * patch,), acc, scope="shared")
         w_stage = T.alloc_buffer((o_step * chunk,), acc, scope="shared")
-        dy_stage = T.alloc_buffer((o_step * threads if dy_staged else 1,), dtype, scope="shared")
         columns = T.alloc_buffer((chunk,), acc, scope="local")
         d = T.alloc_buffer((3,), acc, scope="local")  # this chunk's sums: grad offset y, x, grad mask
         flat = T.alloc_buffer((4,), "int32", scope="local")
@@ -209,12 +209,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         in_patch[e] = T.Cast(dtype, 0)
                         if yy >= 0 and yy < h and xx >= 0 and xx < w:
                             in_patch[e] = input[b, c0 + e // patch, yy * w + xx]
-            if dy_staged:  # the block's grad_output, for every tap of the chunk
-                T.tvm_storage_sync("shared")
-                for o in range(o_step):
-                    dy_stage[o * threads + thread] = T.Cast(dtype, 0)
-                    if valid:
-                        dy_stage[o * threads + thread] = grad_output[b, group * opg + o, oy, ox]
             for t in range(taps):
                 ky = t // kw
                 kx = t % kw
@@ -230,8 +224,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     T.tvm_storage_sync("shared")
                     if valid:
                         for o in T.unroll(o_step):
-                            dy = T.Cast(acc, dy_stage[o * threads + thread]) if dy_staged else T.Cast(
-                                acc, grad_output[b, group * opg + o_chunk * o_step + o, oy, ox])
+                            dy = T.Cast(acc, grad_output[b, group * opg + o_chunk * o_step + o, oy, ox])
                             for j in T.unroll(chunk):
                                 columns[j] = columns[j] + w_stage[o * chunk + j] * dy
                 if valid:

@@ -24,12 +24,14 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
 
-# Offset groups, groups, a 5x3 kernel at stride 2, with and without mask and bias.
+# Offset groups, groups, a 5x3 kernel at stride 2, with and without mask and bias, and more output
+# channels than one weight stage takes.
 CASES = {
     "asymmetric": SHAPES["asymmetric"],
     "og4_nobias": DeformConvSpec(3, 64, 20, 37, 32, 3, 3, padding=(1, 1), offset_groups=4, has_bias=False),
     "k5x3_og5_nomask": DeformConvSpec(1, 40, 33, 70, 24, 5, 3, stride=(2, 2), padding=(2, 1), offset_groups=5,
                                       has_mask=False),
+    "two_weight_stages": DeformConvSpec(2, 16, 10, 13, 64, 3, 3, padding=(1, 1)),  # 64 out: two stages of 32
 }
 EXTREMES = torch.tensor([math.inf, -math.inf, 1e30, -1e30, 1e6, -1e6, 70.0, -70.0, -1.0, 3.5], dtype=torch.float64)
 
