@@ -82,19 +82,20 @@ class DataTiling:
     @classmethod
     def for_spec(cls, spec: DeformConvSpec, halo: int = 4) -> "DataTiling":
         """128 positions per block in the tile shape that pads the output least (of equals, the
-        first of ``TILE_SHAPES``), a ``halo`` px halo, 8-channel chunks, 32 output channels per weight stage (fewer
-        channels, then a smaller halo, where shared memory would pass 48 KB), and channel splits
-        until the grid has about ``TARGET_BLOCKS`` blocks. Measured on an H200 (fp16 data kernel,
-        ms): this tiling 1.57 / 1.45 / 0.70 / 0.87 on paper N=32 / r50 c3 / video / r50 c5,
-        against 2.29 / 1.41 / 0.83 / 0.88 with grad_output staged in shared memory once per
-        chunk (16 x 8 tiles, 64-channel weight stages)."""
+        first of ``TILE_SHAPES``), a ``halo`` px halo, 8-channel chunks, 64 output channels per
+        weight stage (fewer channels, then a smaller halo, where shared memory would pass 48 KB),
+        and channel splits until the grid has about ``TARGET_BLOCKS`` blocks. Measured on an H200
+        (fp16 data kernel of paper N=32, ms): 8 x 16 tiles 1.51 (1.57 with 32-channel weight
+        stages), 16 x 16 1.53, 8 x 32 1.56; staging grad_output in shared memory once per chunk
+        instead of reading it per tap cost up to 1.5x (2.29 ms; r50 c3 1.41 vs 1.45, video 0.83
+        vs 0.70 ms), as it leaves room for fewer channels per chunk and fewer blocks per SM."""
         def padded(shape):
             th, tw = shape
             return -(-spec.out_h // th) * th * -(-spec.out_w // tw) * tw
 
         tile_h, tile_w = min(TILE_SHAPES, key=padded)  # the first of equals
         per_group = math.gcd(spec.in_channels // spec.groups, spec.in_channels // spec.offset_groups)
-        o_step = largest_divisor(spec.out_channels // spec.groups, 32)
+        o_step = largest_divisor(spec.out_channels // spec.groups, 64)
         fitting = (cls(tile_h, tile_w, h, chunk, o_step, 1) for h in range(halo, -1, -1)
                    for chunk in range(8, 0, -1) if per_group % chunk == 0)
         tiling = next(t for t in fitting if t.shared_bytes(spec) <= SHARED_BYTES)
