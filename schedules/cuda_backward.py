@@ -19,10 +19,10 @@
   (batch, rows, columns) in a cross-thread reduction.
 
 This is the staged backward of the deterministic mode (grad_input then comes from the sorted gather
-over ``grad_columns``); with atomics, ``cuda_backward_fused.py`` runs instead. ``backward_cuda_space`` samples the
-grad_weight and grad_columns tiles (``sample_perfect_tile``) and every other kernel's threads per block
-(``sample_categorical`` over ``THREAD_CHOICES``); the default is ``BackwardTiling.for_spec`` and
-``THREADS`` / ``REDUCTION_THREADS``.
+over ``grad_columns``); with atomics, ``cuda_backward_fused.py`` runs instead.
+``backward_cuda_space`` samples the grad_weight and grad_columns tiles (``sample_perfect_tile``)
+and every other kernel's threads per block (``sample_categorical`` over ``THREAD_CHOICES``); the
+default is ``BackwardTiling.for_spec`` and ``THREADS`` / ``REDUCTION_THREADS``.
 """
 
 from __future__ import annotations

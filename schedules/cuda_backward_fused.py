@@ -86,7 +86,7 @@ class DataTiling:
         weight stage (fewer channels, then a smaller halo, where shared memory would pass 48 KB),
         and channel splits until the grid has about ``TARGET_BLOCKS`` blocks. Measured on an H200
         (fp16 data kernel of paper N=32, ms): 8 x 16 tiles 1.51 (1.57 with 32-channel weight
-        stages), 16 x 16 1.53, 8 x 32 1.56; staging grad_output in shared memory once per chunk
+        stages), 16 x 16 1.53, 8 x 32 with 32-channel stages 1.56; staging grad_output in shared memory once per chunk
         instead of reading it per tap cost up to 1.5x (2.29 ms; r50 c3 1.41 vs 1.45, video 0.83
         vs 0.70 ms), as it leaves room for fewer channels per chunk and fewer blocks per SM."""
         def padded(shape):

@@ -79,8 +79,9 @@ def test_fused_kernels_compile_and_take_only_the_gradients_buffers(shape, varian
     # No columns buffer and no per-sample tables: the kernels take the op's tensors, the gradients
     # and the partial sums only.
     mask = ["mask"] * spec.has_mask
+    grad_mask = ["grad_mask"] * spec.has_mask
     assert _parameters(source, "grad_data") == sorted(
-        ["input", "offset", *mask, "weight", "grad_output", "grad_input", "grad_offset", *["grad_mask"] * spec.has_mask])
+        ["input", "offset", *mask, "weight", "grad_output", "grad_input", "grad_offset", *grad_mask])
     assert _parameters(source, "grad_weight") == sorted(
         ["input", "offset", *mask, "grad_output", "weight_part", *["bias_part"] * spec.has_bias])
     assert re.search(r"__shared__ [^;]* in_patch", source) and re.search(r"__shared__ [^;]* grad_patch", source)

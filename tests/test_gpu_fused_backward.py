@@ -51,8 +51,8 @@ def test_extreme_offsets_give_the_reference_gradients(case, dtype):
     args = make_case(spec, seed=21)
     args["offset"] = _extreme(args["offset"], seed=22)
     grad_output = torch.randn(spec.output_shape, dtype=torch.float64).to(args["input"].dtype)
-    expected = deform_conv2d_reference_backward(
-        grad_output.double(), **{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()})._asdict()
+    in_float64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    expected = deform_conv2d_reference_backward(grad_output.double(), **in_float64)._asdict()
     on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     leaves = {k: v.cuda() for k, v in grad_leaves(args).items()}
     out = deft_tvm.deform_conv2d(**{**on_gpu, **leaves})

@@ -68,7 +68,8 @@ def main() -> None:
                 kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target)["grad_data"]
                 outputs = [torch.zeros((n, c, h * w), dtype=acc, device="cuda"),
                            torch.empty((tiling.channel_splits, *spec.offset_shape), dtype=acc, device="cuda")]
-                outputs += [torch.empty((tiling.channel_splits, *spec.mask_shape), dtype=acc, device="cuda")] * spec.has_mask
+                outputs += [torch.empty((tiling.channel_splits, *spec.mask_shape), dtype=acc,
+                                        device="cuda")] * spec.has_mask
                 ms = gpu_ms(lambda: kernel(flat, inputs["offset"], *mask, inputs["weight"], grad_output, *outputs))
                 print(f"  grad_data   {label:12s} {ms:7.3f} ms  {tiling}", flush=True)
             for label, tiling in weight_variants(spec).items():
