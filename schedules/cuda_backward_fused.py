@@ -35,6 +35,7 @@ sampling points give torchvision's NaN gradients; every read is in bounds whatev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from tvm import tirx
@@ -42,21 +43,33 @@ from tvm import tirx
 from deft_tvm.compute.sampling import index_extents
 from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
 from deft_tvm.schedules.cuda import largest_divisor
+from deft_tvm.schedules.cuda_mma import c_element, mma_shape
 
 SHARED_BYTES = 48 * 1024  # static shared memory per block every sm_70+ GPU allows
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 # Tile shapes (rows, columns) of 128 positions, in order of preference.
 TILE_SHAPES = ((8, 16), (4, 32), (16, 8), (2, 64))
 # Blocks a grid should have to fill an H200 (132 SMs) a few times over.
-TARGET_BLOCKS = 4 * 132
+SMS = 132
+TARGET_BLOCKS = 4 * SMS
+SM_SHARED_BYTES = 228 * 1024  # shared memory of an sm_90 SM (H100 / H200); 1 KB of it reserved per block
+PARTIAL_FLOATS = 8 << 20  # at most 32 MB of grad_weight partial sums
+
+
+def resident_blocks(shared_bytes: int, threads: int) -> int:
+    """Blocks of ``threads`` threads and ``shared_bytes`` of shared memory an sm_90 SM runs at once
+    with at most 64 registers per thread: the kernels are launched with that bound
+    (``__launch_bounds__(threads, resident_blocks)``, CUDA C++ Programming Guide, "Launch Bounds")."""
+    return max(1, min(65536 // (64 * threads), SM_SHARED_BYTES // (shared_bytes + 1024)))
 
 
 @dataclasses.dataclass(frozen=True)
 class DataTiling:
     """Tiles of ``grad_data_primfunc``: output positions per block (rows x columns, one thread
     each), halo around the receptive field in px, channels per chunk, output channels per weight
-    stage, blocks sharing an offset group's channels, and whether the input and grad_input patches
-    are staged in shared memory (else every corner goes through global memory)."""
+    stage, blocks sharing an offset group's channels, whether the input and grad_input patches
+    are staged in shared memory (else every corner goes through global memory), and whether the
+    grad_columns come from tensor cores (``mma.sync``; else SIMT sums in registers)."""
 
     tile_h: int
     tile_w: int
@@ -65,6 +78,8 @@ class DataTiling:
     o_step: int
     channel_splits: int
     staged: bool = True
+    tensor_cores: bool = False
+    flush_width: int = 4
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -73,31 +88,61 @@ class DataTiling:
         cols = (self.tile_w - 1) * spec.stride[1] + (spec.kernel_w - 1) * spec.dilation[1] + 2 * self.halo + 2
         return rows, cols
 
+    def stages(self, spec: DeformConvSpec) -> int:
+        """Weight stages per tap: the group's output channels over ``o_step`` (tensor cores pad the
+        last one with zeros)."""
+        return -(-spec.out_channels // spec.groups // self.o_step)
+
     def shared_bytes(self, spec: DeformConvSpec) -> int:
         rows, cols = self.patch(spec)
-        acc = DTYPE_BYTES[accumulate_dtype(spec.dtype)]
-        patches = self.chunk * rows * cols * (DTYPE_BYTES[spec.dtype] + acc) if self.staged else 0
-        return patches + self.o_step * self.chunk * acc
+        acc, item = DTYPE_BYTES[accumulate_dtype(spec.dtype)], DTYPE_BYTES[spec.dtype]
+        patches = self.chunk * rows * cols * (item + acc) if self.staged else 0
+        if not self.tensor_cores:
+            return patches + self.o_step * self.chunk * acc
+        n8 = -(-self.chunk // 8) * 8
+        taps = spec.kernel_h * spec.kernel_w if self.stages(spec) == 1 else 1
+        return patches + taps * n8 * (self.o_step * item + 16) + self.tile_h * self.tile_w * (n8 + 4) * 4
 
     @classmethod
-    def for_spec(cls, spec: DeformConvSpec, halo: int = 4) -> "DataTiling":
+    def for_spec(cls, spec: DeformConvSpec, halo: int = 4, tensor_cores: bool = False) -> "DataTiling":
         """128 positions per block in the tile shape that pads the output least (of equals, the
         first of ``TILE_SHAPES``), a ``halo`` px halo, 8-channel chunks, 64 output channels per
         weight stage (fewer channels, then a smaller halo, where shared memory would pass 48 KB),
         and channel splits until the grid has about ``TARGET_BLOCKS`` blocks. Measured on an H200
         (fp16 data kernel of paper N=32, ms): 8 x 16 tiles 1.51 (1.57 with 32-channel weight
-        stages), 16 x 16 1.53, 8 x 32 with 32-channel stages 1.56; staging grad_output in shared memory once per chunk
-        instead of reading it per tap cost up to 1.5x (2.29 ms; r50 c3 1.41 vs 1.45, video 0.83
-        vs 0.70 ms), as it leaves room for fewer channels per chunk and fewer blocks per SM."""
+        stages), 16 x 16 1.53, 8 x 32 with 32-channel stages 1.56; staging grad_output in shared
+        memory once per chunk instead of reading it per tap cost up to 1.5x (2.29 ms; r50 c3 1.41
+        vs 1.45, video 0.83 vs 0.70 ms), as it leaves room for fewer channels per chunk and fewer
+        blocks per SM.
+
+        ``tensor_cores`` (float16, bfloat16, TF32 only; ``cuda_mma``) computes the grad_columns
+        with ``mma.sync`` instead, on stages of up to 64 output channels padded to the mma depth.
+        It is not the default: on an H200 (ms, data kernel, SIMT vs tensor cores) paper N=32
+        fp16 1.55 vs 2.27, TF32 2.32 vs 2.54, video fp16 0.76 vs 0.99, r50 c3 fp16 1.43 vs 1.61,
+        c5 0.85 vs 1.07. The SIMT sums cost 0.38 ms of the 1.55 (a variant without them took
+        1.17): the rest is the bilinear part, whose shared-memory float atomics are compare-and-
+        swap loops (``ATOMS.CAST.SPIN``), and the tensor-core variant's 94 registers, 41 KB of
+        shared memory (weights of every tap, the sums' exchange between lanes) and two block
+        barriers per tap cost more than the sums it saves."""
         def padded(shape):
             th, tw = shape
             return -(-spec.out_h // th) * th * -(-spec.out_w // tw) * tw
 
         tile_h, tile_w = min(TILE_SHAPES, key=padded)  # the first of equals
         per_group = math.gcd(spec.in_channels // spec.groups, spec.in_channels // spec.offset_groups)
-        o_step = largest_divisor(spec.out_channels // spec.groups, 64)
-        fitting = (cls(tile_h, tile_w, h, chunk, o_step, 1) for h in range(halo, -1, -1)
-                   for chunk in range(8, 0, -1) if per_group % chunk == 0)
+        opg = spec.out_channels // spec.groups
+        mma = mma_shape(spec)
+        if tensor_cores and mma is None:
+            raise ValueError(f"{spec.dtype}{' on TF32' * spec.tf32} has no tensor-core mma (float16, bfloat16 or "
+                             f"TF32 only)")
+        chunks = [chunk for chunk in range(8, 0, -1) if per_group % chunk == 0]
+        if tensor_cores:  # 1, 2, ... stages of at most 64 output channels, padded to the mma depth
+            depths = dict.fromkeys(-(-opg // (stages * mma.k)) * mma.k for stages in range(1, opg + 1))
+            choices = [(chunk, depth) for chunk in chunks for depth in depths if depth <= 64]
+        else:
+            choices = [(chunk, largest_divisor(opg, 64)) for chunk in chunks]
+        fitting = (cls(tile_h, tile_w, h, chunk, o_step, 1, True, tensor_cores) for h in range(halo, -1, -1)
+                   for chunk, o_step in choices)
         tiling = next(t for t in fitting if t.shared_bytes(spec) <= SHARED_BYTES)
         chunks = spec.in_channels // spec.offset_groups // tiling.chunk
         tiles = spec.batch * spec.offset_groups * -(-spec.out_h // tile_h) * -(-spec.out_w // tile_w)
@@ -108,8 +153,9 @@ class DataTiling:
 
 @dataclasses.dataclass(frozen=True)
 class WeightTiling:
-    """Tiles of ``grad_weight_primfunc``: threads and registers per output and input channel,
-    flat positions per step, and splits of the (batch x positions) reduction."""
+    """Tiles of ``grad_weight_primfunc``: threads and registers per output and input channel
+    (with tensor cores: warps, and m16 / n8 ``mma`` tiles per warp), flat positions per step, and
+    splits of the (batch x positions) reduction."""
 
     o_threads: int
     o_regs: int
@@ -117,25 +163,80 @@ class WeightTiling:
     c_regs: int
     positions: int
     splits: int
+    tensor_cores: bool = False
+
+    @property
+    def o_tile(self) -> int:
+        """Output channels per block."""
+        return self.o_threads * self.o_regs * (16 if self.tensor_cores else 1)
+
+    @property
+    def c_tile(self) -> int:
+        """Input channels per block."""
+        return self.c_threads * self.c_regs * (8 if self.tensor_cores else 1)
+
+    @property
+    def threads(self) -> int:
+        return self.o_threads * self.c_threads * (32 if self.tensor_cores else 1)
+
+    def shared_bytes(self, spec: DeformConvSpec) -> int:
+        groups = min(spec.offset_groups, -(-self.c_tile // (spec.in_channels // spec.offset_groups)) + 1)
+        acc = DTYPE_BYTES[accumulate_dtype(spec.dtype)]
+        if self.tensor_cores:  # staged operands, channel-major, rows padded by 16 bytes
+            rows = (self.o_tile + self.c_tile) * (self.positions * DTYPE_BYTES[spec.dtype] + 16)
+        else:  # position-major, rows padded by 4 elements
+            rows = self.positions * (self.o_tile + self.c_tile + 8) * acc
+        return groups * self.positions * 4 * (4 + DTYPE_BYTES[accumulate_dtype(spec.dtype)]) + self.positions * 4 + rows
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "WeightTiling":
-        """Up to 64 x 64 channels per block, on 16 x 16 threads with 4 x 4 registers and splits
-        until the grid has about ``TARGET_BLOCKS`` blocks for groups of up to 64 output channels,
-        on 8 x 16 threads with 8 x 4 registers and about twice the blocks for wider ones; 64
-        positions per step. Measured on an H200 (fp16, ms): 0.76 / 0.41 on paper N=32 / video
-        (0.94 / 0.86 on r50 c3 / c5) against 1.04 / 0.48 (1.28 / 0.95) the other way round."""
+        """With tensor cores (``cuda_mma``): up to 64 x 64 channels per block on 2 x 2 warps of 2 x 4
+        ``mma`` tiles (channels padded to whole tiles). On SIMT cores: up to 64 x 64 channels per
+        block, on 16 x 16 threads with 4 x 4 registers for groups of up to 64 output channels, on
+        8 x 16 threads with 8 x 4 registers and about twice the blocks for wider ones. 64
+        positions per step (32 where shared memory would pass 48 KB: the sampling points of many
+        offset groups, as in the video layer in float32). Measured
+        on an H200 (SIMT fp16, ms): 0.76 / 0.41 on paper N=32 / video (0.94 / 0.86 on r50 c3 / c5)
+        against 1.04 / 0.48 (1.28 / 0.95) the other way round. Splits until the grid has about
+        ``TARGET_BLOCKS`` blocks (twice that for wide SIMT layers)."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
-        wide = opg > 64
-        o_regs, c_regs = largest_divisor(opg, 8 if wide else 4), largest_divisor(ipg, 4)
-        o_threads = largest_divisor(opg // o_regs, 8 if wide else 16)
-        c_threads = largest_divisor(ipg // c_regs, 16)
-        tiles = spec.kernel_h * spec.kernel_w * (spec.out_channels // (o_threads * o_regs)) * (
-            ipg // (c_threads * c_regs))
-        steps = -(-spec.batch * spec.out_h * spec.out_w // 64)
-        splits = max(1, min(steps, -(-(2 if wide else 1) * TARGET_BLOCKS // tiles)))
-        per_split = -(-steps // splits)
-        return cls(o_threads, o_regs, c_threads, c_regs, 64, -(-steps // per_split))  # no empty split
+        wide = opg > 64 and mma_shape(spec) is None
+        if mma_shape(spec) is not None:
+            o_pad, c_pad = min(-(-opg // 16) * 16, 64), min(-(-ipg // 8) * 8, 64)
+            o_warps, c_warps = 2 if o_pad == 64 else 1, 2 if c_pad == 64 else 1
+            tiling = cls(o_warps, o_pad // 16 // o_warps, c_warps, c_pad // 8 // c_warps, 64, 1, True)
+        else:
+            o_regs, c_regs = largest_divisor(opg, 8 if wide else 4), largest_divisor(ipg, 4)
+            tiling = cls(largest_divisor(opg // o_regs, 8 if wide else 16), o_regs,
+                         largest_divisor(ipg // c_regs, 16), c_regs, 64, 1)
+        if tiling.shared_bytes(spec) > SHARED_BYTES:
+            tiling = dataclasses.replace(tiling, positions=32)
+        if not tiling.tensor_cores:
+            tiles = spec.kernel_h * spec.kernel_w * spec.out_channels // tiling.o_tile * (ipg // tiling.c_tile)
+            steps = -(-spec.batch * spec.out_h * spec.out_w // tiling.positions)
+            splits = max(1, min(steps, -(-(2 if wide else 1) * TARGET_BLOCKS // tiles)))
+            per_split = -(-steps // splits)
+            return dataclasses.replace(tiling, splits=-(-steps // per_split))  # no empty split
+        return dataclasses.replace(tiling, splits=tiling.fewest_waves(spec))
+
+    def fewest_waves(self, spec: DeformConvSpec) -> int:
+        """The splits that minimise (waves of resident blocks) x (steps per split), the fewest of
+        equals, with at most ``PARTIAL_FLOATS`` partial sums. Measured on an H200 (float16
+        tensor-core grad_weight, ms, by the splits' grid in waves): paper N=32 0.85 (1/2 wave),
+        0.64 (3/4), 0.56 (1 wave), 0.73 (1.5 waves); r50 c5 0.77 (1 split, 1/2 wave of 33 steps)
+        and 0.54 (3 splits, 2 waves of 11)."""
+        opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
+        tiles = spec.kernel_h * spec.kernel_w * spec.groups * -(-opg // self.o_tile) * -(-ipg // self.c_tile)
+        steps = -(-spec.batch * spec.out_h * spec.out_w // self.positions)
+        wave = resident_blocks(self.shared_bytes(spec), self.threads) * SMS
+        most = max(1, min(steps, PARTIAL_FLOATS // (spec.out_channels * ipg * spec.kernel_h * spec.kernel_w)))
+
+        def cost(splits):
+            per_split = -(-steps // splits)
+            return -(-tiles * splits // wave) * per_split, splits
+
+        splits = min(range(1, most + 1), key=cost)
+        return -(-steps // -(-steps // splits))  # no empty split
 
     def steps(self, spec: DeformConvSpec) -> int:
         """Steps of ``positions`` each split takes."""
@@ -159,19 +260,132 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     (sh, sw), (pad_h, pad_w), (dh, dw) = spec.stride, spec.padding, spec.dilation
     th, tw, halo, chunk, o_step, splits = (tiling.tile_h, tiling.tile_w, tiling.halo, tiling.chunk, tiling.o_step,
                                            tiling.channel_splits)
-    if cpg % (chunk * splits) or ipg % chunk or opg % o_step:
+    tensor_cores = tiling.tensor_cores
+    mma = mma_shape(spec)
+    if cpg % (chunk * splits) or ipg % chunk or (opg % o_step and not tensor_cores):
         raise ValueError(f"{tiling} does not divide the layer's channels (per offset group {cpg}, "
                          f"per group {ipg} in / {opg} out)")
     staged = tiling.staged
     rows, cols = tiling.patch(spec)
     patch = rows * cols if staged else 1
     threads = th * tw
+    if tensor_cores and (mma is None or o_step % mma.k or threads % 32):
+        raise ValueError(f"{tiling} cannot take tensor cores for {spec.dtype}{' on TF32' * spec.tf32}: they need "
+                         f"float16, bfloat16 or TF32, output channels per stage a multiple of the mma depth "
+                         f"({mma.k if mma else '-'}) and tiles of whole warps (32 positions)")
     tiles_y, tiles_x = -(-oh // th), -(-ow // tw)
     chunks_per_split = cpg // chunk // splits
     has_mask = spec.has_mask
     blocks = n * og * tiles_y * tiles_x * splits
     n, c, pixels, blocks = index_extents(spec, n, c, h * w, blocks)
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))
+    stages = tiling.stages(spec)
+    width = tiling.flush_width if acc == "float32" else 1  # float2 / float4 atomics: float32 only
+    if width not in (1, 2, 4):
+        raise ValueError(f"{tiling} flushes groups of 1, 2 or 4 pixels, got {width}")
+    min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
+    row_groups = cols // width + 2  # groups of ``width`` that cover a patch row at any alignment
+
+    def any_nonzero(values):
+        return functools.reduce(tirx.Or, [values[k] != zero for k in range(width)])
+
+    def vector_add(address, values):
+        """One ``atomicAdd(float{width}*, float{width})`` (sm_90, global memory) for the group."""
+        from tvm.script import tirx as T
+
+        name = f"deft_atomic_add_float{width}"
+        names = ", ".join(f"float v{k}" for k in range(width))
+        source = (f"__device__ __forceinline__ void {name}(float* address, {names}) {{ atomicAdd(reinterpret_cast<"
+                  f"float{width}*>(address), make_float{width}({', '.join(f'v{k}' for k in range(width))})); }}")
+        return T.cuda.func_call(name, address, *[values[k] for k in range(width)], source_code=source)
+
+    resident = tensor_cores and stages == 1  # grad_output fragments held per group, weights staged per chunk
+    # Tensor cores: each warp multiplies its 32 positions (two m16 tiles) of grad_output by the
+    # chunk's weights (n8 tiles, channels past the chunk zero) over the stage's output channels
+    # (mma-deep steps, channels past the group zero); the sums pass through shared memory
+    # (``exchange``) to the thread of each position. Shapes of the unused buffers are 1.
+    n8 = -(-chunk // 8) * 8 if tensor_cores else 1
+    k_steps = o_step // mma.k if tensor_cores else 1
+    a_elements = mma.a_elements if tensor_cores else 1
+    w_row = o_step + 16 // DTYPE_BYTES[dtype]  # rows padded by 16 bytes: no bank conflicts
+    x_row = n8 + 4
+    w_taps = taps if resident else 1
+    w_shape, w_dtype = ((w_taps * n8 * w_row,), dtype) if tensor_cores else ((o_step * chunk,), acc)
+    a_shape = (2 * k_steps * a_elements,)
+    b_shape = (mma.b_elements if tensor_cores else 1,)
+    c_shape = (2 * n8 // 8 * 4,)
+    x_shape = (threads * x_row if tensor_cores else 1,)
+
+    @T.macro
+    def load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread):
+        """This warp's grad_output fragments of one stage (positions past the output and channels
+        past the group zero)."""
+        warp = thread // 32
+        lane_g = thread % 32 // 4
+        lane_t = thread % 4
+        for m in T.unroll(2):
+            for ks in T.unroll(k_steps):
+                for i in T.unroll(a_elements):
+                    row, col = T.meta_var(mma.a_element(i, lane_g, lane_t))
+                    pos = warp * 32 + m * 16 + row
+                    ay = tile_y * th + pos // tw
+                    ax = tile_x * tw + pos % tw
+                    o = stage * o_step + ks * mma.k + col
+                    a_frag[(m * k_steps + ks) * a_elements + i] = T.Cast(dtype, 0)
+                    if ay < oh and ax < ow and o < opg:
+                        a_frag[(m * k_steps + ks) * a_elements + i] = grad_output[b, group * opg + o, ay, ax]
+
+    @T.macro
+    def stage_weights(w_stage, weight, group, c_in, stage, t, thread):
+        """Weights of the chunk's channels (from ``c_in`` in the group) x the stage's output channels,
+        of every tap (one weight stage) or of tap ``t``, into ``w_stage [tap][channel][output channel]``."""
+        for i in range((w_taps * n8 * o_step + threads - 1) // threads):
+            e = i * threads + thread
+            if e < w_taps * n8 * o_step:
+                slot = e % w_taps
+                tap = slot + t
+                j = e // w_taps % n8
+                k = e // (w_taps * n8)
+                w_stage[(slot * n8 + j) * w_row + k] = T.Cast(dtype, 0)
+                if j < chunk and stage * o_step + k < opg:
+                    w_stage[(slot * n8 + j) * w_row + k] = weight[group * opg + stage * o_step + k, c_in + j,
+                                                                  tap // kw, tap % kw]
+
+    @T.macro
+    def tap_columns(columns, a_frag, b_frag, c_frag, w_stage, exchange, weight, grad_output, b, group, c_in, tile_y,
+                    tile_x, t, thread):
+        """``columns[j]`` = grad_columns of this thread's position, tap ``t`` and the chunk's channel
+        ``j``: weight^T . grad_output on tensor cores."""
+        warp = thread // 32
+        lane_g = thread % 32 // 4
+        lane_t = thread % 4
+        for q in T.unroll(2 * n8 // 8 * 4):
+            c_frag[q] = T.float32(0)
+        for stage in range(stages):
+            if not resident:
+                load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
+                T.tvm_storage_sync("shared")
+                stage_weights(w_stage, weight, group, c_in, stage, t, thread)
+                T.tvm_storage_sync("shared")
+            for ks in T.unroll(k_steps):
+                for nt in T.unroll(n8 // 8):
+                    for i in T.unroll(mma.b_elements):
+                        k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
+                        b_frag[i] = w_stage[(t * int(resident) * n8 + nt * 8 + j) * w_row + ks * mma.k + k]
+                    for m in T.unroll(2):
+                        T.evaluate(T.ptx_legacy.mma(
+                            mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32",
+                            a_frag.data, (m * k_steps + ks) * a_elements, b_frag.data, 0,
+                            c_frag.data, (m * n8 // 8 + nt) * 4, False, dtype="float32"))
+        T.evaluate(T.cuda.warp_sync())
+        for m in T.unroll(2):
+            for nt in T.unroll(n8 // 8):
+                for i in T.unroll(4):
+                    row, col = T.meta_var(c_element(i, lane_g, lane_t))
+                    exchange[(warp * 32 + m * 16 + row) * x_row + nt * 8 + col] = c_frag[(m * n8 // 8 + nt) * 4 + i]
+        T.evaluate(T.cuda.warp_sync())
+        for j in T.unroll(chunk):
+            columns[j] = exchange[thread * x_row + j]
 
     @T.macro
     def body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask):
@@ -188,7 +402,11 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
 
         in_patch = T.alloc_buffer((chunk * patch,), dtype, scope="shared")
         grad_patch = T.alloc_buffer((chunk * patch,), acc, scope="shared")
-        w_stage = T.alloc_buffer((o_step * chunk,), acc, scope="shared")
+        w_stage = T.alloc_buffer(w_shape, w_dtype, scope="shared")
+        exchange = T.alloc_buffer(x_shape, "float32", scope="shared")
+        a_frag = T.alloc_buffer(a_shape, dtype, scope="local")
+        b_frag = T.alloc_buffer(b_shape, dtype, scope="local")
+        c_frag = T.alloc_buffer(c_shape, "float32", scope="local")
         columns = T.alloc_buffer((chunk,), acc, scope="local")
         d = T.alloc_buffer((3,), acc, scope="local")  # this chunk's sums: grad offset y, x, grad mask
         flat = T.alloc_buffer((4,), "int32", scope="local")
@@ -196,11 +414,13 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         share = T.alloc_buffer((4,), acc, scope="local")
         value = T.alloc_buffer((4,), acc, scope="local")
         point = T.alloc_buffer((5,), acc, scope="local")  # ly, lx, mask, outside, nan
+        flush = T.alloc_buffer((width,), acc, scope="local")
         for step in range(chunks_per_split):
             c0 = gi * cpg + (split * chunks_per_split + step) * chunk
             group = c0 // ipg
-            if staged:
+            if staged or resident:
                 T.tvm_storage_sync("shared")
+            if staged:
                 for i in range((chunk * patch + threads - 1) // threads):
                     e = i * threads + thread
                     if e < chunk * patch:
@@ -210,24 +430,33 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         in_patch[e] = T.Cast(dtype, 0)
                         if yy >= 0 and yy < h and xx >= 0 and xx < w:
                             in_patch[e] = input[b, c0 + e // patch, yy * w + xx]
+            if resident:  # one weight stage: this chunk's weights of every tap, and the tile's
+                stage_weights(w_stage, weight, group, c0 - group * ipg, 0, 0, thread)  # grad_output
+                if step == 0 or c0 % ipg == 0:  # fragments at each group's first chunk
+                    load_a(a_frag, grad_output, b, group, 0, tile_y, tile_x, thread)
+                T.tvm_storage_sync("shared")
             for t in range(taps):
                 ky = t // kw
                 kx = t % kw
-                for j in T.unroll(chunk):
-                    columns[j] = zero
-                for o_chunk in range(opg // o_step):
-                    T.tvm_storage_sync("shared")
-                    for i in range((o_step * chunk + threads - 1) // threads):
-                        e = i * threads + thread
-                        if e < o_step * chunk:
-                            w_stage[e] = T.Cast(acc, weight[group * opg + o_chunk * o_step + e // chunk,
-                                                            c0 - group * ipg + e % chunk, ky, kx])
-                    T.tvm_storage_sync("shared")
-                    if valid:
-                        for o in T.unroll(o_step):
-                            dy = T.Cast(acc, grad_output[b, group * opg + o_chunk * o_step + o, oy, ox])
-                            for j in T.unroll(chunk):
-                                columns[j] = columns[j] + w_stage[o * chunk + j] * dy
+                if tensor_cores:
+                    tap_columns(columns, a_frag, b_frag, c_frag, w_stage, exchange, weight, grad_output, b, group,
+                                c0 - group * ipg, tile_y, tile_x, t, thread)
+                else:
+                    for j in T.unroll(chunk):
+                        columns[j] = zero
+                    for o_chunk in range(stages):
+                        T.tvm_storage_sync("shared")
+                        for i in range((o_step * chunk + threads - 1) // threads):
+                            e = i * threads + thread
+                            if e < o_step * chunk:
+                                w_stage[e] = T.Cast(acc, weight[group * opg + o_chunk * o_step + e // chunk,
+                                                                c0 - group * ipg + e % chunk, ky, kx])
+                        T.tvm_storage_sync("shared")
+                        if valid:
+                            for o in T.unroll(o_step):
+                                dy = T.Cast(acc, grad_output[b, group * opg + o_chunk * o_step + o, oy, ox])
+                                for j in T.unroll(chunk):
+                                    columns[j] = columns[j] + w_stage[o * chunk + j] * dy
                 if valid:
                     y = T.Cast(acc, oy * sh - pad_h + ky * dh) + T.Cast(acc, offset[b, (gi * taps + t) * 2, oy, ox])
                     x = T.Cast(acc, ox * sw - pad_w + kx * dw) + T.Cast(acc, offset[b, (gi * taps + t) * 2 + 1, oy, ox])
@@ -299,7 +528,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     grad_offset[split, b, (gi * taps + t) * 2 + 1, oy, ox] = d[1]
                     if has_mask:
                         grad_mask[split, b, gi * taps + t, oy, ox] = d[2]
-            if staged:
+            if staged and width == 1:
                 T.tvm_storage_sync("shared")
                 for i in range((chunk * patch + threads - 1) // threads):
                     e = i * threads + thread
@@ -310,6 +539,33 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         if total != zero and yy >= 0 and yy < h and xx >= 0 and xx < w:
                             T.evaluate(T.cuda.atomic_add(
                                 T.address_of(grad_input[b, c0 + e // patch, yy * w + xx]), total))
+            elif staged:  # flushed in aligned groups of ``width`` pixels of grad_input's flat layout
+                T.tvm_storage_sync("shared")
+                for i in range((chunk * rows * row_groups + threads - 1) // threads):
+                    e = i * threads + thread
+                    if e < chunk * rows * row_groups:
+                        j = e // (rows * row_groups)
+                        r = e // row_groups % rows
+                        yy = patch_y + r
+                        x_lo = T.max(patch_x, 0)
+                        x_hi = T.min(patch_x + cols, w)
+                        if yy >= 0 and yy < h and x_lo < x_hi:
+                            row0 = yy * w  # the row's first pixel in the plane
+                            skew = T.Cast("int32", ((b * c + c0 + j) * pixels + row0 + x_lo) % width)
+                            start = x_lo - skew + e % row_groups * width  # the group's first x (may be < 0)
+                            if start < x_hi:
+                                for k in T.unroll(width):
+                                    flush[k] = zero
+                                    if start + k >= x_lo and start + k < x_hi:
+                                        flush[k] = grad_patch[j * patch + r * cols + start + k - patch_x]
+                                if start >= 0 and start + width <= w:  # the whole group in the row
+                                    if any_nonzero(flush):
+                                        T.evaluate(vector_add(T.address_of(grad_input[b, c0 + j, row0 + start]), flush))
+                                else:
+                                    for k in T.unroll(width):
+                                        if start + k >= x_lo and start + k < x_hi and flush[k] != zero:
+                                            T.evaluate(T.cuda.atomic_add(
+                                                T.address_of(grad_input[b, c0 + j, row0 + start + k]), flush[k]))
 
     offset_shape = (splits, n, *spec.offset_shape[1:])
     mask_shape = (splits, n, *spec.mask_shape[1:])
@@ -328,7 +584,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         T.func_attr({"global_symbol": "grad_data", "tirx.noalias": True})
         for block in T.thread_binding(blocks, thread="blockIdx.x"):
             for thread in T.thread_binding(threads, thread="threadIdx.x"):
-                body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask)
+                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
+                    body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask)
 
     return _without(grad_data, () if has_mask else ("mask", "grad_mask"))
 
@@ -336,7 +593,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
 def _point_table_groups(spec: DeformConvSpec, tiling: WeightTiling) -> int:
     """Offset groups one channel tile of ``grad_weight_primfunc`` can span (at most)."""
     cpg = spec.in_channels // spec.offset_groups
-    return min(spec.offset_groups, -(-tiling.c_threads * tiling.c_regs // cpg) + 1)
+    return min(spec.offset_groups, -(-tiling.c_tile // cpg) + 1)
 
 
 def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
@@ -353,46 +610,151 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     taps = kh * kw
     cpg, ipg, opg = c // og, c // g, o_ch // g
     (sh, sw), (pad_h, pad_w), (dh, dw) = spec.stride, spec.padding, spec.dilation
-    o_threads, o_regs, c_threads, c_regs = tiling.o_threads, tiling.o_regs, tiling.c_threads, tiling.c_regs
-    o_tile, c_tile, p, splits = o_threads * o_regs, c_threads * c_regs, tiling.positions, tiling.splits
-    if opg % o_tile or ipg % c_tile:
+    o_regs, c_threads, c_regs = tiling.o_regs, tiling.c_threads, tiling.c_regs
+    o_tile, c_tile, p, splits = tiling.o_tile, tiling.c_tile, tiling.positions, tiling.splits
+    tensor_cores = tiling.tensor_cores
+    mma = mma_shape(spec)
+    if not tensor_cores and (opg % o_tile or ipg % c_tile):
         raise ValueError(f"{tiling} does not divide the layer's channels per group ({opg} out, {ipg} in)")
-    o_tiles, c_tiles = o_ch // o_tile, ipg // c_tile
-    threads = o_threads * c_threads
+    if tensor_cores and (mma is None or p % mma.k):
+        raise ValueError(f"{tiling} cannot take tensor cores for {spec.dtype}{' on TF32' * spec.tf32}: they need "
+                         f"float16, bfloat16 or TF32 and positions per step a multiple of the mma depth "
+                         f"({mma.k if mma else '-'})")
+    o_tiles, c_tiles = -(-opg // o_tile), -(-ipg // c_tile)  # per group (tensor cores pad the last)
+    threads = tiling.threads
     groups_in_tile = _point_table_groups(spec, tiling)
     steps = tiling.steps(spec)
     positions = oh * ow
     has_mask, has_bias = spec.has_mask, spec.has_bias
-    blocks = taps * o_tiles * c_tiles * splits
+    blocks = taps * g * o_tiles * c_tiles * splits
     total = n * positions  # flat positions: 32-bit (the tensors' extents may need 64)
     n, c, pixels = index_extents(spec, n, c, h * w)
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))
-    s_row, d_row = c_tile + 4, o_tile + 4  # shared rows padded by 16 bytes
+    if tensor_cores:
+        # Operands staged channel-major in the spec's dtype (rows padded by 16 bytes); each warp
+        # owns o_regs m16 x c_regs n8 tiles of the block's o_tile x c_tile.
+        row = p + 16 // DTYPE_BYTES[dtype]
+        stage_dtype = dtype
+        k_steps, a_elements, b_elements = p // mma.k, mma.a_elements, mma.b_elements
+
+        def grads_at(q, o):
+            return o * row + q
+
+        def samples_at(q, ch):
+            return ch * row + q
+
+        grads_size, samples_size = o_tile * row, c_tile * row
+    else:  # position-major in the accumulate dtype (rows padded by 4 elements)
+        stage_dtype = acc
+        k_steps, a_elements, b_elements = 1, 1, 1
+
+        def grads_at(q, o):
+            return q * (o_tile + 4) + o
+
+        def samples_at(q, ch):
+            return q * (c_tile + 4) + ch
+
+        grads_size, samples_size = p * (o_tile + 4), p * (c_tile + 4)
+    sums_count = o_regs * c_regs * (4 if tensor_cores else 1)
+    min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
+
+    @T.macro
+    def multiply(grads, samples, sums, bias_sums, a, b_, thread):
+        """This thread's sums += the staged step's grad_output x samples products (and the
+        grad_output row sums, for grad_bias)."""
+        if tensor_cores:
+            warp = thread // 32
+            wo = warp // c_threads
+            wc = warp % c_threads
+            lane_g = thread % 32 // 4
+            lane_t = thread % 4
+            for ks in T.unroll(k_steps):
+                for m in T.unroll(o_regs):
+                    for i in T.unroll(a_elements):
+                        ro, cq = T.meta_var(mma.a_element(i, lane_g, lane_t))
+                        a[m * a_elements + i] = grads[grads_at(ks * mma.k + cq, (wo * o_regs + m) * 16 + ro)]
+                for nt in T.unroll(c_regs):
+                    for i in T.unroll(b_elements):
+                        kq, cn = T.meta_var(mma.b_element(i, lane_g, lane_t))
+                        b_[i] = samples[samples_at(ks * mma.k + kq, (wc * c_regs + nt) * 8 + cn)]
+                    for m in T.unroll(o_regs):
+                        T.evaluate(T.ptx_legacy.mma(
+                            mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32",
+                            a.data, m * a_elements, b_.data, 0, sums.data, (m * c_regs + nt) * 4, False,
+                            dtype="float32"))
+            if has_bias:
+                if thread < o_tile:
+                    for q in range(p):
+                        bias_sums[0] = bias_sums[0] + T.Cast(acc, grads[grads_at(q, thread)])
+        else:
+            ty = thread // c_threads
+            tx = thread % c_threads
+            for pl in range(p):
+                for i in T.unroll(o_regs):
+                    a[i] = grads[grads_at(pl, ty * o_regs + i)]
+                for j in T.unroll(c_regs):
+                    b_[j] = samples[samples_at(pl, tx * c_regs + j)]
+                for i in T.unroll(o_regs):
+                    for j in T.unroll(c_regs):
+                        sums[i * c_regs + j] = sums[i * c_regs + j] + a[i] * b_[j]
+                if has_bias:
+                    for i in T.unroll(o_regs):
+                        bias_sums[i] = bias_sums[i] + a[i]
+
+    @T.macro
+    def store(sums, bias_sums, weight_part, bias_part, split, o0, o_end, ct, t, thread):
+        if tensor_cores:
+            warp = thread // 32
+            wo = warp // c_threads
+            wc = warp % c_threads
+            lane_g = thread % 32 // 4
+            lane_t = thread % 4
+            for m in T.unroll(o_regs):
+                for nt in T.unroll(c_regs):
+                    for i in T.unroll(4):
+                        ro, cn = T.meta_var(c_element(i, lane_g, lane_t))
+                        o = o0 + (wo * o_regs + m) * 16 + ro
+                        ch = ct * c_tile + (wc * c_regs + nt) * 8 + cn
+                        if o < o_end and ch < ipg:
+                            weight_part[split, o, ch, t] = sums[(m * c_regs + nt) * 4 + i]
+            if has_bias:
+                if t == 0 and ct == 0 and thread < o_tile and o0 + thread < o_end:
+                    bias_part[split, o0 + thread] = bias_sums[0]
+        else:
+            ty = thread // c_threads
+            tx = thread % c_threads
+            for i in T.unroll(o_regs):
+                for j in T.unroll(c_regs):
+                    weight_part[split, o0 + ty * o_regs + i, ct * c_tile + tx * c_regs + j, t] = sums[i * c_regs + j]
+            if has_bias:
+                if t == 0 and ct == 0 and tx == 0:
+                    for i in T.unroll(o_regs):
+                        bias_part[split, o0 + ty * o_regs + i] = bias_sums[i]
 
     @T.macro
     def body(block, thread, input, offset, mask, grad_output, weight_part, bias_part):
         split = block % splits
         ct = block // splits % c_tiles
-        ot = block // (splits * c_tiles) % o_tiles
-        t = block // (splits * c_tiles * o_tiles)
+        ot = block // (splits * c_tiles) % (g * o_tiles)
+        t = block // (splits * c_tiles * g * o_tiles)
         ky = t // kw
         kx = t % kw
-        ty = thread // c_threads
-        tx = thread % c_threads
-        o0 = ot * o_tile
-        c0 = o0 // opg * ipg + ct * c_tile
+        o0 = ot // o_tiles * opg + ot % o_tiles * o_tile
+        o_end = (ot // o_tiles + 1) * opg  # the group's last output channel + 1
+        c0 = ot // o_tiles * ipg + ct * c_tile
+        c_valid = ipg - ct * c_tile  # channels of the tile in the group
         first_group = c0 // cpg
 
         point_index = T.alloc_buffer((groups_in_tile * p * 4,), "int32", scope="shared")
         point_weight = T.alloc_buffer((groups_in_tile * p * 4,), acc, scope="shared")
         point_batch = T.alloc_buffer((p,), "int32", scope="shared")
-        samples = T.alloc_buffer((p * s_row,), acc, scope="shared")
-        grads = T.alloc_buffer((p * d_row,), acc, scope="shared")
-        sums = T.alloc_buffer((o_regs * c_regs,), acc, scope="local")
+        samples = T.alloc_buffer((samples_size,), stage_dtype, scope="shared")
+        grads = T.alloc_buffer((grads_size,), stage_dtype, scope="shared")
+        sums = T.alloc_buffer((sums_count,), acc, scope="local")
         bias_sums = T.alloc_buffer((o_regs,), acc, scope="local")
-        a = T.alloc_buffer((o_regs,), acc, scope="local")
-        b_ = T.alloc_buffer((c_regs,), acc, scope="local")
-        for i in T.unroll(o_regs * c_regs):
+        a = T.alloc_buffer((o_regs * a_elements,), stage_dtype, scope="local")
+        b_ = T.alloc_buffer((c_regs * b_elements,), stage_dtype, scope="local")
+        for i in T.unroll(sums_count):
             sums[i] = zero
         for i in T.unroll(o_regs):
             bias_sums[i] = zero
@@ -441,43 +803,28 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                 e = i * threads + thread
                 if e < o_tile * p:
                     q = q0 + e % p
-                    grads[e % p * d_row + e // p] = zero
-                    if q < total:
-                        grads[e % p * d_row + e // p] = T.Cast(acc, grad_output[q // positions, o0 + e // p,
-                                                                                q % positions])
+                    grads[grads_at(e % p, e // p)] = T.Cast(stage_dtype, 0)
+                    if q < total and o0 + e // p < o_end:
+                        grads[grads_at(e % p, e // p)] = T.Cast(stage_dtype, grad_output[q // positions, o0 + e // p,
+                                                                                         q % positions])
             T.tvm_storage_sync("shared")
             for i in range((c_tile * p + threads - 1) // threads):
                 e = i * threads + thread
                 if e < c_tile * p:
                     pl = e % p
-                    base = ((c0 + e // p) // cpg - first_group) * p * 4 + pl * 4
                     interpolated = zero
-                    for k in T.unroll(4):
-                        index = point_index[base + k]
-                        corner = zero
-                        if index >= 0:
-                            corner = T.Cast(acc, input[point_batch[pl], c0 + e // p, index])
-                        interpolated = interpolated + corner * point_weight[base + k]
-                    samples[pl * s_row + e // p] = interpolated
+                    if e // p < c_valid:
+                        base = ((c0 + e // p) // cpg - first_group) * p * 4 + pl * 4
+                        for k in T.unroll(4):
+                            index = point_index[base + k]
+                            corner = zero
+                            if index >= 0:
+                                corner = T.Cast(acc, input[point_batch[pl], c0 + e // p, index])
+                            interpolated = interpolated + corner * point_weight[base + k]
+                    samples[samples_at(pl, e // p)] = T.Cast(stage_dtype, interpolated)
             T.tvm_storage_sync("shared")
-            for pl in range(p):
-                for i in T.unroll(o_regs):
-                    a[i] = grads[pl * d_row + ty * o_regs + i]
-                for j in T.unroll(c_regs):
-                    b_[j] = samples[pl * s_row + tx * c_regs + j]
-                for i in T.unroll(o_regs):
-                    for j in T.unroll(c_regs):
-                        sums[i * c_regs + j] = sums[i * c_regs + j] + a[i] * b_[j]
-                if has_bias:
-                    for i in T.unroll(o_regs):
-                        bias_sums[i] = bias_sums[i] + a[i]
-        for i in T.unroll(o_regs):
-            for j in T.unroll(c_regs):
-                weight_part[split, o0 + ty * o_regs + i, ct * c_tile + tx * c_regs + j, t] = sums[i * c_regs + j]
-        if has_bias:
-            if t == 0 and ct == 0 and tx == 0:
-                for i in T.unroll(o_regs):
-                    bias_part[split, o0 + ty * o_regs + i] = bias_sums[i]
+            multiply(grads, samples, sums, bias_sums, a, b_, thread)
+        store(sums, bias_sums, weight_part, bias_part, split, o0, o_end, ct, t, thread)
 
     @T.prim_func
     def grad_weight(
@@ -491,7 +838,8 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         T.func_attr({"global_symbol": "grad_weight", "tirx.noalias": True})
         for block in T.thread_binding(blocks, thread="blockIdx.x"):
             for thread in T.thread_binding(threads, thread="threadIdx.x"):
-                body(block, thread, input, offset, mask, grad_output, weight_part, bias_part)
+                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
+                    body(block, thread, input, offset, mask, grad_output, weight_part, bias_part)
 
     return _without(grad_weight, ("mask",) * (not has_mask) + ("bias_part",) * (not has_bias))
 
@@ -543,13 +891,17 @@ def _without(func, names):
     return tirx.PrimFunc([v for v in func.params if v.name not in names], func.body, func.ret_type, func.attrs)
 
 
-def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, weight: WeightTiling | None = None):
+def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, weight: WeightTiling | None = None,
+                          arch: str = "sm_90"):
     """``(module, data, weight)``: the IRModule of the three kernels (``grad_data``,
-    ``grad_weight``, ``weight_reduce``) with the given tilings (default ``for_spec``), and those
-    tilings (the caller sizes the partial-sum buffers by them)."""
+    ``grad_weight``, ``weight_reduce``) with the given tilings (default ``for_spec``, with
+    one-pixel grad_input flushes before ``sm_90``, which lacks float4 atomics), and those tilings
+    (the caller sizes the partial-sum buffers by them)."""
     import tvm
 
     data = data or DataTiling.for_spec(spec)
+    if int(arch.removeprefix("sm_").rstrip("a")) < 90:
+        data = dataclasses.replace(data, flush_width=1)
     weight = weight or WeightTiling.for_spec(spec)
     module = tvm.IRModule({
         "grad_data": grad_data_primfunc(spec, data),

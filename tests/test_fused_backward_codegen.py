@@ -20,6 +20,7 @@ from deft_tvm.schedules.cuda_backward_fused import (
     grad_data_primfunc,
     grad_weight_primfunc,
 )
+from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.workloads import WORKLOADS
 
 from helpers import DTYPES
@@ -27,7 +28,8 @@ from test_forward import SHAPES
 from test_large_index import HUGE_BACKWARD
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-REGISTRY_SPECS = [dataclasses.replace(w.spec, dtype=d) for w in WORKLOADS.values() for d in DTYPES]
+REGISTRY_SPECS = [dataclasses.replace(w.spec, dtype=d) for w in WORKLOADS.values() for d in DTYPES] + [
+    dataclasses.replace(w.spec, dtype="float32", tf32=True) for w in WORKLOADS.values()]
 
 
 def _source(spec: DeformConvSpec, data: DataTiling | None = None) -> str:
@@ -42,8 +44,11 @@ def _compile(source: str) -> bytes:
         return nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
 
 
+C_TYPE_BYTES = {"half": 2, "nv_bfloat16": 2, "float": 4, "int": 4, "double": 8}
+
+
 def _parameters(source: str, kernel: str) -> list[str]:
-    match = re.search(rf"__global__ void (?:__launch_bounds__\(\d+\) )?{kernel}_kernel\(([^)]*)\)", source)
+    match = re.search(rf"__global__ void (?:__launch_bounds__\([\d, ]+\) )?{kernel}_kernel\(([^)]*)\)", source)
     return sorted(re.findall(r"(\w+)_ptr", match.group(1)))
 
 
@@ -52,12 +57,41 @@ def test_default_tilings_divide_the_layer_and_fit_shared_memory(spec):
     data, weight = DataTiling.for_spec(spec), WeightTiling.for_spec(spec)
     cpg, ipg, opg = (spec.in_channels // spec.offset_groups, spec.in_channels // spec.groups,
                      spec.out_channels // spec.groups)
-    assert cpg % (data.chunk * data.channel_splits) == 0 and ipg % data.chunk == 0 and opg % data.o_step == 0
-    assert data.shared_bytes(spec) <= SHARED_BYTES and data.tile_h * data.tile_w == 128
-    assert opg % (weight.o_threads * weight.o_regs) == 0 and ipg % (weight.c_threads * weight.c_regs) == 0
+    assert cpg % (data.chunk * data.channel_splits) == 0 and ipg % data.chunk == 0
+    # grad_weight on tensor cores wherever the dtype has an mma (float16, bfloat16, float32 on
+    # TF32); the data kernel's grad_columns on SIMT cores unless asked (measured faster).
+    mma = mma_shape(spec)
+    assert weight.tensor_cores == (spec.dtype in ("float16", "bfloat16") or spec.tf32) and not data.tensor_cores
+    assert opg % data.o_step == 0
+    if mma is not None:
+        assert weight.positions % mma.k == 0 and weight.o_tile % 16 == 0 and weight.c_tile % 8 == 0
+        mma_data = DataTiling.for_spec(spec, tensor_cores=True)  # stages padded by less than one mma step
+        assert mma_data.tensor_cores and mma_data.o_step % mma.k == 0 and mma_data.shared_bytes(spec) <= SHARED_BYTES
+        assert 0 <= mma_data.stages(spec) * mma_data.o_step - opg < mma_data.stages(spec) * mma.k
+    else:
+        assert opg % weight.o_tile == 0 and ipg % weight.c_tile == 0
+    assert data.shared_bytes(spec) <= SHARED_BYTES and weight.shared_bytes(spec) <= SHARED_BYTES
+    assert data.tile_h * data.tile_w == 128
     # Every flat position is in exactly one split's steps.
     assert (weight.splits - 1) * weight.steps(spec) * weight.positions < spec.batch * spec.out_h * spec.out_w
     assert weight.splits * weight.steps(spec) * weight.positions >= spec.batch * spec.out_h * spec.out_w
+
+
+@needs_nvcc
+@pytest.mark.parametrize("spec", [s for s in REGISTRY_SPECS if s.dtype != "float64"], ids=lambda s: s.key())
+def test_registry_kernels_compile_within_the_shared_memory_they_claim(spec):
+    """ptxas rejects static shared memory past 48 KB; the tilings' byte counts must cover what the
+    kernels allocate, and tensor-core kernels must use mma.sync."""
+    data, weight = DataTiling.for_spec(spec), WeightTiling.for_spec(spec)
+    source = _source(spec)
+    for kernel, tiling in (("grad_data", data), ("grad_weight", weight)):
+        start = re.search(rf" {kernel}_kernel\([^;{{]*{{", source).end()
+        body = source[start:source.index("\n}\n", start)]
+        allocated = sum(int(count) * C_TYPE_BYTES[ctype] for ctype, count in
+                        re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", body))
+        assert allocated <= tiling.shared_bytes(spec) <= SHARED_BYTES, kernel
+        assert ("mma.sync.aligned" in body) == tiling.tensor_cores, kernel
+    assert _compile(source)[:4] == b"\x7fELF"
 
 
 def test_tilings_that_do_not_divide_the_layer_are_rejected():
@@ -66,6 +100,14 @@ def test_tilings_that_do_not_divide_the_layer_are_rejected():
         grad_data_primfunc(spec, dataclasses.replace(DataTiling.for_spec(spec), chunk=4))
     with pytest.raises(ValueError, match=r"does not divide the layer's channels per group \(2 out, 3 in\)"):
         grad_weight_primfunc(spec, dataclasses.replace(WeightTiling.for_spec(spec), c_regs=2))
+    double = dataclasses.replace(spec, dtype="float64")
+    with pytest.raises(ValueError, match=r"cannot take tensor cores for float64: they need float16, bfloat16 or TF32"):
+        grad_data_primfunc(double, dataclasses.replace(DataTiling.for_spec(double), tensor_cores=True))
+    with pytest.raises(ValueError, match=r"float32 has no tensor-core mma \(float16, bfloat16 or TF32 only\)"):
+        DataTiling.for_spec(dataclasses.replace(spec, dtype="float32"), tensor_cores=True)
+    half = dataclasses.replace(spec, dtype="float16")
+    with pytest.raises(ValueError, match=r"a multiple of the mma depth \(16\)"):
+        grad_weight_primfunc(half, dataclasses.replace(WeightTiling.for_spec(half), positions=40))
 
 
 @needs_nvcc
@@ -87,6 +129,30 @@ def test_fused_kernels_compile_and_take_only_the_gradients_buffers(shape, varian
     assert re.search(r"__shared__ [^;]* in_patch", source) and re.search(r"__shared__ [^;]* grad_patch", source)
     assert "atomicAdd" in source
     assert _compile(source)[:4] == b"\x7fELF"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_tensor_core_data_kernel_compiles_with_mma(shape, dtype):
+    spec = dataclasses.replace(SHAPES[shape], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    source = _source(spec, DataTiling.for_spec(spec, tensor_cores=True))
+    start = re.search(r" grad_data_kernel\([^;{]*{", source).end()
+    assert "mma.sync.aligned.m16n8k" in source[start:source.index("\n}\n", start)]
+    assert _compile(source)[:4] == b"\x7fELF"
+
+
+@needs_nvcc
+def test_patches_flush_with_vector_atomics_on_sm_90_only():
+    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float16")
+    source = _source(spec)
+    assert "deft_atomic_add_float4(" in source and re.search(r"__launch_bounds__\(128, \d\) grad_data_kernel", source)
+    assert _compile(source)[:4] == b"\x7fELF"
+    module, data, _ = fused_backward_module(spec, arch="sm_80")
+    assert data.flush_width == 1
+    assert "deft_atomic_add_float" not in compile_kernel(module, cuda_target("sm_80")).mod.imports[0].inspect_source()
+    with pytest.raises(ValueError, match=r"flushes groups of 1, 2 or 4 pixels, got 3"):
+        grad_data_primfunc(spec, dataclasses.replace(DataTiling.for_spec(spec), flush_width=3))
 
 
 @needs_nvcc

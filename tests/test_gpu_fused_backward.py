@@ -1,6 +1,7 @@
 """The fused CUDA backward on a GPU (``pytest -m gpu``): extreme and NaN offsets give the float64
 reference's gradients (NaN exactly where it has NaN) and read nothing out of range; the staged
-patches are a pure speed choice (staged and unstaged kernels agree)."""
+patches and the tensor cores are pure speed choices (staged and unstaged kernels agree, tensor-core
+and SIMT kernels agree up to the operands' rounding)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import math
 
 import pytest
 import torch
+import tvm
 
 import deft_tvm
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.reference.tolerances import assert_close
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
-from deft_tvm.schedules.cuda_backward_fused import DataTiling, fused_backward_module
+from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, fused_backward_module
 
 from helpers import grad_leaves, make_case
 from test_forward import SHAPES
@@ -65,17 +67,20 @@ def test_extreme_offsets_give_the_reference_gradients(case, dtype):
         assert_close(grad.cpu().double() / scale, value / scale, dtype)
 
 
+@pytest.mark.parametrize("dtype, tensor_cores", [("float32", False), ("float16", False), ("float16", True)])
 @pytest.mark.parametrize("case", list(CASES))
-def test_staged_and_unstaged_data_kernels_agree(case):
-    spec = dataclasses.replace(CASES[case], dtype="float32")
+def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
+    """Staged patches flushed in groups of 4, 2 and 1 pixels (float4 / float2 / scalar atomics, rows
+    of 37, 70 and 13 px: groups across row ends) add up to the unstaged kernel's gradients."""
+    spec = dataclasses.replace(CASES[case], dtype=dtype)
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=23).items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda")
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
     n, c, h, w = spec.input_shape
     results = []
-    for staged in (True, False):
-        tiling = dataclasses.replace(DataTiling.for_spec(spec), staged=staged)
-        module, _, _ = fused_backward_module(spec, tiling)
-        kernel = compile_kernel(module, target_for_device("cuda"))["grad_data"]
+    tiling = DataTiling.for_spec(spec, tensor_cores=tensor_cores)
+    for variant in (dict(staged=False), dict(flush_width=4), dict(flush_width=2), dict(flush_width=1)):
+        module, _, _ = fused_backward_module(spec, dataclasses.replace(tiling, **variant))
+        kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
         grad_input = torch.zeros((n, c, h * w), device="cuda")
         grad_offset = torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")
         grad_mask = [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
@@ -83,6 +88,46 @@ def test_staged_and_unstaged_data_kernels_agree(case):
         kernel(args["input"].view(n, c, h * w), args["offset"], *mask, args["weight"], grad_output, grad_input,
                grad_offset, *grad_mask)
         results.append([grad_input, grad_offset.sum(0), *[m.sum(0) for m in grad_mask]])
-    for staged, unstaged in zip(*results):
-        scale = max(unstaged.abs().max().item(), 1.0)
-        assert_close(staged / scale, unstaged.double() / scale, "float32")
+    for staged in results[1:]:
+        for flushed, unstaged in zip(staged, results[0]):
+            scale = max(unstaged.abs().max().item(), 1.0)
+            assert_close(flushed / scale, unstaged.double() / scale, "float32")
+
+
+def _run_fused(spec, data, weight, args, grad_output):
+    """The fused kernels with the given tilings: grad_input, grad_offset, grad_mask?, grad_weight and
+    grad_bias? (summed over the splits, float32)."""
+    module, data, weight = fused_backward_module(spec, data, weight)
+    kernels = compile_kernel(module, target_for_device("cuda"))
+    n, c, h, w = spec.input_shape
+    mask = [args["mask"]] * spec.has_mask
+    grad_input = torch.zeros((n, c, h * w), device="cuda")
+    grad_offset = torch.empty((data.channel_splits, *spec.offset_shape), device="cuda")
+    grad_mask = [torch.empty((data.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
+    kernels["grad_data"](args["input"].view(n, c, h * w), args["offset"], *mask, args["weight"], grad_output,
+                         grad_input, grad_offset, *grad_mask)
+    taps = spec.kernel_h * spec.kernel_w
+    weight_part = torch.empty((weight.splits, spec.out_channels, c // spec.groups, taps), device="cuda")
+    bias_part = [torch.empty((weight.splits, spec.out_channels), device="cuda")] * spec.has_bias
+    kernels["grad_weight"](args["input"].view(n, c, h * w), args["offset"], *mask,
+                           grad_output.view(n, spec.out_channels, -1), weight_part, *bias_part)
+    return [grad_input, grad_offset.sum(0), *[m.sum(0) for m in grad_mask], weight_part.sum(0),
+            *[b.sum(0) for b in bias_part]]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_tensor_core_and_simt_kernels_agree(case, dtype):
+    """The mma.sync grad_columns and grad_weight (channels padded to whole mma tiles) give the SIMT
+    kernels' sums up to the operands' rounding (float16 / bfloat16 samples, TF32 truncation)."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=24).items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    data, weight = DataTiling.for_spec(spec, tensor_cores=True), WeightTiling.for_spec(spec)
+    assert weight.tensor_cores
+    simt = dataclasses.replace(spec, tf32=False)
+    results = [_run_fused(spec, data, weight, args, grad_output),
+               _run_fused(spec, DataTiling.for_spec(simt), WeightTiling.for_spec(simt), args, grad_output)]
+    for tensor_cores, simt_sums in zip(*results):
+        scale = max(simt_sums.abs().max().item(), 1.0)
+        assert_close(tensor_cores / scale, simt_sums.double() / scale, "tf32" if dtype == "tf32" else dtype)

@@ -43,7 +43,7 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
     if part == "fused":
         from deft_tvm.schedules.cuda_backward_fused import fused_backward_module
 
-        module, data, weight = fused_backward_module(spec)
+        module, data, weight = fused_backward_module(spec, arch=str(target.attrs["arch"]))
         executable = compile_kernel(module, target)
         return FusedKernels(executable["grad_data"], executable["grad_weight"], executable["weight_reduce"],
                             data.channel_splits, weight.splits)
@@ -124,7 +124,11 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
 
 
 def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, mask, weight) -> tuple:
-    """``deform_conv2d_backward`` on CUDA with atomics: the fused kernels, no columns buffer."""
+    """``deform_conv2d_backward`` on CUDA with atomics: the fused kernels, no columns buffer; float32
+    multiplies on TF32 tensor cores where ``torch.backends.cuda.matmul.allow_tf32`` is set (as
+    torchvision's matmuls do then)."""
+    if spec.dtype == "float32" and torch.backends.cuda.matmul.allow_tf32:
+        spec = dataclasses.replace(spec, tf32=True)
     kernels = _kernel(spec, target, "fused")
     n, c, h, w = spec.input_shape
     o, device = spec.out_channels, input.device
