@@ -16,16 +16,25 @@ Two hand-scheduled TIR kernels (TVMScript) and a small reduction replace the sta
   derivatives times the column go to grad_offset, the interpolated value times the column to
   grad_mask (both summed over channels in registers), the column times the mask and bilinear
   share to the grad_input patch (shared-memory atomics; outside it, global atomics). The patch is
-  added to grad_input once per chunk with global atomics. grad_offset and grad_mask are written
-  per channel split (``[channel_splits, ...]``, float sums) and added up by the caller.
+  added to grad_input once per chunk with global atomics, in aligned groups of ``flush_width``
+  pixels (float4 atomics on sm_90). grad_offset and grad_mask are written per channel split
+  (``[channel_splits, ...]``, float sums) and added up by the caller. With ``tensor_cores`` the
+  grad_columns come from ``mma.sync`` instead (each warp's 32 positions x the chunk, passed
+  between lanes through shared memory): not the default, measured slower (``DataTiling.for_spec``).
 * ``grad_weight_primfunc`` - grad_weight (and grad_bias, folded in) as partial sums per split of
-  the (batch x positions) reduction: a block owns ``o_threads * o_regs`` output channels x
-  ``c_threads * c_regs`` input channels of one tap; per step of ``positions`` flat positions it
-  computes their sampling points once into shared memory, interpolates its channels' samples
-  (times the mask) into shared memory, stages grad_output's step, and each thread accumulates an
-  ``o_regs x c_regs`` outer product in registers. grad_bias is the row sums of the staged
-  grad_output, taken by the blocks of tap 0 and the first channel tile.
+  the (batch x positions) reduction: a block owns ``o_tile`` output channels x ``c_tile`` input
+  channels of one tap; per step of ``positions`` flat positions it computes their sampling points
+  once into shared memory, interpolates its channels' samples (times the mask) into shared
+  memory and stages grad_output's step. On tensor cores (float16, bfloat16, TF32; ``cuda_mma``)
+  both are staged channel-major in the spec's dtype (the samples rounded as torchvision's columns
+  are) and each warp multiplies its ``o_regs`` m16 x ``c_regs`` n8 tiles with ``mma.sync``,
+  channels padded to whole tiles; on SIMT cores each thread accumulates an ``o_regs x c_regs``
+  outer product in registers. grad_bias is the row sums of the staged grad_output, taken by the
+  blocks of tap 0 and the first channel tile.
 * ``weight_reduce_primfunc`` - adds the splits in a fixed order (deterministic) and casts.
+
+Both kernels are launched with ``__launch_bounds__(threads, resident_blocks)``, so that they keep
+to 64 registers where shared memory lets 8 blocks of 128 threads share an SM.
 
 grad_input's order of additions varies between runs (atomics); the deterministic mode keeps the
 staged backward with the sorted gather. Corners that are outside the image are skipped; NaN

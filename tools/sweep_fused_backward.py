@@ -1,12 +1,14 @@
 """Time tilings of the fused CUDA backward's kernels side by side (to choose their defaults).
 
-    python tools/sweep_fused_backward.py [--workloads ...] [--dtypes ...]
+    python tools/sweep_fused_backward.py [--workloads ...] [--dtypes float16 tf32 ...]
 
 For each workload: ``grad_data`` with its default ``DataTiling`` and variants (tile shapes,
-weight stage, halo, channel splits, patches not staged) and ``grad_weight`` with its default
-``WeightTiling`` and variants (threads x registers, splits, positions per step), each timed alone
-with CUDA events over 20 back-to-back calls on the workload's profile inputs. The measured
-figures that chose the defaults are in ``tools/results/fused_backward_sweep_h200.txt``.
+weight stage, halo, channel splits, patches not staged, one-pixel flushes, tensor-core
+grad_columns) and ``grad_weight`` with its default ``WeightTiling`` and variants (threads x
+registers, splits, positions per step, SIMT instead of tensor cores), each timed alone with CUDA
+events over 20 back-to-back calls on the workload's profile inputs (dtype ``tf32``: float32 on
+TF32 tensor cores). The measured figures that chose the defaults are in
+``tools/results/fused_backward_sweep_h200.txt`` and ``fused_backward_tensor_cores_h200.txt``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tvm
 from deft_tvm.bench import gpu_ms
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, fused_backward_module
+from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 
@@ -32,7 +35,11 @@ def data_variants(spec) -> dict[str, DataTiling]:
                 "splits*2": r(d, channel_splits=2 * d.channel_splits)}
     chunks = spec.in_channels // spec.offset_groups // d.chunk
     opg = spec.out_channels // spec.groups
-    return {k: v for k, v in variants.items() if chunks % v.channel_splits == 0 and opg % v.o_step == 0}
+    variants = {k: v for k, v in variants.items() if chunks % v.channel_splits == 0 and opg % v.o_step == 0}
+    variants["flush1"] = r(d, flush_width=1)
+    if mma_shape(spec) is not None:
+        variants["tensor_cores"] = DataTiling.for_spec(spec, tensor_cores=True)
+    return variants
 
 
 def weight_variants(spec) -> dict[str, WeightTiling]:
@@ -44,18 +51,20 @@ def weight_variants(spec) -> dict[str, WeightTiling]:
         variants["o_regs8"] = r(w, o_threads=w.o_threads // 2, o_regs=8)
     if w.o_regs == 8:
         variants["o_regs4"] = r(w, o_threads=w.o_threads * 2, o_regs=4)
+    if w.tensor_cores:  # the SIMT tiling of the same layer
+        variants["simt"] = WeightTiling.for_spec(r(spec, dtype="float32", tf32=False))
     return variants
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(BENCHMARK_WORKLOADS))
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "tf32"])
     args = parser.parse_args()
     target = target_for_device("cuda")
     for name in args.workloads:
         for dtype in args.dtypes:
-            workload = get_workload(name, dtype)
+            workload = get_workload(name, "float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
             spec, inputs = workload.spec, workload.make_inputs(device="cuda")
             n, c, h, w = spec.input_shape
             acc = torch.float64 if dtype == "float64" else torch.float32

@@ -151,8 +151,11 @@ def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, ma
     grad_bias = torch.empty((o,), dtype=input.dtype, device=device) if spec.has_bias else None
     kernels.reduce(*[t for t in (weight_part.view(kernels.weight_splits, -1), bias_part, grad_weight.view(-1),
                                  grad_bias) if t is not None])
-    return (grad_input.view(spec.input_shape).to(input.dtype), grad_offset.sum(0).to(input.dtype), grad_weight,
-            grad_bias, grad_mask.sum(0).to(input.dtype) if grad_mask is not None else None)
+    def total(parts):  # the channel splits' sums (one split: the buffer itself, no copy)
+        return (parts[0] if len(parts) == 1 else parts.sum(0)).to(input.dtype)
+
+    return (grad_input.view(spec.input_shape).to(input.dtype), total(grad_offset), grad_weight, grad_bias,
+            total(grad_mask) if grad_mask is not None else None)
 
 
 def sort_by_pixel(coord_index, pixels: int):
