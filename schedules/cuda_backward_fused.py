@@ -45,7 +45,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
+import sys
+from pathlib import Path
 
 from tvm import tirx
 
@@ -900,18 +903,37 @@ def _without(func, names):
     return tirx.PrimFunc([v for v in func.params if v.name not in names], func.body, func.ret_type, func.attrs)
 
 
+def default_tilings(spec: DeformConvSpec, arch: str = "sm_90") -> tuple[DataTiling, WeightTiling]:
+    """The ``for_spec`` tilings, with one-pixel grad_input flushes before ``sm_90`` (no float4
+    atomics there)."""
+    data = DataTiling.for_spec(spec)
+    if int(arch.removeprefix("sm_").rstrip("a")) < 90:
+        data = dataclasses.replace(data, flush_width=1)
+    return data, WeightTiling.for_spec(spec)
+
+
+def fingerprint(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling, arch: str) -> str:
+    """A hash of everything ``fused_backward_module`` output depends on besides TVM: the spec, the
+    tilings, the architecture and the source of this module, ``cuda_mma`` and the sampling math (a
+    changed schedule never reuses a stale cached library)."""
+    from deft_tvm.compute import sampling
+    from deft_tvm.schedules import cuda_mma
+
+    digest = hashlib.sha256(repr((spec.key(), data, weight, arch)).encode())
+    for module in (sys.modules[__name__], cuda_mma, sampling):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, weight: WeightTiling | None = None,
                           arch: str = "sm_90"):
     """``(module, data, weight)``: the IRModule of the three kernels (``grad_data``,
-    ``grad_weight``, ``weight_reduce``) with the given tilings (default ``for_spec``, with
-    one-pixel grad_input flushes before ``sm_90``, which lacks float4 atomics), and those tilings
-    (the caller sizes the partial-sum buffers by them)."""
+    ``grad_weight``, ``weight_reduce``) with the given tilings (default ``default_tilings``), and
+    those tilings (the caller sizes the partial-sum buffers by them)."""
     import tvm
 
-    data = data or DataTiling.for_spec(spec)
-    if int(arch.removeprefix("sm_").rstrip("a")) < 90:
-        data = dataclasses.replace(data, flush_width=1)
-    weight = weight or WeightTiling.for_spec(spec)
+    defaults = default_tilings(spec, arch)
+    data, weight = data or defaults[0], weight or defaults[1]
     module = tvm.IRModule({
         "grad_data": grad_data_primfunc(spec, data),
         "grad_weight": grad_weight_primfunc(spec, weight),

@@ -16,6 +16,8 @@ from deft_tvm.schedules.cuda_backward_fused import (
     SHARED_BYTES,
     DataTiling,
     WeightTiling,
+    default_tilings,
+    fingerprint,
     fused_backward_module,
     grad_data_primfunc,
     grad_weight_primfunc,
@@ -168,3 +170,16 @@ def test_fused_kernels_index_in_64_bits_past_int32():
     source = _source(HUGE_BACKWARD)
     assert "long long" in source or "int64_t" in source
     assert _compile(source)[:4] == b"\x7fELF"
+
+
+def test_fingerprint_follows_the_spec_the_tilings_and_the_architecture():
+    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float16")
+    data, weight = default_tilings(spec)
+    base = fingerprint(spec, data, weight, "sm_90")
+    assert base == fingerprint(spec, *default_tilings(spec), "sm_90") and len(base) == 16
+    assert default_tilings(spec, "sm_80")[0].flush_width == 1 and data.flush_width == 4
+    others = {fingerprint(dataclasses.replace(spec, dtype="bfloat16"), data, weight, "sm_90"),
+              fingerprint(spec, dataclasses.replace(data, halo=2), weight, "sm_90"),
+              fingerprint(spec, data, dataclasses.replace(weight, splits=weight.splits + 1), "sm_90"),
+              fingerprint(spec, data, weight, "sm_80")}
+    assert len(others) == 4 and base not in others

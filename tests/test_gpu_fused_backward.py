@@ -131,3 +131,22 @@ def test_tensor_core_and_simt_kernels_agree(case, dtype):
     for tensor_cores, simt_sums in zip(*results):
         scale = max(simt_sums.abs().max().item(), 1.0)
         assert_close(tensor_cores / scale, simt_sums.double() / scale, "tf32" if dtype == "tf32" else dtype)
+
+
+def test_fused_kernels_load_from_the_disk_cache_without_compiling(isolated_cache, monkeypatch):
+    from deft_tvm.runtime import backward
+
+    spec = dataclasses.replace(CASES["og4_nobias"], dtype="float16")
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=25).items()}
+    leaves = {k: v.cuda() for k, v in grad_leaves(make_case(spec, seed=25)).items()}
+
+    def gradients():
+        out = deft_tvm.deform_conv2d(**{**args, **leaves})
+        return torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
+
+    first = gradients()
+    assert list(isolated_cache.rglob(f"{spec.key()}-fused_backward-*.so"))
+    backward._kernels.clear()
+    monkeypatch.setattr(backward, "compile_kernel", lambda *a: pytest.fail("cached fused kernels were recompiled"))
+    for a, b in zip(first, gradients()):
+        assert_close(b.double(), a.double(), "float32")

@@ -69,3 +69,50 @@ def test_untuned_warning_points_at_the_callers_line(isolated_cache):
             layer(args["input"], args["offset"], args["mask"])
     for record in (*functional_call, *module_call):
         assert record.filename == __file__, record.filename
+
+
+def _two_function_module():
+    from tvm.script import tirx as T
+
+    f32 = "float32"
+
+    @T.prim_func
+    def double(a: T.Buffer((4,), f32), b: T.Buffer((4,), f32)):
+        for i in range(4):
+            b[i] = a[i] * T.float32(2)
+
+    @T.prim_func
+    def negate(a: T.Buffer((4,), f32), b: T.Buffer((4,), f32)):
+        for i in range(4):
+            b[i] = -a[i]
+
+    import tvm
+
+    return tvm.IRModule({"double": double.with_attr("global_symbol", "double"),
+                         "negate": negate.with_attr("global_symbol", "negate")})
+
+
+def test_a_library_is_cached_under_its_name_and_fingerprint(isolated_cache):
+    """The fused backward's path: a multi-function library keyed by a caller's fingerprint, built
+    once, then loaded from disk without building (or making) its module."""
+    from deft_tvm.runtime.targets import compile_kernel
+
+    target = target_for_device("cpu")
+    built = []
+
+    def build_library():
+        built.append(1)
+        return compile_kernel(_two_function_module(), target)
+
+    def run(functions):
+        a, out = torch.arange(4, dtype=torch.float32), torch.empty(4)
+        return [(f(a, out), out.tolist())[1] for f in functions]
+
+    first = kernel_cache.load_or_build_library("pair", "0123abcd", target, build_library, ("double", "negate"))
+    assert run(first) == [[0.0, 2.0, 4.0, 6.0], [-0.0, -1.0, -2.0, -3.0]] and built == [1]
+    path = kernel_cache.library_path("pair", "0123abcd", target)
+    assert path.is_file() and path.is_relative_to(isolated_cache) and path.name == "pair-0123abcd.so"
+    again = kernel_cache.load_or_build_library("pair", "0123abcd", target, build_library, ("negate",))
+    assert run(again) == [[-0.0, -1.0, -2.0, -3.0]] and built == [1]
+    kernel_cache.load_or_build_library("pair", "another", target, build_library, ("double",))
+    assert built == [1, 1]

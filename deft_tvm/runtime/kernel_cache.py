@@ -82,12 +82,21 @@ def schedule_for(spec: DeformConvSpec, target: tvm.target.Target, part: str = "f
     return default_schedule(kernel_primfunc(spec, part), spec, target, part), False
 
 
+def library_path(name: str, fingerprint: str, target: tvm.target.Target) -> Path:
+    """Where the compiled library ``name`` (fingerprint: a hash of what its code is a function of)
+    for ``target`` is cached."""
+    return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / f"{name}-{fingerprint}.so"
+
+
+def _fingerprint(sch) -> str:
+    return f"{tvm_ffi.structural_hash(sch.mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 def kernel_path(spec: DeformConvSpec, target: tvm.target.Target, sch=None) -> Path:
     """Where the compiled library of ``spec`` for ``target`` (scheduled by ``sch``, default: the
     schedule ``schedule_for`` picks) is cached."""
     sch = sch if sch is not None else schedule_for(spec, target)[0]
-    fingerprint = tvm_ffi.structural_hash(sch.mod) & 0xFFFFFFFFFFFFFFFF
-    return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / f"{spec.key()}-{fingerprint:016x}.so"
+    return library_path(spec.key(), _fingerprint(sch), target)
 
 
 def build(spec: DeformConvSpec, target: tvm.target.Target, sch=None):
@@ -109,22 +118,30 @@ def _export_atomically(executable, path: Path) -> None:
             os.unlink(tmp)
 
 
-def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch) -> Callable:
-    """The kernel of ``spec`` scheduled by ``sch``, from the disk cache or compiled into it."""
-    path = kernel_path(spec, target, sch)
+def load_or_build_library(name: str, fingerprint: str, target: tvm.target.Target, build_library: Callable,
+                          functions: tuple[str, ...]) -> list[Callable]:
+    """The ``functions`` of the cached library ``name``-``fingerprint`` for ``target``, or of
+    ``build_library()`` (a TVM Executable, compiled only on a miss), written into the cache."""
+    path = library_path(name, fingerprint, target)
     if path.exists():
         try:
-            return tvm.runtime.load_module(str(path))["main"]
+            library = tvm.runtime.load_module(str(path))
+            return [library[f] for f in functions]
         except Exception as err:  # noqa: BLE001 - any failure to load means: rebuild it
             warnings.warn(
                 f"deft_tvm: cached kernel {path} could not be loaded ({type(err).__name__}: {err}); rebuilding it",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             path.unlink(missing_ok=True)
-    executable = build(spec, target, sch)
+    executable = build_library()
     _export_atomically(executable, path)
-    return executable["main"]
+    return [executable[f] for f in functions]
+
+
+def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch) -> Callable:
+    """The kernel of ``spec`` scheduled by ``sch``, from the disk cache or compiled into it."""
+    return load_or_build_library(spec.key(), _fingerprint(sch), target, lambda: build(spec, target, sch), ("main",))[0]
 
 
 def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
