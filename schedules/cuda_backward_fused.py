@@ -92,6 +92,7 @@ class DataTiling:
     staged: bool = True
     tensor_cores: bool = False
     flush_width: int = 4
+    quad_patch: bool = False
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -108,7 +109,7 @@ class DataTiling:
     def shared_bytes(self, spec: DeformConvSpec) -> int:
         rows, cols = self.patch(spec)
         acc, item = DTYPE_BYTES[accumulate_dtype(spec.dtype)], DTYPE_BYTES[spec.dtype]
-        patches = self.chunk * rows * cols * (item + acc) if self.staged else 0
+        patches = self.chunk * rows * cols * (item + acc * (4 if self.quad_patch else 1)) if self.staged else 0
         if not self.tensor_cores:
             return patches + self.o_step * self.chunk * acc
         n8 = -(-self.chunk // 8) * 8
@@ -116,7 +117,8 @@ class DataTiling:
         return patches + taps * n8 * (self.o_step * item + 16) + self.tile_h * self.tile_w * (n8 + 4) * 4
 
     @classmethod
-    def for_spec(cls, spec: DeformConvSpec, halo: int = 4, tensor_cores: bool = False) -> "DataTiling":
+    def for_spec(cls, spec: DeformConvSpec, halo: int = 4, tensor_cores: bool = False,
+                 quad_patch: bool = False) -> "DataTiling":
         """128 positions per block in the tile shape that pads the output least (of equals, the
         first of ``TILE_SHAPES``), a ``halo`` px halo, 8-channel chunks, 64 output channels per
         weight stage (fewer channels, then a smaller halo, where shared memory would pass 48 KB),
@@ -126,6 +128,11 @@ class DataTiling:
         memory once per chunk instead of reading it per tap cost up to 1.5x (2.29 ms; r50 c3 1.41
         vs 1.45, video 0.83 vs 0.70 ms), as it leaves room for fewer channels per chunk and fewer
         blocks per SM.
+
+        ``quad_patch`` keeps four sums per grad_input patch pixel (the samples of which it is the
+        top-left, top-right, bottom-left and bottom-right corner), so that a sample adds its four
+        corners with one 128-bit compare-and-swap loop instead of four 32-bit ones (sm_90), at four
+        times the patch's shared memory (smaller chunks or halo). Not yet measured: not the default.
 
         ``tensor_cores`` (float16, bfloat16, TF32 only; ``cuda_mma``) computes the grad_columns
         with ``mma.sync`` instead, on stages of up to 64 output channels padded to the mma depth.
@@ -153,8 +160,8 @@ class DataTiling:
             choices = [(chunk, depth) for chunk in chunks for depth in depths if depth <= 64]
         else:
             choices = [(chunk, largest_divisor(opg, 64)) for chunk in chunks]
-        fitting = (cls(tile_h, tile_w, h, chunk, o_step, 1, True, tensor_cores) for h in range(halo, -1, -1)
-                   for chunk, o_step in choices)
+        fitting = (cls(tile_h, tile_w, h, chunk, o_step, 1, True, tensor_cores, quad_patch=quad_patch)
+                   for h in range(halo, -1, -1) for chunk, o_step in choices)
         tiling = next(t for t in fitting if t.shared_bytes(spec) <= SHARED_BYTES)
         chunks = spec.in_channels // spec.offset_groups // tiling.chunk
         tiles = spec.batch * spec.offset_groups * -(-spec.out_h // tile_h) * -(-spec.out_w // tile_w)
@@ -236,7 +243,8 @@ class WeightTiling:
         equals, with at most ``PARTIAL_FLOATS`` partial sums. Measured on an H200 (float16
         tensor-core grad_weight, ms, by the splits' grid in waves): paper N=32 0.85 (1/2 wave),
         0.64 (3/4), 0.56 (1 wave), 0.73 (1.5 waves); r50 c5 0.77 (1 split, 1/2 wave of 33 steps)
-        and 0.54 (3 splits, 2 waves of 11)."""
+        and 0.54 (3 splits, 2 waves of 11). r50 c3 does not follow the model: 0.61 at 3/4 of a wave,
+        0.83-0.84 at 28-30 splits (this rule's choice, about one wave)."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
         tiles = spec.kernel_h * spec.kernel_w * spec.groups * -(-opg // self.o_tile) * -(-ipg // self.c_tile)
         steps = -(-spec.batch * spec.out_h * spec.out_w // self.positions)
@@ -295,8 +303,34 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     width = tiling.flush_width if acc == "float32" else 1  # float2 / float4 atomics: float32 only
     if width not in (1, 2, 4):
         raise ValueError(f"{tiling} flushes groups of 1, 2 or 4 pixels, got {width}")
+    quad = staged and tiling.quad_patch
+    if quad and acc != "float32":
+        raise ValueError(f"{tiling}: quad patches hold float32 sums (128-bit words), not {acc}")
     min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
     row_groups = cols // width + 2  # groups of ``width`` that cover a patch row at any alignment
+
+    def patch_total(grad_patch, e):
+        """The grad_input sum of patch pixel ``e`` (channel-major flat index): with quad patches,
+        its top-left sums plus its left, upper and upper-left neighbours' right, bottom and
+        bottom-right ones (indices clamped where the neighbour is outside the patch)."""
+        if not quad:
+            return grad_patch[e]
+        left, up = e % cols >= 1, e % patch >= cols
+        return (grad_patch[e * 4] + tirx.Select(left, grad_patch[tirx.max(e - 1, 0) * 4 + 1], zero)
+                + tirx.Select(up, grad_patch[tirx.max(e - cols, 0) * 4 + 2], zero)
+                + tirx.Select(tirx.all(left, up), grad_patch[tirx.max(e - cols - 1, 0) * 4 + 3], zero))
+
+    def quad_add(address, values):
+        """Adds ``values`` (4) to the 16-byte word at ``address`` with a 128-bit compare-and-swap loop."""
+        from tvm.script import tirx as T
+
+        source = ("__device__ __forceinline__ void deft_shared_add_quad(float* address, float a, float b, float c, "
+                  "float d) { unsigned __int128* word = reinterpret_cast<unsigned __int128*>(address); "
+                  "unsigned __int128 seen = *word, expected; do { expected = seen; float4 sum = "
+                  "*reinterpret_cast<float4*>(&expected); sum.x += a; sum.y += b; sum.z += c; sum.w += d; "
+                  "seen = atomicCAS(word, expected, *reinterpret_cast<unsigned __int128*>(&sum)); } "
+                  "while (seen != expected); }\n")
+        return T.cuda.func_call("deft_shared_add_quad", address, *values, source_code=source)
 
     def any_nonzero(values):
         return functools.reduce(tirx.Or, [values[k] != zero for k in range(width)])
@@ -308,7 +342,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         name = f"deft_atomic_add_float{width}"
         names = ", ".join(f"float v{k}" for k in range(width))
         source = (f"__device__ __forceinline__ void {name}(float* address, {names}) {{ atomicAdd(reinterpret_cast<"
-                  f"float{width}*>(address), make_float{width}({', '.join(f'v{k}' for k in range(width))})); }}")
+                  f"float{width}*>(address), make_float{width}({', '.join(f'v{k}' for k in range(width))})); }}\n")
         return T.cuda.func_call(name, address, *[values[k] for k in range(width)], source_code=source)
 
     resident = tensor_cores and stages == 1  # grad_output fragments held per group, weights staged per chunk
@@ -413,7 +447,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         patch_x = T.Cast("int32", tile_x * tw * sw - pad_w - halo)
 
         in_patch = T.alloc_buffer((chunk * patch,), dtype, scope="shared")
-        grad_patch = T.alloc_buffer((chunk * patch,), acc, scope="shared")
+        grad_patch = T.alloc_buffer((chunk * patch * (4 if quad else 1),), acc, scope="shared")
+        word = T.alloc_buffer((1,), "int32", scope="local")  # quad patches: the sample's word, or -1
         w_stage = T.alloc_buffer(w_shape, w_dtype, scope="shared")
         exchange = T.alloc_buffer(x_shape, "float32", scope="shared")
         a_frag = T.alloc_buffer(a_shape, dtype, scope="local")
@@ -438,7 +473,11 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     if e < chunk * patch:
                         yy = patch_y + e % patch // cols
                         xx = patch_x + e % cols
-                        grad_patch[e] = zero
+                        if quad:
+                            for q in T.unroll(4):
+                                grad_patch[e * 4 + q] = zero
+                        else:
+                            grad_patch[e] = zero
                         in_patch[e] = T.Cast(dtype, 0)
                         if yy >= 0 and yy < h and xx >= 0 and xx < w:
                             in_patch[e] = input[b, c0 + e // patch, yy * w + xx]
@@ -493,6 +532,10 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                 and xi < patch_x + cols, (yi - patch_y) * cols + xi - patch_x, -1)
                         share[k] = (T.Select(k // 2 == 1, point[0], one - point[0])
                                     * T.Select(k % 2 == 1, point[1], one - point[1]))
+                    if quad:  # the top-left corner's word, when all four corners are in the patch
+                        word[0] = T.Select(
+                            y_low >= patch_y and y_low < patch_y + rows - 1 and x_low >= patch_x
+                            and x_low < patch_x + cols - 1, ((y_low - patch_y) * cols + x_low - patch_x) * 4, -1)
                     for i in T.unroll(3):
                         d[i] = zero
                     for j in range(chunk):
@@ -515,7 +558,17 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                 point[3] > zero, zero,
                                 value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
                                 + value[3] * share[3])
-                        for k in T.unroll(4):
+                        if quad:
+                            if word[0] >= 0:
+                                if flat[0] >= 0 or flat[1] >= 0 or flat[2] >= 0 or flat[3] >= 0:
+                                    T.evaluate(quad_add(T.address_of(grad_patch[j * patch * 4 + word[0]]), [
+                                        T.Select(flat[k] >= 0, col * point[2] * share[k], zero) for k in range(4)]))
+                            else:
+                                for k in T.unroll(4):
+                                    if flat[k] >= 0:
+                                        T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
+                                                                     col * point[2] * share[k]))
+                        for k in T.unroll(4 * (not quad)):
                             if staged:
                                 if local[k] >= 0:
                                     T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
@@ -547,7 +600,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     if e < chunk * patch:
                         yy = patch_y + e % patch // cols
                         xx = patch_x + e % cols
-                        total = grad_patch[e]
+                        total = patch_total(grad_patch, e)
                         if total != zero and yy >= 0 and yy < h and xx >= 0 and xx < w:
                             T.evaluate(T.cuda.atomic_add(
                                 T.address_of(grad_input[b, c0 + e // patch, yy * w + xx]), total))
@@ -569,7 +622,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                 for k in T.unroll(width):
                                     flush[k] = zero
                                     if start + k >= x_lo and start + k < x_hi:
-                                        flush[k] = grad_patch[j * patch + r * cols + start + k - patch_x]
+                                        flush[k] = patch_total(grad_patch, j * patch + r * cols + start + k - patch_x)
                                 if start >= 0 and start + width <= w:  # the whole group in the row
                                     if any_nonzero(flush):
                                         T.evaluate(vector_add(T.address_of(grad_input[b, c0 + j, row0 + start]), flush))

@@ -158,6 +158,24 @@ def test_patches_flush_with_vector_atomics_on_sm_90_only():
 
 
 @needs_nvcc
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_quad_patch_data_kernel_adds_corners_with_128_bit_words(shape, dtype):
+    spec = dataclasses.replace(SHAPES[shape], dtype=dtype)
+    tiling = DataTiling.for_spec(spec, quad_patch=True)
+    assert tiling.shared_bytes(spec) <= SHARED_BYTES
+    source = _source(spec, tiling)
+    assert "atomicCAS(word" in source and "deft_shared_add_quad(" in source.split("grad_data_kernel(")[-1]
+    assert _compile(source)[:4] == b"\x7fELF"
+
+
+def test_quad_patches_hold_float32_sums_only():
+    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float64")
+    with pytest.raises(ValueError, match=r"quad patches hold float32 sums \(128-bit words\), not float64"):
+        grad_data_primfunc(spec, DataTiling.for_spec(spec, quad_patch=True))
+
+
+@needs_nvcc
 def test_unstaged_data_kernel_reads_and_adds_through_global_memory():
     spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float16")
     source = _source(spec, dataclasses.replace(DataTiling.for_spec(spec), staged=False))

@@ -71,16 +71,21 @@ def test_extreme_offsets_give_the_reference_gradients(case, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
     """Staged patches flushed in groups of 4, 2 and 1 pixels (float4 / float2 / scalar atomics, rows
-    of 37, 70 and 13 px: groups across row ends) add up to the unstaged kernel's gradients."""
+    of 37, 70 and 13 px: groups across row ends), and quad patches (a sample's four corners in one
+    128-bit word), add up to the unstaged kernel's gradients."""
     spec = dataclasses.replace(CASES[case], dtype=dtype)
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=23).items()}
     grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
     n, c, h, w = spec.input_shape
     results = []
-    tiling = DataTiling.for_spec(spec, tensor_cores=tensor_cores)
-    for variant in (dict(staged=False), dict(flush_width=4), dict(flush_width=2), dict(flush_width=1)):
-        module, _, _ = fused_backward_module(spec, dataclasses.replace(tiling, **variant))
-        kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
+    default = DataTiling.for_spec(spec, tensor_cores=tensor_cores)
+    quad = DataTiling.for_spec(spec, tensor_cores=tensor_cores, quad_patch=True)
+    for tiling in [dataclasses.replace(default, **variant) for variant in (
+            dict(staged=False), dict(flush_width=4), dict(flush_width=2), dict(flush_width=1))] + [
+            quad, dataclasses.replace(quad, flush_width=1)]:
+        module, _, _ = fused_backward_module(spec, tiling)
+        only_data = tvm.IRModule({"grad_data": module["grad_data"]})
+        kernel = compile_kernel(only_data, target_for_device("cuda"))["grad_data"]
         grad_input = torch.zeros((n, c, h * w), device="cuda")
         grad_offset = torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")
         grad_mask = [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask

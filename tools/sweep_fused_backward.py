@@ -4,10 +4,10 @@
 
 For each workload: ``grad_data`` with its default ``DataTiling`` and variants (tile shapes,
 weight stage, halo, channel splits, patches not staged, one-pixel flushes, tensor-core
-grad_columns) and ``grad_weight`` with its default ``WeightTiling`` and variants (threads x
-registers, splits, positions per step, SIMT instead of tensor cores), each timed alone with CUDA
-events over 20 back-to-back calls on the workload's profile inputs (dtype ``tf32``: float32 on
-TF32 tensor cores). The measured figures that chose the defaults are in
+grad_columns, quad patches) and ``grad_weight`` with its default ``WeightTiling`` and variants
+(threads x registers, splits, positions per step, SIMT instead of tensor cores), each timed alone
+with CUDA events over 20 back-to-back calls on the workload's profile inputs (dtype ``tf32``:
+float32 on TF32 tensor cores). The measured figures that chose the defaults are in
 ``tools/results/fused_backward_sweep_h200.txt`` and ``fused_backward_tensor_cores_h200.txt``.
 """
 
@@ -37,6 +37,8 @@ def data_variants(spec) -> dict[str, DataTiling]:
     opg = spec.out_channels // spec.groups
     variants = {k: v for k, v in variants.items() if chunks % v.channel_splits == 0 and opg % v.o_step == 0}
     variants["flush1"] = r(d, flush_width=1)
+    if spec.dtype != "float64":
+        variants["quad"] = DataTiling.for_spec(spec, quad_patch=True)
     if mma_shape(spec) is not None:
         variants["tensor_cores"] = DataTiling.for_spec(spec, tensor_cores=True)
     return variants
