@@ -68,6 +68,11 @@ SM_SHARED_BYTES = 228 * 1024  # shared memory of an sm_90 SM (H100 / H200); 1 KB
 PARTIAL_FLOATS = 8 << 20  # at most 32 MB of grad_weight partial sums
 
 
+def _without_empty_splits(steps: int, splits: int) -> int:
+    """The splits that ``steps`` steps in splits of ``ceil(steps / splits)`` fill (none empty)."""
+    return -(-steps // -(-steps // splits))
+
+
 def resident_blocks(shared_bytes: int, threads: int) -> int:
     """Blocks of ``threads`` threads and ``shared_bytes`` of shared memory an sm_90 SM runs at once
     with at most 64 registers per thread: the kernels are launched with that bound
@@ -198,14 +203,17 @@ class WeightTiling:
     def threads(self) -> int:
         return self.o_threads * self.c_threads * (32 if self.tensor_cores else 1)
 
+    def point_table_groups(self, spec: DeformConvSpec) -> int:
+        """Offset groups one channel tile can span (at most): the sampling-point tables per step."""
+        return min(spec.offset_groups, -(-self.c_tile // (spec.in_channels // spec.offset_groups)) + 1)
+
     def shared_bytes(self, spec: DeformConvSpec) -> int:
-        groups = min(spec.offset_groups, -(-self.c_tile // (spec.in_channels // spec.offset_groups)) + 1)
         acc = DTYPE_BYTES[accumulate_dtype(spec.dtype)]
         if self.tensor_cores:  # staged operands, channel-major, rows padded by 16 bytes
             rows = (self.o_tile + self.c_tile) * (self.positions * DTYPE_BYTES[spec.dtype] + 16)
         else:  # position-major, rows padded by 4 elements
             rows = self.positions * (self.o_tile + self.c_tile + 8) * acc
-        return groups * self.positions * 4 * (4 + DTYPE_BYTES[accumulate_dtype(spec.dtype)]) + self.positions * 4 + rows
+        return self.point_table_groups(spec) * self.positions * 4 * (4 + acc) + self.positions * 4 + rows
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "WeightTiling":
@@ -219,8 +227,9 @@ class WeightTiling:
         against 1.04 / 0.48 (1.28 / 0.95) the other way round. Splits until the grid has about
         ``TARGET_BLOCKS`` blocks (twice that for wide SIMT layers)."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
-        wide = opg > 64 and mma_shape(spec) is None
-        if mma_shape(spec) is not None:
+        tensor_cores = mma_shape(spec) is not None
+        wide = opg > 64 and not tensor_cores
+        if tensor_cores:
             o_pad, c_pad = min(-(-opg // 16) * 16, 64), min(-(-ipg // 8) * 8, 64)
             o_warps, c_warps = 2 if o_pad == 64 else 1, 2 if c_pad == 64 else 1
             tiling = cls(o_warps, o_pad // 16 // o_warps, c_warps, c_pad // 8 // c_warps, 64, 1, True)
@@ -234,8 +243,7 @@ class WeightTiling:
             tiles = spec.kernel_h * spec.kernel_w * spec.out_channels // tiling.o_tile * (ipg // tiling.c_tile)
             steps = -(-spec.batch * spec.out_h * spec.out_w // tiling.positions)
             splits = max(1, min(steps, -(-(2 if wide else 1) * TARGET_BLOCKS // tiles)))
-            per_split = -(-steps // splits)
-            return dataclasses.replace(tiling, splits=-(-steps // per_split))  # no empty split
+            return dataclasses.replace(tiling, splits=_without_empty_splits(steps, splits))
         return dataclasses.replace(tiling, splits=tiling.fewest_waves(spec))
 
     def fewest_waves(self, spec: DeformConvSpec) -> int:
@@ -255,8 +263,7 @@ class WeightTiling:
             per_split = -(-steps // splits)
             return -(-tiles * splits // wave) * per_split, splits
 
-        splits = min(range(1, most + 1), key=cost)
-        return -(-steps // -(-steps // splits))  # no empty split
+        return _without_empty_splits(steps, min(range(1, most + 1), key=cost))
 
     def steps(self, spec: DeformConvSpec) -> int:
         """Steps of ``positions`` each split takes."""
@@ -655,12 +662,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     return _without(grad_data, () if has_mask else ("mask", "grad_mask"))
 
 
-def _point_table_groups(spec: DeformConvSpec, tiling: WeightTiling) -> int:
-    """Offset groups one channel tile of ``grad_weight_primfunc`` can span (at most)."""
-    cpg = spec.in_channels // spec.offset_groups
-    return min(spec.offset_groups, -(-tiling.c_tile // cpg) + 1)
-
-
 def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     """Partial sums of grad_weight (``[splits, out_channels, in_channels // groups, kernel_h *
     kernel_w]``, accumulate dtype) and, with a bias, of grad_bias (``[splits, out_channels]``),
@@ -687,7 +688,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                          f"({mma.k if mma else '-'})")
     o_tiles, c_tiles = -(-opg // o_tile), -(-ipg // c_tile)  # per group (tensor cores pad the last)
     threads = tiling.threads
-    groups_in_tile = _point_table_groups(spec, tiling)
+    groups_in_tile = tiling.point_table_groups(spec)
     steps = tiling.steps(spec)
     positions = oh * ow
     has_mask, has_bias = spec.has_mask, spec.has_bias
@@ -985,8 +986,9 @@ def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, 
     those tilings (the caller sizes the partial-sum buffers by them)."""
     import tvm
 
-    defaults = default_tilings(spec, arch)
-    data, weight = data or defaults[0], weight or defaults[1]
+    if data is None or weight is None:
+        defaults = default_tilings(spec, arch)
+        data, weight = data or defaults[0], weight or defaults[1]
     module = tvm.IRModule({
         "grad_data": grad_data_primfunc(spec, data),
         "grad_weight": grad_weight_primfunc(spec, weight),

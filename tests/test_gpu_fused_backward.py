@@ -76,7 +76,6 @@ def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
     spec = dataclasses.replace(CASES[case], dtype=dtype)
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=23).items()}
     grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
-    n, c, h, w = spec.input_shape
     results = []
     default = DataTiling.for_spec(spec, tensor_cores=tensor_cores)
     quad = DataTiling.for_spec(spec, tensor_cores=tensor_cores, quad_patch=True)
@@ -86,17 +85,24 @@ def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
         module, _, _ = fused_backward_module(spec, tiling)
         only_data = tvm.IRModule({"grad_data": module["grad_data"]})
         kernel = compile_kernel(only_data, target_for_device("cuda"))["grad_data"]
-        grad_input = torch.zeros((n, c, h * w), device="cuda")
-        grad_offset = torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")
-        grad_mask = [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
-        mask = [args["mask"]] * spec.has_mask
-        kernel(args["input"].view(n, c, h * w), args["offset"], *mask, args["weight"], grad_output, grad_input,
-               grad_offset, *grad_mask)
-        results.append([grad_input, grad_offset.sum(0), *[m.sum(0) for m in grad_mask]])
+        results.append(_run_data(kernel, spec, tiling, args, grad_output))
     for staged in results[1:]:
         for flushed, unstaged in zip(staged, results[0]):
             scale = max(unstaged.abs().max().item(), 1.0)
             assert_close(flushed / scale, unstaged.double() / scale, "float32")
+
+
+def _run_data(kernel, spec, tiling, args, grad_output):
+    """``kernel`` (a compiled grad_data of ``tiling``) on the case: grad_input, grad_offset and
+    grad_mask? (summed over the channel splits, float32)."""
+    n, c, h, w = spec.input_shape
+    mask = [args["mask"]] * spec.has_mask
+    grad_input = torch.zeros((n, c, h * w), device="cuda")
+    grad_offset = torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")
+    grad_mask = [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
+    kernel(args["input"].view(n, c, h * w), args["offset"], *mask, args["weight"], grad_output, grad_input,
+           grad_offset, *grad_mask)
+    return [grad_input, grad_offset.sum(0), *[m.sum(0) for m in grad_mask]]
 
 
 def _run_fused(spec, data, weight, args, grad_output):
@@ -106,17 +112,12 @@ def _run_fused(spec, data, weight, args, grad_output):
     kernels = compile_kernel(module, target_for_device("cuda"))
     n, c, h, w = spec.input_shape
     mask = [args["mask"]] * spec.has_mask
-    grad_input = torch.zeros((n, c, h * w), device="cuda")
-    grad_offset = torch.empty((data.channel_splits, *spec.offset_shape), device="cuda")
-    grad_mask = [torch.empty((data.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
-    kernels["grad_data"](args["input"].view(n, c, h * w), args["offset"], *mask, args["weight"], grad_output,
-                         grad_input, grad_offset, *grad_mask)
     taps = spec.kernel_h * spec.kernel_w
     weight_part = torch.empty((weight.splits, spec.out_channels, c // spec.groups, taps), device="cuda")
     bias_part = [torch.empty((weight.splits, spec.out_channels), device="cuda")] * spec.has_bias
     kernels["grad_weight"](args["input"].view(n, c, h * w), args["offset"], *mask,
                            grad_output.view(n, spec.out_channels, -1), weight_part, *bias_part)
-    return [grad_input, grad_offset.sum(0), *[m.sum(0) for m in grad_mask], weight_part.sum(0),
+    return [*_run_data(kernels["grad_data"], spec, data, args, grad_output), weight_part.sum(0),
             *[b.sum(0) for b in bias_part]]
 
 

@@ -131,8 +131,7 @@ def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, ma
     """``deform_conv2d_backward`` on CUDA with atomics: the fused kernels, no columns buffer; float32
     multiplies on TF32 tensor cores where ``torch.backends.cuda.matmul.allow_tf32`` is set (as
     torchvision's matmuls do then)."""
-    if spec.dtype == "float32" and torch.backends.cuda.matmul.allow_tf32:
-        spec = dataclasses.replace(spec, tf32=True)
+    spec = kernel_cache.with_torch_tf32(spec, input.device)
     kernels = _kernel(spec, target, "fused")
     n, c, h, w = spec.input_shape
     o, device = spec.out_channels, input.device

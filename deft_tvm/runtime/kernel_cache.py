@@ -177,6 +177,14 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
     return kernel
 
 
+def with_torch_tf32(spec: DeformConvSpec, device: torch.device) -> DeformConvSpec:
+    """``spec`` allowed to multiply float32 on TF32 tensor cores where torch's matmuls do: on CUDA
+    with ``torch.backends.cuda.matmul.allow_tf32`` set."""
+    if spec.dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return dataclasses.replace(spec, tf32=True)
+    return spec
+
+
 def forward_kernel(spec: DeformConvSpec, device: torch.device) -> tuple[DeformConvSpec, Callable]:
     """``(kernel spec, kernel)`` of the forward call ``spec`` describes (torch's NCHW view) on
     ``device``: float32 multiplies on TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set on
@@ -185,9 +193,7 @@ def forward_kernel(spec: DeformConvSpec, device: torch.device) -> tuple[DeformCo
     ``kernel_spec.kernel_arguments(...)`` and the output."""
     from deft_tvm.schedules import kernel_spec
 
-    if spec.dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        spec = dataclasses.replace(spec, tf32=True)
-    spec = kernel_spec(spec, target_for_device(device))
+    spec = kernel_spec(with_torch_tf32(spec, device), target_for_device(device))
     return spec, get_kernel(spec, device)
 
 
