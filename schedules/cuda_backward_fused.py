@@ -97,7 +97,6 @@ class DataTiling:
     staged: bool = True
     tensor_cores: bool = False
     flush_width: int = 4
-    quad_patch: bool = False
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -114,7 +113,7 @@ class DataTiling:
     def shared_bytes(self, spec: DeformConvSpec) -> int:
         rows, cols = self.patch(spec)
         acc, item = DTYPE_BYTES[accumulate_dtype(spec.dtype)], DTYPE_BYTES[spec.dtype]
-        patches = self.chunk * rows * cols * (item + acc * (4 if self.quad_patch else 1)) if self.staged else 0
+        patches = self.chunk * rows * cols * (item + acc) if self.staged else 0
         if not self.tensor_cores:
             return patches + self.o_step * self.chunk * acc
         n8 = -(-self.chunk // 8) * 8
@@ -123,7 +122,7 @@ class DataTiling:
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec, halo: int = 4, tensor_cores: bool = False,
-                 quad_patch: bool = False) -> "DataTiling":
+                 shared_limit: int = SHARED_BYTES) -> "DataTiling":
         """128 positions per block in the tile shape that pads the output least (of equals, the
         first of ``TILE_SHAPES``), a ``halo`` px halo, 8-channel chunks, 64 output channels per
         weight stage (fewer channels, then a smaller halo, where shared memory would pass 48 KB),
@@ -134,10 +133,12 @@ class DataTiling:
         vs 1.45, video 0.83 vs 0.70 ms), as it leaves room for fewer channels per chunk and fewer
         blocks per SM.
 
-        ``quad_patch`` keeps four sums per grad_input patch pixel (the samples of which it is the
-        top-left, top-right, bottom-left and bottom-right corner), so that a sample adds its four
-        corners with one 128-bit compare-and-swap loop instead of four 32-bit ones (sm_90), at four
-        times the patch's shared memory (smaller chunks or halo). Not yet measured: not the default.
+        ``shared_limit`` is the most shared memory per block (bytes; past 48 KB the kernel takes
+        dynamic shared memory, sm_70+). Not the default: every tiling past 48 KB was slower on an
+        H200 (fewer resident blocks), as were patches of 2 or 4 float32 sums per pixel so that a
+        sample adds a row's or all four corners with one 64- or 128-bit compare-and-swap loop (ms,
+        fp16 / TF32 data kernel: paper N=32 1.53 vs 3.58 / 2.81 and 1.66 vs 2.54 / 2.66, r50 c4
+        0.95 vs 1.40 / 1.79; ``tools/results/fused_backward_patches_h200.txt``).
 
         ``tensor_cores`` (float16, bfloat16, TF32 only; ``cuda_mma``) computes the grad_columns
         with ``mma.sync`` instead, on stages of up to 64 output channels padded to the mma depth.
@@ -165,14 +166,25 @@ class DataTiling:
             choices = [(chunk, depth) for chunk in chunks for depth in depths if depth <= 64]
         else:
             choices = [(chunk, largest_divisor(opg, 64)) for chunk in chunks]
-        fitting = (cls(tile_h, tile_w, h, chunk, o_step, 1, True, tensor_cores, quad_patch=quad_patch)
-                   for h in range(halo, -1, -1) for chunk, o_step in choices)
-        tiling = next(t for t in fitting if t.shared_bytes(spec) <= SHARED_BYTES)
-        chunks = spec.in_channels // spec.offset_groups // tiling.chunk
         tiles = spec.batch * spec.offset_groups * -(-spec.out_h // tile_h) * -(-spec.out_w // tile_w)
-        splits = min((d for d in range(1, chunks + 1) if chunks % d == 0 and tiles * d >= TARGET_BLOCKS),
-                     default=chunks)
-        return dataclasses.replace(tiling, channel_splits=splits)
+        cpg = spec.in_channels // spec.offset_groups
+
+        def with_fewest_waves(tiling):
+            """(cost, ``tiling`` with the channel splits of least cost)."""
+            wave = resident_blocks(tiling.shared_bytes(spec), tile_h * tile_w) * SMS
+            chunks = cpg // tiling.chunk
+
+            def cost(splits):
+                return -(-tiles * splits // wave) * (cpg // splits)
+
+            splits = min((d for d in range(1, chunks + 1) if chunks % d == 0), key=cost)  # the fewest of equals
+            return cost(splits), dataclasses.replace(tiling, channel_splits=splits)
+
+        fitting = [next((t for t in (cls(tile_h, tile_w, h, chunk, o_step, 1, True, tensor_cores)
+                                     for chunk, o_step in choices) if t.shared_bytes(spec) <= shared_limit), None)
+                   for h in range(halo, -1, -1)]
+        candidates = [t for t in fitting if t is not None][:3]  # the largest halo that fits and 2 px less
+        return min(map(with_fewest_waves, candidates), key=lambda pair: pair[0])[1]  # of equals the larger halo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,9 +228,13 @@ class WeightTiling:
         return self.point_table_groups(spec) * self.positions * 4 * (4 + acc) + self.positions * 4 + rows
 
     @classmethod
-    def for_spec(cls, spec: DeformConvSpec) -> "WeightTiling":
-        """With tensor cores (``cuda_mma``): up to 64 x 64 channels per block on 2 x 2 warps of 2 x 4
-        ``mma`` tiles (channels padded to whole tiles). On SIMT cores: up to 64 x 64 channels per
+    def for_spec(cls, spec: DeformConvSpec, o_channels: int = 256) -> "WeightTiling":
+        """With tensor cores (``cuda_mma``): up to ``o_channels`` x 64 channels per block, on a warp
+        per 32 output channels x 2 warps of 2 x 4 ``mma`` tiles (channels padded to whole tiles):
+        each block interpolates its input channels' samples once for all its output channels, so
+        wide layers re-interpolate less. Measured on an H200 (ms, float16 / TF32, up to 64, 128 and
+        256 output channels per block): r50 c3 0.83 / - / 0.51 (128 channels), c4 0.80, 0.49, 0.36
+        / 0.89, 0.42, 0.43, c5 0.57, 0.42, 0.38 / 0.76, 0.45, 0.42. On SIMT cores: up to 64 x 64 channels per
         block, on 16 x 16 threads with 4 x 4 registers for groups of up to 64 output channels, on
         8 x 16 threads with 8 x 4 registers and about twice the blocks for wider ones. 64
         positions per step (32 where shared memory would pass 48 KB: the sampling points of many
@@ -230,8 +246,8 @@ class WeightTiling:
         tensor_cores = mma_shape(spec) is not None
         wide = opg > 64 and not tensor_cores
         if tensor_cores:
-            o_pad, c_pad = min(-(-opg // 16) * 16, 64), min(-(-ipg // 8) * 8, 64)
-            o_warps, c_warps = 2 if o_pad == 64 else 1, 2 if c_pad == 64 else 1
+            o_pad, c_pad = min(-(-opg // 16) * 16, o_channels), min(-(-ipg // 8) * 8, 64)
+            o_warps, c_warps = max(1, o_pad // 32), 2 if c_pad == 64 else 1
             tiling = cls(o_warps, o_pad // 16 // o_warps, c_warps, c_pad // 8 // c_warps, 64, 1, True)
         else:
             o_regs, c_regs = largest_divisor(opg, 8 if wide else 4), largest_divisor(ipg, 4)
@@ -310,34 +326,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     width = tiling.flush_width if acc == "float32" else 1  # float2 / float4 atomics: float32 only
     if width not in (1, 2, 4):
         raise ValueError(f"{tiling} flushes groups of 1, 2 or 4 pixels, got {width}")
-    quad = staged and tiling.quad_patch
-    if quad and acc != "float32":
-        raise ValueError(f"{tiling}: quad patches hold float32 sums (128-bit words), not {acc}")
     min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
+    scope = "shared.dyn" if tiling.shared_bytes(spec) > SHARED_BYTES else "shared"
     row_groups = cols // width + 2  # groups of ``width`` that cover a patch row at any alignment
-
-    def patch_total(grad_patch, e):
-        """The grad_input sum of patch pixel ``e`` (channel-major flat index): with quad patches,
-        its top-left sums plus its left, upper and upper-left neighbours' right, bottom and
-        bottom-right ones (indices clamped where the neighbour is outside the patch)."""
-        if not quad:
-            return grad_patch[e]
-        left, up = e % cols >= 1, e % patch >= cols
-        return (grad_patch[e * 4] + tirx.Select(left, grad_patch[tirx.max(e - 1, 0) * 4 + 1], zero)
-                + tirx.Select(up, grad_patch[tirx.max(e - cols, 0) * 4 + 2], zero)
-                + tirx.Select(tirx.all(left, up), grad_patch[tirx.max(e - cols - 1, 0) * 4 + 3], zero))
-
-    def quad_add(address, values):
-        """Adds ``values`` (4) to the 16-byte word at ``address`` with a 128-bit compare-and-swap loop."""
-        from tvm.script import tirx as T
-
-        source = ("__device__ __forceinline__ void deft_shared_add_quad(float* address, float a, float b, float c, "
-                  "float d) { unsigned __int128* word = reinterpret_cast<unsigned __int128*>(address); "
-                  "unsigned __int128 seen = *word, expected; do { expected = seen; float4 sum = "
-                  "*reinterpret_cast<float4*>(&expected); sum.x += a; sum.y += b; sum.z += c; sum.w += d; "
-                  "seen = atomicCAS(word, expected, *reinterpret_cast<unsigned __int128*>(&sum)); } "
-                  "while (seen != expected); }\n")
-        return T.cuda.func_call("deft_shared_add_quad", address, *values, source_code=source)
 
     def any_nonzero(values):
         return functools.reduce(tirx.Or, [values[k] != zero for k in range(width)])
@@ -453,11 +444,10 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         patch_y = T.Cast("int32", tile_y * th * sh - pad_h - halo)  # in-plane coordinates: 32 bits
         patch_x = T.Cast("int32", tile_x * tw * sw - pad_w - halo)
 
-        in_patch = T.alloc_buffer((chunk * patch,), dtype, scope="shared")
-        grad_patch = T.alloc_buffer((chunk * patch * (4 if quad else 1),), acc, scope="shared")
-        word = T.alloc_buffer((1,), "int32", scope="local")  # quad patches: the sample's word, or -1
-        w_stage = T.alloc_buffer(w_shape, w_dtype, scope="shared")
-        exchange = T.alloc_buffer(x_shape, "float32", scope="shared")
+        in_patch = T.alloc_buffer((chunk * patch,), dtype, scope=scope)
+        grad_patch = T.alloc_buffer((chunk * patch,), acc, scope=scope)
+        w_stage = T.alloc_buffer(w_shape, w_dtype, scope=scope)
+        exchange = T.alloc_buffer(x_shape, "float32", scope=scope)
         a_frag = T.alloc_buffer(a_shape, dtype, scope="local")
         b_frag = T.alloc_buffer(b_shape, dtype, scope="local")
         c_frag = T.alloc_buffer(c_shape, "float32", scope="local")
@@ -480,11 +470,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     if e < chunk * patch:
                         yy = patch_y + e % patch // cols
                         xx = patch_x + e % cols
-                        if quad:
-                            for q in T.unroll(4):
-                                grad_patch[e * 4 + q] = zero
-                        else:
-                            grad_patch[e] = zero
+                        grad_patch[e] = zero
                         in_patch[e] = T.Cast(dtype, 0)
                         if yy >= 0 and yy < h and xx >= 0 and xx < w:
                             in_patch[e] = input[b, c0 + e // patch, yy * w + xx]
@@ -539,10 +525,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                 and xi < patch_x + cols, (yi - patch_y) * cols + xi - patch_x, -1)
                         share[k] = (T.Select(k // 2 == 1, point[0], one - point[0])
                                     * T.Select(k % 2 == 1, point[1], one - point[1]))
-                    if quad:  # the top-left corner's word, when all four corners are in the patch
-                        word[0] = T.Select(
-                            y_low >= patch_y and y_low < patch_y + rows - 1 and x_low >= patch_x
-                            and x_low < patch_x + cols - 1, ((y_low - patch_y) * cols + x_low - patch_x) * 4, -1)
                     for i in T.unroll(3):
                         d[i] = zero
                     for j in range(chunk):
@@ -565,17 +547,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                 point[3] > zero, zero,
                                 value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
                                 + value[3] * share[3])
-                        if quad:
-                            if word[0] >= 0:
-                                if flat[0] >= 0 or flat[1] >= 0 or flat[2] >= 0 or flat[3] >= 0:
-                                    T.evaluate(quad_add(T.address_of(grad_patch[j * patch * 4 + word[0]]), [
-                                        T.Select(flat[k] >= 0, col * point[2] * share[k], zero) for k in range(4)]))
-                            else:
-                                for k in T.unroll(4):
-                                    if flat[k] >= 0:
-                                        T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
-                                                                     col * point[2] * share[k]))
-                        for k in T.unroll(4 * (not quad)):
+                        for k in T.unroll(4):
                             if staged:
                                 if local[k] >= 0:
                                     T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
@@ -607,7 +579,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     if e < chunk * patch:
                         yy = patch_y + e % patch // cols
                         xx = patch_x + e % cols
-                        total = patch_total(grad_patch, e)
+                        total = grad_patch[e]
                         if total != zero and yy >= 0 and yy < h and xx >= 0 and xx < w:
                             T.evaluate(T.cuda.atomic_add(
                                 T.address_of(grad_input[b, c0 + e // patch, yy * w + xx]), total))
@@ -629,7 +601,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                 for k in T.unroll(width):
                                     flush[k] = zero
                                     if start + k >= x_lo and start + k < x_hi:
-                                        flush[k] = patch_total(grad_patch, j * patch + r * cols + start + k - patch_x)
+                                        flush[k] = grad_patch[j * patch + r * cols + start + k - patch_x]
                                 if start >= 0 and start + width <= w:  # the whole group in the row
                                     if any_nonzero(flush):
                                         T.evaluate(vector_add(T.address_of(grad_input[b, c0 + j, row0 + start]), flush))

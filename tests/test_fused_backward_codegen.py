@@ -158,21 +158,16 @@ def test_patches_flush_with_vector_atomics_on_sm_90_only():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_quad_patch_data_kernel_adds_corners_with_128_bit_words(shape, dtype):
-    spec = dataclasses.replace(SHAPES[shape], dtype=dtype)
-    tiling = DataTiling.for_spec(spec, quad_patch=True)
-    assert tiling.shared_bytes(spec) <= SHARED_BYTES
+def test_data_kernel_past_48_kb_takes_dynamic_shared_memory():
+    """ptxas rejects static shared memory past 48 KB: larger tilings allocate one dynamic buffer."""
+    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float16")
+    tiling = DataTiling.for_spec(spec, halo=20, shared_limit=100 * 1024)  # 4 channels of 51 x 59 px
+    assert tiling.shared_bytes(spec) > SHARED_BYTES
     source = _source(spec, tiling)
-    assert "atomicCAS(word" in source and "deft_shared_add_quad(" in source.split("grad_data_kernel(")[-1]
+    start = re.search(r" grad_data_kernel\([^;{]*{", source).end()
+    body = source[start:source.index("\n}\n", start)]
+    assert "extern __shared__" in body and "__shared__ alignas" not in body
     assert _compile(source)[:4] == b"\x7fELF"
-
-
-def test_quad_patches_hold_float32_sums_only():
-    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float64")
-    with pytest.raises(ValueError, match=r"quad patches hold float32 sums \(128-bit words\), not float64"):
-        grad_data_primfunc(spec, DataTiling.for_spec(spec, quad_patch=True))
 
 
 @needs_nvcc
@@ -201,3 +196,16 @@ def test_fingerprint_follows_the_spec_the_tilings_and_the_architecture():
               fingerprint(spec, data, dataclasses.replace(weight, splits=weight.splits + 1), "sm_90"),
               fingerprint(spec, data, weight, "sm_80")}
     assert len(others) == 4 and base not in others
+
+
+@needs_nvcc
+@pytest.mark.parametrize("o_channels, warps", [(128, 8), (256, 16)])
+def test_wider_weight_tiles_put_more_warps_on_output_channels(o_channels, warps):
+    spec = dataclasses.replace(WORKLOADS["r50dcn_c5"].spec, dtype="float16")  # 512 output channels
+    tiling = WeightTiling.for_spec(spec, o_channels=o_channels)
+    assert (tiling.o_tile, tiling.c_tile, tiling.threads) == (o_channels, 64, 32 * warps)
+    assert tiling.shared_bytes(spec) <= SHARED_BYTES
+    module, _, _ = fused_backward_module(spec, weight=tiling)
+    source = compile_kernel(module, cuda_target("sm_90")).mod.imports[0].inspect_source()
+    assert re.search(rf"__launch_bounds__\({32 * warps}, \d\) grad_weight_kernel", source)
+    assert _compile(source)[:4] == b"\x7fELF"

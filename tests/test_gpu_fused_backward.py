@@ -71,17 +71,15 @@ def test_extreme_offsets_give_the_reference_gradients(case, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
     """Staged patches flushed in groups of 4, 2 and 1 pixels (float4 / float2 / scalar atomics, rows
-    of 37, 70 and 13 px: groups across row ends), and quad patches (a sample's four corners in one
-    128-bit word), add up to the unstaged kernel's gradients."""
+    of 37, 70 and 13 px: groups across row ends) and with a 16 px halo (dynamic shared memory past
+    48 KB where the chunk has 4 or more channels) add up to the unstaged kernel's gradients."""
     spec = dataclasses.replace(CASES[case], dtype=dtype)
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=23).items()}
     grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
     results = []
     default = DataTiling.for_spec(spec, tensor_cores=tensor_cores)
-    quad = DataTiling.for_spec(spec, tensor_cores=tensor_cores, quad_patch=True)
     for tiling in [dataclasses.replace(default, **variant) for variant in (
-            dict(staged=False), dict(flush_width=4), dict(flush_width=2), dict(flush_width=1))] + [
-            quad, dataclasses.replace(quad, flush_width=1)]:
+            dict(staged=False), dict(flush_width=4), dict(flush_width=2), dict(flush_width=1), dict(halo=16))]:
         module, _, _ = fused_backward_module(spec, tiling)
         only_data = tvm.IRModule({"grad_data": module["grad_data"]})
         kernel = compile_kernel(only_data, target_for_device("cuda"))["grad_data"]
@@ -156,3 +154,21 @@ def test_fused_kernels_load_from_the_disk_cache_without_compiling(isolated_cache
     monkeypatch.setattr(backward, "compile_kernel", lambda *a: pytest.fail("cached fused kernels were recompiled"))
     for a, b in zip(first, gradients()):
         assert_close(b.double(), a.double(), "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "tf32"])
+def test_wider_weight_tiles_give_the_same_sums(dtype):
+    """grad_weight tiles of 128 and 256 output channels (4 and 8 warps on output channels; 160
+    channels: the last tile padded) give the 64-channel tiles' sums exactly (same mma, same order)."""
+    spec = DeformConvSpec(2, 16, 9, 11, 160, 3, 3, padding=(1, 1), dtype="float32" if dtype == "tf32" else dtype,
+                          tf32=dtype == "tf32")
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=25).items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    data = DataTiling.for_spec(spec)
+    narrow = WeightTiling.for_spec(spec, o_channels=64)
+    results = [_run_fused(spec, data, dataclasses.replace(WeightTiling.for_spec(spec, o_channels=o_channels),
+                                                          splits=narrow.splits), args, grad_output)
+               for o_channels in (64, 128, 256)]
+    for wider in results[1:]:
+        for got, expected in zip(wider[-2:], results[0][-2:]):
+            assert torch.equal(got, expected)

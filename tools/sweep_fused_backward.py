@@ -1,44 +1,50 @@
 """Time tilings of the fused CUDA backward's kernels side by side (to choose their defaults).
 
-    python tools/sweep_fused_backward.py [--workloads ...] [--dtypes float16 tf32 ...]
+    python tools/sweep_fused_backward.py [--workloads ...] [--dtypes float16 tf32 ...] [--variants ...]
 
 For each workload: ``grad_data`` with its default ``DataTiling`` and variants (tile shapes,
 weight stage, halo, channel splits, patches not staged, one-pixel flushes, tensor-core
-grad_columns, quad patches) and ``grad_weight`` with its default ``WeightTiling`` and variants
-(threads x registers, splits, positions per step, SIMT instead of tensor cores), each timed alone
-with CUDA events over 20 back-to-back calls on the workload's profile inputs (dtype ``tf32``:
-float32 on TF32 tensor cores). The measured figures that chose the defaults are in
-``tools/results/fused_backward_sweep_h200.txt`` and ``fused_backward_tensor_cores_h200.txt``.
+grad_columns, dynamic shared memory past 48 KB) and ``grad_weight`` with its default
+``WeightTiling`` and variants (threads x registers, splits, positions per step, 64 or 128 output
+channels per block, SIMT instead of tensor cores), each timed alone with CUDA events over 20
+back-to-back calls on the workload's profile inputs (dtype ``tf32``: float32 on TF32 tensor
+cores). The measured figures that chose the defaults are in ``tools/results/``
+``fused_backward_sweep_h200.txt``, ``fused_backward_tensor_cores_h200.txt`` and
+``fused_backward_patches_h200.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import os
 
 import torch
 import tvm
 
 from deft_tvm.bench import gpu_ms
-from deft_tvm.runtime.targets import compile_kernel, target_for_device
+from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
+
+DYNAMIC_LIMIT = 100 * 1024  # shared memory per block of the dynamic-shared-memory variants (bytes)
 
 
 def data_variants(spec) -> dict[str, DataTiling]:
     """The default data tiling and its neighbours that divide the layer."""
     d = DataTiling.for_spec(spec)
     r = dataclasses.replace
-    variants = {"default": d, "unstaged": r(d, staged=False), "halo2": r(d, halo=2),
+    variants = {"default": d, "unstaged": r(d, staged=False), "halo2": r(d, halo=2), "halo4": r(d, halo=4),
+                "splits/2": r(d, channel_splits=max(1, d.channel_splits // 2)),
                 "stage32": r(d, o_step=32), "8x32": r(d, tile_h=8, tile_w=32), "16x16": r(d, tile_h=16, tile_w=16),
                 "splits*2": r(d, channel_splits=2 * d.channel_splits)}
     chunks = spec.in_channels // spec.offset_groups // d.chunk
     opg = spec.out_channels // spec.groups
     variants = {k: v for k, v in variants.items() if chunks % v.channel_splits == 0 and opg % v.o_step == 0}
     variants["flush1"] = r(d, flush_width=1)
-    if spec.dtype != "float64":
-        variants["quad"] = DataTiling.for_spec(spec, quad_patch=True)
+    variants["halo4_dyn"] = DataTiling.for_spec(spec, shared_limit=DYNAMIC_LIMIT)
     if mma_shape(spec) is not None:
         variants["tensor_cores"] = DataTiling.for_spec(spec, tensor_cores=True)
     return variants
@@ -53,39 +59,59 @@ def weight_variants(spec) -> dict[str, WeightTiling]:
         variants["o_regs8"] = r(w, o_threads=w.o_threads // 2, o_regs=8)
     if w.o_regs == 8:
         variants["o_regs4"] = r(w, o_threads=w.o_threads * 2, o_regs=4)
+    for o_channels in (64, 128):
+        narrower = WeightTiling.for_spec(spec, o_channels=o_channels)
+        if narrower.o_tile < w.o_tile and narrower not in variants.values():
+            variants[f"o{o_channels}"] = narrower
     if w.tensor_cores:  # the SIMT tiling of the same layer
         variants["simt"] = WeightTiling.for_spec(r(spec, dtype="float32", tf32=False))
     return variants
+
+
+def _kernels(spec, target, data: dict, weight: dict) -> dict:
+    """Each variant's compiled kernel, built in threads (nvcc runs outside the GIL)."""
+    def build(kind, tiling):
+        module, _, _ = fused_backward_module(spec, **{"data" if kind == "grad_data" else "weight": tiling})
+        return compile_kernel(tvm.IRModule({kind: module[kind]}), target)[kind]
+
+    jobs = [("grad_data", label, t) for label, t in data.items()] + [("grad_weight", label, t) for label, t in
+                                                                      weight.items()]
+    with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        futures = {(kind, label): pool.submit(build, kind, t) for kind, label, t in jobs}
+        return {key: future.result() for key, future in futures.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(BENCHMARK_WORKLOADS))
     parser.add_argument("--dtypes", nargs="+", default=["float16", "tf32"])
+    parser.add_argument("--variants", nargs="+", help="only these variants' labels (default: all)")
     args = parser.parse_args()
     target = target_for_device("cuda")
     for name in args.workloads:
         for dtype in args.dtypes:
             workload = get_workload(name, "float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
             spec, inputs = workload.spec, workload.make_inputs(device="cuda")
+            data, weight = ({label: t for label, t in variants(spec).items()
+                             if args.variants is None or label in args.variants}
+                            for variants in (data_variants, weight_variants))
+            kernels = _kernels(spec, target, data, weight)
             n, c, h, w = spec.input_shape
             acc = torch.float64 if dtype == "float64" else torch.float32
             flat = inputs["input"].contiguous().view(n, c, h * w)
             mask = [inputs["mask"]] * spec.has_mask
             grad_output = torch.randn(spec.output_shape, device="cuda").to(flat.dtype)
             print(f"== {name} {dtype}", flush=True)
-            for label, tiling in data_variants(spec).items():
-                module, _, _ = fused_backward_module(spec, tiling)
-                kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target)["grad_data"]
+            for label, tiling in data.items():
+                kernel = kernels["grad_data", label]
                 outputs = [torch.zeros((n, c, h * w), dtype=acc, device="cuda"),
                            torch.empty((tiling.channel_splits, *spec.offset_shape), dtype=acc, device="cuda")]
                 outputs += [torch.empty((tiling.channel_splits, *spec.mask_shape), dtype=acc,
                                         device="cuda")] * spec.has_mask
                 ms = gpu_ms(lambda: kernel(flat, inputs["offset"], *mask, inputs["weight"], grad_output, *outputs))
                 print(f"  grad_data   {label:12s} {ms:7.3f} ms  {tiling}", flush=True)
-            for label, tiling in weight_variants(spec).items():
-                module, _, _ = fused_backward_module(spec, weight=tiling)
-                kernel = compile_kernel(tvm.IRModule({"grad_weight": module["grad_weight"]}), target)["grad_weight"]
+            for label, tiling in weight.items():
+                kernel = kernels["grad_weight", label]
                 outputs = [torch.empty((tiling.splits, spec.out_channels, c // spec.groups,
                                         spec.kernel_h * spec.kernel_w), dtype=acc, device="cuda")]
                 outputs += [torch.empty((tiling.splits, spec.out_channels), dtype=acc, device="cuda")] * spec.has_bias
