@@ -17,7 +17,14 @@ Two hand-scheduled TIR kernels (TVMScript) and a small reduction replace the sta
   grad_mask (both summed over channels in registers), the column times the mask and bilinear
   share to the grad_input patch (shared-memory atomics; outside it, global atomics). The patch is
   added to grad_input once per chunk with global atomics, in aligned groups of ``flush_width``
-  pixels (float4 atomics on sm_90). grad_offset and grad_mask are written per channel split
+  pixels (float4 atomics on sm_90). With ``fixed_point`` (the default for float16, bfloat16 and
+  TF32) the patch holds int32 sums: a block first bounds its contributions (max |grad_output| x
+  max |mask| x max over its channels and taps of sum |weight| over output channels, so
+  |column x mask x share| <= bound) and scales them by the power of 2 that keeps the sums of its
+  threads x taps samples per pixel inside int32 (19 bits per contribution for 128 threads and 9
+  taps: the bound's 2**-19 is the quantum); integer shared-memory atomics are native, float ones
+  compare-and-swap loops. A block whose bound is not finite (NaN or infinite grad_output, mask or
+  weights) adds floats instead. grad_offset and grad_mask are written per channel split
   (``[channel_splits, ...]``, float sums) and added up by the caller. With ``tensor_cores`` the
   grad_columns come from ``mma.sync`` instead (each warp's 32 positions x the chunk, passed
   between lanes through shared memory): not the default, measured slower (``DataTiling.for_spec``).
@@ -85,8 +92,10 @@ class DataTiling:
     """Tiles of ``grad_data_primfunc``: output positions per block (rows x columns, one thread
     each), halo around the receptive field in px, channels per chunk, output channels per weight
     stage, blocks sharing an offset group's channels, whether the input and grad_input patches
-    are staged in shared memory (else every corner goes through global memory), and whether the
-    grad_columns come from tensor cores (``mma.sync``; else SIMT sums in registers)."""
+    are staged in shared memory (else every corner goes through global memory), whether the
+    grad_columns come from tensor cores (``mma.sync``; else SIMT sums in registers), the width of
+    the grad_input flush's atomics, and whether the grad_input patch holds fixed-point sums
+    (int32, native shared-memory atomics; else float32 ones, compare-and-swap loops)."""
 
     tile_h: int
     tile_w: int
@@ -97,6 +106,7 @@ class DataTiling:
     staged: bool = True
     tensor_cores: bool = False
     flush_width: int = 4
+    fixed_point: bool = False
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -113,7 +123,7 @@ class DataTiling:
     def shared_bytes(self, spec: DeformConvSpec) -> int:
         rows, cols = self.patch(spec)
         acc, item = DTYPE_BYTES[accumulate_dtype(spec.dtype)], DTYPE_BYTES[spec.dtype]
-        patches = self.chunk * rows * cols * (item + acc) if self.staged else 0
+        patches = self.chunk * rows * cols * (item + acc) + 16 * self.fixed_point if self.staged else 0
         if not self.tensor_cores:
             return patches + self.o_step * self.chunk * acc
         n8 = -(-self.chunk // 8) * 8
@@ -122,11 +132,20 @@ class DataTiling:
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec, halo: int = 4, tensor_cores: bool = False,
-                 shared_limit: int = SHARED_BYTES) -> "DataTiling":
+                 shared_limit: int = SHARED_BYTES, fixed_point: bool | None = None) -> "DataTiling":
         """128 positions per block in the tile shape that pads the output least (of equals, the
-        first of ``TILE_SHAPES``), a ``halo`` px halo, 8-channel chunks, 64 output channels per
-        weight stage (fewer channels, then a smaller halo, where shared memory would pass 48 KB),
-        and channel splits until the grid has about ``TARGET_BLOCKS`` blocks. Measured on an H200
+        first of ``TILE_SHAPES``), 8-channel chunks, 64 output channels per weight stage (fewer
+        channels where shared memory would pass ``shared_limit``), and of the largest halo up to
+        ``halo`` px that fits and the two below it, with channel splits, the pair that minimises
+        (waves of resident blocks) x (channels per block), the larger halo and fewer splits of
+        equals: a partial last wave costs a whole one, and a smaller patch may let more blocks
+        share an SM. Measured on an H200 (ms, data kernel, by halo and splits;
+        ``tools/results/fused_backward_patches_h200.txt``): paper N=32 TF32 2.30 at halo 4 (6
+        blocks per SM, 1.29 waves), 1.62 at halo 2 (8, 0.97 waves; this rule); r50 c4 fp16 0.95 at
+        8 splits (0.79 waves), 0.85 at halo 3 and 32 splits (this rule); c3 fp16 1.45 at 2 splits,
+        1.03 at 16 (this rule); video fp16 0.76 / 0.70 / 0.73 at halo 4 / 3 (this rule) / 2.
+        ``fixed_point`` (default: float16, bfloat16 and TF32, whose tolerances cover the 2**-19
+        quantum) makes the grad_input patch hold int32 sums (module docstring). Measured on an H200
         (fp16 data kernel of paper N=32, ms): 8 x 16 tiles 1.51 (1.57 with 32-channel weight
         stages), 16 x 16 1.53, 8 x 32 with 32-channel stages 1.56; staging grad_output in shared
         memory once per chunk instead of reading it per tap cost up to 1.5x (2.29 ms; r50 c3 1.41
@@ -180,7 +199,10 @@ class DataTiling:
             splits = min((d for d in range(1, chunks + 1) if chunks % d == 0), key=cost)  # the fewest of equals
             return cost(splits), dataclasses.replace(tiling, channel_splits=splits)
 
-        fitting = [next((t for t in (cls(tile_h, tile_w, h, chunk, o_step, 1, True, tensor_cores)
+        if fixed_point is None:
+            fixed_point = spec.dtype in ("float16", "bfloat16") or (spec.dtype == "float32" and spec.tf32)
+        fitting = [next((t for t in (cls(tile_h, tile_w, h, chunk, o_step, 1, True, tensor_cores,
+                                         fixed_point=fixed_point)
                                      for chunk, o_step in choices) if t.shared_bytes(spec) <= shared_limit), None)
                    for h in range(halo, -1, -1)]
         candidates = [t for t in fitting if t is not None][:3]  # the largest halo that fits and 2 px less
@@ -328,7 +350,43 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         raise ValueError(f"{tiling} flushes groups of 1, 2 or 4 pixels, got {width}")
     min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
     scope = "shared.dyn" if tiling.shared_bytes(spec) > SHARED_BYTES else "shared"
+    fixed = staged and tiling.fixed_point
+    # Fixed-point patches: a patch pixel takes at most one sum per sample of the block's chunk
+    # channel (threads x taps of them), so contributions of magnitude below 2**bits keep every
+    # int32 sum in range.
+    bits = 30 - math.ceil(math.log2(threads * taps))
+    if fixed and (acc != "float32" or bits < 8):
+        raise ValueError(f"{tiling}: fixed-point patches need float32 sums and at most 2**22 samples per block "
+                         f"and channel, not {acc} and {threads * taps}")
     row_groups = cols // width + 2  # groups of ``width`` that cover a patch row at any alignment
+
+    def fixed_add(address, value):
+        """Adds the int32 ``value`` to the shared-memory word at ``address`` (a float buffer holding
+        fixed-point sums): a native shared-memory atomic, where float adds are compare-and-swap loops."""
+        from tvm.script import tirx as T
+
+        source = ("__device__ __forceinline__ void deft_shared_add_fixed(float* address, int value) { "
+                  "atomicAdd(reinterpret_cast<int*>(address), value); }\n")
+        return T.cuda.func_call("deft_shared_add_fixed", address, value, source_code=source)
+
+    def bits_max(address, value):
+        """atomicMax of the int32 ``value`` into the shared-memory word at ``address``."""
+        from tvm.script import tirx as T
+
+        source = ("__device__ __forceinline__ void deft_shared_max_bits(int* address, int value) { "
+                  "atomicMax(address, value); }\n")
+        return T.cuda.func_call("deft_shared_max_bits", address, value, source_code=source)
+
+    def magnitude_bits(value):
+        """The bits of ``|value|`` as an int32: ordered as the magnitudes, NaN above infinity."""
+        return tirx.bitwise_and(tirx.reinterpret("int32", tirx.Cast("float32", value)), 0x7FFFFFFF)
+
+    def patch_sum(grad_patch, e, scale):
+        """Patch pixel ``e``'s sum as a float (fixed-point sums times ``scale[1]``, where ``scale[2]``)."""
+        if not fixed:
+            return grad_patch[e]
+        return tirx.Select(scale[2] > zero, tirx.Cast(acc, tirx.reinterpret("int32", grad_patch[e])) * scale[1],
+                           grad_patch[e])
 
     def any_nonzero(values):
         return functools.reduce(tirx.Or, [values[k] != zero for k in range(width)])
@@ -459,6 +517,43 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         value = T.alloc_buffer((4,), acc, scope="local")
         point = T.alloc_buffer((5,), acc, scope="local")  # ly, lx, mask, outside, nan
         flush = T.alloc_buffer((width,), acc, scope="local")
+        bound = T.alloc_buffer((3,), "int32", scope=scope)  # bits of max |grad_output|, |mask|, sum |weight|
+        peak = T.alloc_buffer((2,), "int32", scope="local")
+        weights = T.alloc_buffer((1,), acc, scope="local")
+        scale = T.alloc_buffer((3,), acc, scope="local")  # fixed point: to, from, and whether used (1)
+        if fixed:  # the block's bound on |contribution| (column x mask x share) and its power-of-2 scale
+            if thread < 3:
+                bound[thread] = 0
+            T.tvm_storage_sync("shared")
+            peak[0] = 0
+            peak[1] = 0
+            if valid:
+                for o in range(o_ch):
+                    peak[0] = T.max(peak[0], magnitude_bits(grad_output[b, o, oy, ox]))
+                peak[1] = 0x3F800000  # the bits of 1.0
+                if has_mask:
+                    peak[1] = 0
+                    for t in range(taps):
+                        peak[1] = T.max(peak[1], magnitude_bits(mask[b, gi * taps + t, oy, ox]))
+            T.evaluate(bits_max(T.address_of(bound[0]), peak[0]))
+            T.evaluate(bits_max(T.address_of(bound[1]), peak[1]))
+            for i in range((cpg // splits * taps + threads - 1) // threads):
+                pair = i * threads + thread
+                if pair < cpg // splits * taps:
+                    ch = gi * cpg + split * (cpg // splits) + pair // taps
+                    weights[0] = zero
+                    for o in range(opg):
+                        weights[0] = weights[0] + T.fabs(T.Cast(acc, weight[ch // ipg * opg + o, ch % ipg,
+                                                                            pair % taps // kw, pair % kw]))
+                    T.evaluate(bits_max(T.address_of(bound[2]), magnitude_bits(weights[0])))
+            T.tvm_storage_sync("shared")
+            weights[0] = T.reinterpret(acc, bound[0]) * T.reinterpret(acc, bound[1]) * T.reinterpret(acc, bound[2])
+            # |contribution| <= weights[0] < 2**(exponent - 126): scaled by 2**(bits + 126 - exponent) it is
+            # below 2**bits (the exponent clamped where the bound is 0 or tiny: then so is every sum).
+            scale[0] = T.reinterpret(acc, T.shift_left(
+                T.min(bits + 253 - T.shift_right(T.reinterpret("int32", weights[0]), 23), 254), 23))
+            scale[1] = one / scale[0]
+            scale[2] = T.Select(T.isfinite(weights[0]), one, zero)
         for step in range(chunks_per_split):
             c0 = gi * cpg + (split * chunks_per_split + step) * chunk
             group = c0 // ipg
@@ -550,8 +645,13 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         for k in T.unroll(4):
                             if staged:
                                 if local[k] >= 0:
-                                    T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
-                                                                 col * point[2] * share[k]))
+                                    if fixed and scale[2] > zero:
+                                        T.evaluate(fixed_add(T.address_of(grad_patch[j * patch + local[k]]),
+                                                             T.Cast("int32", T.round(col * point[2] * share[k]
+                                                                                     * scale[0]))))
+                                    else:
+                                        T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
+                                                                     col * point[2] * share[k]))
                                 elif flat[k] >= 0:
                                     T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
                                                                  col * point[2] * share[k]))
@@ -579,7 +679,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     if e < chunk * patch:
                         yy = patch_y + e % patch // cols
                         xx = patch_x + e % cols
-                        total = grad_patch[e]
+                        total = patch_sum(grad_patch, e, scale)
                         if total != zero and yy >= 0 and yy < h and xx >= 0 and xx < w:
                             T.evaluate(T.cuda.atomic_add(
                                 T.address_of(grad_input[b, c0 + e // patch, yy * w + xx]), total))
@@ -601,7 +701,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                 for k in T.unroll(width):
                                     flush[k] = zero
                                     if start + k >= x_lo and start + k < x_hi:
-                                        flush[k] = grad_patch[j * patch + r * cols + start + k - patch_x]
+                                        flush[k] = patch_sum(grad_patch, j * patch + r * cols + start + k - patch_x, scale)
                                 if start >= 0 and start + width <= w:  # the whole group in the row
                                     if any_nonzero(flush):
                                         T.evaluate(vector_add(T.address_of(grad_input[b, c0 + j, row0 + start]), flush))

@@ -93,6 +93,10 @@ def test_registry_kernels_compile_within_the_shared_memory_they_claim(spec):
                         re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", body))
         assert allocated <= tiling.shared_bytes(spec) <= SHARED_BYTES, kernel
         assert ("mma.sync.aligned" in body) == tiling.tensor_cores, kernel
+        # Fixed-point grad_input patches for the half types and TF32 (tolerances above its quantum).
+        fixed = spec.dtype in ("float16", "bfloat16") or spec.tf32
+        assert ("deft_shared_add_fixed(" in body) == (fixed and kernel == "grad_data"), kernel
+        assert ("atomicAdd(reinterpret_cast<int*>" in source) == fixed
     assert _compile(source)[:4] == b"\x7fELF"
 
 
@@ -209,3 +213,11 @@ def test_wider_weight_tiles_put_more_warps_on_output_channels(o_channels, warps)
     source = compile_kernel(module, cuda_target("sm_90")).mod.imports[0].inspect_source()
     assert re.search(rf"__launch_bounds__\({32 * warps}, \d\) grad_weight_kernel", source)
     assert _compile(source)[:4] == b"\x7fELF"
+
+
+def test_fixed_point_patches_need_float32_sums():
+    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float64")
+    with pytest.raises(ValueError, match=r"fixed-point patches need float32 sums and at most 2\*\*22 samples per "
+                                         r"block and channel, not float64 and 1152"):
+        grad_data_primfunc(spec, DataTiling.for_spec(spec, fixed_point=True))
+    assert not DataTiling.for_spec(dataclasses.replace(spec, dtype="float32")).fixed_point

@@ -72,22 +72,26 @@ def test_extreme_offsets_give_the_reference_gradients(case, dtype):
 def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
     """Staged patches flushed in groups of 4, 2 and 1 pixels (float4 / float2 / scalar atomics, rows
     of 37, 70 and 13 px: groups across row ends) and with a 16 px halo (dynamic shared memory past
-    48 KB where the chunk has 4 or more channels) add up to the unstaged kernel's gradients."""
+    48 KB where the chunk has 4 or more channels) add up to the unstaged kernel's gradients: float
+    patches within float32's tolerance, fixed-point ones (float16's default) within the dtype's."""
     spec = dataclasses.replace(CASES[case], dtype=dtype)
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=23).items()}
     grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
     results = []
     default = DataTiling.for_spec(spec, tensor_cores=tensor_cores)
-    for tiling in [dataclasses.replace(default, **variant) for variant in (
-            dict(staged=False), dict(flush_width=4), dict(flush_width=2), dict(flush_width=1), dict(halo=16))]:
+    assert default.fixed_point == (dtype == "float16")
+    tilings = [dataclasses.replace(default, **variant) for variant in (
+        dict(staged=False), dict(flush_width=4), dict(flush_width=2), dict(flush_width=1), dict(halo=16),
+        dict(fixed_point=False), dict(fixed_point=False, flush_width=1))]
+    for tiling in tilings:
         module, _, _ = fused_backward_module(spec, tiling)
         only_data = tvm.IRModule({"grad_data": module["grad_data"]})
         kernel = compile_kernel(only_data, target_for_device("cuda"))["grad_data"]
         results.append(_run_data(kernel, spec, tiling, args, grad_output))
-    for staged in results[1:]:
+    for tiling, staged in zip(tilings[1:], results[1:]):
         for flushed, unstaged in zip(staged, results[0]):
             scale = max(unstaged.abs().max().item(), 1.0)
-            assert_close(flushed / scale, unstaged.double() / scale, "float32")
+            assert_close(flushed / scale, unstaged.double() / scale, dtype if tiling.fixed_point else "float32")
 
 
 def _run_data(kernel, spec, tiling, args, grad_output):
@@ -172,3 +176,28 @@ def test_wider_weight_tiles_give_the_same_sums(dtype):
     for wider in results[1:]:
         for got, expected in zip(wider[-2:], results[0][-2:]):
             assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fixed_point_blocks_with_non_finite_bounds_add_floats(dtype):
+    """A block whose grad_output holds NaN or infinity (no finite bound for its fixed-point sums)
+    adds floats: grad_input is NaN / infinite exactly where the unstaged kernel's is, and equal
+    elsewhere up to the dtype's tolerance."""
+    spec = dataclasses.replace(CASES["og4_nobias"], dtype=dtype)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=26).items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda")
+    grad_output[0, 3, 2, 5], grad_output[1, 7, 12, 30] = math.nan, math.inf
+    grad_output = grad_output.to(args["input"].dtype)
+    default = DataTiling.for_spec(spec)
+    assert default.fixed_point
+    results = []
+    for tiling in (dataclasses.replace(default, staged=False), default):
+        module, _, _ = fused_backward_module(spec, tiling)
+        kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))
+        results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output)[0])
+    unstaged, fixed = results
+    assert torch.equal(torch.isnan(fixed), torch.isnan(unstaged)) and torch.isnan(fixed).any()
+    assert torch.equal(torch.isinf(fixed), torch.isinf(unstaged))
+    finite = torch.isfinite(unstaged)
+    scale = max(unstaged[finite].abs().max().item(), 1.0)
+    assert_close(fixed[finite] / scale, unstaged[finite].double() / scale, dtype)

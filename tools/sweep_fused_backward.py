@@ -4,7 +4,7 @@
 
 For each workload: ``grad_data`` with its default ``DataTiling`` and variants (tile shapes,
 weight stage, halo, channel splits, patches not staged, one-pixel flushes, tensor-core
-grad_columns, dynamic shared memory past 48 KB) and ``grad_weight`` with its default
+grad_columns, dynamic shared memory past 48 KB, float patches) and ``grad_weight`` with its default
 ``WeightTiling`` and variants (threads x registers, splits, positions per step, 64 or 128 output
 channels per block, SIMT instead of tensor cores), each timed alone with CUDA events over 20
 back-to-back calls on the workload's profile inputs (dtype ``tf32``: float32 on TF32 tensor
@@ -45,6 +45,8 @@ def data_variants(spec) -> dict[str, DataTiling]:
     variants = {k: v for k, v in variants.items() if chunks % v.channel_splits == 0 and opg % v.o_step == 0}
     variants["flush1"] = r(d, flush_width=1)
     variants["halo4_dyn"] = DataTiling.for_spec(spec, shared_limit=DYNAMIC_LIMIT)
+    if d.fixed_point:
+        variants["float_patches"] = r(d, fixed_point=False)
     if mma_shape(spec) is not None:
         variants["tensor_cores"] = DataTiling.for_spec(spec, tensor_cores=True)
     return variants
