@@ -153,11 +153,14 @@ class DataTiling:
         blocks per SM.
 
         ``shared_limit`` is the most shared memory per block (bytes; past 48 KB the kernel takes
-        dynamic shared memory, sm_70+). Not the default: every tiling past 48 KB was slower on an
-        H200 (fewer resident blocks), as were patches of 2 or 4 float32 sums per pixel so that a
-        sample adds a row's or all four corners with one 64- or 128-bit compare-and-swap loop (ms,
-        fp16 / TF32 data kernel: paper N=32 1.53 vs 3.58 / 2.81 and 1.66 vs 2.54 / 2.66, r50 c4
-        0.95 vs 1.40 / 1.79; ``tools/results/fused_backward_patches_h200.txt``).
+        dynamic shared memory, sm_70+). Not the default: on an H200 the tilings past 48 KB were
+        slower (fewer resident blocks), as were patches of 2 or 4 float32 sums per pixel, a
+        sample adding a row's or all four corners with one 64- or 128-bit compare-and-swap loop
+        (ms, float patches / 2 / 4 sums, data kernel: paper N=32 fp16 1.53 / 3.58 / 2.81, TF32
+        2.31 / 2.54 / 2.66, r50 c4 fp16 0.95 / 1.40 / 1.79). Fixed-point patches, whose int32
+        adds are native shared-memory atomics, are faster (fixed / float: paper N=32 fp16 1.15 /
+        1.53, TF32 1.21 / 1.64, r50 c3 fp16 0.81 / 1.02, c4 0.74 / 0.85, c5 0.80 / 0.89 (TF32 0.99 /
+        0.96), video fp16 0.51 / 0.70; ``tools/results/fused_backward_patches_h200.txt``).
 
         ``tensor_cores`` (float16, bfloat16, TF32 only; ``cuda_mma``) computes the grad_columns
         with ``mma.sync`` instead, on stages of up to 64 output channels padded to the mma depth.
