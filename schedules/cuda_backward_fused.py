@@ -43,9 +43,12 @@ Two hand-scheduled TIR kernels (TVMScript) and a small reduction replace the sta
 Both kernels are launched with ``__launch_bounds__(threads, resident_blocks)``, so that they keep
 to 64 registers where shared memory lets 8 blocks of 128 threads share an SM.
 
-grad_input's order of additions varies between runs (atomics); the deterministic mode keeps the
-staged backward with the sorted gather. Corners that are outside the image are skipped; NaN
-sampling points give torchvision's NaN gradients; every read is in bounds whatever the offsets.
+grad_input's order of additions varies between runs (float atomics across blocks); the runtime's
+deterministic mode keeps the staged backward with the sorted gather. ``DataTiling(deterministic=
+True)`` makes grad_input int64 fixed point at one quantum for every block (from a bound the
+caller computes), so that its sums are the same in any order: compiled in CI, not yet run on a
+GPU nor used by the runtime. Corners that are outside the image are skipped; NaN sampling points
+give torchvision's NaN gradients; every read is in bounds whatever the offsets.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import struct
 import sys
 from pathlib import Path
 
@@ -95,7 +99,9 @@ class DataTiling:
     are staged in shared memory (else every corner goes through global memory), whether the
     grad_columns come from tensor cores (``mma.sync``; else SIMT sums in registers), the width of
     the grad_input flush's atomics, and whether the grad_input patch holds fixed-point sums
-    (int32, native shared-memory atomics; else float32 ones, compare-and-swap loops)."""
+    (int32, native shared-memory atomics; else float32 ones, compare-and-swap loops) and, with
+    ``deterministic``, grad_input too (int64, scaled by a bound the caller passes: integer sums
+    are the same in any order)."""
 
     tile_h: int
     tile_w: int
@@ -107,6 +113,7 @@ class DataTiling:
     tensor_cores: bool = False
     flush_width: int = 4
     fixed_point: bool = False
+    deterministic: bool = False
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -114,6 +121,19 @@ class DataTiling:
         rows = (self.tile_h - 1) * spec.stride[0] + (spec.kernel_h - 1) * spec.dilation[0] + 2 * self.halo + 2
         cols = (self.tile_w - 1) * spec.stride[1] + (spec.kernel_w - 1) * spec.dilation[1] + 2 * self.halo + 2
         return rows, cols
+
+    def quantum_bits(self, spec: DeformConvSpec) -> int:
+        """Bits a fixed-point contribution keeps below its bound: a patch pixel takes at most one
+        contribution per sample of a chunk channel (threads x taps of them), whose int32 sum must
+        stay in range (30 - ceil(log2(threads x taps)); 19 for 128 threads and 9 taps)."""
+        return 30 - math.ceil(math.log2(self.tile_h * self.tile_w * spec.kernel_h * spec.kernel_w))
+
+    def fixed_point_quantum(self, spec: DeformConvSpec, bound: float) -> float:
+        """The value of one unit of the fixed-point sums scaled for ``bound`` (a float32 bound on
+        |contribution|, finite), as the kernel computes it: 2**(e - quantum_bits) where ``bound <
+        2**e`` by its float32 exponent (2**-127 at most, for a zero or subnormal bound)."""
+        exponent = struct.unpack("<I", struct.pack("<f", bound))[0] >> 23 & 0xFF
+        return 2.0 ** -min(self.quantum_bits(spec) + 126 - exponent, 127)
 
     def stages(self, spec: DeformConvSpec) -> int:
         """Weight stages per tap: the group's output channels over ``o_step`` (tensor cores pad the
@@ -316,7 +336,11 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     with atomics), grad_offset and grad_mask per channel split (accumulate dtype, ``[channel_splits,
     *offset_shape]`` and ``[channel_splits, *mask_shape]``), see the module docstring. Parameters:
     ``input [N, C, H * W], offset, mask?, weight, grad_output`` (NCHW, the spec's dtype), then the
-    three outputs."""
+    three outputs. With ``tiling.deterministic`` grad_input is int64 (multiples of the quantum
+    ``contribution_bound`` sets: the bound's exponent e, ``bound < 2**e``, gives contributions in
+    units of ``2**(e - bits)``, ``bits`` = 30 - ceil(log2(threads x taps)); the caller converts) and
+    a last parameter ``contribution_bound [1]`` (float32, finite) bounds every |column x mask|, as
+    ``contribution_bound`` computes: the same integers whatever the order of the additions."""
     from tvm.script import tirx as T
 
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
@@ -348,19 +372,21 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     n, c, pixels, blocks = index_extents(spec, n, c, h * w, blocks)
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))
     stages = tiling.stages(spec)
-    width = tiling.flush_width if acc == "float32" else 1  # float2 / float4 atomics: float32 only
+    deterministic = tiling.deterministic
+    # float2 / float4 atomics: float32 only; deterministic grad_input takes int64 ones
+    width = tiling.flush_width if acc == "float32" and not deterministic else 1
     if width not in (1, 2, 4):
         raise ValueError(f"{tiling} flushes groups of 1, 2 or 4 pixels, got {width}")
     min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
     scope = "shared.dyn" if tiling.shared_bytes(spec) > SHARED_BYTES else "shared"
     fixed = staged and tiling.fixed_point
-    # Fixed-point patches: a patch pixel takes at most one sum per sample of the block's chunk
-    # channel (threads x taps of them), so contributions of magnitude below 2**bits keep every
-    # int32 sum in range.
-    bits = 30 - math.ceil(math.log2(threads * taps))
+    bits = tiling.quantum_bits(spec)
     if fixed and (acc != "float32" or bits < 8):
         raise ValueError(f"{tiling}: fixed-point patches need float32 sums and at most 2**22 samples per block "
                          f"and channel, not {acc} and {threads * taps}")
+    if deterministic and not fixed:
+        raise ValueError(f"{tiling}: deterministic grad_input needs staged fixed-point patches")
+    grad_input_dtype = "int64" if deterministic else acc
     row_groups = cols // width + 2  # groups of ``width`` that cover a patch row at any alignment
 
     def fixed_add(address, value):
@@ -371,6 +397,24 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         source = ("__device__ __forceinline__ void deft_shared_add_fixed(float* address, int value) { "
                   "atomicAdd(reinterpret_cast<int*>(address), value); }\n")
         return T.cuda.func_call("deft_shared_add_fixed", address, value, source_code=source)
+
+    def global_fixed_add(address, value):
+        """Adds the int64 ``value`` to the global int64 word at ``address`` (a native reduction)."""
+        from tvm.script import tirx as T
+
+        source = ("__device__ __forceinline__ void deft_global_add_fixed(void* address, long long value) { "
+                  "atomicAdd(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>(value));"
+                  " }\n")
+        return T.cuda.func_call("deft_global_add_fixed", address, value, source_code=source)
+
+    def input_add(grad_input, index, value, scale):
+        """Adds the contribution ``value`` to ``grad_input[index]``: a float atomic or, deterministic,
+        its fixed-point multiple."""
+        from tvm.script import tirx as T
+
+        if deterministic:
+            return global_fixed_add(T.address_of(grad_input[index]), T.Cast("int64", T.round(value * scale[0])))
+        return T.cuda.atomic_add(T.address_of(grad_input[index]), value)
 
     def bits_max(address, value):
         """atomicMax of the int32 ``value`` into the shared-memory word at ``address``."""
@@ -493,7 +537,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             columns[j] = exchange[thread * x_row + j]
 
     @T.macro
-    def body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask):
+    def body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
+             contribution_bound):
         split = block % splits
         tile_x = block // splits % tiles_x
         tile_y = block // (splits * tiles_x) % tiles_y
@@ -524,7 +569,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         peak = T.alloc_buffer((2,), "int32", scope="local")
         weights = T.alloc_buffer((1,), acc, scope="local")
         scale = T.alloc_buffer((3,), acc, scope="local")  # fixed point: to, from, and whether used (1)
-        if fixed:  # the block's bound on |contribution| (column x mask x share) and its power-of-2 scale
+        if deterministic:  # the caller's bound on |contribution| (finite), the same for every block
+            weights[0] = contribution_bound[0]
+        elif fixed:  # the block's bound on |contribution| (column x mask x share)
             if thread < 3:
                 bound[thread] = 0
             T.tvm_storage_sync("shared")
@@ -551,6 +598,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     T.evaluate(bits_max(T.address_of(bound[2]), magnitude_bits(weights[0])))
             T.tvm_storage_sync("shared")
             weights[0] = T.reinterpret(acc, bound[0]) * T.reinterpret(acc, bound[1]) * T.reinterpret(acc, bound[2])
+        if fixed:  # its power-of-2 scale:
             # |contribution| <= weights[0] < 2**(exponent - 126): scaled by 2**(bits + 126 - exponent) it is
             # below 2**bits (the exponent clamped where the bound is 0 or tiny: then so is every sum).
             scale[0] = T.reinterpret(acc, T.shift_left(
@@ -656,8 +704,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                         T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
                                                                      col * point[2] * share[k]))
                                 elif flat[k] >= 0:
-                                    T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
-                                                                 col * point[2] * share[k]))
+                                    T.evaluate(input_add(grad_input, (b, c0 + j, flat[k]), col * point[2] * share[k],
+                                                         scale))
                             elif flat[k] >= 0:
                                 T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
                                                              col * point[2] * share[k]))
@@ -682,10 +730,16 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     if e < chunk * patch:
                         yy = patch_y + e % patch // cols
                         xx = patch_x + e % cols
-                        total = patch_sum(grad_patch, e, scale)
-                        if total != zero and yy >= 0 and yy < h and xx >= 0 and xx < w:
-                            T.evaluate(T.cuda.atomic_add(
-                                T.address_of(grad_input[b, c0 + e // patch, yy * w + xx]), total))
+                        if deterministic:  # the fixed-point sum as it is
+                            total_fixed = T.Cast("int64", T.reinterpret("int32", grad_patch[e]))
+                            if total_fixed != T.int64(0) and yy >= 0 and yy < h and xx >= 0 and xx < w:
+                                T.evaluate(global_fixed_add(
+                                    T.address_of(grad_input[b, c0 + e // patch, yy * w + xx]), total_fixed))
+                        else:
+                            total = patch_sum(grad_patch, e, scale)
+                            if total != zero and yy >= 0 and yy < h and xx >= 0 and xx < w:
+                                T.evaluate(T.cuda.atomic_add(
+                                    T.address_of(grad_input[b, c0 + e // patch, yy * w + xx]), total))
             elif staged:  # flushed in aligned groups of ``width`` pixels of grad_input's flat layout
                 T.tvm_storage_sync("shared")
                 for i in range((chunk * rows * row_groups + threads - 1) // threads):
@@ -724,17 +778,19 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         mask: T.Buffer(spec.mask_shape, dtype),
         weight: T.Buffer(spec.weight_shape, dtype),
         grad_output: T.Buffer(spec.output_shape, dtype),
-        grad_input: T.Buffer((n, c, pixels), acc),
+        grad_input: T.Buffer((n, c, pixels), grad_input_dtype),
         grad_offset: T.Buffer(offset_shape, acc),
         grad_mask: T.Buffer(mask_shape, acc),
+        contribution_bound: T.Buffer((1,), "float32"),
     ):
         T.func_attr({"global_symbol": "grad_data", "tirx.noalias": True})
         for block in T.thread_binding(blocks, thread="blockIdx.x"):
             for thread in T.thread_binding(threads, thread="threadIdx.x"):
                 with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
-                    body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask)
+                    body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
+                         contribution_bound)
 
-    return _without(grad_data, () if has_mask else ("mask", "grad_mask"))
+    return _without(grad_data, ("mask", "grad_mask") * (not has_mask) + ("contribution_bound",) * (not deterministic))
 
 
 def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):

@@ -221,3 +221,32 @@ def test_fixed_point_patches_need_float32_sums():
                                          r"block and channel, not float64 and 1152"):
         grad_data_primfunc(spec, DataTiling.for_spec(spec, fixed_point=True))
     assert not DataTiling.for_spec(dataclasses.replace(spec, dtype="float32")).fixed_point
+
+
+@needs_nvcc
+def test_deterministic_data_kernel_adds_fixed_point_grad_input():
+    """Deterministic grad_input: int64 sums at the caller's quantum, added with native integer
+    atomics (no float atomics into grad_input)."""
+    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float16")
+    tiling = dataclasses.replace(DataTiling.for_spec(spec), deterministic=True)
+    func = grad_data_primfunc(spec, tiling)
+    assert [p.name for p in func.params][-2:] == ["grad_mask", "contribution_bound"]
+    assert "int64_t* __restrict__ grad_input_ptr" in _source(spec, tiling)
+    source = _source(spec, tiling)
+    start = re.search(r" grad_data_kernel\([^;{]*{", source).end()
+    body = source[start:source.index("\n}\n", start)]
+    assert "deft_global_add_fixed(" in body and "deft_atomic_add_float" not in body
+    assert not re.search(r"tvm_builtin_cuda_atomic_add\(\(&\(grad_input", body)
+    assert _compile(source)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match=r"deterministic grad_input needs staged fixed-point patches"):
+        grad_data_primfunc(spec, dataclasses.replace(tiling, fixed_point=False))
+
+
+def test_fixed_point_quantum_follows_the_bounds_float32_exponent():
+    spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float16")
+    tiling = DataTiling.for_spec(spec)
+    assert tiling.quantum_bits(spec) == 19  # 128 threads x 9 taps < 2**11
+    assert tiling.fixed_point_quantum(spec, 1.0) == 2.0 ** -18  # 1 < 2**1
+    assert tiling.fixed_point_quantum(spec, 0.75) == 2.0 ** -19
+    assert tiling.fixed_point_quantum(spec, 3.0e6) == 2.0 ** (22 - 19)
+    assert tiling.fixed_point_quantum(spec, 0.0) == tiling.fixed_point_quantum(spec, 1e-40) == 2.0 ** -127

@@ -201,3 +201,40 @@ def test_fixed_point_blocks_with_non_finite_bounds_add_floats(dtype):
     finite = torch.isfinite(unstaged)
     scale = max(unstaged[finite].abs().max().item(), 1.0)
     assert_close(fixed[finite] / scale, unstaged[finite].double() / scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("case", ["og4_nobias", "k5x3_og5_nomask"])
+def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
+    """Deterministic grad_input (int64 fixed point at the quantum of a bound on |column x mask|):
+    two runs give the same bits, and the sums times the quantum are the float kernel's up to the
+    dtype's tolerance."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=27).items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    default = DataTiling.for_spec(spec)
+    deterministic = dataclasses.replace(default, deterministic=True)
+    n, c, h, w = spec.input_shape
+    bound = args["weight"].float().abs().sum(0).amax() * grad_output.float().abs().amax()
+    if spec.has_mask:
+        bound = bound * args["mask"].float().abs().amax()
+    bound = bound.reshape(1)
+    module, _, _ = fused_backward_module(spec, deterministic)
+    kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
+    mask = [args["mask"]] * spec.has_mask
+    runs = []
+    for _ in range(2):
+        grad_input = torch.zeros((n, c, h * w), dtype=torch.int64, device="cuda")
+        grad_offset = torch.empty((deterministic.channel_splits, *spec.offset_shape), device="cuda")
+        grad_mask = [torch.empty((deterministic.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
+        kernel(args["input"].view(n, c, h * w), args["offset"], *mask, args["weight"], grad_output, grad_input,
+               grad_offset, *grad_mask, bound)
+        runs.append([grad_input, grad_offset, *grad_mask])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    module, _, _ = fused_backward_module(spec, dataclasses.replace(default, staged=False))
+    unstaged = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
+    expected = _run_data(unstaged, spec, dataclasses.replace(default, staged=False), args, grad_output)[0]
+    got = runs[0][0].double() * deterministic.fixed_point_quantum(spec, bound.item())
+    scale = max(expected.abs().max().item(), 1.0)
+    assert_close(got / scale, expected.double() / scale, dtype)
