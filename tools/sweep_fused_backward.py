@@ -29,8 +29,6 @@ from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, fus
 from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
-DYNAMIC_LIMIT = 100 * 1024  # shared memory per block of the dynamic-shared-memory variants (bytes)
-
 
 def data_variants(spec) -> dict[str, DataTiling]:
     """The default data tiling and its neighbours that divide the layer."""
@@ -44,7 +42,7 @@ def data_variants(spec) -> dict[str, DataTiling]:
     opg = spec.out_channels // spec.groups
     variants = {k: v for k, v in variants.items() if chunks % v.channel_splits == 0 and opg % v.o_step == 0}
     variants["flush1"] = r(d, flush_width=1)
-    variants["halo4_dyn"] = DataTiling.for_spec(spec, shared_limit=DYNAMIC_LIMIT)
+    variants["halo8"] = r(d, halo=8)  # dynamic shared memory where the patches pass 48 KB
     if d.fixed_point:
         variants["float_patches"] = r(d, fixed_point=False)
     if mma_shape(spec) is not None:
