@@ -66,6 +66,7 @@ from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.records import best_schedule, committed_root, database_dir
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.tuning.search import tune
+from deft_tvm.tuning.timing import gpu_ms
 from deft_tvm.tuning.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
 
 COLUMNS = ["device", "workload", "dtype", "tf32", "profile", "provider", "schedule", "mode", "gpu_ms",
@@ -92,20 +93,6 @@ def current_commit() -> str:
 
 
 # --- timing ---------------------------------------------------------------------------------------
-
-def gpu_ms(fn, iters: int = 20) -> float:
-    """GPU time per call (ms) of ``iters`` back-to-back calls of ``fn``, CUDA events, after a warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
 
 def l2_flush_buffer() -> torch.Tensor:
     """A GPU buffer of twice the L2 size, at least 256 MiB: overwriting it evicts everything from L2."""

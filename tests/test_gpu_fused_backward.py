@@ -238,3 +238,16 @@ def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
     got = runs[0][0].double() * deterministic.fixed_point_quantum(spec, bound.item())
     scale = max(expected.abs().max().item(), 1.0)
     assert_close(got / scale, expected.double() / scale, dtype)
+
+
+def test_tiling_search_times_every_candidate_on_the_gpu():
+    from deft_tvm.tuning.fused_backward import data_space, tune_fused_backward, weight_space
+    from deft_tvm.tuning.workloads import get_workload
+
+    workload = get_workload("test_paper_small", "float16")
+    record = tune_fused_backward(workload.spec, workload.profile, target_for_device("cuda"),
+                                 torch.cuda.get_device_name())
+    assert len(record["data_ms"]) == len(data_space(workload.spec))
+    assert len(record["weight_ms"]) == len(weight_space(workload.spec))
+    assert all(0 < ms < 1e3 for _, ms in record["data_ms"] + record["weight_ms"])
+    assert record["data"] == min(record["data_ms"], key=lambda pair: pair[1])[0]

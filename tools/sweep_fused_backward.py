@@ -16,17 +16,12 @@ cores). The measured figures that chose the defaults are in ``tools/results/``
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
-import os
 
-import torch
-import tvm
-
-from deft_tvm.bench import gpu_ms
-from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
-from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, fused_backward_module
+from deft_tvm.runtime.targets import target_for_device
+from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling
 from deft_tvm.schedules.cuda_mma import mma_shape
+from deft_tvm.tuning.fused_backward import compile_candidates, profile_inputs, time_data, time_weight
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 
@@ -68,19 +63,6 @@ def weight_variants(spec) -> dict[str, WeightTiling]:
     return variants
 
 
-def _kernels(spec, target, data: dict, weight: dict) -> dict:
-    """Each variant's compiled kernel, built in threads (nvcc runs outside the GIL)."""
-    def build(kind, tiling):
-        module, _, _ = fused_backward_module(spec, **{"data" if kind == "grad_data" else "weight": tiling})
-        return compile_kernel(tvm.IRModule({kind: module[kind]}), target)[kind]
-
-    jobs = [("grad_data", label, t) for label, t in data.items()] + [("grad_weight", label, t) for label, t in
-                                                                      weight.items()]
-    with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        futures = {(kind, label): pool.submit(build, kind, t) for kind, label, t in jobs}
-        return {key: future.result() for key, future in futures.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=list(BENCHMARK_WORKLOADS))
@@ -91,33 +73,18 @@ def main() -> None:
     for name in args.workloads:
         for dtype in args.dtypes:
             workload = get_workload(name, "float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-            spec, inputs = workload.spec, workload.make_inputs(device="cuda")
+            spec = workload.spec
             data, weight = ({label: t for label, t in variants(spec).items()
                              if args.variants is None or label in args.variants}
                             for variants in (data_variants, weight_variants))
-            kernels = _kernels(spec, target, data, weight)
-            n, c, h, w = spec.input_shape
-            acc = torch.float64 if dtype == "float64" else torch.float32
-            flat = inputs["input"].contiguous().view(n, c, h * w)
-            mask = [inputs["mask"]] * spec.has_mask
-            grad_output = torch.randn(spec.output_shape, device="cuda").to(flat.dtype)
+            data_kernels, weight_kernels = compile_candidates(spec, target, list(data.values()), list(weight.values()))
+            inputs = profile_inputs(spec, workload.profile)
             print(f"== {name} {dtype}", flush=True)
-            for label, tiling in data.items():
-                kernel = kernels["grad_data", label]
-                outputs = [torch.zeros((n, c, h * w), dtype=acc, device="cuda"),
-                           torch.empty((tiling.channel_splits, *spec.offset_shape), dtype=acc, device="cuda")]
-                outputs += [torch.empty((tiling.channel_splits, *spec.mask_shape), dtype=acc,
-                                        device="cuda")] * spec.has_mask
-                ms = gpu_ms(lambda: kernel(flat, inputs["offset"], *mask, inputs["weight"], grad_output, *outputs))
-                print(f"  grad_data   {label:12s} {ms:7.3f} ms  {tiling}", flush=True)
-            for label, tiling in weight.items():
-                kernel = kernels["grad_weight", label]
-                outputs = [torch.empty((tiling.splits, spec.out_channels, c // spec.groups,
-                                        spec.kernel_h * spec.kernel_w), dtype=acc, device="cuda")]
-                outputs += [torch.empty((tiling.splits, spec.out_channels), dtype=acc, device="cuda")] * spec.has_bias
-                ms = gpu_ms(lambda: kernel(flat, inputs["offset"], *mask,
-                                           grad_output.view(n, spec.out_channels, -1), *outputs))
-                print(f"  grad_weight {label:12s} {ms:7.3f} ms  {tiling}", flush=True)
+            for (label, tiling), kernel in zip(data.items(), data_kernels):
+                print(f"  grad_data   {label:12s} {time_data(spec, kernel, tiling, inputs):7.3f} ms  {tiling}", flush=True)
+            for (label, tiling), kernel in zip(weight.items(), weight_kernels):
+                print(f"  grad_weight {label:12s} {time_weight(spec, kernel, tiling, inputs):7.3f} ms  {tiling}",
+                      flush=True)
 
 
 if __name__ == "__main__":

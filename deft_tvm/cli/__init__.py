@@ -146,6 +146,20 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     return KernelEntry(spec, sch, origin=str(directory), part=part)
 
 
+def _tune_fused_backward(args, target, name: str, workload) -> None:
+    """Search the fused backward's tilings of a workload and write the record."""
+    from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
+    from deft_tvm.tuning.fused_backward import tune_fused_backward
+
+    spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
+    record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name())
+    path = write_fused_backward(fused_backward_dir(args.logs, spec, target), record)
+    times = {kind: min(ms for _, ms in record[f"{kind}_ms"]) for kind in ("data", "weight")}
+    defaults = {kind: record[f"{kind}_ms"][0][1] for kind in ("data", "weight")}
+    print(f"fused    {name} {spec.dtype}{' tf32' * spec.tf32}: grad_data {times['data']:.3f} ms (default "
+          f"{defaults['data']:.3f}), grad_weight {times['weight']:.3f} ms (default {defaults['weight']:.3f}) -> {path}")
+
+
 def cmd_tune(args) -> int:
     """Tune workloads on the DefT design space, export them as one library, check it."""
     from deft_tvm.runtime.library import export_library, load_library
@@ -153,7 +167,14 @@ def cmd_tune(args) -> int:
     from deft_tvm.runtime.targets import target_for_device
 
     _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
+    if args.fused_backward and args.device != "cuda":
+        raise UsageError("--fused-backward: the fused backward is a CUDA kernel; tune it with --device cuda on a GPU")
     target = target_for_device(args.device)
+    if args.fused_backward:
+        for name in args.workloads:
+            for dtype in args.dtypes:
+                _tune_fused_backward(args, target, name, get_workload(name, dtype, _tf32(args, dtype)))
+        return 0
     entries = []
     for name in args.workloads:
         for dtype in args.dtypes:
@@ -250,6 +271,9 @@ def main(argv=None) -> int:
                       "torch.backends.cuda.matmul.allow_tf32 (CUDA; other dtypes unaffected)")
     tune.add_argument("--backward", action="store_true",
                       help="also tune the backward's gradient kernels of each workload (in folders ending _backward)")
+    tune.add_argument("--fused-backward", action="store_true",
+                      help="instead, search the fused CUDA backward's tilings of each workload (records in folders "
+                      "ending _fused_backward, which the op takes over the defaults once committed)")
     tune.add_argument("--trials", type=int, default=8,
                       help="records each workload's database should hold; tuning resumes up to it (default 8)")
     tune.add_argument("--trials-per-round", type=int, default=32)

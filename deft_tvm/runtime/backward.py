@@ -4,8 +4,9 @@ per workload.
 * On CUDA with atomics allowed (``torch.use_deterministic_algorithms`` off, torch's default): the
   fused kernels of ``schedules/cuda_backward_fused.py`` (grad_input, grad_offset and grad_mask in
   one kernel that never writes the columns; grad_weight and grad_bias as split partial sums and
-  their fixed-order sum), with their default tilings, compiled through the kernel cache (memory
-  and disk; the file is keyed by ``cuda_backward_fused.fingerprint``).
+  their fixed-order sum), with the tilings of the workload's committed record
+  (``deft-tvm tune --fused-backward``) or else the defaults, compiled through the kernel cache
+  (memory and disk; the file is keyed by ``cuda_backward_fused.fingerprint``).
 * Otherwise the staged backward: the gradient kernels (every stage but grad_input's) are the
   workload's ``backward`` part: from a loaded kernel library if it has them, else the committed
   tuned record or the default schedule (``schedules/cpu_backward.py``,
@@ -42,10 +43,11 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
     if part == "gradients":
         return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0])
     if part == "fused":
+        from deft_tvm.runtime.records import committed_fused_tilings
         from deft_tvm.schedules.cuda_backward_fused import default_tilings, fingerprint, fused_backward_module
 
         arch = str(target.attrs["arch"])
-        data, weight = default_tilings(spec, arch)
+        data, weight = committed_fused_tilings(spec, target) or default_tilings(spec, arch)
         kernels = kernel_cache.load_or_build_library(
             f"{spec.key()}-fused_backward", fingerprint(spec, data, weight, arch), target,
             lambda: compile_kernel(fused_backward_module(spec, data, weight, arch)[0], target),

@@ -94,3 +94,40 @@ def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
     """Every workload folder of ``target`` under ``root``, sorted."""
     base = Path(root) / target_tag(target)
     return sorted(p.parent for p in base.glob(f"*/{SPEC_FILE}"))
+
+
+FUSED_BACKWARD_FILE = "fused_backward.json"
+
+
+def fused_backward_dir(root: Path, spec: DeformConvSpec, target: tvm.target.Target) -> Path:
+    """The folder of ``spec``'s fused-backward tiling record for ``target``: ``<root>/<target-tag>/
+    <spec key>_fused_backward``."""
+    return Path(root) / target_tag(target) / f"{spec.key()}_fused_backward"
+
+
+def write_fused_backward(directory: Path, record: dict) -> Path:
+    """Write a fused-backward tiling record (``deft_tvm.tuning.fused_backward.tune_fused_backward``'s)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FUSED_BACKWARD_FILE
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def read_fused_backward(directory: Path):
+    """``(spec, data tiling, weight tiling)`` of the fused-backward record in ``directory``."""
+    from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling
+
+    record = json.loads((Path(directory) / FUSED_BACKWARD_FILE).read_text())
+    return DeformConvSpec.from_dict(record["spec"]), DataTiling(**record["data"]), WeightTiling(**record["weight"])
+
+
+def committed_fused_tilings(spec: DeformConvSpec, target: tvm.target.Target):
+    """``(data, weight)`` tilings of ``spec``'s committed fused-backward record for ``target``, or
+    None where there is none."""
+    directory = fused_backward_dir(committed_root(), spec, target)
+    if not (directory / FUSED_BACKWARD_FILE).exists():
+        return None
+    recorded, data, weight = read_fused_backward(directory)
+    if recorded != spec:
+        raise ValueError(f"{directory / FUSED_BACKWARD_FILE} records {recorded.key()}, not {spec.key()}")
+    return data, weight

@@ -1,0 +1,159 @@
+"""Tiling search of the fused CUDA backward on profile-distributed offsets, beside the op.
+
+The fused kernels (``schedules/cuda_backward_fused.py``) are TIR generated from a ``DataTiling``
+(grad_input, grad_offset, grad_mask) and a ``WeightTiling`` (grad_weight, grad_bias); their design
+space is ``data_space`` x ``weight_space``, tables of tilings around the defaults (each default a
+point of its table). The two kernels are independent, so each is chosen on its own:
+``tune_fused_backward`` compiles every candidate (in threads: nvcc runs outside the GIL), times
+each kernel alone with CUDA events on inputs whose offsets and mask follow the workload's offset
+profile (``time_data``, ``time_weight``), and returns the record of the fastest data and weight
+tilings with every candidate's time, which ``deft-tvm tune --fused-backward`` writes where
+``runtime.records.committed_fused_tilings`` finds it (the runtime then takes it over the defaults).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from collections.abc import Callable
+
+import tvm
+
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation
+from deft_tvm.schedules.cuda_backward_fused import (
+    PARTIAL_FLOATS,
+    SHARED_BYTES,
+    TILE_SHAPES,
+    DataTiling,
+    WeightTiling,
+    _without_empty_splits,
+    fused_backward_module,
+)
+from deft_tvm.tuning.timing import gpu_ms
+
+HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's)
+
+
+def _unique(tilings) -> list:
+    return list(dict.fromkeys(tilings))
+
+
+def data_space(spec: DeformConvSpec) -> list[DataTiling]:
+    """The default data tiling first, then: every halo of ``HALOS`` x channel splits within 4x of
+    the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, and float
+    patches where the default has fixed-point ones; only tilings within 48 KB of shared memory."""
+    default = DataTiling.for_spec(spec)
+    chunks = spec.in_channels // spec.offset_groups // default.chunk
+    splits = [s for s in range(1, chunks + 1)
+              if chunks % s == 0 and default.channel_splits <= 4 * s and s <= 4 * default.channel_splits]
+    r = dataclasses.replace
+    candidates = [default] + [r(default, halo=h, channel_splits=s) for h in sorted({*HALOS, default.halo})
+                              for s in splits]
+    candidates += [r(default, tile_h=th, tile_w=tw) for th, tw in TILE_SHAPES]
+    if default.fixed_point:
+        candidates.append(r(default, fixed_point=False))
+    return _unique(t for t in candidates if t.shared_bytes(spec) <= SHARED_BYTES)
+
+
+def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
+    """The default weight tiling first, then (tensor cores) blocks of up to 64, 128 and 256 output
+    channels x 32 or 64 positions per step x the fewest-waves splits, twice and half as many, or
+    (SIMT) the default's splits twice and half as many and 32 positions per step; only tilings
+    within 48 KB of shared memory and ``PARTIAL_FLOATS`` partial sums."""
+    default = WeightTiling.for_spec(spec)
+    r = dataclasses.replace
+    total = spec.batch * spec.out_h * spec.out_w
+    if default.tensor_cores:
+        bases = [r(WeightTiling.for_spec(spec, o_channels=o), positions=p) for o in (64, 128, 256) for p in (32, 64)]
+        bases = [r(t, splits=t.fewest_waves(spec)) for t in bases if t.shared_bytes(spec) <= SHARED_BYTES]
+    else:
+        bases = [default, r(default, positions=32)]
+    candidates = [default]
+    for base in bases:
+        steps = -(-total // base.positions)
+        for splits in (base.splits, 2 * base.splits, base.splits // 2):
+            candidates.append(r(base, splits=_without_empty_splits(steps, max(1, min(splits, steps)))))
+    weights = spec.out_channels * spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    return _unique(t for t in candidates
+                   if t.shared_bytes(spec) <= SHARED_BYTES and t.splits * weights <= max(PARTIAL_FLOATS, weights))
+
+
+def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
+                       weight: list[WeightTiling]) -> tuple[list[Callable], list[Callable]]:
+    """The compiled ``grad_data`` of each data tiling and ``grad_weight`` of each weight tiling,
+    built in threads."""
+    def build(kind, tiling):
+        module, _, _ = fused_backward_module(spec, **{"data" if kind == "grad_data" else "weight": tiling})
+        return compile_kernel(tvm.IRModule({kind: module[kind]}), target)[kind]
+
+    jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
+    with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        kernels = list(pool.map(lambda job: build(*job), jobs))
+    return kernels[:len(data)], kernels[len(data):]
+
+
+def profile_inputs(spec: DeformConvSpec, profile: str, seed: int = 0) -> dict:
+    """The kernels' inputs on the GPU: the workload's tensors (offsets and mask from ``profile``),
+    the input flattened to ``[N, C, H * W]``, and a seeded random grad_output."""
+    import torch
+
+    from deft_tvm.tuning.workloads import Workload
+
+    inputs = Workload("tuning", spec, profile).make_inputs(seed=seed, device="cuda")
+    n, c, h, w = spec.input_shape
+    gen = torch.Generator().manual_seed(seed + 1)
+    return {**inputs, "input": inputs["input"].contiguous().view(n, c, h * w),
+            "grad_output": torch.randn(spec.output_shape, generator=gen).to(inputs["input"].dtype).cuda()}
+
+
+def time_data(spec: DeformConvSpec, kernel: Callable, tiling: DataTiling, inputs: dict) -> float:
+    """GPU time (ms) per call of a compiled ``grad_data`` (``timing.gpu_ms``)."""
+    import torch
+
+    n, c, h, w = spec.input_shape
+    mask = [inputs["mask"]] * spec.has_mask
+    outputs = [torch.zeros((n, c, h * w), device="cuda"),
+               torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")]
+    outputs += [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
+    return gpu_ms(lambda: kernel(inputs["input"], inputs["offset"], *mask, inputs["weight"], inputs["grad_output"],
+                                 *outputs))
+
+
+def time_weight(spec: DeformConvSpec, kernel: Callable, tiling: WeightTiling, inputs: dict) -> float:
+    """GPU time (ms) per call of a compiled ``grad_weight`` (``timing.gpu_ms``)."""
+    import torch
+
+    mask = [inputs["mask"]] * spec.has_mask
+    o, ipg, taps = spec.out_channels, spec.in_channels // spec.groups, spec.kernel_h * spec.kernel_w
+    outputs = [torch.empty((tiling.splits, o, ipg, taps), device="cuda")]
+    outputs += [torch.empty((tiling.splits, o), device="cuda")] * spec.has_bias
+    grad_output = inputs["grad_output"].view(spec.batch, o, -1)
+    return gpu_ms(lambda: kernel(inputs["input"], inputs["offset"], *mask, grad_output, *outputs))
+
+
+def measure_candidates(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
+                       weight: list[WeightTiling]) -> tuple[list[float], list[float]]:
+    """GPU time (ms) of each data and weight candidate, each kernel alone on ``profile_inputs``."""
+    data_kernels, weight_kernels = compile_candidates(spec, target, data, weight)
+    inputs = profile_inputs(spec, profile)
+    return ([time_data(spec, k, t, inputs) for k, t in zip(data_kernels, data)],
+            [time_weight(spec, k, t, inputs) for k, t in zip(weight_kernels, weight)])
+
+
+def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, device_name: str,
+                        measure: Callable = measure_candidates) -> dict:
+    """The record of ``spec``'s fastest data and weight tilings on ``target`` (``measure``: the
+    candidates' times, ``measure_candidates`` on a GPU): the spec, the profile, the device, the
+    two tilings, and every candidate with its time (ms)."""
+    data, weight = data_space(spec), weight_space(spec)
+    data_ms, weight_ms = measure(spec, profile, target, data, weight)
+    best_data = min(range(len(data)), key=lambda i: data_ms[i])  # of equals, the first (the default)
+    best_weight = min(range(len(weight)), key=lambda i: weight_ms[i])
+    return {
+        "spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"]),
+        "data": dataclasses.asdict(data[best_data]), "weight": dataclasses.asdict(weight[best_weight]),
+        "data_ms": [[dataclasses.asdict(t), ms] for t, ms in zip(data, data_ms)],
+        "weight_ms": [[dataclasses.asdict(t), ms] for t, ms in zip(weight, weight_ms)],
+    }

@@ -1,0 +1,89 @@
+"""The fused backward's tiling search (``deft_tvm.tuning.fused_backward``) and its records: the
+design spaces start at the defaults and hold only tilings that fit; the search keeps the fastest
+candidate of each kernel (times from a stand-in for the GPU); the op takes a committed record over
+the defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from deft_tvm.runtime import backward, kernel_cache, records
+from deft_tvm.runtime.targets import cuda_target
+from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling
+from deft_tvm.tuning.fused_backward import data_space, tune_fused_backward, weight_space
+from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
+
+from test_cli_errors import error_line
+
+SPECS = [get_workload(name, dtype, tf32=tf32).spec for name in BENCHMARK_WORKLOADS
+         for dtype, tf32 in (("float16", False), ("bfloat16", False), ("float32", True), ("float32", False))]
+TARGET = cuda_target("sm_90")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key())
+def test_design_spaces_start_at_the_defaults_and_fit(spec):
+    data, weight = data_space(spec), weight_space(spec)
+    assert data[0] == DataTiling.for_spec(spec) and weight[0] == WeightTiling.for_spec(spec)
+    assert len(set(data)) == len(data) > 1 and len(set(weight)) == len(weight)
+    cpg = spec.in_channels // spec.offset_groups
+    for tiling in data:
+        assert tiling.shared_bytes(spec) <= SHARED_BYTES and cpg % (tiling.chunk * tiling.channel_splits) == 0
+    positions = spec.batch * spec.out_h * spec.out_w
+    for tiling in weight:
+        assert tiling.shared_bytes(spec) <= SHARED_BYTES
+        covered = tiling.steps(spec) * tiling.positions
+        assert (tiling.splits - 1) * covered < positions <= tiling.splits * covered  # no empty split
+
+
+def _fake_measure(fastest_data: int, fastest_weight: int):
+    """Stand-in for ``measure_candidates``: candidate ``fastest_*`` takes 1 ms, the others 2."""
+    def measure(spec, profile, target, data, weight):
+        return ([1.0 if i == fastest_data else 2.0 for i in range(len(data))],
+                [1.0 if i == fastest_weight else 2.0 for i in range(len(weight))])
+
+    return measure
+
+
+def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
+    spec = get_workload("r50dcn_c4", "float16").spec
+    data, weight = data_space(spec), weight_space(spec)
+    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(3, 2))
+    assert DataTiling(**record["data"]) == data[3] and WeightTiling(**record["weight"]) == weight[2]
+    assert [DataTiling(**t) for t, _ in record["data_ms"]] == data
+    assert [ms for _, ms in record["weight_ms"]] == [2.0, 2.0, 1.0] + [2.0] * (len(weight) - 3)
+    assert (record["profile"], record["device"], record["target"]) == ("normal_2px", "a GPU", "sm_90")
+    ties = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=lambda *a: ([1.0] * len(data),
+                                                                                       [1.0] * len(weight)))
+    assert DataTiling(**ties["data"]) == data[0] and WeightTiling(**ties["weight"]) == weight[0]  # the defaults
+
+
+def test_the_op_takes_a_committed_record_over_the_defaults(tmp_path, monkeypatch):
+    spec = get_workload("r50dcn_c4", "float16").spec
+    monkeypatch.setattr(records, "committed_root", lambda: tmp_path)
+    assert records.committed_fused_tilings(spec, TARGET) is None
+    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(4, 1))
+    records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET), record)
+    data, weight = records.committed_fused_tilings(spec, TARGET)
+    assert (data, weight) == (data_space(spec)[4], weight_space(spec)[1]) != (DataTiling.for_spec(spec),
+                                                                             WeightTiling.for_spec(spec))
+    built = {}
+
+    def fake_library(name, fingerprint, target, build_library, functions):
+        built.update(name=name)
+        return [None] * len(functions)
+
+    monkeypatch.setattr(kernel_cache, "load_or_build_library", fake_library)
+    kernels = backward._build(spec, TARGET, "fused")
+    assert (kernels.channel_splits, kernels.weight_splits) == (data.channel_splits, weight.splits)
+    assert built["name"] == f"{spec.key()}-fused_backward"
+    other = dataclasses.replace(spec, batch=3)  # a record of another layer in this layer's folder
+    records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET), {**record, "spec": other.to_dict()})
+    with pytest.raises(ValueError, match=rf"records {other.key()}, not {spec.key()}"):
+        records.committed_fused_tilings(spec, TARGET)
+
+
+def test_tuning_the_fused_backward_needs_cuda(capsys):
+    line = error_line(["tune", "--device", "cpu", "--fused-backward"], capsys)
+    assert "--fused-backward: the fused backward is a CUDA kernel; tune it with --device cuda on a GPU" in line
