@@ -277,16 +277,16 @@ class WeightTiling:
         """With tensor cores (``cuda_mma``): up to ``o_channels`` x 64 channels per block, on a warp
         per 32 output channels x 2 warps of 2 x 4 ``mma`` tiles (channels padded to whole tiles):
         each block interpolates its input channels' samples once for all its output channels, so
-        wide layers re-interpolate less. Measured on an H200 (ms, float16 / TF32, up to 64, 128 and
-        256 output channels per block): r50 c3 0.83 / - / 0.51 (128 channels), c4 0.80, 0.49, 0.36
-        / 0.89, 0.42, 0.43, c5 0.57, 0.42, 0.38 / 0.76, 0.45, 0.42. On SIMT cores: up to 64 x 64 channels per
-        block, on 16 x 16 threads with 4 x 4 registers for groups of up to 64 output channels, on
-        8 x 16 threads with 8 x 4 registers and about twice the blocks for wider ones. 64
-        positions per step (32 where shared memory would pass 48 KB: the sampling points of many
-        offset groups, as in the video layer in float32). Measured
-        on an H200 (SIMT fp16, ms): 0.76 / 0.41 on paper N=32 / video (0.94 / 0.86 on r50 c3 / c5)
-        against 1.04 / 0.48 (1.28 / 0.95) the other way round. Splits until the grid has about
-        ``TARGET_BLOCKS`` blocks (twice that for wide SIMT layers)."""
+        wide layers re-interpolate less. Measured on an H200 (ms; blocks of up to 64, 128 and 256
+        output channels): r50 c3 fp16 0.83, 0.51 (its 128 channels); c4 fp16 0.80, 0.49, 0.36,
+        TF32 0.89, 0.42, 0.43; c5 fp16 0.57, 0.42, 0.38, TF32 0.76, 0.45, 0.42. On SIMT cores: up
+        to 64 x 64 channels per block, on 16 x 16 threads with 4 x 4 registers for groups of up to
+        64 output channels, on 8 x 16 threads with 8 x 4 registers and about twice the blocks for
+        wider ones. 64 positions per step (32 where shared memory would pass 48 KB: the sampling
+        points of many offset groups, as in the video layer in float32). Measured on an H200 (SIMT
+        fp16, ms): 0.76 / 0.41 on paper N=32 / video (0.94 / 0.86 on r50 c3 / c5) against 1.04 /
+        0.48 (1.28 / 0.95) the other way round. Splits until the grid has about ``TARGET_BLOCKS``
+        blocks (twice that for wide SIMT layers)."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
         tensor_cores = mma_shape(spec) is not None
         wide = opg > 64 and not tensor_cores
