@@ -10,12 +10,13 @@ import dataclasses
 import pytest
 
 from deft_tvm.runtime import backward, kernel_cache, records
-from deft_tvm.runtime.targets import cuda_target
-from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling
+from deft_tvm.runtime.targets import compile_kernel, cuda_target
+from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.tuning.fused_backward import data_space, tune_fused_backward, weight_space
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 from test_cli_errors import error_line
+from test_fused_backward_codegen import _compile, needs_nvcc
 
 SPECS = [get_workload(name, dtype, tf32=tf32).spec for name in BENCHMARK_WORKLOADS
          for dtype, tf32 in (("float16", False), ("bfloat16", False), ("float32", True), ("float32", False))]
@@ -35,6 +36,11 @@ def test_design_spaces_start_at_the_defaults_and_fit(spec):
         assert tiling.shared_bytes(spec) <= SHARED_BYTES
         covered = tiling.steps(spec) * tiling.positions
         assert (tiling.splits - 1) * covered < positions <= tiling.splits * covered  # no empty split
+
+
+def _source(spec, data, weight) -> str:
+    module, _, _ = fused_backward_module(spec, data, weight)
+    return compile_kernel(module, TARGET).mod.imports[0].inspect_source()
 
 
 def _fake_measure(fastest_data: int, fastest_weight: int):
@@ -87,3 +93,14 @@ def test_the_op_takes_a_committed_record_over_the_defaults(tmp_path, monkeypatch
 def test_tuning_the_fused_backward_needs_cuda(capsys):
     line = error_line(["tune", "--device", "cpu", "--fused-backward"], capsys)
     assert "--fused-backward: the fused backward is a CUDA kernel; tune it with --device cuda on a GPU" in line
+
+
+@needs_nvcc
+def test_every_candidate_of_a_wide_layer_compiles_for_sm_90():
+    """The search never hands the GPU a tiling that does not build: r50 c4's data and weight
+    candidates (paired, one module each) compile with nvcc within the shared memory they claim."""
+    spec = get_workload("r50dcn_c4", "float16").spec
+    data, weight = data_space(spec), weight_space(spec)
+    for i in range(max(len(data), len(weight))):
+        source = _source(spec, data[i % len(data)], weight[i % len(weight)])
+        assert _compile(source)[:4] == b"\x7fELF", (data[i % len(data)], weight[i % len(weight)])

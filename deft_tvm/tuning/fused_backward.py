@@ -31,6 +31,7 @@ from deft_tvm.schedules.cuda_backward_fused import (
     _without_empty_splits,
     fused_backward_module,
 )
+from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.timing import gpu_ms
 
 HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's)
@@ -42,9 +43,13 @@ def _unique(tilings) -> list:
 
 def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     """The default data tiling first, then: every halo of ``HALOS`` x channel splits within 4x of
-    the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, and float
-    patches where the default has fixed-point ones; only tilings within 48 KB of shared memory."""
+    the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, weight stages
+    of half and twice the default's output channels (where they divide the group's), half the
+    chunk's channels, tensor-core grad_columns (``DataTiling.for_spec(tensor_cores=True)``, where
+    the dtype has an mma), and float patches where the default has fixed-point ones; only tilings
+    within 48 KB of shared memory."""
     default = DataTiling.for_spec(spec)
+    opg = spec.out_channels // spec.groups
     chunks = spec.in_channels // spec.offset_groups // default.chunk
     splits = [s for s in range(1, chunks + 1)
               if chunks % s == 0 and default.channel_splits <= 4 * s and s <= 4 * default.channel_splits]
@@ -52,6 +57,12 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     candidates = [default] + [r(default, halo=h, channel_splits=s) for h in sorted({*HALOS, default.halo})
                               for s in splits]
     candidates += [r(default, tile_h=th, tile_w=tw) for th, tw in TILE_SHAPES]
+    candidates += [r(default, o_step=o_step) for o_step in (default.o_step // 2, 2 * default.o_step)
+                   if o_step and opg % o_step == 0]
+    if default.chunk % 2 == 0:  # divides whatever the chunk divides
+        candidates.append(r(default, chunk=default.chunk // 2))
+    if mma_shape(spec) is not None:
+        candidates.append(DataTiling.for_spec(spec, tensor_cores=True))
     if default.fixed_point:
         candidates.append(r(default, fixed_point=False))
     return _unique(t for t in candidates if t.shared_bytes(spec) <= SHARED_BYTES)
