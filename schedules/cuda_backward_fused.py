@@ -339,8 +339,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     three outputs. With ``tiling.deterministic`` grad_input is int64 (multiples of the quantum
     ``contribution_bound`` sets: the bound's exponent e, ``bound < 2**e``, gives contributions in
     units of ``2**(e - bits)``, ``bits`` = 30 - ceil(log2(threads x taps)); the caller converts) and
-    a last parameter ``contribution_bound [1]`` (float32, finite) bounds every |column x mask|, as
-    ``contribution_bound`` computes: the same integers whatever the order of the additions."""
+    a last parameter ``contribution_bound [1]`` (float32, finite; the caller's) bounds every
+    |column x mask|: the same integers whatever the order of the additions."""
     from tvm.script import tirx as T
 
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
@@ -392,20 +392,14 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     def fixed_add(address, value):
         """Adds the int32 ``value`` to the shared-memory word at ``address`` (a float buffer holding
         fixed-point sums): a native shared-memory atomic, where float adds are compare-and-swap loops."""
-        from tvm.script import tirx as T
-
-        source = ("__device__ __forceinline__ void deft_shared_add_fixed(float* address, int value) { "
-                  "atomicAdd(reinterpret_cast<int*>(address), value); }\n")
-        return T.cuda.func_call("deft_shared_add_fixed", address, value, source_code=source)
+        return _device_call("deft_shared_add_fixed", "float* address, int value",
+                            "atomicAdd(reinterpret_cast<int*>(address), value);", address, value)
 
     def global_fixed_add(address, value):
         """Adds the int64 ``value`` to the global int64 word at ``address`` (a native reduction)."""
-        from tvm.script import tirx as T
-
-        source = ("__device__ __forceinline__ void deft_global_add_fixed(void* address, long long value) { "
-                  "atomicAdd(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>(value));"
-                  " }\n")
-        return T.cuda.func_call("deft_global_add_fixed", address, value, source_code=source)
+        return _device_call("deft_global_add_fixed", "void* address, long long value",
+                            "atomicAdd(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>"
+                            "(value));", address, value)
 
     def input_add(grad_input, index, value, scale):
         """Adds the contribution ``value`` to ``grad_input[index]``: a float atomic or, deterministic,
@@ -418,11 +412,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
 
     def bits_max(address, value):
         """atomicMax of the int32 ``value`` into the shared-memory word at ``address``."""
-        from tvm.script import tirx as T
-
-        source = ("__device__ __forceinline__ void deft_shared_max_bits(int* address, int value) { "
-                  "atomicMax(address, value); }\n")
-        return T.cuda.func_call("deft_shared_max_bits", address, value, source_code=source)
+        return _device_call("deft_shared_max_bits", "int* address, int value", "atomicMax(address, value);",
+                            address, value)
 
     def magnitude_bits(value):
         """The bits of ``|value|`` as an int32: ordered as the magnitudes, NaN above infinity."""
@@ -440,13 +431,11 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
 
     def vector_add(address, values):
         """One ``atomicAdd(float{width}*, float{width})`` (sm_90, global memory) for the group."""
-        from tvm.script import tirx as T
-
-        name = f"deft_atomic_add_float{width}"
-        names = ", ".join(f"float v{k}" for k in range(width))
-        source = (f"__device__ __forceinline__ void {name}(float* address, {names}) {{ atomicAdd(reinterpret_cast<"
-                  f"float{width}*>(address), make_float{width}({', '.join(f'v{k}' for k in range(width))})); }}\n")
-        return T.cuda.func_call(name, address, *[values[k] for k in range(width)], source_code=source)
+        names = [f"v{k}" for k in range(width)]
+        parameters = ", ".join(["float* address"] + [f"float {v}" for v in names])
+        body = f"atomicAdd(reinterpret_cast<float{width}*>(address), make_float{width}({', '.join(names)}));"
+        return _device_call(f"deft_atomic_add_float{width}", parameters, body, address,
+                            *[values[k] for k in range(width)])
 
     resident = tensor_cores and stages == 1  # grad_output fragments held per group, weights staged per chunk
     # Tensor cores: each warp multiplies its 32 positions (two m16 tiles) of grad_output by the
@@ -758,7 +747,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                 for k in T.unroll(width):
                                     flush[k] = zero
                                     if start + k >= x_lo and start + k < x_hi:
-                                        flush[k] = patch_sum(grad_patch, j * patch + r * cols + start + k - patch_x, scale)
+                                        flush[k] = patch_sum(grad_patch, j * patch + r * cols + start + k - patch_x,
+                                                             scale)
                                 if start >= 0 and start + width <= w:  # the whole group in the row
                                     if any_nonzero(flush):
                                         T.evaluate(vector_add(T.address_of(grad_input[b, c0 + j, row0 + start]), flush))
@@ -1079,6 +1069,15 @@ def weight_reduce_primfunc(spec: DeformConvSpec, splits: int):
                         grad_bias[e - weights] = T.Cast(dtype, sum_)
 
     return _without(weight_reduce, () if has_bias else ("bias_part", "grad_bias"))
+
+
+def _device_call(name: str, parameters: str, body: str, *args):
+    """A call of the inline CUDA function ``__device__ void name(parameters) { body }``, its source
+    emitted with the kernel (``T.cuda.func_call``)."""
+    from tvm.script import tirx as T
+
+    source = f"__device__ __forceinline__ void {name}({parameters}) {{ {body} }}\n"
+    return T.cuda.func_call(name, *args, source_code=source)
 
 
 def _without(func, names):

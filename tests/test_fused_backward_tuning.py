@@ -85,7 +85,8 @@ def test_the_op_takes_a_committed_record_over_the_defaults(tmp_path, monkeypatch
     assert (kernels.channel_splits, kernels.weight_splits) == (data.channel_splits, weight.splits)
     assert built["name"] == f"{spec.key()}-fused_backward"
     other = dataclasses.replace(spec, batch=3)  # a record of another layer in this layer's folder
-    records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET), {**record, "spec": other.to_dict()})
+    records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET),
+                                 {**record, "spec": other.to_dict()})
     with pytest.raises(ValueError, match=rf"records {other.key()}, not {spec.key()}"):
         records.committed_fused_tilings(spec, TARGET)
 
