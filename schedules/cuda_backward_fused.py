@@ -84,6 +84,13 @@ def _without_empty_splits(steps: int, splits: int) -> int:
     return -(-steps // -(-steps // splits))
 
 
+def _waves_x_work(blocks_per_split: int, splits: int, wave: int, work: int) -> int:
+    """(Waves of ``wave`` resident blocks that ``blocks_per_split x splits`` blocks take) x (the
+    ``work`` units of one split, rounded up): what the splits of both kernels minimise, as a
+    partial last wave costs a whole one."""
+    return -(-blocks_per_split * splits // wave) * -(-work // splits)
+
+
 def resident_blocks(shared_bytes: int, threads: int) -> int:
     """Blocks of ``threads`` threads and ``shared_bytes`` of shared memory an sm_90 SM runs at once
     with at most 64 registers per thread: the kernels are launched with that bound
@@ -217,7 +224,7 @@ class DataTiling:
             chunks = cpg // tiling.chunk
 
             def cost(splits):
-                return -(-tiles * splits // wave) * (cpg // splits)
+                return _waves_x_work(tiles, splits, wave, cpg)
 
             splits = min((d for d in range(1, chunks + 1) if chunks % d == 0), key=cost)  # the fewest of equals
             return cost(splits), dataclasses.replace(tiling, channel_splits=splits)
@@ -321,8 +328,7 @@ class WeightTiling:
         most = max(1, min(steps, PARTIAL_FLOATS // (spec.out_channels * ipg * spec.kernel_h * spec.kernel_w)))
 
         def cost(splits):
-            per_split = -(-steps // splits)
-            return -(-tiles * splits // wave) * per_split, splits
+            return _waves_x_work(tiles, splits, wave, steps), splits
 
         return _without_empty_splits(steps, min(range(1, most + 1), key=cost))
 
