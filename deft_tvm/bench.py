@@ -2,7 +2,7 @@
 same shape, in one run.
 
     deft-tvm bench [--workloads NAME ...] [--dtypes float32 float16 ...] [--tf32 off on]
-                   [--modes forward forward_backward] [--iters 20]
+                   [--modes forward forward_backward forward_backward_deterministic] [--iters 20]
                    [--generic-trials N [--generic-dir DIR]] [--commit SHA]
                    [--csv PATH.csv] [--markdown PATH.md] [--plot PATH.png]
     deft-tvm bench --from-csv PATH.csv [--markdown PATH.md] [--plot PATH.png]
@@ -22,7 +22,9 @@ profile.
 Modes: ``forward`` (under ``torch.no_grad``) and ``forward_backward``: one call is the forward plus
 ``torch.autograd.grad`` of every input (input, offset, mask, weight, bias; a dense conv2d has
 gradients of its input, weight and bias only) for a fixed random grad_output, through each
-provider's own autograd. The kernels called directly (``deft_tvm_default``, ``generic_ms``) have no
+provider's own autograd; ``forward_backward_deterministic`` the same under
+``torch.use_deterministic_algorithms(True, warn_only=True)`` (deft_tvm's deterministic backward,
+cuDNN's deterministic algorithms; torchvision has none and warns). The kernels called directly (``deft_tvm_default``, ``generic_ms``) have no
 backward and are timed in forward mode only.
 
 Timing on a GPU: ``gpu_ms`` is CUDA-event time per call over ``--iters`` back-to-back calls after a
@@ -75,8 +77,8 @@ KEY = ("device", "workload", "dtype", "tf32", "profile", "provider", "mode", "co
 TIME_COLUMNS = ("gpu_ms", "cold_median_ms", "cold_p20_ms", "cold_p80_ms", "latency_ms")
 # What markdown and plot read; CSVs of older benches lack the other columns.
 RENDERED_COLUMNS = ("device", "workload", "dtype", "tf32", "profile", "provider", "gpu_ms", "latency_ms", "commit")
-FORWARD, FORWARD_BACKWARD = "forward", "forward_backward"
-MODES = (FORWARD, FORWARD_BACKWARD)
+FORWARD, FORWARD_BACKWARD, DETERMINISTIC = "forward", "forward_backward", "forward_backward_deterministic"
+MODES = (FORWARD, FORWARD_BACKWARD, DETERMINISTIC)
 DENSE_PROVIDERS = ("cudnn_nchw", "cudnn_channels_last", "dense_conv2d")
 PLOTTED_PROVIDERS = ("deft_tvm", "deft_tvm_default", "generic_ms")
 FLUSH_MIN_BYTES = 256 * 2**20
@@ -212,7 +214,7 @@ def providers(workload, device: str, kernels: dict, mode: str = FORWARD) -> dict
     mode each call also computes the gradients, and the directly called ``kernels`` are left out."""
     spec = workload.spec
     inputs = workload.make_inputs(device=device)
-    backward = mode == FORWARD_BACKWARD
+    backward = mode != FORWARD
     for value in inputs.values():
         if isinstance(value, torch.Tensor):
             value.requires_grad_(backward)
@@ -241,6 +243,20 @@ def tf32_mode(mode: str):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """While active (``enabled``), ``torch.use_deterministic_algorithms(True, warn_only=True)``: every
+    provider takes its deterministic algorithms, one without any (torchvision's backward) warns and
+    runs as it is."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -293,7 +309,7 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *, 
         schedules = {"deft_tvm": "tuned" if tuned else "default", **{k: v[1] for k, v in kernels.items()}}
         for mode in modes:
             group = []
-            with tf32_mode(tf32), torch.set_grad_enabled(mode == FORWARD_BACKWARD):
+            with tf32_mode(tf32), torch.set_grad_enabled(mode != FORWARD), deterministic_mode(mode == DETERMINISTIC):
                 for provider, fn in providers(workload, device, kernels, mode).items():
                     group.append(dict(device=device_name, workload=name, dtype=dtype, tf32=tf32,
                                       profile=workload.profile, provider=provider,
@@ -366,7 +382,8 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}x" if math.isfinite(value) else "—"
 
 
-MODE_TITLES = {FORWARD: "forward", FORWARD_BACKWARD: "forward+backward"}
+MODE_TITLES = {FORWARD: "forward", FORWARD_BACKWARD: "forward+backward",
+               DETERMINISTIC: "forward+backward, deterministic algorithms"}
 
 
 def _markdown_section(key: tuple, rows: list[dict]) -> list[str]:
@@ -458,7 +475,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tf32", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help="TF32 modes of float32 rows on a GPU (default: off on)")
     parser.add_argument("--modes", nargs="+", default=[FORWARD], choices=MODES,
-                        help="forward and/or forward_backward (default: forward)")
+                        help="forward, forward_backward and/or forward_backward_deterministic (default: forward)")
     parser.add_argument("--iters", type=int_at_least(1), default=20, help="calls timed per measurement (default 20)")
     parser.add_argument("--generic-trials", type=int_at_least(0), default=0,
                         help="also tune and time generic MetaSchedule with this many trials (default 0: not)")

@@ -81,14 +81,25 @@ def test_forward_backward_calls_compute_the_gradients_of_every_input():
     assert not any(g.abs().max() == 0 for g in deft[:5])
 
 
-def test_cpu_run_in_both_modes_gives_one_table_per_mode():
+def test_cpu_run_in_every_mode_gives_one_table_per_mode():
     rows = bench.run([WORKLOAD], ["float32"], ["off"], iters=1, device="cpu", commit="test",
                      modes=bench.MODES)
     assert [(r["mode"], r["provider"]) for r in rows] == [
         (mode, provider) for mode in bench.MODES for provider in ("deft_tvm", "reference_float64", "dense_conv2d")]
     assert all(r["latency_ms"] > 0 for r in rows)
     titles = [line for line in bench.markdown(rows).splitlines() if line.startswith("cpu, commit test")]
-    assert [t.split(": ")[1].split(" host")[0] for t in titles] == ["forward", "forward+backward"]
+    assert [t.split(": ")[1].split(" host")[0] for t in titles] == [
+        "forward", "forward+backward", "forward+backward, deterministic algorithms"]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_mode_is_on_inside_and_restored_after():
+    with bench.deterministic_mode(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    with bench.deterministic_mode(False):
+        assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_csv_round_trip_merges_by_key(tmp_path, cpu_rows):

@@ -357,15 +357,29 @@ def test_cuda_backward_bfloat16_matches_the_reference():
         assert_close(value.double() / scale, expected[name] / scale, "bfloat16")
 
 
-def test_deterministic_cuda_backward_is_bit_identical_across_runs():
-    spec = get_workload("paper_64c_64x64_n8", "float32").spec
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "tf32"])
+def test_deterministic_cuda_backward_is_bit_identical_across_runs(dtype):
+    """float32: the staged backward with the sorted gather; float16, bfloat16 and TF32: the fused
+    kernels with int64 fixed-point grad_input. Two runs give the same bits, and the reference's
+    gradients up to the dtype's tolerance."""
+    from deft_tvm.reference.backward import deform_conv2d_reference_backward
+    from deft_tvm.runtime import backward
+
+    spec = get_workload("paper_64c_64x64_n8", "float32" if dtype == "tf32" else dtype).spec
     args = _to(make_case(spec, seed=14))
-    grad_output = torch.randn(spec.output_shape, device="cuda")
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
     torch.use_deterministic_algorithms(True)
     try:
-        first = _gradients(deft_tvm.deform_conv2d, args, grad_output)
-        second = _gradients(deft_tvm.deform_conv2d, args, grad_output)
+        with tf32_mode("on" if dtype == "tf32" else "off"):
+            first = _gradients(deft_tvm.deform_conv2d, args, grad_output)
+            second = _gradients(deft_tvm.deform_conv2d, args, grad_output)
     finally:
         torch.use_deterministic_algorithms(False)
+    fused = [key for key in backward._kernels if key[2] == "fused_deterministic"]
+    assert bool(fused) == (dtype != "float32")
     for name in first:
         assert torch.equal(first[name], second[name]), name
+    expected = deform_conv2d_reference_backward(grad_output.double(), **_to(args, dtype=torch.float64))._asdict()
+    for name, value in first.items():
+        scale = max(expected[name].abs().max().item(), 1.0)
+        assert_close(value.double() / scale, expected[name] / scale, dtype)

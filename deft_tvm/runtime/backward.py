@@ -7,6 +7,9 @@ per workload.
   their fixed-order sum), with the tilings of the workload's committed record
   (``deft-tvm tune --fused-backward``) or else the defaults, compiled through the kernel cache
   (memory and disk; the file is keyed by ``cuda_backward_fused.fingerprint``).
+* On CUDA in deterministic mode, for float16, bfloat16 and TF32 with finite inputs: the same
+  fused kernels with grad_input in int64 fixed point at one quantum (``contribution_bound``),
+  whose sums are the same bits on every run.
 * Otherwise the staged backward: the gradient kernels (every stage but grad_input's) are the
   workload's ``backward`` part: from a loaded kernel library if it has them, else the committed
   tuned record or the default schedule (``schedules/cpu_backward.py``,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import threading
 from typing import Callable
 
@@ -42,17 +46,19 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
     cuda = target.kind.name == "cuda"
     if part == "gradients":
         return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0])
-    if part == "fused":
+    if part in ("fused", "fused_deterministic"):
         from deft_tvm.runtime.records import committed_fused_tilings
         from deft_tvm.schedules.cuda_backward_fused import default_tilings, fingerprint, fused_backward_module
 
         arch = str(target.attrs["arch"])
         data, weight = committed_fused_tilings(spec, target) or default_tilings(spec, arch)
+        if part == "fused_deterministic":
+            data = dataclasses.replace(data, fixed_point=True, deterministic=True)
         kernels = kernel_cache.load_or_build_library(
-            f"{spec.key()}-fused_backward", fingerprint(spec, data, weight, arch), target,
+            f"{spec.key()}-{part.replace('fused', 'fused_backward')}", fingerprint(spec, data, weight, arch), target,
             lambda: compile_kernel(fused_backward_module(spec, data, weight, arch)[0], target),
             ("grad_data", "grad_weight", "weight_reduce"))
-        return FusedKernels(*kernels, data.channel_splits, weight.splits)
+        return FusedKernels(*kernels, data, weight)
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
@@ -70,8 +76,16 @@ class FusedKernels:
     data: Callable
     weight: Callable
     reduce: Callable
-    channel_splits: int
-    weight_splits: int
+    data_tiling: object  # schedules.cuda_backward_fused.DataTiling
+    weight_tiling: object  # WeightTiling
+
+    @property
+    def channel_splits(self) -> int:
+        return self.data_tiling.channel_splits
+
+    @property
+    def weight_splits(self) -> int:
+        return self.weight_tiling.splits
 
 
 def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
@@ -110,6 +124,10 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
     target = target_for_device(device)
     if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
         return _fused_backward(spec, target, grad_output, input, offset, mask, weight)
+    if device.type == "cuda":
+        bound = contribution_bound(kernel_cache.with_torch_tf32(spec, device), grad_output, mask, weight)
+        if bound is not None:
+            return _fused_backward(spec, target, grad_output, input, offset, mask, weight, bound)
     results = _output_buffers(spec, device)
     given = [t.contiguous() for t in (input, offset, mask, weight, grad_output) if t is not None]
     _kernel(spec, target, "gradients")(*given, *results.values())
@@ -129,24 +147,47 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
             results["grad_mask"] if spec.has_mask else None)
 
 
-def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, mask, weight) -> tuple:
-    """``deform_conv2d_backward`` on CUDA with atomics: the fused kernels, no columns buffer; float32
+def contribution_bound(spec: DeformConvSpec, grad_output, mask, weight) -> float | None:
+    """A bound on every |grad_column x mask| of a call (max over input channels and taps of the sum
+    of |weight| over output channels, times max |grad_output| and max |mask|; a grad_column is
+    weight^T . grad_output at one position), the float32 the deterministic fused kernels scale
+    grad_input by; None where they do not apply: float32 without TF32 (its tolerance is below the
+    fixed-point quantum), float64, or a bound that is not finite (NaN or infinite grad_output, mask
+    or weight). ``grad_output [N, O, Ho, Wo]``, ``mask [N, offset_groups * taps, Ho, Wo]`` or None,
+    ``weight [O, C / groups, kh, kw]``, of the spec's dtype; one host synchronisation."""
+    if spec.dtype not in ("float16", "bfloat16") and not spec.tf32:
+        return None
+    bound = weight.float().abs().sum(0).amax() * grad_output.float().abs().amax()
+    if mask is not None:
+        bound = bound * mask.float().abs().amax()
+    value = bound.item()
+    return value if math.isfinite(value) else None
+
+
+def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, mask, weight,
+                    bound: float | None = None) -> tuple:
+    """``deform_conv2d_backward`` on CUDA by the fused kernels, no columns buffer; float32
     multiplies on TF32 tensor cores where ``torch.backends.cuda.matmul.allow_tf32`` is set (as
-    torchvision's matmuls do then)."""
+    torchvision's matmuls do then). With a ``bound`` (``contribution_bound``): the deterministic
+    kernels, whose grad_input is int64 fixed point at the bound's quantum (the same bits on every
+    run), converted here."""
     spec = kernel_cache.with_torch_tf32(spec, input.device)
-    kernels = _kernel(spec, target, "fused")
+    kernels = _kernel(spec, target, "fused" if bound is None else "fused_deterministic")
     n, c, h, w = spec.input_shape
     o, device = spec.out_channels, input.device
     acc = getattr(torch, accumulate_dtype(spec.dtype))
     input, grad_output = input.contiguous().view(n, c, h * w), grad_output.contiguous()
     offset, weight = offset.contiguous(), weight.contiguous()
     mask = mask.contiguous() if mask is not None else None
-    grad_input = torch.zeros((n, c, h * w), dtype=acc, device=device)
+    grad_input = torch.zeros((n, c, h * w), dtype=acc if bound is None else torch.int64, device=device)
     grad_offset = torch.empty((kernels.channel_splits, *spec.offset_shape), dtype=acc, device=device)
     grad_mask = torch.empty((kernels.channel_splits, *spec.mask_shape), dtype=acc, device=device) if spec.has_mask \
         else None
-    kernels.data(*[t for t in (input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask)
-                   if t is not None])
+    bound_tensor = None if bound is None else torch.tensor([bound], dtype=torch.float32, device=device)
+    kernels.data(*[t for t in (input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
+                               bound_tensor) if t is not None])
+    if bound is not None:  # the quantum, as the kernel derives it from the bound's float32 exponent
+        grad_input = grad_input.double() * kernels.data_tiling.fixed_point_quantum(spec, bound)
     taps = spec.kernel_h * spec.kernel_w
     weight_part = torch.empty((kernels.weight_splits, o, c // spec.groups, taps), dtype=acc, device=device)
     bias_part = torch.empty((kernels.weight_splits, o), dtype=acc, device=device) if spec.has_bias else None

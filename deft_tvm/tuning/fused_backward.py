@@ -46,7 +46,8 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, weight stages
     of half and twice the default's output channels (where they divide the group's), half the
     chunk's channels, tensor-core grad_columns (``DataTiling.for_spec(tensor_cores=True)``, where
-    the dtype has an mma), and float patches where the default has fixed-point ones; only tilings
+    the dtype has an mma), float patches where the default has fixed-point ones, and no patches (every
+    corner through global memory: faster on r50 c5, whose blocks take few chunks); only tilings
     within 48 KB of shared memory."""
     default = DataTiling.for_spec(spec)
     opg = spec.out_channels // spec.groups
@@ -65,6 +66,7 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
         candidates.append(DataTiling.for_spec(spec, tensor_cores=True))
     if default.fixed_point:
         candidates.append(r(default, fixed_point=False))
+    candidates.append(r(default, staged=False, fixed_point=False))
     return _unique(t for t in candidates if t.shared_bytes(spec) <= SHARED_BYTES)
 
 
