@@ -108,7 +108,10 @@ class DataTiling:
     the grad_input flush's atomics, and whether the grad_input patch holds fixed-point sums
     (int32, native shared-memory atomics; else float32 ones, compare-and-swap loops) and, with
     ``deterministic``, grad_input too (int64, scaled by a bound the caller passes: integer sums
-    are the same in any order)."""
+    are the same in any order), and the kernel taps whose SIMT grad_columns one pass over the
+    output channels sums (``tap_group``: a dividing number of taps, each grad_output value loaded
+    once per group instead of once per tap, one weight stage for the group; the group's sums are
+    parked in shared memory for its taps)."""
 
     tile_h: int
     tile_w: int
@@ -121,6 +124,7 @@ class DataTiling:
     flush_width: int = 4
     fixed_point: bool = False
     deterministic: bool = False
+    tap_group: int = 1
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -152,7 +156,8 @@ class DataTiling:
         acc, item = DTYPE_BYTES[accumulate_dtype(spec.dtype)], DTYPE_BYTES[spec.dtype]
         patches = self.chunk * rows * cols * (item + acc) + 16 * self.fixed_point if self.staged else 0
         if not self.tensor_cores:
-            return patches + self.o_step * self.chunk * acc
+            group_sums = self.tap_group * self.chunk * self.tile_h * self.tile_w * acc if self.tap_group > 1 else 0
+            return patches + self.o_step * self.tap_group * self.chunk * acc + group_sums
         n8 = -(-self.chunk // 8) * 8
         taps = spec.kernel_h * spec.kernel_w if self.stages(spec) == 1 else 1
         return patches + taps * n8 * (self.o_step * item + 16) + self.tile_h * self.tile_w * (n8 + 4) * 4
@@ -164,10 +169,12 @@ class DataTiling:
         first of ``TILE_SHAPES``), 8-channel chunks, 64 output channels per weight stage (fewer
         channels where shared memory would pass ``shared_limit``), and of the largest halo up to
         ``halo`` px that fits and the two below it, with channel splits, the pair that minimises
-        (waves of resident blocks) x (channels per block), the larger halo and fewer splits of
-        equals: a partial last wave costs a whole one, and a smaller patch may let more blocks
-        share an SM. Measured on an H200 (ms, data kernel, by halo and splits;
-        ``tools/results/fused_backward_patches_h200.txt``): paper N=32 TF32 2.30 at halo 4 (6
+        (waves of resident blocks) x (channels per block), the larger halo and more splits of
+        equals: a partial last wave costs a whole one, a smaller patch may let more blocks share
+        an SM, and of equal costs smaller blocks balance better (the tuned records, fp16 data
+        kernel, ms: paper N=32 at 1 / 2 / 4 splits 1.14 / 1.07 / 1.04, N=8 at 4 / 8 0.28 / 0.27,
+        r50 c5 at halo 3 and 32 / 64 splits 0.78 / 0.75). Measured on an H200 (ms, data kernel, by
+        halo and splits; ``tools/results/fused_backward_patches_h200.txt``): paper N=32 TF32 2.30 at halo 4 (6
         blocks per SM, 1.29 waves), 1.62 at halo 2 (8, 0.97 waves; this rule); r50 c4 fp16 0.95 at
         8 splits (0.79 waves), 0.85 at halo 3 and 32 splits (this rule); c3 fp16 1.45 at 2 splits,
         1.03 at 16 (this rule); video fp16 0.76 / 0.70 / 0.73 at halo 4 / 3 (this rule) / 2.
@@ -226,7 +233,7 @@ class DataTiling:
             def cost(splits):
                 return _waves_x_work(tiles, splits, wave, cpg)
 
-            splits = min((d for d in range(1, chunks + 1) if chunks % d == 0), key=cost)  # the fewest of equals
+            splits = min((d for d in range(1, chunks + 1) if chunks % d == 0), key=lambda d: (cost(d), -d))
             return cost(splits), dataclasses.replace(tiling, channel_splits=splits)
 
         if fixed_point is None:
@@ -359,7 +366,10 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     th, tw, halo, chunk, o_step, splits = (tiling.tile_h, tiling.tile_w, tiling.halo, tiling.chunk, tiling.o_step,
                                            tiling.channel_splits)
     tensor_cores = tiling.tensor_cores
+    tap_group = tiling.tap_group
     mma = mma_shape(spec)
+    if taps % tap_group or (tap_group > 1 and tensor_cores):
+        raise ValueError(f"{tiling}: groups of taps divide the kernel's {taps} taps and sum on SIMT cores")
     if cpg % (chunk * splits) or ipg % chunk or (opg % o_step and not tensor_cores):
         raise ValueError(f"{tiling} does not divide the layer's channels (per offset group {cpg}, "
                          f"per group {ipg} in / {opg} out)")
@@ -454,7 +464,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     w_row = o_step + 16 // DTYPE_BYTES[dtype]  # rows padded by 16 bytes: no bank conflicts
     x_row = n8 + 4
     w_taps = taps if resident else 1
-    w_shape, w_dtype = ((w_taps * n8 * w_row,), dtype) if tensor_cores else ((o_step * chunk,), acc)
+    w_shape, w_dtype = ((w_taps * n8 * w_row,), dtype) if tensor_cores else ((o_step * tap_group * chunk,), acc)
+    group_shape = (tap_group * chunk * threads if tap_group > 1 else 1,)  # [tap in group][channel][thread]
     a_shape = (2 * k_steps * a_elements,)
     b_shape = (mma.b_elements if tensor_cores else 1,)
     c_shape = (2 * n8 // 8 * 4,)
@@ -549,6 +560,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         grad_patch = T.alloc_buffer((chunk * patch,), acc, scope=scope)
         w_stage = T.alloc_buffer(w_shape, w_dtype, scope=scope)
         exchange = T.alloc_buffer(x_shape, "float32", scope=scope)
+        group_columns = T.alloc_buffer(group_shape, acc, scope=scope)
+        sums = T.alloc_buffer((tap_group * chunk,), acc, scope="local")
         a_frag = T.alloc_buffer(a_shape, dtype, scope="local")
         b_frag = T.alloc_buffer(b_shape, dtype, scope="local")
         c_frag = T.alloc_buffer(c_shape, "float32", scope="local")
@@ -620,104 +633,130 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                 if step == 0 or c0 % ipg == 0:  # fragments at each group's first chunk
                     load_a(a_frag, grad_output, b, group, 0, tile_y, tile_x, thread)
                 T.tvm_storage_sync("shared")
-            for t in range(taps):
-                ky = t // kw
-                kx = t % kw
-                if tensor_cores:
-                    tap_columns(columns, a_frag, b_frag, c_frag, w_stage, exchange, weight, grad_output, b, group,
-                                c0 - group * ipg, tile_y, tile_x, t, thread)
-                else:
-                    for j in T.unroll(chunk):
-                        columns[j] = zero
+            for tg in range(taps // tap_group):
+                if tap_group > 1:  # the SIMT sums of taps tg * tap_group ..., parked per thread
+                    for q in T.unroll(tap_group * chunk):
+                        sums[q] = zero
                     for o_chunk in range(stages):
                         T.tvm_storage_sync("shared")
-                        for i in range((o_step * chunk + threads - 1) // threads):
+                        for i in range((o_step * tap_group * chunk + threads - 1) // threads):
                             e = i * threads + thread
-                            if e < o_step * chunk:
-                                w_stage[e] = T.Cast(acc, weight[group * opg + o_chunk * o_step + e // chunk,
-                                                                c0 - group * ipg + e % chunk, ky, kx])
+                            if e < o_step * tap_group * chunk:
+                                tap = tg * tap_group + e % (tap_group * chunk) // chunk
+                                o_ch_w = group * opg + o_chunk * o_step + e // (tap_group * chunk)
+                                w_stage[e] = T.Cast(acc, weight[o_ch_w, c0 - group * ipg + e % chunk, tap // kw, tap % kw])
                         T.tvm_storage_sync("shared")
                         if valid:
-                            for o in T.unroll(o_step):
+                            for o in range(o_step):
                                 dy = T.Cast(acc, grad_output[b, group * opg + o_chunk * o_step + o, oy, ox])
-                                for j in T.unroll(chunk):
-                                    columns[j] = columns[j] + w_stage[o * chunk + j] * dy
-                if valid:
-                    y = T.Cast(acc, oy * sh - pad_h + ky * dh) + T.Cast(acc, offset[b, (gi * taps + t) * 2, oy, ox])
-                    x = T.Cast(acc, ox * sw - pad_w + kx * dw) + T.Cast(acc, offset[b, (gi * taps + t) * 2 + 1, oy, ox])
-                    ys = T.Select(y > -2 and y < h + 1, y, below)
-                    xs = T.Select(x > -2 and x < w + 1, x, below)
-                    y_low = T.Cast("int32", T.floor(ys))
-                    x_low = T.Cast("int32", T.floor(xs))
-                    point[0] = ys - T.Cast(acc, y_low)
-                    point[1] = xs - T.Cast(acc, x_low)
-                    point[2] = one
-                    if has_mask:
-                        point[2] = T.Cast(acc, mask[b, gi * taps + t, oy, ox])
-                    point[3] = T.Select(y <= -1 or y >= h or x <= -1 or x >= w, one, zero)
-                    point[4] = T.Select(T.isnan(y) or T.isnan(x), one, zero)
-                    for k in T.unroll(4):
-                        yi = y_low + k // 2
-                        xi = x_low + k % 2
-                        flat[k] = T.Select(yi >= 0 and yi < h and xi >= 0 and xi < w, yi * w + xi, -1)
-                        if staged:
-                            local[k] = T.Select(
-                                flat[k] >= 0 and yi >= patch_y and yi < patch_y + rows and xi >= patch_x
-                                and xi < patch_x + cols, (yi - patch_y) * cols + xi - patch_x, -1)
-                        share[k] = (T.Select(k // 2 == 1, point[0], one - point[0])
-                                    * T.Select(k % 2 == 1, point[1], one - point[1]))
-                    for i in T.unroll(3):
-                        d[i] = zero
-                    for j in range(chunk):
+                                for q in T.unroll(tap_group * chunk):
+                                    sums[q] = sums[q] + w_stage[o * tap_group * chunk + q] * dy
+                    for q in T.unroll(tap_group * chunk):
+                        group_columns[q * threads + thread] = sums[q]
+                for tt in range(tap_group):
+                    t = tg * tap_group + tt
+                    ky = t // kw
+                    kx = t % kw
+                    if tensor_cores:
+                        tap_columns(columns, a_frag, b_frag, c_frag, w_stage, exchange, weight, grad_output, b, group,
+                                    c0 - group * ipg, tile_y, tile_x, t, thread)
+                    elif tap_group > 1:
+                        for j in T.unroll(chunk):
+                            columns[j] = group_columns[(tt * chunk + j) * threads + thread]
+                    else:
+                        for j in T.unroll(chunk):
+                            columns[j] = zero
+                        for o_chunk in range(stages):
+                            T.tvm_storage_sync("shared")
+                            for i in range((o_step * chunk + threads - 1) // threads):
+                                e = i * threads + thread
+                                if e < o_step * chunk:
+                                    w_stage[e] = T.Cast(acc, weight[group * opg + o_chunk * o_step + e // chunk,
+                                                                    c0 - group * ipg + e % chunk, ky, kx])
+                            T.tvm_storage_sync("shared")
+                            if valid:
+                                for o in T.unroll(o_step):
+                                    dy = T.Cast(acc, grad_output[b, group * opg + o_chunk * o_step + o, oy, ox])
+                                    for j in T.unroll(chunk):
+                                        columns[j] = columns[j] + w_stage[o * chunk + j] * dy
+                    if valid:
+                        y = (T.Cast(acc, oy * sh - pad_h + ky * dh)
+                             + T.Cast(acc, offset[b, (gi * taps + t) * 2, oy, ox]))
+                        x = (T.Cast(acc, ox * sw - pad_w + kx * dw)
+                             + T.Cast(acc, offset[b, (gi * taps + t) * 2 + 1, oy, ox]))
+                        ys = T.Select(y > -2 and y < h + 1, y, below)
+                        xs = T.Select(x > -2 and x < w + 1, x, below)
+                        y_low = T.Cast("int32", T.floor(ys))
+                        x_low = T.Cast("int32", T.floor(xs))
+                        point[0] = ys - T.Cast(acc, y_low)
+                        point[1] = xs - T.Cast(acc, x_low)
+                        point[2] = one
+                        if has_mask:
+                            point[2] = T.Cast(acc, mask[b, gi * taps + t, oy, ox])
+                        point[3] = T.Select(y <= -1 or y >= h or x <= -1 or x >= w, one, zero)
+                        point[4] = T.Select(T.isnan(y) or T.isnan(x), one, zero)
                         for k in T.unroll(4):
-                            value[k] = zero
+                            yi = y_low + k // 2
+                            xi = x_low + k % 2
+                            flat[k] = T.Select(yi >= 0 and yi < h and xi >= 0 and xi < w, yi * w + xi, -1)
                             if staged:
-                                if local[k] >= 0:
-                                    value[k] = T.Cast(acc, in_patch[j * patch + local[k]])
+                                local[k] = T.Select(
+                                    flat[k] >= 0 and yi >= patch_y and yi < patch_y + rows and xi >= patch_x
+                                    and xi < patch_x + cols, (yi - patch_y) * cols + xi - patch_x, -1)
+                            share[k] = (T.Select(k // 2 == 1, point[0], one - point[0])
+                                        * T.Select(k % 2 == 1, point[1], one - point[1]))
+                        for i in T.unroll(3):
+                            d[i] = zero
+                        for j in range(chunk):
+                            for k in T.unroll(4):
+                                value[k] = zero
+                                if staged:
+                                    if local[k] >= 0:
+                                        value[k] = T.Cast(acc, in_patch[j * patch + local[k]])
+                                    elif flat[k] >= 0:
+                                        value[k] = T.Cast(acc, input[b, c0 + j, flat[k]])
                                 elif flat[k] >= 0:
                                     value[k] = T.Cast(acc, input[b, c0 + j, flat[k]])
-                            elif flat[k] >= 0:
-                                value[k] = T.Cast(acc, input[b, c0 + j, flat[k]])
-                        col = columns[j]
-                        d[0] = d[0] + col * point[2] * (
-                            point[1] * (value[3] - value[1]) + (one - point[1]) * (value[2] - value[0]))
-                        d[1] = d[1] + col * point[2] * (
-                            point[0] * (value[3] - value[2]) + (one - point[0]) * (value[1] - value[0]))
-                        if has_mask:
-                            d[2] = d[2] + col * T.Select(
-                                point[3] > zero, zero,
-                                value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
-                                + value[3] * share[3])
-                        for k in T.unroll(4):
-                            if staged:
-                                if local[k] >= 0:
-                                    if fixed and scale[2] > zero:
-                                        T.evaluate(fixed_add(T.address_of(grad_patch[j * patch + local[k]]),
-                                                             T.Cast("int32", T.round(col * point[2] * share[k]
-                                                                                     * scale[0]))))
-                                    else:
-                                        T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
-                                                                     col * point[2] * share[k]))
+                            col = columns[j]
+                            d[0] = d[0] + col * point[2] * (
+                                point[1] * (value[3] - value[1]) + (one - point[1]) * (value[2] - value[0]))
+                            d[1] = d[1] + col * point[2] * (
+                                point[0] * (value[3] - value[2]) + (one - point[0]) * (value[1] - value[0]))
+                            if has_mask:
+                                d[2] = d[2] + col * T.Select(
+                                    point[3] > zero, zero,
+                                    value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
+                                    + value[3] * share[3])
+                            for k in T.unroll(4):
+                                if staged:
+                                    if local[k] >= 0:
+                                        if fixed and scale[2] > zero:
+                                            T.evaluate(fixed_add(T.address_of(grad_patch[j * patch + local[k]]),
+                                                                 T.Cast("int32", T.round(col * point[2] * share[k]
+                                                                                         * scale[0]))))
+                                        else:
+                                            T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
+                                                                         col * point[2] * share[k]))
+                                    elif flat[k] >= 0:
+                                        T.evaluate(input_add(grad_input, (b, c0 + j, flat[k]),
+                                                             col * point[2] * share[k], scale))
                                 elif flat[k] >= 0:
-                                    T.evaluate(input_add(grad_input, (b, c0 + j, flat[k]), col * point[2] * share[k],
-                                                         scale))
-                            elif flat[k] >= 0:
-                                T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
-                                                             col * point[2] * share[k]))
-                    if step > 0:  # add the earlier chunks' sums
-                        d[0] = d[0] + grad_offset[split, b, (gi * taps + t) * 2, oy, ox]
-                        d[1] = d[1] + grad_offset[split, b, (gi * taps + t) * 2 + 1, oy, ox]
+                                    T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
+                                                                 col * point[2] * share[k]))
+                        if step > 0:  # add the earlier chunks' sums
+                            d[0] = d[0] + grad_offset[split, b, (gi * taps + t) * 2, oy, ox]
+                            d[1] = d[1] + grad_offset[split, b, (gi * taps + t) * 2 + 1, oy, ox]
+                            if has_mask:
+                                d[2] = d[2] + grad_mask[split, b, gi * taps + t, oy, ox]
+                        if step == chunks_per_split - 1 and point[4] > zero:  # a NaN sampling point: NaN
+                            d[0] = nan  # offset gradients; NaN mask gradient unless the other
+                            d[1] = nan  # coordinate puts the point outside (interpolation 0 there)
+                            if point[3] == zero:
+                                d[2] = nan
+                        grad_offset[split, b, (gi * taps + t) * 2, oy, ox] = d[0]
+                        grad_offset[split, b, (gi * taps + t) * 2 + 1, oy, ox] = d[1]
                         if has_mask:
-                            d[2] = d[2] + grad_mask[split, b, gi * taps + t, oy, ox]
-                    if step == chunks_per_split - 1 and point[4] > zero:  # a NaN sampling point: NaN
-                        d[0] = nan  # offset gradients; NaN mask gradient unless the other
-                        d[1] = nan  # coordinate puts the point outside (interpolation 0 there)
-                        if point[3] == zero:
-                            d[2] = nan
-                    grad_offset[split, b, (gi * taps + t) * 2, oy, ox] = d[0]
-                    grad_offset[split, b, (gi * taps + t) * 2 + 1, oy, ox] = d[1]
-                    if has_mask:
-                        grad_mask[split, b, gi * taps + t, oy, ox] = d[2]
+                            grad_mask[split, b, gi * taps + t, oy, ox] = d[2]
             if staged and width == 1:
                 T.tvm_storage_sync("shared")
                 for i in range((chunk * patch + threads - 1) // threads):

@@ -250,3 +250,43 @@ def test_fixed_point_quantum_follows_the_bounds_float32_exponent():
     assert tiling.fixed_point_quantum(spec, 0.75) == 2.0 ** -19
     assert tiling.fixed_point_quantum(spec, 3.0e6) == 2.0 ** (22 - 19)
     assert tiling.fixed_point_quantum(spec, 0.0) == tiling.fixed_point_quantum(spec, 1e-40) == 2.0 ** -127
+
+
+def _shared_bytes(source: str, kernel: str) -> int:
+    start = re.search(rf" {kernel}_kernel\([^;{{]*{{", source).end()
+    body = source[start:source.index("\n}\n", start)]
+    return sum(int(count) * C_TYPE_BYTES[ctype]
+               for ctype, count in re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", body))
+
+
+# 15 taps in rows of 3, 5 offset groups, stride 2, no mask (as the GPU tests' k5x3_og5_nomask).
+KERNEL_5X3 = DeformConvSpec(1, 40, 33, 70, 24, 5, 3, stride=(2, 2), padding=(2, 1), offset_groups=5, has_mask=False)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("spec", [SHAPES["asymmetric"], KERNEL_5X3], ids=["asymmetric", "kernel_5x3"])
+def test_tap_groups_sum_in_one_pass_and_park_the_sums_in_shared_memory(spec, dtype):
+    """Groups of a kernel row's taps and of every tap: the group's sums in shared memory (one slot
+    per tap, channel and thread) within the bytes the tiling claims, and compiled by nvcc."""
+    spec = dataclasses.replace(spec, dtype=dtype)
+    taps = spec.kernel_h * spec.kernel_w
+    default = DataTiling.for_spec(spec)
+    for group in (spec.kernel_w, taps):  # of the chunks that divide the default's, the largest that fits 48 KB
+        tiling = next(t for t in (dataclasses.replace(default, tap_group=group, chunk=chunk)
+                                  for chunk in range(default.chunk, 0, -1) if default.chunk % chunk == 0)
+                      if t.shared_bytes(spec) <= SHARED_BYTES)
+        source = _source(spec, tiling)
+        slots = re.search(r"__shared__ alignas\(\d+\) float group_columns_ptr\[(\d+)\]", source)
+        assert int(slots.group(1)) == group * tiling.chunk * tiling.tile_h * tiling.tile_w
+        assert _shared_bytes(source, "grad_data") <= tiling.shared_bytes(spec)
+        assert _compile(source)[:4] == b"\x7fELF"
+
+
+def test_tap_groups_must_divide_the_taps_and_sum_on_simt_cores():
+    spec = dataclasses.replace(KERNEL_5X3, dtype="float16")
+    default = DataTiling.for_spec(spec)
+    with pytest.raises(ValueError, match=r"groups of taps divide the kernel's 15 taps and sum on SIMT cores"):
+        grad_data_primfunc(spec, dataclasses.replace(default, tap_group=2))
+    with pytest.raises(ValueError, match=r"groups of taps divide the kernel's 15 taps and sum on SIMT cores"):
+        grad_data_primfunc(spec, dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=3))

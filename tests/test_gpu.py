@@ -358,13 +358,14 @@ def test_cuda_backward_bfloat16_matches_the_reference():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "tf32"])
-def test_deterministic_cuda_backward_is_bit_identical_across_runs(dtype):
+def test_deterministic_cuda_backward_is_bit_identical_across_runs(dtype, monkeypatch):
     """float32: the staged backward with the sorted gather; float16, bfloat16 and TF32: the fused
     kernels with int64 fixed-point grad_input. Two runs give the same bits, and the reference's
     gradients up to the dtype's tolerance."""
     from deft_tvm.reference.backward import deform_conv2d_reference_backward
     from deft_tvm.runtime import backward
 
+    monkeypatch.setattr(backward, "_kernels", {})  # this test's kernels only
     spec = get_workload("paper_64c_64x64_n8", "float32" if dtype == "tf32" else dtype).spec
     args = _to(make_case(spec, seed=14))
     grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
@@ -375,8 +376,8 @@ def test_deterministic_cuda_backward_is_bit_identical_across_runs(dtype):
             second = _gradients(deft_tvm.deform_conv2d, args, grad_output)
     finally:
         torch.use_deterministic_algorithms(False)
-    fused = [key for key in backward._kernels if key[2] == "fused_deterministic"]
-    assert bool(fused) == (dtype != "float32")
+    parts = {key[2] for key in backward._kernels}
+    assert parts == ({"gradients", "gather"} if dtype == "float32" else {"fused_deterministic"})
     for name in first:
         assert torch.equal(first[name], second[name]), name
     expected = deform_conv2d_reference_backward(grad_output.double(), **_to(args, dtype=torch.float64))._asdict()

@@ -13,6 +13,7 @@ import torch
 import tvm
 
 import deft_tvm
+from deft_tvm.bench import deterministic_mode, tf32_mode
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.reference.tolerances import assert_close
@@ -46,10 +47,10 @@ def _extreme(offset: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.where(torch.rand(offset.shape, generator=gen) < 0.002, math.nan, offset)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_extreme_offsets_give_the_reference_gradients(case, dtype):
-    spec = dataclasses.replace(CASES[case], dtype=dtype)
+def _check_extreme_offsets(case: str, dtype: str) -> None:
+    """The op's gradients on ``_extreme`` offsets are the float64 reference's (NaN exactly where it has
+    NaN); ``dtype`` "tf32" is float32 with TF32 on."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype)
     args = make_case(spec, seed=21)
     args["offset"] = _extreme(args["offset"], seed=22)
     grad_output = torch.randn(spec.output_shape, dtype=torch.float64).to(args["input"].dtype)
@@ -57,14 +58,34 @@ def test_extreme_offsets_give_the_reference_gradients(case, dtype):
     expected = deform_conv2d_reference_backward(grad_output.double(), **in_float64)._asdict()
     on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     leaves = {k: v.cuda() for k, v in grad_leaves(args).items()}
-    out = deft_tvm.deform_conv2d(**{**on_gpu, **leaves})
-    grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_output.cuda())))
+    with tf32_mode("on" if dtype == "tf32" else "off"):
+        out = deft_tvm.deform_conv2d(**{**on_gpu, **leaves})
+        grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_output.cuda())))
     torch.cuda.synchronize()  # an out-of-range access fails here
     for name, grad in grads.items():
         value = expected[name]
         assert torch.equal(torch.isnan(grad.cpu()), torch.isnan(value)), name
         scale = max(value.nan_to_num(0.0).abs().max().item(), 1.0)
         assert_close(grad.cpu().double() / scale, value / scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_extreme_offsets_give_the_reference_gradients(case, dtype):
+    _check_extreme_offsets(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("case", ["asymmetric", "og4_nobias", "k5x3_og5_nomask"])
+def test_deterministic_mode_on_extreme_offsets_gives_the_reference_gradients(case, dtype, monkeypatch):
+    """The fixed-point deterministic kernels (int64 grad_input at the call's quantum) on extreme and NaN
+    offsets."""
+    from deft_tvm.runtime import backward
+
+    monkeypatch.setattr(backward, "_kernels", {})
+    with deterministic_mode(True):
+        _check_extreme_offsets(case, dtype)
+    assert [key[2] for key in backward._kernels] == ["fused_deterministic"]
 
 
 @pytest.mark.parametrize("dtype, tensor_cores", [("float32", False), ("float16", False), ("float16", True)])
@@ -92,6 +113,29 @@ def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
         for flushed, unstaged in zip(staged, results[0]):
             scale = max(unstaged.abs().max().item(), 1.0)
             assert_close(flushed / scale, unstaged.double() / scale, dtype if tiling.fixed_point else "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "tf32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_tap_groups_give_the_per_tap_sums(case, dtype):
+    """The SIMT grad_columns of a kernel row's taps and of every tap in one pass over grad_output
+    (``tap_group``; every tap's sums in dynamic shared memory where they pass 48 KB) give the
+    per-tap kernel's gradients."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=26).items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    default = DataTiling.for_spec(spec)
+    taps = spec.kernel_h * spec.kernel_w
+    tilings = [default] + [dataclasses.replace(default, tap_group=g) for g in dict.fromkeys((spec.kernel_w, taps))]
+    results = []
+    for tiling in tilings:
+        module, _, _ = fused_backward_module(spec, tiling)
+        kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))
+        results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output))
+    for grouped in results[1:]:
+        for got, expected in zip(grouped, results[0]):
+            scale = max(expected.abs().max().item(), 1.0)
+            assert_close(got / scale, expected.double() / scale, dtype)
 
 
 def _run_data(kernel, spec, tiling, args, grad_output):
@@ -144,6 +188,7 @@ def test_tensor_core_and_simt_kernels_agree(case, dtype):
 def test_fused_kernels_load_from_the_disk_cache_without_compiling(isolated_cache, monkeypatch):
     from deft_tvm.runtime import backward
 
+    monkeypatch.setattr(backward, "_kernels", {})  # kernels of earlier tests are not on this cache's disk
     spec = dataclasses.replace(CASES["og4_nobias"], dtype="float16")
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=25).items()}
     leaves = {k: v.cuda() for k, v in grad_leaves(make_case(spec, seed=25)).items()}

@@ -4,7 +4,7 @@
     python tools/train_bench.py [--steps 20] [--warmup 3] [--batch 32] [--width 64] [--canvas 64]
                                 [--dtype float32|float16|bfloat16] [--tf32 off|on]
                                 [--variants deft_tvm torchvision plain] [--check-reference]
-                                [--csv PATH] [--seed 0]
+                                [--csv PATH] [--seed 0] [--commit SHA]
 
 Network (``build_resnet``): a 3x3 stem conv (1 -> width), two stages of two BasicBlocks (3x3 conv,
 BN, ReLU, 3x3 conv, BN, plus the identity or a 1x1 stride-2 projection, ReLU), the second stage at
@@ -358,6 +358,7 @@ def parse_args(argv) -> argparse.Namespace:
                         help="also train with the float64 reference op and compare deft_tvm's losses with it")
     parser.add_argument("--csv", type=Path, default=None, help="write (merge) the rows into this CSV file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
     try:
         args.variants = select_variants(args.variants, args.check_reference, args.dtype)
@@ -381,7 +382,7 @@ def main(argv=None, data: Optional[tuple[torch.Tensor, torch.Tensor]] = None) ->
           f"vs_plain = own step_ms / plain's")
     rows, failures = run(*data, variants=args.variants, steps=args.steps, warmup=args.warmup, batch=args.batch,
                          width=args.width, dtype=args.dtype, tf32=args.tf32 == "on", device=device,
-                         seed=args.seed, commit=current_commit())
+                         seed=args.seed, commit=args.commit or current_commit())
     shown = COLUMNS[:-1]  # all but the per-step losses
     print(" | ".join(shown))
     for row in rows:

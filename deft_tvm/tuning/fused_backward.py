@@ -46,9 +46,11 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, weight stages
     of half and twice the default's output channels (where they divide the group's), half the
     chunk's channels, tensor-core grad_columns (``DataTiling.for_spec(tensor_cores=True)``, where
-    the dtype has an mma), float patches where the default has fixed-point ones, and no patches (every
-    corner through global memory: faster on r50 c5, whose blocks take few chunks); only tilings
-    within 48 KB of shared memory."""
+    the dtype has an mma), float patches where the default has fixed-point ones, no patches (every
+    corner through global memory: faster on r50 c5, whose blocks take few chunks), and the SIMT
+    sums of a kernel row's or of every tap in one pass over grad_output (``tap_group``) with the
+    default's and half its channels per chunk and output channels per weight stage; only tilings within 48 KB of shared
+    memory."""
     default = DataTiling.for_spec(spec)
     opg = spec.out_channels // spec.groups
     chunks = spec.in_channels // spec.offset_groups // default.chunk
@@ -67,6 +69,12 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     if default.fixed_point:
         candidates.append(r(default, fixed_point=False))
     candidates.append(r(default, staged=False, fixed_point=False))
+    taps = spec.kernel_h * spec.kernel_w
+    for group in dict.fromkeys((spec.kernel_w, taps)):  # a kernel row, every tap
+        if 1 < group and taps % group == 0:
+            candidates += [r(default, tap_group=group, chunk=chunk, o_step=o_step)
+                           for chunk in dict.fromkeys((default.chunk, default.chunk // 2 * (default.chunk % 2 == 0)))
+                           for o_step in (default.o_step, default.o_step // 2) if chunk and o_step and opg % o_step == 0]
     return _unique(t for t in candidates if t.shared_bytes(spec) <= SHARED_BYTES)
 
 
