@@ -24,8 +24,8 @@ Modes: ``forward`` (under ``torch.no_grad``) and ``forward_backward``: one call 
 gradients of its input, weight and bias only) for a fixed random grad_output, through each
 provider's own autograd; ``forward_backward_deterministic`` the same under
 ``torch.use_deterministic_algorithms(True, warn_only=True)`` (deft_tvm's deterministic backward,
-cuDNN's deterministic algorithms; torchvision has none and warns). The kernels called directly (``deft_tvm_default``, ``generic_ms``) have no
-backward and are timed in forward mode only.
+cuDNN's deterministic algorithms; torchvision has none and warns). The kernels called directly
+(``deft_tvm_default``, ``generic_ms``) have no backward and are timed in forward mode only.
 
 Timing on a GPU: ``gpu_ms`` is CUDA-event time per call over ``--iters`` back-to-back calls after a
 warm-up (host overhead hides under it once kernels are long enough); ``cold_*_ms`` are the median,
@@ -38,9 +38,10 @@ conv2d's and ``vs_torchvision`` torchvision's time over the provider's, in GPU t
 
 Outputs: a table on stdout; ``--csv`` (rows keyed by device, workload, dtype, tf32, profile,
 provider, mode and commit: rows of an existing file under other keys are kept, same-key rows
-replaced), ``--markdown`` (one table per mode, one row per workload, dtype and TF32 mode) and
-``--plot`` (deft_tvm's speedup over torchvision, needs matplotlib). ``--from-csv`` renders the markdown and plot of a
-CSV measured elsewhere without running anything.
+replaced; written after each workload, dtype and mode, so a run cut short keeps its rows),
+``--markdown`` (one table per mode, one row per workload, dtype and TF32 mode) and ``--plot``
+(deft_tvm's speedup over torchvision, needs matplotlib). ``--from-csv`` renders the markdown and
+plot of a CSV measured elsewhere without running anything.
 """
 
 from __future__ import annotations
@@ -291,9 +292,10 @@ def print_row(row: dict) -> None:
 
 
 def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *, modes=(FORWARD,),
-        generic_trials: int = 0, generic_dir: Path = DEFAULT_GENERIC_DIR) -> list[dict]:
+        generic_trials: int = 0, generic_dir: Path = DEFAULT_GENERIC_DIR, csv_path: Path | None = None) -> list[dict]:
     """Time every provider on every workload, dtype, TF32 mode and mode (``MODES``); one row
-    (``COLUMNS``) each."""
+    (``COLUMNS``) each, merged into ``csv_path`` (``write_csv``) group by group as measured, so
+    that a run cut short keeps what it measured."""
     target = target_for_device(device)
     cases = [(name, dtype, tf32) for name in workloads for dtype in dtypes
              for tf32 in _tf32_modes(dtype, device, tf32_modes)]
@@ -318,6 +320,8 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *, 
                                       commit=commit))
             for row in add_ratios(group):
                 print_row(row)
+            if csv_path is not None:
+                write_csv(csv_path, group)
             rows += group
     return rows
 
@@ -523,9 +527,8 @@ def run_command(args, parser: argparse.ArgumentParser) -> int:
               f"vs_torchvision = torchvision time / own time ({'GPU time' if device == 'cuda' else 'latency'})")
         print(" | ".join(COLUMNS))
         rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device, args.commit or current_commit(),
-                   modes=args.modes, generic_trials=args.generic_trials, generic_dir=args.generic_dir)
-        if args.csv is not None:
-            write_csv(args.csv, rows)
+                   modes=args.modes, generic_trials=args.generic_trials, generic_dir=args.generic_dir,
+                   csv_path=args.csv)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(rows))

@@ -93,6 +93,25 @@ def test_cpu_run_in_every_mode_gives_one_table_per_mode():
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_a_run_cut_short_keeps_the_rows_it_measured_in_its_csv(tmp_path, monkeypatch):
+    path = tmp_path / "bench.csv"
+    calls = []
+    measured = bench.measure
+
+    def measure_then_fail(fn, device, iters, flush):  # the second mode's first provider fails
+        calls.append(fn)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return measured(fn, device, iters, flush)
+
+    monkeypatch.setattr(bench, "measure", measure_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run([WORKLOAD], ["float32"], ["off"], iters=1, device="cpu", commit="test", modes=bench.MODES,
+                  csv_path=path)
+    assert [(r["mode"], r["provider"]) for r in bench.read_csv(path)] == [
+        ("forward", provider) for provider in ("deft_tvm", "reference_float64", "dense_conv2d")]
+
+
 def test_deterministic_mode_is_on_inside_and_restored_after():
     with bench.deterministic_mode(True):
         assert torch.are_deterministic_algorithms_enabled()

@@ -1,18 +1,21 @@
 """The fused backward's tiling search (``deft_tvm.tuning.fused_backward``) and its records: the
 design spaces start at the defaults and hold only tilings that fit; the search keeps the fastest
-candidate of each kernel (times from a stand-in for the GPU); the op takes a committed record over
-the defaults."""
+candidate of each kernel whose gradients are the default's (times from a stand-in for the GPU);
+the op takes a committed record over the defaults."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
+import torch
 
 from deft_tvm.runtime import backward, kernel_cache, records
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
-from deft_tvm.tuning.fused_backward import data_space, tune_fused_backward, weight_space
+from deft_tvm.tuning import fused_backward
+from deft_tvm.tuning.fused_backward import agree, data_space, time_checked, tune_fused_backward, weight_space
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 from test_cli_errors import error_line
@@ -63,6 +66,39 @@ def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     ties = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=lambda *a: ([1.0] * len(data),
                                                                                        [1.0] * len(weight)))
     assert DataTiling(**ties["data"]) == data[0] and WeightTiling(**ties["weight"]) == weight[0]  # the defaults
+
+
+def test_the_search_never_takes_a_rejected_candidate():
+    spec = get_workload("r50dcn_c4", "float16").spec
+    data, weight = data_space(spec), weight_space(spec)
+
+    def measure(spec, profile, target, data, weight):  # the fastest of each kernel gave other gradients
+        return ([None if i == 3 else 2.0 - (i == 5) * 0.5 for i in range(len(data))],
+                [None if i == 1 else 2.0 for i in range(len(weight))])
+
+    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=measure)
+    assert DataTiling(**record["data"]) == data[5] and WeightTiling(**record["weight"]) == weight[0]
+    assert record["data_ms"][3][1] is None and record["weight_ms"][1][1] is None
+
+
+def test_candidates_are_timed_only_where_their_gradients_are_the_defaults(monkeypatch):
+    spec = get_workload("test_paper_small", "float16").spec
+    monkeypatch.setattr(fused_backward, "gpu_ms", lambda call: 1.0)
+    default = torch.tensor([1.0, -2.0, math.nan, 40.0])
+    outputs = [default, default * (1 + 1e-3), default + torch.tensor([0.0, 0.0, 0.0, 0.2])]  # 0.2 > 40 x 2e-3
+
+    def make(spec, values):
+        return lambda: [values.clone()]
+
+    assert time_checked(spec, [(make, (values,)) for values in outputs]) == [1.0, 1.0, None]
+
+
+def test_agreement_is_relative_to_the_largest_gradient_and_nan_exact():
+    expected = [torch.tensor([100.0, 0.0, math.nan])]
+    assert agree([torch.tensor([100.1, 0.05, math.nan])], expected, "float16")  # within 1e-3 x 100 + 2e-3 x |x|
+    assert not agree([torch.tensor([100.0, 0.5, math.nan])], expected, "float16")
+    assert not agree([torch.tensor([100.0, 0.0, 0.0])], expected, "float16")
+    assert agree([torch.tensor([100.0, 0.05, math.nan])], expected, "tf32")
 
 
 def test_the_op_takes_a_committed_record_over_the_defaults(tmp_path, monkeypatch):

@@ -294,5 +294,6 @@ def test_tiling_search_times_every_candidate_on_the_gpu():
                                  torch.cuda.get_device_name())
     assert len(record["data_ms"]) == len(data_space(workload.spec))
     assert len(record["weight_ms"]) == len(weight_space(workload.spec))
-    assert all(0 < ms < 1e3 for _, ms in record["data_ms"] + record["weight_ms"])
+    # every candidate of the space gives the default's gradients, so none is rejected
+    assert all(ms is not None and 0 < ms < 1e3 for _, ms in record["data_ms"] + record["weight_ms"])
     assert record["data"] == min(record["data_ms"], key=lambda pair: pair[1])[0]

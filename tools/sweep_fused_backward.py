@@ -6,9 +6,10 @@ For each workload: ``grad_data`` with its default ``DataTiling`` and variants (t
 weight stage, halo, channel splits, patches not staged, one-pixel flushes, tensor-core
 grad_columns, dynamic shared memory past 48 KB, float patches) and ``grad_weight`` with its default
 ``WeightTiling`` and variants (threads x registers, splits, positions per step, 64 or 128 output
-channels per block, SIMT instead of tensor cores), each timed alone with CUDA events over 20
-back-to-back calls on the workload's profile inputs (dtype ``tf32``: float32 on TF32 tensor
-cores). The measured figures that chose the defaults are in ``tools/results/``
+channels per block, SIMT instead of tensor cores), each timed alone with the sum of its splits
+(``deft_tvm.tuning.fused_backward.time_checked``: CUDA events over 20 back-to-back calls, a
+variant whose gradients differ from the first variant's is reported, not timed) on the workload's
+profile inputs (dtype ``tf32``: float32 on TF32 tensor cores). The measured figures that chose the defaults are in ``tools/results/``
 ``fused_backward_sweep_h200.txt``, ``fused_backward_tensor_cores_h200.txt`` and
 ``fused_backward_patches_h200.txt``.
 """
@@ -21,7 +22,7 @@ import dataclasses
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling
 from deft_tvm.schedules.cuda_mma import mma_shape
-from deft_tvm.tuning.fused_backward import compile_candidates, profile_inputs, time_data, time_weight
+from deft_tvm.tuning.fused_backward import compile_candidates, data_call, profile_inputs, time_checked, weight_call
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 
@@ -80,11 +81,12 @@ def main() -> None:
             data_kernels, weight_kernels = compile_candidates(spec, target, list(data.values()), list(weight.values()))
             inputs = profile_inputs(spec, workload.profile)
             print(f"== {name} {dtype}", flush=True)
-            for (label, tiling), kernel in zip(data.items(), data_kernels):
-                print(f"  grad_data   {label:12s} {time_data(spec, kernel, tiling, inputs):7.3f} ms  {tiling}", flush=True)
-            for (label, tiling), kernel in zip(weight.items(), weight_kernels):
-                print(f"  grad_weight {label:12s} {time_weight(spec, kernel, tiling, inputs):7.3f} ms  {tiling}",
-                      flush=True)
+            for kind, tilings, kernels, call in (("grad_data", data, data_kernels, data_call),
+                                                 ("grad_weight", weight, weight_kernels, weight_call)):
+                times = time_checked(spec, [(call, (k, t, inputs)) for k, t in zip(kernels, tilings.values())])
+                for (label, tiling), ms in zip(tilings.items(), times):
+                    shown = f"{ms:7.3f} ms" if ms is not None else "differs from the first variant's gradients"
+                    print(f"  {kind:11s} {label:12s} {shown}  {tiling}", flush=True)
 
 
 if __name__ == "__main__":

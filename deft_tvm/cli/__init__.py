@@ -154,10 +154,12 @@ def _tune_fused_backward(args, target, name: str, workload) -> None:
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
     record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name())
     path = write_fused_backward(fused_backward_dir(args.logs, spec, target), record)
-    times = {kind: min(ms for _, ms in record[f"{kind}_ms"]) for kind in ("data", "weight")}
+    times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in ("data", "weight")}
     defaults = {kind: record[f"{kind}_ms"][0][1] for kind in ("data", "weight")}
+    rejected = sum(ms is None for kind in ("data", "weight") for _, ms in record[f"{kind}_ms"])
     print(f"fused    {name} {spec.dtype}{' tf32' * spec.tf32}: grad_data {times['data']:.3f} ms (default "
-          f"{defaults['data']:.3f}), grad_weight {times['weight']:.3f} ms (default {defaults['weight']:.3f}) -> {path}")
+          f"{defaults['data']:.3f}), grad_weight {times['weight']:.3f} ms (default {defaults['weight']:.3f}), "
+          f"{rejected} candidates rejected (gradients not the default's) -> {path}")
 
 
 def cmd_tune(args) -> int:

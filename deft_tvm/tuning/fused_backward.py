@@ -4,11 +4,14 @@ The fused kernels (``schedules/cuda_backward_fused.py``) are TIR generated from 
 (grad_input, grad_offset, grad_mask) and a ``WeightTiling`` (grad_weight, grad_bias); their design
 space is ``data_space`` x ``weight_space``, tables of tilings around the defaults (each default a
 point of its table). The two kernels are independent, so each is chosen on its own:
-``tune_fused_backward`` compiles every candidate (in threads: nvcc runs outside the GIL), times
-each kernel alone with CUDA events on inputs whose offsets and mask follow the workload's offset
-profile (``time_data``, ``time_weight``), and returns the record of the fastest data and weight
-tilings with every candidate's time, which ``deft-tvm tune --fused-backward`` writes where
-``runtime.records.committed_fused_tilings`` finds it (the runtime then takes it over the defaults).
+``tune_fused_backward`` compiles every candidate (in threads: nvcc runs outside the GIL), runs
+each kernel as the op does (with the sum of its splits' partial outputs, ``data_call``,
+``weight_call``) on inputs whose offsets and mask follow the workload's offset profile, keeps
+only the candidates whose gradients are the default's up to the dtype's tolerance (``agree``),
+times those with CUDA events (``time_checked``), and returns the record of the fastest data and
+weight tilings with every candidate's time (None: rejected), which ``deft-tvm tune
+--fused-backward`` writes where ``runtime.records.committed_fused_tilings`` finds it (the runtime
+then takes it over the defaults).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 import tvm
 
 from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.tolerances import TOLERANCES, tolerance_key
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation
 from deft_tvm.schedules.cuda_backward_fused import (
     PARTIAL_FLOATS,
@@ -129,49 +133,97 @@ def profile_inputs(spec: DeformConvSpec, profile: str, seed: int = 0) -> dict:
             "grad_output": torch.randn(spec.output_shape, generator=gen).to(inputs["input"].dtype).cuda()}
 
 
-def time_data(spec: DeformConvSpec, kernel: Callable, tiling: DataTiling, inputs: dict) -> float:
-    """GPU time (ms) per call of a compiled ``grad_data`` (``timing.gpu_ms``)."""
+def data_call(spec: DeformConvSpec, kernel: Callable, tiling: DataTiling, inputs: dict) -> Callable:
+    """A call of a compiled ``grad_data`` as the op makes it (``runtime.backward``): grad_input
+    zeroed, the kernel, the channel splits' grad_offset and grad_mask added up; the call returns
+    ``[grad_input, grad_offset, grad_mask?]``."""
     import torch
 
     n, c, h, w = spec.input_shape
     mask = [inputs["mask"]] * spec.has_mask
-    outputs = [torch.zeros((n, c, h * w), device="cuda"),
-               torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")]
-    outputs += [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
-    return gpu_ms(lambda: kernel(inputs["input"], inputs["offset"], *mask, inputs["weight"], inputs["grad_output"],
-                                 *outputs))
+    grad_input = torch.zeros((n, c, h * w), device="cuda")
+    partials = [torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")]
+    partials += [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
+
+    def call():
+        grad_input.zero_()
+        kernel(inputs["input"], inputs["offset"], *mask, inputs["weight"], inputs["grad_output"], grad_input,
+               *partials)
+        return [grad_input, *(p[0] if len(p) == 1 else p.sum(0) for p in partials)]
+
+    return call
 
 
-def time_weight(spec: DeformConvSpec, kernel: Callable, tiling: WeightTiling, inputs: dict) -> float:
-    """GPU time (ms) per call of a compiled ``grad_weight`` (``timing.gpu_ms``)."""
+def weight_call(spec: DeformConvSpec, kernel: Callable, tiling: WeightTiling, inputs: dict) -> Callable:
+    """A call of a compiled ``grad_weight`` and the sum of its splits (a torch sum in place of the
+    op's ``weight_reduce``); the call returns ``[grad_weight, grad_bias?]`` as partial-sum
+    layouts summed over the splits."""
     import torch
 
     mask = [inputs["mask"]] * spec.has_mask
     o, ipg, taps = spec.out_channels, spec.in_channels // spec.groups, spec.kernel_h * spec.kernel_w
-    outputs = [torch.empty((tiling.splits, o, ipg, taps), device="cuda")]
-    outputs += [torch.empty((tiling.splits, o), device="cuda")] * spec.has_bias
+    partials = [torch.empty((tiling.splits, o, ipg, taps), device="cuda")]
+    partials += [torch.empty((tiling.splits, o), device="cuda")] * spec.has_bias
     grad_output = inputs["grad_output"].view(spec.batch, o, -1)
-    return gpu_ms(lambda: kernel(inputs["input"], inputs["offset"], *mask, grad_output, *outputs))
+
+    def call():
+        kernel(inputs["input"], inputs["offset"], *mask, grad_output, *partials)
+        return [p.sum(0) for p in partials]
+
+    return call
+
+
+def agree(got: list, expected: list, key: str) -> bool:
+    """Whether each of ``got`` equals ``expected``'s up to the tolerance row ``key`` (``TOLERANCES``),
+    relative to the larger of 1 and the largest |expected| (gradients sum many samples), NaN where
+    it has NaN."""
+    import torch
+
+    for actual, wanted in zip(got, expected):
+        scale = max(wanted.nan_to_num(0.0).abs().max().item(), 1.0)
+        if not torch.allclose(actual.double() / scale, wanted.double() / scale, equal_nan=True, **TOLERANCES[key]):
+            return False
+    return True
+
+
+def time_checked(spec: DeformConvSpec, calls) -> list[float | None]:
+    """GPU time (ms, ``timing.gpu_ms``) of each of ``calls`` (``(make_call, args)`` pairs, the
+    default's first), or None for a candidate whose gradients are not the default's (``agree``;
+    such a candidate is never chosen)."""
+    key = tolerance_key(spec.dtype, spec.tf32)
+    expected, times = None, []
+    for make, args in calls:
+        call = make(spec, *args)
+        got = call()
+        if expected is None:
+            expected = [t.clone() for t in got]
+        times.append(gpu_ms(call) if agree(got, expected, key) else None)
+        del call, got
+    return times
 
 
 def measure_candidates(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
-                       weight: list[WeightTiling]) -> tuple[list[float], list[float]]:
-    """GPU time (ms) of each data and weight candidate, each kernel alone on ``profile_inputs``."""
+                       weight: list[WeightTiling]) -> tuple[list[float | None], list[float | None]]:
+    """GPU time (ms) of each data and weight candidate, each kernel and the sum of its splits alone on
+    ``profile_inputs``; None for a candidate whose gradients differ from the default's."""
     data_kernels, weight_kernels = compile_candidates(spec, target, data, weight)
     inputs = profile_inputs(spec, profile)
-    return ([time_data(spec, k, t, inputs) for k, t in zip(data_kernels, data)],
-            [time_weight(spec, k, t, inputs) for k, t in zip(weight_kernels, weight)])
+    return (time_checked(spec, [(data_call, (k, t, inputs)) for k, t in zip(data_kernels, data)]),
+            time_checked(spec, [(weight_call, (k, t, inputs)) for k, t in zip(weight_kernels, weight)]))
 
 
 def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, device_name: str,
                         measure: Callable = measure_candidates) -> dict:
     """The record of ``spec``'s fastest data and weight tilings on ``target`` (``measure``: the
-    candidates' times, ``measure_candidates`` on a GPU): the spec, the profile, the device, the
-    two tilings, and every candidate with its time (ms)."""
+    candidates' times, ``measure_candidates`` on a GPU; None for a rejected one): the spec, the
+    profile, the device, the two tilings, and every candidate with its time (ms, or None)."""
     data, weight = data_space(spec), weight_space(spec)
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
-    best_data = min(range(len(data)), key=lambda i: data_ms[i])  # of equals, the first (the default)
-    best_weight = min(range(len(weight)), key=lambda i: weight_ms[i])
+
+    def fastest(times):  # of the candidates that agree with the default; of equals the first (the default)
+        return min((i for i, ms in enumerate(times) if ms is not None), key=lambda i: times[i])
+
+    best_data, best_weight = fastest(data_ms), fastest(weight_ms)
     return {
         "spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"]),
         "data": dataclasses.asdict(data[best_data]), "weight": dataclasses.asdict(weight[best_weight]),
