@@ -1,7 +1,8 @@
-"""The fused CUDA backward (atomic mode): no global columns buffer, no per-sample tables.
+"""The fused CUDA backward: no global columns buffer, no per-sample tables.
 
 Two hand-scheduled TIR kernels (TVMScript) and a small reduction replace the staged backward of
-``cuda_backward.py`` when atomics are allowed; the math is ``deft_tvm.compute.backward``'s
+``cuda_backward.py`` (with atomics, and in deterministic mode for float16, bfloat16 and TF32);
+the math is ``deft_tvm.compute.backward``'s
 (torchvision's gradients), the fusion, staging and tiling are decided here:
 
 * ``grad_data_primfunc`` - grad_input, grad_offset and grad_mask. A thread block owns one output
@@ -11,7 +12,8 @@ Two hand-scheduled TIR kernels (TVMScript) and a small reduction replace the sta
   ``halo`` px on each side) in shared memory and zeroes a grad_input patch of the same size; then
   per kernel tap each thread computes its position's grad_columns for the chunk (weight^T .
   grad_output over the group's output channels, weights staged in shared memory ``o_step``
-  output channels at a time, sums in registers), its sampling point once, and per channel the
+  output channels at a time, sums in registers; with ``tap_group`` > 1 the sums of that many taps
+  in one pass over grad_output, parked in shared memory), its sampling point once, and per channel the
   four corners (from the patch; a corner outside it reads global memory): the bilinear
   derivatives times the column go to grad_offset, the interpolated value times the column to
   grad_mask (both summed over channels in registers), the column times the mask and bilinear
@@ -43,11 +45,11 @@ Two hand-scheduled TIR kernels (TVMScript) and a small reduction replace the sta
 Both kernels are launched with ``__launch_bounds__(threads, resident_blocks)``, so that they keep
 to 64 registers where shared memory lets 8 blocks of 128 threads share an SM.
 
-grad_input's order of additions varies between runs (float atomics across blocks); the runtime's
-deterministic mode keeps the staged backward with the sorted gather. ``DataTiling(deterministic=
-True)`` makes grad_input int64 fixed point at one quantum for every block (from a bound the
-caller computes), so that its sums are the same in any order: compiled in CI, not yet run on a
-GPU nor used by the runtime. Corners that are outside the image are skipped; NaN sampling points
+grad_input's order of additions varies between runs (float atomics across blocks).
+``DataTiling(deterministic=True)`` makes grad_input int64 fixed point at one quantum for every
+block (from a bound the caller computes, ``runtime.backward.contribution_bound``), so that its
+sums are the same in any order: the runtime's deterministic mode for float16, bfloat16 and TF32.
+Corners that are outside the image are skipped; NaN sampling points
 give torchvision's NaN gradients; every read is in bounds whatever the offsets.
 """
 
@@ -644,7 +646,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                             if e < o_step * tap_group * chunk:
                                 tap = tg * tap_group + e % (tap_group * chunk) // chunk
                                 o_ch_w = group * opg + o_chunk * o_step + e // (tap_group * chunk)
-                                w_stage[e] = T.Cast(acc, weight[o_ch_w, c0 - group * ipg + e % chunk, tap // kw, tap % kw])
+                                c_w = c0 - group * ipg + e % chunk
+                                w_stage[e] = T.Cast(acc, weight[o_ch_w, c_w, tap // kw, tap % kw])
                         T.tvm_storage_sync("shared")
                         if valid:
                             for o in range(o_step):
