@@ -13,7 +13,8 @@ the math is ``deft_tvm.compute.backward``'s
   per kernel tap each thread computes its position's grad_columns for the chunk (weight^T .
   grad_output over the group's output channels, weights staged in shared memory ``o_step``
   output channels at a time, sums in registers; with ``tap_group`` > 1 the sums of that many taps
-  in one pass over grad_output, parked in shared memory), its sampling point once, and per channel the
+  in one pass over grad_output, parked in shared memory, on SIMT cores or, with ``tensor_cores``,
+  one ``mma.sync`` n8 tile per tap), its sampling point once, and per channel the
   four corners (from the patch; a corner outside it reads global memory): the bilinear
   derivatives times the column go to grad_offset, the interpolated value times the column to
   grad_mask (both summed over channels in registers), the column times the mask and bilinear
@@ -161,6 +162,9 @@ class DataTiling:
             group_sums = self.tap_group * self.chunk * self.tile_h * self.tile_w * acc if self.tap_group > 1 else 0
             return patches + self.o_step * self.tap_group * self.chunk * acc + group_sums
         n8 = -(-self.chunk // 8) * 8
+        if self.tap_group > 1:  # the group's weights and its sums parked per thread
+            return (patches + self.tap_group * n8 * (self.o_step * item + 16)
+                    + self.tap_group * self.chunk * self.tile_h * self.tile_w * acc)
         taps = spec.kernel_h * spec.kernel_w if self.stages(spec) == 1 else 1
         return patches + taps * n8 * (self.o_step * item + 16) + self.tile_h * self.tile_w * (n8 + 4) * 4
 
@@ -370,8 +374,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     tensor_cores = tiling.tensor_cores
     tap_group = tiling.tap_group
     mma = mma_shape(spec)
-    if taps % tap_group or (tap_group > 1 and tensor_cores):
-        raise ValueError(f"{tiling}: groups of taps divide the kernel's {taps} taps and sum on SIMT cores")
+    if taps % tap_group:
+        raise ValueError(f"{tiling}: groups of taps divide the kernel's {taps} taps")
     if cpg % (chunk * splits) or ipg % chunk or (opg % o_step and not tensor_cores):
         raise ValueError(f"{tiling} does not divide the layer's channels (per offset group {cpg}, "
                          f"per group {ipg} in / {opg} out)")
@@ -455,7 +459,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         return _device_call(f"deft_atomic_add_float{width}", parameters, body, address,
                             *[values[k] for k in range(width)])
 
-    resident = tensor_cores and stages == 1  # grad_output fragments held per group, weights staged per chunk
+    # grad_output fragments held per group, weights of every tap staged per chunk
+    resident = tensor_cores and stages == 1 and tap_group == 1
     # Tensor cores: each warp multiplies its 32 positions (two m16 tiles) of grad_output by the
     # chunk's weights (n8 tiles, channels past the chunk zero) over the stage's output channels
     # (mma-deep steps, channels past the group zero); the sums pass through shared memory
@@ -465,13 +470,14 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     a_elements = mma.a_elements if tensor_cores else 1
     w_row = o_step + 16 // DTYPE_BYTES[dtype]  # rows padded by 16 bytes: no bank conflicts
     x_row = n8 + 4
-    w_taps = taps if resident else 1
+    w_taps = taps if resident else tap_group if tensor_cores else 1
     w_shape, w_dtype = ((w_taps * n8 * w_row,), dtype) if tensor_cores else ((o_step * tap_group * chunk,), acc)
     group_shape = (tap_group * chunk * threads if tap_group > 1 else 1,)  # [tap in group][channel][thread]
     a_shape = (2 * k_steps * a_elements,)
     b_shape = (mma.b_elements if tensor_cores else 1,)
-    c_shape = (2 * n8 // 8 * 4,)
-    x_shape = (threads * x_row if tensor_cores else 1,)
+    n_tiles = tap_group * n8 // 8  # n8 tiles of one multiply: the chunk's channels of each tap of the group
+    c_shape = (2 * n_tiles * 4,)
+    x_shape = (threads * x_row if tensor_cores and tap_group == 1 else 1,)
 
     @T.macro
     def load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread):
@@ -543,6 +549,43 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         T.evaluate(T.cuda.warp_sync())
         for j in T.unroll(chunk):
             columns[j] = exchange[thread * x_row + j]
+
+    @T.macro
+    def group_sums_mma(group_columns, a_frag, b_frag, c_frag, w_stage, weight, grad_output, b, group, c_in, tile_y,
+                       tile_x, t0, thread):
+        """``group_columns[(slot * chunk + j) * threads + p]`` = grad_columns of the tile's position
+        ``p``, tap ``t0 + slot`` and the chunk's channel ``j``, on tensor cores: per weight stage each
+        warp multiplies its 32 positions of grad_output by the group's taps x chunk channels of
+        weights (one n8 tile per tap), and the sums go from the C fragments to their slots."""
+        warp = thread // 32
+        lane_g = thread % 32 // 4
+        lane_t = thread % 4
+        for q in T.unroll(2 * n_tiles * 4):
+            c_frag[q] = T.float32(0)
+        for stage in range(stages):
+            load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
+            T.tvm_storage_sync("shared")
+            stage_weights(w_stage, weight, group, c_in, stage, t0, thread)
+            T.tvm_storage_sync("shared")
+            for ks in T.unroll(k_steps):
+                for nt in T.unroll(n_tiles):
+                    for i in T.unroll(mma.b_elements):
+                        k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
+                        b_frag[i] = w_stage[(nt * 8 + j) * w_row + ks * mma.k + k]
+                    for m in T.unroll(2):
+                        T.evaluate(T.ptx_legacy.mma(
+                            mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32",
+                            a_frag.data, (m * k_steps + ks) * a_elements, b_frag.data, 0,
+                            c_frag.data, (m * n_tiles + nt) * 4, False, dtype="float32"))
+        for m in T.unroll(2):
+            for nt in T.unroll(n_tiles):
+                for i in T.unroll(4):
+                    row, col = T.meta_var(c_element(i, lane_g, lane_t))
+                    j = nt % (n8 // 8) * 8 + col
+                    if j < chunk:
+                        group_columns[(nt // (n8 // 8) * chunk + j) * threads + warp * 32 + m * 16 + row] = \
+                            c_frag[(m * n_tiles + nt) * 4 + i]
+        T.tvm_storage_sync("shared")
 
     @T.macro
     def body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
@@ -636,7 +679,10 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     load_a(a_frag, grad_output, b, group, 0, tile_y, tile_x, thread)
                 T.tvm_storage_sync("shared")
             for tg in range(taps // tap_group):
-                if tap_group > 1:  # the SIMT sums of taps tg * tap_group ..., parked per thread
+                if tap_group > 1 and tensor_cores:  # the sums of taps tg * tap_group ..., parked per position
+                    group_sums_mma(group_columns, a_frag, b_frag, c_frag, w_stage, weight, grad_output, b, group,
+                                   c0 - group * ipg, tile_y, tile_x, tg * tap_group, thread)
+                elif tap_group > 1:  # the SIMT sums of taps tg * tap_group ..., parked per thread
                     for q in T.unroll(tap_group * chunk):
                         sums[q] = zero
                     for o_chunk in range(stages):
@@ -660,7 +706,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     t = tg * tap_group + tt
                     ky = t // kw
                     kx = t % kw
-                    if tensor_cores:
+                    if tensor_cores and tap_group == 1:
                         tap_columns(columns, a_frag, b_frag, c_frag, w_stage, exchange, weight, grad_output, b, group,
                                     c0 - group * ipg, tile_y, tile_x, t, thread)
                     elif tap_group > 1:

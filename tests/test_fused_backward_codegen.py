@@ -283,10 +283,32 @@ def test_tap_groups_sum_in_one_pass_and_park_the_sums_in_shared_memory(spec, dty
         assert _compile(source)[:4] == b"\x7fELF"
 
 
-def test_tap_groups_must_divide_the_taps_and_sum_on_simt_cores():
+def test_tap_groups_must_divide_the_taps():
     spec = dataclasses.replace(KERNEL_5X3, dtype="float16")
-    default = DataTiling.for_spec(spec)
-    with pytest.raises(ValueError, match=r"groups of taps divide the kernel's 15 taps and sum on SIMT cores"):
-        grad_data_primfunc(spec, dataclasses.replace(default, tap_group=2))
-    with pytest.raises(ValueError, match=r"groups of taps divide the kernel's 15 taps and sum on SIMT cores"):
-        grad_data_primfunc(spec, dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=3))
+    for tensor_cores in (False, True):
+        tiling = dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=tensor_cores), tap_group=2)
+        with pytest.raises(ValueError, match=r"groups of taps divide the kernel's 15 taps"):
+            grad_data_primfunc(spec, tiling)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype, tf32", [("float16", False), ("bfloat16", False), ("float32", True)])
+@pytest.mark.parametrize("spec", [SHAPES["asymmetric"], KERNEL_5X3], ids=["asymmetric", "kernel_5x3"])
+def test_tensor_core_tap_groups_multiply_a_kernel_row_per_mma_pass(spec, dtype, tf32):
+    """Tensor-core grad_columns of a kernel row's taps per pass: one n8 tile per tap and chunk
+    (2 m16 tiles per warp, k-steps of the stage), the sums parked per position in shared memory
+    within the bytes the tiling claims, no exchange buffer; compiled by nvcc."""
+    spec = dataclasses.replace(spec, dtype=dtype, tf32=tf32)
+    tensor_cores = DataTiling.for_spec(spec, tensor_cores=True)
+    tiling = next(t for t in (dataclasses.replace(tensor_cores, tap_group=spec.kernel_w, halo=h)
+                              for h in range(tensor_cores.halo, -1, -1)) if t.shared_bytes(spec) <= SHARED_BYTES)
+    source = _source(spec, tiling)
+    start = re.search(r" grad_data_kernel\([^;{]*{", source).end()
+    body = source[start:source.index("\n}\n", start)]
+    mma = mma_shape(spec)
+    n8 = -(-tiling.chunk // 8)
+    assert body.count("mma.sync.aligned") == 2 * spec.kernel_w * n8 * (tiling.o_step // mma.k)
+    assert "exchange" not in body and re.search(r"float group_columns_ptr\[(\d+)\]", body).group(1) == str(
+        spec.kernel_w * tiling.chunk * tiling.tile_h * tiling.tile_w)
+    assert _shared_bytes(source, "grad_data") <= tiling.shared_bytes(spec)
+    assert _compile(source)[:4] == b"\x7fELF"

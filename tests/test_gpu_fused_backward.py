@@ -119,14 +119,17 @@ def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
 @pytest.mark.parametrize("case", list(CASES))
 def test_tap_groups_give_the_per_tap_sums(case, dtype):
     """The SIMT grad_columns of a kernel row's taps and of every tap in one pass over grad_output
-    (``tap_group``; every tap's sums in dynamic shared memory where they pass 48 KB) give the
-    per-tap kernel's gradients."""
+    (``tap_group``; every tap's sums in dynamic shared memory where they pass 48 KB), and the
+    tensor-core ones of a kernel row's taps per ``mma.sync`` pass (float16, TF32), give the per-tap
+    SIMT kernel's gradients."""
     spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=26).items()}
     grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
     default = DataTiling.for_spec(spec)
     taps = spec.kernel_h * spec.kernel_w
     tilings = [default] + [dataclasses.replace(default, tap_group=g) for g in dict.fromkeys((spec.kernel_w, taps))]
+    if dtype != "float32" and spec.kernel_w > 1:
+        tilings.append(dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w))
     results = []
     for tiling in tilings:
         module, _, _ = fused_backward_module(spec, tiling)

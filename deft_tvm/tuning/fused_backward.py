@@ -50,10 +50,12 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, weight stages
     of half and twice the default's output channels (where they divide the group's), half the
     chunk's channels, tensor-core grad_columns (``DataTiling.for_spec(tensor_cores=True)``, where
-    the dtype has an mma), float patches where the default has fixed-point ones, no patches (every
-    corner through global memory: faster on r50 c5, whose blocks take few chunks), and the SIMT
-    sums of a kernel row's or of every tap in one pass over grad_output (``tap_group``) with the
-    default's and half its channels per chunk and output channels per weight stage; only tilings within 48 KB of shared
+    the dtype has an mma) and the same with a kernel row's taps per ``mma.sync`` pass (``tap_group``;
+    the tensor-core tiling's and half its output channels per stage, its halo and up to 2 px less),
+    float patches where the default has fixed-point ones, no patches (every corner through global
+    memory: faster on r50 c5, whose blocks take few chunks), and the SIMT sums of a kernel row's or
+    of every tap in one pass over grad_output (``tap_group``) with the default's and half its
+    channels per chunk and output channels per weight stage; only tilings within 48 KB of shared
     memory."""
     default = DataTiling.for_spec(spec)
     opg = spec.out_channels // spec.groups
@@ -68,17 +70,25 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
                    if o_step and opg % o_step == 0]
     if default.chunk % 2 == 0:  # divides whatever the chunk divides
         candidates.append(r(default, chunk=default.chunk // 2))
-    if mma_shape(spec) is not None:
-        candidates.append(DataTiling.for_spec(spec, tensor_cores=True))
+    taps = spec.kernel_h * spec.kernel_w
+    mma = mma_shape(spec)
+    if mma is not None:
+        tensor_cores = DataTiling.for_spec(spec, tensor_cores=True)
+        candidates.append(tensor_cores)
+        if spec.kernel_w > 1:  # a kernel row's taps per multiply, the halo and up to 2 px less
+            halos = range(tensor_cores.halo, max(tensor_cores.halo - 3, -1), -1)
+            o_steps = [o for o in (tensor_cores.o_step, tensor_cores.o_step // 2) if o and o % mma.k == 0]
+            candidates += [r(tensor_cores, tap_group=spec.kernel_w, halo=halo, o_step=o_step)
+                           for halo in halos for o_step in o_steps]
     if default.fixed_point:
         candidates.append(r(default, fixed_point=False))
     candidates.append(r(default, staged=False, fixed_point=False))
-    taps = spec.kernel_h * spec.kernel_w
     for group in dict.fromkeys((spec.kernel_w, taps)):  # a kernel row, every tap
         if 1 < group and taps % group == 0:
+            group_chunks = dict.fromkeys((default.chunk, default.chunk // 2 * (default.chunk % 2 == 0)))
             candidates += [r(default, tap_group=group, chunk=chunk, o_step=o_step)
-                           for chunk in dict.fromkeys((default.chunk, default.chunk // 2 * (default.chunk % 2 == 0)))
-                           for o_step in (default.o_step, default.o_step // 2) if chunk and o_step and opg % o_step == 0]
+                           for chunk in group_chunks if chunk
+                           for o_step in (default.o_step, default.o_step // 2) if o_step and opg % o_step == 0]
     return _unique(t for t in candidates if t.shared_bytes(spec) <= SHARED_BYTES)
 
 
