@@ -157,9 +157,10 @@ def contribution_bound(spec: DeformConvSpec, grad_output, mask, weight) -> float
     ``weight [O, C / groups, kh, kw]``, of the spec's dtype; one host synchronisation."""
     if spec.dtype not in ("float16", "bfloat16") and not spec.tf32:
         return None
-    bound = weight.float().abs().sum(0).amax() * grad_output.float().abs().amax()
+    norm = torch.linalg.vector_norm  # one reduction kernel each; NaN and infinity propagate
+    bound = norm(weight, 1, dim=0, dtype=torch.float32).amax() * norm(grad_output, math.inf, dtype=torch.float32)
     if mask is not None:
-        bound = bound * mask.float().abs().amax()
+        bound = bound * norm(mask, math.inf, dtype=torch.float32)
     value = bound.item()
     return value if math.isfinite(value) else None
 
