@@ -16,7 +16,7 @@ import deft_tvm
 from deft_tvm.bench import deterministic_mode, tf32_mode
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
-from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.reference.tolerances import assert_close, assert_close_to_largest
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, fused_backward_module
 
@@ -65,8 +65,7 @@ def _check_extreme_offsets(case: str, dtype: str) -> None:
     for name, grad in grads.items():
         value = expected[name]
         assert torch.equal(torch.isnan(grad.cpu()), torch.isnan(value)), name
-        scale = max(value.nan_to_num(0.0).abs().max().item(), 1.0)
-        assert_close(grad.cpu().double() / scale, value / scale, dtype)
+        assert_close_to_largest(grad.cpu(), value, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -111,8 +110,7 @@ def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
         results.append(_run_data(kernel, spec, tiling, args, grad_output))
     for tiling, staged in zip(tilings[1:], results[1:]):
         for flushed, unstaged in zip(staged, results[0]):
-            scale = max(unstaged.abs().max().item(), 1.0)
-            assert_close(flushed / scale, unstaged.double() / scale, dtype if tiling.fixed_point else "float32")
+            assert_close_to_largest(flushed, unstaged, dtype if tiling.fixed_point else "float32")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "tf32"])
@@ -137,8 +135,7 @@ def test_tap_groups_give_the_per_tap_sums(case, dtype):
         results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output))
     for grouped in results[1:]:
         for got, expected in zip(grouped, results[0]):
-            scale = max(expected.abs().max().item(), 1.0)
-            assert_close(got / scale, expected.double() / scale, dtype)
+            assert_close_to_largest(got, expected, dtype)
 
 
 def _run_data(kernel, spec, tiling, args, grad_output):
@@ -184,8 +181,7 @@ def test_tensor_core_and_simt_kernels_agree(case, dtype):
     results = [_run_fused(spec, data, weight, args, grad_output),
                _run_fused(spec, DataTiling.for_spec(simt), WeightTiling.for_spec(simt), args, grad_output)]
     for tensor_cores, simt_sums in zip(*results):
-        scale = max(simt_sums.abs().max().item(), 1.0)
-        assert_close(tensor_cores / scale, simt_sums.double() / scale, "tf32" if dtype == "tf32" else dtype)
+        assert_close_to_largest(tensor_cores, simt_sums, "tf32" if dtype == "tf32" else dtype)
 
 
 def test_fused_kernels_load_from_the_disk_cache_without_compiling(isolated_cache, monkeypatch):
@@ -247,8 +243,7 @@ def test_fixed_point_blocks_with_non_finite_bounds_add_floats(dtype):
     assert torch.equal(torch.isnan(fixed), torch.isnan(unstaged)) and torch.isnan(fixed).any()
     assert torch.equal(torch.isinf(fixed), torch.isinf(unstaged))
     finite = torch.isfinite(unstaged)
-    scale = max(unstaged[finite].abs().max().item(), 1.0)
-    assert_close(fixed[finite] / scale, unstaged[finite].double() / scale, dtype)
+    assert_close_to_largest(fixed[finite], unstaged[finite], dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
@@ -284,8 +279,7 @@ def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
     unstaged = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
     expected = _run_data(unstaged, spec, dataclasses.replace(default, staged=False), args, grad_output)[0]
     got = runs[0][0].double() * deterministic.fixed_point_quantum(spec, bound.item())
-    scale = max(expected.abs().max().item(), 1.0)
-    assert_close(got / scale, expected.double() / scale, dtype)
+    assert_close_to_largest(got, expected, dtype)
 
 
 def test_tiling_search_times_every_candidate_on_the_gpu():

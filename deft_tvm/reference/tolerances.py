@@ -43,3 +43,11 @@ def tolerance_key(dtype: str, tf32: bool = False) -> str:
 def assert_close(actual: torch.Tensor, reference: torch.Tensor, dtype: str) -> None:
     """Compare a kernel's output with the float64 reference using the table's tolerance for ``dtype``."""
     torch.testing.assert_close(actual.to(torch.float64), reference, equal_nan=True, **TOLERANCES[dtype])
+
+
+def assert_close_to_largest(actual: torch.Tensor, reference: torch.Tensor, dtype: str) -> None:
+    """``assert_close`` of ``actual`` and ``reference`` both divided by the larger of 1 and the
+    largest |reference| (NaN left out; NaN must match NaN): for sums of many samples (gradients,
+    atomic or split sums), whose rounding grows with the largest term rather than with each element."""
+    scale = max(reference.nan_to_num(0.0).abs().max().item(), 1.0)
+    assert_close(actual.double() / scale, reference.double() / scale, dtype)

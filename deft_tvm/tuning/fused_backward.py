@@ -24,7 +24,7 @@ from collections.abc import Callable
 import tvm
 
 from deft_tvm.compute.spec import DeformConvSpec
-from deft_tvm.reference.tolerances import TOLERANCES, tolerance_key
+from deft_tvm.reference.tolerances import assert_close_to_largest, tolerance_key
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation
 from deft_tvm.schedules.cuda_backward_fused import (
     PARTIAL_FLOATS,
@@ -184,15 +184,14 @@ def weight_call(spec: DeformConvSpec, kernel: Callable, tiling: WeightTiling, in
 
 
 def agree(got: list, expected: list, key: str) -> bool:
-    """Whether each of ``got`` equals ``expected``'s up to the tolerance row ``key`` (``TOLERANCES``),
-    relative to the larger of 1 and the largest |expected| (gradients sum many samples), NaN where
-    it has NaN."""
-    import torch
-
-    for actual, wanted in zip(got, expected):
-        scale = max(wanted.nan_to_num(0.0).abs().max().item(), 1.0)
-        if not torch.allclose(actual.double() / scale, wanted.double() / scale, equal_nan=True, **TOLERANCES[key]):
-            return False
+    """Whether each of ``got`` equals ``expected``'s up to the tolerance row ``key``, relative to the
+    largest |expected| (``tolerances.assert_close_to_largest``: gradients sum many samples), NaN
+    where it has NaN."""
+    try:
+        for actual, wanted in zip(got, expected):
+            assert_close_to_largest(actual, wanted, key)
+    except AssertionError:
+        return False
     return True
 
 
