@@ -122,12 +122,13 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
     grad_mask None where the call has no bias or mask."""
     device = input.device
     target = target_for_device(device)
-    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
-        return _fused_backward(spec, target, grad_output, input, offset, mask, weight)
     if device.type == "cuda":
-        bound = contribution_bound(kernel_cache.with_torch_tf32(spec, device), grad_output, mask, weight)
+        fused = kernel_cache.with_torch_tf32(spec, device)  # float32 on TF32 where torch's matmuls are
+        if not torch.are_deterministic_algorithms_enabled():
+            return _fused_backward(fused, target, grad_output, input, offset, mask, weight)
+        bound = contribution_bound(fused, grad_output, mask, weight)
         if bound is not None:
-            return _fused_backward(spec, target, grad_output, input, offset, mask, weight, bound)
+            return _fused_backward(fused, target, grad_output, input, offset, mask, weight, bound)
     results = _output_buffers(spec, device)
     given = [t.contiguous() for t in (input, offset, mask, weight, grad_output) if t is not None]
     _kernel(spec, target, "gradients")(*given, *results.values())
@@ -167,12 +168,11 @@ def contribution_bound(spec: DeformConvSpec, grad_output, mask, weight) -> float
 
 def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, mask, weight,
                     bound: float | None = None) -> tuple:
-    """``deform_conv2d_backward`` on CUDA by the fused kernels, no columns buffer; float32
-    multiplies on TF32 tensor cores where ``torch.backends.cuda.matmul.allow_tf32`` is set (as
-    torchvision's matmuls do then). With a ``bound`` (``contribution_bound``): the deterministic
-    kernels, whose grad_input is int64 fixed point at the bound's quantum (the same bits on every
-    run), converted here."""
-    spec = kernel_cache.with_torch_tf32(spec, input.device)
+    """``deform_conv2d_backward`` on CUDA by the fused kernels, no columns buffer, for ``spec`` as
+    ``kernel_cache.with_torch_tf32`` gives it (float32 multiplies on TF32 tensor cores where
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, as torchvision's matmuls do then). With a
+    ``bound`` (``contribution_bound``): the deterministic kernels, whose grad_input is int64 fixed
+    point at the bound's quantum (the same bits on every run), converted here."""
     kernels = _kernel(spec, target, "fused" if bound is None else "fused_deterministic")
     n, c, h, w = spec.input_shape
     o, device = spec.out_channels, input.device
