@@ -551,6 +551,20 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             columns[j] = exchange[thread * x_row + j]
 
     @T.macro
+    def stage_simt_weights(w_stage, weight, group, c_in, o_chunk, t0, thread):
+        """The SIMT sums' weight stage, between barriers: ``w_stage[(o * tap_group + slot) * chunk + j]``
+        = the weight of the stage's output channel ``o``, tap ``t0 + slot`` and the chunk's channel
+        ``j`` (from ``c_in`` in the group), in the accumulate dtype."""
+        T.tvm_storage_sync("shared")
+        for i in range((o_step * tap_group * chunk + threads - 1) // threads):
+            e = i * threads + thread
+            if e < o_step * tap_group * chunk:
+                tap = t0 + e % (tap_group * chunk) // chunk
+                w_stage[e] = T.Cast(acc, weight[group * opg + o_chunk * o_step + e // (tap_group * chunk),
+                                                c_in + e % chunk, tap // kw, tap % kw])
+        T.tvm_storage_sync("shared")
+
+    @T.macro
     def group_sums_mma(group_columns, a_frag, b_frag, c_frag, w_stage, weight, grad_output, b, group, c_in, tile_y,
                        tile_x, t0, thread):
         """``group_columns[(slot * chunk + j) * threads + p]`` = grad_columns of the tile's position
@@ -686,15 +700,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     for q in T.unroll(tap_group * chunk):
                         sums[q] = zero
                     for o_chunk in range(stages):
-                        T.tvm_storage_sync("shared")
-                        for i in range((o_step * tap_group * chunk + threads - 1) // threads):
-                            e = i * threads + thread
-                            if e < o_step * tap_group * chunk:
-                                tap = tg * tap_group + e % (tap_group * chunk) // chunk
-                                o_ch_w = group * opg + o_chunk * o_step + e // (tap_group * chunk)
-                                c_w = c0 - group * ipg + e % chunk
-                                w_stage[e] = T.Cast(acc, weight[o_ch_w, c_w, tap // kw, tap % kw])
-                        T.tvm_storage_sync("shared")
+                        stage_simt_weights(w_stage, weight, group, c0 - group * ipg, o_chunk, tg * tap_group, thread)
                         if valid:
                             for o in range(o_step):
                                 dy = T.Cast(acc, grad_output[b, group * opg + o_chunk * o_step + o, oy, ox])
@@ -716,13 +722,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         for j in T.unroll(chunk):
                             columns[j] = zero
                         for o_chunk in range(stages):
-                            T.tvm_storage_sync("shared")
-                            for i in range((o_step * chunk + threads - 1) // threads):
-                                e = i * threads + thread
-                                if e < o_step * chunk:
-                                    w_stage[e] = T.Cast(acc, weight[group * opg + o_chunk * o_step + e // chunk,
-                                                                    c0 - group * ipg + e % chunk, ky, kx])
-                            T.tvm_storage_sync("shared")
+                            stage_simt_weights(w_stage, weight, group, c0 - group * ipg, o_chunk, t, thread)
                             if valid:
                                 for o in T.unroll(o_step):
                                     dy = T.Cast(acc, grad_output[b, group * opg + o_chunk * o_step + o, oy, ox])
