@@ -35,7 +35,11 @@ the math is ``deft_tvm.compute.backward``'s
   the (batch x positions) reduction: a block owns ``o_tile`` output channels x ``c_tile`` input
   channels of one tap; per step of ``positions`` flat positions it computes their sampling points
   once into shared memory, interpolates its channels' samples (times the mask) into shared
-  memory and stages grad_output's step. On tensor cores (float16, bfloat16, TF32; ``cuda_mma``)
+  memory (a thread per position where the block's threads are a multiple of the step's
+  positions: its four corners' table entries read once per offset group, not once per channel)
+  and stages grad_output's step (on tensor cores in aligned runs of up to 16 bytes that divide
+  the positions of an image and of a step; the runtime passes grad_output 16-byte aligned). On
+  tensor cores (float16, bfloat16, TF32; ``cuda_mma``)
   both are staged channel-major in the spec's dtype (the samples rounded as torchvision's columns
   are) and each warp multiplies its ``o_regs`` m16 x ``c_regs`` n8 tiles with ``mma.sync``,
   channels padded to whole tiles; on SIMT cores each thread accumulates an ``o_regs x c_regs``
@@ -937,6 +941,20 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
 
         grads_size, samples_size = p * (o_tile + 4), p * (c_tile + 4)
     sums_count = o_regs * c_regs * (4 if tensor_cores else 1)
+    # grad_output staged in runs of up to 16 bytes where they stay in one image and aligned (tensor
+    # cores: channel-major, rows of 16-byte multiples); samples by a thread per position where the
+    # block's threads are a multiple of the step's positions
+    vector = 1
+    if tensor_cores:
+        vector = math.gcd(16 // DTYPE_BYTES[dtype], positions, p)
+    lanes = threads // p if threads % p == 0 else 0
+    run_type = {2: "unsigned short", 4: "unsigned", 8: "uint2", 16: "uint4"}.get(vector * DTYPE_BYTES[dtype])
+
+    def copy_run(destination, source):
+        """One ``vector``-element load and store (both aligned to its size)."""
+        return _device_call(f"deft_copy_{vector * DTYPE_BYTES[dtype]}", "void* destination, const void* source",
+                            f"*reinterpret_cast<{run_type}*>(destination) = "
+                            f"*reinterpret_cast<const {run_type}*>(source);", destination, source)
     min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
 
     @T.macro
@@ -1035,6 +1053,9 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         bias_sums = T.alloc_buffer((o_regs,), acc, scope="local")
         a = T.alloc_buffer((o_regs * a_elements,), stage_dtype, scope="local")
         b_ = T.alloc_buffer((c_regs * b_elements,), stage_dtype, scope="local")
+        table = T.alloc_buffer((1,), "int32", scope="local")  # the offset group whose corners are loaded
+        corner_index = T.alloc_buffer((4,), "int32", scope="local")
+        corner_weight = T.alloc_buffer((4,), acc, scope="local")
         for i in T.unroll(sums_count):
             sums[i] = zero
         for i in T.unroll(o_regs):
@@ -1080,29 +1101,61 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                                     point_index[e * 4 + k] = yi * w + xi
                                 point_weight[e * 4 + k] = m * T.Select(k // 2 == 1, ly, one - ly) * T.Select(
                                     k % 2 == 1, lx, one - lx)
-            for i in range((o_tile * p + threads - 1) // threads):
-                e = i * threads + thread
-                if e < o_tile * p:
-                    q = q0 + e % p
-                    grads[grads_at(e % p, e // p)] = T.Cast(stage_dtype, 0)
-                    if q < total and o0 + e // p < o_end:
-                        grads[grads_at(e % p, e // p)] = T.Cast(stage_dtype, grad_output[q // positions, o0 + e // p,
-                                                                                         q % positions])
+            if vector > 1:  # runs of ``vector`` positions of one output channel, one 16-byte (or less) access
+                for i in range((o_tile * p // vector + threads - 1) // threads):
+                    e = (i * threads + thread) * vector
+                    if e < o_tile * p:
+                        q = q0 + e % p
+                        if q < total and o0 + e // p < o_end:
+                            T.evaluate(copy_run(T.address_of(grads[grads_at(e % p, e // p)]),
+                                                T.address_of(grad_output[q // positions, o0 + e // p, q % positions])))
+                        else:
+                            for k in T.unroll(vector):
+                                grads[grads_at(e % p + k, e // p)] = T.Cast(stage_dtype, 0)
+            else:
+                for i in range((o_tile * p + threads - 1) // threads):
+                    e = i * threads + thread
+                    if e < o_tile * p:
+                        q = q0 + e % p
+                        grads[grads_at(e % p, e // p)] = T.Cast(stage_dtype, 0)
+                        if q < total and o0 + e // p < o_end:
+                            grads[grads_at(e % p, e // p)] = T.Cast(stage_dtype, grad_output[q // positions, o0 + e // p,
+                                                                                             q % positions])
             T.tvm_storage_sync("shared")
-            for i in range((c_tile * p + threads - 1) // threads):
-                e = i * threads + thread
-                if e < c_tile * p:
-                    pl = e % p
-                    interpolated = zero
-                    if e // p < c_valid:
-                        base = ((c0 + e // p) // cpg - first_group) * p * 4 + pl * 4
-                        for k in T.unroll(4):
-                            index = point_index[base + k]
-                            corner = zero
-                            if index >= 0:
-                                corner = T.Cast(acc, input[point_batch[pl], c0 + e // p, index])
-                            interpolated = interpolated + corner * point_weight[base + k]
-                    samples[samples_at(pl, e // p)] = T.Cast(stage_dtype, interpolated)
+            if lanes > 0:  # a thread per position: its corners read from the tables once per offset group
+                pl = thread % p
+                table[0] = -1
+                for i in range((c_tile + lanes - 1) // lanes):
+                    ch = i * lanes + thread // p
+                    if ch < c_tile:
+                        interpolated = zero
+                        if ch < c_valid:
+                            if (c0 + ch) // cpg - first_group != table[0]:
+                                table[0] = (c0 + ch) // cpg - first_group
+                                for k in T.unroll(4):
+                                    corner_index[k] = point_index[(table[0] * p + pl) * 4 + k]
+                                    corner_weight[k] = point_weight[(table[0] * p + pl) * 4 + k]
+                            for k in T.unroll(4):
+                                corner = zero
+                                if corner_index[k] >= 0:
+                                    corner = T.Cast(acc, input[point_batch[pl], c0 + ch, corner_index[k]])
+                                interpolated = interpolated + corner * corner_weight[k]
+                        samples[samples_at(pl, ch)] = T.Cast(stage_dtype, interpolated)
+            else:
+                for i in range((c_tile * p + threads - 1) // threads):
+                    e = i * threads + thread
+                    if e < c_tile * p:
+                        pl = e % p
+                        interpolated = zero
+                        if e // p < c_valid:
+                            base = ((c0 + e // p) // cpg - first_group) * p * 4 + pl * 4
+                            for k in T.unroll(4):
+                                index = point_index[base + k]
+                                corner = zero
+                                if index >= 0:
+                                    corner = T.Cast(acc, input[point_batch[pl], c0 + e // p, index])
+                                interpolated = interpolated + corner * point_weight[base + k]
+                        samples[samples_at(pl, e // p)] = T.Cast(stage_dtype, interpolated)
             T.tvm_storage_sync("shared")
             multiply(grads, samples, sums, bias_sums, a, b_, thread)
         store(sums, bias_sums, weight_part, bias_part, split, o0, o_end, ct, t, thread)

@@ -5,6 +5,7 @@ GPU too."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shutil
 
@@ -97,6 +98,12 @@ def test_registry_kernels_compile_within_the_shared_memory_they_claim(spec):
         fixed = spec.dtype in ("float16", "bfloat16") or spec.tf32
         assert ("deft_shared_add_fixed(" in body) == (fixed and kernel == "grad_data"), kernel
         assert ("atomicAdd(reinterpret_cast<int*>" in source) == fixed
+        # Tensor-core grad_weight stages grad_output in aligned runs: up to 16 bytes that divide the
+        # positions of an image and of a step (r50 c5's 25 x 42: runs of 2).
+        element = C_TYPE_BYTES["float" if spec.dtype == "float32" else "half"]
+        run = math.gcd(16 // element, spec.out_h * spec.out_w, weight.positions) if weight.tensor_cores else 1
+        copies = set(re.findall(r"deft_copy_(\d+)\(", body)) if kernel == "grad_weight" else set()
+        assert copies == ({str(run * element)} if kernel == "grad_weight" and run > 1 else set()), kernel
     assert _compile(source)[:4] == b"\x7fELF"
 
 

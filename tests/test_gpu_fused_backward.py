@@ -205,6 +205,29 @@ def test_fused_kernels_load_from_the_disk_cache_without_compiling(isolated_cache
 
 
 @pytest.mark.parametrize("dtype", ["float16", "tf32"])
+def test_misaligned_grad_output_gives_the_aligned_gradients(dtype):
+    """A grad_output whose data starts off a 16-byte boundary (a view at an odd element; the weight
+    kernel reads grad_output in 16-byte runs where positions allow, here 128 per image) gives the
+    gradients of the same values aligned, bit for bit (deterministic mode: fixed-point grad_input)."""
+    spec = DeformConvSpec(2, 16, 8, 16, 32, 3, 3, padding=(1, 1), dtype="float32" if dtype == "tf32" else dtype)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=27).items()}
+    leaves = {k: v.cuda() for k, v in grad_leaves(make_case(spec, seed=27)).items()}
+    aligned = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    storage = torch.empty(aligned.numel() + 1, dtype=aligned.dtype, device="cuda")
+    misaligned = storage[1:].view(spec.output_shape)
+    misaligned.copy_(aligned)
+    assert misaligned.data_ptr() % 16 and misaligned.is_contiguous()
+    results = []
+    with tf32_mode("on" if dtype == "tf32" else "off"), deterministic_mode(True):
+        for grad_output in (aligned, misaligned):
+            out = deft_tvm.deform_conv2d(**{**args, **leaves})
+            results.append(torch.autograd.grad(out, list(leaves.values()), grad_output))
+    torch.cuda.synchronize()
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "tf32"])
 def test_wider_weight_tiles_give_the_same_sums(dtype):
     """grad_weight tiles of 128 and 256 output channels (4 and 8 warps on output channels; 160
     channels: the last tile padded) give the 64-channel tiles' sums exactly (same mma, same order)."""

@@ -178,6 +178,8 @@ def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, ma
     o, device = spec.out_channels, input.device
     acc = getattr(torch, accumulate_dtype(spec.dtype))
     input, grad_output = input.contiguous().view(n, c, h * w), grad_output.contiguous()
+    if grad_output.data_ptr() % 16:  # the weight kernel reads grad_output in aligned runs of up to 16 bytes
+        grad_output = grad_output.clone()
     offset, weight = offset.contiguous(), weight.contiguous()
     mask = mask.contiguous() if mask is not None else None
     grad_input = torch.zeros((n, c, h * w), dtype=acc if bound is None else torch.int64, device=device)
