@@ -217,3 +217,23 @@ def test_digits_are_centred_on_the_canvas(tools, monkeypatch):
         assert images.max().item() == pytest.approx(1.0)
     shifted = tools.digits_data.augment(images, torch.Generator().manual_seed(0))
     assert shifted.shape == images.shape and not torch.equal(shifted, images)
+
+
+def test_default_network_layers_are_registry_workloads(tools, monkeypatch):
+    # The registry's train_* workloads are the default network's DCN layers, so tuning them tunes
+    # the training benchmark; traced on the meta device through the op's fake kernel (no compile).
+    from deft_tvm.frontend import ops
+    from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
+
+    seen = []
+    original = ops.spec_from_tensors
+    monkeypatch.setattr(ops, "spec_from_tensors", lambda *a: seen.append(original(*a)) or seen[-1])
+    defaults = tools.train_bench.parse_args([])
+    network = tools.train_bench.build_resnet(tools.train_bench.conv3x3_factory("deft_tvm"), defaults.width)
+    with torch.no_grad():
+        network.to("meta")(torch.empty(defaults.batch, 1, defaults.canvas, defaults.canvas, device="meta"))
+    registry = {get_workload(n).spec: n for n in BENCHMARK_WORKLOADS if n.startswith("train_")}
+    assert len(seen) == 9 and [registry.get(s) for s in seen] == [
+        "train_stem_1to64_64x64_n32", *["train_64c_64x64_n32"] * 4, "train_down_64to128_n32",
+        *["train_128c_32x32_n32"] * 3]
+    assert set(registry.values()) == {n for n in BENCHMARK_WORKLOADS if n.startswith("train_")}

@@ -94,8 +94,11 @@ class Workload:
         }
 
 
-def _layer(name, batch, channels, height, width, *, offset_groups=1, description="") -> Workload:
-    spec = DeformConvSpec(batch, channels, height, width, channels, 3, 3, padding=(1, 1), offset_groups=offset_groups)
+def _layer(name, batch, channels, height, width, *, out_channels=None, stride=1, offset_groups=1, bias=True,
+           description="") -> Workload:
+    """A 3x3, padding-1 DCNv2 layer (``out_channels`` default: ``channels``)."""
+    spec = DeformConvSpec(batch, channels, height, width, out_channels or channels, 3, 3, stride=(stride, stride),
+                          padding=(1, 1), offset_groups=offset_groups, has_bias=bias)
     return Workload(name, spec, description=description)
 
 
@@ -108,6 +111,14 @@ _BENCHMARK = [
     _layer("r50dcn_c5", 2, 512, 25, 42, description="ResNet-50-DCN stage c5, 800x1344 input, batch 2"),
     _layer("video_64c_180x320_og8", 1, 64, 180, 320, offset_groups=8,
            description="video restoration alignment (EDVR/BasicVSR-style), 8 offset groups"),
+    # The DCN layers of tools/train_bench.py's default network (batch 32, 64x64 digits, width 64; no
+    # bias: a BatchNorm follows each), so that the training benchmark runs on tuned kernels.
+    _layer("train_stem_1to64_64x64_n32", 32, 1, 64, 64, out_channels=64, bias=False,
+           description="train_bench stem, 1 -> 64 channels"),
+    _layer("train_64c_64x64_n32", 32, 64, 64, 64, bias=False, description="train_bench stage 1 (4 layers)"),
+    _layer("train_down_64to128_n32", 32, 64, 64, 64, out_channels=128, stride=2, bias=False,
+           description="train_bench stage 2's first layer, stride 2, 64 -> 128 channels"),
+    _layer("train_128c_32x32_n32", 32, 128, 32, 32, bias=False, description="train_bench stage 2 (3 layers)"),
 ]
 
 _TEST = [
