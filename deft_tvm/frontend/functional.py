@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from deft_tvm.frontend.checks import IntPair, as_pair, check_tensor_types
-from deft_tvm.frontend.ops import deform_conv2d_op
+from deft_tvm.frontend.ops import deform_conv2d_call
 
 
 def deform_conv2d(
@@ -45,4 +45,4 @@ def deform_conv2d(
     stride_h, stride_w = as_pair(stride, "stride")
     pad_h, pad_w = as_pair(padding, "padding")
     dil_h, dil_w = as_pair(dilation, "dilation")
-    return deform_conv2d_op(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+    return deform_conv2d_call(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import init
 
-from deft_tvm.frontend import ops  # noqa: F401  (registers torch.ops.deft_tvm.deform_conv2d, which forward calls)
+from deft_tvm.frontend.ops import deform_conv2d_call
 from deft_tvm.frontend.checks import IntPair, as_pair
 
 
@@ -113,8 +113,14 @@ class DeformConv2d(nn.Module):
         return self._deform_conv2d(input, offset, mask)
 
     def _deform_conv2d(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The op with this layer's weight, bias and pairs."""
-        return torch.ops.deft_tvm.deform_conv2d(
+        """The op with this layer's weight, bias and pairs (scripted: the registered op; eager:
+        ``deform_conv2d_call``, which skips the dispatcher where it can)."""
+        if torch.jit.is_scripting():
+            return torch.ops.deft_tvm.deform_conv2d(
+                input, offset, self.weight, self.bias, mask, self.stride[0], self.stride[1], self.padding[0],
+                self.padding[1], self.dilation[0], self.dilation[1],
+            )
+        return deform_conv2d_call(
             input, offset, self.weight, self.bias, mask, self.stride[0], self.stride[1], self.padding[0],
             self.padding[1], self.dilation[0], self.dilation[1],
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -181,8 +182,21 @@ def with_torch_tf32(spec: DeformConvSpec, device: torch.device) -> DeformConvSpe
     """``spec`` allowed to multiply float32 on TF32 tensor cores where torch's matmuls do: on CUDA
     with ``torch.backends.cuda.matmul.allow_tf32`` set."""
     if spec.dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return dataclasses.replace(spec, tf32=True)
+        return _tf32_spec(spec)
     return spec
+
+
+# Per-call derived specs, cached: the op asks on every call, and a cached spec keeps its cached key.
+@functools.lru_cache(maxsize=4096)
+def _tf32_spec(spec: DeformConvSpec) -> DeformConvSpec:
+    return dataclasses.replace(spec, tf32=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kernel_spec(spec: DeformConvSpec, target: tvm.target.Target) -> DeformConvSpec:
+    from deft_tvm.schedules import kernel_spec
+
+    return kernel_spec(spec, target)
 
 
 def forward_kernel(spec: DeformConvSpec, device: torch.device) -> tuple[DeformConvSpec, Callable]:
@@ -191,9 +205,7 @@ def forward_kernel(spec: DeformConvSpec, device: torch.device) -> tuple[DeformCo
     CUDA (torchvision's matmuls do then), and the kernel spec's layout is the one the target's
     schedule gathers from (``schedules.kernel_spec``); the kernel takes
     ``kernel_spec.kernel_arguments(...)`` and the output."""
-    from deft_tvm.schedules import kernel_spec
-
-    spec = kernel_spec(with_torch_tf32(spec, device), target_for_device(device))
+    spec = _kernel_spec(with_torch_tf32(spec, device), target_for_device(device))
     return spec, get_kernel(spec, device)
 
 
