@@ -64,7 +64,7 @@ def test_autocast_tensor_subclasses_and_fake_tensors_take_the_op(op_calls):
     assert op_calls  # (the autocast kernel calls the op again, in bfloat16)
     op_calls.clear()
     two = dict(case, input=TwoTensor(case["input"], case["input"].clone()))
-    assert ops.plain_eager([two["input"]], "cpu") is False
+    assert ops.plain_eager([two["input"]]) is False and ops.plain_eager([case["input"]]) is True
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
         assert deft_tvm.deform_conv2d(**fake).shape == SPEC.output_shape
@@ -76,6 +76,13 @@ def test_eager_double_backward_is_refused_like_the_op():
     (grad_input,) = torch.autograd.grad(_call(leaves).sum(), leaves[0], create_graph=True)
     with pytest.raises(RuntimeError, match=r"deft_tvm.deform_conv2d has no double backward \(create_graph=True\)"):
         grad_input.sum().backward()
+
+
+def test_a_module_given_no_tensor_raises_the_op_error():
+    layer = deft_tvm.DeformConv2d(6, 4, 3)
+    with pytest.raises(RuntimeError, match=r"Expected a value of type 'Tensor' for argument 'input' but instead found "
+                                           r"type 'list'"):
+        layer([[1.0]], torch.zeros(1, 18, 1, 1))
 
 
 def test_eager_bad_input_raises_the_op_error():

@@ -150,13 +150,17 @@ class _EagerDeformConv2d(torch.autograd.Function):
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def plain_eager(tensors, device_type: str) -> bool:
-    """Whether a call on ``tensors`` (on ``device_type``) may skip the dispatcher: plain tensors on
-    a CPU or CUDA device, nothing tracing (``torch.compile``, ``torch.export``, ``torch.jit.trace``),
-    no dispatch or torch-function mode (fake tensors, ``make_fx``), no functorch transform
-    (``vmap``, ``torch.func.grad``) and no autocast, each of which needs the registered ops."""
+def plain_eager(tensors) -> bool:
+    """Whether a call on ``tensors`` (its non-None arguments, the input first) may skip the
+    dispatcher: plain tensors, the input on a CPU or CUDA device, nothing tracing
+    (``torch.compile``, ``torch.export``, ``torch.jit.trace``), no dispatch or torch-function mode
+    (fake tensors, ``make_fx``), no functorch transform (``vmap``, ``torch.func.grad``) and no
+    autocast, each of which needs the registered ops (as do arguments that are not tensors, for
+    the op's error)."""
+    if not all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors):
+        return False
+    device_type = tensors[0].device.type
     return (device_type in ("cpu", "cuda")
-            and all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
             and torch._C._functorch.peek_interpreter_stack() is None
@@ -169,7 +173,7 @@ def deform_conv2d_call(input, offset, weight, bias, mask, stride_h: int, stride_
     ``plain_eager`` allows and through the op otherwise."""
     hyper = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
-    if plain_eager(tensors, input.device.type):
+    if plain_eager(tensors):
         return _EagerDeformConv2d.apply(input, offset, weight, bias, mask, *hyper)
     return deform_conv2d_op(input, offset, weight, bias, mask, *hyper)
 
