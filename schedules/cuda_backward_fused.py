@@ -45,7 +45,9 @@ the math is ``deft_tvm.compute.backward``'s
   channels padded to whole tiles; on SIMT cores each thread accumulates an ``o_regs x c_regs``
   outer product in registers. grad_bias is the row sums of the staged grad_output, taken by the
   blocks of tap 0 and the first channel tile.
-* ``weight_reduce_primfunc`` - adds the splits in a fixed order (deterministic) and casts.
+* ``reduce_primfunc`` - adds the splits of grad_weight and grad_bias, and (``reduce_segments``) of
+  grad_offset and grad_mask, in a fixed order (deterministic), and casts them and grad_input to the
+  spec's dtype: one kernel where torch would take up to five (two sums and three casts).
 
 Both kernels are launched with ``__launch_bounds__(threads, resident_blocks)``, so that they keep
 to 64 registers where shared memory lets 8 blocks of 128 threads share an SM.
@@ -71,7 +73,7 @@ from pathlib import Path
 from tvm import tirx
 
 from deft_tvm.compute.sampling import index_extents
-from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
+from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype
 from deft_tvm.schedules.cuda import largest_divisor
 from deft_tvm.schedules.cuda_mma import c_element, mma_shape
 
@@ -1178,44 +1180,108 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     return _without(grad_weight, ("mask",) * (not has_mask) + ("bias_part",) * (not has_bias))
 
 
-def weight_reduce_primfunc(spec: DeformConvSpec, splits: int):
-    """grad_weight (``weight_shape``) and, with a bias, grad_bias (``[out_channels]``) in the
-    spec's dtype: the partial sums of ``grad_weight_primfunc`` added in split order, one thread per
-    element. Parameters: ``weight_part, bias_part?, grad_weight, grad_bias?``."""
+@dataclasses.dataclass(frozen=True)
+class ReduceSegments:
+    """Which of the data kernel's outputs ``reduce_primfunc`` finishes (sum of the channel splits
+    and cast, or cast alone): grad_offset, grad_mask and grad_input. The others the runtime takes
+    as they are (one split already in the spec's dtype: the buffer itself)."""
+
+    offset: bool
+    mask: bool
+    input: bool
+
+
+def reduce_segments(spec: DeformConvSpec, data: DataTiling) -> ReduceSegments:
+    """The segments ``reduce_primfunc`` takes for ``spec`` and its data tiling: grad_offset and
+    grad_mask where there are several channel splits or a cast, grad_input where it is cast
+    (float16, bfloat16; not the deterministic kernels' int64 fixed point, which the runtime scales);
+    none past int32 indexing."""
+    cast = spec.dtype != accumulate_dtype(spec.dtype)
+    fold = data.channel_splits > 1 or cast
+    batch, channels, height, width = spec.input_shape
+    offsets, masks = math.prod(spec.offset_shape), math.prod(spec.mask_shape) * spec.has_mask
+    total = spec.out_channels * (spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w + spec.has_bias)
+    total += offsets + masks + batch * channels * height * width
+    if max(total, data.channel_splits * offsets) > INT32_MAX:
+        return ReduceSegments(False, False, False)
+    return ReduceSegments(fold, fold and spec.has_mask, cast and not data.deterministic)
+
+
+def reduce_primfunc(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling, bind_threads: bool = True):
+    """The gradients in the spec's dtype from the partial sums, one thread per element, the splits
+    added in split order: grad_weight (``weight_shape``) and grad_bias (``[out_channels]``) from
+    ``grad_weight_primfunc``'s, and the ``reduce_segments`` of ``grad_data_primfunc``'s outputs
+    (grad_offset, grad_mask: their channel splits; grad_input: its float32 sums). Parameters:
+    ``weight_part, bias_part?, offset_part?, mask_part?, input_part?, grad_weight, grad_bias?,
+    grad_offset?, grad_mask?, grad_input?``, the parts flat per split. ``bind_threads=False``: the
+    same loops, serial (buildable for a CPU, where tests check the sums)."""
     from tvm.script import tirx as T
 
+    if bind_threads:
+        blocks_loop = functools.partial(T.thread_binding, thread="blockIdx.x")
+        threads_loop = functools.partial(T.thread_binding, thread="threadIdx.x")
+    else:
+        blocks_loop = threads_loop = T.serial
+
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
+    segments = reduce_segments(spec, data)
     o_ch, ipg, taps = spec.out_channels, spec.in_channels // spec.groups, spec.kernel_h * spec.kernel_w
-    weights = o_ch * ipg * taps
-    total = weights + o_ch * spec.has_bias
+    w_splits, c_splits = weight.splits, data.channel_splits
+    weights, offsets, masks = o_ch * ipg * taps, math.prod(spec.offset_shape), math.prod(spec.mask_shape)
+    inputs = math.prod(spec.input_shape)
+    has_bias, has_offset, has_mask, has_input = spec.has_bias, segments.offset, segments.mask, segments.input
+    bias_end = weights + o_ch * has_bias  # the segments' ends in the flat element index
+    offset_end = bias_end + offsets * has_offset
+    mask_end = offset_end + masks * has_mask
+    total = mask_end + inputs * has_input
     threads = 256
     blocks = -(-total // threads)
     zero = tirx.const(0, acc)
-    has_bias = spec.has_bias
 
     @T.prim_func
-    def weight_reduce(
-        weight_part: T.Buffer((splits, weights), acc),
-        bias_part: T.Buffer((splits, o_ch), acc),
+    def reduce(
+        weight_part: T.Buffer((w_splits, weights), acc),
+        bias_part: T.Buffer((w_splits, o_ch), acc),
+        offset_part: T.Buffer((c_splits, offsets), acc),
+        mask_part: T.Buffer((c_splits, masks), acc),
+        input_part: T.Buffer((inputs,), acc),
         grad_weight: T.Buffer((weights,), dtype),
         grad_bias: T.Buffer((o_ch,), dtype),
+        grad_offset: T.Buffer((offsets,), dtype),
+        grad_mask: T.Buffer((masks,), dtype),
+        grad_input: T.Buffer((inputs,), dtype),
     ):
-        T.func_attr({"global_symbol": "weight_reduce", "tirx.noalias": True})
-        for block in T.thread_binding(blocks, thread="blockIdx.x"):
-            for thread in T.thread_binding(threads, thread="threadIdx.x"):
+        T.func_attr({"global_symbol": "reduce", "tirx.noalias": True})
+        for block in blocks_loop(blocks):
+            for thread in threads_loop(threads):
                 e = block * threads + thread
                 sum_ = zero
                 if e < weights:
-                    for s in range(splits):
+                    for s in range(w_splits):
                         sum_ = sum_ + weight_part[s, e]
                     grad_weight[e] = T.Cast(dtype, sum_)
                 if has_bias:
-                    if e >= weights and e < total:
-                        for s in range(splits):
+                    if e >= weights and e < bias_end:
+                        for s in range(w_splits):
                             sum_ = sum_ + bias_part[s, e - weights]
                         grad_bias[e - weights] = T.Cast(dtype, sum_)
+                if has_offset:
+                    if e >= bias_end and e < offset_end:
+                        for s in range(c_splits):
+                            sum_ = sum_ + offset_part[s, e - bias_end]
+                        grad_offset[e - bias_end] = T.Cast(dtype, sum_)
+                if has_mask:
+                    if e >= offset_end and e < mask_end:
+                        for s in range(c_splits):
+                            sum_ = sum_ + mask_part[s, e - offset_end]
+                        grad_mask[e - offset_end] = T.Cast(dtype, sum_)
+                if has_input:
+                    if e >= mask_end and e < total:
+                        grad_input[e - mask_end] = T.Cast(dtype, input_part[e - mask_end])
 
-    return _without(weight_reduce, () if has_bias else ("bias_part", "grad_bias"))
+    unused = [("bias_part", "grad_bias")] * (not has_bias) + [("offset_part", "grad_offset")] * (not has_offset)
+    unused += [("mask_part", "grad_mask")] * (not has_mask) + [("input_part", "grad_input")] * (not has_input)
+    return _without(reduce, tuple(name for pair in unused for name in pair))
 
 
 def _device_call(name: str, parameters: str, body: str, *args):
@@ -1259,7 +1325,7 @@ def fingerprint(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling, ar
 def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, weight: WeightTiling | None = None,
                           arch: str = "sm_90"):
     """``(module, data, weight)``: the IRModule of the three kernels (``grad_data``,
-    ``grad_weight``, ``weight_reduce``) with the given tilings (default ``default_tilings``), and
+    ``grad_weight``, ``reduce``) with the given tilings (default ``default_tilings``), and
     those tilings (the caller sizes the partial-sum buffers by them)."""
     import tvm
 
@@ -1269,6 +1335,6 @@ def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, 
     module = tvm.IRModule({
         "grad_data": grad_data_primfunc(spec, data),
         "grad_weight": grad_weight_primfunc(spec, weight),
-        "weight_reduce": weight_reduce_primfunc(spec, weight.splits),
+        "reduce": reduce_primfunc(spec, data, weight),
     })
     return module, data, weight

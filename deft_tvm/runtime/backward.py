@@ -48,7 +48,8 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
         return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0])
     if part in ("fused", "fused_deterministic"):
         from deft_tvm.runtime.records import committed_fused_tilings
-        from deft_tvm.schedules.cuda_backward_fused import default_tilings, fingerprint, fused_backward_module
+        from deft_tvm.schedules.cuda_backward_fused import (default_tilings, fingerprint, fused_backward_module,
+                                                             reduce_segments)
 
         arch = str(target.attrs["arch"])
         data, weight = committed_fused_tilings(spec, target) or default_tilings(spec, arch)
@@ -57,8 +58,8 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
         kernels = kernel_cache.load_or_build_library(
             f"{spec.key()}-{part.replace('fused', 'fused_backward')}", fingerprint(spec, data, weight, arch), target,
             lambda: compile_kernel(fused_backward_module(spec, data, weight, arch)[0], target),
-            ("grad_data", "grad_weight", "weight_reduce"))
-        return FusedKernels(*kernels, data, weight)
+            ("grad_data", "grad_weight", "reduce"))
+        return FusedKernels(*kernels, data, weight, reduce_segments(spec, data))
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
@@ -70,14 +71,15 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
 
 @dataclasses.dataclass(frozen=True)
 class FusedKernels:
-    """The fused CUDA backward's kernels (``schedules/cuda_backward_fused.py``) and the number of
-    partial sums each writes."""
+    """The fused CUDA backward's kernels (``schedules/cuda_backward_fused.py``), the number of
+    partial sums each writes and which of the data kernel's outputs the reduce kernel finishes."""
 
     data: Callable
     weight: Callable
     reduce: Callable
     data_tiling: object  # schedules.cuda_backward_fused.DataTiling
     weight_tiling: object  # WeightTiling
+    segments: object  # ReduceSegments
 
     @property
     def channel_splits(self) -> int:
@@ -196,15 +198,27 @@ def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, ma
     bias_part = torch.empty((kernels.weight_splits, o), dtype=acc, device=device) if spec.has_bias else None
     kernels.weight(*[t for t in (input, offset, mask, grad_output.view(n, o, -1), weight_part, bias_part)
                      if t is not None])
+    # The reduce kernel finishes its segments (the splits' sums, cast); the runtime the others.
+    segments = kernels.segments
+    unfinished = {"offset": grad_offset, "mask": grad_mask, "input": grad_input}
+    folded = {name: part for name, part in unfinished.items() if getattr(segments, name)}
+    outputs = {name: torch.empty(part.shape[1:] if name != "input" else spec.input_shape, dtype=input.dtype,
+                                 device=device) for name, part in folded.items()}
     grad_weight = torch.empty(spec.weight_shape, dtype=input.dtype, device=device)
     grad_bias = torch.empty((o,), dtype=input.dtype, device=device) if spec.has_bias else None
-    kernels.reduce(*[t for t in (weight_part.view(kernels.weight_splits, -1), bias_part, grad_weight.view(-1),
-                                 grad_bias) if t is not None])
-    def total(parts):  # the channel splits' sums (one split: the buffer itself, no copy)
-        return (parts[0] if len(parts) == 1 else parts.sum(0)).to(input.dtype)
+    parts = [part.view(-1) if name == "input" else part.view(kernels.channel_splits, -1) for name, part in folded.items()]
+    kernels.reduce(*[t for t in (weight_part.view(kernels.weight_splits, -1), bias_part, *parts, grad_weight.view(-1),
+                                 grad_bias, *(t.view(-1) for t in outputs.values())) if t is not None])
 
-    return (grad_input.view(spec.input_shape).to(input.dtype), total(grad_offset), grad_weight, grad_bias,
-            total(grad_mask) if grad_mask is not None else None)
+    def finish(name):
+        part = unfinished[name]
+        if name in outputs or part is None:
+            return outputs.get(name)
+        if name == "input":
+            return part.view(spec.input_shape).to(input.dtype)
+        return (part[0] if len(part) == 1 else part.sum(0)).to(input.dtype)  # (one split: no copy)
+
+    return finish("input"), finish("offset"), grad_weight, grad_bias, finish("mask")
 
 
 def sort_by_pixel(coord_index, pixels: int):
