@@ -45,7 +45,10 @@ def deform_conv2d_op(
 
 
 def _forward(input, offset, weight, bias, mask, *hyper) -> torch.Tensor:
-    spec = _spec(input, offset, weight, bias, mask, *hyper)
+    return _forward_of(_spec(input, offset, weight, bias, mask, *hyper), input, offset, weight, bias, mask)
+
+
+def _forward_of(spec, input, offset, weight, bias, mask) -> torch.Tensor:
     output = input.new_empty(spec.output_shape)
     if spec.batch == 0:
         return output
@@ -85,9 +88,14 @@ def deform_conv2d_backward_op(
 
 def _gradients(grad_output, input, offset, weight, mask, has_bias, *hyper) -> tuple:
     bias = weight.new_empty(weight.shape[0]) if has_bias else None
-    spec = _spec(input, offset, weight, bias, mask, *hyper)
+    return _gradients_of(_spec(input, offset, weight, bias, mask, *hyper), grad_output, input, offset, weight, mask)
+
+
+def _gradients_of(spec, grad_output, input, offset, weight, mask) -> tuple:
     if spec.batch == 0:
-        grads = [t.new_zeros(t.shape) if t is not None else None for t in (input, offset, weight, bias, mask)]
+        grads = [input.new_zeros(shape) if present else None for shape, present in (
+            (spec.input_shape, True), (spec.offset_shape, True), (spec.weight_shape, True),
+            ((spec.out_channels,), spec.has_bias), (spec.mask_shape, spec.has_mask))]
     else:
         from deft_tvm.runtime.backward import deform_conv2d_backward  # imported on use: it loads the backward compute
 
@@ -133,17 +141,18 @@ class _EagerDeformConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, offset, weight, bias, mask, *hyper):
         ctx.save_for_backward(input, offset, weight, mask)
-        ctx.has_bias, ctx.hyper = bias is not None, hyper
-        return _forward(input, offset, weight, bias, mask, *hyper)
+        ctx.spec, ctx.hyper = _spec(input, offset, weight, bias, mask, *hyper), hyper
+        return _forward_of(ctx.spec, input, offset, weight, bias, mask)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, offset, weight, mask = ctx.saved_tensors
-        # create_graph=True: through the backward op, whose autograd refuses a second derivative.
-        gradients = deform_conv2d_backward_op if torch.is_grad_enabled() else _gradients
-        grad_input, grad_offset, grad_weight, grad_bias, grad_mask = gradients(
-            grad_output, input, offset, weight, mask, ctx.has_bias, *ctx.hyper)
-        return (grad_input, grad_offset, grad_weight, grad_bias if ctx.has_bias else None,
+        if torch.is_grad_enabled():  # create_graph=True: the backward op, whose autograd refuses a second derivative
+            grads = deform_conv2d_backward_op(grad_output, input, offset, weight, mask, ctx.spec.has_bias, *ctx.hyper)
+        else:  # the forward's spec, validated then
+            grads = _gradients_of(ctx.spec, grad_output, input, offset, weight, mask)
+        grad_input, grad_offset, grad_weight, grad_bias, grad_mask = grads
+        return (grad_input, grad_offset, grad_weight, grad_bias if ctx.spec.has_bias else None,
                 grad_mask if mask is not None else None, *(None,) * len(ctx.hyper))
 
 
