@@ -1191,6 +1191,13 @@ class ReduceSegments:
     input: bool
 
 
+def _reduce_sizes(spec: DeformConvSpec) -> tuple[int, int, int, int, int]:
+    """Elements of grad_weight, grad_bias, grad_offset, grad_mask and grad_input (0 where absent)."""
+    weights = spec.out_channels * spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    return (weights, spec.out_channels * spec.has_bias, math.prod(spec.offset_shape),
+            math.prod(spec.mask_shape) * spec.has_mask, math.prod(spec.input_shape))
+
+
 def reduce_segments(spec: DeformConvSpec, data: DataTiling) -> ReduceSegments:
     """The segments ``reduce_primfunc`` takes for ``spec`` and its data tiling: grad_offset and
     grad_mask where there are several channel splits or a cast, grad_input where it is cast
@@ -1198,11 +1205,8 @@ def reduce_segments(spec: DeformConvSpec, data: DataTiling) -> ReduceSegments:
     none past int32 indexing."""
     cast = spec.dtype != accumulate_dtype(spec.dtype)
     fold = data.channel_splits > 1 or cast
-    batch, channels, height, width = spec.input_shape
-    offsets, masks = math.prod(spec.offset_shape), math.prod(spec.mask_shape) * spec.has_mask
-    total = spec.out_channels * (spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w + spec.has_bias)
-    total += offsets + masks + batch * channels * height * width
-    if max(total, data.channel_splits * offsets) > INT32_MAX:
+    sizes = _reduce_sizes(spec)
+    if max(sum(sizes), data.channel_splits * sizes[2]) > INT32_MAX:
         return ReduceSegments(False, False, False)
     return ReduceSegments(fold, fold and spec.has_mask, cast and not data.deterministic)
 
@@ -1225,12 +1229,11 @@ def reduce_primfunc(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling
 
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
     segments = reduce_segments(spec, data)
-    o_ch, ipg, taps = spec.out_channels, spec.in_channels // spec.groups, spec.kernel_h * spec.kernel_w
-    w_splits, c_splits = weight.splits, data.channel_splits
-    weights, offsets, masks = o_ch * ipg * taps, math.prod(spec.offset_shape), math.prod(spec.mask_shape)
-    inputs = math.prod(spec.input_shape)
+    o_ch, w_splits, c_splits = spec.out_channels, weight.splits, data.channel_splits
+    weights, biases, offsets, _, inputs = _reduce_sizes(spec)
+    masks = math.prod(spec.mask_shape)  # the mask buffer's size (unused where the layer has no mask)
     has_bias, has_offset, has_mask, has_input = spec.has_bias, segments.offset, segments.mask, segments.input
-    bias_end = weights + o_ch * has_bias  # the segments' ends in the flat element index
+    bias_end = weights + biases  # the segments' ends in the flat element index
     offset_end = bias_end + offsets * has_offset
     mask_end = offset_end + masks * has_mask
     total = mask_end + inputs * has_input

@@ -41,6 +41,11 @@ def _case(name):
     return spec, data, WeightTiling.for_spec(spec)
 
 
+def _serial_reduce(spec, data, weight):
+    func = reduce_primfunc(spec, data, weight, bind_threads=False)
+    return tvm.compile(tvm.IRModule({"reduce": func}), target=tvm.target.Target({"kind": "llvm"}))["reduce"]
+
+
 def _in_split_order(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     total = torch.zeros(parts.shape[1:], dtype=torch.float32)
     for part in parts:
@@ -56,8 +61,7 @@ def test_segments_and_sums_bit_for_bit(name):
     many = data.channel_splits > 1
     assert segments == ReduceSegments(cast or many, (cast or many) and spec.has_mask,
                                       cast and not data.deterministic)
-    func = reduce_primfunc(spec, data, weight, bind_threads=False)
-    kernel = tvm.compile(tvm.IRModule({"reduce": func}), target=tvm.target.Target({"kind": "llvm"}))["reduce"]
+    kernel = _serial_reduce(spec, data, weight)
 
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, spec.dtype)
@@ -72,7 +76,8 @@ def test_segments_and_sums_bit_for_bit(name):
     outputs = {k: torch.empty(v.shape[1:], dtype=dtype) for k, v in inputs.items() if v is not None}
     parts = [v if k != "input" else v[0] for k, v in inputs.items() if v is not None]
     kernel(*parts, *outputs.values())
-    assert [p.name for p in func.params] == [f"{k}_part" for k in outputs] + [f"grad_{k}" for k in outputs]
+    params = reduce_primfunc(spec, data, weight, bind_threads=False).params
+    assert [p.name for p in params] == [f"{k}_part" for k in outputs] + [f"grad_{k}" for k in outputs]
     for key, out in outputs.items():
         assert torch.equal(out, _in_split_order(inputs[key], dtype)), key
 
@@ -81,11 +86,6 @@ def test_no_segments_past_int32_indexing():
     assert reduce_segments(HUGE_BACKWARD, DataTiling.for_spec(HUGE_BACKWARD)) == ReduceSegments(True, True, True)
     past = dataclasses.replace(HUGE_BACKWARD, batch=64, in_channels=256, out_channels=256)  # 4.3e9 input elements
     assert reduce_segments(past, DataTiling.for_spec(past)) == ReduceSegments(False, False, False)
-
-
-def _serial_reduce(spec, data, weight):
-    func = reduce_primfunc(spec, data, weight, bind_threads=False)
-    return tvm.compile(tvm.IRModule({"reduce": func}), target=tvm.target.Target({"kind": "llvm"}))["reduce"]
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -41,14 +41,11 @@ def deform_conv2d_op(
     dilation_w: int,
 ) -> torch.Tensor:
     """Deformable convolution forward; see ``deft_tvm.deform_conv2d``."""
-    return _forward(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    spec = _spec(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    return _forward(spec, input, offset, weight, bias, mask)
 
 
-def _forward(input, offset, weight, bias, mask, *hyper) -> torch.Tensor:
-    return _forward_of(_spec(input, offset, weight, bias, mask, *hyper), input, offset, weight, bias, mask)
-
-
-def _forward_of(spec, input, offset, weight, bias, mask) -> torch.Tensor:
+def _forward(spec, input, offset, weight, bias, mask) -> torch.Tensor:
     output = input.new_empty(spec.output_shape)
     if spec.batch == 0:
         return output
@@ -82,16 +79,12 @@ def deform_conv2d_backward_op(
     in the tensors' dtype, shaped as input, offset, weight, bias ``[out_channels]`` and mask
     (``[0]``, empty, for a forward without bias or mask). Raises as ``deform_conv2d`` does for
     inconsistent arguments."""
-    return _gradients(grad_output, input, offset, weight, mask, has_bias, stride_h, stride_w, pad_h, pad_w,
-                      dilation_h, dilation_w)
-
-
-def _gradients(grad_output, input, offset, weight, mask, has_bias, *hyper) -> tuple:
     bias = weight.new_empty(weight.shape[0]) if has_bias else None
-    return _gradients_of(_spec(input, offset, weight, bias, mask, *hyper), grad_output, input, offset, weight, mask)
+    spec = _spec(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    return _gradients(spec, grad_output, input, offset, weight, mask)
 
 
-def _gradients_of(spec, grad_output, input, offset, weight, mask) -> tuple:
+def _gradients(spec, grad_output, input, offset, weight, mask) -> tuple:
     if spec.batch == 0:
         grads = [input.new_zeros(shape) if present else None for shape, present in (
             (spec.input_shape, True), (spec.offset_shape, True), (spec.weight_shape, True),
@@ -118,12 +111,18 @@ def _setup_context(ctx, inputs, output):
     ctx.hyper = hyper
 
 
+def _argument_grads(grads, has_bias: bool, has_mask: bool) -> tuple:
+    """The backward op's five gradients as autograd takes them for the forward's eleven arguments:
+    None for an absent bias or mask and for the six ints."""
+    grad_input, grad_offset, grad_weight, grad_bias, grad_mask = grads
+    return (grad_input, grad_offset, grad_weight, grad_bias if has_bias else None, grad_mask if has_mask else None,
+            *(None,) * 6)
+
+
 def _backward(ctx, grad_output):
     input, offset, weight, mask = ctx.saved_tensors
-    grad_input, grad_offset, grad_weight, grad_bias, grad_mask = deform_conv2d_backward_op(
-        grad_output, input, offset, weight, mask, ctx.has_bias, *ctx.hyper)
-    return (grad_input, grad_offset, grad_weight, grad_bias if ctx.has_bias else None,
-            grad_mask if mask is not None else None, None, None, None, None, None, None)
+    grads = deform_conv2d_backward_op(grad_output, input, offset, weight, mask, ctx.has_bias, *ctx.hyper)
+    return _argument_grads(grads, ctx.has_bias, mask is not None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -142,7 +141,7 @@ class _EagerDeformConv2d(torch.autograd.Function):
     def forward(ctx, input, offset, weight, bias, mask, *hyper):
         ctx.save_for_backward(input, offset, weight, mask)
         ctx.spec, ctx.hyper = _spec(input, offset, weight, bias, mask, *hyper), hyper
-        return _forward_of(ctx.spec, input, offset, weight, bias, mask)
+        return _forward(ctx.spec, input, offset, weight, bias, mask)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -150,10 +149,8 @@ class _EagerDeformConv2d(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the backward op, whose autograd refuses a second derivative
             grads = deform_conv2d_backward_op(grad_output, input, offset, weight, mask, ctx.spec.has_bias, *ctx.hyper)
         else:  # the forward's spec, validated then
-            grads = _gradients_of(ctx.spec, grad_output, input, offset, weight, mask)
-        grad_input, grad_offset, grad_weight, grad_bias, grad_mask = grads
-        return (grad_input, grad_offset, grad_weight, grad_bias if ctx.spec.has_bias else None,
-                grad_mask if mask is not None else None, *(None,) * len(ctx.hyper))
+            grads = _gradients(ctx.spec, grad_output, input, offset, weight, mask)
+        return _argument_grads(grads, ctx.spec.has_bias, ctx.spec.has_mask)
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
