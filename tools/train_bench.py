@@ -193,11 +193,42 @@ def make_batches(images: torch.Tensor, labels: torch.Tensor, count: int, batch: 
     return batches
 
 
+def device_batches(images: torch.Tensor, labels: torch.Tensor, count: int, batch: int, seed: int,
+                   device: torch.device, dtype: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``make_batches`` on ``device``, the images in ``dtype``."""
+    return [(x.to(device, getattr(torch, dtype)), y.to(device))
+            for x, y in make_batches(images, labels, count, batch, seed)]
+
+
+def tf32_label(dtype: str, tf32: bool, device: torch.device) -> str:
+    """The TF32 setting a run has: "on" / "off" for float32 on a GPU, else "n/a"."""
+    return ("on" if tf32 else "off") if dtype == "float32" and device.type == "cuda" else "n/a"
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    """The benchmark's optimizer: SGD with momentum."""
+    return torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  after_phase: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """One step on the batch ``(x, y)``: forward and cross-entropy, ``zero_grad`` and backward,
+    optimizer step, ``after_phase()`` called after each of the three. Returns the loss."""
+    loss = F.cross_entropy(model(x), y)
+    after_phase()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    after_phase()
+    optimizer.step()
+    after_phase()
+    return loss
+
+
 def train(model: nn.Module, batches, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Train ``model`` one step per batch (SGD with momentum, cross-entropy). Returns the loss of
-    every step (``losses``), the host time (ms) of each step after the first ``warmup``
-    (``host_ms``, synchronized around each on a GPU) and their CUDA-event times (``gpu_ms``, GPU only)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    """Train ``model`` one step per batch (``training_step``). Returns the loss of every step
+    (``losses``), the host time (ms) of each step after the first ``warmup`` (``host_ms``,
+    synchronized around each on a GPU) and their CUDA-event times (``gpu_ms``, GPU only)."""
+    optimizer = sgd(model)
     cuda = device.type == "cuda"
     model.train()
     losses, host_ms, events = [], [], []
@@ -208,10 +239,7 @@ def train(model: nn.Module, batches, warmup: int, device: torch.device) -> dict[
         start = time.perf_counter()
         if cuda:
             events[-1][0].record()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = training_step(model, optimizer, x, y)
         if cuda:
             events[-1][1].record()
             torch.cuda.synchronize()
@@ -285,13 +313,11 @@ def run(images: torch.Tensor, labels: torch.Tensor, *, variants, steps: int, war
     """Train every variant on the same batches of ``images`` ``[n, 1, size, size]`` (``labels``
     ``[n]``). Returns the rows (``COLUMNS``, one per variant) and the variants whose losses
     deft_tvm's do not match (``check_losses``)."""
-    torch_dtype = getattr(torch, dtype)
-    batches = [(x.to(device, torch_dtype), y.to(device))
-               for x, y in make_batches(images, labels, warmup + steps, batch, seed)]
+    batches = device_batches(images, labels, warmup + steps, batch, seed, device, dtype)
     networks = build_variants(variants, width, seed)
-    tf32_label = ("on" if tf32 else "off") if dtype == "float32" and device.type == "cuda" else "n/a"
-    with tf32_mode(tf32_label):
-        results = {variant: train(model.to(device, torch_dtype), batches, warmup, device)
+    tf32_setting = tf32_label(dtype, tf32, device)
+    with tf32_mode(tf32_setting):
+        results = {variant: train(model.to(device, getattr(torch, dtype)), batches, warmup, device)
                    for variant, model in networks.items()}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     network = f"resnet_{width}c_{images.shape[-1]}x{images.shape[-1]}_n{batch}"
@@ -299,7 +325,7 @@ def run(images: torch.Tensor, labels: torch.Tensor, *, variants, steps: int, war
     for variant, result in results.items():
         median, p20, p80 = _quantiles(result["host_ms"], [50, 20, 80])
         (gpu,) = _quantiles(result["gpu_ms"], [50])
-        rows.append(dict(device=device_name, network=network, dtype=dtype, tf32=tf32_label, variant=variant,
+        rows.append(dict(device=device_name, network=network, dtype=dtype, tf32=tf32_setting, variant=variant,
                          steps=steps, warmup=warmup, step_ms=median, step_p20_ms=p20, step_p80_ms=p80,
                          gpu_step_ms=gpu, first_loss=round(result["losses"][0], 6),
                          last_loss=round(result["losses"][-1], 6), commit=commit,
@@ -309,7 +335,7 @@ def run(images: torch.Tensor, labels: torch.Tensor, *, variants, steps: int, war
         row["vs_torchvision"] = round(times.get("torchvision", NAN) / row["step_ms"], 3)
         row["vs_plain"] = round(row["step_ms"] / times.get("plain", NAN), 3)
     dcn_layers = dcn_layer_count(networks["deft_tvm"]) if "deft_tvm" in networks else 0
-    return rows, check_losses({v: r["losses"] for v, r in results.items()}, dtype, tf32_label == "on", dcn_layers)
+    return rows, check_losses({v: r["losses"] for v, r in results.items()}, dtype, tf32_setting == "on", dcn_layers)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -29,9 +29,8 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from digits_data import load_digits  # tools/ is on sys.path when this script runs
-from train_bench import DTYPES, LEARNING_RATE, MOMENTUM, VARIANTS, build_variants, make_batches
+from train_bench import DTYPES, VARIANTS, build_variants, device_batches, sgd, tf32_label, training_step
 
 from deft_tvm.bench import int_at_least, tf32_mode
 
@@ -40,10 +39,10 @@ COLUMNS = ("variant", *(f"{p}_host_ms" for p in PHASES), *(f"{p}_gpu_ms" for p i
 NAN = float("nan")
 
 
-def phase_times(model: torch.nn.Module, batches, warmup: int, device: torch.device) -> dict[str, float]:
-    """Train ``model`` one step per batch (``train_bench.train``'s step) and return the ``COLUMNS``
-    times (ms, medians over the steps after ``warmup``) but the variant."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+def phase_times(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, warmup: int,
+                device: torch.device) -> dict[str, float]:
+    """Train ``model`` one ``training_step`` per batch and return the ``COLUMNS`` times (ms, medians
+    over the steps after ``warmup``) but the variant."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model.train()
@@ -59,13 +58,7 @@ def phase_times(model: torch.nn.Module, batches, warmup: int, device: torch.devi
 
         sync()
         mark()
-        loss = F.cross_entropy(model(x), y)
-        mark()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        mark()
-        optimizer.step()
-        mark()
+        training_step(model, optimizer, x, y, after_phase=mark)
         sync()
         end = time.perf_counter()
         if step >= warmup:
@@ -75,17 +68,14 @@ def phase_times(model: torch.nn.Module, batches, warmup: int, device: torch.devi
     return dict(zip(COLUMNS[1:], medians))
 
 
-def kernel_table(model: torch.nn.Module, batches, device: torch.device, rows: int) -> str:
+def kernel_table(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, device: torch.device,
+                 rows: int) -> str:
     """The ``rows`` CUDA kernels of most GPU time over ``batches`` (two steps), ms per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for x, y in batches:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            training_step(model, optimizer, x, y)
         torch.cuda.synchronize(device)
     kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
     kernels.sort(key=lambda e: e.device_time_total, reverse=True)
@@ -99,17 +89,16 @@ def kernel_table(model: torch.nn.Module, batches, device: torch.device, rows: in
 def run(images: torch.Tensor, labels: torch.Tensor, *, variants, steps: int, warmup: int, batch: int, width: int,
         dtype: str, tf32: bool, device: torch.device, seed: int, kernels: int = 0) -> list[dict]:
     """One row (``COLUMNS``) per variant, trained on ``images [n, 1, size, size]`` (``labels [n]``);
-    ``kernels`` > 0 on CUDA prints each variant's kernel table."""
-    torch_dtype = getattr(torch, dtype)
-    batches = [(x.to(device, torch_dtype), y.to(device))
-               for x, y in make_batches(images, labels, warmup + steps + 2, batch, seed)]
+    ``kernels`` > 0 on CUDA prints each variant's kernel table (two more steps)."""
+    batches = device_batches(images, labels, warmup + steps + 2, batch, seed, device, dtype)
     rows = []
-    with tf32_mode(("on" if tf32 else "off") if dtype == "float32" and device.type == "cuda" else "n/a"):
+    with tf32_mode(tf32_label(dtype, tf32, device)):
         for variant, model in build_variants(variants, width, seed).items():
-            model = model.to(device, torch_dtype)
-            rows.append({"variant": variant, **phase_times(model, batches[:warmup + steps], warmup, device)})
+            model = model.to(device, getattr(torch, dtype))
+            optimizer = sgd(model)
+            rows.append({"variant": variant, **phase_times(model, optimizer, batches[:warmup + steps], warmup, device)})
             if kernels > 0 and device.type == "cuda":
-                print(f"{variant}:\n{kernel_table(model, batches[warmup + steps:], device, kernels)}")
+                print(f"{variant}:\n{kernel_table(model, optimizer, batches[warmup + steps:], device, kernels)}")
     return rows
 
 
