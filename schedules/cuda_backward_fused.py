@@ -120,7 +120,13 @@ class DataTiling:
     are the same in any order), and the kernel taps whose SIMT grad_columns one pass over the
     output channels sums (``tap_group``: a dividing number of taps, each grad_output value loaded
     once per group instead of once per tap, one weight stage for the group; the group's sums are
-    parked in shared memory for its taps)."""
+    parked in shared memory for its taps), and whether a sample whose four corners are all in the
+    staged patch takes a loop over the chunk's channels without a branch per corner, its mask x
+    bilinear weights multiplied once per tap (``interior_path``; the others the general loop).
+    The interior path is searched, not the default: on an H200 (data kernel ms, record's tiling
+    without / with it) it gains on float16's SIMT tap groups (paper N=32 1.027 / 1.006, r50 c3
+    0.789 / 0.744, c5 0.584 / 0.567) and loses on TF32 (paper 1.058 / 1.109; c3 0.813 / 0.819) and
+    on the default tilings (``tools/results/fused_backward_interior_h200_86cb52e.txt``)."""
 
     tile_h: int
     tile_w: int
@@ -134,6 +140,7 @@ class DataTiling:
     fixed_point: bool = False
     deterministic: bool = False
     tap_group: int = 1
+    interior_path: bool = False
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -386,6 +393,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         raise ValueError(f"{tiling} does not divide the layer's channels (per offset group {cpg}, "
                          f"per group {ipg} in / {opg} out)")
     staged = tiling.staged
+    interior = tiling.interior_path
+    if interior and not staged:
+        raise ValueError(f"{tiling}: the interior path reads the staged patches")
     rows, cols = tiling.patch(spec)
     patch = rows * cols if staged else 1
     threads = th * tw
@@ -607,6 +617,83 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                             c_frag[(m * n_tiles + nt) * 4 + i]
         T.tvm_storage_sync("shared")
 
+    def in_patch_only(local, scale):
+        """Whether a sample takes ``interior_channel_sums``: its four corners in the patch and, fixed
+        point, a finite block bound (else the patch holds float sums)."""
+        inside = functools.reduce(tirx.And, [local[k] >= 0 for k in range(4)])
+        return tirx.And(inside, scale[2] > zero) if fixed else inside
+
+    def patch_scale(scale):
+        """What a contribution to the patch is multiplied by: the fixed-point scale, or 1."""
+        return scale[0] if fixed else one
+
+    @T.macro
+    def channel_sums(d, value, columns, point, share, flat, local, in_patch, grad_patch, input, grad_input, b, c0,
+                     scale):
+        """This thread's sample of one tap over the chunk's channels: grad offset / mask sums into ``d``,
+        the contributions to the grad_input patch (or to grad_input, for corners outside it)."""
+        for j in range(chunk):
+            for k in T.unroll(4):
+                value[k] = zero
+                if staged:
+                    if local[k] >= 0:
+                        value[k] = T.Cast(acc, in_patch[j * patch + local[k]])
+                    elif flat[k] >= 0:
+                        value[k] = T.Cast(acc, input[b, c0 + j, flat[k]])
+                elif flat[k] >= 0:
+                    value[k] = T.Cast(acc, input[b, c0 + j, flat[k]])
+            col = columns[j]
+            d[0] = d[0] + col * point[2] * (
+                point[1] * (value[3] - value[1]) + (one - point[1]) * (value[2] - value[0]))
+            d[1] = d[1] + col * point[2] * (
+                point[0] * (value[3] - value[2]) + (one - point[0]) * (value[1] - value[0]))
+            if has_mask:
+                d[2] = d[2] + col * T.Select(
+                    point[3] > zero, zero,
+                    value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
+                    + value[3] * share[3])
+            for k in T.unroll(4):
+                if staged:
+                    if local[k] >= 0:
+                        if fixed and scale[2] > zero:
+                            T.evaluate(fixed_add(T.address_of(grad_patch[j * patch + local[k]]),
+                                                 T.Cast("int32", T.round(col * point[2] * share[k]
+                                                                         * scale[0]))))
+                        else:
+                            T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
+                                                         col * point[2] * share[k]))
+                    elif flat[k] >= 0:
+                        T.evaluate(input_add(grad_input, (b, c0 + j, flat[k]),
+                                             col * point[2] * share[k], scale))
+                elif flat[k] >= 0:
+                    T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
+                                                 col * point[2] * share[k]))
+
+    @T.macro
+    def interior_channel_sums(d, value, columns, point, share, local, in_patch, grad_patch, weighted):
+        """``channel_sums`` for a sample whose four corners are in the patch (so in the image: not
+        outside, every corner read and added in shared memory) and, fixed point, a finite block
+        bound: no branch per corner, and each corner's mask x bilinear weight (x the fixed-point
+        scale: a power of 2) multiplied once per tap (``weighted``), the order torchvision's
+        col2im takes (mask x weight, then x column)."""
+        for j in range(chunk):
+            for k in T.unroll(4):
+                value[k] = T.Cast(acc, in_patch[j * patch + local[k]])
+            col = columns[j]
+            d[0] = d[0] + col * point[2] * (
+                point[1] * (value[3] - value[1]) + (one - point[1]) * (value[2] - value[0]))
+            d[1] = d[1] + col * point[2] * (
+                point[0] * (value[3] - value[2]) + (one - point[0]) * (value[1] - value[0]))
+            if has_mask:
+                d[2] = d[2] + col * (value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
+                                     + value[3] * share[3])
+            for k in T.unroll(4):
+                if fixed:
+                    T.evaluate(fixed_add(T.address_of(grad_patch[j * patch + local[k]]),
+                                         T.Cast("int32", T.round(col * weighted[k]))))
+                else:
+                    T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]), col * weighted[k]))
+
     @T.macro
     def body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
              contribution_bound):
@@ -637,6 +724,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         share = T.alloc_buffer((4,), acc, scope="local")
         value = T.alloc_buffer((4,), acc, scope="local")
         point = T.alloc_buffer((5,), acc, scope="local")  # ly, lx, mask, outside, nan
+        weighted = T.alloc_buffer((4,), acc, scope="local")  # interior samples: mask x corner weight x scale
         flush = T.alloc_buffer((width,), acc, scope="local")
         bound = T.alloc_buffer((3,), "int32", scope=scope)  # bits of max |grad_output|, |mask|, sum |weight|
         peak = T.alloc_buffer((2,), "int32", scope="local")
@@ -762,42 +850,18 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                         * T.Select(k % 2 == 1, point[1], one - point[1]))
                         for i in T.unroll(3):
                             d[i] = zero
-                        for j in range(chunk):
-                            for k in T.unroll(4):
-                                value[k] = zero
-                                if staged:
-                                    if local[k] >= 0:
-                                        value[k] = T.Cast(acc, in_patch[j * patch + local[k]])
-                                    elif flat[k] >= 0:
-                                        value[k] = T.Cast(acc, input[b, c0 + j, flat[k]])
-                                elif flat[k] >= 0:
-                                    value[k] = T.Cast(acc, input[b, c0 + j, flat[k]])
-                            col = columns[j]
-                            d[0] = d[0] + col * point[2] * (
-                                point[1] * (value[3] - value[1]) + (one - point[1]) * (value[2] - value[0]))
-                            d[1] = d[1] + col * point[2] * (
-                                point[0] * (value[3] - value[2]) + (one - point[0]) * (value[1] - value[0]))
-                            if has_mask:
-                                d[2] = d[2] + col * T.Select(
-                                    point[3] > zero, zero,
-                                    value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
-                                    + value[3] * share[3])
-                            for k in T.unroll(4):
-                                if staged:
-                                    if local[k] >= 0:
-                                        if fixed and scale[2] > zero:
-                                            T.evaluate(fixed_add(T.address_of(grad_patch[j * patch + local[k]]),
-                                                                 T.Cast("int32", T.round(col * point[2] * share[k]
-                                                                                         * scale[0]))))
-                                        else:
-                                            T.evaluate(T.cuda.atomic_add(T.address_of(grad_patch[j * patch + local[k]]),
-                                                                         col * point[2] * share[k]))
-                                    elif flat[k] >= 0:
-                                        T.evaluate(input_add(grad_input, (b, c0 + j, flat[k]),
-                                                             col * point[2] * share[k], scale))
-                                elif flat[k] >= 0:
-                                    T.evaluate(T.cuda.atomic_add(T.address_of(grad_input[b, c0 + j, flat[k]]),
-                                                                 col * point[2] * share[k]))
+                        if interior:  # the branch-free loop where it applies
+                            if in_patch_only(local, scale):
+                                for k in T.unroll(4):
+                                    weighted[k] = point[2] * share[k] * patch_scale(scale)
+                                interior_channel_sums(d, value, columns, point, share, local, in_patch, grad_patch,
+                                                      weighted)
+                            else:
+                                channel_sums(d, value, columns, point, share, flat, local, in_patch, grad_patch,
+                                             input, grad_input, b, c0, scale)
+                        else:
+                            channel_sums(d, value, columns, point, share, flat, local, in_patch, grad_patch, input,
+                                         grad_input, b, c0, scale)
                         if step > 0:  # add the earlier chunks' sums
                             d[0] = d[0] + grad_offset[split, b, (gi * taps + t) * 2, oy, ox]
                             d[1] = d[1] + grad_offset[split, b, (gi * taps + t) * 2 + 1, oy, ox]

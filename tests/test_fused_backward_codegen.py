@@ -319,3 +319,20 @@ def test_tensor_core_tap_groups_multiply_a_kernel_row_per_mma_pass(spec, dtype, 
         spec.kernel_w * tiling.chunk * tiling.tile_h * tiling.tile_w)
     assert _shared_bytes(source, "grad_data") <= tiling.shared_bytes(spec)
     assert _compile(source)[:4] == b"\x7fELF"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_interior_path_adds_a_branch_free_loop_beside_the_general_one(dtype):
+    """``interior_path``: the general loop's per-corner tests stay (samples with a corner outside
+    the patch), one more loop adds to the patch without them, its weights multiplied once per tap;
+    compiled by nvcc. It needs staged patches."""
+    spec = dataclasses.replace(SHAPES["asymmetric"], dtype=dtype)
+    default = DataTiling.for_spec(spec)
+    general, interior = (_source(spec, dataclasses.replace(default, interior_path=flag)) for flag in (False, True))
+    adds = "deft_shared_add_fixed(" if default.fixed_point else "tvm_builtin_cuda_atomic_add("
+    assert interior.count(adds) > general.count(adds)
+    assert "weighted_ptr" in interior and "weighted_ptr" not in general
+    assert _compile(interior)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="the interior path reads the staged patches"):
+        grad_data_primfunc(spec, dataclasses.replace(default, staged=False, fixed_point=False, interior_path=True))

@@ -138,6 +138,36 @@ def test_tap_groups_give_the_per_tap_sums(case, dtype):
             assert_close_to_largest(got, expected, dtype)
 
 
+@pytest.mark.parametrize("extreme", [False, True], ids=["normal", "extreme"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "tf32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_interior_path_gives_the_general_loops_gradients(case, dtype, extreme):
+    """The branch-free loop of samples whose corners are all in the patch (``interior_path``) gives
+    the general loop's gradients, SIMT and tensor-core tap groups, on normal and on ``_extreme``
+    offsets (NaN exactly where the general loop has NaN; float patches within float32's tolerance,
+    fixed-point ones within the dtype's)."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    args = make_case(spec, seed=27)
+    if extreme:
+        args["offset"] = _extreme(args["offset"], seed=28)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    bases = [DataTiling.for_spec(spec)]
+    if dtype != "float32" and spec.kernel_w > 1:
+        bases.append(dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w))
+    for base in bases:
+        results = []
+        for tiling in (base, dataclasses.replace(base, interior_path=True)):
+            module, _, _ = fused_backward_module(spec, tiling)
+            kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))
+            results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output))
+        torch.cuda.synchronize()  # an out-of-range access fails here
+        for interior, general in zip(*reversed(results)):
+            assert torch.equal(torch.isnan(interior), torch.isnan(general))
+            assert_close_to_largest(interior.cpu().nan_to_num(), general.cpu().nan_to_num(),
+                                    dtype if base.fixed_point else "float32")
+
+
 def _run_data(kernel, spec, tiling, args, grad_output):
     """``kernel`` (a compiled grad_data of ``tiling``) on the case: grad_input, grad_offset and
     grad_mask? (summed over the channel splits, float32)."""

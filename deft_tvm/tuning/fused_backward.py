@@ -55,8 +55,9 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     float patches where the default has fixed-point ones, no patches (every corner through global
     memory: faster on r50 c5, whose blocks take few chunks), and the SIMT sums of a kernel row's or
     of every tap in one pass over grad_output (``tap_group``) with the default's and half its
-    channels per chunk and output channels per weight stage; only tilings within 48 KB of shared
-    memory."""
+    channels per chunk and output channels per weight stage; and each staged one of these with the
+    branch-free loop for samples whose corners are all in the patch (``interior_path``); only
+    tilings within 48 KB of shared memory."""
     default = DataTiling.for_spec(spec)
     opg = spec.out_channels // spec.groups
     chunks = spec.in_channels // spec.offset_groups // default.chunk
@@ -89,6 +90,7 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
             candidates += [r(default, tap_group=group, chunk=chunk, o_step=o_step)
                            for chunk in group_chunks if chunk
                            for o_step in (default.o_step, default.o_step // 2) if o_step and opg % o_step == 0]
+    candidates += [r(t, interior_path=True) for t in candidates if t.staged]
     return _unique(t for t in candidates if t.shared_bytes(spec) <= SHARED_BYTES)
 
 
