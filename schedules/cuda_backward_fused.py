@@ -122,7 +122,10 @@ class DataTiling:
     once per group instead of once per tap, one weight stage for the group; the group's sums are
     parked in shared memory for its taps), and whether a sample whose four corners are all in the
     staged patch takes a loop over the chunk's channels without a branch per corner, its mask x
-    bilinear weights multiplied once per tap (``interior_path``; the others the general loop).
+    bilinear weights multiplied once per tap (``interior_path``; the others the general loop),
+    and how many of its global loads a thread issues before it stores them to shared memory when it
+    stages the input patch and the weights (``load_batch``: 1 stores each load as it arrives, a
+    round trip to L2 per element; more overlap that many).
     The interior path is searched, not the default: on an H200 (data kernel ms, record's tiling
     without / with it) it gains on float16's SIMT tap groups (paper N=32 1.027 / 1.006, r50 c3
     0.789 / 0.744, c5 0.584 / 0.567) and loses on TF32 (paper 1.058 / 1.109; c3 0.813 / 0.819) and
@@ -141,6 +144,7 @@ class DataTiling:
     deterministic: bool = False
     tap_group: int = 1
     interior_path: bool = False
+    load_batch: int = 1
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -396,6 +400,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     interior = tiling.interior_path
     if interior and not staged:
         raise ValueError(f"{tiling}: the interior path reads the staged patches")
+    batch = tiling.load_batch
+    if batch < 1:
+        raise ValueError(f"{tiling}: a thread issues at least one load per batch, got load_batch={batch}")
     rows, cols = tiling.patch(spec)
     patch = rows * cols if staged else 1
     threads = th * tw
@@ -488,6 +495,13 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     x_row = n8 + 4
     w_taps = taps if resident else tap_group if tensor_cores else 1
     w_shape, w_dtype = ((w_taps * n8 * w_row,), dtype) if tensor_cores else ((o_step * tap_group * chunk,), acc)
+    # load_batch: loads per thread in flight per round of the weight (tensor cores or SIMT) and patch stagings
+    w_per_thread = -(-(w_taps * n8 * o_step if tensor_cores else o_step * tap_group * chunk) // threads)
+    w_batch = min(batch, w_per_thread)
+    w_rounds = -(-w_per_thread // w_batch)
+    p_per_thread = -(-chunk * patch // threads)
+    p_batch = min(batch, p_per_thread)
+    p_rounds = -(-p_per_thread // p_batch)
     group_shape = (tap_group * chunk * threads if tap_group > 1 else 1,)  # [tap in group][channel][thread]
     a_shape = (2 * k_steps * a_elements,)
     b_shape = (mma.b_elements if tensor_cores else 1,)
@@ -517,18 +531,35 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     @T.macro
     def stage_weights(w_stage, weight, group, c_in, stage, t, thread):
         """Weights of the chunk's channels (from ``c_in`` in the group) x the stage's output channels,
-        of every tap (one weight stage) or of tap ``t``, into ``w_stage [tap][channel][output channel]``."""
-        for i in range((w_taps * n8 * o_step + threads - 1) // threads):
-            e = i * threads + thread
-            if e < w_taps * n8 * o_step:
-                slot = e % w_taps
-                tap = slot + t
-                j = e // w_taps % n8
-                k = e // (w_taps * n8)
-                w_stage[(slot * n8 + j) * w_row + k] = T.Cast(dtype, 0)
-                if j < chunk and stage * o_step + k < opg:
-                    w_stage[(slot * n8 + j) * w_row + k] = weight[group * opg + stage * o_step + k, c_in + j,
-                                                                  tap // kw, tap % kw]
+        of every tap (one weight stage) or of tap ``t``, into ``w_stage [tap][channel][output channel]``
+        (with ``load_batch`` > 1, that many loads per thread in flight before their stores)."""
+        if batch == 1:
+            for i in range((w_taps * n8 * o_step + threads - 1) // threads):
+                e = i * threads + thread
+                if e < w_taps * n8 * o_step:
+                    slot = e % w_taps
+                    tap = slot + t
+                    j = e // w_taps % n8
+                    k = e // (w_taps * n8)
+                    w_stage[(slot * n8 + j) * w_row + k] = T.Cast(dtype, 0)
+                    if j < chunk and stage * o_step + k < opg:
+                        w_stage[(slot * n8 + j) * w_row + k] = weight[group * opg + stage * o_step + k, c_in + j,
+                                                                      tap // kw, tap % kw]
+        else:
+            loaded = T.alloc_buffer((w_batch,), dtype, scope="local")
+            for i0 in range(w_rounds):
+                for u in T.unroll(w_batch):
+                    e = (i0 * w_batch + u) * threads + thread
+                    j = e // w_taps % n8
+                    k = e // (w_taps * n8)
+                    loaded[u] = T.Cast(dtype, 0)
+                    if e < w_taps * n8 * o_step and j < chunk and stage * o_step + k < opg:
+                        loaded[u] = weight[group * opg + stage * o_step + k, c_in + j, (e % w_taps + t) // kw,
+                                           (e % w_taps + t) % kw]
+                for u in T.unroll(w_batch):
+                    e = (i0 * w_batch + u) * threads + thread
+                    if e < w_taps * n8 * o_step:
+                        w_stage[(e % w_taps * n8 + e // w_taps % n8) * w_row + e // (w_taps * n8)] = loaded[u]
 
     @T.macro
     def tap_columns(columns, a_frag, b_frag, c_frag, w_stage, exchange, weight, grad_output, b, group, c_in, tile_y,
@@ -572,12 +603,27 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         = the weight of the stage's output channel ``o``, tap ``t0 + slot`` and the chunk's channel
         ``j`` (from ``c_in`` in the group), in the accumulate dtype."""
         T.tvm_storage_sync("shared")
-        for i in range((o_step * tap_group * chunk + threads - 1) // threads):
-            e = i * threads + thread
-            if e < o_step * tap_group * chunk:
-                tap = t0 + e % (tap_group * chunk) // chunk
-                w_stage[e] = T.Cast(acc, weight[group * opg + o_chunk * o_step + e // (tap_group * chunk),
-                                                c_in + e % chunk, tap // kw, tap % kw])
+        if batch == 1:
+            for i in range((o_step * tap_group * chunk + threads - 1) // threads):
+                e = i * threads + thread
+                if e < o_step * tap_group * chunk:
+                    tap = t0 + e % (tap_group * chunk) // chunk
+                    w_stage[e] = T.Cast(acc, weight[group * opg + o_chunk * o_step + e // (tap_group * chunk),
+                                                    c_in + e % chunk, tap // kw, tap % kw])
+        else:
+            loaded = T.alloc_buffer((w_batch,), dtype, scope="local")
+            for i0 in range(w_rounds):
+                for u in T.unroll(w_batch):
+                    e = (i0 * w_batch + u) * threads + thread
+                    loaded[u] = T.Cast(dtype, 0)
+                    if e < o_step * tap_group * chunk:
+                        loaded[u] = weight[group * opg + o_chunk * o_step + e // (tap_group * chunk), c_in + e % chunk,
+                                           (t0 + e % (tap_group * chunk) // chunk) // kw,
+                                           (t0 + e % (tap_group * chunk) // chunk) % kw]
+                for u in T.unroll(w_batch):
+                    e = (i0 * w_batch + u) * threads + thread
+                    if e < o_step * tap_group * chunk:
+                        w_stage[e] = T.Cast(acc, loaded[u])
         T.tvm_storage_sync("shared")
 
     @T.macro
@@ -725,6 +771,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         value = T.alloc_buffer((4,), acc, scope="local")
         point = T.alloc_buffer((5,), acc, scope="local")  # ly, lx, mask, outside, nan
         weighted = T.alloc_buffer((4,), acc, scope="local")  # interior samples: mask x corner weight x scale
+        patch_loads = T.alloc_buffer((p_batch,), dtype, scope="local")  # load_batch > 1: the patch's loads in flight
         flush = T.alloc_buffer((width,), acc, scope="local")
         bound = T.alloc_buffer((3,), "int32", scope=scope)  # bits of max |grad_output|, |mask|, sum |weight|
         peak = T.alloc_buffer((2,), "int32", scope="local")
@@ -771,7 +818,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             group = c0 // ipg
             if staged or resident:
                 T.tvm_storage_sync("shared")
-            if staged:
+            if staged and batch == 1:
                 for i in range((chunk * patch + threads - 1) // threads):
                     e = i * threads + thread
                     if e < chunk * patch:
@@ -781,6 +828,20 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         in_patch[e] = T.Cast(dtype, 0)
                         if yy >= 0 and yy < h and xx >= 0 and xx < w:
                             in_patch[e] = input[b, c0 + e // patch, yy * w + xx]
+            elif staged:  # ``load_batch`` loads per thread in flight, then their stores
+                for i0 in range(p_rounds):
+                    for u in T.unroll(p_batch):
+                        e = (i0 * p_batch + u) * threads + thread
+                        yy = patch_y + e % patch // cols
+                        xx = patch_x + e % cols
+                        patch_loads[u] = T.Cast(dtype, 0)
+                        if e < chunk * patch and yy >= 0 and yy < h and xx >= 0 and xx < w:
+                            patch_loads[u] = input[b, c0 + e // patch, yy * w + xx]
+                    for u in T.unroll(p_batch):
+                        e = (i0 * p_batch + u) * threads + thread
+                        if e < chunk * patch:
+                            grad_patch[e] = zero
+                            in_patch[e] = patch_loads[u]
             if resident:  # one weight stage: this chunk's weights of every tap, and the tile's
                 stage_weights(w_stage, weight, group, c0 - group * ipg, 0, 0, thread)  # grad_output
                 if step == 0 or c0 % ipg == 0:  # fragments at each group's first chunk

@@ -336,3 +336,17 @@ def test_interior_path_adds_a_branch_free_loop_beside_the_general_one(dtype):
     assert _compile(interior)[:4] == b"\x7fELF"
     with pytest.raises(ValueError, match="the interior path reads the staged patches"):
         grad_data_primfunc(spec, dataclasses.replace(default, staged=False, fixed_point=False, interior_path=True))
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "mma"])
+def test_batched_staging_issues_its_loads_before_their_stores(tensor_cores):
+    """``load_batch`` > 1: the patch's and the weights' loads go to registers in rounds, then to
+    shared memory (one load at a time stays the code it was); compiled by nvcc. At least one load."""
+    spec = dataclasses.replace(SHAPES["asymmetric"], dtype="float16")
+    base = DataTiling.for_spec(spec, tensor_cores=tensor_cores)
+    single, batched = (_source(spec, dataclasses.replace(base, load_batch=b)) for b in (1, 6))
+    for buffer in ("patch_loads", "loaded"):
+        assert buffer in batched and buffer not in single
+    assert _compile(batched)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="at least one load per batch, got load_batch=0"):
+        grad_data_primfunc(spec, dataclasses.replace(base, load_batch=0))

@@ -15,7 +15,8 @@ from deft_tvm.runtime import backward, kernel_cache, records
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.tuning import fused_backward
-from deft_tvm.tuning.fused_backward import agree, data_space, time_checked, tune_fused_backward, weight_space
+from deft_tvm.tuning.fused_backward import (LOAD_BATCHES, agree, data_space, time_checked, tune_fused_backward,
+                                            weight_space)
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 from test_cli_errors import error_line
@@ -46,10 +47,12 @@ def _source(spec, data, weight) -> str:
     return compile_kernel(module, TARGET).mod.imports[0].inspect_source()
 
 
-def _fake_measure(fastest_data: int, fastest_weight: int):
-    """Stand-in for ``measure_candidates``: candidate ``fastest_*`` takes 1 ms, the others 2."""
+def _fake_measure(fastest_data: int, fastest_weight: int, data_ms: dict | None = None):
+    """Stand-in for ``measure_candidates``: the data space's tiling ``fastest_data`` and the weight
+    candidate ``fastest_weight`` take 1 ms, the tilings in ``data_ms`` their time, the others 2."""
     def measure(spec, profile, target, data, weight):
-        return ([1.0 if i == fastest_data else 2.0 for i in range(len(data))],
+        fast = data_space(spec)[fastest_data]
+        return ([(data_ms or {}).get(t, 1.0 if t == fast else 2.0) for t in data],
                 [1.0 if i == fastest_weight else 2.0 for i in range(len(weight))])
 
     return measure
@@ -60,7 +63,9 @@ def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     data, weight = data_space(spec), weight_space(spec)
     record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(3, 2))
     assert DataTiling(**record["data"]) == data[3] and WeightTiling(**record["weight"]) == weight[2]
-    assert [DataTiling(**t) for t, _ in record["data_ms"]] == data
+    tried = [DataTiling(**t) for t, _ in record["data_ms"]]
+    assert tried[:len(data)] == data  # then the 3 fastest (data[3], and of equals the first) with more loads
+    assert tried[len(data):] == [dataclasses.replace(data[i], load_batch=b) for i in (3, 0, 1) for b in LOAD_BATCHES]
     assert [ms for _, ms in record["weight_ms"]] == [2.0, 2.0, 1.0] + [2.0] * (len(weight) - 3)
     assert (record["profile"], record["device"], record["target"]) == ("normal_2px", "a GPU", "sm_90")
     ties = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=lambda *a: ([1.0] * len(data),
@@ -72,13 +77,28 @@ def test_the_search_never_takes_a_rejected_candidate():
     spec = get_workload("r50dcn_c4", "float16").spec
     data, weight = data_space(spec), weight_space(spec)
 
-    def measure(spec, profile, target, data, weight):  # the fastest of each kernel gave other gradients
-        return ([None if i == 3 else 2.0 - (i == 5) * 0.5 for i in range(len(data))],
+    rejected = {data[3], *(dataclasses.replace(data[5], load_batch=b) for b in LOAD_BATCHES)}
+
+    def measure(spec, profile, target, tilings, weight):  # the fastest of each kernel gave other gradients
+        return ([None if t in rejected else 0.5 if t.load_batch > 1 else 2.0 - (t == data[5]) * 0.5 for t in tilings],
                 [None if i == 1 else 2.0 for i in range(len(weight))])
 
     record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=measure)
-    assert DataTiling(**record["data"]) == data[5] and WeightTiling(**record["weight"]) == weight[0]
+    assert DataTiling(**record["data"]) == dataclasses.replace(data[0], load_batch=LOAD_BATCHES[0])
+    assert WeightTiling(**record["weight"]) == weight[0]
     assert record["data_ms"][3][1] is None and record["weight_ms"][1][1] is None
+
+
+def test_more_loads_in_flight_must_beat_their_reference_in_the_same_round():
+    spec = get_workload("r50dcn_c5", "float16").spec
+    data = data_space(spec)
+    batched = dataclasses.replace(data[2], load_batch=8)
+    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(2, 0, {batched: 0.9}))
+    assert DataTiling(**record["data"]) == batched
+    rounds = iter([[1.0] * len(data), [0.8] + [0.9] * 3 * len(LOAD_BATCHES)])  # the reference 0.8 re-measured
+    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU",
+                                 measure=lambda spec, profile, target, d, w: (next(rounds), [1.0] * len(w)))
+    assert DataTiling(**slower["data"]) == data[0]
 
 
 def test_candidates_are_timed_only_where_their_gradients_are_the_defaults(monkeypatch):

@@ -168,6 +168,33 @@ def test_interior_path_gives_the_general_loops_gradients(case, dtype, extreme):
                                     dtype if base.fixed_point else "float32")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "tf32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_staging_loads_give_the_same_gradients(case, dtype):
+    """Staging the patch and the weights with 5 loads per thread in flight (``load_batch``; 5 divides
+    no staging, so the last round has a tail) gives one load at a time's gradients, SIMT and
+    tensor-core tap groups, on extreme offsets (NaN where the other has NaN)."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    args = make_case(spec, seed=29)
+    args["offset"] = _extreme(args["offset"], seed=30)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    bases = [DataTiling.for_spec(spec)]
+    if dtype != "float32" and spec.kernel_w > 1:
+        bases.append(dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w))
+    for base in bases:
+        results = []
+        for tiling in (base, dataclasses.replace(base, load_batch=5)):
+            module, _, _ = fused_backward_module(spec, tiling)
+            kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))
+            results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output))
+        torch.cuda.synchronize()  # an out-of-range access fails here
+        for batched, single in zip(*reversed(results)):
+            assert torch.equal(torch.isnan(batched), torch.isnan(single))
+            assert_close_to_largest(batched.cpu().nan_to_num(), single.cpu().nan_to_num(),
+                                    dtype if base.fixed_point else "float32")
+
+
 def _run_data(kernel, spec, tiling, args, grad_output):
     """``kernel`` (a compiled grad_data of ``tiling``) on the case: grad_input, grad_offset and
     grad_mask? (summed over the channel splits, float32)."""

@@ -8,7 +8,8 @@ point of its table). The two kernels are independent, so each is chosen on its o
 each kernel as the op does (with the sum of its splits' partial outputs, ``data_call``,
 ``weight_call``) on inputs whose offsets and mask follow the workload's offset profile, keeps
 only the candidates whose gradients are the default's up to the dtype's tolerance (``agree``),
-times those with CUDA events (``time_checked``), and returns the record of the fastest data and
+times those with CUDA events (``time_checked``), tries the fastest data tilings with more staging
+loads in flight (``refine_load_batch``), and returns the record of the fastest data and
 weight tilings with every candidate's time (None: rejected), which ``deft-tvm tune
 --fused-backward`` writes where ``runtime.records.committed_fused_tilings`` finds it (the runtime
 then takes it over the defaults).
@@ -39,6 +40,8 @@ from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.timing import gpu_ms
 
 HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's)
+LOAD_BATCHES = (4, 8, 16)  # loads in flight per thread (DataTiling.load_batch) tried on the fastest data tilings
+REFINED = 3  # the fastest data tilings tried with each of LOAD_BATCHES
 
 
 def _unique(tilings) -> list:
@@ -223,18 +226,44 @@ def measure_candidates(spec: DeformConvSpec, profile: str, target: tvm.target.Ta
             time_checked(spec, [(weight_call, (k, t, inputs)) for k, t in zip(weight_kernels, weight)]))
 
 
+def _fastest(times) -> int:
+    """The index of the least time that is not None (a rejected candidate); of equals the first."""
+    return min((i for i, ms in enumerate(times) if ms is not None), key=lambda i: times[i])
+
+
+def refine_load_batch(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
+                      data_ms: list[float | None], measure: Callable = measure_candidates):
+    """``(data, data_ms, best)``: the data tilings and their times extended by the ``REFINED``
+    fastest ones with each of ``LOAD_BATCHES`` staging loads in flight per thread, measured in one
+    round after the fastest as it is (their reference: gradients checked against it, and the time
+    a variant must beat, both from the same round), and the index of the fastest. Measured on an
+    H200 (data kernel ms, records' tilings at 1 / 4 / 8 / 16 loads): r50 c5 fp16 0.587 / 0.555 /
+    0.604 / 0.586, TF32 0.611 / 0.544 / 0.574 / 0.518, c4 TF32 0.656 / 0.610 / 0.511 / 0.495, paper
+    N=32 TF32 1.050 / 0.994 / 0.994 / 1.007, fp16 1.024 / 1.013 / 1.022 / 1.026
+    (``tools/results/fused_backward_load_batch_h200.txt``): which wins depends on the registers
+    left (a batch can spill), so it is searched."""
+    ranked = sorted((i for i, ms in enumerate(data_ms) if ms is not None), key=lambda i: data_ms[i])[:REFINED]
+    batched = [t for t in _unique(dataclasses.replace(data[i], load_batch=b) for i in ranked for b in LOAD_BATCHES)
+               if t not in data]
+    if not batched:
+        return data, data_ms, _fastest(data_ms)
+    times, _ = measure(spec, profile, target, [data[ranked[0]], *batched], [])
+    reference, variants = times[0], times[1:]
+    better = [k for k, ms in enumerate(variants) if ms is not None and reference is not None and ms < reference]
+    best = len(data) + min(better, key=lambda k: variants[k]) if better else ranked[0]
+    return data + batched, data_ms + variants, best
+
+
 def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, device_name: str,
                         measure: Callable = measure_candidates) -> dict:
     """The record of ``spec``'s fastest data and weight tilings on ``target`` (``measure``: the
     candidates' times, ``measure_candidates`` on a GPU; None for a rejected one): the spec, the
-    profile, the device, the two tilings, and every candidate with its time (ms, or None)."""
+    profile, the device, the two tilings, and every candidate with its time (ms, or None): the
+    data space's, then the fastest ones' with more loads in flight (``refine_load_batch``)."""
     data, weight = data_space(spec), weight_space(spec)
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
-
-    def fastest(times):  # of the candidates that agree with the default; of equals the first (the default)
-        return min((i for i, ms in enumerate(times) if ms is not None), key=lambda i: times[i])
-
-    best_data, best_weight = fastest(data_ms), fastest(weight_ms)
+    data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
+    best_weight = _fastest(weight_ms)
     return {
         "spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"]),
         "data": dataclasses.asdict(data[best_data]), "weight": dataclasses.asdict(weight[best_weight]),
