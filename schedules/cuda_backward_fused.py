@@ -669,6 +669,14 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         inside = functools.reduce(tirx.And, [local[k] >= 0 for k in range(4)])
         return tirx.And(inside, scale[2] > zero) if fixed else inside
 
+    def bilinear_terms(value, point, share):
+        """A sample's derivatives along y and x and its interpolated value, from its four corners'
+        ``value``s, its point (``ly, lx`` in ``point[0:2]``) and the corners' bilinear ``share``s:
+        times column x mask, what it adds to grad_offset (y, x) and (times column) to grad_mask."""
+        return (point[1] * (value[3] - value[1]) + (one - point[1]) * (value[2] - value[0]),
+                point[0] * (value[3] - value[2]) + (one - point[0]) * (value[1] - value[0]),
+                value[0] * share[0] + value[1] * share[1] + value[2] * share[2] + value[3] * share[3])
+
     def patch_scale(scale):
         """What a contribution to the patch is multiplied by: the fixed-point scale, or 1."""
         return scale[0] if fixed else one
@@ -689,15 +697,11 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                 elif flat[k] >= 0:
                     value[k] = T.Cast(acc, input[b, c0 + j, flat[k]])
             col = columns[j]
-            d[0] = d[0] + col * point[2] * (
-                point[1] * (value[3] - value[1]) + (one - point[1]) * (value[2] - value[0]))
-            d[1] = d[1] + col * point[2] * (
-                point[0] * (value[3] - value[2]) + (one - point[0]) * (value[1] - value[0]))
+            along_y, along_x, sample = T.meta_var(bilinear_terms(value, point, share))
+            d[0] = d[0] + col * point[2] * along_y
+            d[1] = d[1] + col * point[2] * along_x
             if has_mask:
-                d[2] = d[2] + col * T.Select(
-                    point[3] > zero, zero,
-                    value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
-                    + value[3] * share[3])
+                d[2] = d[2] + col * T.Select(point[3] > zero, zero, sample)
             for k in T.unroll(4):
                 if staged:
                     if local[k] >= 0:
@@ -726,13 +730,11 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             for k in T.unroll(4):
                 value[k] = T.Cast(acc, in_patch[j * patch + local[k]])
             col = columns[j]
-            d[0] = d[0] + col * point[2] * (
-                point[1] * (value[3] - value[1]) + (one - point[1]) * (value[2] - value[0]))
-            d[1] = d[1] + col * point[2] * (
-                point[0] * (value[3] - value[2]) + (one - point[0]) * (value[1] - value[0]))
+            along_y, along_x, sample = T.meta_var(bilinear_terms(value, point, share))
+            d[0] = d[0] + col * point[2] * along_y
+            d[1] = d[1] + col * point[2] * along_x
             if has_mask:
-                d[2] = d[2] + col * (value[0] * share[0] + value[1] * share[1] + value[2] * share[2]
-                                     + value[3] * share[3])
+                d[2] = d[2] + col * sample
             for k in T.unroll(4):
                 if fixed:
                     T.evaluate(fixed_add(T.address_of(grad_patch[j * patch + local[k]]),
