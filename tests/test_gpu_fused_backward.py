@@ -104,10 +104,7 @@ def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
         dict(staged=False), dict(flush_width=4), dict(flush_width=2), dict(flush_width=1), dict(halo=16),
         dict(fixed_point=False), dict(fixed_point=False, flush_width=1))]
     for tiling in tilings:
-        module, _, _ = fused_backward_module(spec, tiling)
-        only_data = tvm.IRModule({"grad_data": module["grad_data"]})
-        kernel = compile_kernel(only_data, target_for_device("cuda"))["grad_data"]
-        results.append(_run_data(kernel, spec, tiling, args, grad_output))
+        results.append(_run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output))
     for tiling, staged in zip(tilings[1:], results[1:]):
         for flushed, unstaged in zip(staged, results[0]):
             assert_close_to_largest(flushed, unstaged, dtype if tiling.fixed_point else "float32")
@@ -130,9 +127,7 @@ def test_tap_groups_give_the_per_tap_sums(case, dtype):
         tilings.append(dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w))
     results = []
     for tiling in tilings:
-        module, _, _ = fused_backward_module(spec, tiling)
-        kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))
-        results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output))
+        results.append(_run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output))
     for grouped in results[1:]:
         for got, expected in zip(grouped, results[0]):
             assert_close_to_largest(got, expected, dtype)
@@ -146,26 +141,7 @@ def test_interior_path_gives_the_general_loops_gradients(case, dtype, extreme):
     the general loop's gradients, SIMT and tensor-core tap groups, on normal and on ``_extreme``
     offsets (NaN exactly where the general loop has NaN; float patches within float32's tolerance,
     fixed-point ones within the dtype's)."""
-    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-    args = make_case(spec, seed=27)
-    if extreme:
-        args["offset"] = _extreme(args["offset"], seed=28)
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
-    bases = [DataTiling.for_spec(spec)]
-    if dtype != "float32" and spec.kernel_w > 1:
-        bases.append(dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w))
-    for base in bases:
-        results = []
-        for tiling in (base, dataclasses.replace(base, interior_path=True)):
-            module, _, _ = fused_backward_module(spec, tiling)
-            kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))
-            results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output))
-        torch.cuda.synchronize()  # an out-of-range access fails here
-        for interior, general in zip(*reversed(results)):
-            assert torch.equal(torch.isnan(interior), torch.isnan(general))
-            assert_close_to_largest(interior.cpu().nan_to_num(), general.cpu().nan_to_num(),
-                                    dtype if base.fixed_point else "float32")
+    _assert_data_variant_agrees(case, dtype, {"interior_path": True}, seed=27, extreme=extreme)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "tf32"])
@@ -174,25 +150,37 @@ def test_batched_staging_loads_give_the_same_gradients(case, dtype):
     """Staging the patch and the weights with 5 loads per thread in flight (``load_batch``; 5 divides
     no staging, so the last round has a tail) gives one load at a time's gradients, SIMT and
     tensor-core tap groups, on extreme offsets (NaN where the other has NaN)."""
+    _assert_data_variant_agrees(case, dtype, {"load_batch": 5}, seed=29, extreme=True)
+
+
+def _assert_data_variant_agrees(case, dtype, change: dict, seed: int, extreme: bool):
+    """The default data tiling and (tensor-core dtypes, kernel rows of several taps) the tensor-core
+    tap groups, each as it is and with ``change``, on the case's inputs (seeded; ``_extreme`` offsets
+    with ``extreme``): NaN in the same places, the rest within the dtype's tolerance (float32's for
+    float patches)."""
     spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-    args = make_case(spec, seed=29)
-    args["offset"] = _extreme(args["offset"], seed=30)
+    args = make_case(spec, seed=seed)
+    if extreme:
+        args["offset"] = _extreme(args["offset"], seed=seed + 1)
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
     bases = [DataTiling.for_spec(spec)]
     if dtype != "float32" and spec.kernel_w > 1:
         bases.append(dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w))
     for base in bases:
-        results = []
-        for tiling in (base, dataclasses.replace(base, load_batch=5)):
-            module, _, _ = fused_backward_module(spec, tiling)
-            kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))
-            results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output))
+        original, changed = (_run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output)
+                             for tiling in (base, dataclasses.replace(base, **change)))
         torch.cuda.synchronize()  # an out-of-range access fails here
-        for batched, single in zip(*reversed(results)):
-            assert torch.equal(torch.isnan(batched), torch.isnan(single))
-            assert_close_to_largest(batched.cpu().nan_to_num(), single.cpu().nan_to_num(),
+        for got, expected in zip(changed, original):
+            assert torch.equal(torch.isnan(got), torch.isnan(expected))
+            assert_close_to_largest(got.cpu().nan_to_num(), expected.cpu().nan_to_num(),
                                     dtype if base.fixed_point else "float32")
+
+
+def _data_kernel(spec, tiling):
+    """The compiled grad_data of ``tiling`` for the GPU."""
+    module, _, _ = fused_backward_module(spec, tiling)
+    return compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
 
 
 def _run_data(kernel, spec, tiling, args, grad_output):
@@ -316,9 +304,7 @@ def test_fixed_point_blocks_with_non_finite_bounds_add_floats(dtype):
     assert default.fixed_point
     results = []
     for tiling in (dataclasses.replace(default, staged=False), default):
-        module, _, _ = fused_backward_module(spec, tiling)
-        kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))
-        results.append(_run_data(kernel["grad_data"], spec, tiling, args, grad_output)[0])
+        results.append(_run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output)[0])
     unstaged, fixed = results
     assert torch.equal(torch.isnan(fixed), torch.isnan(unstaged)) and torch.isnan(fixed).any()
     assert torch.equal(torch.isinf(fixed), torch.isinf(unstaged))
@@ -342,8 +328,7 @@ def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
     if spec.has_mask:
         bound = bound * args["mask"].float().abs().amax()
     bound = bound.reshape(1)
-    module, _, _ = fused_backward_module(spec, deterministic)
-    kernel = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
+    kernel = _data_kernel(spec, deterministic)
     mask = [args["mask"]] * spec.has_mask
     runs = []
     for _ in range(2):
@@ -355,9 +340,8 @@ def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
         runs.append([grad_input, grad_offset, *grad_mask])
     for first, second in zip(*runs):
         assert torch.equal(first, second)
-    module, _, _ = fused_backward_module(spec, dataclasses.replace(default, staged=False))
-    unstaged = compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
-    expected = _run_data(unstaged, spec, dataclasses.replace(default, staged=False), args, grad_output)[0]
+    unstaged = dataclasses.replace(default, staged=False)
+    expected = _run_data(_data_kernel(spec, unstaged), spec, unstaged, args, grad_output)[0]
     got = runs[0][0].double() * deterministic.fixed_point_quantum(spec, bound.item())
     assert_close_to_largest(got, expected, dtype)
 
