@@ -124,8 +124,11 @@ class DataTiling:
     staged patch takes a loop over the chunk's channels without a branch per corner, its mask x
     bilinear weights multiplied once per tap (``interior_path``; the others the general loop),
     and how many of its global loads a thread issues before it stores them to shared memory when it
-    stages the input patch and the weights (``load_batch``: 1 stores each load as it arrives, a
-    round trip to L2 per element; more overlap that many).
+    stages the input patch and the weights, and bounds the block's contributions (``load_batch``: 1
+    stores or uses each load as it arrives, a round trip to L2 per element; more overlap that many),
+    and whether the tensor-core tap groups double-buffer their weight stages (``pipelined``: each
+    stage's weights are loaded into registers while the stage before multiplies, stored to the other
+    buffer after it, one barrier per stage instead of two).
     The interior path is searched, not the default: on an H200 (data kernel ms, record's tiling
     without / with it) it gains on float16's SIMT tap groups (paper N=32 1.027 / 1.006, r50 c3
     0.789 / 0.744, c5 0.584 / 0.567) and loses on TF32 (paper 1.058 / 1.109; c3 0.813 / 0.819) and
@@ -145,6 +148,7 @@ class DataTiling:
     tap_group: int = 1
     interior_path: bool = False
     load_batch: int = 1
+    pipelined: bool = False
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -179,8 +183,8 @@ class DataTiling:
             group_sums = self.tap_group * self.chunk * self.tile_h * self.tile_w * acc if self.tap_group > 1 else 0
             return patches + self.o_step * self.tap_group * self.chunk * acc + group_sums
         n8 = -(-self.chunk // 8) * 8
-        if self.tap_group > 1:  # the group's weights and its sums parked per thread
-            return (patches + self.tap_group * n8 * (self.o_step * item + 16)
+        if self.tap_group > 1:  # the group's weights (two buffers, pipelined) and its sums parked per thread
+            return (patches + (1 + self.pipelined) * self.tap_group * n8 * (self.o_step * item + 16)
                     + self.tap_group * self.chunk * self.tile_h * self.tile_w * acc)
         taps = spec.kernel_h * spec.kernel_w if self.stages(spec) == 1 else 1
         return patches + taps * n8 * (self.o_step * item + 16) + self.tile_h * self.tile_w * (n8 + 4) * 4
@@ -272,8 +276,10 @@ class DataTiling:
 @dataclasses.dataclass(frozen=True)
 class WeightTiling:
     """Tiles of ``grad_weight_primfunc``: threads and registers per output and input channel
-    (with tensor cores: warps, and m16 / n8 ``mma`` tiles per warp), flat positions per step, and
-    splits of the (batch x positions) reduction."""
+    (with tensor cores: warps, and m16 / n8 ``mma`` tiles per warp), flat positions per step,
+    splits of the (batch x positions) reduction, and the channels whose four corners a thread of
+    the interpolation (one per position) loads before it sums and stores them (``load_batch``: 1
+    waits on each channel's corners in turn)."""
 
     o_threads: int
     o_regs: int
@@ -282,6 +288,7 @@ class WeightTiling:
     positions: int
     splits: int
     tensor_cores: bool = False
+    load_batch: int = 1
 
     @property
     def o_tile(self) -> int:
@@ -403,6 +410,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     batch = tiling.load_batch
     if batch < 1:
         raise ValueError(f"{tiling}: a thread issues at least one load per batch, got load_batch={batch}")
+    pipelined = tiling.pipelined
+    if pipelined and not (tiling.tensor_cores and tiling.tap_group > 1):
+        raise ValueError(f"{tiling}: only the tensor-core tap groups pipeline their weight stages")
     rows, cols = tiling.patch(spec)
     patch = rows * cols if staged else 1
     threads = th * tw
@@ -494,7 +504,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     w_row = o_step + 16 // DTYPE_BYTES[dtype]  # rows padded by 16 bytes: no bank conflicts
     x_row = n8 + 4
     w_taps = taps if resident else tap_group if tensor_cores else 1
-    w_shape, w_dtype = ((w_taps * n8 * w_row,), dtype) if tensor_cores else ((o_step * tap_group * chunk,), acc)
+    w_size = w_taps * n8 * w_row  # one weight stage's buffer (tensor cores); pipelined: two
+    w_shape, w_dtype = (((1 + pipelined) * w_size,), dtype) if tensor_cores else ((o_step * tap_group * chunk,), acc)
     # load_batch: loads per thread in flight per round of the weight (tensor cores or SIMT) and patch stagings
     w_per_thread = -(-(w_taps * n8 * o_step if tensor_cores else o_step * tap_group * chunk) // threads)
     w_batch = min(batch, w_per_thread)
@@ -502,6 +513,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     p_per_thread = -(-chunk * patch // threads)
     p_batch = min(batch, p_per_thread)
     p_rounds = -(-p_per_thread // p_batch)
+    o_batch, g_batch = min(batch, o_ch), min(batch, opg)  # the fixed-point bound's loops over output channels
     group_shape = (tap_group * chunk * threads if tap_group > 1 else 1,)  # [tap in group][channel][thread]
     a_shape = (2 * k_steps * a_elements,)
     b_shape = (mma.b_elements if tensor_cores else 1,)
@@ -627,6 +639,41 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         T.tvm_storage_sync("shared")
 
     @T.macro
+    def group_mma(a_frag, b_frag, c_frag, w_stage, base, lane_g, lane_t):
+        """One weight stage of the tensor-core tap groups: the warp's grad_output fragments times the
+        stage's weights from ``w_stage[base:]`` (one n8 tile per tap and 8 channels), into ``c_frag``."""
+        for ks in T.unroll(k_steps):
+            for nt in T.unroll(n_tiles):
+                for i in T.unroll(mma.b_elements):
+                    k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
+                    b_frag[i] = w_stage[base + (nt * 8 + j) * w_row + ks * mma.k + k]
+                for m in T.unroll(2):
+                    T.evaluate(T.ptx_legacy.mma(
+                        mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32",
+                        a_frag.data, (m * k_steps + ks) * a_elements, b_frag.data, 0,
+                        c_frag.data, (m * n_tiles + nt) * 4, False, dtype="float32"))
+
+    @T.macro
+    def load_weight_regs(regs, weight, group, c_in, stage, t, thread):
+        """This thread's elements of ``stage_weights``' stage, every one in flight at once, into ``regs``."""
+        for u in T.unroll(w_per_thread):
+            e = u * threads + thread
+            j = e // w_taps % n8
+            k = e // (w_taps * n8)
+            regs[u] = T.Cast(dtype, 0)
+            if e < w_taps * n8 * o_step and j < chunk and stage * o_step + k < opg:
+                regs[u] = weight[group * opg + stage * o_step + k, c_in + j, (e % w_taps + t) // kw,
+                                 (e % w_taps + t) % kw]
+
+    @T.macro
+    def store_weight_regs(regs, w_stage, base, thread):
+        """``load_weight_regs``' elements to their places in ``w_stage[base:]``."""
+        for u in T.unroll(w_per_thread):
+            e = u * threads + thread
+            if e < w_taps * n8 * o_step:
+                w_stage[base + (e % w_taps * n8 + e // w_taps % n8) * w_row + e // (w_taps * n8)] = regs[u]
+
+    @T.macro
     def group_sums_mma(group_columns, a_frag, b_frag, c_frag, w_stage, weight, grad_output, b, group, c_in, tile_y,
                        tile_x, t0, thread):
         """``group_columns[(slot * chunk + j) * threads + p]`` = grad_columns of the tile's position
@@ -638,21 +685,25 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         lane_t = thread % 4
         for q in T.unroll(2 * n_tiles * 4):
             c_frag[q] = T.float32(0)
-        for stage in range(stages):
-            load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
+        if pipelined:  # stage 0's weights in buffer 0; then per stage: the next one's loads in flight
+            stage_weights(w_stage, weight, group, c_in, 0, t0, thread)  # while this one multiplies
             T.tvm_storage_sync("shared")
-            stage_weights(w_stage, weight, group, c_in, stage, t0, thread)
-            T.tvm_storage_sync("shared")
-            for ks in T.unroll(k_steps):
-                for nt in T.unroll(n_tiles):
-                    for i in T.unroll(mma.b_elements):
-                        k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
-                        b_frag[i] = w_stage[(nt * 8 + j) * w_row + ks * mma.k + k]
-                    for m in T.unroll(2):
-                        T.evaluate(T.ptx_legacy.mma(
-                            mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32",
-                            a_frag.data, (m * k_steps + ks) * a_elements, b_frag.data, 0,
-                            c_frag.data, (m * n_tiles + nt) * 4, False, dtype="float32"))
+            next_weights = T.alloc_buffer((w_per_thread,), dtype, scope="local")
+            for stage in range(stages):
+                load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
+                if stage + 1 < stages:
+                    load_weight_regs(next_weights, weight, group, c_in, stage + 1, t0, thread)
+                group_mma(a_frag, b_frag, c_frag, w_stage, stage % 2 * w_size, lane_g, lane_t)
+                if stage + 1 < stages:
+                    store_weight_regs(next_weights, w_stage, (stage + 1) % 2 * w_size, thread)
+                T.tvm_storage_sync("shared")
+        else:
+            for stage in range(stages):
+                load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
+                T.tvm_storage_sync("shared")
+                stage_weights(w_stage, weight, group, c_in, stage, t0, thread)
+                T.tvm_storage_sync("shared")
+                group_mma(a_frag, b_frag, c_frag, w_stage, 0, lane_g, lane_t)
         for m in T.unroll(2):
             for nt in T.unroll(n_tiles):
                 for i in T.unroll(4):
@@ -788,8 +839,15 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             peak[0] = 0
             peak[1] = 0
             if valid:
-                for o in range(o_ch):
-                    peak[0] = T.max(peak[0], magnitude_bits(grad_output[b, o, oy, ox]))
+                if batch == 1:
+                    for o in range(o_ch):
+                        peak[0] = T.max(peak[0], magnitude_bits(grad_output[b, o, oy, ox]))
+                else:  # ``load_batch`` loads in flight (an unrolled round), then the tail
+                    for o0 in range(o_ch // o_batch):
+                        for u in T.unroll(o_batch):
+                            peak[0] = T.max(peak[0], magnitude_bits(grad_output[b, o0 * o_batch + u, oy, ox]))
+                    for o in range(o_ch % o_batch):
+                        peak[0] = T.max(peak[0], magnitude_bits(grad_output[b, o_ch - o_ch % o_batch + o, oy, ox]))
                 peak[1] = 0x3F800000  # the bits of 1.0
                 if has_mask:
                     peak[1] = 0
@@ -802,9 +860,18 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                 if pair < cpg // splits * taps:
                     ch = gi * cpg + split * (cpg // splits) + pair // taps
                     weights[0] = zero
-                    for o in range(opg):
-                        weights[0] = weights[0] + T.fabs(T.Cast(acc, weight[ch // ipg * opg + o, ch % ipg,
-                                                                            pair % taps // kw, pair % kw]))
+                    if batch == 1:
+                        for o in range(opg):
+                            weights[0] = weights[0] + T.fabs(T.Cast(acc, weight[ch // ipg * opg + o, ch % ipg,
+                                                                                pair % taps // kw, pair % kw]))
+                    else:
+                        for o0 in range(opg // g_batch):
+                            for u in T.unroll(g_batch):
+                                weights[0] = weights[0] + T.fabs(T.Cast(acc, weight[
+                                    ch // ipg * opg + o0 * g_batch + u, ch % ipg, pair % taps // kw, pair % kw]))
+                        for o in range(opg % g_batch):
+                            weights[0] = weights[0] + T.fabs(T.Cast(acc, weight[
+                                ch // ipg * opg + opg - opg % g_batch + o, ch % ipg, pair % taps // kw, pair % kw]))
                     T.evaluate(bits_max(T.address_of(bound[2]), magnitude_bits(weights[0])))
             T.tvm_storage_sync("shared")
             weights[0] = T.reinterpret(acc, bound[0]) * T.reinterpret(acc, bound[1]) * T.reinterpret(acc, bound[2])
@@ -1077,6 +1144,11 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     if tensor_cores:
         vector = math.gcd(16 // DTYPE_BYTES[dtype], positions, p)
     lanes = threads // p if threads % p == 0 else 0
+    if tiling.load_batch < 1:
+        raise ValueError(f"{tiling}: a thread loads at least one channel's corners per batch, got "
+                         f"load_batch={tiling.load_batch}")
+    lane_rounds = -(-c_tile // lanes) if lanes else 1  # channels per interpolating thread
+    corner_batch = min(tiling.load_batch, lane_rounds) if lanes else 1
     run_type = {2: "unsigned short", 4: "unsigned", 8: "uint2", 16: "uint4"}.get(vector * DTYPE_BYTES[dtype])
 
     def copy_run(destination, source):
@@ -1185,6 +1257,8 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         table = T.alloc_buffer((1,), "int32", scope="local")  # the offset group whose corners are loaded
         corner_index = T.alloc_buffer((4,), "int32", scope="local")
         corner_weight = T.alloc_buffer((4,), acc, scope="local")
+        corner_values = T.alloc_buffer((corner_batch * 4,), acc, scope="local")  # load_batch > 1: in flight
+        corner_weights = T.alloc_buffer((corner_batch * 4 if groups_in_tile > 1 else 1,), acc, scope="local")
         for i in T.unroll(sums_count):
             sums[i] = zero
         for i in T.unroll(o_regs):
@@ -1251,7 +1325,40 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                             grads[grads_at(e % p, e // p)] = T.Cast(stage_dtype, grad_output[q // positions, o0 + e // p,
                                                                                              q % positions])
             T.tvm_storage_sync("shared")
-            if lanes > 0:  # a thread per position: its corners read from the tables once per offset group
+            if lanes > 0 and corner_batch > 1:  # a thread per position, ``load_batch`` channels' corners in flight
+                pl = thread % p
+                table[0] = -1
+                for k in T.unroll(4):
+                    corner_weight[k] = zero
+                for i0 in range((lane_rounds + corner_batch - 1) // corner_batch):
+                    for u in T.unroll(corner_batch):
+                        ch = (i0 * corner_batch + u) * lanes + thread // p
+                        for k in T.unroll(4):
+                            corner_values[u * 4 + k] = zero
+                            if groups_in_tile > 1:  # (one offset group: the table's weights serve every channel)
+                                corner_weights[u * 4 + k] = zero
+                        if ch < c_tile and ch < c_valid:
+                            if (c0 + ch) // cpg - first_group != table[0]:
+                                table[0] = (c0 + ch) // cpg - first_group
+                                for k in T.unroll(4):
+                                    corner_index[k] = point_index[(table[0] * p + pl) * 4 + k]
+                                    corner_weight[k] = point_weight[(table[0] * p + pl) * 4 + k]
+                            for k in T.unroll(4):
+                                if groups_in_tile > 1:
+                                    corner_weights[u * 4 + k] = corner_weight[k]
+                                if corner_index[k] >= 0:
+                                    corner_values[u * 4 + k] = T.Cast(acc, input[point_batch[pl], c0 + ch,
+                                                                                 corner_index[k]])
+                    for u in T.unroll(corner_batch):
+                        ch = (i0 * corner_batch + u) * lanes + thread // p
+                        if ch < c_tile:
+                            interpolated = zero
+                            if ch < c_valid:
+                                for k in T.unroll(4):
+                                    interpolated = interpolated + corner_values[u * 4 + k] * (
+                                        corner_weights[u * 4 + k] if groups_in_tile > 1 else corner_weight[k])
+                            samples[samples_at(pl, ch)] = T.Cast(stage_dtype, interpolated)
+            elif lanes > 0:  # a thread per position: its corners read from the tables once per offset group
                 pl = thread % p
                 table[0] = -1
                 for i in range((c_tile + lanes - 1) // lanes):

@@ -350,3 +350,40 @@ def test_batched_staging_issues_its_loads_before_their_stores(tensor_cores):
     assert _compile(batched)[:4] == b"\x7fELF"
     with pytest.raises(ValueError, match="at least one load per batch, got load_batch=0"):
         grad_data_primfunc(spec, dataclasses.replace(base, load_batch=0))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "tf32"])
+def test_pipelined_tap_groups_double_buffer_their_weight_stages(dtype):
+    """``pipelined``: the tensor-core tap groups load the next weight stage into registers while one
+    multiplies and keep two stage buffers (the shared memory they claim covers both); compiled by
+    nvcc, on two stages of 32 output channels. Only the tensor-core tap groups pipeline."""
+    spec = DeformConvSpec(2, 16, 10, 13, 64, 3, 3, padding=(1, 1), dtype="float32" if dtype == "tf32" else dtype,
+                          tf32=dtype == "tf32")
+    base = dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w, o_step=32)
+    assert base.stages(spec) == 2
+    pipelined = dataclasses.replace(base, pipelined=True)
+    source = _source(spec, pipelined)
+    assert "next_weights" in source and "next_weights" not in _source(spec, base)
+    stage = base.tap_group * 8 * (base.o_step * (2 if dtype == "float16" else 4) + 16)  # bytes of one weight stage
+    assert pipelined.shared_bytes(spec) - base.shared_bytes(spec) == stage
+    assert _compile(source)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="only the tensor-core tap groups pipeline"):
+        grad_data_primfunc(spec, dataclasses.replace(DataTiling.for_spec(spec), tap_group=spec.kernel_w, pipelined=True))
+
+
+def test_weight_interpolation_loads_several_channels_corners_before_summing_them():
+    """``WeightTiling.load_batch`` > 1: the thread of a position loads that many channels' corners
+    into registers, then sums and stores them (one channel at a time stays the code it was);
+    compiled by nvcc. At least one channel per batch."""
+    spec = DeformConvSpec(2, 16, 10, 13, 64, 3, 3, padding=(1, 1), dtype="float16")  # a thread per position
+    weight = WeightTiling.for_spec(spec)
+    single, batched = (_weight_source(spec, dataclasses.replace(weight, load_batch=b)) for b in (1, 3))
+    assert "corner_values" in batched and "corner_values" not in single
+    assert _compile(batched)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="at least one channel's corners per batch, got load_batch=0"):
+        grad_weight_primfunc(spec, dataclasses.replace(weight, load_batch=0))
+
+
+def _weight_source(spec: DeformConvSpec, weight: WeightTiling) -> str:
+    module, _, _ = fused_backward_module(spec, weight=weight)
+    return compile_kernel(module, cuda_target("sm_90")).mod.imports[0].inspect_source()

@@ -15,8 +15,9 @@ from deft_tvm.runtime import backward, kernel_cache, records
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.tuning import fused_backward
-from deft_tvm.tuning.fused_backward import (LOAD_BATCHES, agree, data_space, time_checked, tune_fused_backward,
-                                            weight_space)
+from deft_tvm.schedules.cuda_mma import mma_shape
+from deft_tvm.tuning.fused_backward import (LOAD_BATCHES, WEIGHT_LOAD_BATCHES, agree, data_space, stage_variants,
+                                            time_checked, tune_fused_backward, weight_space)
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 from test_cli_errors import error_line
@@ -51,9 +52,9 @@ def _fake_measure(fastest_data: int, fastest_weight: int, data_ms: dict | None =
     """Stand-in for ``measure_candidates``: the data space's tiling ``fastest_data`` and the weight
     candidate ``fastest_weight`` take 1 ms, the tilings in ``data_ms`` their time, the others 2."""
     def measure(spec, profile, target, data, weight):
-        fast = data_space(spec)[fastest_data]
+        fast, fast_weight = data_space(spec)[fastest_data], weight_space(spec)[fastest_weight]
         return ([(data_ms or {}).get(t, 1.0 if t == fast else 2.0) for t in data],
-                [1.0 if i == fastest_weight else 2.0 for i in range(len(weight))])
+                [1.0 if t == fast_weight else 2.0 for t in weight])
 
     return measure
 
@@ -65,8 +66,12 @@ def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     assert DataTiling(**record["data"]) == data[3] and WeightTiling(**record["weight"]) == weight[2]
     tried = [DataTiling(**t) for t, _ in record["data_ms"]]
     assert tried[:len(data)] == data  # then the 3 fastest (data[3], and of equals the first) with more loads
-    assert tried[len(data):] == [dataclasses.replace(data[i], load_batch=b) for i in (3, 0, 1) for b in LOAD_BATCHES]
-    assert [ms for _, ms in record["weight_ms"]] == [2.0, 2.0, 1.0] + [2.0] * (len(weight) - 3)
+    batched = [dataclasses.replace(data[i], load_batch=b) for i in (3, 0, 1) for b in LOAD_BATCHES]
+    assert data[3].o_step == 64 and not data[3].tensor_cores  # then the fastest with half its weight stages
+    assert tried[len(data):] == batched + [dataclasses.replace(data[3], o_step=32)]
+    assert [ms for _, ms in record["weight_ms"]][:len(weight)] == [2.0, 2.0, 1.0] + [2.0] * (len(weight) - 3)
+    assert [WeightTiling(**t) for t, _ in record["weight_ms"]][len(weight):] == [
+        dataclasses.replace(weight[i], load_batch=b) for i in (2, 0, 1) for b in WEIGHT_LOAD_BATCHES]
     assert (record["profile"], record["device"], record["target"]) == ("normal_2px", "a GPU", "sm_90")
     ties = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=lambda *a: ([1.0] * len(data),
                                                                                        [1.0] * len(weight)))
@@ -95,10 +100,59 @@ def test_more_loads_in_flight_must_beat_their_reference_in_the_same_round():
     batched = dataclasses.replace(data[2], load_batch=8)
     record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(2, 0, {batched: 0.9}))
     assert DataTiling(**record["data"]) == batched
-    rounds = iter([[1.0] * len(data), [0.8] + [0.9] * 3 * len(LOAD_BATCHES)])  # the reference 0.8 re-measured
-    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU",
-                                 measure=lambda spec, profile, target, d, w: (next(rounds), [1.0] * len(w)))
+    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
     assert DataTiling(**slower["data"]) == data[0]
+
+
+def _rounds_of_a_faster_reference(space):
+    """Stand-in for ``measure_candidates``: every candidate of ``space`` 1 ms, then in each round of
+    refinement the reference 0.8 ms (re-measured) and its variants 0.9 (faster than its first time)."""
+    def measure(spec, profile, target, data, weight):
+        if data == space:
+            return [1.0] * len(data), [1.0] * len(weight)
+        times = [0.8] + [0.9] * (len(data or weight) - 1)
+        return (times, []) if data else ([], times)
+
+    return measure
+
+
+def test_other_weight_stages_of_the_fastest_data_tiling_must_beat_it_in_the_same_round():
+    spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
+    data = data_space(spec)
+    group = next(i for i, t in enumerate(data) if t.tensor_cores and t.tap_group > 1 and not t.pipelined)
+    batched = dataclasses.replace(data[group], load_batch=LOAD_BATCHES[0])  # the fastest after more loads
+    half = dataclasses.replace(batched, o_step=batched.o_step // 2, pipelined=True)
+    assert half in stage_variants(spec, batched) and half not in data
+    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU",
+                                 measure=_fake_measure(group, 0, {batched: 0.95, half: 0.9}))
+    assert DataTiling(**record["data"]) == half
+    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
+    assert DataTiling(**slower["data"]) == data[0]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key())
+def test_stage_variants_halve_within_the_mma_depth_and_pipeline_only_tensor_core_tap_groups(spec):
+    mma = mma_shape(spec)
+    for tiling in data_space(spec):
+        for variant in stage_variants(spec, tiling):
+            assert variant.shared_bytes(spec) <= SHARED_BYTES
+            assert variant.o_step in (tiling.o_step, tiling.o_step // 2)
+            if variant.tensor_cores:
+                assert variant.o_step % mma.k == 0
+            if variant.pipelined != tiling.pipelined:
+                assert variant.tensor_cores and variant.tap_group > 1
+
+
+def test_the_stage_variants_of_a_records_tilings_build():
+    """The schedule accepts the stage variants of r50 c5's tensor-core tap groups (half stages,
+    double-buffered) in TF32 and float16."""
+    for dtype, tf32 in (("float32", True), ("float16", False)):
+        spec = get_workload("r50dcn_c5", dtype, tf32=tf32).spec
+        group = next(t for t in data_space(spec) if t.tensor_cores and t.tap_group > 1 and not t.pipelined)
+        variants = stage_variants(spec, dataclasses.replace(group, load_batch=4))
+        assert any(t.pipelined and t.o_step < group.o_step for t in variants)
+        for variant in variants:
+            fused_backward_module(spec, variant)
 
 
 def test_candidates_are_timed_only_where_their_gradients_are_the_defaults(monkeypatch):

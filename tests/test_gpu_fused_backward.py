@@ -19,6 +19,7 @@ from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.reference.tolerances import assert_close, assert_close_to_largest
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, fused_backward_module
+from deft_tvm.schedules.cuda_mma import mma_shape
 
 from helpers import grad_leaves, make_case
 from test_forward import SHAPES
@@ -183,6 +184,28 @@ def _data_kernel(spec, tiling):
     return compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipelined_weight_stages_give_the_same_gradients(case, dtype):
+    """The tensor-core tap groups with double-buffered weight stages (``pipelined``; with one and
+    with 5 staging loads in flight) give the single buffer's gradients on extreme offsets (NaN
+    where it has NaN); stages of one mma depth, several where a group has more output channels."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    args = make_case(spec, seed=31)
+    args["offset"] = _extreme(args["offset"], seed=32)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    base = dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w,
+                               o_step=mma_shape(spec).k)
+    tilings = (base, dataclasses.replace(base, pipelined=True), dataclasses.replace(base, pipelined=True, load_batch=5))
+    results = [_run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output) for tiling in tilings]
+    torch.cuda.synchronize()  # an out-of-range access fails here
+    for variant in results[1:]:
+        for got, single in zip(variant, results[0]):
+            assert torch.equal(torch.isnan(got), torch.isnan(single))
+            assert_close_to_largest(got.cpu().nan_to_num(), single.cpu().nan_to_num(), dtype)
+
+
 def _run_data(kernel, spec, tiling, args, grad_output):
     """``kernel`` (a compiled grad_data of ``tiling``) on the case: grad_input, grad_offset and
     grad_mask? (summed over the channel splits, float32)."""
@@ -288,6 +311,24 @@ def test_wider_weight_tiles_give_the_same_sums(dtype):
     for wider in results[1:]:
         for got, expected in zip(wider[-2:], results[0][-2:]):
             assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "tf32"])
+@pytest.mark.parametrize("case", ["og4_nobias", "two_weight_stages"])  # the cases with a thread per position
+def test_weight_corners_in_flight_give_the_same_sums(case, dtype):
+    """grad_weight with 3 channels' corners in flight per interpolating thread (``WeightTiling.load_batch``;
+    3 divides no channel count here: a tail) gives one channel at a time's sums exactly (the same
+    samples, the same order), on extreme offsets, with 4 offset groups per channel tile and with one."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    args = make_case(spec, seed=33)
+    args["offset"] = _extreme(args["offset"], seed=34)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    data, weight = DataTiling.for_spec(spec), WeightTiling.for_spec(spec)
+    single, batched = (_run_fused(spec, data, dataclasses.replace(weight, load_batch=b), args, grad_output)
+                       for b in (1, 3))
+    for got, expected in zip(batched[-1 - spec.has_bias:], single[-1 - spec.has_bias:]):
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and torch.equal(got.isnan(), expected.isnan())
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

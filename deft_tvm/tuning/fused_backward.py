@@ -8,8 +8,9 @@ point of its table). The two kernels are independent, so each is chosen on its o
 each kernel as the op does (with the sum of its splits' partial outputs, ``data_call``,
 ``weight_call``) on inputs whose offsets and mask follow the workload's offset profile, keeps
 only the candidates whose gradients are the default's up to the dtype's tolerance (``agree``),
-times those with CUDA events (``time_checked``), tries the fastest data tilings with more staging
-loads in flight (``refine_load_batch``), and returns the record of the fastest data and
+times those with CUDA events (``time_checked``), tries the fastest tilings with more loads in
+flight (``refine_load_batch``) and the fastest data tiling with other weight stages
+(``refine_stages``), and returns the record of the fastest data and
 weight tilings with every candidate's time (None: rejected), which ``deft-tvm tune
 --fused-backward`` writes where ``runtime.records.committed_fused_tilings`` finds it (the runtime
 then takes it over the defaults).
@@ -41,7 +42,8 @@ from deft_tvm.tuning.timing import gpu_ms
 
 HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's)
 LOAD_BATCHES = (4, 8, 16)  # loads in flight per thread (DataTiling.load_batch) tried on the fastest data tilings
-REFINED = 3  # the fastest data tilings tried with each of LOAD_BATCHES
+WEIGHT_LOAD_BATCHES = (2, 4)  # channels' corners in flight per thread (WeightTiling.load_batch), fastest weight tilings
+REFINED = 3  # the fastest tilings of each kernel tried with each of its load batches
 
 
 def _unique(tilings) -> list:
@@ -58,7 +60,8 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     float patches where the default has fixed-point ones, no patches (every corner through global
     memory: faster on r50 c5, whose blocks take few chunks), and the SIMT sums of a kernel row's or
     of every tap in one pass over grad_output (``tap_group``) with the default's and half its
-    channels per chunk and output channels per weight stage; and each staged one of these with the
+    channels per chunk and output channels per weight stage; the tensor-core tap groups with their
+    weight stages double-buffered (``pipelined``); and each staged one of these with the
     branch-free loop for samples whose corners are all in the patch (``interior_path``); only
     tilings within 48 KB of shared memory."""
     default = DataTiling.for_spec(spec)
@@ -93,6 +96,7 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
             candidates += [r(default, tap_group=group, chunk=chunk, o_step=o_step)
                            for chunk in group_chunks if chunk
                            for o_step in (default.o_step, default.o_step // 2) if o_step and opg % o_step == 0]
+    candidates += [r(t, pipelined=True) for t in candidates if t.tensor_cores and t.tap_group > 1]
     candidates += [r(t, interior_path=True) for t in candidates if t.staged]
     return _unique(t for t in candidates if t.shared_bytes(spec) <= SHARED_BYTES)
 
@@ -226,32 +230,68 @@ def measure_candidates(spec: DeformConvSpec, profile: str, target: tvm.target.Ta
             time_checked(spec, [(weight_call, (k, t, inputs)) for k, t in zip(weight_kernels, weight)]))
 
 
-def _fastest(times) -> int:
-    """The index of the least time that is not None (a rejected candidate); of equals the first."""
-    return min((i for i, ms in enumerate(times) if ms is not None), key=lambda i: times[i])
+def _refine_round(spec: DeformConvSpec, profile: str, target: tvm.target.Target, tilings: list, times: list,
+                  reference: int, variants: list, measure: Callable, kernel: str):
+    """``(tilings, times, best)`` extended by ``variants`` (those not yet measured), measured in one
+    round after ``tilings[reference]`` as it is (their reference: gradients checked against it, and
+    the time a variant must beat, both from the same round); ``best`` the fastest variant that beats
+    it, else ``reference``."""
+    variants = [t for t in _unique(variants) if t not in tilings]
+    if not variants:
+        return tilings, times, reference
+    candidates = [tilings[reference], *variants]
+    measured = (measure(spec, profile, target, candidates, [])[0] if kernel == "data"
+                else measure(spec, profile, target, [], candidates)[1])
+    again, variant_ms = measured[0], measured[1:]
+    better = [k for k, ms in enumerate(variant_ms) if ms is not None and again is not None and ms < again]
+    best = len(tilings) + min(better, key=lambda k: variant_ms[k]) if better else reference
+    return tilings + variants, times + variant_ms, best
 
 
-def refine_load_batch(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
-                      data_ms: list[float | None], measure: Callable = measure_candidates):
-    """``(data, data_ms, best)``: the data tilings and their times extended by the ``REFINED``
-    fastest ones with each of ``LOAD_BATCHES`` staging loads in flight per thread, measured in one
-    round after the fastest as it is (their reference: gradients checked against it, and the time
-    a variant must beat, both from the same round), and the index of the fastest. Measured on an
-    H200 (data kernel ms, records' tilings at 1 / 4 / 8 / 16 loads): r50 c5 fp16 0.587 / 0.555 /
-    0.604 / 0.586, TF32 0.611 / 0.544 / 0.574 / 0.518, c4 TF32 0.656 / 0.610 / 0.511 / 0.495, paper
-    N=32 TF32 1.050 / 0.994 / 0.994 / 1.007, fp16 1.024 / 1.013 / 1.022 / 1.026
-    (``tools/results/fused_backward_load_batch_h200.txt``): which wins depends on the registers
-    left (a batch can spill), so it is searched."""
+def refine_load_batch(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list,
+                      data_ms: list[float | None], measure: Callable = measure_candidates, kernel: str = "data"):
+    """``(tilings, times, best)``: the ``kernel``'s tilings ("data" or "weight") and their times
+    extended by the ``REFINED`` fastest ones with each of ``LOAD_BATCHES`` staging loads in flight
+    per thread (weight: ``WEIGHT_LOAD_BATCHES`` channels' corners), measured in one round after the
+    fastest (``_refine_round``), and the index of the fastest. Measured on an H200 (data kernel ms,
+    records' tilings at 1 / 4 / 8 / 16 loads): r50 c5 fp16 0.587 / 0.555 / 0.604 / 0.586, TF32
+    0.611 / 0.544 / 0.574 / 0.518, c4 TF32 0.656 / 0.610 / 0.511 / 0.495, paper N=32 TF32 1.050 /
+    0.994 / 0.994 / 1.007, fp16 1.024 / 1.013 / 1.022 / 1.026
+    (``tools/results/fused_backward_load_batch_h200.txt``); weight kernel ms at 1 / 2 / 4 corners:
+    r50 c4 fp16 0.393 / 0.227 / 0.228, c5 fp16 0.352 / 0.345 / 0.364, paper N=32 TF32 0.515 /
+    0.495 / 0.494 (``tools/results/fused_backward_stages_h200.txt``): which wins depends on the
+    registers left (a batch can spill), so it is searched."""
     ranked = sorted((i for i, ms in enumerate(data_ms) if ms is not None), key=lambda i: data_ms[i])[:REFINED]
-    batched = [t for t in _unique(dataclasses.replace(data[i], load_batch=b) for i in ranked for b in LOAD_BATCHES)
-               if t not in data]
-    if not batched:
-        return data, data_ms, _fastest(data_ms)
-    times, _ = measure(spec, profile, target, [data[ranked[0]], *batched], [])
-    reference, variants = times[0], times[1:]
-    better = [k for k, ms in enumerate(variants) if ms is not None and reference is not None and ms < reference]
-    best = len(data) + min(better, key=lambda k: variants[k]) if better else ranked[0]
-    return data + batched, data_ms + variants, best
+    batches = LOAD_BATCHES if kernel == "data" else WEIGHT_LOAD_BATCHES
+    batched = [dataclasses.replace(data[i], load_batch=b) for i in ranked for b in batches]
+    return _refine_round(spec, profile, target, data, data_ms, ranked[0], batched, measure, kernel)
+
+
+def refine_stages(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
+                  data_ms: list[float | None], best: int, measure: Callable = measure_candidates):
+    """``(tilings, times, best)``: the data tilings extended by ``data[best]``'s ``stage_variants``,
+    measured in one round after it (``_refine_round``). The space holds half stages and the double
+    buffer on its own tilings at one load in flight; with the staging loads batched the balance
+    moves (an H200, data kernel ms, record's tiling / half stages / half and double-buffered: r50 c5
+    fp16 0.555 / 0.511 / 0.529, c4 fp16 0.649 / 0.600 / 0.618, c5 TF32 0.513 / 0.514 / 0.474;
+    ``tools/results/fused_backward_stages_h200.txt``)."""
+    return _refine_round(spec, profile, target, data, data_ms, best, stage_variants(spec, data[best]), measure,
+                         "data")
+
+
+def stage_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]:
+    """``tiling`` with weight stages of half its output channels (where they stay a multiple of the
+    mma depth) and, for tensor-core tap groups, with its weight stages double-buffered or not and
+    both; only those within 48 KB of shared memory."""
+    r = dataclasses.replace
+    half = tiling.o_step // 2
+    stages = [tiling]
+    if tiling.o_step % 2 == 0 and not (tiling.tensor_cores and half % mma_shape(spec).k):
+        stages.append(r(tiling, o_step=half))
+    variants = stages[1:]
+    if tiling.tensor_cores and tiling.tap_group > 1:
+        variants += [r(t, pipelined=not tiling.pipelined) for t in stages]
+    return [t for t in variants if t.shared_bytes(spec) <= SHARED_BYTES]
 
 
 def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, device_name: str,
@@ -259,11 +299,13 @@ def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.T
     """The record of ``spec``'s fastest data and weight tilings on ``target`` (``measure``: the
     candidates' times, ``measure_candidates`` on a GPU; None for a rejected one): the spec, the
     profile, the device, the two tilings, and every candidate with its time (ms, or None): the
-    data space's, then the fastest ones' with more loads in flight (``refine_load_batch``)."""
+    two spaces', then the fastest ones' with more loads in flight (``refine_load_batch``), then the
+    fastest data tiling's with other weight stages (``refine_stages``)."""
     data, weight = data_space(spec), weight_space(spec)
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
     data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
-    best_weight = _fastest(weight_ms)
+    data, data_ms, best_data = refine_stages(spec, profile, target, data, data_ms, best_data, measure)
+    weight, weight_ms, best_weight = refine_load_batch(spec, profile, target, weight, weight_ms, measure, "weight")
     return {
         "spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"]),
         "data": dataclasses.asdict(data[best_data]), "weight": dataclasses.asdict(weight[best_weight]),
