@@ -541,6 +541,27 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         a_frag[(m * k_steps + ks) * a_elements + i] = grad_output[b, group * opg + o, ay, ax]
 
     @T.macro
+    def load_weight_regs(regs, count, first, weight, group, c_in, stage, t, thread):
+        """This thread's ``count`` elements of ``stage_weights``' stage from its element ``first`` on
+        (element ``i`` at ``i * threads + thread``), every one in flight at once, into ``regs``."""
+        for u in T.unroll(count):
+            e = (first + u) * threads + thread
+            j = e // w_taps % n8
+            k = e // (w_taps * n8)
+            regs[u] = T.Cast(dtype, 0)
+            if e < w_taps * n8 * o_step and j < chunk and stage * o_step + k < opg:
+                regs[u] = weight[group * opg + stage * o_step + k, c_in + j, (e % w_taps + t) // kw,
+                                 (e % w_taps + t) % kw]
+
+    @T.macro
+    def store_weight_regs(regs, count, first, w_stage, base, thread):
+        """``load_weight_regs``' elements to their places in ``w_stage[base:]``."""
+        for u in T.unroll(count):
+            e = (first + u) * threads + thread
+            if e < w_taps * n8 * o_step:
+                w_stage[base + (e % w_taps * n8 + e // w_taps % n8) * w_row + e // (w_taps * n8)] = regs[u]
+
+    @T.macro
     def stage_weights(w_stage, weight, group, c_in, stage, t, thread):
         """Weights of the chunk's channels (from ``c_in`` in the group) x the stage's output channels,
         of every tap (one weight stage) or of tap ``t``, into ``w_stage [tap][channel][output channel]``
@@ -560,18 +581,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         else:
             loaded = T.alloc_buffer((w_batch,), dtype, scope="local")
             for i0 in range(w_rounds):
-                for u in T.unroll(w_batch):
-                    e = (i0 * w_batch + u) * threads + thread
-                    j = e // w_taps % n8
-                    k = e // (w_taps * n8)
-                    loaded[u] = T.Cast(dtype, 0)
-                    if e < w_taps * n8 * o_step and j < chunk and stage * o_step + k < opg:
-                        loaded[u] = weight[group * opg + stage * o_step + k, c_in + j, (e % w_taps + t) // kw,
-                                           (e % w_taps + t) % kw]
-                for u in T.unroll(w_batch):
-                    e = (i0 * w_batch + u) * threads + thread
-                    if e < w_taps * n8 * o_step:
-                        w_stage[(e % w_taps * n8 + e // w_taps % n8) * w_row + e // (w_taps * n8)] = loaded[u]
+                load_weight_regs(loaded, w_batch, i0 * w_batch, weight, group, c_in, stage, t, thread)
+                store_weight_regs(loaded, w_batch, i0 * w_batch, w_stage, 0, thread)
 
     @T.macro
     def tap_columns(columns, a_frag, b_frag, c_frag, w_stage, exchange, weight, grad_output, b, group, c_in, tile_y,
@@ -654,26 +665,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         c_frag.data, (m * n_tiles + nt) * 4, False, dtype="float32"))
 
     @T.macro
-    def load_weight_regs(regs, weight, group, c_in, stage, t, thread):
-        """This thread's elements of ``stage_weights``' stage, every one in flight at once, into ``regs``."""
-        for u in T.unroll(w_per_thread):
-            e = u * threads + thread
-            j = e // w_taps % n8
-            k = e // (w_taps * n8)
-            regs[u] = T.Cast(dtype, 0)
-            if e < w_taps * n8 * o_step and j < chunk and stage * o_step + k < opg:
-                regs[u] = weight[group * opg + stage * o_step + k, c_in + j, (e % w_taps + t) // kw,
-                                 (e % w_taps + t) % kw]
-
-    @T.macro
-    def store_weight_regs(regs, w_stage, base, thread):
-        """``load_weight_regs``' elements to their places in ``w_stage[base:]``."""
-        for u in T.unroll(w_per_thread):
-            e = u * threads + thread
-            if e < w_taps * n8 * o_step:
-                w_stage[base + (e % w_taps * n8 + e // w_taps % n8) * w_row + e // (w_taps * n8)] = regs[u]
-
-    @T.macro
     def group_sums_mma(group_columns, a_frag, b_frag, c_frag, w_stage, weight, grad_output, b, group, c_in, tile_y,
                        tile_x, t0, thread):
         """``group_columns[(slot * chunk + j) * threads + p]`` = grad_columns of the tile's position
@@ -692,10 +683,10 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             for stage in range(stages):
                 load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
                 if stage + 1 < stages:
-                    load_weight_regs(next_weights, weight, group, c_in, stage + 1, t0, thread)
+                    load_weight_regs(next_weights, w_per_thread, 0, weight, group, c_in, stage + 1, t0, thread)
                 group_mma(a_frag, b_frag, c_frag, w_stage, stage % 2 * w_size, lane_g, lane_t)
                 if stage + 1 < stages:
-                    store_weight_regs(next_weights, w_stage, (stage + 1) % 2 * w_size, thread)
+                    store_weight_regs(next_weights, w_per_thread, 0, w_stage, (stage + 1) % 2 * w_size, thread)
                 T.tvm_storage_sync("shared")
         else:
             for stage in range(stages):
@@ -1232,6 +1223,17 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                         bias_part[split, o0 + ty * o_regs + i] = bias_sums[i]
 
     @T.macro
+    def corner_table(table, corner_index, corner_weight, point_index, point_weight, group, pl):
+        """Position ``pl``'s four corners (table index, bilinear x mask weight) in the tile's offset
+        group ``group`` into ``corner_index`` / ``corner_weight``, read from the shared tables only
+        when ``group`` is not the one ``table[0]`` says they hold."""
+        if group != table[0]:
+            table[0] = group
+            for k in T.unroll(4):
+                corner_index[k] = point_index[(table[0] * p + pl) * 4 + k]
+                corner_weight[k] = point_weight[(table[0] * p + pl) * 4 + k]
+
+    @T.macro
     def body(block, thread, input, offset, mask, grad_output, weight_part, bias_part):
         split = block % splits
         ct = block // splits % c_tiles
@@ -1338,11 +1340,8 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                             if groups_in_tile > 1:  # (one offset group: the table's weights serve every channel)
                                 corner_weights[u * 4 + k] = zero
                         if ch < c_tile and ch < c_valid:
-                            if (c0 + ch) // cpg - first_group != table[0]:
-                                table[0] = (c0 + ch) // cpg - first_group
-                                for k in T.unroll(4):
-                                    corner_index[k] = point_index[(table[0] * p + pl) * 4 + k]
-                                    corner_weight[k] = point_weight[(table[0] * p + pl) * 4 + k]
+                            corner_table(table, corner_index, corner_weight, point_index, point_weight,
+                                         (c0 + ch) // cpg - first_group, pl)
                             for k in T.unroll(4):
                                 if groups_in_tile > 1:
                                     corner_weights[u * 4 + k] = corner_weight[k]
@@ -1366,11 +1365,8 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                     if ch < c_tile:
                         interpolated = zero
                         if ch < c_valid:
-                            if (c0 + ch) // cpg - first_group != table[0]:
-                                table[0] = (c0 + ch) // cpg - first_group
-                                for k in T.unroll(4):
-                                    corner_index[k] = point_index[(table[0] * p + pl) * 4 + k]
-                                    corner_weight[k] = point_weight[(table[0] * p + pl) * 4 + k]
+                            corner_table(table, corner_index, corner_weight, point_index, point_weight,
+                                         (c0 + ch) // cpg - first_group, pl)
                             for k in T.unroll(4):
                                 corner = zero
                                 if corner_index[k] >= 0:
