@@ -48,6 +48,18 @@ def _extreme(offset: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.where(torch.rand(offset.shape, generator=gen) < 0.002, math.nan, offset)
 
 
+def _gpu_case(case: str, dtype: str, seed: int, extreme: bool = False):
+    """``(spec, args, grad_output)`` of ``CASES[case]`` in ``dtype`` ("tf32": float32 with TF32 on):
+    the case's tensors (seeded; ``_extreme`` offsets with ``extreme``) and a random grad_output of
+    its dtype, on the GPU."""
+    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    args = make_case(spec, seed=seed)
+    if extreme:
+        args["offset"] = _extreme(args["offset"], seed=seed + 1)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    return spec, args, torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+
+
 def _check_extreme_offsets(case: str, dtype: str) -> None:
     """The op's gradients on ``_extreme`` offsets are the float64 reference's (NaN exactly where it has
     NaN); ``dtype`` "tf32" is float32 with TF32 on."""
@@ -95,9 +107,7 @@ def test_staged_and_unstaged_data_kernels_agree(case, dtype, tensor_cores):
     of 37, 70 and 13 px: groups across row ends) and with a 16 px halo (dynamic shared memory past
     48 KB where the chunk has 4 or more channels) add up to the unstaged kernel's gradients: float
     patches within float32's tolerance, fixed-point ones (float16's default) within the dtype's."""
-    spec = dataclasses.replace(CASES[case], dtype=dtype)
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=23).items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    spec, args, grad_output = _gpu_case(case, dtype, seed=23)
     results = []
     default = DataTiling.for_spec(spec, tensor_cores=tensor_cores)
     assert default.fixed_point == (dtype == "float16")
@@ -118,9 +128,7 @@ def test_tap_groups_give_the_per_tap_sums(case, dtype):
     (``tap_group``; every tap's sums in dynamic shared memory where they pass 48 KB), and the
     tensor-core ones of a kernel row's taps per ``mma.sync`` pass (float16, TF32), give the per-tap
     SIMT kernel's gradients."""
-    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=26).items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    spec, args, grad_output = _gpu_case(case, dtype, seed=26)
     default = DataTiling.for_spec(spec)
     taps = spec.kernel_h * spec.kernel_w
     tilings = [default] + [dataclasses.replace(default, tap_group=g) for g in dict.fromkeys((spec.kernel_w, taps))]
@@ -159,12 +167,7 @@ def _assert_data_variant_agrees(case, dtype, change: dict, seed: int, extreme: b
     tap groups, each as it is and with ``change``, on the case's inputs (seeded; ``_extreme`` offsets
     with ``extreme``): NaN in the same places, the rest within the dtype's tolerance (float32's for
     float patches)."""
-    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-    args = make_case(spec, seed=seed)
-    if extreme:
-        args["offset"] = _extreme(args["offset"], seed=seed + 1)
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    spec, args, grad_output = _gpu_case(case, dtype, seed, extreme)
     bases = [DataTiling.for_spec(spec)]
     if dtype != "float32" and spec.kernel_w > 1:
         bases.append(dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w))
@@ -190,11 +193,7 @@ def test_pipelined_weight_stages_give_the_same_gradients(case, dtype):
     """The tensor-core tap groups with double-buffered weight stages (``pipelined``; with one and
     with 5 staging loads in flight) give the single buffer's gradients on extreme offsets (NaN
     where it has NaN); stages of one mma depth, several where a group has more output channels."""
-    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-    args = make_case(spec, seed=31)
-    args["offset"] = _extreme(args["offset"], seed=32)
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    spec, args, grad_output = _gpu_case(case, dtype, seed=31, extreme=True)
     base = dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w,
                                o_step=mma_shape(spec).k)
     tilings = (base, dataclasses.replace(base, pipelined=True), dataclasses.replace(base, pipelined=True, load_batch=5))
@@ -240,9 +239,7 @@ def _run_fused(spec, data, weight, args, grad_output):
 def test_tensor_core_and_simt_kernels_agree(case, dtype):
     """The mma.sync grad_columns and grad_weight (channels padded to whole mma tiles) give the SIMT
     kernels' sums up to the operands' rounding (float16 / bfloat16 samples, TF32 truncation)."""
-    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=24).items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    spec, args, grad_output = _gpu_case(case, dtype, seed=24)
     data, weight = DataTiling.for_spec(spec, tensor_cores=True), WeightTiling.for_spec(spec)
     assert weight.tensor_cores
     simt = dataclasses.replace(spec, tf32=False)
@@ -319,11 +316,7 @@ def test_weight_corners_in_flight_give_the_same_sums(case, dtype):
     """grad_weight with 3 channels' corners in flight per interpolating thread (``WeightTiling.load_batch``;
     3 divides no channel count here: a tail) gives one channel at a time's sums exactly (the same
     samples, the same order), on extreme offsets, with 4 offset groups per channel tile and with one."""
-    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-    args = make_case(spec, seed=33)
-    args["offset"] = _extreme(args["offset"], seed=34)
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    spec, args, grad_output = _gpu_case(case, dtype, seed=33, extreme=True)
     data, weight = DataTiling.for_spec(spec), WeightTiling.for_spec(spec)
     single, batched = (_run_fused(spec, data, dataclasses.replace(weight, load_batch=b), args, grad_output)
                        for b in (1, 3))
@@ -359,9 +352,7 @@ def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
     """Deterministic grad_input (int64 fixed point at the quantum of a bound on |column x mask|):
     two runs give the same bits, and the sums times the quantum are the float kernel's up to the
     dtype's tolerance."""
-    spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=27).items()}
-    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    spec, args, grad_output = _gpu_case(case, dtype, seed=27)
     default = DataTiling.for_spec(spec)
     deterministic = dataclasses.replace(default, deterministic=True)
     n, c, h, w = spec.input_shape
