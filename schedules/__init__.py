@@ -23,6 +23,7 @@ from .cuda_tensorcore import (
     schedule_cuda_tensorcore,
     seed_tensorcore_schedule,
     supports_tensor_cores,
+    tensorcore_refinements,
 )
 
 
@@ -36,6 +37,10 @@ def _any_spec(spec) -> bool:
     return True
 
 
+def _no_refinements(mod, spec, trace) -> dict:
+    return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class ScheduleFamily:
     """One schedule structure and the kernels it applies to.
@@ -43,7 +48,9 @@ class ScheduleFamily:
     ``applies(spec)`` narrows (``target_kind``, ``part``) further; ``default(mod, spec)`` schedules
     the unscheduled ``kernel_primfunc(spec, part)`` with fixed tiles; ``space(spec)`` is its DefT
     design space (a function scheduling a ``Schedule`` in place with sampled tiles);
-    ``search_start(mod, spec)`` is the default expressed as decisions of that space.
+    ``search_start(mod, spec)`` is the default expressed as decisions of that space;
+    ``refinements(mod, spec, trace)`` gives ``{label: schedule}``, points of the space near a tuning
+    record's trace that its search does not reach by mutating tile sizes (measured after it).
     """
 
     name: str
@@ -53,6 +60,7 @@ class ScheduleFamily:
     default: Callable
     space: Callable
     search_start: Callable
+    refinements: Callable = _no_refinements
 
 
 # The first family that applies to a kernel is its family (tensor cores before SIMT).
@@ -61,7 +69,7 @@ FAMILIES = (
     ScheduleFamily("cpu_backward", "llvm", "backward", _any_spec, schedule_backward_cpu, backward_cpu_space,
                    seed_backward_cpu_schedule),
     ScheduleFamily("cuda_tensorcore", "cuda", "forward", _takes_tensor_cores, schedule_cuda_tensorcore,
-                   deft_cuda_tensorcore_space, seed_tensorcore_schedule),
+                   deft_cuda_tensorcore_space, seed_tensorcore_schedule, tensorcore_refinements),
     ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule),
     ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
                    seed_backward_cuda_schedule),
@@ -113,6 +121,12 @@ def search_start(spec, target, part: str = "forward") -> s_tir.Schedule:
     it lies in the space) as decisions of the space's sampling instructions, so that the search
     can mutate it."""
     return schedule_family(spec, target, part).search_start(kernel_primfunc(spec, part), spec)
+
+
+def refinements(spec, target, trace, part: str = "forward") -> dict:
+    """``{label: schedule}`` of ``kernel_primfunc(spec, part)``: the points of ``design_space`` near
+    ``trace`` (a tuning record's) that ``spec``'s family measures after its search (none for most)."""
+    return schedule_family(spec, target, part).refinements(kernel_primfunc(spec, part), spec, trace)
 
 
 def design_space(spec, target, part: str = "forward"):

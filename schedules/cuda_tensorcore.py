@@ -28,7 +28,8 @@ import dataclasses
 
 from tvm import s_tir
 
-from deft_tvm.compute.forward import STAGE_CONV, STAGE_CORNER, STAGE_OUTPUT, STAGE_SAMPLED, STAGE_WEIGHT
+from deft_tvm.compute.forward import (STAGE_CONV, STAGE_CORNER, STAGE_INDEX, STAGE_OUTPUT, STAGE_POINT_WEIGHT,
+                                     STAGE_SAMPLED, STAGE_WEIGHT)
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cuda import largest_divisor, place_sampling_point_in_registers
 
@@ -104,6 +105,7 @@ class TensorCoreTiling:
     frags_p: int
     k_frags: int
     vector: int
+    tap_points: bool = False  # the sampling points staged per tap in shared memory (_stage_sampling_points_per_tap)
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "TensorCoreTiling":
@@ -125,7 +127,23 @@ class TensorCoreTiling:
             frags_p=largest_divisor(p_frags, 4 if wide else 2),
             k_frags=largest_divisor(k_frags, DEFAULT_CHUNK // k),
             vector=_vector(spec),
+            tap_points=True,
         )
+
+    @classmethod
+    def of_trace(cls, trace, spec: DeformConvSpec) -> "TensorCoreTiling | None":
+        """The tiling a trace of ``deft_cuda_tensorcore_space`` (a tuning record) decided, or None
+        for a trace of another space. Traces from before ``tap_points`` was a decision had it off."""
+        decisions = {"SamplePerfectTile": [], "SampleCategorical": []}
+        for inst in trace.insts:
+            if inst.kind.name in decisions:
+                decisions[inst.kind.name].append(trace.decisions[inst])
+        tiles, categorical = decisions["SamplePerfectTile"], decisions["SampleCategorical"]
+        if len(tiles) != 5 or len(categorical) > 1:
+            return None
+        (_, frags_co), (_, frags_p), (_, warps_co), (_, warps_p), (_, k_frags) = (map(int, t) for t in tiles)
+        return cls(warps_co=warps_co, frags_co=frags_co, warps_p=warps_p, frags_p=frags_p, k_frags=k_frags,
+                   vector=_vector(spec), tap_points=bool(categorical and int(categorical[0])))
 
 
 def _vector(spec: DeformConvSpec) -> int:
@@ -157,6 +175,9 @@ class FixedTensorCoreTiles:
 
     def vector(self, sch):
         return self.t.vector
+
+    def tap_points(self, sch):
+        return self.t.tap_points
 
 
 class SampledTensorCoreTiles:
@@ -192,6 +213,10 @@ class SampledTensorCoreTiles:
     def vector(self, sch):
         return self.vector_width
 
+    def tap_points(self, sch):
+        decision = None if self.start is None else int(self.start.tap_points)
+        return bool(int(sch.get(sch.sample_categorical([0, 1], [0.5, 0.5], decision=decision))))
+
 
 def supports_tensor_cores(spec: DeformConvSpec) -> bool:
     """Whether the layer runs on tensor cores: float16, or float32 where TF32 is allowed
@@ -221,7 +246,21 @@ def _flat_position(sch):
     return lambda n, oy, ox: n * (out_h * out_w) + oy * out_w + ox
 
 
-def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int):
+def _stage_sampling_points_per_tap(sch, tap, flat, warps_co: int, warps_p: int) -> None:
+    """The sampling points (corner indices, weights times the mask) of the block's positions for
+    one tap, computed under ``tap`` into shared memory ``[position][corner]`` by the whole block,
+    once for all of the tap's channel chunks (which then read them from there instead of loading
+    the offsets and mask again per chunk)."""
+    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
+        block = sch.get_sblock(stage)
+        sch.transform_layout(block, ("write", 0), lambda n, g, ky, kx, oy, ox, k: (g, ky, kx, flat(n, oy, ox), k))
+        sch.transform_block_layout(block, lambda n, g, ky, kx, oy, ox, k: (g, ky, kx, flat(n, oy, ox), k))
+        sch.compute_at(block, tap, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "shared")
+        _cooperative(sch, sch.get_loops(block)[-2:], warps_co, warps_p)
+
+
+def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int, points_staged: bool = False):
     """Fill ``fill`` (the interpolated tile ``[position][channel]`` of one tap and channel chunk)
     with one thread per (position, ``vector`` consecutive channels): the sampling point's corner
     indices and weights into registers, each corner's ``vector`` channels in one contiguous read
@@ -232,17 +271,23 @@ def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: 
     channel_vec, channel = sch.split(channel, [None, vector])
     lane = _cooperative(sch, [position, channel_vec], warps_co, warps_p)
     sch.vectorize(channel)
+    if points_staged:  # a thread's gathers of the chunk all in flight at once
+        sch.unroll(sch.get_loops(store)[-4])
     sch.compute_at(fill, lane, preserve_unit_loops=True)
     sch.unroll(sch.get_loops(fill)[-1])
     corner = sch.get_sblock(STAGE_CORNER)
     sch.compute_at(corner, lane, preserve_unit_loops=True)
     sch.set_scope(corner, 0, "local")
     sch.transform_layout(corner, ("write", 0), lambda n, c, ky, kx, oy, ox, k: (n, ky, kx, oy, ox, k, c))
-    corner_c, corner_k = sch.get_loops(corner)[-6], sch.get_loops(corner)[-1]
-    sch.reorder(corner_k, corner_c)
+    if points_staged:  # the corner block iterates over (tap, flat position, corner, channel)
+        corner_k, corner_c = sch.get_loops(corner)[-2:]
+    else:
+        corner_c, corner_k = sch.get_loops(corner)[-6], sch.get_loops(corner)[-1]
+        sch.reorder(corner_k, corner_c)
     sch.unroll(corner_k)
     sch.vectorize(corner_c)
-    place_sampling_point_in_registers(sch, lane)
+    if not points_staged:
+        place_sampling_point_in_registers(sch, lane)
     return store
 
 
@@ -258,6 +303,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     ops = operands(str(sch.get(output).writes[0].source.dtype))
     flat = _flat_position(sch)
     sch.compute_inline(sch.get_sblock(STAGE_WEIGHT))
+    tap_points = tiles.tap_points(sch)
 
     # A GEMM over flat positions (batch, rows and columns fused): [out_channel] x [position]
     # reduced over (tap, channel): the sampled tile is [tap][position][channel] (position-major,
@@ -267,6 +313,9 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     sch.transform_layout(conv, ("write", 0), lambda n, co, oy, ox: (co, flat(n, oy, ox)))
     sch.transform_block_layout(conv, lambda n, co, oy, ox, rc, ky, kx: (co, flat(n, oy, ox), ky, kx, rc))
     sch.transform_block_layout(output, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
+    if tap_points:  # corner reads then index the staged points by flat position, a tight region
+        sch.transform_block_layout(sch.get_sblock(STAGE_CORNER),
+                                   lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c))
     positions = int(sch.get(sch.get_loops(conv)[1]).extent)
     if positions % FRAGMENT:
         # Positions padded to whole fragments: the padding samples zeros (its sampling points are
@@ -331,7 +380,10 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     # The interpolated float16 tile of one tap and channel chunk, into shared memory.
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
     sch.compute_inline(sampled)
-    sampled_store = _gather_channels_vectorised(sch, sampled_shared, tiles.vector(sch), warps_co, warps_p)
+    sampled_store = _gather_channels_vectorised(sch, sampled_shared, tiles.vector(sch), warps_co, warps_p,
+                                                tap_points)
+    if tap_points:
+        _stage_sampling_points_per_tap(sch, kx, flat, warps_co, warps_p)
 
     # The chunk's weights of the tap, into shared memory.
     sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
@@ -373,8 +425,32 @@ def schedule_cuda_tensorcore(mod, spec: DeformConvSpec, tiling: TensorCoreTiling
 def seed_tensorcore_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """The default tiling as a point of ``deft_cuda_tensorcore_space`` (sampling instructions
     decided as ``TensorCoreTiling.for_spec``), for the search to start from."""
+    return _at(mod, spec, TensorCoreTiling.for_spec(spec))
+
+
+def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
+    """Points of ``deft_cuda_tensorcore_space`` near a tuning record (``trace``) that its search,
+    whose mutators change tile sizes only, does not reach from it: the record's tiling with the
+    sampling points staged per tap, that with twice the channel chunk (where the space has it),
+    and the default tiling; ``{label: schedule}`` (empty for a trace of another space)."""
+    tiling = TensorCoreTiling.of_trace(trace, spec)
+    if tiling is None:
+        return {}
+    staged = dataclasses.replace(tiling, tap_points=True)
+    candidates = {"tap points": staged, "default": TensorCoreTiling.for_spec(spec)}
+    chunk = 2 * tiling.k_frags
+    if chunk <= MAX_K_FRAGS and (spec.in_channels // spec.groups // _k_fragment(spec)) % chunk == 0:
+        candidates["tap points, 2x chunk"] = dataclasses.replace(staged, k_frags=chunk)
+    chosen = {}
+    for label, candidate in candidates.items():
+        if candidate != tiling and candidate not in chosen.values():
+            chosen[label] = candidate
+    return {label: _at(mod, spec, t) for label, t in chosen.items()}
+
+
+def _at(mod, spec: DeformConvSpec, tiling: TensorCoreTiling) -> s_tir.Schedule:
     sch = s_tir.Schedule(mod)
-    apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec, start=TensorCoreTiling.for_spec(spec)))
+    apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec, start=tiling))
     return sch
 
 

@@ -126,7 +126,7 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     when no candidate ran."""
     from deft_tvm.runtime.library import KernelEntry
     from deft_tvm.runtime.records import best_schedule, database_dir, target_tag
-    from deft_tvm.tuning.search import tune
+    from deft_tvm.tuning.search import best_time, refine, tune
 
     tag = target_tag(target)
     spec = _part_spec(workload, target, part)
@@ -135,12 +135,16 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     print(f"tune     {label} on {tag}: {kernel_key(spec, part)} (offsets: {workload.profile}) -> {directory}")
     result = tune(spec, workload.profile, target, directory, args.trials,
                   trials_per_round=args.trials_per_round, seed=args.seed, part=part)
+    for label, seconds in refine([(spec, workload.profile, directory)], target, part).get(directory, {}).items():
+        measured = f"{seconds * 1e3:.4f} ms" if seconds is not None else "failed to build or run"
+        print(f"refine   {label}: {measured}")
     _, sch = best_schedule(directory, target)
     if sch is None:
         print(f"error    no successful candidate for {label} in {result.trials} trials")
         return None
     readable = write_readable_schedule(args.schedules, tag, name, spec, sch, part)
-    best = f"{result.best_s * 1e3:.4f} ms" if result.best_s is not None else "n/a"
+    best_s = best_time(directory)  # refinements included
+    best = f"{best_s * 1e3:.4f} ms" if best_s is not None else "n/a"
     print(f"best     {best} after {result.trials} trials ({result.new_trials} new in {result.seconds:.0f} s); "
           f"schedule: {readable}")
     return KernelEntry(spec, sch, origin=str(directory), part=part)

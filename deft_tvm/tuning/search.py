@@ -35,6 +35,7 @@ from deft_tvm.runtime.records import commit_schedule, open_database, target_tag,
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, kernel_compilation
 
 TUNING_FILE = "tuning.json"
+FAILED_SECONDS = 1e10  # the run time MetaSchedule's databases give a candidate that failed to build or run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +218,7 @@ def measured_records(directory: Path) -> list[ms.database.TuningRecord]:
     if not (Path(directory) / "database_tuning_record.json").exists():
         return []
     return [r for r in open_database(Path(directory)).get_all_tuning_records() if r.run_secs and
-            all(float(s) < 1e9 for s in r.run_secs)]
+            all(float(s) < FAILED_SECONDS / 10 for s in r.run_secs)]
 
 
 def record_count(directory: Path) -> int:
@@ -230,6 +231,51 @@ def best_time(directory: Path) -> float | None:
     """Mean run time in seconds of the fastest measured record, or None."""
     times = [_mean_seconds(r.run_secs) for r in measured_records(directory)]
     return min(times) if times else None
+
+
+def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Path, dict[str, float | None]]:
+    """Measure the ``schedules.refinements`` of the fastest record of each of ``folders`` (``(spec,
+    profile, directory)`` triples of tuning databases) and store them as records of their folder,
+    so that a faster one becomes its best. Candidates are built in parallel and run one at a time,
+    as the tuning runner runs a round (``ProfileInputs``); those a folder already holds are skipped.
+    Returns ``{directory: {label: seconds, or None where the candidate failed to build or run}}``."""
+    from deft_tvm.runtime.records import best_schedule
+    from deft_tvm.schedules import refinements, register_tensor_intrinsics
+
+    register_tensor_intrinsics(target)
+    jobs = []
+    for spec, profile, directory in folders:
+        directory = Path(directory)
+        _, best = best_schedule(directory, target)
+        if best is None:
+            continue
+        held = {str(record.trace) for record in open_database(directory).get_all_tuning_records()}
+        jobs += [(spec, profile, directory, label, sch)
+                 for label, sch in refinements(spec, target, best.trace, part).items() if str(sch.trace) not in held]
+    if not jobs:
+        return {}
+    with exact_cuda_compilation():
+        built = ms.builder.LocalBuilder(f_build=_build, timeout_sec=120).build(
+            [ms.builder.BuilderInput(sch.mod, target) for *_, sch in jobs])
+    results: dict[Path, dict[str, float | None]] = {}
+    for spec, profile, directory in folders:  # one runner per folder: its inputs follow the folder's profile
+        mine = [(label, sch, build) for (_, _, d, label, sch), build in zip(jobs, built) if d == Path(directory)]
+        if not mine:
+            continue
+        runnable = [(label, sch, build) for label, sch, build in mine if build.error_msg is None]
+        runner = ms.runner.LocalRunner(evaluator_config=_evaluator_config(target),
+                                       f_alloc_argument=ProfileInputs(spec, profile, part=part))
+        device_type = "cuda" if target.kind.name == "cuda" else "cpu"
+        futures = runner.run([ms.runner.RunnerInput(build.artifact_path, device_type,
+                                                    ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]))
+                              for _, sch, build in runnable]) if runnable else []
+        runs = {label: future.result() for (label, _, _), future in zip(runnable, futures)}
+        for label, sch, _ in mine:
+            run = runs.get(label)
+            seconds = _mean_seconds(run.run_secs) if run is not None and run.error_msg is None else None
+            commit_schedule(directory, spec, sch, target, FAILED_SECONDS if seconds is None else seconds, part)
+            results.setdefault(Path(directory), {})[label] = seconds
+    return results
 
 
 @dataclasses.dataclass
