@@ -12,7 +12,9 @@ one tap and channel chunk is computed straight into shared memory, never a globa
   bytes of channels) pair, computes the sampling point's corner indices and weights, reads each
   corner's channels in one 16-byte load, interpolates in float32 and stores the values to the
   shared tile ``[position][channel]`` in one 16-byte store; the chunk's weights are copied to a
-  shared ``[out_channel][channel]`` tile 16 bytes at a time;
+  shared ``[out_channel][channel]`` tile 16 bytes at a time; with ``tap_points`` the sampling
+  points (corner indices, weights times the mask) of the block's positions are computed once per
+  tap into shared memory and read from there by every chunk, instead of per chunk from the offsets;
 * each warp loads its operand fragments from those tiles (the sampled one column-major) and
   issues ``mma_sync``;
 * the accumulators go through shared memory (``store_matrix_sync``) to the bias + cast epilogue.
@@ -127,7 +129,6 @@ class TensorCoreTiling:
             frags_p=largest_divisor(p_frags, 4 if wide else 2),
             k_frags=largest_divisor(k_frags, DEFAULT_CHUNK // k),
             vector=_vector(spec),
-            tap_points=True,
         )
 
     @classmethod
@@ -425,7 +426,7 @@ def schedule_cuda_tensorcore(mod, spec: DeformConvSpec, tiling: TensorCoreTiling
 def seed_tensorcore_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """The default tiling as a point of ``deft_cuda_tensorcore_space`` (sampling instructions
     decided as ``TensorCoreTiling.for_spec``), for the search to start from."""
-    return _at(mod, spec, TensorCoreTiling.for_spec(spec))
+    return tensorcore_schedule_at(mod, spec, TensorCoreTiling.for_spec(spec))
 
 
 def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
@@ -445,10 +446,12 @@ def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
     for label, candidate in candidates.items():
         if candidate != tiling and candidate not in chosen.values():
             chosen[label] = candidate
-    return {label: _at(mod, spec, t) for label, t in chosen.items()}
+    return {label: tensorcore_schedule_at(mod, spec, t) for label, t in chosen.items()}
 
 
-def _at(mod, spec: DeformConvSpec, tiling: TensorCoreTiling) -> s_tir.Schedule:
+def tensorcore_schedule_at(mod, spec: DeformConvSpec, tiling: TensorCoreTiling) -> s_tir.Schedule:
+    """``tiling`` as a point of ``deft_cuda_tensorcore_space`` (its sampling instructions decided
+    so), a schedule of ``mod`` (``deform_conv2d_primfunc(spec)``) whose trace a record can hold."""
     sch = s_tir.Schedule(mod)
     apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec, start=tiling))
     return sch

@@ -1,6 +1,6 @@
 """Best tuned schedule of video_64c_180x320_og8 (n1_c64_h180_w320_o64_k3x3_s1x1_p1x1_d1x1_g1_og8_mb_float32_nhwc_tf32) for cuda-sm_90, written by `deft-tvm tune`.
 
-Apply it to ``deft_tvm.compute.forward.deform_conv2d_primfunc(spec)`` (CUDA tensor-core traces: call
+Apply it to ``deft_tvm.compute.kernels.kernel_primfunc(spec, 'forward')`` (CUDA tensor-core traces: call
 ``deft_tvm.schedules.register_tensor_intrinsics(target)`` first); the tuning record itself is in
 tuning_logs/cuda-sm_90/n1_c64_h180_w320_o64_k3x3_s1x1_p1x1_d1x1_g1_og8_mb_float32_nhwc_tf32/."""
 

@@ -1,0 +1,62 @@
+"""The tensor-core forward's sampling points staged per tap (``TensorCoreTiling.tap_points``): a
+decision of the design space that traces carry, the refinements offered from a record, and the
+kernel it generates (CUDA source compiled for sm_90 with nvcc; no GPU needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from deft_tvm.compute.forward import deform_conv2d_primfunc
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.runtime.targets import compile_kernel, cuda_target
+from deft_tvm.schedules import refinements, search_start
+from deft_tvm.schedules.cuda_tensorcore import TensorCoreTiling, tensorcore_schedule_at
+
+TARGET = cuda_target("sm_90")
+# A wide layer's structure at a small size: 64 channels, two 32-channel chunks per tap.
+SPEC = DeformConvSpec(1, 64, 6, 10, 64, 3, 3, padding=(1, 1), dtype="float16", layout="NHWC")
+RECORD = TensorCoreTiling(warps_co=2, frags_co=2, warps_p=1, frags_p=1, k_frags=1, vector=8)
+
+
+def _at(tiling):
+    return tensorcore_schedule_at(deform_conv2d_primfunc(SPEC), SPEC, tiling)
+
+
+@pytest.mark.parametrize("tap_points", [False, True])
+def test_traces_carry_the_tiling_and_its_tap_points(tap_points):
+    tiling = dataclasses.replace(RECORD, tap_points=tap_points)
+    assert TensorCoreTiling.of_trace(_at(tiling).trace, SPEC) == tiling
+
+
+def test_traces_of_other_spaces_have_no_tensor_core_tiling():
+    simt = dataclasses.replace(SPEC, dtype="float32", layout="NCHW")
+    assert TensorCoreTiling.of_trace(search_start(simt, TARGET).trace, simt) is None
+    assert refinements(simt, TARGET, search_start(simt, TARGET).trace) == {}
+
+
+def test_refinements_of_a_record_stage_the_points_and_double_the_chunk():
+    offered = {label: TensorCoreTiling.of_trace(sch.trace, SPEC)
+               for label, sch in refinements(SPEC, TARGET, _at(RECORD).trace).items()}
+    staged = dataclasses.replace(RECORD, tap_points=True)
+    assert offered == {"tap points": staged, "default": TensorCoreTiling.for_spec(SPEC),
+                       "tap points, 2x chunk": dataclasses.replace(staged, k_frags=2)}
+    # From a record that already is the staged default at the space's largest chunk: nothing new.
+    top = dataclasses.replace(TensorCoreTiling.for_spec(SPEC), k_frags=4, tap_points=True)
+    assert set(refinements(SPEC, TARGET, _at(top).trace)) == {"default"}
+
+
+def _source(tiling) -> str:
+    (device,) = compile_kernel(_at(tiling).mod, TARGET).mod.imports
+    return device.inspect_source()
+
+
+def test_staged_points_are_read_from_shared_memory_in_the_chunk_loop():
+    plain, staged = _source(RECORD), _source(dataclasses.replace(RECORD, tap_points=True))
+    assert "sample_index_shared" not in plain
+    for name in ("sample_index_shared", "sample_weight_shared"):
+        assert f"__shared__ alignas(64) {'int' if 'index' in name else 'float'} {name}_ptr[" in staged
+    # The offsets and mask are loaded once per tap: fewer load sites than when every chunk loads them.
+    assert 0 < staged.count("offset_ptr[") < plain.count("offset_ptr[")
+    assert 0 < staged.count("mask_ptr[") < plain.count("mask_ptr[")
