@@ -378,6 +378,19 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     sch.compute_at(sampled_frag, rc_f, preserve_unit_loops=True)
     sch.compute_at(weight_frag, rc_f, preserve_unit_loops=True)
 
+    def stage_weights():  # the chunk's weights of the tap, into shared memory
+        sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
+        w_co, w_ky, w_kx, w_rc = sch.get_loops(weight_shared)[-4:]
+        w_rc, w_vec = sch.split(w_rc, [None, ops.vector])
+        _cooperative(sch, [w_co, w_ky, w_kx, w_rc], warps_co, warps_p)
+        sch.vectorize(w_vec)
+
+    # With staged sampling points the weights come first: the points then stay live while every
+    # float16 tile of the chunk is, so TVM's StorageRewrite, which reuses the memory of a dead
+    # "shared" buffer for one of another dtype, never hands the int32 points' memory to a tile that
+    # the tensor cores load (a one-chunk tap would otherwise end their use before the weights' copy).
+    if tap_points:
+        stage_weights()
     # The interpolated float16 tile of one tap and channel chunk, into shared memory.
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
     sch.compute_inline(sampled)
@@ -385,13 +398,8 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
                                                 tap_points)
     if tap_points:
         _stage_sampling_points_per_tap(sch, kx, flat, warps_co, warps_p)
-
-    # The chunk's weights of the tap, into shared memory.
-    sch.compute_at(weight_shared, rc_o, preserve_unit_loops=True)
-    w_co, w_ky, w_kx, w_rc = sch.get_loops(weight_shared)[-4:]
-    w_rc, w_vec = sch.split(w_rc, [None, ops.vector])
-    _cooperative(sch, [w_co, w_ky, w_kx, w_rc], warps_co, warps_p)
-    sch.vectorize(w_vec)
+    else:
+        stage_weights()
 
     # Operand tile rows padded (ROW_ALIGN, ROW_PAD): the rows a fragment load reads at once start
     # in different shared-memory banks (unpadded rows of 64 or 128 bytes share them).

@@ -60,3 +60,14 @@ def test_staged_points_are_read_from_shared_memory_in_the_chunk_loop():
     # The offsets and mask are loaded once per tap: fewer load sites than when every chunk loads them.
     assert 0 < staged.count("offset_ptr[") < plain.count("offset_ptr[")
     assert 0 < staged.count("mask_ptr[") < plain.count("mask_ptr[")
+
+
+def test_a_one_chunk_tap_with_staged_points_lowers():
+    # 16 channels in 8 offset groups: one chunk per tap, so the points die within the tap; TVM's
+    # StorageRewrite used to hand their int32 memory to a float16 tile the tensor cores load
+    # ("tvm_access_ptr element type must match the source buffer").
+    spec = DeformConvSpec(1, 16, 8, 16, 16, 3, 3, padding=(1, 1), offset_groups=8, dtype="float16", layout="NHWC")
+    tiling = dataclasses.replace(TensorCoreTiling.for_spec(spec), tap_points=True)
+    sch = tensorcore_schedule_at(deform_conv2d_primfunc(spec), spec, tiling)
+    (device,) = compile_kernel(sch.mod, TARGET).mod.imports
+    assert "sample_index_shared" in device.inspect_source()
