@@ -441,15 +441,18 @@ def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
     """Points of ``deft_cuda_tensorcore_space`` near a tuning record (``trace``) that its search,
     whose mutators change tile sizes only, does not reach from it: the record's tiling with the
     sampling points staged per tap, that with twice the channel chunk (where the space has it),
-    and the default tiling; ``{label: schedule}`` (empty for a trace of another space)."""
+    and the default tiling without and with them; ``{label: schedule}`` (empty for a trace of
+    another space)."""
     tiling = TensorCoreTiling.of_trace(trace, spec)
     if tiling is None:
         return {}
     staged = dataclasses.replace(tiling, tap_points=True)
-    candidates = {"tap points": staged, "default": TensorCoreTiling.for_spec(spec)}
+    candidates = {"tap points": staged}
     chunk = 2 * tiling.k_frags
     if chunk <= MAX_K_FRAGS and (spec.in_channels // spec.groups // _k_fragment(spec)) % chunk == 0:
         candidates["tap points, 2x chunk"] = dataclasses.replace(staged, k_frags=chunk)
+    default = TensorCoreTiling.for_spec(spec)
+    candidates.update({"default": default, "default, tap points": dataclasses.replace(default, tap_points=True)})
     chosen = {}
     for label, candidate in candidates.items():
         if candidate != tiling and candidate not in chosen.values():

@@ -39,12 +39,14 @@ def test_traces_of_other_spaces_have_no_tensor_core_tiling():
 def test_refinements_of_a_record_stage_the_points_and_double_the_chunk():
     offered = {label: TensorCoreTiling.of_trace(sch.trace, SPEC)
                for label, sch in refinements(SPEC, TARGET, _at(RECORD).trace).items()}
-    staged = dataclasses.replace(RECORD, tap_points=True)
-    assert offered == {"tap points": staged, "default": TensorCoreTiling.for_spec(SPEC),
-                       "tap points, 2x chunk": dataclasses.replace(staged, k_frags=2)}
-    # From a record that already is the staged default at the space's largest chunk: nothing new.
-    top = dataclasses.replace(TensorCoreTiling.for_spec(SPEC), k_frags=4, tap_points=True)
-    assert set(refinements(SPEC, TARGET, _at(top).trace)) == {"default"}
+    staged, default = dataclasses.replace(RECORD, tap_points=True), TensorCoreTiling.for_spec(SPEC)
+    assert offered == {"tap points": staged, "tap points, 2x chunk": dataclasses.replace(staged, k_frags=2),
+                       "default": default, "default, tap points": dataclasses.replace(default, tap_points=True)}
+    # From the staged default: the chunk doubled, and the default without staging; nothing repeated.
+    staged_default = dataclasses.replace(default, tap_points=True)
+    assert {label: TensorCoreTiling.of_trace(sch.trace, SPEC)
+            for label, sch in refinements(SPEC, TARGET, _at(staged_default).trace).items()} == {
+        "tap points, 2x chunk": dataclasses.replace(staged_default, k_frags=2 * default.k_frags), "default": default}
 
 
 def _source(tiling) -> str:

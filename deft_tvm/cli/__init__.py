@@ -135,9 +135,9 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     print(f"tune     {label} on {tag}: {kernel_key(spec, part)} (offsets: {workload.profile}) -> {directory}")
     result = tune(spec, workload.profile, target, directory, args.trials,
                   trials_per_round=args.trials_per_round, seed=args.seed, part=part)
-    for label, seconds in refine([(spec, workload.profile, directory)], target, part).get(directory, {}).items():
+    for candidate, seconds in refine([(spec, workload.profile, directory)], target, part).get(directory, {}).items():
         measured = f"{seconds * 1e3:.4f} ms" if seconds is not None else "failed to build or run"
-        print(f"refine   {label}: {measured}")
+        print(f"refine   {candidate}: {measured}")
     _, sch = best_schedule(directory, target)
     if sch is None:
         print(f"error    no successful candidate for {label} in {result.trials} trials")
