@@ -261,7 +261,7 @@ def _stage_sampling_points_per_tap(sch, tap, flat, warps_co: int, warps_p: int) 
         _cooperative(sch, sch.get_loops(block)[-2:], warps_co, warps_p)
 
 
-def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int, points_staged: bool = False):
+def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int, points_staged: bool):
     """Fill ``fill`` (the interpolated tile ``[position][channel]`` of one tap and channel chunk)
     with one thread per (position, ``vector`` consecutive channels): the sampling point's corner
     indices and weights into registers, each corner's ``vector`` channels in one contiguous read

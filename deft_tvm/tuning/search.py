@@ -243,38 +243,38 @@ def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Pa
     from deft_tvm.schedules import refinements, register_tensor_intrinsics
 
     register_tensor_intrinsics(target)
-    jobs = []
+    jobs = {}  # directory -> (spec, profile, [(label, schedule)])
     for spec, profile, directory in folders:
         directory = Path(directory)
         _, best = best_schedule(directory, target)
         if best is None:
             continue
         held = {str(record.trace) for record in open_database(directory).get_all_tuning_records()}
-        jobs += [(spec, profile, directory, label, sch)
-                 for label, sch in refinements(spec, target, best.trace, part).items() if str(sch.trace) not in held]
+        candidates = [(label, sch) for label, sch in refinements(spec, target, best.trace, part).items()
+                      if str(sch.trace) not in held]
+        if candidates:
+            jobs[directory] = (spec, profile, candidates)
     if not jobs:
         return {}
     with exact_cuda_compilation():
-        built = ms.builder.LocalBuilder(f_build=_build, timeout_sec=120).build(
-            [ms.builder.BuilderInput(sch.mod, target) for *_, sch in jobs])
+        built = iter(ms.builder.LocalBuilder(f_build=_build, timeout_sec=120).build(
+            [ms.builder.BuilderInput(sch.mod, target) for _, _, candidates in jobs.values() for _, sch in candidates]))
+    device_type = "cuda" if target.kind.name == "cuda" else "cpu"
     results: dict[Path, dict[str, float | None]] = {}
-    for spec, profile, directory in folders:  # one runner per folder: its inputs follow the folder's profile
-        mine = [(label, sch, build) for (_, _, d, label, sch), build in zip(jobs, built) if d == Path(directory)]
-        if not mine:
-            continue
-        runnable = [(label, sch, build) for label, sch, build in mine if build.error_msg is None]
+    for directory, (spec, profile, candidates) in jobs.items():  # one runner per folder: its profile's inputs
+        builds = [next(built) for _ in candidates]
+        runnable = [(label, sch, build) for (label, sch), build in zip(candidates, builds) if build.error_msg is None]
         runner = ms.runner.LocalRunner(evaluator_config=_evaluator_config(target),
                                        f_alloc_argument=ProfileInputs(spec, profile, part=part))
-        device_type = "cuda" if target.kind.name == "cuda" else "cpu"
         futures = runner.run([ms.runner.RunnerInput(build.artifact_path, device_type,
                                                     ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]))
                               for _, sch, build in runnable]) if runnable else []
         runs = {label: future.result() for (label, _, _), future in zip(runnable, futures)}
-        for label, sch, _ in mine:
+        for label, sch in candidates:
             run = runs.get(label)
             seconds = _mean_seconds(run.run_secs) if run is not None and run.error_msg is None else None
             commit_schedule(directory, spec, sch, target, FAILED_SECONDS if seconds is None else seconds, part)
-            results.setdefault(Path(directory), {})[label] = seconds
+            results.setdefault(directory, {})[label] = seconds
     return results
 
 
