@@ -50,6 +50,11 @@ ROW_ALIGN = 64
 ROW_PAD = 16
 # Input channels of a reduction chunk in the default tiling.
 DEFAULT_CHUNK = 32
+# The default tiling stages the sampling points per tap where each offset group has at least this
+# many channels (every staged point then serves that many gathered channels). H200, 22c9880: one
+# offset group of 64-512 channels won with them on every layer (0.019 vs 0.033 ms paper N=1 float16,
+# 0.227 vs 0.306 r50 c5), 8 groups of 8 channels (video) lost (0.44 vs 0.117 ms).
+TAP_POINTS_MIN_GROUP_CHANNELS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +119,9 @@ class TensorCoreTiling:
         """Small blocks, many per SM (measured on an H100 over the registry's layers,
         ``tools/sweep_cuda_tiling.py``): up to 128 output channels (each block interpolates its
         positions once for all of its channels) on 2 warps (4 above 64 channels), one warp along
-        positions with 2 fragments of them (4 above 64 channels), 32-channel reduction chunks."""
+        positions with 2 fragments of them (4 above 64 channels), 32-channel reduction chunks;
+        sampling points staged per tap where offset groups have ``TAP_POINTS_MIN_GROUP_CHANNELS``
+        channels or more (measured on the H200, ``tools/results/forward_tap_points_refine_h200.txt``)."""
         k = _k_fragment(spec)
         co_frags = spec.out_channels // spec.groups // FRAGMENT
         p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
@@ -129,6 +136,7 @@ class TensorCoreTiling:
             frags_p=largest_divisor(p_frags, 4 if wide else 2),
             k_frags=largest_divisor(k_frags, DEFAULT_CHUNK // k),
             vector=_vector(spec),
+            tap_points=spec.in_channels // spec.offset_groups >= TAP_POINTS_MIN_GROUP_CHANNELS,
         )
 
     @classmethod
@@ -441,8 +449,8 @@ def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
     """Points of ``deft_cuda_tensorcore_space`` near a tuning record (``trace``) that its search,
     whose mutators change tile sizes only, does not reach from it: the record's tiling with the
     sampling points staged per tap, that with twice the channel chunk (where the space has it),
-    and the default tiling without and with them; ``{label: schedule}`` (empty for a trace of
-    another space)."""
+    and the default tiling as ``TensorCoreTiling.for_spec`` gives it and with its tap points
+    flipped; ``{label: schedule}`` (empty for a trace of another space)."""
     tiling = TensorCoreTiling.of_trace(trace, spec)
     if tiling is None:
         return {}
@@ -452,7 +460,8 @@ def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
     if chunk <= MAX_K_FRAGS and (spec.in_channels // spec.groups // _k_fragment(spec)) % chunk == 0:
         candidates["tap points, 2x chunk"] = dataclasses.replace(staged, k_frags=chunk)
     default = TensorCoreTiling.for_spec(spec)
-    candidates.update({"default": default, "default, tap points": dataclasses.replace(default, tap_points=True)})
+    flipped = dataclasses.replace(default, tap_points=not default.tap_points)
+    candidates.update({"default": default, f"default, tap points {'on' if flipped.tap_points else 'off'}": flipped})
     chosen = {}
     for label, candidate in candidates.items():
         if candidate != tiling and candidate not in chosen.values():

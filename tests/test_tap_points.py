@@ -40,13 +40,22 @@ def test_refinements_of_a_record_stage_the_points_and_double_the_chunk():
     offered = {label: TensorCoreTiling.of_trace(sch.trace, SPEC)
                for label, sch in refinements(SPEC, TARGET, _at(RECORD).trace).items()}
     staged, default = dataclasses.replace(RECORD, tap_points=True), TensorCoreTiling.for_spec(SPEC)
+    assert default.tap_points  # one offset group of 64 channels
+    unstaged_default = dataclasses.replace(default, tap_points=False)
     assert offered == {"tap points": staged, "tap points, 2x chunk": dataclasses.replace(staged, k_frags=2),
-                       "default": default, "default, tap points": dataclasses.replace(default, tap_points=True)}
-    # From the staged default: the chunk doubled, and the default without staging; nothing repeated.
-    staged_default = dataclasses.replace(default, tap_points=True)
+                       "default": default, "default, tap points off": unstaged_default}
+    # From the default (staged): the chunk doubled, and the default without staging; nothing repeated.
     assert {label: TensorCoreTiling.of_trace(sch.trace, SPEC)
-            for label, sch in refinements(SPEC, TARGET, _at(staged_default).trace).items()} == {
-        "tap points, 2x chunk": dataclasses.replace(staged_default, k_frags=2 * default.k_frags), "default": default}
+            for label, sch in refinements(SPEC, TARGET, _at(default).trace).items()} == {
+        "tap points, 2x chunk": dataclasses.replace(default, k_frags=2 * default.k_frags),
+        "default, tap points off": unstaged_default}
+
+
+@pytest.mark.parametrize(("channels", "offset_groups", "staged"), [(64, 1, True), (64, 8, False), (32, 2, True),
+                                                                    (32, 4, False)])
+def test_the_default_stages_points_where_offset_groups_have_16_channels(channels, offset_groups, staged):
+    spec = dataclasses.replace(SPEC, in_channels=channels, offset_groups=offset_groups)
+    assert TensorCoreTiling.for_spec(spec).tap_points is staged
 
 
 def _source(tiling) -> str:
