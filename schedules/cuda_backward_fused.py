@@ -100,6 +100,11 @@ def _waves_x_work(blocks_per_split: int, splits: int, wave: int, work: int) -> i
     return -(-blocks_per_split * splits // wave) * -(-work // splits)
 
 
+def padded_positions(spec: DeformConvSpec, tile_h: int, tile_w: int) -> int:
+    """Output positions of one image that ``tile_h x tile_w`` tiles cover, the map's padding included."""
+    return -(-spec.out_h // tile_h) * tile_h * -(-spec.out_w // tile_w) * tile_w
+
+
 def resident_blocks(shared_bytes: int, threads: int) -> int:
     """Blocks of ``threads`` threads and ``shared_bytes`` of shared memory an sm_90 SM runs at once
     with at most 64 registers per thread: the kernels are launched with that bound
@@ -232,11 +237,7 @@ class DataTiling:
         swap loops (``ATOMS.CAST.SPIN``), and the tensor-core variant's 94 registers, 41 KB of
         shared memory (weights of every tap, the sums' exchange between lanes) and two block
         barriers per tap cost more than the sums it saves."""
-        def padded(shape):
-            th, tw = shape
-            return -(-spec.out_h // th) * th * -(-spec.out_w // tw) * tw
-
-        tile_h, tile_w = min(TILE_SHAPES, key=padded)  # the first of equals
+        tile_h, tile_w = min(TILE_SHAPES, key=lambda shape: padded_positions(spec, *shape))  # the first of equals
         per_group = math.gcd(spec.in_channels // spec.groups, spec.in_channels // spec.offset_groups)
         opg = spec.out_channels // spec.groups
         mma = mma_shape(spec)

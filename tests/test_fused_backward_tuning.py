@@ -16,8 +16,9 @@ from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.tuning import fused_backward
 from deft_tvm.schedules.cuda_mma import mma_shape
-from deft_tvm.tuning.fused_backward import (LOAD_BATCHES, WEIGHT_LOAD_BATCHES, agree, data_space, stage_variants,
-                                            time_checked, tune_fused_backward, weight_space)
+from deft_tvm.tuning.fused_backward import (LOAD_BATCHES, TILE_POSITIONS, WEIGHT_LOAD_BATCHES, agree, data_space,
+                                            stage_variants, tile_variants, time_checked, tune_fused_backward,
+                                            weight_space)
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 from test_cli_errors import error_line
@@ -68,7 +69,7 @@ def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     assert tried[:len(data)] == data  # then the 3 fastest (data[3], and of equals the first) with more loads
     batched = [dataclasses.replace(data[i], load_batch=b) for i in (3, 0, 1) for b in LOAD_BATCHES]
     assert data[3].o_step == 64 and not data[3].tensor_cores  # then the fastest with half its weight stages
-    assert tried[len(data):] == batched + [dataclasses.replace(data[3], o_step=32)]
+    assert tried[len(data):] == batched + [dataclasses.replace(data[3], o_step=32)] + tile_variants(spec, data[3])
     assert [ms for _, ms in record["weight_ms"]][:len(weight)] == [2.0, 2.0, 1.0] + [2.0] * (len(weight) - 3)
     assert [WeightTiling(**t) for t, _ in record["weight_ms"]][len(weight):] == [
         dataclasses.replace(weight[i], load_batch=b) for i in (2, 0, 1) for b in WEIGHT_LOAD_BATCHES]
@@ -128,6 +129,41 @@ def test_other_weight_stages_of_the_fastest_data_tiling_must_beat_it_in_the_same
     assert DataTiling(**record["data"]) == half
     slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
     assert DataTiling(**slower["data"]) == data[0]
+
+
+def test_tile_variants_pad_the_output_less_in_whole_warps():
+    spec = get_workload("r50dcn_c5", "float16").spec  # 25 x 42 positions: 8 x 16 tiles cover 32 x 48
+    default = DataTiling.for_spec(spec)
+    assert (default.tile_h, default.tile_w) == (8, 16)
+    variants = tile_variants(spec, default)
+    assert [(t.tile_h, t.tile_w) for t in variants] == [(2, 48), (4, 24), (16, 6)]  # 26 x 48, 28 x 48, 32 x 42
+    for tiling in variants:
+        assert tiling.tile_h * tiling.tile_w in TILE_POSITIONS and tiling.shared_bytes(spec) <= SHARED_BYTES
+        assert dataclasses.replace(tiling, tile_h=8, tile_w=16) == default
+    assert tile_variants(get_workload("paper_64c_64x64_n32", "float16").spec, default) == []  # 8 x 16 tiles fit
+
+
+def test_other_tile_shapes_of_the_fastest_data_tiling_must_beat_it_in_the_same_round():
+    spec = get_workload("r50dcn_c5", "float16").spec
+    data = data_space(spec)
+    wide = tile_variants(spec, data[0])[0]
+    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(0, 0, {wide: 0.9}))
+    assert DataTiling(**record["data"]) == wide
+    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
+    assert DataTiling(**slower["data"]) == data[0]
+
+
+@needs_nvcc
+def test_the_tile_variants_of_a_records_tilings_build():
+    """The schedule takes blocks of 64 and 96 positions: r50 c5's tensor-core tap groups in the tile
+    variants of its committed records (float16 and TF32) compile for sm_90."""
+    for dtype, tf32 in (("float16", False), ("float32", True)):
+        spec = get_workload("r50dcn_c5", dtype, tf32=tf32).spec
+        data, weight = records.committed_fused_tilings(spec, TARGET)
+        variants = tile_variants(spec, data)
+        assert {t.tile_h * t.tile_w for t in variants} & {64, 96} and all(t.tensor_cores for t in variants)
+        for variant in variants:
+            assert _compile(_source(spec, variant, weight))[:4] == b"\x7fELF", variant
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key())

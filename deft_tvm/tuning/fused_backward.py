@@ -36,6 +36,7 @@ from deft_tvm.schedules.cuda_backward_fused import (
     WeightTiling,
     _without_empty_splits,
     fused_backward_module,
+    padded_positions,
 )
 from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.timing import gpu_ms
@@ -44,6 +45,8 @@ HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's)
 LOAD_BATCHES = (4, 8, 16)  # loads in flight per thread (DataTiling.load_batch) tried on the fastest data tilings
 WEIGHT_LOAD_BATCHES = (2, 4)  # channels' corners in flight per thread (WeightTiling.load_batch), fastest weight tilings
 REFINED = 3  # the fastest tilings of each kernel tried with each of its load batches
+TILE_POSITIONS = (64, 96, 128)  # positions (threads) per block of the tile shapes refine_tiles tries: whole warps
+TILE_VARIANTS = 3  # the tile shapes refine_tiles tries, those that pad the output least
 
 
 def _unique(tilings) -> list:
@@ -279,6 +282,29 @@ def refine_stages(spec: DeformConvSpec, profile: str, target: tvm.target.Target,
                          "data")
 
 
+def refine_tiles(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
+                 data_ms: list[float | None], best: int, measure: Callable = measure_candidates):
+    """``(tilings, times, best)``: the data tilings extended by ``data[best]``'s ``tile_variants``,
+    measured in one round after it (``_refine_round``). The space's tiles are 128 positions, which
+    pad maps such as r50 c5's 25 x 42 by up to 46 % (8 x 16 tiles cover 32 x 48): blocks of 64 or
+    96 positions pad them less (2 x 48: 19 %), at the cost of a larger halo per position."""
+    return _refine_round(spec, profile, target, data, data_ms, best, tile_variants(spec, data[best]), measure,
+                         "data")
+
+
+def tile_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]:
+    """``tiling`` in the ``TILE_VARIANTS`` tile shapes of ``TILE_POSITIONS`` positions (at most 16
+    rows, at least 4 columns) that pad the output least, of equals the larger blocks and fewer rows,
+    only those that pad it less than ``tiling``'s own and fit 48 KB of shared memory."""
+    own = padded_positions(spec, tiling.tile_h, tiling.tile_w)
+    shapes = [(rows, positions // rows) for positions in TILE_POSITIONS for rows in range(1, 17)
+              if positions % rows == 0 and positions // rows >= 4]
+    shapes = sorted((s for s in shapes if padded_positions(spec, *s) < own),
+                    key=lambda s: (padded_positions(spec, *s), -s[0] * s[1], s[0]))
+    variants = [dataclasses.replace(tiling, tile_h=rows, tile_w=cols) for rows, cols in shapes]
+    return [t for t in variants if t.shared_bytes(spec) <= SHARED_BYTES][:TILE_VARIANTS]
+
+
 def stage_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]:
     """``tiling`` with weight stages of half its output channels (where they stay a multiple of the
     mma depth) and, for tensor-core tap groups, with its weight stages double-buffered or not and
@@ -300,11 +326,13 @@ def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.T
     candidates' times, ``measure_candidates`` on a GPU; None for a rejected one): the spec, the
     profile, the device, the two tilings, and every candidate with its time (ms, or None): the
     two spaces', then the fastest ones' with more loads in flight (``refine_load_batch``), then the
-    fastest data tiling's with other weight stages (``refine_stages``)."""
+    fastest data tiling's with other weight stages (``refine_stages``), then in other tile shapes
+    (``refine_tiles``)."""
     data, weight = data_space(spec), weight_space(spec)
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
     data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
     data, data_ms, best_data = refine_stages(spec, profile, target, data, data_ms, best_data, measure)
+    data, data_ms, best_data = refine_tiles(spec, profile, target, data, data_ms, best_data, measure)
     weight, weight_ms, best_weight = refine_load_batch(spec, profile, target, weight, weight_ms, measure, "weight")
     return {
         "spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"]),
