@@ -287,7 +287,10 @@ def refine_tiles(spec: DeformConvSpec, profile: str, target: tvm.target.Target, 
     """``(tilings, times, best)``: the data tilings extended by ``data[best]``'s ``tile_variants``,
     measured in one round after it (``_refine_round``). The space's tiles are 128 positions, which
     pad maps such as r50 c5's 25 x 42 by up to 46 % (8 x 16 tiles cover 32 x 48): blocks of 64 or
-    96 positions pad them less (2 x 48: 19 %), at the cost of a larger halo per position."""
+    96 positions pad them less (2 x 48: 19 %), at the cost of a larger halo per position. Measured
+    on an H200 (c5 data kernel ms, the record's 8 x 16 / its variants): float16 0.425 / 0.505 (2 x
+    48), 0.455 (4 x 24), 0.583 (16 x 6); TF32 0.484 / 0.540 (4 x 24), 0.750 (16 x 6), 0.651 (4 x
+    16) (``tools/results/fused_backward_tiles_h200.txt``): the halo won there."""
     return _refine_round(spec, profile, target, data, data_ms, best, tile_variants(spec, data[best]), measure,
                          "data")
 
