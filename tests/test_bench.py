@@ -13,7 +13,7 @@ import torch
 from deft_tvm import bench, cli
 from deft_tvm.compute.forward import deform_conv2d_primfunc
 from deft_tvm.reference.tolerances import assert_close
-from deft_tvm.runtime import records
+from deft_tvm.runtime import backward, records
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules import default_schedule
 from deft_tvm.tuning.search import TuningResult
@@ -81,9 +81,15 @@ def test_forward_backward_calls_compute_the_gradients_of_every_input():
     assert not any(g.abs().max() == 0 for g in deft[:5])
 
 
-def test_cpu_run_in_every_mode_gives_one_table_per_mode():
+def test_cpu_run_in_every_mode_gives_one_table_per_mode(monkeypatch):
+    prebuilt = []
+    monkeypatch.setattr(backward, "prebuild", lambda specs, device, deterministic: prebuilt.append(
+        ([s.key() for s in specs], device.type, deterministic)))
     rows = bench.run([WORKLOAD], ["float32"], ["off"], iters=1, device="cpu", commit="test",
                      modes=bench.MODES)
+    # The backward kernels are built ahead, for both backward modes, as the op takes them.
+    key = get_workload(WORKLOAD, "float32").spec.key()
+    assert prebuilt == [([key], "cpu", False), ([key], "cpu", True)]
     assert [(r["mode"], r["provider"]) for r in rows] == [
         (mode, provider) for mode in bench.MODES for provider in ("deft_tvm", "reference_float64", "dense_conv2d")]
     assert all(r["latency_ms"] > 0 for r in rows)

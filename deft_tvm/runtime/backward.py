@@ -23,6 +23,7 @@ per workload.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -36,7 +37,7 @@ from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfun
 from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype, kernel_key
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.library import loaded_kernel
-from deft_tvm.runtime.targets import compile_kernel, target_for_device
+from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
 _kernels: dict[tuple[str, str, str], Callable] = {}
 _lock = threading.Lock()
@@ -102,6 +103,41 @@ def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
         if key not in _kernels:
             _kernels[key] = _build(spec, target, part)
         return _kernels[key]
+
+
+def backward_parts(spec: DeformConvSpec, device_type: str, deterministic: bool) -> tuple[str, ...]:
+    """The kernels (``_kernel`` parts) ``deform_conv2d_backward`` takes for ``spec`` (float32 with
+    ``tf32`` where the call multiplies on TF32) on a ``device_type`` ("cpu" or "cuda") device,
+    with ``torch.use_deterministic_algorithms`` on or off, for finite inputs."""
+    if device_type != "cuda":
+        return ("gradients", "scatter")
+    if not deterministic:
+        return ("fused",)
+    if spec.dtype in ("float16", "bfloat16") or spec.tf32:
+        return ("fused_deterministic",)
+    return ("gradients", "gather")
+
+
+def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_workers: int = 8) -> int:
+    """Load or compile, in parallel threads (nvcc and LLVM run outside the GIL, where ``_kernel``
+    builds one at a time on first use), the backward kernels (``backward_parts``) of ``specs`` on
+    ``device`` that this process has not loaded yet; compiled ones go into the disk cache as on
+    first use. Returns how many were loaded or compiled."""
+    target = target_for_device(device)
+    jobs = {}
+    for spec in specs:
+        for part in backward_parts(spec, device.type, deterministic):
+            key = (spec.key(), str(target), part)
+            loaded = part == "gradients" and loaded_kernel(target.kind.name, kernel_key(spec, "backward"))
+            if key not in _kernels and not loaded:
+                jobs[key] = (spec, part)
+    with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+        futures = {key: pool.submit(_build, spec, target, part) for key, (spec, part) in jobs.items()}
+        kernels = {key: future.result() for key, future in futures.items()}
+    with _lock:
+        for key, kernel in kernels.items():
+            _kernels.setdefault(key, kernel)
+    return len(kernels)
 
 
 @functools.lru_cache(maxsize=None)
