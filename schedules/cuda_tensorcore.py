@@ -51,9 +51,10 @@ ROW_PAD = 16
 # Input channels of a reduction chunk in the default tiling.
 DEFAULT_CHUNK = 32
 # The default tiling stages the sampling points per tap where each offset group has at least this
-# many channels (every staged point then serves that many gathered channels). H200, 22c9880: one
-# offset group of 64-512 channels won with them on every layer (0.019 vs 0.033 ms paper N=1 float16,
-# 0.227 vs 0.306 r50 c5), 8 groups of 8 channels (video) lost (0.44 vs 0.117 ms).
+# many channels (every staged point then serves that many gathered channels). H200, 22c9880, a
+# record's tiling without / with them: one offset group of 64-512 channels won wherever the staged
+# kernel launched (paper N=1 float16 0.033 / 0.021 ms, r50 c4 0.177 / 0.151, c5 TF32 0.493 / 0.311),
+# 8 groups of 8 channels (video) lost (0.117 / 0.442).
 TAP_POINTS_MIN_GROUP_CHANNELS = 16
 
 
