@@ -300,13 +300,14 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *, 
     cases = [(name, dtype, tf32) for name in workloads for dtype in dtypes
              for tf32 in _tf32_modes(dtype, device, tf32_modes)]
     # The kernels the op runs in each case: float32 with TF32 on takes the TF32 ones.
-    case_workloads = {case: get_workload(case[0], case[1], case[2] == "on").for_target(target) for case in cases}
+    call_workloads = {case: get_workload(case[0], case[1], case[2] == "on") for case in cases}
+    case_workloads = {case: workload.for_target(target) for case, workload in call_workloads.items()}
     kernel_cache.prebuild(list(dict.fromkeys(w.spec for w in case_workloads.values())), torch.device(device))
     backward_modes = [mode for mode in modes if mode != FORWARD]
     if backward_modes:  # the backward kernels too, as the op's backward takes them (TF32 ones where on)
         from deft_tvm.runtime import backward
 
-        backward_specs = list(dict.fromkeys(get_workload(*case[:2], case[2] == "on").spec for case in cases))
+        backward_specs = list(dict.fromkeys(w.spec for w in call_workloads.values()))
         for deterministic in dict.fromkeys(mode == DETERMINISTIC for mode in backward_modes):
             backward.prebuild(backward_specs, torch.device(device), deterministic=deterministic)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

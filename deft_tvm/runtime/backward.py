@@ -91,13 +91,18 @@ class FusedKernels:
         return self.weight_tiling.splits
 
 
+def _loaded(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable | None:
+    """The kernel of ``part`` from a loaded library (``deft_tvm.load_library``): only the gradient
+    kernels are exported."""
+    return loaded_kernel(target.kind.name, kernel_key(spec, "backward")) if part == "gradients" else None
+
+
 def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
     """``part`` ("gradients", "scatter" (CPU), "gather" or "fused" (CUDA)) of ``spec``'s backward for
     ``target``, compiled once (the gradient kernels of a loaded library win)."""
-    if part == "gradients":
-        loaded = loaded_kernel(target.kind.name, kernel_key(spec, "backward"))
-        if loaded is not None:
-            return loaded
+    loaded = _loaded(spec, target, part)
+    if loaded is not None:
+        return loaded
     key = (spec.key(), str(target), part)
     with _lock:
         if key not in _kernels:
@@ -128,8 +133,7 @@ def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_wo
     for spec in specs:
         for part in backward_parts(spec, device.type, deterministic):
             key = (spec.key(), str(target), part)
-            loaded = part == "gradients" and loaded_kernel(target.kind.name, kernel_key(spec, "backward"))
-            if key not in _kernels and not loaded:
+            if key not in _kernels and _loaded(spec, target, part) is None:
                 jobs[key] = (spec, part)
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = {key: pool.submit(_build, spec, target, part) for key, (spec, part) in jobs.items()}
