@@ -48,6 +48,12 @@ the math is ``deft_tvm.compute.backward``'s
 * ``reduce_primfunc`` - adds the splits of grad_weight and grad_bias, and (``reduce_segments``) of
   grad_offset and grad_mask, in a fixed order (deterministic), and casts them and grad_input to the
   spec's dtype: one kernel where torch would take up to five (two sums and three casts).
+* ``backward_entry`` - the runtime's one call: a host function that zeroes grad_input's sums and
+  launches the three kernels above on a scratch buffer the caller allocates once
+  (``backward_workspace``), every kernel buffer declared over the entry's parameters. On a
+  small layer the host is the bottleneck (one torch allocation costs about as much as a kernel
+  launch), so one call and two allocations instead of three calls, a zero fill and a dozen
+  allocations per backward.
 
 Both kernels are launched with ``__launch_bounds__(threads, resident_blocks)``, so that they keep
 to 64 registers where shared memory lets 8 blocks of 128 threads share an SM.
@@ -1516,6 +1522,141 @@ def reduce_primfunc(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling
     unused = [("bias_part", "grad_bias")] * (not has_bias) + [("offset_part", "grad_offset")] * (not has_offset)
     unused += [("mask_part", "grad_mask")] * (not has_mask) + [("input_part", "grad_input")] * (not has_input)
     return _without(reduce, tuple(name for pair in unused for name in pair))
+
+
+def zero_primfunc(count: int, dtype: str, bind_threads: bool = True):
+    """``accumulator [count]`` (``dtype``) set to zero, a thread per element: grad_input's sums
+    before the data kernel adds to them. ``bind_threads=False``: the same loop, serial."""
+    from tvm.script import tirx as T
+
+    threads = 256
+    index = "int64" if count > INT32_MAX else "int32"
+    blocks, threads_, count_ = (tirx.IntImm(index, v) for v in (-(-count // threads), threads, count))
+    blocks_loop = functools.partial(T.thread_binding, thread="blockIdx.x") if bind_threads else T.serial
+    threads_loop = functools.partial(T.thread_binding, thread="threadIdx.x") if bind_threads else T.serial
+    zero = tirx.const(0, dtype)
+
+    @T.prim_func
+    def zero_fill(accumulator: T.Buffer((count_,), dtype)):
+        T.func_attr({"global_symbol": "zero_fill", "tirx.noalias": True})
+        for block in blocks_loop(blocks):
+            for thread in threads_loop(threads_):
+                if block * threads_ + thread < count_:
+                    accumulator[block * threads_ + thread] = zero
+
+    return zero_fill
+
+
+WORKSPACE_ALIGN = 64  # elements between the starts of the workspace's regions (256 bytes of float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    """The backward entry's scratch buffer (accumulate dtype, ``elements`` long): the first element
+    of each region of partial sums it holds (``"weight"``, ``"bias"``, and the ``reduce_segments``
+    among ``"offset"``, ``"mask"`` and ``"input"``), in that order, each ``WORKSPACE_ALIGN``-aligned."""
+
+    starts: tuple[tuple[str, int], ...]
+    elements: int
+
+    def start(self, region: str) -> int | None:
+        return dict(self.starts).get(region)
+
+
+def backward_workspace(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling) -> Workspace:
+    """The regions of ``backward_entry``'s workspace: the weight kernel's partial sums of grad_weight
+    and grad_bias, and the data kernel's sums that the reduce kernel finishes."""
+    segments = reduce_segments(spec, data)
+    weights, biases, offsets, masks, inputs = _reduce_sizes(spec)
+    sizes = {"weight": weight.splits * weights, "bias": weight.splits * biases,
+             "offset": data.channel_splits * offsets * segments.offset,
+             "mask": data.channel_splits * masks * segments.mask, "input": inputs * segments.input}
+    starts, end = [], 0
+    for region, size in sizes.items():
+        if size:
+            starts.append((region, end))
+            end += -(-size // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+    return Workspace(tuple(starts), end)
+
+
+def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling, *, data_func=None,
+                   weight_func=None, bind_threads: bool = True):
+    """The whole fused backward as one host function (``backward``, one call from the runtime): it
+    zeroes grad_input's sums and launches ``grad_data_primfunc``, ``grad_weight_primfunc`` and
+    ``reduce_primfunc`` in that order on the caller's stream, their partial sums in a scratch buffer
+    the caller allocates (``backward_workspace``), every buffer of theirs declared over the entry's
+    parameters or the workspace (no copies). Parameters: ``input, offset, mask?, weight,
+    grad_output`` (the spec's shapes and dtype), ``contribution_bound [1]`` (float32, with
+    ``data.deterministic``), ``workspace [elements]`` (accumulate dtype), then the gradients:
+    ``grad_input`` (input shape), ``grad_offset``, ``grad_mask?`` in the spec's dtype where
+    ``reduce_segments`` folds them, else the data kernel's sums (grad_input ``[N, C, H, W]`` in the
+    accumulate dtype, or int64 fixed point when deterministic; grad_offset / grad_mask ``[channel
+    splits, *shape]`` accumulate dtype) that the caller finishes; ``grad_weight`` (weight shape)
+    and ``grad_bias? [out_channels]`` in the spec's dtype. ``data_func`` / ``weight_func`` stand in
+    for the two kernels (same parameters; tests) and ``bind_threads=False`` makes the zeroing and
+    the reduction serial, for a CPU."""
+    data_func = data_func or grad_data_primfunc(spec, data)
+    weight_func = weight_func or grad_weight_primfunc(spec, weight)
+    reduce_func = reduce_primfunc(spec, data, weight, bind_threads)
+    segments = reduce_segments(spec, data)
+    workspace = backward_workspace(spec, data, weight)
+    dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
+    split_shape = (data.channel_splits,)
+
+    def buffer(name, shape, dtype_):
+        return tirx.decl_buffer(tuple(shape), dtype_, name)
+
+    sums = "int64" if data.deterministic else acc
+    params = {
+        "input": buffer("input", spec.input_shape, dtype),
+        "offset": buffer("offset", spec.offset_shape, dtype),
+        "mask": buffer("mask", spec.mask_shape, dtype) if spec.has_mask else None,
+        "weight": buffer("weight", spec.weight_shape, dtype),
+        "grad_output": buffer("grad_output", spec.output_shape, dtype),
+        "contribution_bound": buffer("contribution_bound", (1,), "float32") if data.deterministic else None,
+        "workspace": buffer("workspace", (workspace.elements,), acc),
+        "grad_input": buffer("grad_input", spec.input_shape, dtype if segments.input else sums),
+        "grad_offset": buffer("grad_offset", spec.offset_shape if segments.offset else
+                              split_shape + spec.offset_shape, dtype if segments.offset else acc),
+        "grad_mask": buffer("grad_mask", spec.mask_shape if segments.mask else split_shape + spec.mask_shape,
+                            dtype if segments.mask else acc) if spec.has_mask else None,
+        "grad_weight": buffer("grad_weight", spec.weight_shape, dtype),
+        "grad_bias": buffer("grad_bias", (spec.out_channels,), dtype) if spec.has_bias else None,
+    }
+    index = "int64" if workspace.elements > INT32_MAX else "int32"
+
+    def region(name):
+        start = workspace.start(name)
+        return tirx.address_of(tirx.BufferLoad(params["workspace"], [tirx.IntImm(index, start)]))
+
+    def entry(name):
+        return params[name].data
+
+    def data_sums(name):  # where the data kernel writes a gradient: the workspace where reduce folds it
+        return region(name) if getattr(segments, name) else entry(f"grad_{name}")
+
+    zero = zero_primfunc(math.prod(spec.input_shape), sums, bind_threads)
+    sources = [  # each kernel, in launch order, and the pointer each of its parameters is declared over
+        (zero, {"accumulator": data_sums("input")}),
+        (data_func, {"input": entry("input"), "offset": entry("offset"), "mask": entry("mask") if spec.has_mask else None,
+                    "weight": entry("weight"), "grad_output": entry("grad_output"),
+                    "grad_input": data_sums("input"), "grad_offset": data_sums("offset"),
+                    "grad_mask": data_sums("mask") if spec.has_mask else None,
+                    "contribution_bound": entry("contribution_bound") if data.deterministic else None}),
+        (weight_func, {"input": entry("input"), "offset": entry("offset"),
+                      "mask": entry("mask") if spec.has_mask else None, "grad_output": entry("grad_output"),
+                      "weight_part": region("weight"), "bias_part": region("bias") if spec.has_bias else None}),
+        (reduce_func, {"weight_part": region("weight"), "bias_part": region("bias") if spec.has_bias else None,
+                      **{f"{name}_part": region(name) for name in ("offset", "mask", "input")
+                         if getattr(segments, name)},
+                      **{f"grad_{name}": entry(f"grad_{name}") for name in ("weight", "bias", "offset", "mask", "input")
+                         if params[f"grad_{name}"] is not None}}),
+    ]
+    body = [tirx.DeclBuffer(p, data=pointers[p.name]) for func, pointers in sources for p in func.params]
+    body += [func.body for func, _ in sources]
+    entry_params = [p for p in params.values() if p is not None]
+    return tirx.PrimFunc(entry_params, tirx.SeqStmt(body)).with_attrs(
+        {"global_symbol": "backward", "tirx.noalias": True})
 
 
 def _device_call(name: str, parameters: str, body: str, *args):

@@ -228,7 +228,7 @@ def test_the_op_takes_a_committed_record_over_the_defaults(tmp_path, monkeypatch
 
     monkeypatch.setattr(kernel_cache, "load_or_build_library", fake_library)
     kernels = backward._build(spec, TARGET, "fused")
-    assert (kernels.channel_splits, kernels.weight_splits) == (data.channel_splits, weight.splits)
+    assert (kernels.data_tiling, kernels.weight_tiling) == (data, weight)
     assert built["name"] == f"{spec.key()}-fused_backward"
     other = dataclasses.replace(spec, batch=3)  # a record of another layer in this layer's folder
     records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET),

@@ -1,7 +1,6 @@
 """The fused backward's reduce kernel (``cuda_backward_fused.reduce_primfunc``), built serially for
 the CPU: its sums are the splits added in split order and cast, bit for bit, for every segment
-``reduce_segments`` gives it; and the runtime's fused path (``runtime.backward._fused_backward``)
-hands it the partial sums of stand-in data and weight kernels and returns every gradient finished."""
+``reduce_segments`` gives it."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import torch
 import tvm
 
 from deft_tvm.compute.spec import DeformConvSpec
-from deft_tvm.runtime import backward
 from deft_tvm.schedules.cuda_backward_fused import (
     DataTiling,
     ReduceSegments,
@@ -36,7 +34,7 @@ CASES = {  # (dtype, tf32, has_bias, has_mask, channel splits, deterministic)
 def _case(name):
     dtype, tf32, has_bias, has_mask, splits, deterministic = CASES[name]
     spec = dataclasses.replace(SPEC, dtype=dtype, tf32=tf32, has_bias=has_bias, has_mask=has_mask)
-    data = dataclasses.replace(DataTiling.for_spec(spec), channel_splits=splits, deterministic=deterministic,
+    data = dataclasses.replace(DataTiling.for_spec(spec), channel_splits=splits, chunk=1, deterministic=deterministic,
                                fixed_point=deterministic or DataTiling.for_spec(spec).fixed_point)
     return spec, data, WeightTiling.for_spec(spec)
 
@@ -86,54 +84,3 @@ def test_no_segments_past_int32_indexing():
     assert reduce_segments(HUGE_BACKWARD, DataTiling.for_spec(HUGE_BACKWARD)) == ReduceSegments(True, True, True)
     past = dataclasses.replace(HUGE_BACKWARD, batch=64, in_channels=256, out_channels=256)  # 4.3e9 input elements
     assert reduce_segments(past, DataTiling.for_spec(past)) == ReduceSegments(False, False, False)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_runtime_passes_the_partial_sums_and_finishes_every_gradient(name, monkeypatch):
-    spec, data, weight = _case(name)
-    gen = torch.Generator().manual_seed(1)
-    written = {}
-
-    def fill(key, tensor):  # what a stand-in kernel writes: random values, kept for the expectation
-        tensor.copy_(torch.randint(-50, 50, tensor.shape, generator=gen).to(tensor.dtype))
-        written[key] = tensor.clone()
-
-    def data_kernel(*args):  # (input, offset, mask?, weight, grad_output, grad_input, grad_offset, grad_mask?, bound?)
-        args = list(args)
-        if data.deterministic:
-            assert args.pop().shape == (1,)  # the bound
-        grad_mask = args.pop() if spec.has_mask else None
-        grad_offset, grad_input = args.pop(), args.pop()
-        assert grad_offset.shape == (data.channel_splits, *spec.offset_shape)
-        for key, tensor in (("input", grad_input), ("offset", grad_offset), ("mask", grad_mask)):
-            if tensor is not None:
-                fill(key, tensor)
-
-    def weight_kernel(*args):
-        parts = args[-2:] if spec.has_bias else args[-1:]
-        for key, tensor in zip(("weight", "bias"), parts):
-            fill(key, tensor)
-
-    kernels = backward.FusedKernels(data_kernel, weight_kernel, _serial_reduce(spec, data, weight), data, weight,
-                                    reduce_segments(spec, data))
-    monkeypatch.setattr(backward, "_kernel", lambda *args: kernels)
-    dtype = getattr(torch, spec.dtype)
-    tensors = {k: torch.zeros(shape, dtype=dtype) for k, shape in (
-        ("grad_output", spec.output_shape), ("input", spec.input_shape), ("offset", spec.offset_shape),
-        ("weight", spec.weight_shape))}
-    mask = torch.zeros(spec.mask_shape, dtype=dtype) if spec.has_mask else None
-    bound = 3.0 if data.deterministic else None
-    grads = backward._fused_backward(spec, None, tensors["grad_output"], tensors["input"], tensors["offset"], mask,
-                                     tensors["weight"], bound)
-
-    grad_input = written["input"].double() * data.fixed_point_quantum(spec, bound) if bound else written["input"]
-    expected = {"input": grad_input.view(spec.input_shape).to(dtype),
-                "offset": _in_split_order(written["offset"], dtype),
-                "weight": _in_split_order(written["weight"], dtype).view(spec.weight_shape),
-                "bias": _in_split_order(written["bias"], dtype) if spec.has_bias else None,
-                "mask": _in_split_order(written["mask"], dtype) if spec.has_mask else None}
-    for key, got in zip(("input", "offset", "weight", "bias", "mask"), grads):
-        if expected[key] is None:
-            assert got is None, key
-        else:
-            assert got.dtype == dtype and torch.equal(got, expected[key]), key

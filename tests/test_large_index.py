@@ -20,7 +20,7 @@ from deft_tvm.runtime import backward, kernel_cache
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_device
 from deft_tvm.schedules import default_schedule, kernel_spec
 from deft_tvm.schedules.cuda_backward import THREADS
-from deft_tvm.schedules.cuda_backward_fused import fused_backward_module
+from deft_tvm.schedules.cuda_backward_fused import backward_entry, default_tilings
 from deft_tvm.tuning.workloads import WORKLOADS
 
 from helpers import TENSOR_ARGUMENTS, grad_leaves, make_case
@@ -51,7 +51,7 @@ def _huge_kernels(spec: DeformConvSpec, target, part: str) -> list[tvm.IRModule]
     if target.kind.name == "llvm":
         return [gradients, tvm.IRModule({"scatter": scatter_primfunc(spec)}),
                 tvm.IRModule({"gather": sorted_gather_primfunc(spec)})]
-    fused, _, _ = fused_backward_module(spec)
+    fused = tvm.IRModule({"backward": backward_entry(spec, *default_tilings(spec))})
     return [gradients, fused, tvm.IRModule({"gather": sorted_gather_primfunc(spec, THREADS)})]
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from deft_tvm.frontend.checks import spec_from_tensors
-from deft_tvm.runtime.kernel_cache import forward_kernel
+from deft_tvm.runtime.kernel_cache import forward_arguments, forward_kernel
 
 
 def _spec(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
@@ -50,7 +50,7 @@ def _forward(spec, input, offset, weight, bias, mask) -> torch.Tensor:
     if spec.batch == 0:
         return output
     spec, kernel = forward_kernel(spec, input.device)
-    kernel(*spec.kernel_arguments(input, offset, mask, weight, bias), output)
+    kernel(*forward_arguments(spec, input.device, input, offset, mask, weight, bias), output)
     return output
 
 

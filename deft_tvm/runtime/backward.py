@@ -4,7 +4,7 @@ per workload.
 * On CUDA with atomics allowed (``torch.use_deterministic_algorithms`` off, torch's default): the
   fused kernels of ``schedules/cuda_backward_fused.py`` (grad_input, grad_offset and grad_mask in
   one kernel that never writes the columns; grad_weight and grad_bias as split partial sums and
-  their fixed-order sum), with the tilings of the workload's committed record
+  their fixed-order sum), launched by one host function (``backward_entry``), with the tilings of the workload's committed record
   (``deft-tvm tune --fused-backward``) or else the defaults, compiled through the kernel cache
   (memory and disk; the file is keyed by ``cuda_backward_fused.fingerprint``).
 * On CUDA in deterministic mode, for float16, bfloat16 and TF32 with finite inputs: the same
@@ -49,18 +49,18 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
         return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0])
     if part in ("fused", "fused_deterministic"):
         from deft_tvm.runtime.records import committed_fused_tilings
-        from deft_tvm.schedules.cuda_backward_fused import (default_tilings, fingerprint, fused_backward_module,
-                                                             reduce_segments)
+        from deft_tvm.schedules.cuda_backward_fused import (backward_entry, backward_workspace, default_tilings,
+                                                             fingerprint, reduce_segments)
 
         arch = str(target.attrs["arch"])
         data, weight = committed_fused_tilings(spec, target) or default_tilings(spec, arch)
         if part == "fused_deterministic":
             data = dataclasses.replace(data, fixed_point=True, deterministic=True)
-        kernels = kernel_cache.load_or_build_library(
+        entry, = kernel_cache.load_or_build_library(
             f"{spec.key()}-{part.replace('fused', 'fused_backward')}", fingerprint(spec, data, weight, arch), target,
-            lambda: compile_kernel(fused_backward_module(spec, data, weight, arch)[0], target),
-            ("grad_data", "grad_weight", "reduce"))
-        return FusedKernels(*kernels, data, weight, reduce_segments(spec, data))
+            lambda: compile_kernel(tvm.IRModule({"backward": backward_entry(spec, data, weight)}), target),
+            ("backward",))
+        return FusedKernels(entry, data, weight, reduce_segments(spec, data), backward_workspace(spec, data, weight))
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
@@ -72,23 +72,19 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
 
 @dataclasses.dataclass(frozen=True)
 class FusedKernels:
-    """The fused CUDA backward's kernels (``schedules/cuda_backward_fused.py``), the number of
-    partial sums each writes and which of the data kernel's outputs the reduce kernel finishes."""
+    """The fused CUDA backward (``schedules/cuda_backward_fused.py``): its one host function
+    (``backward_entry``), its tilings, which of the data kernel's sums it finishes and the
+    scratch buffer it takes."""
 
-    data: Callable
-    weight: Callable
-    reduce: Callable
+    entry: Callable
     data_tiling: object  # schedules.cuda_backward_fused.DataTiling
     weight_tiling: object  # WeightTiling
     segments: object  # ReduceSegments
+    workspace: object  # Workspace
 
     @property
     def channel_splits(self) -> int:
         return self.data_tiling.channel_splits
-
-    @property
-    def weight_splits(self) -> int:
-        return self.weight_tiling.splits
 
 
 def _loaded(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable | None:
@@ -212,53 +208,43 @@ def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, ma
                     bound: float | None = None) -> tuple:
     """``deform_conv2d_backward`` on CUDA by the fused kernels, no columns buffer, for ``spec`` as
     ``kernel_cache.with_torch_tf32`` gives it (float32 multiplies on TF32 tensor cores where
-    ``torch.backends.cuda.matmul.allow_tf32`` is set, as torchvision's matmuls do then). With a
-    ``bound`` (``contribution_bound``): the deterministic kernels, whose grad_input is int64 fixed
-    point at the bound's quantum (the same bits on every run), converted here."""
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, as torchvision's matmuls do then): one call of
+    the fused entry (four kernels), which finishes every gradient but those ``reduce_segments``
+    leaves to the runtime. With a ``bound`` (``contribution_bound``): the deterministic kernels,
+    whose grad_input is int64 fixed point at the bound's quantum (the same bits on every run),
+    converted here."""
     kernels = _kernel(spec, target, "fused" if bound is None else "fused_deterministic")
-    n, c, h, w = spec.input_shape
-    o, device = spec.out_channels, input.device
+    device, dtype, segments = input.device, input.dtype, kernels.segments
     acc = getattr(torch, accumulate_dtype(spec.dtype))
-    input, grad_output = input.contiguous().view(n, c, h * w), grad_output.contiguous()
+    grad_output = grad_output.contiguous()
     if grad_output.data_ptr() % 16:  # the weight kernel reads grad_output in aligned runs of up to 16 bytes
         grad_output = grad_output.clone()
-    offset, weight = offset.contiguous(), weight.contiguous()
-    mask = mask.contiguous() if mask is not None else None
-    grad_input = torch.zeros((n, c, h * w), dtype=acc if bound is None else torch.int64, device=device)
-    grad_offset = torch.empty((kernels.channel_splits, *spec.offset_shape), dtype=acc, device=device)
-    grad_mask = torch.empty((kernels.channel_splits, *spec.mask_shape), dtype=acc, device=device) if spec.has_mask \
-        else None
+    splits = (kernels.channel_splits,)
+
+    def data_gradient(folded: bool, shape):  # folded by the entry, else the data kernel's channel-split sums
+        return torch.empty(shape if folded else splits + shape, dtype=dtype if folded else acc, device=device)
+
+    grad_input = torch.empty(spec.input_shape, device=device,
+                             dtype=dtype if segments.input else acc if bound is None else torch.int64)
+    grad_offset = data_gradient(segments.offset, spec.offset_shape)
+    grad_mask = data_gradient(segments.mask, spec.mask_shape) if spec.has_mask else None
+    grad_weight = torch.empty(spec.weight_shape, dtype=dtype, device=device)
+    grad_bias = torch.empty((spec.out_channels,), dtype=dtype, device=device) if spec.has_bias else None
     bound_tensor = None if bound is None else torch.tensor([bound], dtype=torch.float32, device=device)
-    kernels.data(*[t for t in (input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
-                               bound_tensor) if t is not None])
+    workspace = torch.empty((kernels.workspace.elements,), dtype=acc, device=device)
+    kernels.entry(*[t for t in (input.contiguous(), offset.contiguous(), None if mask is None else mask.contiguous(),
+                                weight.contiguous(), grad_output, bound_tensor, workspace, grad_input, grad_offset,
+                                grad_mask, grad_weight, grad_bias) if t is not None])
     if bound is not None:  # the quantum, as the kernel derives it from the bound's float32 exponent
         grad_input = grad_input.double() * kernels.data_tiling.fixed_point_quantum(spec, bound)
-    taps = spec.kernel_h * spec.kernel_w
-    weight_part = torch.empty((kernels.weight_splits, o, c // spec.groups, taps), dtype=acc, device=device)
-    bias_part = torch.empty((kernels.weight_splits, o), dtype=acc, device=device) if spec.has_bias else None
-    kernels.weight(*[t for t in (input, offset, mask, grad_output.view(n, o, -1), weight_part, bias_part)
-                     if t is not None])
-    # The reduce kernel finishes its segments (the splits' sums, cast); the runtime the others.
-    segments = kernels.segments
-    unfinished = {"offset": grad_offset, "mask": grad_mask, "input": grad_input}
-    folded = {name: part for name, part in unfinished.items() if getattr(segments, name)}
-    outputs = {name: torch.empty(part.shape[1:] if name != "input" else spec.input_shape, dtype=input.dtype,
-                                 device=device) for name, part in folded.items()}
-    grad_weight = torch.empty(spec.weight_shape, dtype=input.dtype, device=device)
-    grad_bias = torch.empty((o,), dtype=input.dtype, device=device) if spec.has_bias else None
-    parts = [part.view(-1) if name == "input" else part.view(kernels.channel_splits, -1) for name, part in folded.items()]
-    kernels.reduce(*[t for t in (weight_part.view(kernels.weight_splits, -1), bias_part, *parts, grad_weight.view(-1),
-                                 grad_bias, *(t.view(-1) for t in outputs.values())) if t is not None])
 
-    def finish(name):
-        part = unfinished[name]
-        if name in outputs or part is None:
-            return outputs.get(name)
-        if name == "input":
-            return part.view(spec.input_shape).to(input.dtype)
-        return (part[0] if len(part) == 1 else part.sum(0)).to(input.dtype)  # (one split: no copy)
+    def split_sum(part, folded: bool):
+        if folded or part is None:
+            return part
+        return (part[0] if len(part) == 1 else part.sum(0)).to(dtype)  # (one split: no copy)
 
-    return finish("input"), finish("offset"), grad_weight, grad_bias, finish("mask")
+    return (grad_input.to(dtype), split_sum(grad_offset, segments.offset), grad_weight, grad_bias,
+            split_sum(grad_mask, segments.mask))
 
 
 def sort_by_pixel(coord_index, pixels: int):

@@ -209,12 +209,55 @@ def forward_kernel(spec: DeformConvSpec, device: torch.device) -> tuple[DeformCo
     return spec, get_kernel(spec, device)
 
 
+def _channels_last_key(spec: DeformConvSpec) -> str:
+    (n, c, h, w), (o, ipg, kh, kw) = spec.input_shape, spec.weight_shape
+    return f"channels_last_n{n}_c{c}_h{h}_w{w}_o{o}_i{ipg}_k{kh}x{kw}_{spec.dtype}"
+
+
+def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
+    """``schedules.cuda_layout.channels_last_primfunc(spec)`` compiled for ``target`` once (memory
+    and disk cache, keyed by the input and weight shapes and dtype)."""
+    from deft_tvm.schedules.cuda_layout import channels_last_primfunc
+
+    memory_key = (_channels_last_key(spec), str(target))
+    kernel = _memory.get(memory_key)
+    if kernel is None:
+        with _lock:
+            kernel = _memory.get(memory_key)
+            if kernel is None:
+                mod = tvm.IRModule({"channels_last": channels_last_primfunc(spec)})
+                fingerprint = f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+                kernel = _memory[memory_key] = load_or_build_library(
+                    memory_key[0], fingerprint, target, lambda: compile_kernel(mod, target), ("channels_last",))[0]
+    return kernel
+
+
+def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> bool:
+    return spec.layout == "NHWC" and device.type == "cuda"
+
+
+def forward_arguments(spec: DeformConvSpec, device: torch.device, input, offset, mask, weight, bias) -> list:
+    """The forward kernel's tensors for the kernel spec ``spec`` (``forward_kernel``'s) on
+    ``device``: ``spec.kernel_arguments(...)``, except that a channels-last kernel on CUDA given
+    NCHW-contiguous input and weight gets their channels-last copies from one
+    ``channels_last_kernel`` call (where torch takes two permuted copies; input already channels
+    last is taken as it is)."""
+    if not (_takes_channels_last_copies(spec, device) and input.is_contiguous() and weight.is_contiguous()):
+        return spec.kernel_arguments(input, offset, mask, weight, bias)
+    n, c, h, w = spec.input_shape
+    o, ipg, kh, kw = spec.weight_shape
+    input_nhwc, weight_ohwi = input.new_empty((n, h, w, c)), weight.new_empty((o, kh, kw, ipg))
+    channels_last_kernel(spec, target_for_device(device))(input, weight, input_nhwc, weight_ohwi)
+    return [t.contiguous() for t in (input_nhwc, offset, mask, weight_ohwi, bias) if t is not None]
+
+
 def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
     """Compile, in parallel, the kernels of ``specs`` (tuned record or default schedule) that the
-    disk cache lacks.
+    disk cache lacks, and load or compile the channels-last copies (``forward_arguments``) of
+    those that take them.
 
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
-    the number of kernels built.
+    the number of forward kernels built.
     """
     target = target_for_device(device)
     missing = {}
@@ -223,12 +266,15 @@ def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
             sch = schedule_for(spec, target)[0]
             if not kernel_path(spec, target, sch).exists():
                 missing[spec.key()] = (spec, sch)
+    layouts = {_channels_last_key(s): s for s in specs if _takes_channels_last_copies(s, device)}
 
     def build_and_store(spec, sch):
         _export_atomically(build(spec, target, sch), kernel_path(spec, target, sch))
 
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-        for future in [pool.submit(build_and_store, *item) for item in missing.values()]:
+        futures = [pool.submit(build_and_store, *item) for item in missing.values()]
+        futures += [pool.submit(channels_last_kernel, spec, target) for spec in layouts.values()]
+        for future in futures:
             future.result()
     return len(missing)
 

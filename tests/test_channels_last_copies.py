@@ -1,0 +1,80 @@
+"""The tensor-core forward's channels-last copies (``schedules.cuda_layout``, taken by
+``runtime.kernel_cache.forward_arguments``): the copies are torch's permuted ones exactly (built
+serially for the CPU), the runtime takes them from one call where it is given NCHW tensors and
+torch's views where the input is already channels last, and the CUDA function compiles with nvcc
+for sm_90, in 64-bit indices past 2**31 elements."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+import tvm
+
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.targets import compile_kernel, cuda_target
+from deft_tvm.schedules.cuda_layout import channels_last_primfunc
+
+from test_fused_backward_codegen import _compile, needs_nvcc
+from test_large_index import HUGE_FORWARD
+
+HUGE = dataclasses.replace(HUGE_FORWARD, batch=9)  # 2.4e9 input elements: flat indices past int32
+SPEC = DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), groups=2, offset_groups=3,
+                      layout="NHWC")
+
+
+def _serial(spec):
+    mod = tvm.IRModule({"channels_last": channels_last_primfunc(spec, bind_threads=False)})
+    return tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))["channels_last"]
+
+
+def _tensors(spec, dtype):
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"input": spec.input_shape, "offset": spec.offset_shape, "mask": spec.mask_shape,
+              "weight": spec.weight_shape, "bias": (spec.out_channels,)}
+    return {k: torch.randn(shape, generator=gen).to(dtype) for k, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_copies_are_torchs_permuted_copies(dtype):
+    spec = dataclasses.replace(SPEC, dtype=dtype)
+    t = _tensors(spec, getattr(torch, dtype))
+    input_nhwc, weight_ohwi = torch.empty(2, 9, 11, 6, dtype=t["input"].dtype), torch.empty(4, 3, 2, 3,
+                                                                                            dtype=t["input"].dtype)
+    _serial(spec)(t["input"], t["weight"], input_nhwc, weight_ohwi)
+    assert torch.equal(input_nhwc, t["input"].permute(0, 2, 3, 1))
+    assert torch.equal(weight_ohwi, t["weight"].permute(0, 2, 3, 1))
+
+
+def test_runtime_takes_one_call_for_nchw_tensors_and_views_for_channels_last(monkeypatch):
+    calls = []
+    serial = _serial(SPEC)
+    monkeypatch.setattr(kernel_cache, "channels_last_kernel", lambda spec, target: calls.append(spec) or serial)
+    monkeypatch.setattr(kernel_cache, "target_for_device", lambda device: None)
+    t = _tensors(SPEC, torch.float32)
+    cuda = torch.device("cuda")  # CPU tensors stand in: only the routing is under test
+    expected = SPEC.kernel_arguments(t["input"], t["offset"], t["mask"], t["weight"], t["bias"])
+    got = kernel_cache.forward_arguments(SPEC, cuda, t["input"], t["offset"], t["mask"], t["weight"], t["bias"])
+    assert calls == [SPEC] and len(got) == len(expected) == 5
+    assert all(torch.equal(a, b) and a.is_contiguous() for a, b in zip(got, expected))
+
+    channels_last = t["input"].contiguous(memory_format=torch.channels_last)
+    got = kernel_cache.forward_arguments(SPEC, cuda, channels_last, t["offset"], t["mask"], t["weight"], t["bias"])
+    assert calls == [SPEC] and got[0].data_ptr() == channels_last.data_ptr()  # no copy, no call
+    nchw = dataclasses.replace(SPEC, layout="NCHW")
+    got = kernel_cache.forward_arguments(nchw, cuda, t["input"], t["offset"], None, t["weight"], None)
+    assert calls == [SPEC] and got[0] is t["input"] and len(got) == 3
+
+
+@needs_nvcc
+@pytest.mark.parametrize("spec", [dataclasses.replace(SPEC, dtype="float16"), HUGE], ids=["small", "huge"])
+def test_cuda_copies_compile_with_nvcc(spec):
+    source = compile_kernel(tvm.IRModule({"channels_last": channels_last_primfunc(spec)}),
+                            cuda_target("sm_90")).mod.imports[0].inspect_source()
+    assert len(re.findall(r"__global__ void [^;{]*\{", source)) == 2  # two kernel definitions
+    kernels = source[source.index('extern "C"'):]
+    assert ("int64_t" in kernels) == (spec is HUGE)
+    assert _compile(source)[:4] == b"\x7fELF"
