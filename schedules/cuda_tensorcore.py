@@ -56,6 +56,12 @@ DEFAULT_CHUNK = 32
 # kernel launched (paper N=1 float16 0.033 / 0.021 ms, r50 c4 0.177 / 0.151, c5 TF32 0.493 / 0.311),
 # 8 groups of 8 channels (video) lost (0.117 / 0.442).
 TAP_POINTS_MIN_GROUP_CHANNELS = 16
+# ... and where a tap has at least this many channel chunks: the staged points then serve several
+# chunks. With one chunk per tap they save no loads, and they die before the chunk's float16 tile
+# is written, whose memory TVM's StorageRewrite can then take from theirs (a float32 buffer): the
+# default tiling of 16 channels into 64 on a 10 x 13 map failed to lower ("tvm_access_ptr element
+# type must match the source buffer"). Every registry layer has two chunks per tap or more.
+TAP_POINTS_MIN_CHUNKS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +128,13 @@ class TensorCoreTiling:
         positions once for all of its channels) on 2 warps (4 above 64 channels), one warp along
         positions with 2 fragments of them (4 above 64 channels), 32-channel reduction chunks;
         sampling points staged per tap where offset groups have ``TAP_POINTS_MIN_GROUP_CHANNELS``
-        channels or more (measured on the H200, ``tools/results/forward_tap_points_refine_h200.txt``)."""
+        channels or more (measured on the H200, ``tools/results/forward_tap_points_refine_h200.txt``)
+        and a tap has ``TAP_POINTS_MIN_CHUNKS`` chunks or more."""
         k = _k_fragment(spec)
         co_frags = spec.out_channels // spec.groups // FRAGMENT
         p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
         k_frags = spec.in_channels // spec.groups // k
+        chunk_frags = largest_divisor(k_frags, DEFAULT_CHUNK // k)
         block_co = largest_divisor(co_frags, 8)
         wide = block_co > 4
         warps_co = largest_divisor(block_co, 4 if wide else 2)
@@ -135,9 +143,10 @@ class TensorCoreTiling:
             frags_co=block_co // warps_co,
             warps_p=1,
             frags_p=largest_divisor(p_frags, 4 if wide else 2),
-            k_frags=largest_divisor(k_frags, DEFAULT_CHUNK // k),
+            k_frags=chunk_frags,
             vector=_vector(spec),
-            tap_points=spec.in_channels // spec.offset_groups >= TAP_POINTS_MIN_GROUP_CHANNELS,
+            tap_points=(spec.in_channels // spec.offset_groups >= TAP_POINTS_MIN_GROUP_CHANNELS
+                        and k_frags >= TAP_POINTS_MIN_CHUNKS * chunk_frags),
         )
 
     @classmethod

@@ -51,9 +51,11 @@ def test_refinements_of_a_record_stage_the_points_and_double_the_chunk():
         "default, tap points off": unstaged_default}
 
 
-@pytest.mark.parametrize(("channels", "offset_groups", "staged"), [(64, 1, True), (64, 8, False), (32, 2, True),
-                                                                    (32, 4, False)])
-def test_the_default_stages_points_where_offset_groups_have_16_channels(channels, offset_groups, staged):
+@pytest.mark.parametrize(("channels", "offset_groups", "staged"), [(64, 1, True), (64, 8, False), (128, 2, True),
+                                                                    (32, 2, False), (32, 4, False)])
+def test_the_default_stages_points_where_offset_groups_have_16_channels_and_taps_two_chunks(channels, offset_groups,
+                                                                                           staged):
+    # 32 channels in 2 groups: 16 per group, but one 32-channel chunk per tap.
     spec = dataclasses.replace(SPEC, in_channels=channels, offset_groups=offset_groups)
     assert TensorCoreTiling.for_spec(spec).tap_points is staged
 
@@ -82,3 +84,15 @@ def test_a_one_chunk_tap_with_staged_points_lowers():
     sch = tensorcore_schedule_at(deform_conv2d_primfunc(spec), spec, tiling)
     (device,) = compile_kernel(sch.mod, TARGET).mod.imports
     assert "sample_index_shared" in device.inspect_source()
+
+
+def test_default_tiling_stages_points_only_where_a_tap_has_two_chunks():
+    # 16 channels into 64 on a 10 x 13 map (tests/test_gpu_fused_backward.py): one 16-channel chunk
+    # per tap; with staged points its default tiling failed to lower. Without, it lowers.
+    one_chunk = DeformConvSpec(2, 16, 10, 13, 64, 3, 3, padding=(1, 1), dtype="float16", layout="NHWC")
+    tiling = TensorCoreTiling.for_spec(one_chunk)
+    assert tiling.k_frags == 1 and not tiling.tap_points
+    compile_kernel(tensorcore_schedule_at(deform_conv2d_primfunc(one_chunk), one_chunk, tiling).mod, TARGET)
+    two_chunks = dataclasses.replace(one_chunk, in_channels=64)  # 2 chunks of 32 channels
+    assert TensorCoreTiling.for_spec(two_chunks).tap_points
+    assert TensorCoreTiling.for_spec(dataclasses.replace(two_chunks, dtype="float32", tf32=True)).tap_points
