@@ -52,8 +52,8 @@ the math is ``deft_tvm.compute.backward``'s
   launches the three kernels above on a scratch buffer the caller allocates once
   (``backward_workspace``), every kernel buffer declared over the entry's parameters. On a
   small layer the host is the bottleneck (one torch allocation costs about as much as a kernel
-  launch), so one call and two allocations instead of three calls, a zero fill and a dozen
-  allocations per backward.
+  launch), so one call and one scratch allocation besides the gradients' instead of three calls,
+  a zero fill and a dozen allocations per backward.
 
 Both kernels are launched with ``__launch_bounds__(threads, resident_blocks)``, so that they keep
 to 64 registers where shared memory lets 8 blocks of 128 threads share an SM.
@@ -1638,8 +1638,8 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
     zero = zero_primfunc(math.prod(spec.input_shape), sums, bind_threads)
     sources = [  # each kernel, in launch order, and the pointer each of its parameters is declared over
         (zero, {"accumulator": data_sums("input")}),
-        (data_func, {"input": entry("input"), "offset": entry("offset"), "mask": entry("mask") if spec.has_mask else None,
-                    "weight": entry("weight"), "grad_output": entry("grad_output"),
+        (data_func, {"input": entry("input"), "offset": entry("offset"),
+                    "mask": entry("mask") if spec.has_mask else None, "weight": entry("weight"), "grad_output": entry("grad_output"),
                     "grad_input": data_sums("input"), "grad_offset": data_sums("offset"),
                     "grad_mask": data_sums("mask") if spec.has_mask else None,
                     "contribution_bound": entry("contribution_bound") if data.deterministic else None}),

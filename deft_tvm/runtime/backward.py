@@ -4,9 +4,10 @@ per workload.
 * On CUDA with atomics allowed (``torch.use_deterministic_algorithms`` off, torch's default): the
   fused kernels of ``schedules/cuda_backward_fused.py`` (grad_input, grad_offset and grad_mask in
   one kernel that never writes the columns; grad_weight and grad_bias as split partial sums and
-  their fixed-order sum), launched by one host function (``backward_entry``), with the tilings of the workload's committed record
-  (``deft-tvm tune --fused-backward``) or else the defaults, compiled through the kernel cache
-  (memory and disk; the file is keyed by ``cuda_backward_fused.fingerprint``).
+  their fixed-order sum), launched by one host function (``backward_entry``), with the tilings
+  of the workload's committed record (``deft-tvm tune --fused-backward``) or else the defaults,
+  compiled through the kernel cache (memory and disk; the file is keyed by
+  ``cuda_backward_fused.fingerprint``).
 * On CUDA in deterministic mode, for float16, bfloat16 and TF32 with finite inputs: the same
   fused kernels with grad_input in int64 fixed point at one quantum (``contribution_bound``),
   whose sums are the same bits on every run.
