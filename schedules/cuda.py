@@ -26,6 +26,7 @@ inputs drawn from the workload's offset profile (``deft_tvm.tuning.search``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from tvm import s_tir
@@ -74,6 +75,18 @@ class CudaTiling:
             ox_regs=2 if spec.out_w >= 2 * ox_threads else 1,
             k_chunk=min(cls.k_chunk, spec.in_channels // spec.groups),
         )
+
+
+def thread_loops(bind_threads: bool = True):
+    """``(blocks_loop, threads_loop)`` for a hand-written TVMScript kernel: loops bound to
+    ``blockIdx.x`` and ``threadIdx.x``, or with ``bind_threads=False`` serial ones (the same loops,
+    buildable for a CPU, where tests check them)."""
+    from tvm.script import tirx as T
+
+    if not bind_threads:
+        return T.serial, T.serial
+    return (functools.partial(T.thread_binding, thread="blockIdx.x"),
+            functools.partial(T.thread_binding, thread="threadIdx.x"))
 
 
 def largest_divisor(n: int, at_most: int) -> int:

@@ -80,7 +80,7 @@ from tvm import tirx
 
 from deft_tvm.compute.sampling import index_extents
 from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype
-from deft_tvm.schedules.cuda import largest_divisor
+from deft_tvm.schedules.cuda import largest_divisor, thread_loops
 from deft_tvm.schedules.cuda_mma import c_element, mma_shape
 
 SHARED_BYTES = 48 * 1024  # static shared memory per block every sm_70+ GPU allows
@@ -1458,11 +1458,7 @@ def reduce_primfunc(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling
     same loops, serial (buildable for a CPU, where tests check the sums)."""
     from tvm.script import tirx as T
 
-    if bind_threads:
-        blocks_loop = functools.partial(T.thread_binding, thread="blockIdx.x")
-        threads_loop = functools.partial(T.thread_binding, thread="threadIdx.x")
-    else:
-        blocks_loop = threads_loop = T.serial
+    blocks_loop, threads_loop = thread_loops(bind_threads)
 
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
     segments = reduce_segments(spec, data)
@@ -1532,8 +1528,7 @@ def zero_primfunc(count: int, dtype: str, bind_threads: bool = True):
     threads = 256
     index = "int64" if count > INT32_MAX else "int32"
     blocks, threads_, count_ = (tirx.IntImm(index, v) for v in (-(-count // threads), threads, count))
-    blocks_loop = functools.partial(T.thread_binding, thread="blockIdx.x") if bind_threads else T.serial
-    threads_loop = functools.partial(T.thread_binding, thread="threadIdx.x") if bind_threads else T.serial
+    blocks_loop, threads_loop = thread_loops(bind_threads)
     zero = tirx.const(0, dtype)
 
     @T.prim_func

@@ -10,12 +10,12 @@ coalesced), into buffers the caller allocates.
 
 from __future__ import annotations
 
-import functools
 import math
 
 from tvm import tirx
 
 from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec
+from deft_tvm.schedules.cuda import thread_loops
 
 THREADS = 256
 
@@ -36,8 +36,7 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     threads = tirx.IntImm(index, THREADS)
     input_blocks = tirx.IntImm(index, -(-int(inputs) // THREADS))
     weight_blocks = -(-weights // THREADS)
-    blocks_loop = functools.partial(T.thread_binding, thread="blockIdx.x") if bind_threads else T.serial
-    threads_loop = functools.partial(T.thread_binding, thread="threadIdx.x") if bind_threads else T.serial
+    blocks_loop, threads_loop = thread_loops(bind_threads)
 
     @T.macro
     def copy_input(input, input_nhwc, e):  # e: the flat index of input_nhwc

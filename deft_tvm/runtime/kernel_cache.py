@@ -89,15 +89,15 @@ def library_path(name: str, fingerprint: str, target: tvm.target.Target) -> Path
     return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / f"{name}-{fingerprint}.so"
 
 
-def _fingerprint(sch) -> str:
-    return f"{tvm_ffi.structural_hash(sch.mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+def _fingerprint(mod: tvm.IRModule) -> str:
+    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def kernel_path(spec: DeformConvSpec, target: tvm.target.Target, sch=None) -> Path:
     """Where the compiled library of ``spec`` for ``target`` (scheduled by ``sch``, default: the
     schedule ``schedule_for`` picks) is cached."""
     sch = sch if sch is not None else schedule_for(spec, target)[0]
-    return library_path(spec.key(), _fingerprint(sch), target)
+    return library_path(spec.key(), _fingerprint(sch.mod), target)
 
 
 def build(spec: DeformConvSpec, target: tvm.target.Target, sch=None):
@@ -142,7 +142,8 @@ def load_or_build_library(name: str, fingerprint: str, target: tvm.target.Target
 
 def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch) -> Callable:
     """The kernel of ``spec`` scheduled by ``sch``, from the disk cache or compiled into it."""
-    return load_or_build_library(spec.key(), _fingerprint(sch), target, lambda: build(spec, target, sch), ("main",))[0]
+    return load_or_build_library(spec.key(), _fingerprint(sch.mod), target, lambda: build(spec, target, sch),
+                                 ("main",))[0]
 
 
 def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
@@ -158,23 +159,31 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
     loaded = loaded_kernel(target.kind.name, key)
     if loaded is not None:
         return loaded
-    memory_key = (key, str(target))
+
+    def compile_once():
+        sch, tuned = schedule_for(spec, target)
+        if not tuned:
+            warnings.warn(
+                f"deft_tvm: no tuned kernel for workload {key} on {target.kind.name} "
+                f"({target_tag(target)}); using the default schedule, compiled once and cached in "
+                f"{cache_dir()}. Registry workloads are tuned with `deft-tvm tune --workloads "
+                "NAME` (see `deft-tvm list`); load the exported library with deft_tvm.load_library().",
+                UntunedKernelWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        return load_or_build(spec, target, sch)
+
+    return _memoized((key, str(target)), compile_once)
+
+
+def _memoized(memory_key: tuple[str, str], load: Callable[[], Callable]) -> Callable:
+    """The kernel this process keeps under ``memory_key`` ((name, target)), ``load()``-ed once."""
     kernel = _memory.get(memory_key)
     if kernel is None:
         with _lock:
             kernel = _memory.get(memory_key)
             if kernel is None:
-                sch, tuned = schedule_for(spec, target)
-                if not tuned:
-                    warnings.warn(
-                        f"deft_tvm: no tuned kernel for workload {key} on {target.kind.name} "
-                        f"({target_tag(target)}); using the default schedule, compiled once and cached in "
-                        f"{cache_dir()}. Registry workloads are tuned with `deft-tvm tune --workloads "
-                        "NAME` (see `deft-tvm list`); load the exported library with deft_tvm.load_library().",
-                        UntunedKernelWarning,
-                        stacklevel=_user_stacklevel(),
-                    )
-                kernel = _memory[memory_key] = load_or_build(spec, target, sch)
+                kernel = _memory[memory_key] = load()
     return kernel
 
 
@@ -219,17 +228,14 @@ def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Cal
     and disk cache, keyed by the input and weight shapes and dtype)."""
     from deft_tvm.schedules.cuda_layout import channels_last_primfunc
 
-    memory_key = (_channels_last_key(spec), str(target))
-    kernel = _memory.get(memory_key)
-    if kernel is None:
-        with _lock:
-            kernel = _memory.get(memory_key)
-            if kernel is None:
-                mod = tvm.IRModule({"channels_last": channels_last_primfunc(spec)})
-                fingerprint = f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
-                kernel = _memory[memory_key] = load_or_build_library(
-                    memory_key[0], fingerprint, target, lambda: compile_kernel(mod, target), ("channels_last",))[0]
-    return kernel
+    name = _channels_last_key(spec)
+
+    def load():
+        mod = tvm.IRModule({"channels_last": channels_last_primfunc(spec)})
+        return load_or_build_library(name, _fingerprint(mod), target, lambda: compile_kernel(mod, target),
+                                     ("channels_last",))[0]
+
+    return _memoized((name, str(target)), load)
 
 
 def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> bool:
