@@ -1,5 +1,5 @@
 """The tensor-core forward's channels-last copies (``schedules.cuda_layout``, taken by
-``runtime.kernel_cache.forward_arguments``): the copies are torch's permuted ones exactly (built
+``runtime.kernel_cache.ForwardCall``): the copies are torch's permuted ones exactly (built
 serially for the CPU), the runtime takes them from one call where it is given NCHW tensors and
 torch's views where the input is already channels last, and the CUDA function compiles with nvcc
 for sm_90, in 64-bit indices past 2**31 elements."""
@@ -49,24 +49,43 @@ def test_copies_are_torchs_permuted_copies(dtype):
     assert torch.equal(weight_ohwi, t["weight"].permute(0, 2, 3, 1))
 
 
-def test_runtime_takes_one_call_for_nchw_tensors_and_views_for_channels_last(monkeypatch):
+def _forward_call(spec, channels_last) -> kernel_cache.ForwardCall:
+    return kernel_cache.ForwardCall(spec, None, channels_last, spec.output_shape,
+                                    (spec.kernel_input_shape, spec.kernel_weight_shape))
+
+
+def test_runtime_takes_one_call_for_nchw_tensors_and_views_for_channels_last():
     calls = []
     serial = _serial(SPEC)
-    monkeypatch.setattr(kernel_cache, "channels_last_kernel", lambda spec, target: calls.append(spec) or serial)
-    monkeypatch.setattr(kernel_cache, "target_for_device", lambda device: None)
-    t = _tensors(SPEC, torch.float32)
-    cuda = torch.device("cuda")  # CPU tensors stand in: only the routing is under test
+    copies = _forward_call(SPEC, lambda *tensors: calls.append(len(tensors)) or serial(*tensors))
+    t = _tensors(SPEC, torch.float32)  # CPU tensors stand in for CUDA ones: only the routing is under test
     expected = SPEC.kernel_arguments(t["input"], t["offset"], t["mask"], t["weight"], t["bias"])
-    got = kernel_cache.forward_arguments(SPEC, cuda, t["input"], t["offset"], t["mask"], t["weight"], t["bias"])
-    assert calls == [SPEC] and len(got) == len(expected) == 5
+    got = copies.arguments(t["input"], t["offset"], t["mask"], t["weight"], t["bias"])
+    assert calls == [4] and len(got) == len(expected) == 5
     assert all(torch.equal(a, b) and a.is_contiguous() for a, b in zip(got, expected))
 
     channels_last = t["input"].contiguous(memory_format=torch.channels_last)
-    got = kernel_cache.forward_arguments(SPEC, cuda, channels_last, t["offset"], t["mask"], t["weight"], t["bias"])
-    assert calls == [SPEC] and got[0].data_ptr() == channels_last.data_ptr()  # no copy, no call
+    got = copies.arguments(channels_last, t["offset"], t["mask"], t["weight"], t["bias"])
+    assert calls == [4] and got[0].data_ptr() == channels_last.data_ptr()  # no copy, no call
     nchw = dataclasses.replace(SPEC, layout="NCHW")
-    got = kernel_cache.forward_arguments(nchw, cuda, t["input"], t["offset"], None, t["weight"], None)
-    assert calls == [SPEC] and got[0] is t["input"] and len(got) == 3
+    got = _forward_call(nchw, None).arguments(t["input"], t["offset"], None, t["weight"], None)
+    assert calls == [4] and got[0] is t["input"] and len(got) == 3
+
+
+def test_forward_call_takes_the_copies_for_channels_last_kernels_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(kernel_cache, "_forward_calls", {})
+    monkeypatch.setattr(kernel_cache, "get_kernel", lambda spec, device: ("kernel", spec))
+    monkeypatch.setattr(kernel_cache, "channels_last_kernel", lambda spec, target: ("copies", spec))
+    monkeypatch.setattr(kernel_cache, "target_for_device", lambda device: cuda_target("sm_90"))
+    nchw = dataclasses.replace(SPEC, layout="NCHW", dtype="float16", groups=1, out_channels=32, in_channels=32,
+                               offset_groups=1)
+    call = kernel_cache.forward_call(nchw, torch.device("cuda"))
+    assert call.spec.layout == "NHWC" and call.kernel == ("kernel", call.spec)
+    assert call.channels_last == ("copies", call.spec)
+    assert call.output_shape == nchw.output_shape and call.copy_shapes == ((2, 9, 11, 32), (32, 3, 2, 32))
+    assert kernel_cache.forward_call(nchw, torch.device("cuda")) is call  # looked up once
+    monkeypatch.setattr(kernel_cache, "target_for_device", lambda device: tvm.target.Target("llvm"))
+    assert kernel_cache.forward_call(nchw, torch.device("cpu")).channels_last is None
 
 
 @needs_nvcc

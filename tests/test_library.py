@@ -72,6 +72,19 @@ def test_loaded_kernels_are_dispatched_and_correct(exported, isolated_cache, mon
         assert_close(out, deft_tvm.deform_conv2d_reference(**args), spec.dtype)
 
 
+def test_a_library_loaded_after_a_call_takes_the_next_calls(exported, isolated_cache):
+    spec, cpu = SPECS[0], torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kernel_cache.UntunedKernelWarning)
+        deft_tvm.deform_conv2d(**make_case(spec))
+    compiled = kernel_cache.forward_call(spec, cpu).kernel
+    loaded = deft_tvm.load_library(exported)
+    assert compiled is not loaded.kernels[spec.key()]
+    assert kernel_cache.forward_call(spec, cpu).kernel is loaded.kernels[spec.key()]
+    library.unload_all()
+    assert kernel_cache.forward_call(spec, cpu).kernel is compiled
+
+
 def _edit_manifest(path, **changes):
     manifest = json.loads(path.read_text())
     manifest.update(changes)

@@ -30,27 +30,26 @@ def as_pair(value: IntPair, name: str) -> tuple[int, int]:
     return pair
 
 
+_TENSOR_NAMES = ("input", "offset", "weight", "bias", "mask")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_tensor_types(**tensors: Optional[torch.Tensor]) -> None:
-    """Each argument is a torch.Tensor (or None)."""
-    for name, tensor in tensors.items():
+def check_tensor_types(input, offset, weight, bias=None, mask=None) -> None:
+    """Each argument is a torch.Tensor (bias and mask: or None); a TypeError names the first that is not."""
+    for name, tensor in zip(_TENSOR_NAMES, (input, offset, weight, bias, mask)):
         if tensor is not None and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
 
 
 class _Described(NamedTuple):
-    """What validation reads of a tensor: hashable, so validated signatures can be cached."""
+    """What validation reads of a tensor."""
 
     shape: tuple
     dtype: torch.dtype
     device: torch.device
-
-
-def _describe(tensor: Optional[torch.Tensor]) -> Optional[_Described]:
-    return None if tensor is None else _Described(tuple(tensor.shape), tensor.dtype, tensor.device)
 
 
 def _check_rank(name: str, tensor: Optional[_Described], rank: int, layout: str) -> None:
@@ -73,10 +72,10 @@ def spec_from_tensors(
     """Validate the arguments of ``deform_conv2d`` and describe the call.
 
     The result depends only on shapes, dtypes, devices and hyper-parameters, so it is cached per
-    such signature: a repeated call costs one dictionary look-up.
+    such signature: a repeated call costs building the signature and one dictionary look-up.
     """
-    check_tensor_types(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    signature = (_describe(input), _describe(offset), _describe(weight), _describe(bias), _describe(mask),
+    check_tensor_types(input, offset, weight, bias, mask)
+    signature = (*[None if t is None else (t.shape, t.dtype, t.device) for t in (input, offset, weight, bias, mask)],
                  stride, padding, dilation)
     try:
         return _cached_spec(signature)
@@ -85,7 +84,9 @@ def spec_from_tensors(
 
 
 def _spec_from_signature(signature) -> DeformConvSpec:
-    input, offset, weight, bias, mask, stride, padding, dilation = signature
+    input, offset, weight, bias, mask = (None if d is None else _Described(tuple(d[0]), d[1], d[2])
+                                         for d in signature[:5])
+    stride, padding, dilation = signature[5:]
     named = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     given = {name: t for name, t in named.items() if t is not None}
 

@@ -41,7 +41,7 @@ def deform_conv2d(
     TF32 tensor cores (operands cut to 10 mantissa bits, sums in float32) where
     ``torch.backends.cuda.matmul.allow_tf32`` is set, as torchvision's matmuls then do.
     """
-    check_tensor_types(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+    check_tensor_types(input, offset, weight, bias, mask)
     stride_h, stride_w = as_pair(stride, "stride")
     pad_h, pad_w = as_pair(padding, "padding")
     dil_h, dil_w = as_pair(dilation, "dilation")

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from deft_tvm.frontend.checks import spec_from_tensors
-from deft_tvm.runtime.kernel_cache import forward_arguments, forward_kernel
+from deft_tvm.runtime.kernel_cache import forward_call
 
 
 def _spec(input, offset, weight, bias, mask, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
@@ -46,12 +46,9 @@ def deform_conv2d_op(
 
 
 def _forward(spec, input, offset, weight, bias, mask) -> torch.Tensor:
-    output = input.new_empty(spec.output_shape)
     if spec.batch == 0:
-        return output
-    spec, kernel = forward_kernel(spec, input.device)
-    kernel(*forward_arguments(spec, input.device, input, offset, mask, weight, bias), output)
-    return output
+        return input.new_empty(spec.output_shape)
+    return forward_call(spec, input.device).call(input, offset, mask, weight, bias)
 
 
 @deform_conv2d_op.register_fake
@@ -135,10 +132,11 @@ deform_conv2d_backward_op.register_autograd(_no_double_backward, setup_context=l
 
 class _EagerDeformConv2d(torch.autograd.Function):
     """``deform_conv2d_op`` and its autograd without the dispatcher: the same kernels, results and
-    errors; arguments as the op's."""
+    errors; arguments as the op's, the six ints as one tuple (fewer arguments for autograd to
+    unpack)."""
 
     @staticmethod
-    def forward(ctx, input, offset, weight, bias, mask, *hyper):
+    def forward(ctx, input, offset, weight, bias, mask, hyper):
         ctx.save_for_backward(input, offset, weight, mask)
         ctx.spec, ctx.hyper = _spec(input, offset, weight, bias, mask, *hyper), hyper
         return _forward(ctx.spec, input, offset, weight, bias, mask)
@@ -150,7 +148,7 @@ class _EagerDeformConv2d(torch.autograd.Function):
             grads = deform_conv2d_backward_op(grad_output, input, offset, weight, mask, ctx.spec.has_bias, *ctx.hyper)
         else:  # the forward's spec, validated then
             grads = _gradients(ctx.spec, grad_output, input, offset, weight, mask)
-        return _argument_grads(grads, ctx.spec.has_bias, ctx.spec.has_mask)
+        return _argument_grads(grads, ctx.spec.has_bias, ctx.spec.has_mask)[:6]  # one None for the six ints
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -180,7 +178,7 @@ def deform_conv2d_call(input, offset, weight, bias, mask, stride_h: int, stride_
     hyper = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
     if plain_eager(tensors):
-        return _EagerDeformConv2d.apply(input, offset, weight, bias, mask, *hyper)
+        return _EagerDeformConv2d.apply(input, offset, weight, bias, mask, hyper)
     return deform_conv2d_op(input, offset, weight, bias, mask, *hyper)
 
 AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}  # device type -> its autocast dispatch key

@@ -40,7 +40,7 @@ from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.library import loaded_kernel
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
-_kernels: dict[tuple[str, str, str], Callable] = {}
+_kernels: dict[tuple[DeformConvSpec, tvm.target.Target, str], Callable] = {}  # the target: target_for_device's
 _lock = threading.Lock()
 
 
@@ -96,15 +96,19 @@ def _loaded(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Calla
 
 def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
     """``part`` ("gradients", "scatter" (CPU), "gather" or "fused" (CUDA)) of ``spec``'s backward for
-    ``target``, compiled once (the gradient kernels of a loaded library win)."""
+    ``target`` (``target_for_device``'s: kept per target object), compiled once (the gradient
+    kernels of a loaded library win); a repeated call costs a dictionary look-up."""
     loaded = _loaded(spec, target, part)
     if loaded is not None:
         return loaded
-    key = (spec.key(), str(target), part)
-    with _lock:
-        if key not in _kernels:
-            _kernels[key] = _build(spec, target, part)
-        return _kernels[key]
+    key = (spec, target, part)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        with _lock:
+            kernel = _kernels.get(key)
+            if kernel is None:
+                kernel = _kernels[key] = _build(spec, target, part)
+    return kernel
 
 
 def backward_parts(spec: DeformConvSpec, device_type: str, deterministic: bool) -> tuple[str, ...]:
@@ -129,7 +133,7 @@ def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_wo
     jobs = {}
     for spec in specs:
         for part in backward_parts(spec, device.type, deterministic):
-            key = (spec.key(), str(target), part)
+            key = (spec, target, part)
             if key not in _kernels and _loaded(spec, target, part) is None:
                 jobs[key] = (spec, part)
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:

@@ -32,6 +32,7 @@ import tvm_ffi
 
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.runtime import library
 from deft_tvm.runtime.library import loaded_kernel
 from deft_tvm.runtime.records import best_schedule, committed_database, target_tag
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
@@ -201,21 +202,67 @@ def _tf32_spec(spec: DeformConvSpec) -> DeformConvSpec:
     return dataclasses.replace(spec, tf32=True)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ForwardCall:
+    """The forward of one call signature on one device, looked up once (``forward_call``): the
+    kernel spec (float32 on TF32 where torch's matmuls are, the layout the target's schedule
+    gathers from: ``schedules.kernel_spec``), its kernel and, for a channels-last kernel on CUDA,
+    the function that makes the channels-last copies of NCHW input and weight in one call
+    (``channels_last_kernel``; None otherwise).
+
+    ``call(input, offset, mask, weight, bias)`` takes the tensors of the NCHW call
+    (``DeformConvSpec``'s shapes, one dtype and device; mask and bias None where absent) and
+    returns the output ``[batch, out_channels, out_h, out_w]``, contiguous, of their dtype."""
+
+    spec: DeformConvSpec
+    kernel: Callable
+    channels_last: Callable | None
+    output_shape: tuple[int, ...]
+    copy_shapes: tuple[tuple[int, ...], tuple[int, ...]]  # channels-last input and weight
+
+    def arguments(self, input, offset, mask, weight, bias) -> list:
+        """The kernel's tensors before the output: ``spec.kernel_arguments(...)``, except that a
+        channels-last kernel given NCHW-contiguous input and weight gets their channels-last
+        copies from one ``channels_last`` call (where torch takes two permuted copies; input
+        already channels last is taken as it is)."""
+        if self.channels_last is None or not (input.is_contiguous() and weight.is_contiguous()):
+            return self.spec.kernel_arguments(input, offset, mask, weight, bias)
+        input_nhwc, weight_ohwi = input.new_empty(self.copy_shapes[0]), weight.new_empty(self.copy_shapes[1])
+        self.channels_last(input, weight, input_nhwc, weight_ohwi)
+        return [t.contiguous() for t in (input_nhwc, offset, mask, weight_ohwi, bias) if t is not None]
+
+    def call(self, input, offset, mask, weight, bias) -> torch.Tensor:
+        output = input.new_empty(self.output_shape)
+        self.kernel(*self.arguments(input, offset, mask, weight, bias), output)
+        return output
+
+
+_forward_calls: dict[tuple, ForwardCall] = {}
+
+
+def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
+    """The ``ForwardCall`` of the call ``spec`` describes (torch's NCHW view) on ``device``, built
+    once per (spec, device, TF32 setting, loaded libraries): the op asks on every call, so a
+    repeated one costs a dictionary look-up. The kernel takes ``forward_call(...).spec``'s
+    ``kernel_arguments`` and the output."""
+    tf32 = spec.dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    key = (spec, device, tf32, library.generation)
+    found = _forward_calls.get(key)
+    if found is None:
+        target = target_for_device(device)
+        kernel_spec = _kernel_spec(_tf32_spec(spec) if tf32 else spec, target)
+        copies = _takes_channels_last_copies(kernel_spec, device)
+        found = _forward_calls[key] = ForwardCall(
+            kernel_spec, get_kernel(kernel_spec, device), channels_last_kernel(kernel_spec, target) if copies else None,
+            kernel_spec.output_shape, (kernel_spec.kernel_input_shape, kernel_spec.kernel_weight_shape))
+    return found
+
+
 @functools.lru_cache(maxsize=4096)
 def _kernel_spec(spec: DeformConvSpec, target: tvm.target.Target) -> DeformConvSpec:
     from deft_tvm.schedules import kernel_spec
 
     return kernel_spec(spec, target)
-
-
-def forward_kernel(spec: DeformConvSpec, device: torch.device) -> tuple[DeformConvSpec, Callable]:
-    """``(kernel spec, kernel)`` of the forward call ``spec`` describes (torch's NCHW view) on
-    ``device``: float32 multiplies on TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set on
-    CUDA (torchvision's matmuls do then), and the kernel spec's layout is the one the target's
-    schedule gathers from (``schedules.kernel_spec``); the kernel takes
-    ``kernel_spec.kernel_arguments(...)`` and the output."""
-    spec = _kernel_spec(with_torch_tf32(spec, device), target_for_device(device))
-    return spec, get_kernel(spec, device)
 
 
 def _channels_last_key(spec: DeformConvSpec) -> str:
@@ -225,7 +272,8 @@ def _channels_last_key(spec: DeformConvSpec) -> str:
 
 def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
     """``schedules.cuda_layout.channels_last_primfunc(spec)`` compiled for ``target`` once (memory
-    and disk cache, keyed by the input and weight shapes and dtype)."""
+    and disk cache, keyed by the input and weight shapes and dtype): ``(input, weight,
+    input_nhwc, weight_ohwi)``, the last two written."""
     from deft_tvm.schedules.cuda_layout import channels_last_primfunc
 
     name = _channels_last_key(spec)
@@ -242,24 +290,9 @@ def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> b
     return spec.layout == "NHWC" and device.type == "cuda"
 
 
-def forward_arguments(spec: DeformConvSpec, device: torch.device, input, offset, mask, weight, bias) -> list:
-    """The forward kernel's tensors for the kernel spec ``spec`` (``forward_kernel``'s) on
-    ``device``: ``spec.kernel_arguments(...)``, except that a channels-last kernel on CUDA given
-    NCHW-contiguous input and weight gets their channels-last copies from one
-    ``channels_last_kernel`` call (where torch takes two permuted copies; input already channels
-    last is taken as it is)."""
-    if not (_takes_channels_last_copies(spec, device) and input.is_contiguous() and weight.is_contiguous()):
-        return spec.kernel_arguments(input, offset, mask, weight, bias)
-    n, c, h, w = spec.input_shape
-    o, ipg, kh, kw = spec.weight_shape
-    input_nhwc, weight_ohwi = input.new_empty((n, h, w, c)), weight.new_empty((o, kh, kw, ipg))
-    channels_last_kernel(spec, target_for_device(device))(input, weight, input_nhwc, weight_ohwi)
-    return [t.contiguous() for t in (input_nhwc, offset, mask, weight_ohwi, bias) if t is not None]
-
-
 def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
     """Compile, in parallel, the kernels of ``specs`` (tuned record or default schedule) that the
-    disk cache lacks, and load or compile the channels-last copies (``forward_arguments``) of
+    disk cache lacks, and load or compile the channels-last copies (``ForwardCall.arguments``) of
     those that take them.
 
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
@@ -288,3 +321,4 @@ def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
 def clear_memory_cache() -> None:
     """Forget the kernels loaded in this process (the disk cache stays)."""
     _memory.clear()
+    _forward_calls.clear()

@@ -118,6 +118,9 @@ class LoadedLibrary:
 
 
 _loaded: dict[tuple[str, str], Callable] = {}  # (target kind, kernel key) -> function
+generation = 0
+"""How many times the registered kernels changed (``load_library``, ``unload_all``): callers that keep
+what ``loaded_kernel`` answered key it by this."""
 
 
 def load_library(manifest_path: str | Path) -> LoadedLibrary:
@@ -145,8 +148,10 @@ def load_library(manifest_path: str | Path) -> LoadedLibrary:
             )
     module = tvm.runtime.load_module(str(library))
     kernels = {k["workload"]: module[k["function"]] for k in manifest["kernels"]}
+    global generation
     for key, fn in kernels.items():
         _loaded[(manifest["target_kind"], key)] = fn
+    generation += 1
     return LoadedLibrary(manifest_path, manifest["target_kind"], kernels)
 
 
@@ -157,4 +162,6 @@ def loaded_kernel(target_kind: str, workload_key: str) -> Callable | None:
 
 def unload_all() -> None:
     """Forget every registered library kernel (for tests)."""
+    global generation
     _loaded.clear()
+    generation += 1
