@@ -93,9 +93,9 @@ def register_tensor_intrinsics(target) -> None:
     """Register the tensor intrinsics ``target``'s schedules may use, before replaying a stored
     trace (a tuning record) that tensorizes: imported only then, as registering them is slow."""
     if target.kind.name == "cuda":
-        from .cuda_tf32 import register_tf32_intrinsics
+        from .cuda_warp_mma import register_warp_mma_intrinsics
 
-        register_tf32_intrinsics()  # and TVM's WMMA/MMA intrinsics, which it imports
+        register_warp_mma_intrinsics()  # and TVM's WMMA/MMA intrinsics, which it imports
 
 
 def kernel_spec(spec, target):

@@ -1,4 +1,4 @@
-"""The DefT CUDA schedule on tensor cores (float16 or TF32 operands, float32 accumulation).
+"""The DefT CUDA schedule on tensor cores (float16, bfloat16 or TF32 operands, float32 accumulation).
 
 The convolution as a GEMM of ``[out_channels] x [positions]`` (batch, rows and columns flattened)
 reduced over ``(kernel_h, kernel_w, in_channels)``, kernel taps outermost; the interpolated tile of
@@ -8,7 +8,7 @@ one tap and channel chunk is computed straight into shared memory, never a globa
   flat positions (which may span rows and images); each warp accumulates ``frags_co x frags_p``
   16x16 fragments in registers (``wmma.accumulator``);
 * input and weight are channels last (``layout="NHWC"``): per (tap, chunk of ``k_frags``
-  reduction fragments of 16 (float16) or 8 (TF32) channels) each thread takes a (position, 16
+  reduction fragments of 16 (float16, bfloat16) or 8 (TF32) channels) each thread takes a (position, 16
   bytes of channels) pair, computes the sampling point's corner indices and weights, reads each
   corner's channels in one 16-byte load, interpolates in float32 and stores the values to the
   shared tile ``[position][channel]`` in one 16-byte store; the chunk's weights are copied to a
@@ -20,8 +20,9 @@ one tap and channel chunk is computed straight into shared memory, never a globa
 * the accumulators go through shared memory (``store_matrix_sync``) to the bias + cast epilogue.
 
 Applies to one-group layers with in and out channels in multiples of 16 (``supports_tensor_cores``)
-in float16, or in float32 where TF32 is allowed (``spec.tf32``: PTX mma m16n8k8, ``cuda_tf32``);
-positions are padded to whole fragments (``pad_einsum``). Other layers use the SIMT schedule.
+in float16 (WMMA), bfloat16 (PTX mma m16n8k16) or float32 where TF32 is allowed (``spec.tf32``: PTX
+mma m16n8k8; both on warp fragments, ``cuda_warp_mma``); positions are padded to whole fragments
+(``pad_einsum``). Other layers use the SIMT schedule.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ TAP_POINTS_MIN_CHUNKS = 2
 @dataclasses.dataclass(frozen=True)
 class Operands:
     """How a tensor-core layer's operands reach the tensor cores: float16 through WMMA 16x16x16
-    fragments, float32 (TF32) through PTX mma m16n8k8 on warp-scope fragments (``cuda_tf32``)."""
+    fragments, bfloat16 and float32 (TF32) through PTX mma m16n8k16 / m16n8k8 on warp-scope
+    fragments (``cuda_warp_mma``)."""
 
     k: int  # channels per reduction fragment
     vector: int  # channels per 16-byte read
@@ -86,10 +88,11 @@ class Operands:
 
 
 def operands(dtype: str) -> Operands:
-    """The ``Operands`` of a ``dtype`` layer (registers the intrinsics: slow the first time)."""
+    """The ``Operands`` of a ``dtype`` layer (float32: on TF32; registers the intrinsics: slow the
+    first time)."""
     from tvm.s_tir.tensor_intrin import cuda as intrinsics
 
-    from deft_tvm.schedules.cuda_tf32 import register_tf32_intrinsics
+    from deft_tvm.schedules.cuda_warp_mma import PRECISIONS, register_warp_mma_intrinsics
 
     if dtype == "float16":
         return Operands(
@@ -98,13 +101,16 @@ def operands(dtype: str) -> Operands:
             intrinsics.WMMA_SYNC_16x16x16_f16f16f32_TRANS_INTRIN, intrinsics.WMMA_FILL_16x16x16_F32_INTRIN,
             intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN,
         )
-    load_a, load_b, sync = register_tf32_intrinsics()
-    return Operands(8, 4, "warp", "warp", "warp", load_a, load_b, sync, intrinsics.MMA_fill_16x16_f32_INTRIN,
-                    intrinsics.MMA_store_16x16_f32_shared_dyn_INTRIN)
+    precision = "bfloat16" if dtype == "bfloat16" else "tf32"
+    load_a, load_b, sync = register_warp_mma_intrinsics(precision)
+    k = PRECISIONS[precision][3]
+    vector = 4 if precision == "tf32" else 8  # channels in 16 bytes
+    return Operands(k, vector, "warp", "warp", "warp", load_a, load_b, sync,
+                    intrinsics.MMA_fill_16x16_f32_INTRIN, intrinsics.MMA_store_16x16_f32_shared_dyn_INTRIN)
 
 
 def _k_fragment(spec: DeformConvSpec) -> int:
-    return 16 if spec.dtype == "float16" else 8
+    return 16 if spec.dtype in ("float16", "bfloat16") else 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +173,7 @@ class TensorCoreTiling:
 
 def _vector(spec: DeformConvSpec) -> int:
     """Channels per corner read: up to 16 bytes of consecutive channels of one offset group."""
-    per_read = VECTOR if spec.dtype == "float16" else VECTOR // 2
+    per_read = VECTOR if spec.dtype in ("float16", "bfloat16") else VECTOR // 2
     return largest_divisor(spec.in_channels // spec.offset_groups, per_read)
 
 
@@ -238,11 +244,11 @@ class SampledTensorCoreTiles:
 
 
 def supports_tensor_cores(spec: DeformConvSpec) -> bool:
-    """Whether the layer runs on tensor cores: float16, or float32 where TF32 is allowed
+    """Whether the layer runs on tensor cores: float16, bfloat16, or float32 where TF32 is allowed
     (``spec.tf32``), one group, in and out channels in multiples of 16 (positions are padded to
     whole fragments)."""
     return (
-        (spec.dtype == "float16" or spec.tf32)
+        (spec.dtype in ("float16", "bfloat16") or spec.tf32)
         and spec.groups == 1
         and (spec.in_channels // spec.groups) % FRAGMENT == 0
         and (spec.out_channels // spec.groups) % FRAGMENT == 0
@@ -355,12 +361,13 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     for block in (weight_shared, weight_frag):  # the weight is [co][ky][kx][rc]
         sch.transform_layout(block, ("write", 0), lambda co, ky, kx, rc: (ky, kx, co, rc))
     if ops.warp_fragments:  # [tile][tile][lane][register] as the mma instructions hold them
-        from deft_tvm.schedules.cuda_tf32 import a_map, b_map, c_map
+        from deft_tvm.schedules.cuda_warp_mma import a_map, b_map, c_map
 
+        k = ops.k
         sch.transform_layout(weight_frag, ("write", 0),
-                             lambda ky, kx, co, rc: (ky, kx, co // 16, rc // 8, *a_map(co % 16, rc % 8)))
+                             lambda ky, kx, co, rc: (ky, kx, co // 16, rc // k, *a_map(co % 16, rc % k, k)))
         sch.transform_layout(sampled_frag, ("write", 0),
-                             lambda ky, kx, p, c: (ky, kx, p // 16, c // 8, *b_map(p % 16, c % 8)))
+                             lambda ky, kx, p, c: (ky, kx, p // 16, c // k, *b_map(p % 16, c % k, k)))
         sch.transform_layout(conv, ("write", 0), lambda co, p: (co // 16, p // 16, *c_map(co % 16, p % 16)))
 
     co, p, ky, kx, rc = sch.get_loops(conv)

@@ -38,7 +38,7 @@ def _tensors(spec, dtype):
     return {k: torch.randn(shape, generator=gen).to(dtype) for k, shape in shapes.items()}
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_copies_are_torchs_permuted_copies(dtype):
     spec = dataclasses.replace(SPEC, dtype=dtype)
     t = _tensors(spec, getattr(torch, dtype))

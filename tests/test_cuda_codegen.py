@@ -91,7 +91,7 @@ def _compile_cubin(source: str, arch: str) -> bytes:
         (TENSOR_CORE_SPEC, True),
         (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32"), False),  # full float32: SIMT
         (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32", tf32=True), True),
-        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="bfloat16"), False),
+        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="bfloat16"), True),
         (dataclasses.replace(TENSOR_CORE_SPEC, width=13), True),  # positions padded to whole fragments
         (dataclasses.replace(TENSOR_CORE_SPEC, width=12), True),  # rows need not be whole fragments
         (dataclasses.replace(TENSOR_CORE_SPEC, out_channels=24), False),  # out_channels % 16
@@ -110,20 +110,35 @@ def test_which_layers_take_tensor_cores(spec, expected):
     assert cpu.layout == "NCHW" and not cpu.tf32
 
 
-# What a tensor-core kernel's source multiplies with: WMMA (float16), PTX mma m16n8k8 (TF32).
-MMA_INSTRUCTION = {False: "nvcuda::wmma::mma_sync", True: "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"}
+# What a tensor-core kernel's source multiplies with, per precision: WMMA (float16), PTX mma
+# m16n8k16 (bfloat16), m16n8k8 (TF32).
+MMA_INSTRUCTION = {"float16": "nvcuda::wmma::mma_sync",
+                   "bfloat16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                   "tf32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"}
+PRECISIONS = list(MMA_INSTRUCTION)
 
 
-@pytest.mark.parametrize("tf32", [False, True], ids=["float16", "tf32"])
+def _in_precision(spec: DeformConvSpec, precision: str) -> DeformConvSpec:
+    tf32 = precision == "tf32"
+    return dataclasses.replace(spec, dtype="float32" if tf32 else precision, tf32=tf32)
+
+
+def _precision(spec: DeformConvSpec) -> str:
+    return "tf32" if spec.tf32 else spec.dtype
+
+
+def _multiplies_with(source: str, precision: str) -> bool:
+    """The source multiplies with ``precision``'s instruction and no other's."""
+    return all((MMA_INSTRUCTION[p] in source) == (p == precision) for p in PRECISIONS)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", list(TENSOR_CORE_SHAPES))
-def test_tensor_core_schedule_compiles_for_asymmetric_layers(shape, tf32):
-    spec = TENSOR_CORE_SHAPES[shape]
-    if tf32:
-        spec = dataclasses.replace(spec, dtype="float32", tf32=True)
-    spec = kernel_spec(spec, cuda_target("sm_90"))
-    assert spec.layout == "NHWC" and spec.tf32 == tf32
+def test_tensor_core_schedule_compiles_for_asymmetric_layers(shape, precision):
+    spec = kernel_spec(_in_precision(TENSOR_CORE_SHAPES[shape], precision), cuda_target("sm_90"))
+    assert spec.layout == "NHWC" and spec.tf32 == (precision == "tf32")
     source = _cuda_source(spec, "sm_90")
-    assert MMA_INSTRUCTION[tf32] in source and MMA_INSTRUCTION[not tf32] not in source
+    assert _multiplies_with(source, precision)
     assert _compile_cubin(source, "sm_90")[:4] == b"\x7fELF"
 
 
@@ -141,26 +156,25 @@ def test_float16_default_uses_tensor_cores_and_compiles_with_nvcc():
     assert cubin[:4] == b"\x7fELF"
 
 
-@pytest.mark.parametrize("tf32", [False, True], ids=["float16", "tf32"])
-def test_tensor_core_design_space_samples_compile_with_nvcc(tf32):
-    spec, target = TENSOR_CORE_SPEC, cuda_target("sm_90")
-    if tf32:
-        spec = dataclasses.replace(spec, dtype="float32", tf32=True)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_tensor_core_design_space_samples_compile_with_nvcc(precision):
+    spec, target = _in_precision(TENSOR_CORE_SPEC, precision), cuda_target("sm_90")
     mod = deform_conv2d_primfunc(spec)
     decisions = set()
     for seed in (1, 2, 3):
         sch = tvm.s_tir.Schedule(mod, seed=seed)
         design_space(spec, target)(sch)
         decisions.add(str(list(sch.trace.decisions.values())))
-        assert MMA_INSTRUCTION[tf32] in _cuda_source(spec, "sm_90", sch)
+        assert _multiplies_with(_cuda_source(spec, "sm_90", sch), precision)
     assert len(decisions) > 1  # the tiles really are sampled
     assert _compile_cubin(_cuda_source(spec, "sm_90", sch), "sm_90")[:4] == b"\x7fELF"
 
 
-def test_tuning_builder_builds_tf32_samples():
-    # The builder's workers compile without TVM's tensor intrinsics imported; the TF32 kernels'
-    # accumulator store still needs its layout there.
-    spec, target = dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32", tf32=True), cuda_target("sm_90")
+@pytest.mark.parametrize("precision", ["tf32", "bfloat16"])
+def test_tuning_builder_builds_warp_fragment_samples(precision):
+    # The builder's workers compile without TVM's tensor intrinsics imported; the TF32 and bfloat16
+    # kernels' accumulator store still needs its layout there.
+    spec, target = _in_precision(TENSOR_CORE_SPEC, precision), cuda_target("sm_90")
     sch = tvm.s_tir.Schedule(deform_conv2d_primfunc(spec), seed=1)
     design_space(spec, target)(sch)
     builder = ms.builder.LocalBuilder(f_build=tuning_build, max_workers=1, timeout_sec=300)
@@ -178,7 +192,10 @@ def test_committed_cuda_records_replay_and_compile():
         assert sch is not None, directory
         source = _cuda_source(spec, "sm_90", sch)
         tensor_cores = supports_tensor_cores(spec) and spec.layout == "NHWC"
-        assert (MMA_INSTRUCTION[spec.tf32] in source) == tensor_cores, directory
+        if tensor_cores:
+            assert _multiplies_with(source, _precision(spec)), directory
+        else:
+            assert not any(instruction in source for instruction in MMA_INSTRUCTION.values()), directory
 
 
 def test_committed_readable_schedules_replay_their_records():

@@ -108,11 +108,12 @@ def test_extreme_offsets_match_torchvision():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize(
     "variant", ["v2_mask", "v1_no_mask_no_bias", "extreme_offsets", "channels_last_input", "width_12", "batch_1"]
 )
-def test_tensor_core_schedule_matches_torchvision(variant):
-    spec = get_workload("test_tensor_core_small", "float16").spec
+def test_tensor_core_schedule_matches_torchvision(variant, dtype):
+    spec = get_workload("test_tensor_core_small", dtype).spec
     if variant == "v1_no_mask_no_bias":
         spec = dataclasses.replace(spec, has_mask=False, has_bias=False)
     if variant == "width_12":  # fragments of 16 positions span rows
@@ -125,19 +126,20 @@ def test_tensor_core_schedule_matches_torchvision(variant):
         args["input"] = args["input"].contiguous(memory_format=torch.channels_last)
     if variant == "extreme_offsets":
         gen = torch.Generator().manual_seed(7)
-        extremes = torch.tensor([1e4, -1e4, math.inf, -math.inf, 20.0, -1.0, 0.5], dtype=torch.float16)
+        extremes = torch.tensor([1e4, -1e4, math.inf, -math.inf, 20.0, -1.0, 0.5])
         offset = args["offset"].cpu()
-        pick = extremes[torch.randint(0, len(extremes), offset.shape, generator=gen)]
+        pick = extremes[torch.randint(0, len(extremes), offset.shape, generator=gen)].to(offset.dtype)
         args["offset"] = torch.where(torch.rand(offset.shape, generator=gen) < 0.4, pick, offset).cuda()
-    out = _check_against_torchvision(args, "float16")
+    out = _check_against_torchvision(args, dtype)
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", list(TENSOR_CORE_SHAPES))
-def test_tensor_core_schedule_matches_torchvision_on_asymmetric_layers(shape):
-    spec = TENSOR_CORE_SHAPES[shape]
+def test_tensor_core_schedule_matches_torchvision_on_asymmetric_layers(shape, dtype):
+    spec = dataclasses.replace(TENSOR_CORE_SHAPES[shape], dtype=dtype)
     assert supports_tensor_cores(spec)
-    out = _check_against_torchvision(_to(make_case(spec, seed=8)), "float16")
+    out = _check_against_torchvision(_to(make_case(spec, seed=8)), dtype)
     assert torch.isfinite(out).all()
 
 

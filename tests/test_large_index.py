@@ -65,7 +65,8 @@ def test_huge_kernels_build_for_the_cpu(spec, part):
 @pytest.mark.parametrize("spec, part, dtype, tf32", [
     (HUGE_FORWARD, "forward", "float16", False),  # tensor cores, channels last
     (HUGE_FORWARD, "forward", "float32", True),  # TF32 tensor cores
-    (HUGE_FORWARD, "forward", "bfloat16", False),  # SIMT
+    (HUGE_FORWARD, "forward", "bfloat16", False),  # bfloat16 tensor cores (warp fragments)
+    (HUGE_FORWARD, "forward", "float32", False),  # SIMT
     (HUGE_BACKWARD, "backward", "float16", False),
     (HUGE_BACKWARD, "backward", "float32", False),
 ])
