@@ -188,12 +188,14 @@ def _memoized(memory_key: tuple[str, str], load: Callable[[], Callable]) -> Call
     return kernel
 
 
+def _torch_multiplies_on_tf32(spec: DeformConvSpec, device: torch.device) -> bool:
+    return spec.dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+
+
 def with_torch_tf32(spec: DeformConvSpec, device: torch.device) -> DeformConvSpec:
     """``spec`` allowed to multiply float32 on TF32 tensor cores where torch's matmuls do: on CUDA
     with ``torch.backends.cuda.matmul.allow_tf32`` set."""
-    if spec.dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return _tf32_spec(spec)
-    return spec
+    return _tf32_spec(spec) if _torch_multiplies_on_tf32(spec, device) else spec
 
 
 # Per-call derived specs, cached: the op asks on every call, and a cached spec keeps its cached key.
@@ -245,7 +247,7 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
     once per (spec, device, TF32 setting, loaded libraries): the op asks on every call, so a
     repeated one costs a dictionary look-up. The kernel takes ``forward_call(...).spec``'s
     ``kernel_arguments`` and the output."""
-    tf32 = spec.dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    tf32 = _torch_multiplies_on_tf32(spec, device)
     key = (spec, device, tf32, library.generation)
     found = _forward_calls.get(key)
     if found is None:
