@@ -88,17 +88,23 @@ def _mean_seconds(run_secs) -> float:
     return sum(float(s) for s in run_secs) / len(run_secs)
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 6)
+
+
 @derived_object
 class ProgressReport(ms.measure_callback.PyMeasureCallback):
-    """Prints one line per measured round: trials so far, round time, best time, trials/minute."""
+    """Prints one line per measured round: trials so far, round time, best time, trials/minute;
+    keeps each round's candidates, failures, wall seconds and the best time so far (ms) in
+    ``rounds``, after ``rounds`` given (the seed's)."""
 
-    def __init__(self, label: str, already: int, best_s: float | None):
+    def __init__(self, label: str, already: int, best_s: float | None, rounds: list[dict]):
         self.label = label
         self.trials = already
         self.best_s = best_s
         self.start = self.last = time.perf_counter()
         self.new = 0
-        self.rounds: list[dict] = []
+        self.rounds: list[dict] = list(rounds)
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         now = time.perf_counter()
@@ -112,7 +118,8 @@ class ProgressReport(ms.measure_callback.PyMeasureCallback):
         self.last = now
         per_minute = 60 * self.new / max(now - self.start, 1e-9)
         best = f"{self.best_s * 1e3:.4f} ms" if self.best_s is not None else "none yet"
-        self.rounds.append({"candidates": len(runner_results), "failed": failed, "seconds": round(round_s, 2)})
+        self.rounds.append({"candidates": len(runner_results), "failed": failed, "seconds": round(round_s, 2),
+                            "best_ms": _ms(self.best_s)})
         print(
             f"[tune {self.label}] {self.trials} trials, round of {len(runner_results)} ({failed} failed) "
             f"in {round_s:.1f} s, best {best}, {per_minute:.1f} trials/min",
@@ -280,6 +287,10 @@ def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Pa
 
 @dataclasses.dataclass
 class TuningResult:
+    """What ``tune`` did: the database folder, its trials (records) now and this call's new ones,
+    the best time (s), the search's wall seconds, and its rounds (``ProgressReport.rounds``, the
+    default schedule's seeding first where this call seeded the folder)."""
+
     directory: Path
     trials: int
     new_trials: int
@@ -328,15 +339,19 @@ def tune(
                                                                            "sessions": []}
     _check_folder(directory, meta, profile=profile, space=space)
     label = f"{kernel_key(spec, part)} {target.kind.name}"
+    rounds = []  # the seed's, then the search's (ProgressReport)
     if already == 0 and space == "deft" and trials > 0:
+        start = time.perf_counter()
         seconds = _seed_database(spec, profile, target, directory, part)
         print(f"[tune {label}] 1 trial: the default schedule as the search's start, {seconds * 1e3:.4f} ms",
               flush=True)
+        rounds.append({"candidates": 1, "failed": 0, "seconds": round(time.perf_counter() - start, 2),
+                       "best_ms": _ms(seconds)})
         already = 1
     remaining = trials - already
     if remaining <= 0:
         print(f"[tune {label}] {already} trials already in {directory}, nothing to do", flush=True)
-        return TuningResult(directory, already, 0, best_time(directory), 0.0, [])
+        return TuningResult(directory, already, 0, best_time(directory), 0.0, rounds)
 
     mod = kernel_primfunc(spec, part)
     runner = ms.runner.LocalRunner(
@@ -345,7 +360,7 @@ def tune(
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(population, 32), genetic_num_iters=2,
     )
-    progress = ProgressReport(label, already, best_time(directory))
+    progress = ProgressReport(label, already, best_time(directory), rounds)
     start = time.perf_counter()
     with exact_cuda_compilation(), tempfile.TemporaryDirectory(prefix="deft_tune_") as scratch:
         ms.tune_tir(
