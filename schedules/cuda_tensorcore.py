@@ -35,6 +35,7 @@ from deft_tvm.compute.forward import (STAGE_CONV, STAGE_CORNER, STAGE_INDEX, STA
                                      STAGE_SAMPLED, STAGE_WEIGHT)
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cuda import largest_divisor, place_sampling_point_in_registers
+from deft_tvm.schedules.cuda_mma import MMA_SHAPES, mma_shape
 
 FRAGMENT = 16
 WARP = 32
@@ -92,7 +93,7 @@ def operands(dtype: str) -> Operands:
     first time)."""
     from tvm.s_tir.tensor_intrin import cuda as intrinsics
 
-    from deft_tvm.schedules.cuda_warp_mma import PRECISIONS, register_warp_mma_intrinsics
+    from deft_tvm.schedules.cuda_warp_mma import register_warp_mma_intrinsics
 
     if dtype == "float16":
         return Operands(
@@ -103,14 +104,10 @@ def operands(dtype: str) -> Operands:
         )
     precision = "bfloat16" if dtype == "bfloat16" else "tf32"
     load_a, load_b, sync = register_warp_mma_intrinsics(precision)
-    k = PRECISIONS[precision][3]
+    k = MMA_SHAPES[precision].k
     vector = 4 if precision == "tf32" else 8  # channels in 16 bytes
     return Operands(k, vector, "warp", "warp", "warp", load_a, load_b, sync,
                     intrinsics.MMA_fill_16x16_f32_INTRIN, intrinsics.MMA_store_16x16_f32_shared_dyn_INTRIN)
-
-
-def _k_fragment(spec: DeformConvSpec) -> int:
-    return 16 if spec.dtype in ("float16", "bfloat16") else 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +133,7 @@ class TensorCoreTiling:
         sampling points staged per tap where offset groups have ``TAP_POINTS_MIN_GROUP_CHANNELS``
         channels or more (measured on the H200, ``tools/results/forward_tap_points_refine_h200.txt``)
         and a tap has ``TAP_POINTS_MIN_CHUNKS`` chunks or more."""
-        k = _k_fragment(spec)
+        k = mma_shape(spec).k
         co_frags = spec.out_channels // spec.groups // FRAGMENT
         p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
         k_frags = spec.in_channels // spec.groups // k
@@ -474,7 +471,7 @@ def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
     staged = dataclasses.replace(tiling, tap_points=True)
     candidates = {"tap points": staged}
     chunk = 2 * tiling.k_frags
-    if chunk <= MAX_K_FRAGS and (spec.in_channels // spec.groups // _k_fragment(spec)) % chunk == 0:
+    if chunk <= MAX_K_FRAGS and (spec.in_channels // spec.groups // mma_shape(spec).k) % chunk == 0:
         candidates["tap points, 2x chunk"] = dataclasses.replace(staged, k_frags=chunk)
     default = TensorCoreTiling.for_spec(spec)
     flipped = dataclasses.replace(default, tap_points=not default.tap_points)

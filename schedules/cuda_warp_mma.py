@@ -6,7 +6,8 @@ go through PTX ``mma.sync`` on warp-scope fragments (``[32 lanes][registers]``):
 ``m16n8k8.row.col.f32.tf32.tf32.f32`` (``k`` = 8 channels per fragment) and
 ``m16n8k16.row.col.f32.bf16.bf16.f32`` (``k`` = 16). The register layouts are those of
 ``cuda_mma.MmaShape`` (PTX ISA 8.x, section 9.7.14.5, "Matrix Fragments for mma.m16n8k8 /
-mma.m16n8k16"), written as index maps over a tile:
+mma.m16n8k16"), whose PTX shapes, operand types and lane elements this module takes from there,
+written here also as index maps over a tile:
 
 * A, a 16 (output channels) x ``k`` (channels) tile: element ``(i, c)`` in lane
   ``4 * (i % 8) + t`` with ``t = c % 4`` (k = 8) or ``c % 8 // 2`` (k = 16); register
@@ -29,9 +30,10 @@ from tvm.runtime import convert
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from deft_tvm.schedules.cuda_mma import MMA_SHAPES, MmaShape
+
 WARP = 32
-# precision -> (PTX shape, PTX operand type, operand dtype, channels per fragment k)
-PRECISIONS = {"tf32": ("m16n8k8", "tf32", "float32", 8), "bfloat16": ("m16n8k16", "bf16", "bfloat16", 16)}
+OPERAND_DTYPES = {"tf32": "float32", "bfloat16": "bfloat16"}  # precision -> operand dtype (MMA_SHAPES' keys)
 
 
 def a_map(i, c, k: int = 8):
@@ -48,18 +50,16 @@ def b_map(n, c, k: int = 8):
     return (n % 8) * 4 + c % 8 // 2, (n // 8) * 4 + c % 2 + 2 * (c // 8)
 
 
-def a_rev(t, r, k: int = 8):
-    """Inverse of ``a_map``: the (i, c) of lane ``t``'s register ``r``."""
-    if k == 8:
-        return t // 4 + 8 * (r % 2), t % 4 + 4 * (r // 2)
-    return t // 4 + 8 * (r // 2 % 2), 2 * (t % 4) + r % 2 + 8 * (r // 4)
+def a_rev(t, r, shape: MmaShape):
+    """Inverse of ``a_map``: the (i, c) of lane ``t``'s register ``r`` (``shape.a_element``)."""
+    return shape.a_element(r, t // 4, t % 4)
 
 
-def b_rev(t, r, k: int = 8):
-    """Inverse of ``b_map``."""
-    if k == 8:
-        return t // 4 + 8 * (r // 2), t % 4 + 4 * (r % 2)
-    return t // 4 + 8 * (r // 4), 2 * (t % 4) + r % 2 + 8 * (r // 2 % 2)
+def b_rev(t, r, shape: MmaShape):
+    """Inverse of ``b_map``: the (n, c) of lane ``t``'s register ``r``, the registers of the
+    positions' second n8 half after the first's (``shape.b_element``)."""
+    channel, position = shape.b_element(r % shape.b_elements, t // 4, t % 4)
+    return position + 8 * (r // shape.b_elements), channel
 
 
 def c_map(i, j):
@@ -69,8 +69,8 @@ def c_map(i, j):
 
 def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
     """Copy of an A or B operand tile from ``scope`` into its warp fragment."""
-    _, _, dtype, k = PRECISIONS[precision]
-    registers = k // 2
+    shape, dtype = MMA_SHAPES[precision], OPERAND_DTYPES[precision]
+    k, registers = shape.k, shape.a_elements  # A and B (two n8 halves) hold as many registers
     fmap, rev = (b_map, b_rev) if is_b else (a_map, a_rev)
 
     @T.prim_func(s_tir=True)
@@ -99,7 +99,7 @@ def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
             T.writes(C[0:WARP, 0:registers])
             for tx in T.thread_binding(0, WARP, "threadIdx.x"):
                 for r in T.unroll(registers):
-                    i, kk = T.meta_var(rev(tx, r, k))
+                    i, kk = T.meta_var(rev(tx, r, shape))
                     C[tx, r] = A[i, kk]
 
     return desc, impl
@@ -107,8 +107,9 @@ def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
 
 def sync_intrin(precision: str):
     """C (16x16, float32) += A (16 x k) * B^T (16 x k), as two mma of n8."""
-    shape, ptx_type, dtype, k = PRECISIONS[precision]
-    registers, half = k // 2, k // 4  # operand registers per lane; B's per n8 half
+    mma, dtype = MMA_SHAPES[precision], OPERAND_DTYPES[precision]
+    shape, ptx_type, k = mma.shape, mma.ptx_type, mma.k
+    registers, half = mma.a_elements, mma.b_elements  # operand registers per lane; B's per n8 half
 
     def acc(value):  # the product in float32, as the convolution's compute writes it
         return value if dtype == "float32" else T.Cast("float32", value)

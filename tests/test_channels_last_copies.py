@@ -50,8 +50,7 @@ def test_copies_are_torchs_permuted_copies(dtype):
 
 
 def _forward_call(spec, channels_last) -> kernel_cache.ForwardCall:
-    return kernel_cache.ForwardCall(spec, None, channels_last, spec.output_shape,
-                                    (spec.kernel_input_shape, spec.kernel_weight_shape))
+    return kernel_cache.ForwardCall(spec, None, channels_last)
 
 
 def test_runtime_takes_one_call_for_nchw_tensors_and_views_for_channels_last():

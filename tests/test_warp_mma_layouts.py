@@ -7,27 +7,29 @@ from __future__ import annotations
 import pytest
 
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
-from deft_tvm.schedules.cuda_warp_mma import PRECISIONS, a_map, a_rev, b_map, b_rev, sync_intrin
+from deft_tvm.schedules.cuda_warp_mma import OPERAND_DTYPES, a_map, a_rev, b_map, b_rev, sync_intrin
 
 WARP = 32
 
 
-@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("precision", list(OPERAND_DTYPES))
 def test_a_tiles_hold_the_ptx_fragment_elements(precision):
-    shape, k = MMA_SHAPES[precision], PRECISIONS[precision][3]
+    shape = MMA_SHAPES[precision]
+    k = shape.k
     held = set()
     for lane in range(WARP):
         for register in range(shape.a_elements):
             row, column = shape.a_element(register, lane // 4, lane % 4)
             assert a_map(row, column, k) == (lane, register)
-            assert a_rev(lane, register, k) == (row, column)
+            assert a_rev(lane, register, shape) == (row, column)
             held.add((row, column))
     assert held == {(i, c) for i in range(16) for c in range(k)}  # every element of the 16 x k tile once
 
 
-@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("precision", list(OPERAND_DTYPES))
 def test_b_tiles_hold_two_ptx_n8_fragments(precision):
-    shape, k = MMA_SHAPES[precision], PRECISIONS[precision][3]
+    shape = MMA_SHAPES[precision]
+    k = shape.k
     held = set()
     for half in range(2):  # positions 0-7, then 8-15, each one mma's B operand
         for lane in range(WARP):
@@ -35,14 +37,14 @@ def test_b_tiles_hold_two_ptx_n8_fragments(precision):
                 channel, position = shape.b_element(register, lane // 4, lane % 4)
                 position += 8 * half
                 assert b_map(position, channel, k) == (lane, half * shape.b_elements + register)
-                assert b_rev(lane, half * shape.b_elements + register, k) == (position, channel)
+                assert b_rev(lane, half * shape.b_elements + register, shape) == (position, channel)
                 held.add((position, channel))
     assert held == {(n, c) for n in range(16) for c in range(k)}
 
 
-@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("precision", list(OPERAND_DTYPES))
 def test_sync_intrinsic_issues_two_mma_of_the_precision(precision):
-    shape, ptx_type, _, k = PRECISIONS[precision]
+    shape, ptx_type, k = MMA_SHAPES[precision].shape, MMA_SHAPES[precision].ptx_type, MMA_SHAPES[precision].k
     desc, impl = sync_intrin(precision)
     text = impl.script()
     assert text.count(f'"{shape}"') == 2 and f'"{ptx_type}"' in text

@@ -101,14 +101,7 @@ def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
     loaded = _loaded(spec, target, part)
     if loaded is not None:
         return loaded
-    key = (spec, target, part)
-    kernel = _kernels.get(key)
-    if kernel is None:
-        with _lock:
-            kernel = _kernels.get(key)
-            if kernel is None:
-                kernel = _kernels[key] = _build(spec, target, part)
-    return kernel
+    return kernel_cache.memoized(_kernels, _lock, (spec, target, part), lambda: _build(spec, target, part))
 
 
 def backward_parts(spec: DeformConvSpec, device_type: str, deterministic: bool) -> tuple[str, ...]:

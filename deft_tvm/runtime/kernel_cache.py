@@ -174,17 +174,18 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
             )
         return load_or_build(spec, target, sch)
 
-    return _memoized((key, str(target)), compile_once)
+    return memoized(_memory, _lock, (key, str(target)), compile_once)
 
 
-def _memoized(memory_key: tuple[str, str], load: Callable[[], Callable]) -> Callable:
-    """The kernel this process keeps under ``memory_key`` ((name, target)), ``load()``-ed once."""
-    kernel = _memory.get(memory_key)
+def memoized(store: dict, lock: threading.Lock, key, load: Callable[[], Callable]) -> Callable:
+    """``store[key]``, ``load()``-ed into it once (double-checked under ``lock``): a hit costs a
+    dictionary look-up."""
+    kernel = store.get(key)
     if kernel is None:
-        with _lock:
-            kernel = _memory.get(memory_key)
+        with lock:
+            kernel = store.get(key)
             if kernel is None:
-                kernel = _memory[memory_key] = load()
+                kernel = store[key] = load()
     return kernel
 
 
@@ -219,8 +220,13 @@ class ForwardCall:
     spec: DeformConvSpec
     kernel: Callable
     channels_last: Callable | None
-    output_shape: tuple[int, ...]
-    copy_shapes: tuple[tuple[int, ...], tuple[int, ...]]  # channels-last input and weight
+    # The spec's shapes, kept so that a call need not derive them again.
+    output_shape: tuple[int, ...] = dataclasses.field(init=False)
+    copy_shapes: tuple[tuple[int, ...], tuple[int, ...]] = dataclasses.field(init=False)  # channels-last input, weight
+
+    def __post_init__(self):
+        object.__setattr__(self, "output_shape", self.spec.output_shape)
+        object.__setattr__(self, "copy_shapes", (self.spec.kernel_input_shape, self.spec.kernel_weight_shape))
 
     def arguments(self, input, offset, mask, weight, bias) -> list:
         """The kernel's tensors before the output: ``spec.kernel_arguments(...)``, except that a
@@ -255,8 +261,7 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
         kernel_spec = _kernel_spec(_tf32_spec(spec) if tf32 else spec, target)
         copies = _takes_channels_last_copies(kernel_spec, device)
         found = _forward_calls[key] = ForwardCall(
-            kernel_spec, get_kernel(kernel_spec, device), channels_last_kernel(kernel_spec, target) if copies else None,
-            kernel_spec.output_shape, (kernel_spec.kernel_input_shape, kernel_spec.kernel_weight_shape))
+            kernel_spec, get_kernel(kernel_spec, device), channels_last_kernel(kernel_spec, target) if copies else None)
     return found
 
 
@@ -285,7 +290,7 @@ def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Cal
         return load_or_build_library(name, _fingerprint(mod), target, lambda: compile_kernel(mod, target),
                                      ("channels_last",))[0]
 
-    return _memoized((name, str(target)), load)
+    return memoized(_memory, _lock, (name, str(target)), load)
 
 
 def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> bool:

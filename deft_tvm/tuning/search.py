@@ -137,7 +137,8 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, _params):
     """The builder's build: MetaSchedule's ``default_build`` without its import of
     ``tvm.s_tir.tensor_intrin``, which parses every tensor intrinsic (~40 s of CPU on Python 3.11)
     in each round's fresh build workers. A scheduled module carries its tensorized bodies, so
-    building it needs no registered intrinsic, only the accumulator layout of warp-fragment (TF32, bfloat16) kernels."""
+    building it needs no registered intrinsic, only the accumulator layout of warp-fragment (TF32,
+    bfloat16) kernels."""
     from tvm.driver import build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
