@@ -62,6 +62,19 @@ def b_rev(t, r, shape: MmaShape):
     return position + 8 * (r // shape.b_elements), channel
 
 
+def ldmatrix_row(lane, is_b: bool):
+    """(row, column) of the 8-element row whose shared-memory address lane ``lane`` gives
+    ``ldmatrix.x4`` when loading a 16 x 16 tile of 16-bit operands (PTX ISA 8.x, section 9.7.14.5.15):
+    lanes 8 m .. 8 m + 7 address matrix ``m``, which lands in each lane's register ``m``, so the
+    matrices are taken in ``a_map`` / ``b_map``'s register order: A's (rows 0-7, channels 0-7),
+    (rows 8-15, 0-7), (0-7, 8-15), (8-15, 8-15); B's positions 0-7 then 8-15, channels 0-7 then
+    8-15 within each."""
+    matrix = lane // 8
+    if is_b:
+        return lane % 8 + 8 * (matrix // 2), 8 * (matrix % 2)
+    return lane % 8 + 8 * (matrix % 2), 8 * (matrix // 2)
+
+
 def c_map(i, j):
     """(lane, register) of element (i, j) of a 16x16 accumulator (TVM's m16n8k16 C layout)."""
     return (i % 8) * 4 + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + j % 2
@@ -102,7 +115,24 @@ def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
                     i, kk = T.meta_var(rev(tx, r, shape))
                     C[tx, r] = A[i, kk]
 
-    return desc, impl
+    @T.prim_func(s_tir=True)
+    def impl_ldmatrix(a: T.handle, c: T.handle) -> None:
+        s0 = T.int32()
+        s1 = T.int32()
+        A = T.match_buffer(a, (16, k), dtype, align=64, offset_factor=k, scope=scope, strides=[s0, s1])
+        C = T.match_buffer(c, (WARP, registers), dtype, align=64, offset_factor=registers, scope="warp")
+        with T.sblock("root"):
+            T.reads(A[0:16, 0:k])
+            T.writes(C[0:WARP, 0:registers])
+            for tx in T.thread_binding(0, WARP, "threadIdx.x"):
+                row, column = T.meta_var(ldmatrix_row(tx, is_b))
+                T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", C.data, C.elem_offset + tx * registers,
+                                                 A.access_ptr("r"), row * s0 + column, dtype=dtype))
+
+    # 16-bit operands: one ldmatrix.x4 per tile (TVM lowers the warp fragment it writes to each
+    # lane's registers; written element by element, the fragment stays a whole warp's array in
+    # every thread's local memory). 32-bit (TF32) operands: element by element.
+    return desc, impl_ldmatrix if shape.k == 16 else impl
 
 
 def sync_intrin(precision: str):

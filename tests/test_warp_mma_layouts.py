@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
-from deft_tvm.schedules.cuda_warp_mma import OPERAND_DTYPES, a_map, a_rev, b_map, b_rev, sync_intrin
+from deft_tvm.schedules.cuda_warp_mma import (OPERAND_DTYPES, a_map, a_rev, b_map, b_rev, ldmatrix_row, load_intrin,
+                                             sync_intrin)
 
 WARP = 32
 
@@ -49,3 +50,23 @@ def test_sync_intrinsic_issues_two_mma_of_the_precision(precision):
     text = impl.script()
     assert text.count(f'"{shape}"') == 2 and f'"{ptx_type}"' in text
     assert f"tx * {k // 2} + {k // 4}" in text  # the second mma takes B's second n8 half
+
+
+@pytest.mark.parametrize("is_b", [False, True])
+def test_ldmatrix_rows_fill_the_bfloat16_fragments(is_b):
+    # ldmatrix.x4 (PTX ISA 8.x, 9.7.14.5.15): lanes 8 m .. 8 m + 7 give the addresses of matrix m's
+    # 8 rows of 8 16-bit elements; lane t receives, in its register m, row t // 4 of matrix m,
+    # elements 2 (t % 4) and 2 (t % 4) + 1.
+    shape = MMA_SHAPES["bfloat16"]
+    rev = b_rev if is_b else a_rev
+    for lane in range(WARP):
+        for matrix in range(4):
+            row, column = ldmatrix_row(8 * matrix + lane // 4, is_b)
+            for element in range(2):
+                assert rev(lane, 2 * matrix + element, shape) == (row, column + 2 * (lane % 4) + element)
+
+
+def test_bfloat16_operands_load_with_ldmatrix_and_tf32_element_by_element():
+    for is_b in (False, True):
+        assert "ptx_legacy.ldmatrix" in load_intrin(is_b, "bfloat16")[1].script()
+        assert "ldmatrix" not in load_intrin(is_b, "tf32")[1].script()
