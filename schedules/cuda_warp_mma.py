@@ -24,6 +24,7 @@ the 16 x 16 x ``k`` multiply-accumulate (two mma of n8) of "tf32" or "bfloat16".
 from __future__ import annotations
 
 import sys
+import threading
 
 import tvm_ffi
 from tvm.runtime import convert
@@ -203,17 +204,22 @@ def register_accumulator_layout() -> None:
         tvm_ffi.register_global_func(ACCUMULATOR_LAYOUT, lambda index: convert(list(c_map(index[0], index[1]))))
 
 
-def register_warp_mma_intrinsics(precision: str | None = None):
-    """Register (once) TVM's tensor intrinsics and these, of every precision; returns the names of
-    (load A, load B, multiply-accumulate) of ``precision`` ("tf32" or "bfloat16"), or None."""
-    if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
-        # TVM's module registers the accumulator layout itself (and fails if it exists).
-        tvm_ffi.remove_global_func(ACCUMULATOR_LAYOUT)
-    from tvm.s_tir.tensor_intrin import cuda  # noqa: F401 - TVM's WMMA/MMA intrinsics
+_registering = threading.Lock()
 
-    for name, (load_a, load_b, sync) in NAMES.items():
-        if TensorIntrin.get(load_a, allow_missing=True) is None:
-            TensorIntrin.register(load_a, *load_intrin(False, name))
-            TensorIntrin.register(load_b, *load_intrin(True, name))
-            TensorIntrin.register(sync, *sync_intrin(name))
+
+def register_warp_mma_intrinsics(precision: str | None = None):
+    """Register (once, from any number of threads: the first kernels of a process may be scheduled
+    concurrently) TVM's tensor intrinsics and these, of every precision; returns the names of
+    (load A, load B, multiply-accumulate) of ``precision`` ("tf32" or "bfloat16"), or None."""
+    with _registering:
+        if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
+            # TVM's module registers the accumulator layout itself (and fails if it exists).
+            tvm_ffi.remove_global_func(ACCUMULATOR_LAYOUT)
+        from tvm.s_tir.tensor_intrin import cuda  # noqa: F401 - TVM's WMMA/MMA intrinsics
+
+        for name, (load_a, load_b, sync) in NAMES.items():
+            if TensorIntrin.get(load_a, allow_missing=True) is None:
+                TensorIntrin.register(load_a, *load_intrin(False, name))
+                TensorIntrin.register(load_b, *load_intrin(True, name))
+                TensorIntrin.register(sync, *sync_intrin(name))
     return NAMES.get(precision)

@@ -4,6 +4,9 @@ the fused backward's mma.sync kernels use), element by element, and invert."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
@@ -70,3 +73,20 @@ def test_bfloat16_operands_load_with_ldmatrix_and_tf32_element_by_element():
     for is_b in (False, True):
         assert "ptx_legacy.ldmatrix" in load_intrin(is_b, "bfloat16")[1].script()
         assert "ldmatrix" not in load_intrin(is_b, "tf32")[1].script()
+
+
+def test_intrinsics_register_once_from_concurrent_threads():
+    # A fresh interpreter: the first kernels of a process may be scheduled from several threads.
+    script = """
+import threading
+from deft_tvm.schedules.cuda_warp_mma import NAMES, register_warp_mma_intrinsics
+start, results = threading.Barrier(8), []
+def register():
+    start.wait()
+    results.append(register_warp_mma_intrinsics("bfloat16"))
+threads = [threading.Thread(target=register) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert results == [NAMES["bfloat16"]] * 8, results
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=600)
