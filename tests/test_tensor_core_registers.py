@@ -1,8 +1,9 @@
 """The tensor-core forward keeps its warp fragments in registers, in every precision, for the default
 tiling and the design space's samples: ptxas gives its kernels no stack frame bigger than a few
 spilled registers, where a fragment left in local memory is a whole warp's tile in every thread
-(at least FRAGMENT_BYTES). A fragment in local memory costs ~50x (the bfloat16 forward before its operands were loaded with
-ldmatrix: 2096 bytes of stack, 11.3 ms for the paper layer at N=32 on an H200, float16 0.20 ms)."""
+(at least FRAGMENT_BYTES). A fragment in local memory costs ~50x (the bfloat16 forward before its
+operands were loaded with ldmatrix: 2096 bytes of stack, 11.3 ms for the paper layer at N=32 on an
+H200, float16 0.20 ms)."""
 
 from __future__ import annotations
 

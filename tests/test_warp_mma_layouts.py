@@ -48,11 +48,11 @@ def test_b_tiles_hold_two_ptx_n8_fragments(precision):
 
 @pytest.mark.parametrize("precision", list(OPERAND_DTYPES))
 def test_sync_intrinsic_issues_two_mma_of_the_precision(precision):
-    shape, ptx_type, k = MMA_SHAPES[precision].shape, MMA_SHAPES[precision].ptx_type, MMA_SHAPES[precision].k
+    mma = MMA_SHAPES[precision]
     desc, impl = sync_intrin(precision)
     text = impl.script()
-    assert text.count(f'"{shape}"') == 2 and f'"{ptx_type}"' in text
-    assert f"tx * {k // 2} + {k // 4}" in text  # the second mma takes B's second n8 half
+    assert text.count(f'"{mma.shape}"') == 2 and f'"{mma.ptx_type}"' in text
+    assert f"tx * {mma.k // 2} + {mma.k // 4}" in text  # the second mma takes B's second n8 half
 
 
 @pytest.mark.parametrize("is_b", [False, True])
