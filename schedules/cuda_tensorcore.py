@@ -17,7 +17,12 @@ one tap and channel chunk is computed straight into shared memory, never a globa
   tap into shared memory and read from there by every chunk, instead of per chunk from the offsets;
 * each warp loads its operand fragments from those tiles (the sampled one column-major) and
   issues ``mma_sync``;
-* the accumulators go through shared memory (``store_matrix_sync``) to the bias + cast epilogue.
+* the accumulators go through shared memory (``store_matrix_sync``) to the bias + cast epilogue;
+* with ``k_splits`` > 1 (split-K, for layers of few blocks: wide channels on small maps) the
+  channel reduction is split over that many blocks (``rfactor``): each writes its partial sums
+  through shared memory to a float32 buffer ``[split][out_channel][position]`` in global memory
+  (TVM's device workspace), and a second kernel adds them in a fixed order with the bias (no
+  atomics: deterministic).
 
 Applies to one-group layers with in and out channels in multiples of 16 (``supports_tensor_cores``)
 in float16 (WMMA), bfloat16 (PTX mma m16n8k16) or float32 where TF32 is allowed (``spec.tf32``: PTX
@@ -50,8 +55,11 @@ VECTOR = 8
 # Operand tile rows in shared memory are ROW_PAD bytes past a multiple of ROW_ALIGN bytes.
 ROW_ALIGN = 64
 ROW_PAD = 16
-# Input channels of a reduction chunk in the default tiling.
+# Input channels of a reduction chunk in the default tiling, fewer where the block's weight tile
+# would exceed DEFAULT_WEIGHT_TILE_BYTES (split-K's 256 output channels in TF32: the operand tiles
+# would take all of the 48 KB of static shared memory).
 DEFAULT_CHUNK = 32
+DEFAULT_WEIGHT_TILE_BYTES = 16384
 # The default tiling stages the sampling points per tap where each offset group has at least this
 # many channels (every staged point then serves that many gathered channels). H200, 22c9880, a
 # record's tiling without / with them: one offset group of 64-512 channels won wherever the staged
@@ -64,6 +72,19 @@ TAP_POINTS_MIN_GROUP_CHANNELS = 16
 # default tiling of 16 channels into 64 on a 10 x 13 map failed to lower ("tvm_access_ptr element
 # type must match the source buffer"). Every registry layer has two chunks per tap or more.
 TAP_POINTS_MIN_CHUNKS = 2
+# Split-K: the splits of the channel reduction the space samples (those dividing the layer's
+# channel fragments). The default tiling splits 4 ways, with 256 output channels per block, the
+# layers whose blocks would not fill SPLIT_K_BLOCKS (two per SM of an H100/H200) and which have
+# SPLIT_K_MIN_CHANNELS input channels or more (each split then reduces 64 or more). H200, float16
+# r50 c5 (512 channels, 25 x 42, batch 2), the kernel alone: 0.226 ms unsplit (its tuned record),
+# split 4 ways 0.149 ms with 128 output channels per block, 0.136 ms with 256
+# (tools/results/forward_split_k_h200.txt).
+SPLIT_K_CANDIDATES = (1, 2, 4)
+SPLIT_K_DEFAULT = 4
+SPLIT_K_BLOCKS = 264
+SPLIT_K_MIN_CHANNELS = 256
+# Threads per block of split-K's second kernel (the sum of the partial sums).
+SPLIT_K_SUM_THREADS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,49 +144,69 @@ class TensorCoreTiling:
     k_frags: int
     vector: int
     tap_points: bool = False  # the sampling points staged per tap in shared memory (_stage_sampling_points_per_tap)
+    k_splits: int = 1  # blocks the channel reduction is split over (split-K; one of split_k_candidates)
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "TensorCoreTiling":
         """Small blocks, many per SM (measured on an H100 over the registry's layers,
         ``tools/sweep_cuda_tiling.py``): up to 128 output channels (each block interpolates its
         positions once for all of its channels) on 2 warps (4 above 64 channels), one warp along
-        positions with 2 fragments of them (4 above 64 channels), 32-channel reduction chunks;
+        positions with 2 fragments of them (4 above 64 channels), 32-channel reduction chunks (fewer
+        where the weight tile would exceed ``DEFAULT_WEIGHT_TILE_BYTES``);
         sampling points staged per tap where offset groups have ``TAP_POINTS_MIN_GROUP_CHANNELS``
         channels or more (measured on the H200, ``tools/results/forward_tap_points_refine_h200.txt``)
-        and a tap has ``TAP_POINTS_MIN_CHUNKS`` chunks or more."""
+        and a tap has ``TAP_POINTS_MIN_CHUNKS`` chunks or more. Layers of few blocks (see
+        ``SPLIT_K_BLOCKS``) split the channel reduction ``SPLIT_K_DEFAULT`` ways with 256 output
+        channels per block (4 warps of 4 fragments)."""
         k = mma_shape(spec).k
         co_frags = spec.out_channels // spec.groups // FRAGMENT
         p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
         k_frags = spec.in_channels // spec.groups // k
-        chunk_frags = largest_divisor(k_frags, DEFAULT_CHUNK // k)
         block_co = largest_divisor(co_frags, 8)
         wide = block_co > 4
+        frags_p = largest_divisor(p_frags, 4 if wide else 2)
+        splits = 1
+        if (spec.in_channels // spec.groups >= SPLIT_K_MIN_CHANNELS and SPLIT_K_DEFAULT in split_k_candidates(spec)
+                and (co_frags // block_co) * (p_frags // frags_p) < SPLIT_K_BLOCKS):
+            splits, block_co = SPLIT_K_DEFAULT, largest_divisor(co_frags, 16)
+        itemsize = 2 if k == 16 else 4
+        chunk = min(DEFAULT_CHUNK, DEFAULT_WEIGHT_TILE_BYTES // (block_co * FRAGMENT * itemsize))
+        chunk_frags = largest_divisor(k_frags // splits, max(1, chunk // k))
         warps_co = largest_divisor(block_co, 4 if wide else 2)
         return cls(
             warps_co=warps_co,
             frags_co=block_co // warps_co,
             warps_p=1,
-            frags_p=largest_divisor(p_frags, 4 if wide else 2),
+            frags_p=frags_p,
             k_frags=chunk_frags,
             vector=_vector(spec),
             tap_points=(spec.in_channels // spec.offset_groups >= TAP_POINTS_MIN_GROUP_CHANNELS
-                        and k_frags >= TAP_POINTS_MIN_CHUNKS * chunk_frags),
+                        and k_frags // splits >= TAP_POINTS_MIN_CHUNKS * chunk_frags),
+            k_splits=splits,
         )
 
     @classmethod
     def of_trace(cls, trace, spec: DeformConvSpec) -> "TensorCoreTiling | None":
         """The tiling a trace of ``deft_cuda_tensorcore_space`` (a tuning record) decided, or None
-        for a trace of another space. Traces from before ``tap_points`` was a decision had it off."""
+        for a trace of another space. Traces from before ``tap_points`` (``k_splits``) was a decision
+        had it off (1)."""
         decisions = {"SamplePerfectTile": [], "SampleCategorical": []}
         for inst in trace.insts:
             if inst.kind.name in decisions:
                 decisions[inst.kind.name].append(trace.decisions[inst])
-        tiles, categorical = decisions["SamplePerfectTile"], decisions["SampleCategorical"]
-        if len(tiles) != 5 or len(categorical) > 1:
+        tiles, categorical = decisions["SamplePerfectTile"], [int(d) for d in decisions["SampleCategorical"]]
+        if len(tiles) != 5 or len(categorical) > 2:
             return None
         (_, frags_co), (_, frags_p), (_, warps_co), (_, warps_p), (_, k_frags) = (map(int, t) for t in tiles)
+        tap_points, split = (categorical + [0, 0])[:2]
         return cls(warps_co=warps_co, frags_co=frags_co, warps_p=warps_p, frags_p=frags_p, k_frags=k_frags,
-                   vector=_vector(spec), tap_points=bool(categorical and int(categorical[0])))
+                   vector=_vector(spec), tap_points=bool(tap_points), k_splits=split_k_candidates(spec)[split])
+
+
+def split_k_candidates(spec: DeformConvSpec) -> tuple[int, ...]:
+    """The ``k_splits`` of a layer: ``SPLIT_K_CANDIDATES`` that divide its channel fragments."""
+    k_frags = spec.in_channels // spec.groups // mma_shape(spec).k
+    return tuple(s for s in SPLIT_K_CANDIDATES if k_frags % s == 0)
 
 
 def _vector(spec: DeformConvSpec) -> int:
@@ -201,6 +242,9 @@ class FixedTensorCoreTiles:
     def tap_points(self, sch):
         return self.t.tap_points
 
+    def k_splits(self, sch):
+        return self.t.k_splits
+
 
 class SampledTensorCoreTiles:
     """Split factors sampled by MetaSchedule (divisors of the extents in fragments); with
@@ -208,6 +252,7 @@ class SampledTensorCoreTiles:
 
     def __init__(self, spec: DeformConvSpec, start: TensorCoreTiling | None = None):
         self.vector_width = _vector(spec)
+        self.splits = split_k_candidates(spec)
         self.start = start
 
     def _sample(self, sch, loop, max_innermost: int, field: str):
@@ -238,6 +283,13 @@ class SampledTensorCoreTiles:
     def tap_points(self, sch):
         decision = None if self.start is None else int(self.start.tap_points)
         return bool(int(sch.get(sch.sample_categorical([0, 1], [0.5, 0.5], decision=decision))))
+
+    def k_splits(self, sch):
+        # Sampled when the space is generated, never mutated (the search mutates tile sizes):
+        # the schedule's instructions depend on it, as on tap_points.
+        decision = None if self.start is None else self.splits.index(self.start.k_splits)
+        return int(sch.get(sch.sample_categorical(list(self.splits), [1 / len(self.splits)] * len(self.splits),
+                                                  decision=decision)))
 
 
 def supports_tensor_cores(spec: DeformConvSpec) -> bool:
@@ -313,6 +365,17 @@ def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: 
     return store
 
 
+def _sum_splits(sch, total, output) -> None:
+    """Split-K's second kernel: one thread per (output channel, position) adds the splits' partial
+    sums in order (in registers), then the bias, and writes the output."""
+    channel, position, _ = sch.get_loops(total)
+    block, thread = sch.split(sch.fuse(channel, position), [None, SPLIT_K_SUM_THREADS])
+    sch.bind(block, "blockIdx.x")
+    sch.bind(thread, "threadIdx.x")
+    sch.set_scope(total, 0, "local")
+    sch.reverse_compute_at(output, thread, preserve_unit_loops=True)
+
+
 def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     """Apply the tensor-core DefT schedule to ``sch`` (of ``deform_conv2d_primfunc`` of a spec with
     ``layout="NHWC"``) in place, with split factors from ``tiles``
@@ -346,6 +409,13 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
         sch.compute_inline(sampled)
         sampled = sch.get_sblock(f"{STAGE_SAMPLED}_pad")
         sch.compute_inline(sch.get_sblock(f"{STAGE_CONV}_pad"))
+    # Split-K: the GEMM block (rfactor) reduces one split of the channels into partial sums
+    # [split][out_channel][position]; ``total`` (the conv block now) adds the splits.
+    total, splits = None, tiles.k_splits(sch)
+    if splits > 1:
+        split, _ = sch.split(sch.get_loops(conv)[-1], [splits, None])
+        total, conv = conv, sch.rfactor(split, 0)
+        sch.reorder(sch.get_loops(conv)[-2], *sch.get_loops(conv)[:-2])
 
     # Operand tiles in shared memory, the accumulators staged for the epilogue in dynamic shared
     # memory (one dtype per scope: TVM's StorageRewrite cannot merge float16 and float32 buffers).
@@ -353,8 +423,13 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     weight_shared = sch.cache_read(conv, 0, "shared")
     sampled_frag = sch.cache_read(conv, 1, ops.scope_b)
     weight_frag = sch.cache_read(conv, 0, ops.scope_a)
+    if total is None:  # the epilogue: output (bias, cast) from the staged accumulators
+        epilogue = output
+    else:  # the epilogue: the staged accumulators to the partial sums in global memory
+        epilogue = sch.cache_write(conv, 0, "shared.dyn")
     conv_shared = sch.cache_write(conv, 0, ops.scope_c)
-    sch.set_scope(conv_shared, 0, "shared.dyn")
+    if total is None:
+        sch.set_scope(conv_shared, 0, "shared.dyn")
     for block in (weight_shared, weight_frag):  # the weight is [co][ky][kx][rc]
         sch.transform_layout(block, ("write", 0), lambda co, ky, kx, rc: (ky, kx, co, rc))
     if ops.warp_fragments:  # [tile][tile][lane][register] as the mma instructions hold them
@@ -365,9 +440,14 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
                              lambda ky, kx, co, rc: (ky, kx, co // 16, rc // k, *a_map(co % 16, rc % k, k)))
         sch.transform_layout(sampled_frag, ("write", 0),
                              lambda ky, kx, p, c: (ky, kx, p // 16, c // k, *b_map(p % 16, c % k, k)))
-        sch.transform_layout(conv, ("write", 0), lambda co, p: (co // 16, p // 16, *c_map(co % 16, p % 16)))
+        if total is None:
+            sch.transform_layout(conv, ("write", 0), lambda co, p: (co // 16, p // 16, *c_map(co % 16, p % 16)))
+        else:
+            sch.transform_layout(conv, ("write", 0),
+                                 lambda s, co, p: (s, co // 16, p // 16, *c_map(co % 16, p % 16)))
 
-    co, p, ky, kx, rc = sch.get_loops(conv)
+    split = sch.get_loops(conv)[0] if total is not None else None
+    co, p, ky, kx, rc = sch.get_loops(conv)[-5:]
     co, co_i = sch.split(co, [None, FRAGMENT])
     p, p_i = sch.split(p, [None, FRAGMENT])
     rc, rc_i = sch.split(rc, [None, ops.k])
@@ -380,21 +460,23 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
     warps_co, warps_p = co_factors[1], p_factors[1]
     rc_o, rc_f = sch.split(rc, tiles.rc(sch, rc))
     sch.reorder(co_b, p_b, co_w, p_w, ky, kx, rc_o, rc_f, co_f, p_f, co_i, p_i, rc_i)
-    sch.bind(sch.fuse(co_b, p_b), "blockIdx.x")
+    sch.bind(sch.fuse(co_b, p_b) if split is None else sch.fuse(split, co_b, p_b), "blockIdx.x")
     warp = sch.fuse(co_w, p_w)
     sch.bind(warp, "threadIdx.y")
 
     # Epilogue, one accumulator fragment at a time: the warp stores it to shared memory, then its
-    # lanes add the bias, cast and write it out.
+    # lanes add the bias, cast and write it out (split-K: write it to the partial sums).
     sch.reverse_compute_at(conv_shared, warp, preserve_unit_loops=True)
     store_co, store_p = sch.get_loops(conv_shared)[-2:]
     store_co_f, store_co_i = sch.split(store_co, [None, FRAGMENT])
     store_p_f, store_p_i = sch.split(store_p, [None, FRAGMENT])
     sch.reorder(store_co_f, store_p_f, store_co_i, store_p_i)
-    sch.reverse_compute_at(output, store_p_f, preserve_unit_loops=True)
-    out_lane = sch.fuse(*sch.get_loops(output)[-2:])
+    sch.reverse_compute_at(epilogue, store_p_f, preserve_unit_loops=True)
+    out_lane = sch.fuse(*sch.get_loops(epilogue)[-2:])
     _, lane = sch.split(out_lane, [None, WARP])
     sch.bind(lane, "threadIdx.x")
+    if total is not None:
+        _sum_splits(sch, total, output)
 
     # Operand fragments are loaded per 16-channel step (placed before their producers are).
     sch.compute_at(sampled_frag, rc_f, preserve_unit_loops=True)
@@ -463,16 +545,21 @@ def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
     """Points of ``deft_cuda_tensorcore_space`` near a tuning record (``trace``) that its search,
     whose mutators change tile sizes only, does not reach from it: the record's tiling with the
     sampling points staged per tap, that with twice the channel chunk (where the space has it),
-    and the default tiling as ``TensorCoreTiling.for_spec`` gives it and with its tap points
-    flipped; ``{label: schedule}`` (empty for a trace of another space)."""
+    the record's tiling split (split-K) the other ways its chunk allows, and the default tiling as
+    ``TensorCoreTiling.for_spec`` gives it and with its tap points flipped; ``{label: schedule}``
+    (empty for a trace of another space)."""
     tiling = TensorCoreTiling.of_trace(trace, spec)
     if tiling is None:
         return {}
     staged = dataclasses.replace(tiling, tap_points=True)
     candidates = {"tap points": staged}
+    k_frags = spec.in_channels // spec.groups // mma_shape(spec).k
     chunk = 2 * tiling.k_frags
-    if chunk <= MAX_K_FRAGS and (spec.in_channels // spec.groups // mma_shape(spec).k) % chunk == 0:
+    if chunk <= MAX_K_FRAGS and (k_frags // tiling.k_splits) % chunk == 0:
         candidates["tap points, 2x chunk"] = dataclasses.replace(staged, k_frags=chunk)
+    for splits in split_k_candidates(spec):
+        if (k_frags // splits) % tiling.k_frags == 0:
+            candidates[f"split-K {splits}"] = dataclasses.replace(tiling, k_splits=splits)
     default = TensorCoreTiling.for_spec(spec)
     flipped = dataclasses.replace(default, tap_points=not default.tap_points)
     candidates.update({"default": default, f"default, tap points {'on' if flipped.tap_points else 'off'}": flipped})

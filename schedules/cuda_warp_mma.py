@@ -18,8 +18,9 @@ written here also as index maps over a tile:
 * C, a 16 x 16 float32 accumulator: the layout of TVM's m16n8k16 MMA intrinsics, so TVM's own
   ``mma_fill`` / ``mma_store`` intrinsics serve.
 
-``register_warp_mma_intrinsics(precision)`` registers the operand loads (from shared memory) and
-the 16 x 16 x ``k`` multiply-accumulate (two mma of n8) of "tf32" or "bfloat16".
+``register_warp_mma_intrinsics(precision)`` registers the operand loads (one ``ldmatrix.x4`` per
+tile from shared memory, ``ldmatrix_row``) and the 16 x 16 x ``k`` multiply-accumulate (two mma of
+n8) of "tf32" or "bfloat16".
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from tvm.runtime import convert
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from deft_tvm.schedules.cuda_mma import MMA_SHAPES, MmaShape
+from deft_tvm.schedules.cuda_mma import MMA_SHAPES
 
 WARP = 32
 OPERAND_DTYPES = {"tf32": "float32", "bfloat16": "bfloat16"}  # precision -> operand dtype (MMA_SHAPES' keys)
@@ -51,29 +52,18 @@ def b_map(n, c, k: int = 8):
     return (n % 8) * 4 + c % 8 // 2, (n // 8) * 4 + c % 2 + 2 * (c // 8)
 
 
-def a_rev(t, r, shape: MmaShape):
-    """Inverse of ``a_map``: the (i, c) of lane ``t``'s register ``r`` (``shape.a_element``)."""
-    return shape.a_element(r, t // 4, t % 4)
-
-
-def b_rev(t, r, shape: MmaShape):
-    """Inverse of ``b_map``: the (n, c) of lane ``t``'s register ``r``, the registers of the
-    positions' second n8 half after the first's (``shape.b_element``)."""
-    channel, position = shape.b_element(r % shape.b_elements, t // 4, t % 4)
-    return position + 8 * (r // shape.b_elements), channel
-
-
-def ldmatrix_row(lane, is_b: bool):
-    """(row, column) of the 8-element row whose shared-memory address lane ``lane`` gives
-    ``ldmatrix.x4`` when loading a 16 x 16 tile of 16-bit operands (PTX ISA 8.x, section 9.7.14.5.15):
-    lanes 8 m .. 8 m + 7 address matrix ``m``, which lands in each lane's register ``m``, so the
-    matrices are taken in ``a_map`` / ``b_map``'s register order: A's (rows 0-7, channels 0-7),
-    (rows 8-15, 0-7), (0-7, 8-15), (8-15, 8-15); B's positions 0-7 then 8-15, channels 0-7 then
-    8-15 within each."""
-    matrix = lane // 8
+def ldmatrix_row(lane, is_b: bool, k: int = 16):
+    """(row, column) of the 16-byte row whose shared-memory address lane ``lane`` gives
+    ``ldmatrix.x4`` when loading a 16 x ``k`` operand tile (PTX ISA 8.x, section 9.7.14.5.15: four
+    8 x 8 matrices of 16-bit elements, i.e. 8 rows of ``k / 2`` operands, 8 bfloat16 or 4 TF32):
+    lanes 8 m .. 8 m + 7 address matrix ``m``'s rows, and each lane receives in its register ``m``
+    32 bits of row ``lane // 4``, so the matrices are taken in ``a_map`` / ``b_map``'s register
+    order: A's (rows 0-7, first half of the channels), (rows 8-15, first half), (0-7, second half),
+    (8-15, second half); B's positions 0-7 then 8-15, each with the first then the second half."""
+    matrix, half = lane // 8, k // 2
     if is_b:
-        return lane % 8 + 8 * (matrix // 2), 8 * (matrix % 2)
-    return lane % 8 + 8 * (matrix % 2), 8 * (matrix // 2)
+        return lane % 8 + 8 * (matrix // 2), half * (matrix % 2)
+    return lane % 8 + 8 * (matrix % 2), half * (matrix // 2)
 
 
 def c_map(i, j):
@@ -85,7 +75,7 @@ def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
     """Copy of an A or B operand tile from ``scope`` into its warp fragment."""
     shape, dtype = MMA_SHAPES[precision], OPERAND_DTYPES[precision]
     k, registers = shape.k, shape.a_elements  # A and B (two n8 halves) hold as many registers
-    fmap, rev = (b_map, b_rev) if is_b else (a_map, a_rev)
+    fmap = b_map if is_b else a_map
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, c: T.handle) -> None:
@@ -112,28 +102,13 @@ def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
             T.reads(A[0:16, 0:k])
             T.writes(C[0:WARP, 0:registers])
             for tx in T.thread_binding(0, WARP, "threadIdx.x"):
-                for r in T.unroll(registers):
-                    i, kk = T.meta_var(rev(tx, r, shape))
-                    C[tx, r] = A[i, kk]
-
-    @T.prim_func(s_tir=True)
-    def impl_ldmatrix(a: T.handle, c: T.handle) -> None:
-        s0 = T.int32()
-        s1 = T.int32()
-        A = T.match_buffer(a, (16, k), dtype, align=64, offset_factor=k, scope=scope, strides=[s0, s1])
-        C = T.match_buffer(c, (WARP, registers), dtype, align=64, offset_factor=registers, scope="warp")
-        with T.sblock("root"):
-            T.reads(A[0:16, 0:k])
-            T.writes(C[0:WARP, 0:registers])
-            for tx in T.thread_binding(0, WARP, "threadIdx.x"):
-                row, column = T.meta_var(ldmatrix_row(tx, is_b))
+                row, column = T.meta_var(ldmatrix_row(tx, is_b, k))
                 T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", C.data, C.elem_offset + tx * registers,
                                                  A.access_ptr("r"), row * s0 + column, dtype=dtype))
 
-    # 16-bit operands: one ldmatrix.x4 per tile (TVM lowers the warp fragment it writes to each
-    # lane's registers; written element by element, the fragment stays a whole warp's array in
-    # every thread's local memory). 32-bit (TF32) operands: element by element.
-    return desc, impl_ldmatrix if shape.k == 16 else impl
+    # One ldmatrix.x4 per tile. Written element by element, a bfloat16 fragment stayed a whole
+    # warp's array in every thread's local memory (tests/test_tensor_core_registers.py).
+    return desc, impl
 
 
 def sync_intrin(precision: str):

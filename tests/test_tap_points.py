@@ -36,18 +36,22 @@ def test_traces_of_other_spaces_have_no_tensor_core_tiling():
     assert refinements(simt, TARGET, search_start(simt, TARGET).trace) == {}
 
 
-def test_refinements_of_a_record_stage_the_points_and_double_the_chunk():
+def test_refinements_of_a_record_stage_the_points_double_the_chunk_and_split_k():
     offered = {label: TensorCoreTiling.of_trace(sch.trace, SPEC)
                for label, sch in refinements(SPEC, TARGET, _at(RECORD).trace).items()}
     staged, default = dataclasses.replace(RECORD, tap_points=True), TensorCoreTiling.for_spec(SPEC)
     assert default.tap_points  # one offset group of 64 channels
     unstaged_default = dataclasses.replace(default, tap_points=False)
     assert offered == {"tap points": staged, "tap points, 2x chunk": dataclasses.replace(staged, k_frags=2),
+                       "split-K 2": dataclasses.replace(RECORD, k_splits=2),
+                       "split-K 4": dataclasses.replace(RECORD, k_splits=4),
                        "default": default, "default, tap points off": unstaged_default}
-    # From the default (staged): the chunk doubled, and the default without staging; nothing repeated.
+    # From the default (staged, chunks of 2 of the 4 channel fragments): the chunk doubled, split
+    # 2 ways (4 ways leaves one fragment per split), and the default without staging; nothing repeated.
     assert {label: TensorCoreTiling.of_trace(sch.trace, SPEC)
             for label, sch in refinements(SPEC, TARGET, _at(default).trace).items()} == {
         "tap points, 2x chunk": dataclasses.replace(default, k_frags=2 * default.k_frags),
+        "split-K 2": dataclasses.replace(default, k_splits=2),
         "default, tap points off": unstaged_default}
 
 

@@ -48,7 +48,7 @@ def test_default_tiling_keeps_fragments_in_registers(workload, precision, tmp_pa
     spec = _spec(workload, precision)
     assert spec.layout == "NHWC" and spec.tf32 == (precision == "tf32")  # the tensor-core schedule
     stacks = _stack_bytes(default_schedule(deform_conv2d_primfunc(spec), spec, cuda_target("sm_90")), tmp_path)
-    assert len(stacks) == 1 and stacks[0] < FRAGMENT_BYTES, stacks
+    assert stacks and max(stacks) < FRAGMENT_BYTES, stacks
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "tf32"])
@@ -58,4 +58,4 @@ def test_design_space_samples_keep_fragments_in_registers(precision, tmp_path):
         sch = tvm.s_tir.Schedule(deform_conv2d_primfunc(spec), seed=seed)
         design_space(spec, cuda_target("sm_90"))(sch)
         stacks = _stack_bytes(sch, tmp_path)
-        assert len(stacks) == 1 and stacks[0] < FRAGMENT_BYTES, (stacks, sch.trace.decisions)
+        assert stacks and max(stacks) < FRAGMENT_BYTES, (stacks, sch.trace.decisions)  # split-K: two kernels

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
-from deft_tvm.schedules.cuda_warp_mma import (OPERAND_DTYPES, a_map, a_rev, b_map, b_rev, ldmatrix_row, load_intrin,
-                                             sync_intrin)
+from deft_tvm.schedules.cuda_warp_mma import OPERAND_DTYPES, a_map, b_map, ldmatrix_row, load_intrin, sync_intrin
 
 WARP = 32
 
@@ -25,7 +24,6 @@ def test_a_tiles_hold_the_ptx_fragment_elements(precision):
         for register in range(shape.a_elements):
             row, column = shape.a_element(register, lane // 4, lane % 4)
             assert a_map(row, column, k) == (lane, register)
-            assert a_rev(lane, register, shape) == (row, column)
             held.add((row, column))
     assert held == {(i, c) for i in range(16) for c in range(k)}  # every element of the 16 x k tile once
 
@@ -41,7 +39,6 @@ def test_b_tiles_hold_two_ptx_n8_fragments(precision):
                 channel, position = shape.b_element(register, lane // 4, lane % 4)
                 position += 8 * half
                 assert b_map(position, channel, k) == (lane, half * shape.b_elements + register)
-                assert b_rev(lane, half * shape.b_elements + register, shape) == (position, channel)
                 held.add((position, channel))
     assert held == {(n, c) for n in range(16) for c in range(k)}
 
@@ -55,24 +52,30 @@ def test_sync_intrinsic_issues_two_mma_of_the_precision(precision):
     assert f"tx * {mma.k // 2} + {mma.k // 4}" in text  # the second mma takes B's second n8 half
 
 
+@pytest.mark.parametrize("precision", list(OPERAND_DTYPES))
 @pytest.mark.parametrize("is_b", [False, True])
-def test_ldmatrix_rows_fill_the_bfloat16_fragments(is_b):
+def test_ldmatrix_rows_fill_the_fragments(is_b, precision):
     # ldmatrix.x4 (PTX ISA 8.x, 9.7.14.5.15): lanes 8 m .. 8 m + 7 give the addresses of matrix m's
-    # 8 rows of 8 16-bit elements; lane t receives, in its register m, row t // 4 of matrix m,
-    # elements 2 (t % 4) and 2 (t % 4) + 1.
-    shape = MMA_SHAPES["bfloat16"]
-    rev = b_rev if is_b else a_rev
+    # 8 rows of 16 bytes; lane t receives, in its register m, 32 bits of row t // 4 of matrix m at
+    # byte 4 (t % 4): two bfloat16 (elements 2 m, 2 m + 1 of the lane) or one TF32 (element m).
+    k = MMA_SHAPES[precision].k
+    per_register = k // 8  # operands in 32 bits
+    fmap = b_map if is_b else a_map
+    loaded = set()
     for lane in range(WARP):
         for matrix in range(4):
-            row, column = ldmatrix_row(8 * matrix + lane // 4, is_b)
-            for element in range(2):
-                assert rev(lane, 2 * matrix + element, shape) == (row, column + 2 * (lane % 4) + element)
+            row, column = ldmatrix_row(8 * matrix + lane // 4, is_b, k)
+            for element in range(per_register):
+                held = (row, column + per_register * (lane % 4) + element)
+                assert fmap(*held, k) == (lane, per_register * matrix + element)
+                loaded.add(held)
+    assert loaded == {(r, c) for r in range(16) for c in range(k)}
 
 
-def test_bfloat16_operands_load_with_ldmatrix_and_tf32_element_by_element():
+@pytest.mark.parametrize("precision", list(OPERAND_DTYPES))
+def test_operands_load_with_ldmatrix(precision):
     for is_b in (False, True):
-        assert "ptx_legacy.ldmatrix" in load_intrin(is_b, "bfloat16")[1].script()
-        assert "ldmatrix" not in load_intrin(is_b, "tf32")[1].script()
+        assert "ptx_legacy.ldmatrix" in load_intrin(is_b, precision)[1].script()
 
 
 def test_intrinsics_register_once_from_concurrent_threads():
