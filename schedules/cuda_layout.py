@@ -4,8 +4,11 @@ The tensor-core schedule (``cuda_tensorcore.py``) reads input ``[N, H, W, C]`` a
 kh, kw, C / groups]`` (``kernel_spec``'s ``layout="NHWC"``). From torch's NCHW tensors that is two
 permuted copies per call: in torch, each a view, an allocation and a copy kernel, about 60 us of
 host time on the H200's host for a layer whose kernel takes 20 us. ``channels_last_primfunc``
-makes both copies in one call (two kernels, a thread per element written, so the writes are
-coalesced), into buffers the caller allocates.
+makes both copies in one call, into buffers the caller allocates: two kernels, each a batched
+transpose ``[B, R, S] -> [B, S, R]`` (input: ``B = N``, ``R = C``, ``S = H x W``; weight: ``B =
+O``, ``R = C / groups``, ``S = kh x kw``) through a shared-memory tile of ``R_TILE`` x ``S_TILE``
+elements, read along ``S`` and written along ``R``, so that both the reads and the writes are
+coalesced (a thread per element written, as before, read NCHW input at a stride of H x W elements).
 """
 
 from __future__ import annotations
@@ -18,37 +21,66 @@ from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec
 from deft_tvm.schedules.cuda import thread_loops
 
 THREADS = 256
+R_TILE = 64  # channels per tile: 128 bytes of a 16-bit row written at once
+S_TILE = 32  # positions (or taps) per tile, fewer where a row has fewer
+
+
+def transpose_tile(r_extent: int, s_extent: int) -> tuple[int, int]:
+    """``(r_tile, s_tile)`` of the batched transpose of ``[B, r_extent, s_extent]``: at most
+    ``R_TILE`` x ``S_TILE``, no larger than the extents (a weight's 3 x 3 taps: one 9-tap tile, read
+    as one contiguous run)."""
+    return min(R_TILE, r_extent), min(S_TILE, s_extent)
 
 
 def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     """``channels_last(input [N, C, H, W], weight [O, C / groups, kh, kw], input_nhwc [N, H, W, C],
     weight_ohwi [O, kh, kw, C / groups])`` (the spec's dtype, all contiguous): the last two are the
-    first two with the channels last. ``bind_threads=False``: the same loops, serial (buildable
-    for a CPU, where tests check the copies)."""
+    first two with the channels last. ``bind_threads=False``: the same loops, serial, the tile in
+    global memory (buildable for a CPU, where tests check the copies)."""
     from tvm.script import tirx as T
 
     n, c, h, w = spec.input_shape
     o, ipg, kh, kw = spec.weight_shape
     dtype = spec.dtype
-    inputs, weights = math.prod(spec.input_shape), math.prod(spec.weight_shape)
-    index = "int64" if inputs > INT32_MAX else "int32"
-    n, c, h, w, inputs = (tirx.IntImm(index, v) for v in (n, c, h, w, inputs))
-    threads = tirx.IntImm(index, THREADS)
-    input_blocks = tirx.IntImm(index, -(-int(inputs) // THREADS))
-    weight_blocks = -(-weights // THREADS)
+    index = "int64" if math.prod(spec.input_shape) > INT32_MAX else "int32"
     blocks_loop, threads_loop = thread_loops(bind_threads)
+    scope = "shared" if bind_threads else "global"
 
-    @T.macro
-    def copy_input(input, input_nhwc, e):  # e: the flat index of input_nhwc
-        if e < inputs:
-            input_nhwc[e // (h * w * c), e // (w * c) % h, e // c % w, e % c] = \
-                input[e // (h * w * c), e % c, e // (w * c) % h, e // c % w]
+    def transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, idx: str):
+        """The loops of one batched transpose: ``(blocks, load, store)`` where ``load(src, tile,
+        block, thread, i)`` and ``store(tile, dst, block, thread, i)`` move element ``i x THREADS +
+        thread`` of the block's tile (``s_inner``: the last dimension ``S`` splits into, W or kw)."""
+        r_tile, s_tile = transpose_tile(r_extent, s_extent)
+        r_tiles, s_tiles = -(-r_extent // r_tile), -(-s_extent // s_tile)
+        imm = lambda v: tirx.IntImm(idx, v)  # noqa: E731
+        tile_elements = r_tile * s_tile
+        steps = -(-tile_elements // THREADS)
+        blocks = imm(batch * r_tiles * s_tiles)
+        pitch = s_tile + 1  # a padded tile row: the store's column reads fall in different banks
 
-    @T.macro
-    def copy_weight(weight, weight_ohwi, e):  # e: the flat index of weight_ohwi
-        if e < weights:
-            weight_ohwi[e // (kh * kw * ipg), e // (kw * ipg) % kh, e // ipg % kw, e % ipg] = \
-                weight[e // (kh * kw * ipg), e % ipg, e // (kw * ipg) % kh, e // ipg % kw]
+        @T.macro
+        def load(src, tile, block, thread, i):
+            e = T.meta_var(i * THREADS + thread)
+            b = T.meta_var(block // (r_tiles * s_tiles))
+            r = T.meta_var(block // s_tiles % r_tiles * r_tile + e // s_tile)
+            s = T.meta_var(block % s_tiles * s_tile + e % s_tile)
+            if e < tile_elements and r < imm(r_extent) and s < imm(s_extent):
+                tile[e // s_tile * pitch + e % s_tile] = src[b, r, s // s_inner, s % s_inner]
+
+        @T.macro
+        def store(tile, dst, block, thread, i):
+            e = T.meta_var(i * THREADS + thread)
+            b = T.meta_var(block // (r_tiles * s_tiles))
+            r = T.meta_var(block // s_tiles % r_tiles * r_tile + e % r_tile)
+            s = T.meta_var(block % s_tiles * s_tile + e // r_tile)
+            if e < tile_elements and r < imm(r_extent) and s < imm(s_extent):
+                dst[b, s // s_inner, s % s_inner, r] = tile[e % r_tile * pitch + e // r_tile]
+
+        return blocks, r_tile * pitch, steps, load, store
+
+    input_blocks, input_tile, input_steps, load_input, store_input = transpose(c, h * w, n, w, index)
+    weight_blocks, weight_tile, weight_steps, load_weight, store_weight = transpose(ipg, kh * kw, o, kw, "int32")
+    threads_i64 = tirx.IntImm(index, THREADS)
 
     @T.prim_func
     def channels_last(
@@ -59,10 +91,24 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     ):
         T.func_attr({"global_symbol": "channels_last", "tirx.noalias": True})
         for block in blocks_loop(input_blocks):
-            for thread in threads_loop(threads):
-                copy_input(input, input_nhwc, block * threads + thread)
+            tile = T.alloc_buffer((input_tile,), dtype, scope=scope)
+            for thread in threads_loop(threads_i64):
+                for i in T.unroll(input_steps):
+                    load_input(input, tile, block, thread, i)
+            if bind_threads:
+                T.tvm_storage_sync("shared")
+            for thread in threads_loop(threads_i64):
+                for i in T.unroll(input_steps):
+                    store_input(tile, input_nhwc, block, thread, i)
         for block in blocks_loop(weight_blocks):
+            tile = T.alloc_buffer((weight_tile,), dtype, scope=scope)
             for thread in threads_loop(THREADS):
-                copy_weight(weight, weight_ohwi, block * THREADS + thread)
+                for i in T.unroll(weight_steps):
+                    load_weight(weight, tile, block, thread, i)
+            if bind_threads:
+                T.tvm_storage_sync("shared")
+            for thread in threads_loop(THREADS):
+                for i in T.unroll(weight_steps):
+                    store_weight(tile, weight_ohwi, block, thread, i)
 
     return channels_last

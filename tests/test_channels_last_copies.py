@@ -24,6 +24,9 @@ from test_large_index import HUGE_FORWARD
 HUGE = dataclasses.replace(HUGE_FORWARD, batch=9)  # 2.4e9 input elements: flat indices past int32
 SPEC = DeformConvSpec(2, 6, 9, 11, 4, 3, 2, stride=(2, 1), padding=(1, 0), groups=2, offset_groups=3,
                       layout="NHWC")
+# Several transpose tiles each way, the last ones partial: 70 channels (64 + 6), 99 positions (3 x 32 + 3)
+# and a weight of 70 channels per group by 3 x 3 taps.
+TILED = DeformConvSpec(2, 70, 9, 11, 5, 3, 3, padding=(1, 1), layout="NHWC")
 
 
 def _serial(spec):
@@ -38,12 +41,13 @@ def _tensors(spec, dtype):
     return {k: torch.randn(shape, generator=gen).to(dtype) for k, shape in shapes.items()}
 
 
+@pytest.mark.parametrize("base", [SPEC, TILED], ids=["one_tile", "tiles"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_copies_are_torchs_permuted_copies(dtype):
-    spec = dataclasses.replace(SPEC, dtype=dtype)
+def test_copies_are_torchs_permuted_copies(base, dtype):
+    spec = dataclasses.replace(base, dtype=dtype)
     t = _tensors(spec, getattr(torch, dtype))
-    input_nhwc, weight_ohwi = torch.empty(2, 9, 11, 6, dtype=t["input"].dtype), torch.empty(4, 3, 2, 3,
-                                                                                            dtype=t["input"].dtype)
+    input_nhwc = torch.full(spec.kernel_input_shape, float("nan"), dtype=t["input"].dtype)
+    weight_ohwi = torch.full(spec.kernel_weight_shape, float("nan"), dtype=t["input"].dtype)
     _serial(spec)(t["input"], t["weight"], input_nhwc, weight_ohwi)
     assert torch.equal(input_nhwc, t["input"].permute(0, 2, 3, 1))
     assert torch.equal(weight_ohwi, t["weight"].permute(0, 2, 3, 1))
