@@ -24,6 +24,7 @@ from .cuda_tensorcore import (
     seed_tensorcore_schedule,
     supports_tensor_cores,
     tensorcore_refinements,
+    tensorcore_transfer,
 )
 
 
@@ -41,6 +42,10 @@ def _no_refinements(mod, spec, trace) -> dict:
     return {}
 
 
+def _no_transfer(mod, spec, source, trace) -> None:
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class ScheduleFamily:
     """One schedule structure and the kernels it applies to.
@@ -50,7 +55,10 @@ class ScheduleFamily:
     design space (a function scheduling a ``Schedule`` in place with sampled tiles);
     ``search_start(mod, spec)`` is the default expressed as decisions of that space;
     ``refinements(mod, spec, trace)`` gives ``{label: schedule}``, points of the space near a tuning
-    record's trace that its search does not reach by mutating tile sizes (measured after it).
+    record's trace that its search does not reach by mutating tile sizes (measured after it);
+    ``transfer(mod, spec, source, trace)`` the point a record of the same layer in another dtype
+    (``source``'s spec) decided, as a schedule of ``mod``, or None where there is none (a search's
+    start from another dtype's records, ``deft-tvm tune --seed-from``).
     """
 
     name: str
@@ -61,6 +69,7 @@ class ScheduleFamily:
     space: Callable
     search_start: Callable
     refinements: Callable = _no_refinements
+    transfer: Callable = _no_transfer
 
 
 # The first family that applies to a kernel is its family (tensor cores before SIMT).
@@ -69,7 +78,7 @@ FAMILIES = (
     ScheduleFamily("cpu_backward", "llvm", "backward", _any_spec, schedule_backward_cpu, backward_cpu_space,
                    seed_backward_cpu_schedule),
     ScheduleFamily("cuda_tensorcore", "cuda", "forward", _takes_tensor_cores, schedule_cuda_tensorcore,
-                   deft_cuda_tensorcore_space, seed_tensorcore_schedule, tensorcore_refinements),
+                   deft_cuda_tensorcore_space, seed_tensorcore_schedule, tensorcore_refinements, tensorcore_transfer),
     ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule),
     ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
                    seed_backward_cuda_schedule),
@@ -127,6 +136,13 @@ def refinements(spec, target, trace, part: str = "forward") -> dict:
     """``{label: schedule}`` of ``kernel_primfunc(spec, part)``: the points of ``design_space`` near
     ``trace`` (a tuning record's) that ``spec``'s family measures after its search (none for most)."""
     return schedule_family(spec, target, part).refinements(kernel_primfunc(spec, part), spec, trace)
+
+
+def transferred(spec, target, source, trace, part: str = "forward"):
+    """``kernel_primfunc(spec, part)`` scheduled as a record of ``source`` (the same layer in another
+    dtype; ``trace``) decided, where ``spec``'s family can take it (``ScheduleFamily.transfer``):
+    a schedule, or None."""
+    return schedule_family(spec, target, part).transfer(kernel_primfunc(spec, part), spec, source, trace)
 
 
 def design_space(spec, target, part: str = "forward"):

@@ -570,6 +570,20 @@ def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
     return {label: tensorcore_schedule_at(mod, spec, t) for label, t in chosen.items()}
 
 
+def tensorcore_transfer(mod, spec: DeformConvSpec, source: DeformConvSpec, trace) -> s_tir.Schedule | None:
+    """The tiling a record of the same layer in another dtype (``trace``, of
+    ``deft_cuda_tensorcore_space`` on ``source``) decided, as a point of ``spec``'s space: a
+    schedule of ``mod``, or None where ``source`` is another layer or multiplies another fragment
+    shape (float16 and bfloat16 share m16n8k16; TF32's k is 8, so its fragment counts differ), or
+    the trace is of another space."""
+    same_layer = dataclasses.replace(source, dtype=spec.dtype, tf32=spec.tf32) == spec
+    shapes = mma_shape(source), mma_shape(spec)
+    if not same_layer or None in shapes or shapes[0].shape != shapes[1].shape:
+        return None
+    tiling = TensorCoreTiling.of_trace(trace, spec)
+    return None if tiling is None else tensorcore_schedule_at(mod, spec, tiling)
+
+
 def tensorcore_schedule_at(mod, spec: DeformConvSpec, tiling: TensorCoreTiling) -> s_tir.Schedule:
     """``tiling`` as a point of ``deft_cuda_tensorcore_space`` (its sampling instructions decided
     so), a schedule of ``mod`` (``deform_conv2d_primfunc(spec)``) whose trace a record can hold."""

@@ -126,7 +126,7 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     when no candidate ran."""
     from deft_tvm.runtime.library import KernelEntry
     from deft_tvm.runtime.records import best_schedule, database_dir, target_tag
-    from deft_tvm.tuning.search import best_time, refine, tune
+    from deft_tvm.tuning.search import best_time, refine, transfer, tune
 
     tag = target_tag(target)
     spec = _part_spec(workload, target, part)
@@ -135,9 +135,15 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     print(f"tune     {label} on {tag}: {kernel_key(spec, part)} (offsets: {workload.profile}) -> {directory}")
     result = tune(spec, workload.profile, target, directory, args.trials,
                   trials_per_round=args.trials_per_round, seed=args.seed, part=part)
-    for candidate, seconds in refine([(spec, workload.profile, directory)], target, part).get(directory, {}).items():
-        measured = f"{seconds * 1e3:.4f} ms" if seconds is not None else "failed to build or run"
-        print(f"refine   {candidate}: {measured}")
+    measured = {}
+    if args.seed_from and args.seed_from != spec.dtype:
+        source = _part_spec(get_workload(name, args.seed_from, _tf32(args, args.seed_from)), target, part)
+        folder = (spec, workload.profile, directory, source, database_dir(args.logs, source, target, part))
+        measured["transfer"] = transfer([folder], target, part).get(directory, {})
+    measured["refine"] = refine([(spec, workload.profile, directory)], target, part).get(directory, {})
+    for step, candidates in measured.items():
+        for candidate, seconds in candidates.items():
+            print(f"{step:<8} {candidate}: " + (f"{seconds * 1e3:.4f} ms" if seconds is not None else "failed to build or run"))
     _, sch = best_schedule(directory, target)
     if sch is None:
         print(f"error    no successful candidate for {label} in {result.trials} trials")
@@ -283,6 +289,10 @@ def main(argv=None) -> int:
     tune.add_argument("--trials", type=int, default=8,
                       help="records each workload's database should hold; tuning resumes up to it (default 8)")
     tune.add_argument("--trials-per-round", type=int, default=32)
+    tune.add_argument("--seed-from", choices=SUPPORTED_DTYPES, default=None, metavar="DTYPE",
+                      help="before refining, also measure the tilings of the 3 fastest records of the same "
+                      "workload in DTYPE under --logs (float16 for bfloat16: the same fragments; a family or dtype "
+                      "that cannot take them adds none)")
     tune.add_argument("--seed", type=int, default=None)
     tune.add_argument("--logs", type=Path, default=Path("tuning_logs"), help="root of the tuning databases")
     tune.add_argument("--schedules", type=Path, default=Path("schedules") / "tuned",

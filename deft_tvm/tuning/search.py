@@ -262,6 +262,46 @@ def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Pa
                       if str(sch.trace) not in held]
         if candidates:
             jobs[directory] = (spec, profile, candidates)
+    return _measure_candidates(jobs, target, part)
+
+
+def transfer(folders, target: tvm.target.Target, part: str = "forward",
+             top: int = 3) -> dict[Path, dict[str, float | None]]:
+    """Measure, as points of each folder's design space, the tilings that the ``top`` fastest
+    records of a database of the same layer in another dtype decided (``schedules.transferred``:
+    float16 records for bfloat16, whose fragments are the same) and store them as records of the
+    folder; ``folders`` are ``(spec, profile, directory, source_spec, source_directory)``. Those a
+    folder already holds, and records the spec's family cannot take, are skipped. Returns
+    ``{directory: {label: seconds, or None where the candidate failed to build or run}}``, labels
+    naming the source record and its time."""
+    from deft_tvm.schedules import register_tensor_intrinsics, transferred
+
+    register_tensor_intrinsics(target)
+    jobs = {}
+    for spec, profile, directory, source, source_directory in folders:
+        directory = Path(directory)
+        held = {str(record.trace) for record in open_database(directory).get_all_tuning_records()} \
+            if (directory / "database_tuning_record.json").exists() else set()
+        ranked = sorted(measured_records(source_directory), key=lambda r: _mean_seconds(r.run_secs))
+        candidates, traces = [], set(held)
+        for rank, record in enumerate(ranked):
+            sch = transferred(spec, target, source, record.trace, part)
+            if sch is None or str(sch.trace) in traces:
+                continue
+            traces.add(str(sch.trace))
+            candidates.append((f"{source.dtype} record {rank + 1} ({_mean_seconds(record.run_secs) * 1e3:.4f} ms)",
+                               sch))
+            if len(candidates) == top:
+                break
+        if candidates:
+            jobs[directory] = (spec, profile, candidates)
+    return _measure_candidates(jobs, target, part)
+
+
+def _measure_candidates(jobs: dict, target: tvm.target.Target, part: str) -> dict[Path, dict[str, float | None]]:
+    """Build ``jobs`` (``{directory: (spec, profile, [(label, schedule)])}``) in parallel, run
+    them one at a time on their profile's inputs (``ProfileInputs``) as the tuning runner runs a
+    round, and store each as a record of its folder (a failed one at ``FAILED_SECONDS``)."""
     if not jobs:
         return {}
     with exact_cuda_compilation():
