@@ -126,7 +126,7 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     when no candidate ran."""
     from deft_tvm.runtime.library import KernelEntry
     from deft_tvm.runtime.records import best_schedule, database_dir, target_tag
-    from deft_tvm.tuning.search import best_time, refine, transfer, tune
+    from deft_tvm.tuning.search import best_time, record_count, refine, transfer, tune
 
     tag = target_tag(target)
     spec = _part_spec(workload, target, part)
@@ -151,8 +151,8 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     readable = write_readable_schedule(args.schedules, tag, name, spec, sch, part)
     best_s = best_time(directory)  # refinements included
     best = f"{best_s * 1e3:.4f} ms" if best_s is not None else "n/a"
-    print(f"best     {best} after {result.trials} trials ({result.new_trials} new in {result.seconds:.0f} s); "
-          f"schedule: {readable}")
+    print(f"best     {best} of {record_count(directory)} records ({result.new_trials} new from the search in "
+          f"{result.seconds:.0f} s); schedule: {readable}")
     return KernelEntry(spec, sch, origin=str(directory), part=part)
 
 
