@@ -47,9 +47,10 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     scope = "shared" if bind_threads else "global"
 
     def transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, idx: str):
-        """The loops of one batched transpose: ``(blocks, load, store)`` where ``load(src, tile,
-        block, thread, i)`` and ``store(tile, dst, block, thread, i)`` move element ``i x THREADS +
-        thread`` of the block's tile (``s_inner``: the last dimension ``S`` splits into, W or kw)."""
+        """One batched transpose: ``(blocks, tile elements, steps, load, store)``, where ``load(src,
+        tile, block, thread, i)`` and ``store(tile, dst, block, thread, i)`` move element ``i x
+        THREADS + thread`` of the block's tile for ``i`` in ``range(steps)`` (``s_inner``: the last
+        dimension ``S`` splits into, W or kw; ``idx``: the index dtype)."""
         r_tile, s_tile = transpose_tile(r_extent, s_extent)
         r_tiles, s_tiles = -(-r_extent // r_tile), -(-s_extent // s_tile)
         imm = lambda v: tirx.IntImm(idx, v)  # noqa: E731
@@ -80,7 +81,7 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
 
     input_blocks, input_tile, input_steps, load_input, store_input = transpose(c, h * w, n, w, index)
     weight_blocks, weight_tile, weight_steps, load_weight, store_weight = transpose(ipg, kh * kw, o, kw, "int32")
-    threads_i64 = tirx.IntImm(index, THREADS)
+    input_threads = tirx.IntImm(index, THREADS)
 
     @T.prim_func
     def channels_last(
@@ -92,12 +93,12 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
         T.func_attr({"global_symbol": "channels_last", "tirx.noalias": True})
         for block in blocks_loop(input_blocks):
             tile = T.alloc_buffer((input_tile,), dtype, scope=scope)
-            for thread in threads_loop(threads_i64):
+            for thread in threads_loop(input_threads):
                 for i in T.unroll(input_steps):
                     load_input(input, tile, block, thread, i)
             if bind_threads:
                 T.tvm_storage_sync("shared")
-            for thread in threads_loop(threads_i64):
+            for thread in threads_loop(input_threads):
                 for i in T.unroll(input_steps):
                     store_input(tile, input_nhwc, block, thread, i)
         for block in blocks_loop(weight_blocks):
