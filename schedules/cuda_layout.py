@@ -46,11 +46,11 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     blocks_loop, threads_loop = thread_loops(bind_threads)
     scope = "shared" if bind_threads else "global"
 
-    def transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, idx: str):
-        """One batched transpose: ``(blocks, tile elements, steps, load, store)``, where ``load(src,
-        tile, block, thread, i)`` and ``store(tile, dst, block, thread, i)`` move element ``i x
-        THREADS + thread`` of the block's tile for ``i`` in ``range(steps)`` (``s_inner``: the last
-        dimension ``S`` splits into, W or kw; ``idx``: the index dtype)."""
+    def transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, threads, idx: str):
+        """One batched transpose: ``(blocks, copy_block)``, where ``copy_block(src, dst, block)``
+        moves block ``block``'s tile from ``src`` through the tile buffer into ``dst`` (``s_inner``:
+        the last dimension ``S`` splits into, W or kw; ``threads``: the thread loop's extent, of ``idx``,
+        the index dtype)."""
         r_tile, s_tile = transpose_tile(r_extent, s_extent)
         r_tiles, s_tiles = -(-r_extent // r_tile), -(-s_extent // s_tile)
         imm = lambda v: tirx.IntImm(idx, v)  # noqa: E731
@@ -77,11 +77,22 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
             if e < tile_elements and r < imm(r_extent) and s < imm(s_extent):
                 dst[b, s // s_inner, s % s_inner, r] = tile[e % r_tile * pitch + e // r_tile]
 
-        return blocks, r_tile * pitch, steps, load, store
+        @T.macro
+        def copy_block(src, dst, block):
+            tile = T.alloc_buffer((r_tile * pitch,), dtype, scope=scope)
+            for thread in threads_loop(threads):
+                for i in T.unroll(steps):
+                    load(src, tile, block, thread, i)
+            if bind_threads:
+                T.tvm_storage_sync("shared")
+            for thread in threads_loop(threads):
+                for i in T.unroll(steps):
+                    store(tile, dst, block, thread, i)
 
-    input_blocks, input_tile, input_steps, load_input, store_input = transpose(c, h * w, n, w, index)
-    weight_blocks, weight_tile, weight_steps, load_weight, store_weight = transpose(ipg, kh * kw, o, kw, "int32")
-    input_threads = tirx.IntImm(index, THREADS)
+        return blocks, copy_block
+
+    input_blocks, copy_input = transpose(c, h * w, n, w, tirx.IntImm(index, THREADS), index)
+    weight_blocks, copy_weight = transpose(ipg, kh * kw, o, kw, THREADS, "int32")
 
     @T.prim_func
     def channels_last(
@@ -92,24 +103,8 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     ):
         T.func_attr({"global_symbol": "channels_last", "tirx.noalias": True})
         for block in blocks_loop(input_blocks):
-            tile = T.alloc_buffer((input_tile,), dtype, scope=scope)
-            for thread in threads_loop(input_threads):
-                for i in T.unroll(input_steps):
-                    load_input(input, tile, block, thread, i)
-            if bind_threads:
-                T.tvm_storage_sync("shared")
-            for thread in threads_loop(input_threads):
-                for i in T.unroll(input_steps):
-                    store_input(tile, input_nhwc, block, thread, i)
+            copy_input(input, input_nhwc, block)
         for block in blocks_loop(weight_blocks):
-            tile = T.alloc_buffer((weight_tile,), dtype, scope=scope)
-            for thread in threads_loop(THREADS):
-                for i in T.unroll(weight_steps):
-                    load_weight(weight, tile, block, thread, i)
-            if bind_threads:
-                T.tvm_storage_sync("shared")
-            for thread in threads_loop(THREADS):
-                for i in T.unroll(weight_steps):
-                    store_weight(tile, weight_ohwi, block, thread, i)
+            copy_weight(weight, weight_ohwi, block)
 
     return channels_last

@@ -75,10 +75,10 @@ TAP_POINTS_MIN_CHUNKS = 2
 # Split-K: the splits of the channel reduction the space samples (those dividing the layer's
 # channel fragments). The default tiling splits 4 ways, with 256 output channels per block, the
 # layers whose blocks would not fill SPLIT_K_BLOCKS (two per SM of an H100/H200) and which have
-# SPLIT_K_MIN_CHANNELS input channels or more (each split then reduces 64 or more). H200, float16
-# r50 c5 (512 channels, 25 x 42, batch 2), the kernel alone: 0.226 ms unsplit (its tuned record),
-# split 4 ways 0.149 ms with 128 output channels per block, 0.136 ms with 256
-# (tools/results/forward_split_k_h200.txt).
+# SPLIT_K_MIN_CHANNELS input channels or more (each split then reduces 64 or more). H200, r50 c5
+# (512 channels, 25 x 42, batch 2), the kernel alone (tools/results/forward_split_k_refine_h200.txt):
+# float16 0.227 ms unsplit (its tuned record then), 0.107 that record split 4 ways, 0.099 this
+# default; TF32 0.258 unsplit, 0.154 this default.
 SPLIT_K_CANDIDATES = (1, 2, 4)
 SPLIT_K_DEFAULT = 4
 SPLIT_K_BLOCKS = 264
@@ -161,7 +161,7 @@ class TensorCoreTiling:
         k = mma_shape(spec).k
         co_frags = spec.out_channels // spec.groups // FRAGMENT
         p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
-        k_frags = spec.in_channels // spec.groups // k
+        k_frags = channel_fragments(spec)
         block_co = largest_divisor(co_frags, 8)
         wide = block_co > 4
         frags_p = largest_divisor(p_frags, 4 if wide else 2)
@@ -203,10 +203,14 @@ class TensorCoreTiling:
                    vector=_vector(spec), tap_points=bool(tap_points), k_splits=split_k_candidates(spec)[split])
 
 
+def channel_fragments(spec: DeformConvSpec) -> int:
+    """Fragments of ``mma_shape(spec).k`` channels in a group's input channels (the reduction)."""
+    return spec.in_channels // spec.groups // mma_shape(spec).k
+
+
 def split_k_candidates(spec: DeformConvSpec) -> tuple[int, ...]:
     """The ``k_splits`` of a layer: ``SPLIT_K_CANDIDATES`` that divide its channel fragments."""
-    k_frags = spec.in_channels // spec.groups // mma_shape(spec).k
-    return tuple(s for s in SPLIT_K_CANDIDATES if k_frags % s == 0)
+    return tuple(s for s in SPLIT_K_CANDIDATES if channel_fragments(spec) % s == 0)
 
 
 def _vector(spec: DeformConvSpec) -> int:
@@ -553,7 +557,7 @@ def tensorcore_refinements(mod, spec: DeformConvSpec, trace) -> dict:
         return {}
     staged = dataclasses.replace(tiling, tap_points=True)
     candidates = {"tap points": staged}
-    k_frags = spec.in_channels // spec.groups // mma_shape(spec).k
+    k_frags = channel_fragments(spec)
     chunk = 2 * tiling.k_frags
     if chunk <= MAX_K_FRAGS and (k_frags // tiling.k_splits) % chunk == 0:
         candidates["tap points, 2x chunk"] = dataclasses.replace(staged, k_frags=chunk)

@@ -241,6 +241,14 @@ def best_time(directory: Path) -> float | None:
     return min(times) if times else None
 
 
+def _held_traces(directory: Path) -> set[str]:
+    """The traces of every record of a database folder (failed ones included), as text; none for a
+    folder without a database (not created)."""
+    if not (directory / "database_tuning_record.json").exists():
+        return set()
+    return {str(record.trace) for record in open_database(directory).get_all_tuning_records()}
+
+
 def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Path, dict[str, float | None]]:
     """Measure the ``schedules.refinements`` of the fastest record of each of ``folders`` (``(spec,
     profile, directory)`` triples of tuning databases) and store them as records of their folder,
@@ -257,7 +265,7 @@ def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Pa
         _, best = best_schedule(directory, target)
         if best is None:
             continue
-        held = {str(record.trace) for record in open_database(directory).get_all_tuning_records()}
+        held = _held_traces(directory)
         candidates = [(label, sch) for label, sch in refinements(spec, target, best.trace, part).items()
                       if str(sch.trace) not in held]
         if candidates:
@@ -280,10 +288,8 @@ def transfer(folders, target: tvm.target.Target, part: str = "forward",
     jobs = {}
     for spec, profile, directory, source, source_directory in folders:
         directory = Path(directory)
-        held = {str(record.trace) for record in open_database(directory).get_all_tuning_records()} \
-            if (directory / "database_tuning_record.json").exists() else set()
         ranked = sorted(measured_records(source_directory), key=lambda r: _mean_seconds(r.run_secs))
-        candidates, traces = [], set(held)
+        candidates, traces = [], _held_traces(directory)
         for rank, record in enumerate(ranked):
             sch = transferred(spec, target, source, record.trace, part)
             if sch is None or str(sch.trace) in traces:
