@@ -126,7 +126,7 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     when no candidate ran."""
     from deft_tvm.runtime.library import KernelEntry
     from deft_tvm.runtime.records import best_schedule, database_dir, target_tag
-    from deft_tvm.tuning.search import best_time, record_count, refine, transfer, tune
+    from deft_tvm.tuning.search import best_time, current_default, record_count, refine, transfer, tune
 
     tag = target_tag(target)
     spec = _part_spec(workload, target, part)
@@ -140,6 +140,7 @@ def _tune_kernel(args, target, name: str, workload, part: str):
         source = _part_spec(get_workload(name, args.seed_from, _tf32(args, args.seed_from)), target, part)
         folder = (spec, workload.profile, directory, source, database_dir(args.logs, source, target, part))
         measured["transfer"] = transfer([folder], target, part).get(directory, {})
+    measured["default"] = current_default([(spec, workload.profile, directory)], target, part).get(directory, {})
     measured["refine"] = refine([(spec, workload.profile, directory)], target, part).get(directory, {})
     for step, candidates in measured.items():
         for candidate, seconds in candidates.items():

@@ -249,6 +249,28 @@ def _held_traces(directory: Path) -> set[str]:
     return {str(record.trace) for record in open_database(directory).get_all_tuning_records()}
 
 
+def current_default(folders, target: tvm.target.Target, part: str = "forward") -> dict[Path, dict[str, float | None]]:
+    """Measure today's default schedule (``schedules.search_start``) in each of ``folders`` (``(spec,
+    profile, directory)`` triples of existing tuning databases) that does not hold it yet, and store
+    it as a record: a folder tuned before the default improved then never keeps a best slower than
+    the default (its first record is the default of its own day). Candidates of all folders are
+    built in parallel and run one at a time, as ``refine``'s. Returns ``{directory: {"default":
+    seconds, or None where it failed to build or run}}``."""
+    from deft_tvm.schedules import register_tensor_intrinsics, search_start
+
+    register_tensor_intrinsics(target)
+    jobs = {}
+    for spec, profile, directory in folders:
+        directory = Path(directory)
+        held = _held_traces(directory)
+        if not held:
+            continue  # no database: ``tune`` seeds it with the default
+        sch = search_start(spec, target, part)
+        if str(sch.trace) not in held:
+            jobs[directory] = (spec, profile, [("default", sch)])
+    return _measure_candidates(jobs, target, part)
+
+
 def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Path, dict[str, float | None]]:
     """Measure the ``schedules.refinements`` of the fastest record of each of ``folders`` (``(spec,
     profile, directory)`` triples of tuning databases) and store them as records of their folder,
