@@ -109,9 +109,9 @@ def register_tensor_intrinsics(target) -> None:
 
 def kernel_spec(spec, target):
     """The spec of the kernel ``target`` runs for the call ``spec`` describes: on CUDA, layers the
-    tensor-core schedule takes (float16; float32 where ``spec.tf32`` allows TF32) gather from
-    channels-last input and weight (``layout="NHWC"``); everything else reads NCHW in full
-    precision."""
+    tensor-core schedule takes (``supports_tensor_cores``: float16, bfloat16, float32 on TF32 where
+    ``spec.tf32`` allows it, else 3xTF32) gather from channels-last input and weight
+    (``layout="NHWC"``); everything else reads NCHW in full precision."""
     channels_last = target.kind.name == "cuda" and supports_tensor_cores(spec)
     layout, tf32 = ("NHWC", spec.tf32) if channels_last else ("NCHW", False)
     # The op asks on every call: keep the spec (and its cached key) when it already fits.

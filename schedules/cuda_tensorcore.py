@@ -1,4 +1,5 @@
-"""The DefT CUDA schedule on tensor cores (float16, bfloat16 or TF32 operands, float32 accumulation).
+"""The DefT CUDA schedule on tensor cores (float16, bfloat16, TF32 or 3xTF32 float32 operands, float32
+accumulation).
 
 The convolution as a GEMM of ``[out_channels] x [positions]`` (batch, rows and columns flattened)
 reduced over ``(kernel_h, kernel_w, in_channels)``, kernel taps outermost; the interpolated tile of
@@ -25,9 +26,12 @@ one tap and channel chunk is computed straight into shared memory, never a globa
   atomics: deterministic).
 
 Applies to one-group layers with in and out channels in multiples of 16 (``supports_tensor_cores``)
-in float16 (WMMA), bfloat16 (PTX mma m16n8k16) or float32 where TF32 is allowed (``spec.tf32``: PTX
-mma m16n8k8; both on warp fragments, ``cuda_warp_mma``); positions are padded to whole fragments
-(``pad_einsum``). Other layers use the SIMT schedule.
+in float16 (WMMA), bfloat16 (PTX mma m16n8k16) or float32: on TF32 where it is allowed
+(``spec.tf32``: PTX mma m16n8k8), else as 3xTF32 (each operand split into a TF32 part and the TF32
+part of the rest, three m16n8k8 products: about float32's accuracy, NVIDIA's scheme for float32
+GEMMs on tensor cores); all three on warp fragments (``cuda_warp_mma``). Positions are padded to
+whole fragments (``pad_einsum``). Other layers (float64, groups, channels not in multiples of 16)
+use the SIMT schedule.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from deft_tvm.compute.forward import (STAGE_CONV, STAGE_CORNER, STAGE_INDEX, STA
                                      STAGE_SAMPLED, STAGE_WEIGHT)
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cuda import largest_divisor, place_sampling_point_in_registers
-from deft_tvm.schedules.cuda_mma import MMA_SHAPES, mma_shape
+from deft_tvm.schedules.cuda_mma import MMA_SHAPES
 
 FRAGMENT = 16
 WARP = 32
@@ -109,24 +113,36 @@ class Operands:
         return self.scope_c == "warp"
 
 
-def operands(dtype: str) -> Operands:
-    """The ``Operands`` of a ``dtype`` layer (float32: on TF32; registers the intrinsics: slow the
-    first time)."""
+def precision(spec: DeformConvSpec) -> str:
+    """How the layer multiplies on tensor cores: "float16", "bfloat16", "tf32" (float32 where
+    ``spec.tf32`` allows TF32) or "float32" (3xTF32: each operand split into two TF32 parts, three
+    TF32 products, about float32's accuracy)."""
+    return "tf32" if spec.tf32 else spec.dtype
+
+
+def fragment_shape(spec: DeformConvSpec):
+    """The ``cuda_mma.MmaShape`` the layer's fragments take (float32 and TF32: m16n8k8 TF32), or
+    None (float64)."""
+    return MMA_SHAPES.get("tf32" if spec.dtype == "float32" else spec.dtype)
+
+
+def operands(precision: str) -> Operands:
+    """The ``Operands`` of a layer multiplying in ``precision`` (see ``precision``; registers the
+    intrinsics: slow the first time)."""
     from tvm.s_tir.tensor_intrin import cuda as intrinsics
 
     from deft_tvm.schedules.cuda_warp_mma import register_warp_mma_intrinsics
 
-    if dtype == "float16":
+    if precision == "float16":
         return Operands(
             16, 8, "wmma.matrix_a", "wmma.matrix_b", "wmma.accumulator",
             intrinsics.WMMA_LOAD_16x16x16_F16_A_INTRIN, intrinsics.WMMA_LOAD_16x16x16_F16_B_TRANS_INTRIN,
             intrinsics.WMMA_SYNC_16x16x16_f16f16f32_TRANS_INTRIN, intrinsics.WMMA_FILL_16x16x16_F32_INTRIN,
             intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN,
         )
-    precision = "bfloat16" if dtype == "bfloat16" else "tf32"
     load_a, load_b, sync = register_warp_mma_intrinsics(precision)
-    k = MMA_SHAPES[precision].k
-    vector = 4 if precision == "tf32" else 8  # channels in 16 bytes
+    k = MMA_SHAPES["bfloat16" if precision == "bfloat16" else "tf32"].k
+    vector = 8 if precision == "bfloat16" else 4  # channels in 16 bytes
     return Operands(k, vector, "warp", "warp", "warp", load_a, load_b, sync,
                     intrinsics.MMA_fill_16x16_f32_INTRIN, intrinsics.MMA_store_16x16_f32_shared_dyn_INTRIN)
 
@@ -158,7 +174,7 @@ class TensorCoreTiling:
         and a tap has ``TAP_POINTS_MIN_CHUNKS`` chunks or more. Layers of few blocks (see
         ``SPLIT_K_BLOCKS``) split the channel reduction ``SPLIT_K_DEFAULT`` ways with 256 output
         channels per block (4 warps of 4 fragments)."""
-        k = mma_shape(spec).k
+        k = fragment_shape(spec).k
         co_frags = spec.out_channels // spec.groups // FRAGMENT
         p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
         k_frags = channel_fragments(spec)
@@ -204,8 +220,8 @@ class TensorCoreTiling:
 
 
 def channel_fragments(spec: DeformConvSpec) -> int:
-    """Fragments of ``mma_shape(spec).k`` channels in a group's input channels (the reduction)."""
-    return spec.in_channels // spec.groups // mma_shape(spec).k
+    """Fragments of ``fragment_shape(spec).k`` channels in a group's input channels (the reduction)."""
+    return spec.in_channels // spec.groups // fragment_shape(spec).k
 
 
 def split_k_candidates(spec: DeformConvSpec) -> tuple[int, ...]:
@@ -297,11 +313,11 @@ class SampledTensorCoreTiles:
 
 
 def supports_tensor_cores(spec: DeformConvSpec) -> bool:
-    """Whether the layer runs on tensor cores: float16, bfloat16, or float32 where TF32 is allowed
-    (``spec.tf32``), one group, in and out channels in multiples of 16 (positions are padded to
-    whole fragments)."""
+    """Whether the layer runs on tensor cores: float16, bfloat16 or float32 (on TF32 where
+    ``spec.tf32`` allows it, else 3xTF32), one group, in and out channels in multiples of 16
+    (positions are padded to whole fragments)."""
     return (
-        (spec.dtype in ("float16", "bfloat16") or spec.tf32)
+        spec.dtype in ("float16", "bfloat16", "float32")
         and spec.groups == 1
         and (spec.in_channels // spec.groups) % FRAGMENT == 0
         and (spec.out_channels // spec.groups) % FRAGMENT == 0
@@ -380,16 +396,16 @@ def _sum_splits(sch, total, output) -> None:
     sch.reverse_compute_at(output, thread, preserve_unit_loops=True)
 
 
-def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
-    """Apply the tensor-core DefT schedule to ``sch`` (of ``deform_conv2d_primfunc`` of a spec with
-    ``layout="NHWC"``) in place, with split factors from ``tiles``
-    (``FixedTensorCoreTiles`` or ``SampledTensorCoreTiles``)."""
+def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec) -> None:
+    """Apply the tensor-core DefT schedule to ``sch`` (of ``deform_conv2d_primfunc(spec)``, a spec
+    with ``layout="NHWC"``) in place, with split factors from ``tiles`` (``FixedTensorCoreTiles`` or
+    ``SampledTensorCoreTiles``), multiplying in ``precision(spec)``."""
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)
     sampled = sch.get_sblock(STAGE_SAMPLED)
     # Importing TVM's tensor intrinsics registers all of them (about a minute on a slow CPU): only
     # schedules that use them pay for it.
-    ops = operands(str(sch.get(output).writes[0].source.dtype))
+    ops = operands(precision(spec))
     flat = _flat_position(sch)
     sch.compute_inline(sch.get_sblock(STAGE_WEIGHT))
     tap_points = tiles.tap_points(sch)
@@ -535,7 +551,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles) -> None:
 def schedule_cuda_tensorcore(mod, spec: DeformConvSpec, tiling: TensorCoreTiling | None = None) -> s_tir.Schedule:
     """The tensor-core schedule of the ``main`` PrimFunc of ``deform_conv2d_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
-    apply_deft_cuda_tensorcore(sch, FixedTensorCoreTiles(tiling or TensorCoreTiling.for_spec(spec)))
+    apply_deft_cuda_tensorcore(sch, FixedTensorCoreTiles(tiling or TensorCoreTiling.for_spec(spec)), spec)
     return sch
 
 
@@ -578,10 +594,10 @@ def tensorcore_transfer(mod, spec: DeformConvSpec, source: DeformConvSpec, trace
     """The tiling a record of the same layer in another dtype (``trace``, of
     ``deft_cuda_tensorcore_space`` on ``source``) decided, as a point of ``spec``'s space: a
     schedule of ``mod``, or None where ``source`` is another layer or multiplies another fragment
-    shape (float16 and bfloat16 share m16n8k16; TF32's k is 8, so its fragment counts differ), or
-    the trace is of another space."""
+    shape (float16 and bfloat16 share m16n8k16, TF32 and 3xTF32 float32 m16n8k8: the fragment
+    counts differ between the two pairs), or the trace is of another space."""
     same_layer = dataclasses.replace(source, dtype=spec.dtype, tf32=spec.tf32) == spec
-    shapes = mma_shape(source), mma_shape(spec)
+    shapes = fragment_shape(source), fragment_shape(spec)
     if not same_layer or None in shapes or shapes[0].shape != shapes[1].shape:
         return None
     tiling = TensorCoreTiling.of_trace(trace, spec)
@@ -592,7 +608,7 @@ def tensorcore_schedule_at(mod, spec: DeformConvSpec, tiling: TensorCoreTiling) 
     """``tiling`` as a point of ``deft_cuda_tensorcore_space`` (its sampling instructions decided
     so), a schedule of ``mod`` (``deform_conv2d_primfunc(spec)``) whose trace a record can hold."""
     sch = s_tir.Schedule(mod)
-    apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec, start=tiling))
+    apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec, start=tiling), spec)
     return sch
 
 
@@ -600,6 +616,6 @@ def deft_cuda_tensorcore_space(spec: DeformConvSpec):
     """MetaSchedule design space (for ``ScheduleFn``): the tensor-core schedule with sampled tiles."""
 
     def space(sch: s_tir.Schedule) -> None:
-        apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec))
+        apply_deft_cuda_tensorcore(sch, SampledTensorCoreTiles(spec), spec)
 
     return space

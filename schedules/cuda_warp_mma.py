@@ -20,7 +20,8 @@ written here also as index maps over a tile:
 
 ``register_warp_mma_intrinsics(precision)`` registers the operand loads (one ``ldmatrix.x4`` per
 tile from shared memory, ``ldmatrix_row``) and the 16 x 16 x ``k`` multiply-accumulate (two mma of
-n8) of "tf32" or "bfloat16".
+n8) of "tf32" or "bfloat16", and of "float32": three TF32 mma per n8 on each operand split into
+two TF32 parts (3xTF32: about float32's accuracy on tensor cores).
 """
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ from tvm.script import tirx as T
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
 
 WARP = 32
-OPERAND_DTYPES = {"tf32": "float32", "bfloat16": "bfloat16"}  # precision -> operand dtype (MMA_SHAPES' keys)
+OPERAND_DTYPES = {"tf32": "float32", "bfloat16": "bfloat16", "float32": "float32"}  # precision -> operand dtype
+# precision -> its key in MMA_SHAPES: float32 multiplies as three TF32 products (split_tf32)
+SHAPE_KEYS = {"tf32": "tf32", "bfloat16": "bfloat16", "float32": "tf32"}
+TF32_MASK = 0xFFFFE000  # the bits of a float32 that TF32 keeps: sign, exponent, 10 mantissa bits
+TF32_HALF_ULP = 0x1000  # half of TF32's last mantissa bit, in float32 bits
 
 
 def a_map(i, c, k: int = 8):
@@ -73,7 +78,7 @@ def c_map(i, j):
 
 def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
     """Copy of an A or B operand tile from ``scope`` into its warp fragment."""
-    shape, dtype = MMA_SHAPES[precision], OPERAND_DTYPES[precision]
+    shape, dtype = MMA_SHAPES[SHAPE_KEYS[precision]], OPERAND_DTYPES[precision]
     k, registers = shape.k, shape.a_elements  # A and B (two n8 halves) hold as many registers
     fmap = b_map if is_b else a_map
 
@@ -111,9 +116,26 @@ def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
     return desc, impl
 
 
+def tf32_part(value):
+    """``value`` (float32) rounded to TF32 (to nearest, ties away from zero, as ``cvt.rna.tf32.f32``:
+    half a TF32 ulp added to the bits, then the 13 mantissa bits TF32 drops cleared); infinities
+    and NaN stay what they are; values within half a TF32 ulp of float32's largest round to
+    infinity."""
+    return T.reinterpret("float32", T.bitwise_and(T.reinterpret("uint32", value) + T.uint32(TF32_HALF_ULP),
+                                                  T.uint32(TF32_MASK)))
+
+
+def tf32_rest(value, big):
+    """What TF32 part ``big`` of ``value`` leaves, itself rounded to TF32. An infinite ``value``
+    leaves NaN (inf - inf): 3xTF32 turns infinite operands into NaN products, where a float32
+    multiply gives infinities."""
+    return tf32_part(value - big)
+
+
 def sync_intrin(precision: str):
-    """C (16x16, float32) += A (16 x k) * B^T (16 x k), as two mma of n8."""
-    mma, dtype = MMA_SHAPES[precision], OPERAND_DTYPES[precision]
+    """C (16x16, float32) += A (16 x k) * B^T (16 x k), as two mma of n8; "float32" as three TF32
+    mma per n8 (``split_tf32``)."""
+    mma, dtype = MMA_SHAPES[SHAPE_KEYS[precision]], OPERAND_DTYPES[precision]
     shape, ptx_type, k = mma.shape, mma.ptx_type, mma.k
     registers, half = mma.a_elements, mma.b_elements  # operand registers per lane; B's per n8 half
 
@@ -156,7 +178,41 @@ def sync_intrin(precision: str):
                                             B.elem_offset + tx * registers + half, C.data,
                                             C.elem_offset + tx * 8 + 4, False, dtype="float32"))
 
-    return desc, impl
+    if precision != "float32":
+        return desc, impl
+
+    @T.macro
+    def product(parts_a, parts_b, C, tx, n8, a_part, b_part):
+        """C's n8 half ``n8`` += (A's part at ``a_part``) x (B's part at ``b_part``), one TF32 mma."""
+        T.evaluate(T.ptx_legacy.mma(shape, "row", "col", ptx_type, ptx_type, "fp32", parts_a.data, a_part,
+                                    parts_b.data, b_part + n8 * half, C.data, C.elem_offset + tx * 8 + n8 * 4, False,
+                                    dtype="float32"))
+
+    @T.prim_func(s_tir=True)
+    def split_tf32(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (WARP, registers), dtype, align=64, offset_factor=registers, scope="warp")
+        B = T.match_buffer(b, (WARP, registers), dtype, align=64, offset_factor=registers, scope="warp")
+        C = T.match_buffer(c, (WARP, 8), "float32", align=64, offset_factor=8, scope="warp")
+        with T.sblock("root"):
+            T.reads(C[0:WARP, 0:8], A[0:WARP, 0:registers], B[0:WARP, 0:registers])
+            T.writes(C[0:WARP, 0:8])
+            for tx in T.thread_binding(0, WARP, "threadIdx.x"):
+                # Each operand as big + small, both TF32 (big: it rounded to TF32, small: the rest
+                # rounded to TF32): A B ~ As Bb + Ab Bs + Ab Bb, the small products first, As Bs
+                # dropped (NVIDIA's 3xTF32, as CUTLASS's float32 GEMMs on TF32 tensor cores).
+                parts_a = T.alloc_buffer((2 * registers,), "float32", scope="local")  # big, then small
+                parts_b = T.alloc_buffer((2 * registers,), "float32", scope="local")
+                for r in T.unroll(registers):
+                    parts_a[r] = tf32_part(A[tx, r])
+                    parts_a[registers + r] = tf32_rest(A[tx, r], parts_a[r])
+                    parts_b[r] = tf32_part(B[tx, r])
+                    parts_b[registers + r] = tf32_rest(B[tx, r], parts_b[r])
+                for n8 in T.unroll(2):
+                    product(parts_a, parts_b, C, tx, n8, registers, 0)  # small x big
+                    product(parts_a, parts_b, C, tx, n8, 0, registers)  # big x small
+                    product(parts_a, parts_b, C, tx, n8, 0, 0)  # big x big
+
+    return desc, split_tf32
 
 
 NAMES = {
@@ -164,6 +220,9 @@ NAMES = {
              "deft_mma_sync_16x16x8_tf32"),
     "bfloat16": ("deft_mma_load_a_16x16_bf16_shared", "deft_mma_load_b_trans_16x16_bf16_shared",
                  "deft_mma_sync_16x16x16_bf16"),
+    # float32 operands load as TF32's; the multiply is three TF32 products
+    "float32": ("deft_mma_load_a_16x8_tf32_shared", "deft_mma_load_b_trans_16x8_tf32_shared",
+                "deft_mma_sync_16x16x8_3xtf32"),
 }
 
 
@@ -185,7 +244,7 @@ _registering = threading.Lock()
 def register_warp_mma_intrinsics(precision: str | None = None):
     """Register (once, from any number of threads: the first kernels of a process may be scheduled
     concurrently) TVM's tensor intrinsics and these, of every precision; returns the names of
-    (load A, load B, multiply-accumulate) of ``precision`` ("tf32" or "bfloat16"), or None."""
+    (load A, load B, multiply-accumulate) of ``precision`` ("tf32", "bfloat16" or "float32"), or None."""
     with _registering:
         if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
             # TVM's module registers the accumulator layout itself (and fails if it exists).
@@ -193,8 +252,8 @@ def register_warp_mma_intrinsics(precision: str | None = None):
         from tvm.s_tir.tensor_intrin import cuda  # noqa: F401 - TVM's WMMA/MMA intrinsics
 
         for name, (load_a, load_b, sync) in NAMES.items():
-            if TensorIntrin.get(load_a, allow_missing=True) is None:
-                TensorIntrin.register(load_a, *load_intrin(False, name))
-                TensorIntrin.register(load_b, *load_intrin(True, name))
-                TensorIntrin.register(sync, *sync_intrin(name))
+            for intrinsic, make in ((load_a, lambda: load_intrin(False, name)), (load_b, lambda: load_intrin(True, name)),
+                                    (sync, lambda: sync_intrin(name))):
+                if TensorIntrin.get(intrinsic, allow_missing=True) is None:
+                    TensorIntrin.register(intrinsic, *make())
     return NAMES.get(precision)

@@ -21,6 +21,7 @@ from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_com
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec
 from deft_tvm.schedules.cuda_backward import THREADS, BackwardTiling
 from deft_tvm.schedules.cuda_tensorcore import supports_tensor_cores
+from deft_tvm.schedules.cuda_warp_mma import TF32_MASK
 from deft_tvm.tuning.search import _build as tuning_build
 from deft_tvm.tuning.workloads import get_workload
 
@@ -89,15 +90,16 @@ def _compile_cubin(source: str, arch: str) -> bytes:
     "spec, expected",
     [
         (TENSOR_CORE_SPEC, True),
-        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32"), False),  # full float32: SIMT
+        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32"), True),  # full float32: 3xTF32
         (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float32", tf32=True), True),
+        (dataclasses.replace(TENSOR_CORE_SPEC, dtype="float64"), False),
         (dataclasses.replace(TENSOR_CORE_SPEC, dtype="bfloat16"), True),
         (dataclasses.replace(TENSOR_CORE_SPEC, width=13), True),  # positions padded to whole fragments
         (dataclasses.replace(TENSOR_CORE_SPEC, width=12), True),  # rows need not be whole fragments
         (dataclasses.replace(TENSOR_CORE_SPEC, out_channels=24), False),  # out_channels % 16
         (dataclasses.replace(TENSOR_CORE_SPEC, groups=2), False),
     ],
-    ids=["fp16", "fp32", "fp32_tf32", "bf16", "width13", "width12", "cout24", "groups2"],
+    ids=["fp16", "fp32", "fp32_tf32", "fp64", "bf16", "width13", "width12", "cout24", "groups2"],
 )
 def test_which_layers_take_tensor_cores(spec, expected):
     assert supports_tensor_cores(spec) is expected
@@ -111,10 +113,11 @@ def test_which_layers_take_tensor_cores(spec, expected):
 
 
 # What a tensor-core kernel's source multiplies with, per precision: WMMA (float16), PTX mma
-# m16n8k16 (bfloat16), m16n8k8 (TF32).
+# m16n8k16 (bfloat16), m16n8k8 (TF32, and float32 as 3xTF32).
 MMA_INSTRUCTION = {"float16": "nvcuda::wmma::mma_sync",
                    "bfloat16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
-                   "tf32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"}
+                   "tf32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+                   "float32": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"}
 PRECISIONS = list(MMA_INSTRUCTION)
 
 
@@ -128,8 +131,12 @@ def _precision(spec: DeformConvSpec) -> str:
 
 
 def _multiplies_with(source: str, precision: str) -> bool:
-    """The source multiplies with ``precision``'s instruction and no other's."""
-    return all((MMA_INSTRUCTION[p] in source) == (p == precision) for p in PRECISIONS)
+    """The source multiplies with ``precision``'s instruction and no other's (TF32's m16n8k8 is
+    float32's too, which splits its operands: the TF32 mask in the source)."""
+    used = {p for p in PRECISIONS if MMA_INSTRUCTION[p] in source}
+    if "tf32" in used:
+        used = used - {"tf32", "float32"} | {"float32" if str(TF32_MASK) in source else "tf32"}
+    return used == {precision}
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

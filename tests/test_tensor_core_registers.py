@@ -22,7 +22,7 @@ from deft_tvm.tuning.workloads import get_workload
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 
-PRECISIONS = ("float16", "bfloat16", "tf32")
+PRECISIONS = ("float16", "bfloat16", "tf32", "float32")  # float32: 3xTF32
 FRAGMENT_BYTES = 16 * 8 * 4  # the smallest operand tile, 16 x 8 TF32 channels
 
 
@@ -51,7 +51,7 @@ def test_default_tiling_keeps_fragments_in_registers(workload, precision, tmp_pa
     assert stacks and max(stacks) < FRAGMENT_BYTES, stacks
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "tf32"])
+@pytest.mark.parametrize("precision", ["bfloat16", "tf32", "float32"])
 def test_design_space_samples_keep_fragments_in_registers(precision, tmp_path):
     spec = _spec("test_tensor_core_small", precision)
     for seed in (1, 2):
