@@ -56,3 +56,10 @@ def test_refinements_are_measured_stored_and_not_repeated(tmp_path, monkeypatch)
 def test_families_without_refinements_offer_none():
     target = target_for_device("cpu")
     assert deft_tvm.schedules.refinements(SMALL.spec, target, search_start(SMALL.spec, target).trace) == {}
+
+
+def test_a_folder_without_a_database_is_skipped(tmp_path):
+    target = target_for_device("cpu")
+    directory = records.database_dir(tmp_path, SMALL.spec, target)
+    assert refine([(SMALL.spec, SMALL.profile, directory)], target) == {}
+    assert not directory.exists()

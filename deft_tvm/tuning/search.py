@@ -275,7 +275,8 @@ def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Pa
     """Measure the ``schedules.refinements`` of the fastest record of each of ``folders`` (``(spec,
     profile, directory)`` triples of tuning databases) and store them as records of their folder,
     so that a faster one becomes its best. Candidates are built in parallel and run one at a time,
-    as the tuning runner runs a round (``ProfileInputs``); those a folder already holds are skipped.
+    as the tuning runner runs a round (``ProfileInputs``); those a folder already holds are skipped,
+    and so is a folder without a database.
     Returns ``{directory: {label: seconds, or None where the candidate failed to build or run}}``."""
     from deft_tvm.runtime.records import best_schedule
     from deft_tvm.schedules import refinements, register_tensor_intrinsics
@@ -284,10 +285,12 @@ def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Pa
     jobs = {}  # directory -> (spec, profile, [(label, schedule)])
     for spec, profile, directory in folders:
         directory = Path(directory)
+        held = _held_traces(directory)
+        if not held:
+            continue  # no database: nothing to refine
         _, best = best_schedule(directory, target)
         if best is None:
             continue
-        held = _held_traces(directory)
         candidates = [(label, sch) for label, sch in refinements(spec, target, best.trace, part).items()
                       if str(sch.trace) not in held]
         if candidates:
