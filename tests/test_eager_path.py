@@ -1,5 +1,6 @@
-"""``deform_conv2d_call``: plain eager calls skip the dispatcher (``_EagerDeformConv2d``) with the
-op's exact results, gradients and errors; everything else goes through the registered ops."""
+"""``deform_conv2d_call``: plain eager calls skip the dispatcher (``_EagerDeformConv2d``, or the
+kernel alone where no gradient is wanted) with the op's exact results, gradients and errors;
+everything else goes through the registered ops."""
 
 from __future__ import annotations
 
@@ -46,6 +47,36 @@ def test_plain_eager_matches_the_op_bit_for_bit(op_calls):
     assert torch.equal(eager, via_op)
     for name, a, b in zip(NAMES, eager_grads, op_grads):
         assert torch.equal(a, b), name
+
+
+@pytest.fixture
+def applied(monkeypatch):
+    """Counts the calls that go through ``_EagerDeformConv2d`` (the eager autograd)."""
+    calls = []
+    original = ops._EagerDeformConv2d.apply
+    monkeypatch.setattr(ops._EagerDeformConv2d, "apply", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "no_leaf_requires_grad"])
+def test_calls_wanting_no_gradient_skip_the_autograd_function(op_calls, applied, context):
+    leaves = _leaves()
+    expected = ops.deform_conv2d_op(*[t.detach() for t in leaves], *SPEC.stride, *SPEC.padding, *SPEC.dilation)
+    op_calls.clear()
+    if context == "no_leaf_requires_grad":
+        out = _call([t.detach() for t in leaves])
+    else:
+        with getattr(torch, context)():
+            out = _call(leaves)
+    assert op_calls == [] and applied == []
+    assert torch.equal(out, expected) and not out.requires_grad
+
+
+def test_a_call_wanting_a_gradient_takes_the_autograd_function(op_calls, applied):
+    leaves = _leaves()
+    leaves[1:] = [t.detach() for t in leaves[1:]]  # only the input requires a gradient
+    out = _call(leaves)
+    assert op_calls == [] and applied == [1] and out.requires_grad
 
 
 def test_module_without_bias_or_mask_skips_the_dispatcher(op_calls):

@@ -4,7 +4,9 @@ forward's autograd (through the backward op, so AOT autograd and ``torch.compile
 opaque ops) and autocast rules; and ``deform_conv2d_call``, which the functional and the modules
 call: a plain eager call (``plain_eager``) runs the same kernels through an
 ``autograd.Function`` without the dispatcher (the Python custom-op machinery costs about 0.3 ms
-of host time per forward and backward on the H200's host, a third of a batch-1 layer's), every
+of host time per forward and backward on the H200's host, a third of a batch-1 layer's), or
+straight to the kernel where no gradient is wanted (no grad mode, or no argument requiring one:
+the ``autograd.Function`` alone costs about as much host time as the rest of the call), every
 other call (tracing, fake tensors, functorch transforms, autocast, tensor subclasses) the ops.
 
 Tensor shapes are those of ``deft_tvm.compute.spec.DeformConvSpec``.
@@ -151,7 +153,7 @@ class _EagerDeformConv2d(torch.autograd.Function):
         return _argument_grads(grads, ctx.spec.has_bias, ctx.spec.has_mask)[:6]  # one None for the six ints
 
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def plain_eager(tensors) -> bool:
@@ -161,7 +163,7 @@ def plain_eager(tensors) -> bool:
     (fake tensors, ``make_fx``), no functorch transform (``vmap``, ``torch.func.grad``) and no
     autocast, each of which needs the registered ops (as do arguments that are not tensors, for
     the op's error)."""
-    if not all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors):
+    if not _PLAIN_TENSOR_TYPES.issuperset(map(type, tensors)):
         return False
     device_type = tensors[0].device.type
     return (device_type in ("cpu", "cuda")
@@ -173,13 +175,16 @@ def plain_eager(tensors) -> bool:
 
 def deform_conv2d_call(input, offset, weight, bias, mask, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                        dilation_h: int, dilation_w: int) -> torch.Tensor:
-    """``deform_conv2d_op``'s arguments and result, through ``_EagerDeformConv2d`` where
-    ``plain_eager`` allows and through the op otherwise."""
+    """``deform_conv2d_op``'s arguments and result: where ``plain_eager`` allows, through
+    ``_EagerDeformConv2d`` if a gradient is wanted and straight to the kernel if not; through the
+    op otherwise."""
     hyper = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
     tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
-    if plain_eager(tensors):
+    if not plain_eager(tensors):
+        return deform_conv2d_op(input, offset, weight, bias, mask, *hyper)
+    if torch.is_grad_enabled() and any([t.requires_grad for t in tensors]):
         return _EagerDeformConv2d.apply(input, offset, weight, bias, mask, hyper)
-    return deform_conv2d_op(input, offset, weight, bias, mask, *hyper)
+    return _forward(_spec(input, offset, weight, bias, mask, *hyper), input, offset, weight, bias, mask)
 
 AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}  # device type -> its autocast dispatch key
 _library = torch.library.Library("deft_tvm", "FRAGMENT")
