@@ -1,8 +1,10 @@
 """Records of one dtype as a search's start in another (``schedules.transferred``,
 ``search.transfer``, ``deft-tvm tune --seed-from``): a float16 tensor-core record's tiling is the
-same point of the bfloat16 space (the same m16n8k16 fragments), TF32, another layer and the CPU
+same point of the bfloat16 space (the same m16n8k16 fragments), as a TF32 record's is of float32
+without TF32 (3xTF32: the same m16n8k8 fragments); TF32 from float16, another layer and the CPU
 family take none; the transfer measures the source's fastest records in rank order, at most
-``top``, stores them and skips those held. The transferred bfloat16 kernel compiles with nvcc."""
+``top``, stores them and skips those held. The transferred bfloat16 and 3xTF32 kernels compile
+with nvcc; ``--seed-from`` names the source spec (``tf32``: float32 tuned with TF32 on)."""
 
 from __future__ import annotations
 
@@ -31,14 +33,24 @@ def _c4(dtype: str, tf32: bool = False):
     return get_workload("r50dcn_c4", dtype, tf32).for_target(TARGET).spec
 
 
+def _best_committed(spec):
+    """``spec`` and the trace of its fastest committed forward record (a tensor-core trace)."""
+    register_tensor_intrinsics(TARGET)
+    directory = records.committed_database(spec, TARGET)
+    assert directory is not None, f"r50dcn_c4's {spec.dtype} forward record is committed"
+    return spec, min(measured_records(directory), key=lambda r: float(r.run_secs[0])).trace
+
+
 @pytest.fixture(scope="module")
 def float16_record():
-    """The committed float16 forward record of r50 c4 (a tensor-core trace) and its spec."""
-    register_tensor_intrinsics(TARGET)
-    spec = _c4("float16")
-    directory = records.committed_database(spec, TARGET)
-    assert directory is not None, "r50dcn_c4's float16 forward record is committed"
-    return spec, min(measured_records(directory), key=lambda r: float(r.run_secs[0])).trace
+    """The committed float16 forward record of r50 c4 and its spec."""
+    return _best_committed(_c4("float16"))
+
+
+@pytest.fixture(scope="module")
+def tf32_record():
+    """The committed TF32 forward record of r50 c4 and its spec."""
+    return _best_committed(_c4("float32", tf32=True))
 
 
 def test_float16_tilings_are_the_same_points_in_bfloat16(float16_record):
@@ -48,6 +60,40 @@ def test_float16_tilings_are_the_same_points_in_bfloat16(float16_record):
     assert sch is not None
     assert TensorCoreTiling.of_trace(sch.trace, spec) == TensorCoreTiling.of_trace(trace, source)
     assert "bfloat16" in sch.mod.script() and "float16" not in sch.mod.script().replace("bfloat16", "")
+
+
+def test_tf32_tilings_are_the_same_points_in_float32_without_tf32(tf32_record):
+    source, trace = tf32_record
+    spec = _c4("float32")
+    assert not spec.tf32 and spec.layout == "NHWC"  # float32 without TF32 on the tensor-core family
+    sch = transferred(spec, TARGET, source, trace)
+    assert sch is not None
+    assert TensorCoreTiling.of_trace(sch.trace, spec) == TensorCoreTiling.of_trace(trace, source)
+    assert transferred(_c4("bfloat16"), TARGET, source, trace) is None  # m16n8k16: another fragment
+
+
+@needs_nvcc
+def test_transferred_3xtf32_kernel_compiles(tf32_record):
+    source, trace = tf32_record
+    sch = transferred(_c4("float32"), TARGET, source, trace)
+    with exact_cuda_compilation():
+        cuda = compile_kernel(sch.mod, TARGET).mod.imports[0].inspect_source()
+    assert "mma.sync" in cuda and ".tf32" in cuda
+    assert _compile(cuda)[:4] == b"\x7fELF"
+
+
+def test_seed_from_names_the_source_spec():
+    from argparse import Namespace
+
+    from deft_tvm.cli import _seed_source
+
+    float32 = _c4("float32")
+    assert _seed_source(Namespace(seed_from="tf32", tf32=False), "r50dcn_c4", float32, TARGET, "forward") == _c4(
+        "float32", tf32=True)
+    assert _seed_source(Namespace(seed_from="float16", tf32=False), "r50dcn_c4", _c4("bfloat16"), TARGET,
+                        "forward") == _c4("float16")
+    assert _seed_source(Namespace(seed_from="float32", tf32=False), "r50dcn_c4", float32, TARGET, "forward") is None
+    assert _seed_source(Namespace(seed_from=None, tf32=False), "r50dcn_c4", float32, TARGET, "forward") is None
 
 
 def test_other_fragments_layers_and_families_take_none(float16_record):

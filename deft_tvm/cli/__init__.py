@@ -121,6 +121,22 @@ def _part_spec(workload, target, part: str):
     return dataclasses.replace(workload.spec, layout="NCHW", tf32=False)
 
 
+SEED_FROM_TF32 = "tf32"  # --seed-from's name for float32 records tuned with TF32 on
+
+
+def _seed_source(args, name: str, spec, target, part: str):
+    """The spec of the records ``--seed-from`` offers ``spec``'s search (``spec``: ``name``'s
+    ``part`` kernel on ``target``): the same workload in that dtype (``tf32``: float32 tuned with
+    TF32 on, whose m16n8k8 tilings float32 without TF32 takes as 3xTF32; another dtype: with
+    ``--tf32`` as the tuned one), or None where none is asked for or it is ``spec`` itself."""
+    if args.seed_from is None:
+        return None
+    dtype, tf32 = (("float32", True) if args.seed_from == SEED_FROM_TF32
+                   else (args.seed_from, _tf32(args, args.seed_from)))
+    source = _part_spec(get_workload(name, dtype, tf32), target, part)
+    return None if source == spec else source
+
+
 def _tune_kernel(args, target, name: str, workload, part: str):
     """Tune one kernel of a workload and write its readable schedule; its ``KernelEntry``, or None
     when no candidate ran."""
@@ -136,8 +152,8 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     result = tune(spec, workload.profile, target, directory, args.trials,
                   trials_per_round=args.trials_per_round, seed=args.seed, part=part)
     measured = {}
-    if args.seed_from and args.seed_from != spec.dtype:
-        source = _part_spec(get_workload(name, args.seed_from, _tf32(args, args.seed_from)), target, part)
+    source = _seed_source(args, name, spec, target, part)
+    if source is not None:
         folder = (spec, workload.profile, directory, source, database_dir(args.logs, source, target, part))
         measured["transfer"] = transfer([folder], target, part).get(directory, {})
     measured["default"] = current_default([(spec, workload.profile, directory)], target, part).get(directory, {})
@@ -290,10 +306,10 @@ def main(argv=None) -> int:
     tune.add_argument("--trials", type=int, default=8,
                       help="records each workload's database should hold; tuning resumes up to it (default 8)")
     tune.add_argument("--trials-per-round", type=int, default=32)
-    tune.add_argument("--seed-from", choices=SUPPORTED_DTYPES, default=None, metavar="DTYPE",
+    tune.add_argument("--seed-from", choices=(*SUPPORTED_DTYPES, SEED_FROM_TF32), default=None, metavar="DTYPE",
                       help="before refining, also measure the tilings of the 3 fastest records of the same "
-                      "workload in DTYPE under --logs (float16 for bfloat16: the same fragments; a family or dtype "
-                      "that cannot take them adds none)")
+                      "workload in DTYPE under --logs (float16 for bfloat16: the same fragments; tf32, float32 "
+                      "tuned with --tf32, for float32 without it; a family or dtype that cannot take them adds none)")
     tune.add_argument("--seed", type=int, default=None)
     tune.add_argument("--logs", type=Path, default=Path("tuning_logs"), help="root of the tuning databases")
     tune.add_argument("--schedules", type=Path, default=Path("schedules") / "tuned",
