@@ -10,8 +10,11 @@ same shape, in one run.
 (``python tools/bench.py`` takes the same arguments.)
 
 Providers: ``deft_tvm`` (what users get: the committed tuned record when there is one, else the
-default schedule; the ``schedule`` column says which), ``deft_tvm_default`` (the default schedule:
-always on a GPU, on a CPU only where a tuned record exists, as the ablation), ``generic_ms`` (only
+default schedule; the ``schedule`` column says which), ``deft_tvm_kernel`` (where a tuned record
+exists: the op's kernel, the record's, called directly on the kernel's tensors, so that its gap to
+``deft_tvm`` is the op's own path, copies and host, and its gap to ``deft_tvm_default`` the
+record's), ``deft_tvm_default`` (the default schedule called directly: always on a GPU, on a CPU
+only where a tuned record exists, as the ablation), ``generic_ms`` (only
 with ``--generic-trials N``: the best of N trials of MetaSchedule's generic space on the same TE
 compute, measured on the same profile inputs; its database lives under ``--generic-dir``, never
 under ``tuning_logs/``, so the package never uses it), and the baselines: on a GPU torchvision (if
@@ -25,7 +28,7 @@ gradients of its input, weight and bias only) for a fixed random grad_output, th
 provider's own autograd; ``forward_backward_deterministic`` the same under
 ``torch.use_deterministic_algorithms(True, warn_only=True)`` (deft_tvm's deterministic backward,
 cuDNN's deterministic algorithms; torchvision has none and warns). The kernels called directly
-(``deft_tvm_default``, ``generic_ms``) have no backward and are timed in forward mode only.
+(``deft_tvm_kernel``, ``deft_tvm_default``, ``generic_ms``) have no backward and are timed in forward mode only.
 
 Timing on a GPU: ``gpu_ms`` is CUDA-event time per call over ``--iters`` back-to-back calls after a
 warm-up (host overhead hides under it once kernels are long enough); ``cold_*_ms`` are the median,
@@ -157,13 +160,16 @@ def _generic_kernel(workload, target, trials: int, root: Path):
 
 
 def deft_kernels(workload, device: str, tuned: bool, generic_trials: int, generic_dir: Path) -> dict:
-    """Provider -> ``(kernel, schedule label)`` of the kernels called directly: the default schedule
-    (on a GPU, or where a tuned record exists) and generic MetaSchedule's best (if asked for)."""
+    """Provider -> ``(kernel, schedule label)`` of the kernels called directly: the op's own kernel
+    (where a tuned record exists: ``kernel_cache.get_kernel``, the one the op calls), the default
+    schedule (on a GPU, or where a tuned record exists) and generic MetaSchedule's best (if asked for)."""
     from deft_tvm.schedules import default_schedule  # imported on use, as kernel_cache does: it is slow to import
 
     spec = workload.spec
     target = target_for_device(device)
     kernels = {}
+    if tuned:
+        kernels["deft_tvm_kernel"] = (kernel_cache.get_kernel(spec, torch.device(device)), "tuned")
     if tuned or device == "cuda":
         sch = default_schedule(deform_conv2d_primfunc(spec), spec, target)
         kernels["deft_tvm_default"] = (kernel_cache.load_or_build(spec, target, sch), "default")

@@ -67,6 +67,17 @@ def test_cpu_run_times_every_provider_once(cpu_rows):
     assert deft["vs_dense"] == pytest.approx(deft["latency_ms"] / dense["latency_ms"], abs=0.01)
 
 
+def test_a_tuned_layer_also_times_the_ops_own_kernel_called_directly(monkeypatch):
+    workload = get_workload(WORKLOAD)
+    asked = []
+    monkeypatch.setattr(bench.kernel_cache, "get_kernel", lambda spec, device: asked.append((spec, device.type)) or "own")
+    monkeypatch.setattr(bench.kernel_cache, "load_or_build", lambda spec, target, sch: "default")
+    kernels = bench.deft_kernels(workload, "cpu", True, 0, Path("unused"))
+    assert kernels == {"deft_tvm_kernel": ("own", "tuned"), "deft_tvm_default": ("default", "default")}
+    assert asked == [(workload.spec, "cpu")]
+    assert bench.deft_kernels(workload, "cpu", False, 0, Path("unused")) == {}  # untuned on a CPU: the op alone
+
+
 def test_forward_backward_calls_compute_the_gradients_of_every_input():
     workload = get_workload("test_asymmetric")
     calls = bench.providers(workload, "cpu", {"deft_tvm_default": (None, "default")}, bench.FORWARD_BACKWARD)
