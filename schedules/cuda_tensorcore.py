@@ -131,7 +131,7 @@ def operands(precision: str) -> Operands:
     intrinsics: slow the first time)."""
     from tvm.s_tir.tensor_intrin import cuda as intrinsics
 
-    from deft_tvm.schedules.cuda_warp_mma import register_warp_mma_intrinsics
+    from deft_tvm.schedules.cuda_warp_mma import SHAPE_KEYS, register_warp_mma_intrinsics
 
     if precision == "float16":
         return Operands(
@@ -141,7 +141,7 @@ def operands(precision: str) -> Operands:
             intrinsics.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN,
         )
     load_a, load_b, sync = register_warp_mma_intrinsics(precision)
-    k = MMA_SHAPES["bfloat16" if precision == "bfloat16" else "tf32"].k
+    k = MMA_SHAPES[SHAPE_KEYS[precision]].k
     vector = 8 if precision == "bfloat16" else 4  # channels in 16 bytes
     return Operands(k, vector, "warp", "warp", "warp", load_a, load_b, sync,
                     intrinsics.MMA_fill_16x16_f32_INTRIN, intrinsics.MMA_store_16x16_f32_shared_dyn_INTRIN)

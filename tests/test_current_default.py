@@ -4,29 +4,12 @@ folder without a database is left to ``tune``."""
 
 from __future__ import annotations
 
-import tvm_ffi
-from tvm import s_tir
-
 import deft_tvm.schedules
-from deft_tvm.compute.forward import deform_conv2d_primfunc
 from deft_tvm.runtime import records
 from deft_tvm.runtime.targets import target_for_device
-from deft_tvm.schedules import design_space, search_start
 from deft_tvm.tuning.search import FAILED_SECONDS, current_default, measured_records, record_count, tune
-from deft_tvm.tuning.workloads import get_workload
 
-SMALL = get_workload("test_paper_small")
-
-
-def _other_point(spec, target):
-    """A seeded sample of the design space whose trace is not the default's."""
-    start = tvm_ffi.structural_hash(search_start(spec, target).mod)
-    for seed in range(1, 50):
-        sch = s_tir.Schedule(deform_conv2d_primfunc(spec), seed=seed)
-        design_space(spec, target)(sch)
-        if tvm_ffi.structural_hash(sch.mod) != start:
-            return sch
-    raise AssertionError("49 samples of the space all equal the default schedule")
+from test_refine import SMALL, _other_point
 
 
 def test_a_changed_default_is_measured_once_into_an_existing_folder(tmp_path, monkeypatch):
