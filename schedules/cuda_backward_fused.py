@@ -44,7 +44,8 @@ the math is ``deft_tvm.compute.backward``'s
   are) and each warp multiplies its ``o_regs`` m16 x ``c_regs`` n8 tiles with ``mma.sync``,
   channels padded to whole tiles; on SIMT cores each thread accumulates an ``o_regs x c_regs``
   outer product in registers. grad_bias is the row sums of the staged grad_output, taken by the
-  blocks of tap 0 and the first channel tile.
+  blocks of tap 0 and the first channel tile. Steps whose tables and operands pass 48 KB stage the
+  operands in dynamic shared memory (``WeightTiling.dynamic``; the tables stay static).
 * ``reduce_primfunc`` - adds the splits of grad_weight and grad_bias, and (``reduce_segments``) of
   grad_offset and grad_mask, in a fixed order (deterministic), and casts them and grad_input to the
   spec's dtype: one kernel where torch would take up to five (two sums and three casts).
@@ -84,6 +85,8 @@ from deft_tvm.schedules.cuda import largest_divisor, thread_loops
 from deft_tvm.schedules.cuda_mma import c_element, mma_shape
 
 SHARED_BYTES = 48 * 1024  # static shared memory per block every sm_70+ GPU allows
+DYNAMIC_SHARED_BYTES = 227 * 1024  # dynamic shared memory an sm_90 block may take (CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability": 227 KB for compute capability 9.0)
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 # Tile shapes (rows, columns) of 128 positions, in order of preference.
 TILE_SHAPES = ((8, 16), (4, 32), (16, 8), (2, 64))
@@ -315,13 +318,36 @@ class WeightTiling:
         """Offset groups one channel tile can span (at most): the sampling-point tables per step."""
         return min(spec.offset_groups, -(-self.c_tile // (spec.in_channels // spec.offset_groups)) + 1)
 
-    def shared_bytes(self, spec: DeformConvSpec) -> int:
+    def table_bytes(self, spec: DeformConvSpec) -> int:
+        """Shared memory of a step's sampling-point tables (corner indices and weights, images)."""
+        acc = DTYPE_BYTES[accumulate_dtype(spec.dtype)]
+        return self.point_table_groups(spec) * self.positions * 4 * (4 + acc) + self.positions * 4
+
+    def operand_bytes(self, spec: DeformConvSpec) -> int:
+        """Shared memory of a step's staged grad_output and samples, before any padding."""
         acc = DTYPE_BYTES[accumulate_dtype(spec.dtype)]
         if self.tensor_cores:  # staged operands, channel-major, rows padded by 16 bytes
-            rows = (self.o_tile + self.c_tile) * (self.positions * DTYPE_BYTES[spec.dtype] + 16)
-        else:  # position-major, rows padded by 4 elements
-            rows = self.positions * (self.o_tile + self.c_tile + 8) * acc
-        return self.point_table_groups(spec) * self.positions * 4 * (4 + acc) + self.positions * 4 + rows
+            return (self.o_tile + self.c_tile) * (self.positions * DTYPE_BYTES[spec.dtype] + 16)
+        return self.positions * (self.o_tile + self.c_tile + 8) * acc  # position-major, rows padded by 4 elements
+
+    def dynamic(self, spec: DeformConvSpec) -> bool:
+        """Whether the staged operands take dynamic shared memory: the block's tables and operands pass
+        the 48 KB a block may hold statically."""
+        return self.table_bytes(spec) + self.operand_bytes(spec) > SHARED_BYTES
+
+    def shared_bytes(self, spec: DeformConvSpec) -> int:
+        """Shared memory per block (bytes). Dynamic operands are padded to at least 48 KB: the
+        kernel's tables stay static, and TVM 0.27's runtime raises a kernel's dynamic limit only for
+        48 KB or more (below it the driver's default, 48 KB less the static tables, fails the launch
+        with CUDA_ERROR_INVALID_VALUE, as the video layer's 128-position step did on an H200)."""
+        operands = self.operand_bytes(spec)
+        if self.dynamic(spec):
+            operands = max(operands, SHARED_BYTES)
+        return self.table_bytes(spec) + operands
+
+    def fits(self, spec: DeformConvSpec) -> bool:
+        """Whether a block's static tables fit 48 KB and its shared memory ``DYNAMIC_SHARED_BYTES``."""
+        return self.table_bytes(spec) <= SHARED_BYTES and self.shared_bytes(spec) <= DYNAMIC_SHARED_BYTES
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec, o_channels: int = 256) -> "WeightTiling":
@@ -1155,6 +1181,16 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                             f"*reinterpret_cast<{run_type}*>(destination) = "
                             f"*reinterpret_cast<const {run_type}*>(source);", destination, source)
     min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
+    if not tiling.fits(spec):
+        raise ValueError(f"{tiling} takes {tiling.table_bytes(spec)} bytes of static and {tiling.shared_bytes(spec)} "
+                         f"in all of shared memory, more than a block may ({SHARED_BYTES} and {DYNAMIC_SHARED_BYTES})")
+    # Past 48 KB the staged operands take the dynamic buffer (padded to 48 KB, ``WeightTiling.shared_bytes``)
+    # and the sampling-point tables stay static: TVM 0.27 merges every dynamic allocation into one buffer,
+    # and its barrier planner, seeing a loop that reads the tables and writes the samples in one buffer,
+    # asks for a barrier inside a branch ("Cannot insert syncs inside condition").
+    scope = "shared.dyn" if tiling.dynamic(spec) else "shared"
+    if tiling.dynamic(spec):  # the samples padded so that the dynamic buffer holds at least 48 KB
+        samples_size += -(-max(0, SHARED_BYTES - tiling.operand_bytes(spec)) // DTYPE_BYTES[stage_dtype])
 
     @T.macro
     def multiply(grads, samples, sums, bias_sums, a, b_, thread):
@@ -1257,8 +1293,8 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         point_index = T.alloc_buffer((groups_in_tile * p * 4,), "int32", scope="shared")
         point_weight = T.alloc_buffer((groups_in_tile * p * 4,), acc, scope="shared")
         point_batch = T.alloc_buffer((p,), "int32", scope="shared")
-        samples = T.alloc_buffer((samples_size,), stage_dtype, scope="shared")
-        grads = T.alloc_buffer((grads_size,), stage_dtype, scope="shared")
+        samples = T.alloc_buffer((samples_size,), stage_dtype, scope=scope)
+        grads = T.alloc_buffer((grads_size,), stage_dtype, scope=scope)
         sums = T.alloc_buffer((sums_count,), acc, scope="local")
         bias_sums = T.alloc_buffer((o_regs,), acc, scope="local")
         a = T.alloc_buffer((o_regs * a_elements,), stage_dtype, scope="local")

@@ -10,6 +10,7 @@ import re
 import shutil
 
 import pytest
+import tvm
 
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_compilation
@@ -179,6 +180,46 @@ def test_data_kernel_past_48_kb_takes_dynamic_shared_memory():
     body = source[start:source.index("\n}\n", start)]
     assert "extern __shared__" in body and "__shared__ alignas" not in body
     assert _compile(source)[:4] == b"\x7fELF"
+
+
+@needs_nvcc
+def test_weight_kernel_past_48_kb_takes_dynamic_shared_memory():
+    """r50 c5's TF32 weight tiling (256 x 64 channels) 64 positions deep: its staged operands (85 KB)
+    in one dynamic buffer, its sampling-point tables static, two blocks per SM in its launch bounds."""
+    spec = dataclasses.replace(WORKLOADS["r50dcn_c5"].spec, dtype="float32", tf32=True)
+    weight = WeightTiling(8, 2, 2, 4, positions=64, splits=3, tensor_cores=True, load_batch=2)
+    assert weight.dynamic(spec) and weight.operand_bytes(spec) > SHARED_BYTES
+    source, launch = _weight_kernel(spec, weight)
+    start = re.search(r" grad_weight_kernel\([^;{]*{", source).end()
+    body = source[start:source.index("\n}\n", start)]
+    static = sum(int(count) * C_TYPE_BYTES[ctype] for ctype, count in
+                 re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", body))
+    assert "extern __shared__" in body and static == weight.table_bytes(spec)
+    assert str(weight.operand_bytes(spec)) in launch
+    assert "__launch_bounds__(512, 2) grad_weight_kernel" in source
+    assert _compile(source)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match=r"takes 9216 bytes of static and 342016 in all of shared memory, more "
+                                         r"than a block may \(49152 and 232448\)"):
+        grad_weight_primfunc(spec, dataclasses.replace(weight, positions=256))
+
+
+def _weight_kernel(spec: DeformConvSpec, weight: WeightTiling) -> tuple[str, str]:
+    """The CUDA source of ``weight``'s grad_weight kernel and the LLVM IR of its host launch."""
+    kernel = compile_kernel(tvm.IRModule({"grad_weight": grad_weight_primfunc(spec, weight)}), cuda_target("sm_90"))
+    return kernel.mod.imports[0].inspect_source(), kernel.mod.inspect_source("ll")
+
+
+def test_dynamic_operands_below_48_kb_are_padded_to_48_kb():
+    """Static tables and dynamic operands that pass 48 KB together, the operands alone not: the
+    dynamic buffer is padded to 48 KB (below it the launch fails, ``WeightTiling.shared_bytes``)."""
+    spec = DeformConvSpec(2, 16, 9, 11, 160, 3, 3, padding=(1, 1), dtype="float16")
+    weight = WeightTiling(5, 2, 1, 2, positions=128, splits=1, tensor_cores=True)
+    assert weight.dynamic(spec) and weight.operand_bytes(spec) < SHARED_BYTES
+    assert weight.shared_bytes(spec) == weight.table_bytes(spec) + SHARED_BYTES
+    _, launch = _weight_kernel(spec, weight)
+    assert str(SHARED_BYTES) in launch and str(weight.operand_bytes(spec)) not in launch
+    small = dataclasses.replace(weight, positions=64)
+    assert not small.dynamic(spec) and small.shared_bytes(spec) == small.table_bytes(spec) + small.operand_bytes(spec)
 
 
 @needs_nvcc

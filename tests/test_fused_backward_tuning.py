@@ -5,21 +5,24 @@ the op takes a committed record over the defaults."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 
 import pytest
 import torch
+import tvm
 
 from deft_tvm.runtime import backward, kernel_cache, records
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
-from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
+from deft_tvm.schedules.cuda_backward_fused import (DYNAMIC_SHARED_BYTES, SHARED_BYTES, DataTiling, WeightTiling,
+                                                     fused_backward_module)
 from deft_tvm.tuning import fused_backward
 from deft_tvm.schedules.cuda_mma import mma_shape
-from deft_tvm.tuning.fused_backward import (LOAD_BATCHES, TILE_POSITIONS, WEIGHT_LOAD_BATCHES, agree, data_space,
-                                            stage_variants, tile_variants, time_checked, tune_fused_backward,
-                                            weight_space)
-from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
+from deft_tvm.tuning.fused_backward import (LOAD_BATCHES, STEP_FACTORS, TILE_POSITIONS, WEIGHT_LOAD_BATCHES, agree,
+                                            data_space, stage_variants, step_variants, tile_variants, time_checked,
+                                            tune_fused_backward, weight_space)
+from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, WORKLOADS, get_workload
 
 from test_cli_errors import error_line
 from test_fused_backward_codegen import _compile, needs_nvcc
@@ -72,7 +75,8 @@ def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     assert tried[len(data):] == batched + [dataclasses.replace(data[3], o_step=32)] + tile_variants(spec, data[3])
     assert [ms for _, ms in record["weight_ms"]][:len(weight)] == [2.0, 2.0, 1.0] + [2.0] * (len(weight) - 3)
     assert [WeightTiling(**t) for t, _ in record["weight_ms"]][len(weight):] == [
-        dataclasses.replace(weight[i], load_batch=b) for i in (2, 0, 1) for b in WEIGHT_LOAD_BATCHES]
+        dataclasses.replace(weight[i], load_batch=b) for i in (2, 0, 1) for b in WEIGHT_LOAD_BATCHES] + [
+        t for t in step_variants(spec, weight[2]) if t not in weight]  # then the fastest with deeper steps
     assert (record["profile"], record["device"], record["target"]) == ("normal_2px", "a GPU", "sm_90")
     ties = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=lambda *a: ([1.0] * len(data),
                                                                                        [1.0] * len(weight)))
@@ -129,6 +133,57 @@ def test_other_weight_stages_of_the_fastest_data_tiling_must_beat_it_in_the_same
     assert DataTiling(**record["data"]) == half
     slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
     assert DataTiling(**slower["data"]) == data[0]
+
+
+def test_step_variants_deepen_tensor_core_steps_into_dynamic_shared_memory():
+    spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
+    _, weight = records.committed_fused_tilings(spec, TARGET)  # 256 x 64 channels, 32 positions: 47 KB
+    variants = step_variants(spec, weight)
+    assert [t.positions for t in variants] == [weight.positions * f for f in STEP_FACTORS]
+    for tiling in variants:
+        assert SHARED_BYTES < tiling.shared_bytes(spec) <= DYNAMIC_SHARED_BYTES
+        assert tiling.splits == tiling.fewest_waves(spec)
+        assert dataclasses.replace(tiling, positions=weight.positions, splits=weight.splits) == weight
+    simt = WeightTiling.for_spec(get_workload("r50dcn_c5", "float32").spec)
+    assert not simt.tensor_cores and step_variants(spec, simt) == []
+    huge = dataclasses.replace(weight, positions=512)  # 1024 and 2048 positions pass 227 KB
+    assert step_variants(spec, huge) == []
+
+
+def test_the_step_variants_of_the_records_build():
+    """TVM's barrier planner takes the deeper steps of every committed record's weight tiling (the
+    sampling-point tables static, the operands dynamic): all compile to CUDA source."""
+    jobs = []
+    for name, workload in WORKLOADS.items():
+        for dtype, tf32 in (("float16", False), ("bfloat16", False), ("float32", True)):
+            spec = dataclasses.replace(workload.spec, dtype=dtype, tf32=tf32)
+            tilings = records.committed_fused_tilings(spec, TARGET)
+            jobs += [(spec, t) for t in step_variants(spec, tilings[1])] if tilings else []
+    assert len(jobs) > 40 and any(t.table_bytes(spec) + t.operand_bytes(spec) > SHARED_BYTES > t.operand_bytes(spec)
+                                  for spec, t in jobs)
+
+    def build(job):
+        spec, tiling = job
+        module, _, _ = fused_backward_module(spec, weight=tiling)
+        compile_kernel(tvm.IRModule({"grad_weight": module["grad_weight"]}), TARGET)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(build, jobs))
+
+
+def test_deeper_weight_steps_must_beat_their_reference_in_the_same_round():
+    spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
+    weight = weight_space(spec)
+    deeper = step_variants(spec, weight[0])[0]
+
+    def measure(spec, profile, target, data, tilings):
+        return [1.0] * len(data), [0.9 if t == deeper else 1.0 if t == weight[0] else 2.0 for t in tilings]
+
+    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=measure)
+    assert WeightTiling(**record["weight"]) == deeper
+    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU",
+                                 measure=_rounds_of_a_faster_reference(data_space(spec)))
+    assert WeightTiling(**slower["weight"]) == weight[0]
 
 
 def test_tile_variants_pad_the_output_less_in_whole_warps():

@@ -19,8 +19,9 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.reference.tolerances import assert_close, assert_close_to_largest
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
-from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, fused_backward_module
+from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.schedules.cuda_mma import mma_shape
+from deft_tvm.tuning.fused_backward import STEP_FACTORS
 
 from helpers import grad_leaves, make_case
 from test_forward import SHAPES
@@ -309,6 +310,28 @@ def test_wider_weight_tiles_give_the_same_sums(dtype):
     for wider in results[1:]:
         for got, expected in zip(wider[-2:], results[0][-2:]):
             assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+def test_deeper_weight_steps_in_dynamic_shared_memory_give_the_same_sums(dtype):
+    """grad_weight steps of 2x and 4x the positions (``step_variants``; the deepest past 48 KB of
+    shared memory, in a dynamic buffer) give one split's sums exactly: the same mma k-chunks in the
+    same order, the steps' padding adding zeros; on extreme offsets (NaN where they are NaN)."""
+    spec = DeformConvSpec(2, 16, 9, 11, 160, 3, 3, padding=(1, 1), dtype="float32" if dtype == "tf32" else dtype,
+                          tf32=dtype == "tf32")
+    args = make_case(spec, seed=26)
+    args["offset"] = _extreme(args["offset"], seed=27)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    data = DataTiling.for_spec(spec)
+    base = dataclasses.replace(WeightTiling.for_spec(spec), splits=1)
+    deeper = [dataclasses.replace(base, positions=base.positions * f) for f in STEP_FACTORS]
+    assert deeper[-1].shared_bytes(spec) > SHARED_BYTES
+    expected = _run_fused(spec, data, base, args, grad_output)[-2:]
+    for tiling in deeper:
+        for got, sums in zip(_run_fused(spec, data, tiling, args, grad_output)[-2:], expected):
+            assert torch.equal(got.nan_to_num(), sums.nan_to_num()) and torch.equal(got.isnan(), sums.isnan())
+    assert any(s.isnan().any() for s in expected) and all(s.isfinite().any() for s in expected)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "tf32"])

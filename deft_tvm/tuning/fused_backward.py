@@ -9,8 +9,9 @@ each kernel as the op does (with the sum of its splits' partial outputs, ``data_
 ``weight_call``) on inputs whose offsets and mask follow the workload's offset profile, keeps
 only the candidates whose gradients are the default's up to the dtype's tolerance (``agree``),
 times those with CUDA events (``time_checked``), tries the fastest tilings with more loads in
-flight (``refine_load_batch``) and the fastest data tiling with other weight stages
-(``refine_stages``), and returns the record of the fastest data and
+flight (``refine_load_batch``), the fastest data tiling with other weight stages and tile shapes
+(``refine_stages``, ``refine_tiles``) and the fastest weight tiling with deeper steps in dynamic
+shared memory (``refine_steps``), and returns the record of the fastest data and
 weight tilings with every candidate's time (None: rejected), which ``deft-tvm tune
 --fused-backward`` writes where ``runtime.records.committed_fused_tilings`` finds it (the runtime
 then takes it over the defaults).
@@ -47,6 +48,7 @@ WEIGHT_LOAD_BATCHES = (2, 4)  # channels' corners in flight per thread (WeightTi
 REFINED = 3  # the fastest tilings of each kernel tried with each of its load batches
 TILE_POSITIONS = (64, 96, 128)  # positions (threads) per block of the tile shapes refine_tiles tries: whole warps
 TILE_VARIANTS = 3  # the tile shapes refine_tiles tries, those that pad the output least
+STEP_FACTORS = (2, 4)  # positions per step of the fastest weight tiling's variants, times its own (refine_steps)
 
 
 def _unique(tilings) -> list:
@@ -323,6 +325,36 @@ def stage_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]
     return [t for t in variants if t.shared_bytes(spec) <= SHARED_BYTES]
 
 
+def refine_steps(spec: DeformConvSpec, profile: str, target: tvm.target.Target, weight: list[WeightTiling],
+                 weight_ms: list[float | None], best: int, measure: Callable = measure_candidates):
+    """``(tilings, times, best)``: the weight tilings extended by ``weight[best]``'s ``step_variants``,
+    measured in one round after it (``_refine_round``). The space's steps fit 48 KB of static
+    shared memory, which holds a TF32 block of 256 x 64 channels only 32 positions deep (ncu of r50
+    c5's: three barriers per step, long-scoreboard and barrier stalls,
+    ``tools/results/ncu_stalls_c5_h200_cf367c3.txt``); deeper steps take dynamic shared memory.
+    Measured on an H200 (weight kernel ms, committed tiling / 2x / 4x deep): paper N=1 float16 0.050
+    / 0.039 / 0.053, N=8 float16 0.151 / 0.154 / 0.134, c4 TF32 0.285 / 0.271 / 0.374, c5 TF32 0.389
+    / 0.382 / 0.519, c3 float16 0.302 / 0.341 / 0.398 (``tools/results/fused_backward_steps_h200.txt``):
+    small layers gain most, so it is searched."""
+    return _refine_round(spec, profile, target, weight, weight_ms, best, step_variants(spec, weight[best]), measure,
+                         "weight")
+
+
+def step_variants(spec: DeformConvSpec, tiling: WeightTiling) -> list[WeightTiling]:
+    """``tiling`` with ``STEP_FACTORS`` times its positions per step (tensor cores only), each with
+    the fewest-waves splits (``WeightTiling.fewest_waves``), only those that fit a block
+    (``WeightTiling.fits``: static tables within 48 KB, all within ``DYNAMIC_SHARED_BYTES``) and
+    ``PARTIAL_FLOATS`` partial sums, and at most the layer's positions deep."""
+    if not tiling.tensor_cores:
+        return []
+    total = spec.batch * spec.out_h * spec.out_w
+    deeper = [dataclasses.replace(tiling, positions=tiling.positions * f) for f in STEP_FACTORS
+              if tiling.positions * f <= total]
+    weights = spec.out_channels * spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    variants = [dataclasses.replace(t, splits=t.fewest_waves(spec)) for t in deeper if t.fits(spec)]
+    return [t for t in variants if t.splits * weights <= max(PARTIAL_FLOATS, weights)]
+
+
 def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, device_name: str,
                         measure: Callable = measure_candidates) -> dict:
     """The record of ``spec``'s fastest data and weight tilings on ``target`` (``measure``: the
@@ -330,13 +362,14 @@ def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.T
     profile, the device, the two tilings, and every candidate with its time (ms, or None): the
     two spaces', then the fastest ones' with more loads in flight (``refine_load_batch``), then the
     fastest data tiling's with other weight stages (``refine_stages``), then in other tile shapes
-    (``refine_tiles``)."""
+    (``refine_tiles``), and the fastest weight tiling's with deeper steps (``refine_steps``)."""
     data, weight = data_space(spec), weight_space(spec)
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
     data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
     data, data_ms, best_data = refine_stages(spec, profile, target, data, data_ms, best_data, measure)
     data, data_ms, best_data = refine_tiles(spec, profile, target, data, data_ms, best_data, measure)
     weight, weight_ms, best_weight = refine_load_batch(spec, profile, target, weight, weight_ms, measure, "weight")
+    weight, weight_ms, best_weight = refine_steps(spec, profile, target, weight, weight_ms, best_weight, measure)
     return {
         "spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"]),
         "data": dataclasses.asdict(data[best_data]), "weight": dataclasses.asdict(weight[best_weight]),
