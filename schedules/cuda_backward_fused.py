@@ -1188,8 +1188,9 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     # and the sampling-point tables stay static: TVM 0.27 merges every dynamic allocation into one buffer,
     # and its barrier planner, seeing a loop that reads the tables and writes the samples in one buffer,
     # asks for a barrier inside a branch ("Cannot insert syncs inside condition").
-    scope = "shared.dyn" if tiling.dynamic(spec) else "shared"
+    scope = "shared"
     if tiling.dynamic(spec):  # the samples padded so that the dynamic buffer holds at least 48 KB
+        scope = "shared.dyn"
         samples_size += -(-max(0, SHARED_BYTES - tiling.operand_bytes(spec)) // DTYPE_BYTES[stage_dtype])
 
     @T.macro

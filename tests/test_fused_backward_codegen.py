@@ -51,6 +51,17 @@ def _compile(source: str) -> bytes:
 C_TYPE_BYTES = {"half": 2, "nv_bfloat16": 2, "float": 4, "int": 4, "double": 8}
 
 
+def _kernel_body(source: str, kernel: str) -> str:
+    """The body of ``kernel``'s definition (``grad_data``, ``grad_weight``) in a CUDA source."""
+    start = re.search(rf" {kernel}_kernel\([^;{{]*{{", source).end()
+    return source[start:source.index("\n}\n", start)]
+
+
+def _shared_bytes(source: str, kernel: str) -> int:
+    return sum(int(count) * C_TYPE_BYTES[ctype] for ctype, count in
+               re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", _kernel_body(source, kernel)))
+
+
 def _parameters(source: str, kernel: str) -> list[str]:
     match = re.search(rf"__global__ void (?:__launch_bounds__\([\d, ]+\) )?{kernel}_kernel\(([^)]*)\)", source)
     return sorted(re.findall(r"(\w+)_ptr", match.group(1)))
@@ -89,11 +100,8 @@ def test_registry_kernels_compile_within_the_shared_memory_they_claim(spec):
     data, weight = DataTiling.for_spec(spec), WeightTiling.for_spec(spec)
     source = _source(spec)
     for kernel, tiling in (("grad_data", data), ("grad_weight", weight)):
-        start = re.search(rf" {kernel}_kernel\([^;{{]*{{", source).end()
-        body = source[start:source.index("\n}\n", start)]
-        allocated = sum(int(count) * C_TYPE_BYTES[ctype] for ctype, count in
-                        re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", body))
-        assert allocated <= tiling.shared_bytes(spec) <= SHARED_BYTES, kernel
+        body = _kernel_body(source, kernel)
+        assert _shared_bytes(source, kernel) <= tiling.shared_bytes(spec) <= SHARED_BYTES, kernel
         assert ("mma.sync.aligned" in body) == tiling.tensor_cores, kernel
         # Fixed-point grad_input patches for the half types and TF32 (tolerances above its quantum).
         fixed = spec.dtype in ("float16", "bfloat16") or spec.tf32
@@ -151,8 +159,7 @@ def test_fused_kernels_compile_and_take_only_the_gradients_buffers(shape, varian
 def test_tensor_core_data_kernel_compiles_with_mma(shape, dtype):
     spec = dataclasses.replace(SHAPES[shape], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
     source = _source(spec, DataTiling.for_spec(spec, tensor_cores=True))
-    start = re.search(r" grad_data_kernel\([^;{]*{", source).end()
-    assert "mma.sync.aligned.m16n8k" in source[start:source.index("\n}\n", start)]
+    assert "mma.sync.aligned.m16n8k" in _kernel_body(source, "grad_data")
     assert _compile(source)[:4] == b"\x7fELF"
 
 
@@ -176,8 +183,7 @@ def test_data_kernel_past_48_kb_takes_dynamic_shared_memory():
     tiling = DataTiling.for_spec(spec, halo=20, shared_limit=100 * 1024)  # 4 channels of 51 x 59 px
     assert tiling.shared_bytes(spec) > SHARED_BYTES
     source = _source(spec, tiling)
-    start = re.search(r" grad_data_kernel\([^;{]*{", source).end()
-    body = source[start:source.index("\n}\n", start)]
+    body = _kernel_body(source, "grad_data")
     assert "extern __shared__" in body and "__shared__ alignas" not in body
     assert _compile(source)[:4] == b"\x7fELF"
 
@@ -190,11 +196,8 @@ def test_weight_kernel_past_48_kb_takes_dynamic_shared_memory():
     weight = WeightTiling(8, 2, 2, 4, positions=64, splits=3, tensor_cores=True, load_batch=2)
     assert weight.dynamic(spec) and weight.operand_bytes(spec) > SHARED_BYTES
     source, launch = _weight_kernel(spec, weight)
-    start = re.search(r" grad_weight_kernel\([^;{]*{", source).end()
-    body = source[start:source.index("\n}\n", start)]
-    static = sum(int(count) * C_TYPE_BYTES[ctype] for ctype, count in
-                 re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", body))
-    assert "extern __shared__" in body and static == weight.table_bytes(spec)
+    assert "extern __shared__" in _kernel_body(source, "grad_weight")
+    assert _shared_bytes(source, "grad_weight") == weight.table_bytes(spec)
     assert str(weight.operand_bytes(spec)) in launch
     assert "__launch_bounds__(512, 2) grad_weight_kernel" in source
     assert _compile(source)[:4] == b"\x7fELF"
@@ -281,8 +284,7 @@ def test_deterministic_data_kernel_adds_fixed_point_grad_input():
     assert [p.name for p in func.params][-2:] == ["grad_mask", "contribution_bound"]
     assert "int64_t* __restrict__ grad_input_ptr" in _source(spec, tiling)
     source = _source(spec, tiling)
-    start = re.search(r" grad_data_kernel\([^;{]*{", source).end()
-    body = source[start:source.index("\n}\n", start)]
+    body = _kernel_body(source, "grad_data")
     assert "deft_global_add_fixed(" in body and "deft_atomic_add_float" not in body
     assert not re.search(r"tvm_builtin_cuda_atomic_add\(\(&\(grad_input", body)
     assert _compile(source)[:4] == b"\x7fELF"
@@ -298,13 +300,6 @@ def test_fixed_point_quantum_follows_the_bounds_float32_exponent():
     assert tiling.fixed_point_quantum(spec, 0.75) == 2.0 ** -19
     assert tiling.fixed_point_quantum(spec, 3.0e6) == 2.0 ** (22 - 19)
     assert tiling.fixed_point_quantum(spec, 0.0) == tiling.fixed_point_quantum(spec, 1e-40) == 2.0 ** -127
-
-
-def _shared_bytes(source: str, kernel: str) -> int:
-    start = re.search(rf" {kernel}_kernel\([^;{{]*{{", source).end()
-    body = source[start:source.index("\n}\n", start)]
-    return sum(int(count) * C_TYPE_BYTES[ctype]
-               for ctype, count in re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", body))
 
 
 # 15 taps in rows of 3, 5 offset groups, stride 2, no mask (as the GPU tests' k5x3_og5_nomask).
@@ -351,8 +346,7 @@ def test_tensor_core_tap_groups_multiply_a_kernel_row_per_mma_pass(spec, dtype, 
     tiling = next(t for t in (dataclasses.replace(tensor_cores, tap_group=spec.kernel_w, halo=h)
                               for h in range(tensor_cores.halo, -1, -1)) if t.shared_bytes(spec) <= SHARED_BYTES)
     source = _source(spec, tiling)
-    start = re.search(r" grad_data_kernel\([^;{]*{", source).end()
-    body = source[start:source.index("\n}\n", start)]
+    body = _kernel_body(source, "grad_data")
     mma = mma_shape(spec)
     n8 = -(-tiling.chunk // 8)
     assert body.count("mma.sync.aligned") == 2 * spec.kernel_w * n8 * (tiling.o_step // mma.k)

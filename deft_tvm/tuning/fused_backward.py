@@ -342,17 +342,15 @@ def refine_steps(spec: DeformConvSpec, profile: str, target: tvm.target.Target, 
 
 def step_variants(spec: DeformConvSpec, tiling: WeightTiling) -> list[WeightTiling]:
     """``tiling`` with ``STEP_FACTORS`` times its positions per step (tensor cores only), each with
-    the fewest-waves splits (``WeightTiling.fewest_waves``), only those that fit a block
-    (``WeightTiling.fits``: static tables within 48 KB, all within ``DYNAMIC_SHARED_BYTES``) and
-    ``PARTIAL_FLOATS`` partial sums, and at most the layer's positions deep."""
+    the fewest-waves splits (``WeightTiling.fewest_waves``, within ``PARTIAL_FLOATS`` partial sums),
+    only those that fit a block (``WeightTiling.fits``: static tables within 48 KB, all within
+    ``DYNAMIC_SHARED_BYTES``) and at most the layer's positions deep."""
     if not tiling.tensor_cores:
         return []
     total = spec.batch * spec.out_h * spec.out_w
     deeper = [dataclasses.replace(tiling, positions=tiling.positions * f) for f in STEP_FACTORS
               if tiling.positions * f <= total]
-    weights = spec.out_channels * spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
-    variants = [dataclasses.replace(t, splits=t.fewest_waves(spec)) for t in deeper if t.fits(spec)]
-    return [t for t in variants if t.splits * weights <= max(PARTIAL_FLOATS, weights)]
+    return [dataclasses.replace(t, splits=t.fewest_waves(spec)) for t in deeper if t.fits(spec)]
 
 
 def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, device_name: str,
