@@ -50,7 +50,8 @@ the math is ``deft_tvm.compute.backward``'s
   grad_offset and grad_mask, in a fixed order (deterministic), and casts them and grad_input to the
   spec's dtype: one kernel where torch would take up to five (two sums and three casts).
 * ``backward_entry`` - the runtime's one call: a host function that zeroes grad_input's sums and
-  launches the three kernels above on a scratch buffer the caller allocates once
+  launches the three kernels above (grad_weight, then grad_data, which sm_90 starts beside
+  grad_weight's last partial wave, then the reduction) on a scratch buffer the caller allocates once
   (``backward_workspace``), every kernel buffer declared over the entry's parameters. On a
   small layer the host is the bottleneck (one torch allocation costs about as much as a kernel
   launch), so one call and one scratch allocation besides the gradients' instead of three calls,
@@ -82,6 +83,7 @@ from tvm import tirx
 from deft_tvm.compute.sampling import index_extents
 from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype
 from deft_tvm.schedules.cuda import largest_divisor, thread_loops
+from deft_tvm.schedules.cuda_launch import grid_dependency_wait, launch_dependents
 from deft_tvm.schedules.cuda_mma import c_element, mma_shape
 
 SHARED_BYTES = 48 * 1024  # static shared memory per block every sm_70+ GPU allows
@@ -1097,6 +1099,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                 with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
                     body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
                          contribution_bound)
+                    T.evaluate(grid_dependency_wait())  # the entry's grad_weight done before this kernel is
 
     return _without(grad_data, ("mask", "grad_mask") * (not has_mask) + ("contribution_bound",) * (not deterministic))
 
@@ -1449,6 +1452,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         for block in T.thread_binding(blocks, thread="blockIdx.x"):
             for thread in T.thread_binding(threads, thread="threadIdx.x"):
                 with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
+                    T.evaluate(launch_dependents())  # the entry's grad_data may start beside this kernel's last wave
                     body(block, thread, input, offset, mask, grad_output, weight_part, bias_part)
 
     return _without(grad_weight, ("mask",) * (not has_mask) + ("bias_part",) * (not has_bias))
@@ -1614,8 +1618,10 @@ def backward_workspace(spec: DeformConvSpec, data: DataTiling, weight: WeightTil
 def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling, *, data_func=None,
                    weight_func=None, bind_threads: bool = True):
     """The whole fused backward as one host function (``backward``, one call from the runtime): it
-    zeroes grad_input's sums and launches ``grad_data_primfunc``, ``grad_weight_primfunc`` and
-    ``reduce_primfunc`` in that order on the caller's stream, their partial sums in a scratch buffer
+    zeroes grad_input's sums and launches ``grad_weight_primfunc``, ``grad_data_primfunc`` and
+    ``reduce_primfunc`` in that order on the caller's stream (grad_data programmatically: its blocks
+    start beside grad_weight's last wave and wait for grad_weight before they exit, so that the
+    reduction sees both; ``cuda_launch``), their partial sums in a scratch buffer
     the caller allocates (``backward_workspace``), every buffer of theirs declared over the entry's
     parameters or the workspace (no copies). Parameters: ``input, offset, mask?, weight,
     grad_output`` (the spec's shapes and dtype), ``contribution_bound [1]`` (float32, with
@@ -1668,16 +1674,17 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
         return region(name) if getattr(segments, name) else entry(f"grad_{name}")
 
     zero = zero_primfunc(math.prod(spec.input_shape), sums, bind_threads)
-    sources = [  # each kernel, in launch order, and the pointer each of its parameters is declared over
+    sources = [  # each kernel, in launch order (grad_data programmatically beside
+        # grad_weight's last wave: ``cuda_launch``), and the pointer each of its parameters is declared over
         (zero, {"accumulator": data_sums("input")}),
+        (weight_func, {"input": entry("input"), "offset": entry("offset"),
+                      "mask": entry("mask") if spec.has_mask else None, "grad_output": entry("grad_output"),
+                      "weight_part": region("weight"), "bias_part": region("bias") if spec.has_bias else None}),
         (data_func, {"input": entry("input"), "offset": entry("offset"),
                     "mask": entry("mask") if spec.has_mask else None, "weight": entry("weight"), "grad_output": entry("grad_output"),
                     "grad_input": data_sums("input"), "grad_offset": data_sums("offset"),
                     "grad_mask": data_sums("mask") if spec.has_mask else None,
                     "contribution_bound": entry("contribution_bound") if data.deterministic else None}),
-        (weight_func, {"input": entry("input"), "offset": entry("offset"),
-                      "mask": entry("mask") if spec.has_mask else None, "grad_output": entry("grad_output"),
-                      "weight_part": region("weight"), "bias_part": region("bias") if spec.has_bias else None}),
         (reduce_func, {"weight_part": region("weight"), "bias_part": region("bias") if spec.has_bias else None,
                       **{f"{name}_part": region(name) for name in ("offset", "mask", "input")
                          if getattr(segments, name)},
@@ -1718,13 +1725,13 @@ def default_tilings(spec: DeformConvSpec, arch: str = "sm_90") -> tuple[DataTili
 
 def fingerprint(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling, arch: str) -> str:
     """A hash of everything ``fused_backward_module`` output depends on besides TVM: the spec, the
-    tilings, the architecture and the source of this module, ``cuda_mma`` and the sampling math (a
-    changed schedule never reuses a stale cached library)."""
+    tilings, the architecture and the source of this module, ``cuda_mma``, ``cuda_launch`` and the
+    sampling math (a changed schedule never reuses a stale cached library)."""
     from deft_tvm.compute import sampling
-    from deft_tvm.schedules import cuda_mma
+    from deft_tvm.schedules import cuda_launch, cuda_mma
 
     digest = hashlib.sha256(repr((spec.key(), data, weight, arch)).encode())
-    for module in (sys.modules[__name__], cuda_mma, sampling):
+    for module in (sys.modules[__name__], cuda_mma, cuda_launch, sampling):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 

@@ -18,6 +18,7 @@ from deft_tvm.bench import deterministic_mode, tf32_mode
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.reference.tolerances import assert_close, assert_close_to_largest
+from deft_tvm.runtime import backward
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.schedules.cuda_mma import mma_shape
@@ -332,6 +333,32 @@ def test_deeper_weight_steps_in_dynamic_shared_memory_give_the_same_sums(dtype):
         for got, sums in zip(_run_fused(spec, data, tiling, args, grad_output)[-2:], expected):
             assert torch.equal(got.nan_to_num(), sums.nan_to_num()) and torch.equal(got.isnan(), sums.isnan())
     assert any(s.isnan().any() for s in expected) and all(s.isfinite().any() for s in expected)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "tf32"])
+def test_programmatic_grad_data_leaves_the_reduction_every_sum(dtype):
+    """grad_data launched programmatically beside grad_weight's last wave (``cuda_launch``) and the
+    reduction after both: 30 deterministic-mode backward calls of a layer whose grad_weight takes
+    several waves give the same bits, and the gradients of the kernels launched one at a time
+    (``_run_fused``, grad_input float atomics) up to the tolerance."""
+    spec = DeformConvSpec(2, 64, 25, 42, 256, 3, 3, padding=(1, 1), dtype="float32" if dtype == "tf32" else dtype,
+                          tf32=dtype == "tf32")
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_case(spec, seed=43).items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(args["input"].dtype)
+    assert spec.has_mask and spec.has_bias
+    target = target_for_device("cuda")
+    tensors = (grad_output, args["input"], args["offset"], args["mask"], args["weight"])
+    bound = backward.contribution_bound(spec, grad_output, args["mask"], args["weight"])
+    runs = [backward._fused_backward(spec, target, *tensors, bound) for _ in range(30)]  # the deterministic kernels
+    torch.cuda.synchronize()
+    for run in runs[1:]:
+        for got, expected in zip(run, runs[0]):
+            assert (got is None and expected is None) or torch.equal(got, expected)
+    alone = _run_fused(spec, DataTiling.for_spec(spec), WeightTiling.for_spec(spec), args, grad_output)
+    grad_input, grad_offset, grad_weight, grad_bias, grad_mask = runs[0]
+    key = "tf32" if dtype == "tf32" else dtype
+    for got, expected in zip((grad_input, grad_offset, grad_mask, grad_weight, grad_bias), alone):
+        assert_close_to_largest(got.float().flatten(), expected.flatten(), key)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "tf32"])

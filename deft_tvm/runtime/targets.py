@@ -50,9 +50,12 @@ def kernel_compilation():
 
 
 def compile_kernel(mod: tvm.IRModule, target: tvm.target.Target):
-    """``tvm.compile`` of a scheduled kernel module under ``kernel_compilation``."""
+    """``tvm.compile`` of a scheduled kernel module under ``kernel_compilation``, on the TIR pipeline
+    that launches the kernels that wait on their predecessor programmatically (``cuda_launch``)."""
+    from deft_tvm.schedules.cuda_launch import pipeline_for
+
     with kernel_compilation():
-        return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target, tir_pipeline=pipeline_for(target))
 
 
 @functools.lru_cache(maxsize=None)
