@@ -1674,8 +1674,7 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
         return region(name) if getattr(segments, name) else entry(f"grad_{name}")
 
     zero = zero_primfunc(math.prod(spec.input_shape), sums, bind_threads)
-    sources = [  # each kernel, in launch order (grad_data programmatically beside
-        # grad_weight's last wave: ``cuda_launch``), and the pointer each of its parameters is declared over
+    sources = [  # each kernel, in launch order, and the pointer each of its parameters is declared over
         (zero, {"accumulator": data_sums("input")}),
         (weight_func, {"input": entry("input"), "offset": entry("offset"),
                       "mask": entry("mask") if spec.has_mask else None, "grad_output": entry("grad_output"),

@@ -51,15 +51,16 @@ def _compile(source: str) -> bytes:
 C_TYPE_BYTES = {"half": 2, "nv_bfloat16": 2, "float": 4, "int": 4, "double": 8}
 
 
-def _kernel_body(source: str, kernel: str) -> str:
-    """The body of ``kernel``'s definition (``grad_data``, ``grad_weight``) in a CUDA source."""
-    start = re.search(rf" {kernel}_kernel\([^;{{]*{{", source).end()
+def _kernel_body(source: str, function: str) -> str:
+    """The body of the definition of the device function ``function`` (``grad_data_kernel``,
+    ``backward_kernel_2``) in a CUDA source."""
+    start = re.search(rf" {function}\([^;{{]*{{", source).end()
     return source[start:source.index("\n}\n", start)]
 
 
 def _shared_bytes(source: str, kernel: str) -> int:
     return sum(int(count) * C_TYPE_BYTES[ctype] for ctype, count in
-               re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", _kernel_body(source, kernel)))
+               re.findall(r"__shared__ alignas\(\d+\) (\w+) \w+\[(\d+)\]", _kernel_body(source, f"{kernel}_kernel")))
 
 
 def _parameters(source: str, kernel: str) -> list[str]:
@@ -100,7 +101,7 @@ def test_registry_kernels_compile_within_the_shared_memory_they_claim(spec):
     data, weight = DataTiling.for_spec(spec), WeightTiling.for_spec(spec)
     source = _source(spec)
     for kernel, tiling in (("grad_data", data), ("grad_weight", weight)):
-        body = _kernel_body(source, kernel)
+        body = _kernel_body(source, f"{kernel}_kernel")
         assert _shared_bytes(source, kernel) <= tiling.shared_bytes(spec) <= SHARED_BYTES, kernel
         assert ("mma.sync.aligned" in body) == tiling.tensor_cores, kernel
         # Fixed-point grad_input patches for the half types and TF32 (tolerances above its quantum).
@@ -159,7 +160,7 @@ def test_fused_kernels_compile_and_take_only_the_gradients_buffers(shape, varian
 def test_tensor_core_data_kernel_compiles_with_mma(shape, dtype):
     spec = dataclasses.replace(SHAPES[shape], dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
     source = _source(spec, DataTiling.for_spec(spec, tensor_cores=True))
-    assert "mma.sync.aligned.m16n8k" in _kernel_body(source, "grad_data")
+    assert "mma.sync.aligned.m16n8k" in _kernel_body(source, "grad_data_kernel")
     assert _compile(source)[:4] == b"\x7fELF"
 
 
@@ -183,7 +184,7 @@ def test_data_kernel_past_48_kb_takes_dynamic_shared_memory():
     tiling = DataTiling.for_spec(spec, halo=20, shared_limit=100 * 1024)  # 4 channels of 51 x 59 px
     assert tiling.shared_bytes(spec) > SHARED_BYTES
     source = _source(spec, tiling)
-    body = _kernel_body(source, "grad_data")
+    body = _kernel_body(source, "grad_data_kernel")
     assert "extern __shared__" in body and "__shared__ alignas" not in body
     assert _compile(source)[:4] == b"\x7fELF"
 
@@ -196,7 +197,7 @@ def test_weight_kernel_past_48_kb_takes_dynamic_shared_memory():
     weight = WeightTiling(8, 2, 2, 4, positions=64, splits=3, tensor_cores=True, load_batch=2)
     assert weight.dynamic(spec) and weight.operand_bytes(spec) > SHARED_BYTES
     source, launch = _weight_kernel(spec, weight)
-    assert "extern __shared__" in _kernel_body(source, "grad_weight")
+    assert "extern __shared__" in _kernel_body(source, "grad_weight_kernel")
     assert _shared_bytes(source, "grad_weight") == weight.table_bytes(spec)
     assert str(weight.operand_bytes(spec)) in launch
     assert "__launch_bounds__(512, 2) grad_weight_kernel" in source
@@ -284,7 +285,7 @@ def test_deterministic_data_kernel_adds_fixed_point_grad_input():
     assert [p.name for p in func.params][-2:] == ["grad_mask", "contribution_bound"]
     assert "int64_t* __restrict__ grad_input_ptr" in _source(spec, tiling)
     source = _source(spec, tiling)
-    body = _kernel_body(source, "grad_data")
+    body = _kernel_body(source, "grad_data_kernel")
     assert "deft_global_add_fixed(" in body and "deft_atomic_add_float" not in body
     assert not re.search(r"tvm_builtin_cuda_atomic_add\(\(&\(grad_input", body)
     assert _compile(source)[:4] == b"\x7fELF"
@@ -346,7 +347,7 @@ def test_tensor_core_tap_groups_multiply_a_kernel_row_per_mma_pass(spec, dtype, 
     tiling = next(t for t in (dataclasses.replace(tensor_cores, tap_group=spec.kernel_w, halo=h)
                               for h in range(tensor_cores.halo, -1, -1)) if t.shared_bytes(spec) <= SHARED_BYTES)
     source = _source(spec, tiling)
-    body = _kernel_body(source, "grad_data")
+    body = _kernel_body(source, "grad_data_kernel")
     mma = mma_shape(spec)
     n8 = -(-tiling.chunk // 8)
     assert body.count("mma.sync.aligned") == 2 * spec.kernel_w * n8 * (tiling.o_step // mma.k)

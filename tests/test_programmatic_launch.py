@@ -6,7 +6,6 @@ for sm_90 and vanish below it."""
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import pytest
 import tvm
@@ -16,7 +15,7 @@ from deft_tvm.schedules.cuda_backward_fused import DataTiling, backward_entry, d
 from deft_tvm.schedules.cuda_launch import PIPELINE, TAG, pipeline_for
 from deft_tvm.tuning.workloads import WORKLOADS
 
-from test_fused_backward_codegen import needs_nvcc
+from test_fused_backward_codegen import _kernel_body, needs_nvcc
 
 SPEC = dataclasses.replace(WORKLOADS["r50dcn_c5"].spec, dtype="float32", tf32=True)
 
@@ -47,11 +46,6 @@ def test_the_pipeline_follows_the_architecture():
     assert pipeline_for(tvm.target.Target({"kind": "llvm"})) == "default"
 
 
-def _body(source: str, kernel: str) -> str:
-    start = re.search(rf" {kernel}\([^;{{]*{{", source).end()
-    return source[start:source.index("\n}\n", start)]
-
-
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_the_grid_dependency_instructions_assemble_where_the_architecture_has_them(arch):
@@ -60,7 +54,7 @@ def test_the_grid_dependency_instructions_assemble_where_the_architecture_has_th
     data, weight = default_tilings(SPEC, arch)
     module = tvm.IRModule({"backward": backward_entry(SPEC, data, weight)})
     source = compile_kernel(module, cuda_target(arch)).mod.imports[0].inspect_source()
-    weight_kernel, data_kernel = (_body(source, name) for name in ("backward_kernel_1", "backward_kernel_2"))
+    weight_kernel, data_kernel = (_kernel_body(source, name) for name in ("backward_kernel_1", "backward_kernel_2"))
     assert weight_kernel.index("deft_launch_dependents();") < weight_kernel.index("__syncthreads();")
     assert data_kernel.rstrip().endswith("deft_grid_dependency_wait();")
     assert "deft_grid_dependency_wait" not in weight_kernel and "deft_launch_dependents" not in data_kernel
