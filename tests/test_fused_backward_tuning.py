@@ -19,9 +19,10 @@ from deft_tvm.schedules.cuda_backward_fused import (DYNAMIC_SHARED_BYTES, SHARED
                                                      fused_backward_module)
 from deft_tvm.tuning import fused_backward
 from deft_tvm.schedules.cuda_mma import mma_shape
-from deft_tvm.tuning.fused_backward import (LOAD_BATCHES, STEP_FACTORS, TILE_POSITIONS, WEIGHT_LOAD_BATCHES, agree,
-                                            data_space, stage_variants, step_variants, tile_variants, time_checked,
-                                            tune_fused_backward, weight_space)
+from deft_tvm.tuning.fused_backward import (CHUNK_FACTOR, LOAD_BATCHES, STEP_FACTORS, TILE_POSITIONS,
+                                            WEIGHT_LOAD_BATCHES, agree, chunk_variants, data_space, stage_variants,
+                                            step_variants, tile_variants, time_checked, tune_fused_backward,
+                                            weight_space)
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, WORKLOADS, get_workload
 
 from test_cli_errors import error_line
@@ -72,7 +73,8 @@ def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     assert tried[:len(data)] == data  # then the 3 fastest (data[3], and of equals the first) with more loads
     batched = [dataclasses.replace(data[i], load_batch=b) for i in (3, 0, 1) for b in LOAD_BATCHES]
     assert data[3].o_step == 64 and not data[3].tensor_cores  # then the fastest with half its weight stages
-    assert tried[len(data):] == batched + [dataclasses.replace(data[3], o_step=32)] + tile_variants(spec, data[3])
+    assert tried[len(data):] == (batched + [dataclasses.replace(data[3], o_step=32)] + tile_variants(spec, data[3])
+                                 + chunk_variants(spec, data[3]))  # then in other tiles, then with wider chunks
     assert [ms for _, ms in record["weight_ms"]][:len(weight)] == [2.0, 2.0, 1.0] + [2.0] * (len(weight) - 3)
     assert [WeightTiling(**t) for t, _ in record["weight_ms"]][len(weight):] == [
         dataclasses.replace(weight[i], load_batch=b) for i in (2, 0, 1) for b in WEIGHT_LOAD_BATCHES] + [
@@ -186,6 +188,55 @@ def test_deeper_weight_steps_must_beat_their_reference_in_the_same_round():
     slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU",
                                  measure=_rounds_of_a_faster_reference(data_space(spec)))
     assert WeightTiling(**slower["weight"]) == weight[0]
+
+
+def test_chunk_variants_widen_the_chunks_into_dynamic_shared_memory():
+    spec = get_workload("r50dcn_c5", "float32", tf32=True).spec  # 512 channels in 64 splits of one 8-channel chunk
+    data, _ = records.committed_fused_tilings(spec, TARGET)
+    assert (data.chunk, data.channel_splits, data.halo) == (8, 64, 3)
+    variants = chunk_variants(spec, data)  # 64 splits divide no 32 chunks of 16: only half as many
+    assert [(t.chunk, t.channel_splits, t.halo) for t in variants] == [(16, 32, 3), (16, 32, 2), (16, 32, 1)]
+    for tiling in variants:
+        assert SHARED_BYTES < tiling.shared_bytes(spec) <= DYNAMIC_SHARED_BYTES
+        assert dataclasses.replace(tiling, chunk=8, channel_splits=64, halo=3) == data
+    small = get_workload("paper_64c_64x64_n8", "float16").spec  # 64 channels: 4 chunks of 16, in 8 or 4 splits
+    base = dataclasses.replace(DataTiling.for_spec(small), chunk=4, channel_splits=8, halo=4)
+    assert [(t.chunk, t.channel_splits, t.halo) for t in chunk_variants(small, base)] == [
+        (4 * CHUNK_FACTOR, s, h) for s in (8, 4) for h in (4, 3, 2)]
+    stem = get_workload("train_stem_1to64_64x64_n32", "float16").spec  # one input channel
+    assert chunk_variants(stem, DataTiling.for_spec(stem)) == []
+    huge = dataclasses.replace(data, halo=16)  # 16-channel patches of 43 x 51 px: past 227 KB, as at 15 and 14 px
+    assert chunk_variants(spec, huge) == [] and chunk_variants(spec, dataclasses.replace(huge, halo=12))
+
+
+def test_wider_chunks_must_beat_their_reference_in_the_same_round():
+    spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
+    data = data_space(spec)
+    wider = chunk_variants(spec, data[0])[-1]
+    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(0, 0, {wider: 0.9}))
+    assert DataTiling(**record["data"]) == wider
+    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
+    assert DataTiling(**slower["data"]) == data[0]
+
+
+@needs_nvcc
+def test_the_chunk_variants_of_the_records_build():
+    """The schedule takes 16-channel chunks in dynamic shared memory: the widest chunk variant of
+    every committed record's data tiling (SIMT and tensor-core tap groups) compiles for sm_90."""
+    jobs = []
+    for name, workload in WORKLOADS.items():
+        for dtype, tf32 in (("float16", False), ("bfloat16", False), ("float32", True)):
+            spec = dataclasses.replace(workload.spec, dtype=dtype, tf32=tf32)
+            tilings = records.committed_fused_tilings(spec, TARGET)
+            jobs += [(spec, t, tilings[1]) for t in chunk_variants(spec, tilings[0])[:1]] if tilings else []
+    assert len(jobs) > 25 and {t.tensor_cores for _, t, _ in jobs} == {False, True}
+    assert any(t.shared_bytes(spec) > SHARED_BYTES for spec, t, _ in jobs)
+
+    def build(job):
+        return bytes(_compile(_source(*job))[:4])
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert set(pool.map(build, jobs)) == {b"\x7fELF"}
 
 
 def test_tile_variants_pad_the_output_less_in_whole_warps():

@@ -5,9 +5,11 @@ and SIMT kernels agree up to the operands' rounding)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from deft_tvm.runtime import backward
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.schedules.cuda_mma import mma_shape
-from deft_tvm.tuning.fused_backward import STEP_FACTORS
+from deft_tvm.tuning.fused_backward import STEP_FACTORS, chunk_variants
 
 from helpers import grad_leaves, make_case
 from test_forward import SHAPES
@@ -333,6 +335,37 @@ def test_deeper_weight_steps_in_dynamic_shared_memory_give_the_same_sums(dtype):
         for got, sums in zip(_run_fused(spec, data, tiling, args, grad_output)[-2:], expected):
             assert torch.equal(got.nan_to_num(), sums.nan_to_num()) and torch.equal(got.isnan(), sums.isnan())
     assert any(s.isnan().any() for s in expected) and all(s.isfinite().any() for s in expected)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+def test_wider_chunks_in_dynamic_shared_memory_give_the_same_gradients(dtype):
+    """The chunk variants (``chunk_variants``: twice the channels per chunk, in the same and half the
+    channel splits, the halo and up to 2 px less; the widest patches past 48 KB of shared memory, in
+    a dynamic buffer) of the default SIMT tiling and of the tensor-core tap groups, each in blocks
+    of two 8-channel chunks, give their gradients, on profile-like and on extreme offsets (NaN where
+    they have NaN), with two offset groups of 32 channels."""
+    spec = DeformConvSpec(2, 64, 20, 37, 48, 3, 3, padding=(1, 1), offset_groups=2,
+                          dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    bases = [dataclasses.replace(DataTiling.for_spec(spec), channel_splits=2),
+             dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=3, channel_splits=2)]
+    pairs = [(base, variant) for base in bases for variant in chunk_variants(spec, base)]
+    assert {2 * v.channel_splits // b.channel_splits for b, v in pairs} == {1, 2}  # the same and half the splits
+    assert any(v.shared_bytes(spec) > SHARED_BYTES for _, v in pairs) and all(v.chunk == 16 for _, v in pairs)
+    tilings = list(dict.fromkeys(t for pair in pairs for t in pair))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        kernels = dict(zip(tilings, pool.map(lambda t: _data_kernel(spec, t), tilings)))
+    args = make_case(spec, seed=47)
+    for extreme in (False, True):
+        offset = _extreme(args["offset"], seed=48) if extreme else args["offset"]
+        case = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in {**args, "offset": offset}.items()}
+        grad_output = torch.randn(spec.output_shape, device="cuda").to(case["input"].dtype)
+        results = {t: _run_data(kernels[t], spec, t, case, grad_output) for t in tilings}
+        torch.cuda.synchronize()  # an out-of-range access fails here
+        for base, variant in pairs:
+            for got, expected in zip(results[variant], results[base]):
+                assert torch.equal(torch.isnan(got), torch.isnan(expected))
+                assert_close_to_largest(got.cpu().nan_to_num(), expected.cpu().nan_to_num(), dtype)
+        assert any(r.isnan().any() for r in results[bases[0]]) == extreme
 
 
 @pytest.mark.parametrize("dtype", ["float16", "tf32"])

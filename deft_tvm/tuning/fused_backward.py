@@ -10,8 +10,9 @@ each kernel as the op does (with the sum of its splits' partial outputs, ``data_
 only the candidates whose gradients are the default's up to the dtype's tolerance (``agree``),
 times those with CUDA events (``time_checked``), tries the fastest tilings with more loads in
 flight (``refine_load_batch``), the fastest data tiling with other weight stages and tile shapes
-(``refine_stages``, ``refine_tiles``) and the fastest weight tiling with deeper steps in dynamic
-shared memory (``refine_steps``), and returns the record of the fastest data and
+(``refine_stages``, ``refine_tiles``) and with wider chunks in dynamic shared memory
+(``refine_chunks``), and the fastest weight tiling with deeper steps in dynamic shared memory
+(``refine_steps``), and returns the record of the fastest data and
 weight tilings with every candidate's time (None: rejected), which ``deft-tvm tune
 --fused-backward`` writes where ``runtime.records.committed_fused_tilings`` finds it (the runtime
 then takes it over the defaults).
@@ -30,6 +31,7 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.tolerances import assert_close_to_largest, tolerance_key
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation
 from deft_tvm.schedules.cuda_backward_fused import (
+    DYNAMIC_SHARED_BYTES,
     PARTIAL_FLOATS,
     SHARED_BYTES,
     TILE_SHAPES,
@@ -48,6 +50,8 @@ WEIGHT_LOAD_BATCHES = (2, 4)  # channels' corners in flight per thread (WeightTi
 REFINED = 3  # the fastest tilings of each kernel tried with each of its load batches
 TILE_POSITIONS = (64, 96, 128)  # positions (threads) per block of the tile shapes refine_tiles tries: whole warps
 TILE_VARIANTS = 3  # the tile shapes refine_tiles tries, those that pad the output least
+CHUNK_FACTOR = 2  # channels per chunk of refine_chunks' variants, times the fastest data tiling's
+CHUNK_HALOS = 3  # halos of refine_chunks' variants: the fastest data tiling's and up to 2 px less
 STEP_FACTORS = (2, 4)  # positions per step of the fastest weight tiling's variants, times its own (refine_steps)
 
 
@@ -325,6 +329,35 @@ def stage_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]
     return [t for t in variants if t.shared_bytes(spec) <= SHARED_BYTES]
 
 
+def refine_chunks(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
+                  data_ms: list[float | None], best: int, measure: Callable = measure_candidates):
+    """``(tilings, times, best)``: the data tilings extended by ``data[best]``'s ``chunk_variants``,
+    measured in one round after it (``_refine_round``). Every chunk of a block multiplies the whole
+    of grad_output's tile by the chunk's weights, so a block re-reads grad_output once per chunk:
+    r50 c5's records take 8-channel chunks in 64 channel splits, 64 reads of each grad_output value
+    for 512 channels. Chunks of twice the channels halve the reads (and the block barriers per
+    channel), at the cost of patches past 48 KB of static shared memory (dynamic shared memory,
+    fewer resident blocks); a smaller halo wins some of that back."""
+    return _refine_round(spec, profile, target, data, data_ms, best, chunk_variants(spec, data[best]), measure,
+                         "data")
+
+
+def chunk_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]:
+    """``tiling`` with ``CHUNK_FACTOR`` times its channels per chunk (where they divide the offset
+    group's and the group's channels), each with its channel splits and half as many (where they
+    divide the wider chunks), its halo and up to ``CHUNK_HALOS`` - 1 px less; only those within
+    ``DYNAMIC_SHARED_BYTES`` of shared memory."""
+    chunk = tiling.chunk * CHUNK_FACTOR
+    cpg, ipg = spec.in_channels // spec.offset_groups, spec.in_channels // spec.groups
+    if cpg % chunk or ipg % chunk:
+        return []
+    splits = [s for s in dict.fromkeys((tiling.channel_splits, tiling.channel_splits // 2))
+              if s and cpg // chunk % s == 0]
+    halos = range(tiling.halo, max(tiling.halo - CHUNK_HALOS, -1), -1)
+    variants = [dataclasses.replace(tiling, chunk=chunk, channel_splits=s, halo=h) for s in splits for h in halos]
+    return [t for t in variants if t.shared_bytes(spec) <= DYNAMIC_SHARED_BYTES]
+
+
 def refine_steps(spec: DeformConvSpec, profile: str, target: tvm.target.Target, weight: list[WeightTiling],
                  weight_ms: list[float | None], best: int, measure: Callable = measure_candidates):
     """``(tilings, times, best)``: the weight tilings extended by ``weight[best]``'s ``step_variants``,
@@ -360,12 +393,14 @@ def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.T
     profile, the device, the two tilings, and every candidate with its time (ms, or None): the
     two spaces', then the fastest ones' with more loads in flight (``refine_load_batch``), then the
     fastest data tiling's with other weight stages (``refine_stages``), then in other tile shapes
-    (``refine_tiles``), and the fastest weight tiling's with deeper steps (``refine_steps``)."""
+    (``refine_tiles``), then with wider chunks (``refine_chunks``), and the fastest weight tiling's
+    with deeper steps (``refine_steps``)."""
     data, weight = data_space(spec), weight_space(spec)
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
     data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
     data, data_ms, best_data = refine_stages(spec, profile, target, data, data_ms, best_data, measure)
     data, data_ms, best_data = refine_tiles(spec, profile, target, data, data_ms, best_data, measure)
+    data, data_ms, best_data = refine_chunks(spec, profile, target, data, data_ms, best_data, measure)
     weight, weight_ms, best_weight = refine_load_batch(spec, profile, target, weight, weight_ms, measure, "weight")
     weight, weight_ms, best_weight = refine_steps(spec, profile, target, weight, weight_ms, best_weight, measure)
     return {
