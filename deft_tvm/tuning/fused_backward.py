@@ -337,7 +337,12 @@ def refine_chunks(spec: DeformConvSpec, profile: str, target: tvm.target.Target,
     r50 c5's records take 8-channel chunks in 64 channel splits, 64 reads of each grad_output value
     for 512 channels. Chunks of twice the channels halve the reads (and the block barriers per
     channel), at the cost of patches past 48 KB of static shared memory (dynamic shared memory,
-    fewer resident blocks); a smaller halo wins some of that back."""
+    fewer resident blocks); a smaller halo wins some of that back. Measured on an H200 over every
+    committed record (data kernel ms, record's / fastest wider variant): r50 c5 TF32 0.469 / 0.596,
+    float16 0.425 / 0.467, c4 TF32 0.494 / 0.803, paper N=32 float16 1.007 / 1.138, paper N=1
+    float16 0.091 / 0.084 (``tools/results/fused_backward_chunks_h200_d54fe0e.txt``): the fewer
+    resident blocks cost more than the re-reads save except on the smallest layer, so it is
+    searched."""
     return _refine_round(spec, profile, target, data, data_ms, best, chunk_variants(spec, data[best]), measure,
                          "data")
 
