@@ -39,11 +39,13 @@ the math is ``deft_tvm.compute.backward``'s
   positions: its four corners' table entries read once per offset group, not once per channel)
   and stages grad_output's step (on tensor cores in aligned runs of up to 16 bytes that divide
   the positions of an image and of a step; the runtime passes grad_output 16-byte aligned). On
-  tensor cores (float16, bfloat16, TF32; ``cuda_mma``)
+  tensor cores (float16, bfloat16, TF32; ``cuda_mma``; float32 as 3xTF32, ``weight_mma``)
   both are staged channel-major in the spec's dtype (the samples rounded as torchvision's columns
   are) and each warp multiplies its ``o_regs`` m16 x ``c_regs`` n8 tiles with ``mma.sync``,
-  channels padded to whole tiles; on SIMT cores each thread accumulates an ``o_regs x c_regs``
-  outer product in registers. grad_bias is the row sums of the staged grad_output, taken by the
+  channels padded to whole tiles (float32 without TF32: each operand split into its TF32 part and
+  the TF32 rest, three TF32 products per tile, ``cuda_warp_mma.tf32_part``, as the forward's
+  float32 tensor-core schedule; an infinite operand gives NaN products there); on SIMT cores each
+  thread accumulates an ``o_regs x c_regs`` outer product in registers. grad_bias is the row sums of the staged grad_output, taken by the
   blocks of tap 0 and the first channel tile. Steps whose tables and operands pass 48 KB stage the
   operands in dynamic shared memory (``WeightTiling.dynamic``; the tables stay static).
 * ``reduce_primfunc`` - adds the splits of grad_weight and grad_bias, and (``reduce_segments``) of
@@ -84,7 +86,8 @@ from deft_tvm.compute.sampling import index_extents
 from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype
 from deft_tvm.schedules.cuda import largest_divisor, thread_loops
 from deft_tvm.schedules.cuda_launch import grid_dependency_wait, launch_dependents
-from deft_tvm.schedules.cuda_mma import c_element, mma_shape
+from deft_tvm.schedules.cuda_mma import MMA_SHAPES, c_element, mma_shape
+from deft_tvm.schedules.cuda_warp_mma import tf32_part, tf32_rest
 
 SHARED_BYTES = 48 * 1024  # static shared memory per block every sm_70+ GPU allows
 DYNAMIC_SHARED_BYTES = 227 * 1024  # dynamic shared memory an sm_90 block may take (CUDA C++ Programming Guide,
@@ -352,8 +355,11 @@ class WeightTiling:
         return self.table_bytes(spec) <= SHARED_BYTES and self.shared_bytes(spec) <= DYNAMIC_SHARED_BYTES
 
     @classmethod
-    def for_spec(cls, spec: DeformConvSpec, o_channels: int = 256) -> "WeightTiling":
-        """With tensor cores (``cuda_mma``): up to ``o_channels`` x 64 channels per block, on a warp
+    def for_spec(cls, spec: DeformConvSpec, o_channels: int = 256,
+                 tensor_cores: bool | None = None) -> "WeightTiling":
+        """``tensor_cores`` (default: where the spec's dtype has an mma, ``cuda_mma.mma_shape``;
+        True also takes float32 without TF32, as 3xTF32, a point of the design space only; raises
+        ValueError for float64). With tensor cores: up to ``o_channels`` x 64 channels per block, on a warp
         per 32 output channels x 2 warps of 2 x 4 ``mma`` tiles (channels padded to whole tiles):
         each block interpolates its input channels' samples once for all its output channels, so
         wide layers re-interpolate less. Measured on an H200 (ms; blocks of up to 64, 128 and 256
@@ -367,7 +373,10 @@ class WeightTiling:
         0.48 (1.28 / 0.95) the other way round. Splits until the grid has about ``TARGET_BLOCKS``
         blocks (twice that for wide SIMT layers)."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
-        tensor_cores = mma_shape(spec) is not None
+        if tensor_cores is None:
+            tensor_cores = mma_shape(spec) is not None
+        elif tensor_cores and weight_mma(spec) is None:
+            raise ValueError(f"grad_weight has no tensor-core mma for {spec.dtype} (float16, bfloat16, float32)")
         wide = opg > 64 and not tensor_cores
         if tensor_cores:
             o_pad, c_pad = min(-(-opg // 16) * 16, o_channels), min(-(-ipg // 8) * 8, 64)
@@ -407,6 +416,16 @@ class WeightTiling:
     def steps(self, spec: DeformConvSpec) -> int:
         """Steps of ``positions`` each split takes."""
         return -(-spec.batch * spec.out_h * spec.out_w // (self.positions * self.splits))
+
+
+def weight_mma(spec: DeformConvSpec):
+    """``(mma, three_tf32)``: the ``mma.sync`` of grad_weight's tensor-core tilings, and whether each
+    product takes three of them on the operands' TF32 parts (float32 without TF32: 3xTF32, about
+    float32's accuracy); None for float64."""
+    if spec.dtype == "float32" and not spec.tf32:
+        return MMA_SHAPES["tf32"], True
+    mma = mma_shape(spec)
+    return None if mma is None else (mma, False)
 
 
 def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
@@ -1121,12 +1140,12 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     o_regs, c_threads, c_regs = tiling.o_regs, tiling.c_threads, tiling.c_regs
     o_tile, c_tile, p, splits = tiling.o_tile, tiling.c_tile, tiling.positions, tiling.splits
     tensor_cores = tiling.tensor_cores
-    mma = mma_shape(spec)
+    mma, three_tf32 = weight_mma(spec) or (None, False)
     if not tensor_cores and (opg % o_tile or ipg % c_tile):
         raise ValueError(f"{tiling} does not divide the layer's channels per group ({opg} out, {ipg} in)")
     if tensor_cores and (mma is None or p % mma.k):
         raise ValueError(f"{tiling} cannot take tensor cores for {spec.dtype}{' on TF32' * spec.tf32}: they need "
-                         f"float16, bfloat16 or TF32 and positions per step a multiple of the mma depth "
+                         f"float16, bfloat16 or float32 and positions per step a multiple of the mma depth "
                          f"({mma.k if mma else '-'})")
     o_tiles, c_tiles = -(-opg // o_tile), -(-ipg // c_tile)  # per group (tensor cores pad the last)
     threads = tiling.threads
@@ -1197,6 +1216,12 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         samples_size += -(-max(0, SHARED_BYTES - tiling.operand_bytes(spec)) // DTYPE_BYTES[stage_dtype])
 
     @T.macro
+    def tile_mma(a, b_, sums, a_at, b_at, c_at):
+        """``sums[c_at:]`` (one m16 x n8 tile, float32) += ``a[a_at:]`` x ``b_[b_at:]``, one ``mma.sync``."""
+        T.evaluate(T.ptx_legacy.mma(mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32", a.data, a_at,
+                                    b_.data, b_at, sums.data, c_at, False, dtype="float32"))
+
+    @T.macro
     def multiply(grads, samples, sums, bias_sums, a, b_, thread):
         """This thread's sums += the staged step's grad_output x samples products (and the
         grad_output row sums, for grad_bias)."""
@@ -1211,15 +1236,23 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                     for i in T.unroll(a_elements):
                         ro, cq = T.meta_var(mma.a_element(i, lane_g, lane_t))
                         a[m * a_elements + i] = grads[grads_at(ks * mma.k + cq, (wo * o_regs + m) * 16 + ro)]
+                if three_tf32:  # a's TF32 parts, then their rests
+                    for e in T.unroll(o_regs * a_elements):
+                        a[o_regs * a_elements + e] = tf32_rest(a[e], tf32_part(a[e]))
+                        a[e] = tf32_part(a[e])
                 for nt in T.unroll(c_regs):
                     for i in T.unroll(b_elements):
                         kq, cn = T.meta_var(mma.b_element(i, lane_g, lane_t))
                         b_[i] = samples[samples_at(ks * mma.k + kq, (wc * c_regs + nt) * 8 + cn)]
+                    if three_tf32:
+                        for i in T.unroll(b_elements):
+                            b_[b_elements + i] = tf32_rest(b_[i], tf32_part(b_[i]))
+                            b_[i] = tf32_part(b_[i])
                     for m in T.unroll(o_regs):
-                        T.evaluate(T.ptx_legacy.mma(
-                            mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32",
-                            a.data, m * a_elements, b_.data, 0, sums.data, (m * c_regs + nt) * 4, False,
-                            dtype="float32"))
+                        if three_tf32:  # the rests' products first (small x big, big x small), then big x big
+                            tile_mma(a, b_, sums, o_regs * a_elements + m * a_elements, 0, (m * c_regs + nt) * 4)
+                            tile_mma(a, b_, sums, m * a_elements, b_elements, (m * c_regs + nt) * 4)
+                        tile_mma(a, b_, sums, m * a_elements, 0, (m * c_regs + nt) * 4)
             if has_bias:
                 if thread < o_tile:
                     for q in range(p):
@@ -1301,8 +1334,8 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         grads = T.alloc_buffer((grads_size,), stage_dtype, scope=scope)
         sums = T.alloc_buffer((sums_count,), acc, scope="local")
         bias_sums = T.alloc_buffer((o_regs,), acc, scope="local")
-        a = T.alloc_buffer((o_regs * a_elements,), stage_dtype, scope="local")
-        b_ = T.alloc_buffer((c_regs * b_elements,), stage_dtype, scope="local")
+        a = T.alloc_buffer(((1 + three_tf32) * o_regs * a_elements,), stage_dtype, scope="local")  # 3xTF32: rests after
+        b_ = T.alloc_buffer(((1 + three_tf32) * c_regs * b_elements,), stage_dtype, scope="local")
         table = T.alloc_buffer((1,), "int32", scope="local")  # the offset group whose corners are loaded
         corner_index = T.alloc_buffer((4,), "int32", scope="local")
         corner_weight = T.alloc_buffer((4,), acc, scope="local")

@@ -267,6 +267,26 @@ def test_wider_weight_tiles_put_more_warps_on_output_channels(o_channels, warps)
     assert _compile(source)[:4] == b"\x7fELF"
 
 
+@needs_nvcc
+def test_float32_weight_kernel_on_tensor_cores_multiplies_as_3xtf32():
+    """float32 without TF32 takes tensor cores in grad_weight only when a tiling asks (the default
+    stays SIMT): each m16 x n8 tile then takes three TF32 ``mma.sync`` (the operands' TF32 parts
+    and rests: rest x part, part x rest, part x part) where TF32 takes one, the operands rounded to
+    TF32 by their bits (+ 0x1000, & 0xFFFFE000); compiled by nvcc. float64 has no mma."""
+    spec = dataclasses.replace(WORKLOADS["r50dcn_c5"].spec, dtype="float32")
+    assert not WeightTiling.for_spec(spec).tensor_cores
+    tiling = WeightTiling.for_spec(spec, tensor_cores=True)
+    assert tiling.tensor_cores and tiling == WeightTiling.for_spec(dataclasses.replace(spec, tf32=True))
+    source, _ = _weight_kernel(spec, tiling)
+    tf32_source, _ = _weight_kernel(dataclasses.replace(spec, tf32=True), tiling)
+    body, tf32_body = (_kernel_body(src, "grad_weight_kernel") for src in (source, tf32_source))
+    assert body.count("mma.sync.aligned.m16n8k8") == 3 * tf32_body.count("mma.sync.aligned.m16n8k8") > 0
+    assert "4294959104" in body and "4294959104" not in tf32_body  # 0xFFFFE000: TF32's bits
+    assert _compile(source)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="grad_weight has no tensor-core mma for float64"):
+        WeightTiling.for_spec(dataclasses.replace(spec, dtype="float64"), tensor_cores=True)
+
+
 def test_fixed_point_patches_need_float32_sums():
     spec = dataclasses.replace(SHAPES["3x3_pad1"], dtype="float64")
     with pytest.raises(ValueError, match=r"fixed-point patches need float32 sums and at most 2\*\*22 samples per "

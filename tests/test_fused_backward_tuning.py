@@ -48,6 +48,19 @@ def test_design_spaces_start_at_the_defaults_and_fit(spec):
         assert (tiling.splits - 1) * covered < positions <= tiling.splits * covered  # no empty split
 
 
+def test_float32_weight_space_adds_3xtf32_tilings_after_the_simt_ones():
+    """float32 without TF32: the SIMT default and its variants, then tensor-core tilings (3xTF32,
+    ``weight_mma``) of the sizes TF32's space takes; float64 stays on SIMT cores."""
+    spec = get_workload("r50dcn_c5", "float32").spec
+    space = weight_space(spec)
+    simt = [t for t in space if not t.tensor_cores]
+    assert space[:len(simt)] == simt and space[0] == WeightTiling.for_spec(spec) and len(simt) > 1
+    cores = space[len(simt):]
+    tf32 = [t for t in weight_space(dataclasses.replace(spec, tf32=True)) if t not in cores]
+    assert cores and {t.o_tile for t in cores} == {64, 128, 256} and not tf32
+    assert not any(t.tensor_cores for t in weight_space(dataclasses.replace(spec, dtype="float64")))
+
+
 def _source(spec, data, weight) -> str:
     module, _, _ = fused_backward_module(spec, data, weight)
     return compile_kernel(module, TARGET).mod.imports[0].inspect_source()

@@ -20,11 +20,12 @@ from deft_tvm.bench import deterministic_mode, tf32_mode
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.reference.tolerances import assert_close, assert_close_to_largest
-from deft_tvm.runtime import backward
+from deft_tvm.runtime import backward, records
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.fused_backward import STEP_FACTORS, chunk_variants
+from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 from helpers import grad_leaves, make_case
 from test_forward import SHAPES
@@ -71,9 +72,18 @@ def _check_extreme_offsets(case: str, dtype: str) -> None:
     spec = dataclasses.replace(CASES[case], dtype="float32" if dtype == "tf32" else dtype)
     args = make_case(spec, seed=21)
     args["offset"] = _extreme(args["offset"], seed=22)
+    _check_reference_gradients(spec, args, dtype)
+
+
+def _check_reference_gradients(spec, args: dict, dtype: str, reference_device: str = "cpu") -> None:
+    """The op's gradients of the call ``args`` (CPU tensors) on the GPU are the float64 reference's
+    (computed on ``reference_device``; NaN exactly where it has NaN)."""
     grad_output = torch.randn(spec.output_shape, dtype=torch.float64).to(args["input"].dtype)
-    in_float64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    expected = deform_conv2d_reference_backward(grad_output.double(), **in_float64)._asdict()
+    in_float64 = {k: v.to(reference_device, torch.float64) if isinstance(v, torch.Tensor) else v
+                  for k, v in args.items()}
+    expected = deform_conv2d_reference_backward(grad_output.to(reference_device, torch.float64),
+                                                **in_float64)._asdict()
+    expected = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in expected.items()}
     on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     leaves = {k: v.cuda() for k, v in grad_leaves(args).items()}
     with tf32_mode("on" if dtype == "tf32" else "off"):
@@ -90,6 +100,19 @@ def _check_extreme_offsets(case: str, dtype: str) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_extreme_offsets_give_the_reference_gradients(case, dtype):
     _check_extreme_offsets(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("name", BENCHMARK_WORKLOADS)
+def test_committed_records_on_extreme_offsets_give_the_reference_gradients(name, dtype):
+    """Each benchmark layer's committed fused-backward record (``deft-tvm tune --fused-backward``:
+    the tilings the op takes) on ``_extreme`` offsets: the float64 reference's gradients (on the
+    GPU), NaN exactly where it has NaN."""
+    workload = get_workload(name, "float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    assert records.committed_fused_tilings(workload.spec, target_for_device("cuda")) is not None
+    args = workload.make_inputs(seed=51)
+    args["offset"] = _extreme(args["offset"], seed=52)
+    _check_reference_gradients(workload.spec, args, dtype, reference_device="cuda")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
@@ -368,6 +391,26 @@ def test_wider_chunks_in_dynamic_shared_memory_give_the_same_gradients(dtype):
         assert any(r.isnan().any() for r in results[bases[0]]) == extreme
 
 
+def test_float32_weight_kernel_on_3xtf32_tensor_cores_gives_the_simt_sums():
+    """float32 grad_weight and grad_bias on tensor cores as 3xTF32 (``weight_mma``; blocks of 256 x 64
+    channels, the positions split over 22 of them) give the SIMT kernel's sums within float32's tolerance, on extreme
+    offsets (NaN where they have NaN), and closer to them than one TF32 product per tile does."""
+    spec = DeformConvSpec(2, 64, 25, 42, 256, 3, 3, padding=(1, 1), dtype="float32")
+    args = make_case(spec, seed=49)
+    args["offset"] = _extreme(args["offset"], seed=50)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    grad_output = torch.randn(spec.output_shape, device="cuda")
+    data = DataTiling.for_spec(spec)
+    cores = WeightTiling.for_spec(spec, tensor_cores=True)
+    simt, three, one = (_run_fused(s, data, t, args, grad_output)[-2:] for s, t in (
+        (spec, WeightTiling.for_spec(spec)), (spec, cores), (dataclasses.replace(spec, tf32=True), cores)))
+    for got, tf32, expected in zip(three, one, simt):
+        assert torch.equal(got.isnan(), expected.isnan()) and expected.isfinite().any()
+        assert_close_to_largest(got.cpu().nan_to_num(), expected.cpu().nan_to_num(), "float32")
+        error, tf32_error = ((x - expected).nan_to_num().abs().max() for x in (got, tf32))
+        assert error < tf32_error / 16
+
+
 @pytest.mark.parametrize("dtype", ["float16", "tf32"])
 def test_programmatic_grad_data_leaves_the_reduction_every_sum(dtype):
     """grad_data launched programmatically beside grad_weight's last wave (``cuda_launch``) and the
@@ -464,7 +507,6 @@ def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
 
 def test_tiling_search_times_every_candidate_on_the_gpu():
     from deft_tvm.tuning.fused_backward import data_space, tune_fused_backward, weight_space
-    from deft_tvm.tuning.workloads import get_workload
 
     workload = get_workload("test_paper_small", "float16")
     record = tune_fused_backward(workload.spec, workload.profile, target_for_device("cuda"),

@@ -40,6 +40,7 @@ from deft_tvm.schedules.cuda_backward_fused import (
     _without_empty_splits,
     fused_backward_module,
     padded_positions,
+    weight_mma,
 )
 from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.timing import gpu_ms
@@ -111,18 +112,19 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
 
 
 def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
-    """The default weight tiling first, then (tensor cores) blocks of up to 64, 128 and 256 output
-    channels x 32 or 64 positions per step x the fewest-waves splits, twice and half as many, or
-    (SIMT) the default's splits twice and half as many and 32 positions per step; only tilings
-    within 48 KB of shared memory and ``PARTIAL_FLOATS`` partial sums."""
+    """The default weight tiling first, then: SIMT (the default's splits twice and half as many and
+    32 positions per step, where the default is SIMT) and tensor cores (where the dtype has an mma
+    for grad_weight, ``weight_mma``: float32 without TF32 as 3xTF32) in blocks of up to 64, 128 and
+    256 output channels x 32 or 64 positions per step x the fewest-waves splits, twice and half as
+    many; only tilings within 48 KB of shared memory and ``PARTIAL_FLOATS`` partial sums."""
     default = WeightTiling.for_spec(spec)
     r = dataclasses.replace
     total = spec.batch * spec.out_h * spec.out_w
-    if default.tensor_cores:
-        bases = [r(WeightTiling.for_spec(spec, o_channels=o), positions=p) for o in (64, 128, 256) for p in (32, 64)]
-        bases = [r(t, splits=t.fewest_waves(spec)) for t in bases if t.shared_bytes(spec) <= SHARED_BYTES]
-    else:
-        bases = [default, r(default, positions=32)]
+    bases = [] if default.tensor_cores else [default, r(default, positions=32)]
+    if weight_mma(spec) is not None:
+        cores = [r(WeightTiling.for_spec(spec, o_channels=o, tensor_cores=True), positions=p)
+                 for o in (64, 128, 256) for p in (32, 64)]
+        bases += [r(t, splits=t.fewest_waves(spec)) for t in cores if t.shared_bytes(spec) <= SHARED_BYTES]
     candidates = [default]
     for base in bases:
         steps = -(-total // base.positions)
