@@ -45,9 +45,10 @@ the math is ``deft_tvm.compute.backward``'s
   channels padded to whole tiles (float32 without TF32: each operand split into its TF32 part and
   the TF32 rest, three TF32 products per tile, ``cuda_warp_mma.tf32_part``, as the forward's
   float32 tensor-core schedule; an infinite operand gives NaN products there); on SIMT cores each
-  thread accumulates an ``o_regs x c_regs`` outer product in registers. grad_bias is the row sums of the staged grad_output, taken by the
-  blocks of tap 0 and the first channel tile. Steps whose tables and operands pass 48 KB stage the
-  operands in dynamic shared memory (``WeightTiling.dynamic``; the tables stay static).
+  thread accumulates an ``o_regs x c_regs`` outer product in registers. grad_bias is the row sums
+  of the staged grad_output, taken by the blocks of tap 0 and the first channel tile. Steps whose
+  tables and operands pass 48 KB stage the operands in dynamic shared memory
+  (``WeightTiling.dynamic``; the tables stay static).
 * ``reduce_primfunc`` - adds the splits of grad_weight and grad_bias, and (``reduce_segments``) of
   grad_offset and grad_mask, in a fixed order (deterministic), and casts them and grad_input to the
   spec's dtype: one kernel where torch would take up to five (two sums and three casts).
@@ -359,8 +360,8 @@ class WeightTiling:
                  tensor_cores: bool | None = None) -> "WeightTiling":
         """``tensor_cores`` (default: where the spec's dtype has an mma, ``cuda_mma.mma_shape``;
         True also takes float32 without TF32, as 3xTF32, a point of the design space only; raises
-        ValueError for float64). With tensor cores: up to ``o_channels`` x 64 channels per block, on a warp
-        per 32 output channels x 2 warps of 2 x 4 ``mma`` tiles (channels padded to whole tiles):
+        ValueError for float64). With tensor cores: up to ``o_channels`` x 64 channels per block, on
+        a warp per 32 output channels x 2 warps of 2 x 4 ``mma`` tiles (channels padded to whole tiles):
         each block interpolates its input channels' samples once for all its output channels, so
         wide layers re-interpolate less. Measured on an H200 (ms; blocks of up to 64, 128 and 256
         output channels): r50 c3 fp16 0.83, 0.51 (its 128 channels); c4 fp16 0.80, 0.49, 0.36,
