@@ -661,10 +661,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
                         b_frag[i] = w_stage[(t * int(resident) * n8 + nt * 8 + j) * w_row + ks * mma.k + k]
                     for m in T.unroll(2):
-                        T.evaluate(T.ptx_legacy.mma(
-                            mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32",
-                            a_frag.data, (m * k_steps + ks) * a_elements, b_frag.data, 0,
-                            c_frag.data, (m * n8 // 8 + nt) * 4, False, dtype="float32"))
+                        T.evaluate(mma.sync(a_frag, (m * k_steps + ks) * a_elements, b_frag, 0, c_frag,
+                                            (m * n8 // 8 + nt) * 4))
         T.evaluate(T.cuda.warp_sync())
         for m in T.unroll(2):
             for nt in T.unroll(n8 // 8):
@@ -714,10 +712,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
                     b_frag[i] = w_stage[base + (nt * 8 + j) * w_row + ks * mma.k + k]
                 for m in T.unroll(2):
-                    T.evaluate(T.ptx_legacy.mma(
-                        mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32",
-                        a_frag.data, (m * k_steps + ks) * a_elements, b_frag.data, 0,
-                        c_frag.data, (m * n_tiles + nt) * 4, False, dtype="float32"))
+                    T.evaluate(mma.sync(a_frag, (m * k_steps + ks) * a_elements, b_frag, 0, c_frag,
+                                        (m * n_tiles + nt) * 4))
 
     @T.macro
     def group_sums_mma(group_columns, a_frag, b_frag, c_frag, w_stage, weight, grad_output, b, group, c_in, tile_y,
@@ -1217,10 +1213,11 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         samples_size += -(-max(0, SHARED_BYTES - tiling.operand_bytes(spec)) // DTYPE_BYTES[stage_dtype])
 
     @T.macro
-    def tile_mma(a, b_, sums, a_at, b_at, c_at):
-        """``sums[c_at:]`` (one m16 x n8 tile, float32) += ``a[a_at:]`` x ``b_[b_at:]``, one ``mma.sync``."""
-        T.evaluate(T.ptx_legacy.mma(mma.shape, "row", "col", mma.ptx_type, mma.ptx_type, "fp32", a.data, a_at,
-                                    b_.data, b_at, sums.data, c_at, False, dtype="float32"))
+    def split_tf32(values, count, rests):
+        """``values[:count]`` rounded to TF32 (``tf32_part``), their TF32 rests into ``values[rests:]``."""
+        for e in T.unroll(count):
+            values[rests + e] = tf32_rest(values[e], tf32_part(values[e]))
+            values[e] = tf32_part(values[e])
 
     @T.macro
     def multiply(grads, samples, sums, bias_sums, a, b_, thread):
@@ -1238,22 +1235,18 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                         ro, cq = T.meta_var(mma.a_element(i, lane_g, lane_t))
                         a[m * a_elements + i] = grads[grads_at(ks * mma.k + cq, (wo * o_regs + m) * 16 + ro)]
                 if three_tf32:  # a's TF32 parts, then their rests
-                    for e in T.unroll(o_regs * a_elements):
-                        a[o_regs * a_elements + e] = tf32_rest(a[e], tf32_part(a[e]))
-                        a[e] = tf32_part(a[e])
+                    split_tf32(a, o_regs * a_elements, o_regs * a_elements)
                 for nt in T.unroll(c_regs):
                     for i in T.unroll(b_elements):
                         kq, cn = T.meta_var(mma.b_element(i, lane_g, lane_t))
                         b_[i] = samples[samples_at(ks * mma.k + kq, (wc * c_regs + nt) * 8 + cn)]
                     if three_tf32:
-                        for i in T.unroll(b_elements):
-                            b_[b_elements + i] = tf32_rest(b_[i], tf32_part(b_[i]))
-                            b_[i] = tf32_part(b_[i])
+                        split_tf32(b_, b_elements, b_elements)
                     for m in T.unroll(o_regs):
                         if three_tf32:  # the rests' products first (small x big, big x small), then big x big
-                            tile_mma(a, b_, sums, o_regs * a_elements + m * a_elements, 0, (m * c_regs + nt) * 4)
-                            tile_mma(a, b_, sums, m * a_elements, b_elements, (m * c_regs + nt) * 4)
-                        tile_mma(a, b_, sums, m * a_elements, 0, (m * c_regs + nt) * 4)
+                            T.evaluate(mma.sync(a, (o_regs + m) * a_elements, b_, 0, sums, (m * c_regs + nt) * 4))
+                            T.evaluate(mma.sync(a, m * a_elements, b_, b_elements, sums, (m * c_regs + nt) * 4))
+                        T.evaluate(mma.sync(a, m * a_elements, b_, 0, sums, (m * c_regs + nt) * 4))
             if has_bias:
                 if thread < o_tile:
                     for q in range(p):

@@ -1,8 +1,8 @@
 """Warp-level tensor-core multiply-accumulates (PTX ``mma.sync``) for hand-scheduled TIR.
 
 A kernel keeps each operand tile of one ``mma.sync`` in per-thread (``local``) arrays and passes
-them to ``T.ptx_legacy.mma``; the element each lane holds is fixed by the PTX ISA ("Matrix
-Fragments for mma.m16n8k16" and "... mma.m16n8k8", PTX ISA 8.x, section 9.7.14.5), with
+them to ``T.ptx_legacy.mma`` (``MmaShape.sync``); the element each lane holds is fixed by the PTX
+ISA ("Matrix Fragments for mma.m16n8k16" and "... mma.m16n8k8", PTX ISA 8.x, section 9.7.14.5), with
 ``g = lane // 4`` and ``t = lane % 4``:
 
 * float16 / bfloat16, ``m16n8k16``: A (16 x 16, row-major) element ``i`` of 8 at row
@@ -43,6 +43,15 @@ class MmaShape:
         if self.k == 16:
             return 2 * t + i % 2 + 8 * (i // 2), g
         return t + 4 * i, g
+
+    def sync(self, a, a_at, b, b_at, c, c_at):
+        """The ``mma.sync`` (a TIR call, for ``T.evaluate`` in hand-scheduled TIR) that adds the
+        product of the A fragment at ``a[a_at:]`` and the B fragment at ``b[b_at:]`` to the C
+        fragment at ``c[c_at:]`` (per-thread arrays; A row-major, B column-major, float32 sums)."""
+        from tvm.script import tirx as T
+
+        return T.ptx_legacy.mma(self.shape, "row", "col", self.ptx_type, self.ptx_type, "fp32", a.data, a_at,
+                                b.data, b_at, c.data, c_at, False, dtype="float32")
 
 
 def c_element(i, g, t):

@@ -205,10 +205,15 @@ def _assert_data_variant_agrees(case, dtype, change: dict, seed: int, extreme: b
         original, changed = (_run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output)
                              for tiling in (base, dataclasses.replace(base, **change)))
         torch.cuda.synchronize()  # an out-of-range access fails here
-        for got, expected in zip(changed, original):
-            assert torch.equal(torch.isnan(got), torch.isnan(expected))
-            assert_close_to_largest(got.cpu().nan_to_num(), expected.cpu().nan_to_num(),
-                                    dtype if base.fixed_point else "float32")
+        _assert_same_nans_and_close(changed, original, dtype if base.fixed_point else "float32")
+
+
+def _assert_same_nans_and_close(got: list, expected: list, key: str) -> None:
+    """Each of ``got`` has NaN where ``expected``'s has, and the rest within the tolerance row ``key``
+    relative to the largest |expected| (``assert_close_to_largest``)."""
+    for actual, wanted in zip(got, expected):
+        assert torch.equal(torch.isnan(actual), torch.isnan(wanted))
+        assert_close_to_largest(actual.cpu().nan_to_num(), wanted.cpu().nan_to_num(), key)
 
 
 def _data_kernel(spec, tiling):
@@ -230,9 +235,7 @@ def test_pipelined_weight_stages_give_the_same_gradients(case, dtype):
     results = [_run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output) for tiling in tilings]
     torch.cuda.synchronize()  # an out-of-range access fails here
     for variant in results[1:]:
-        for got, single in zip(variant, results[0]):
-            assert torch.equal(torch.isnan(got), torch.isnan(single))
-            assert_close_to_largest(got.cpu().nan_to_num(), single.cpu().nan_to_num(), dtype)
+        _assert_same_nans_and_close(variant, results[0], dtype)
 
 
 def _run_data(kernel, spec, tiling, args, grad_output):
@@ -387,16 +390,15 @@ def test_wider_chunks_in_dynamic_shared_memory_give_the_same_gradients(dtype):
         results = {t: _run_data(kernels[t], spec, t, case, grad_output) for t in tilings}
         torch.cuda.synchronize()  # an out-of-range access fails here
         for base, variant in pairs:
-            for got, expected in zip(results[variant], results[base]):
-                assert torch.equal(torch.isnan(got), torch.isnan(expected))
-                assert_close_to_largest(got.cpu().nan_to_num(), expected.cpu().nan_to_num(), dtype)
+            _assert_same_nans_and_close(results[variant], results[base], dtype)
         assert any(r.isnan().any() for r in results[bases[0]]) == extreme
 
 
 def test_float32_weight_kernel_on_3xtf32_tensor_cores_gives_the_simt_sums():
-    """float32 grad_weight and grad_bias on tensor cores as 3xTF32 (``weight_mma``; blocks of 256 x 64
-    channels, the positions split over 22 of them) give the SIMT kernel's sums within float32's tolerance, on extreme
-    offsets (NaN where they have NaN), and closer to them than one TF32 product per tile does."""
+    """float32 grad_weight and grad_bias on tensor cores as 3xTF32 (``weight_mma``; blocks of 256 x
+    64 channels, the positions split over 22 of them) give the SIMT kernel's sums within float32's
+    tolerance, on extreme offsets (NaN where they have NaN), and closer to them than one TF32
+    product per tile does."""
     spec = DeformConvSpec(2, 64, 25, 42, 256, 3, 3, padding=(1, 1), dtype="float32")
     args = make_case(spec, seed=49)
     args["offset"] = _extreme(args["offset"], seed=50)
@@ -406,9 +408,9 @@ def test_float32_weight_kernel_on_3xtf32_tensor_cores_gives_the_simt_sums():
     cores = WeightTiling.for_spec(spec, tensor_cores=True)
     simt, three, one = (_run_fused(s, data, t, args, grad_output)[-2:] for s, t in (
         (spec, WeightTiling.for_spec(spec)), (spec, cores), (dataclasses.replace(spec, tf32=True), cores)))
+    _assert_same_nans_and_close(three, simt, "float32")
     for got, tf32, expected in zip(three, one, simt):
-        assert torch.equal(got.isnan(), expected.isnan()) and expected.isfinite().any()
-        assert_close_to_largest(got.cpu().nan_to_num(), expected.cpu().nan_to_num(), "float32")
+        assert expected.isfinite().any()
         error, tf32_error = ((x - expected).nan_to_num().abs().max() for x in (got, tf32))
         assert error < tf32_error / 16
 
