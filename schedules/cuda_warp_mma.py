@@ -119,10 +119,12 @@ def load_intrin(is_b: bool, precision: str, scope: str = "shared"):
 def tf32_part(value):
     """``value`` (float32) rounded to TF32 (to nearest, ties away from zero, as ``cvt.rna.tf32.f32``:
     half a TF32 ulp added to the bits, then the 13 mantissa bits TF32 drops cleared); infinities
-    and NaN stay what they are; values within half a TF32 ulp of float32's largest round to
-    infinity."""
-    return T.reinterpret("float32", T.bitwise_and(T.reinterpret("uint32", value) + T.uint32(TF32_HALF_ULP),
-                                                  T.uint32(TF32_MASK)))
+    stay what they are and NaN is kept as it is (the bit arithmetic alone would carry the payload
+    of CUDA's NaN, 0x7fffffff, into the sign bit: -0.0, a NaN sample lost); values within half a
+    TF32 ulp of float32's largest round to infinity."""
+    rounded = T.reinterpret("float32", T.bitwise_and(T.reinterpret("uint32", value) + T.uint32(TF32_HALF_ULP),
+                                                     T.uint32(TF32_MASK)))
+    return T.Select(T.isnan(value), value, rounded)
 
 
 def tf32_rest(value, big):

@@ -29,6 +29,26 @@ def grad_leaves(args: dict) -> dict:
     return {k: args[k].clone().requires_grad_(True) for k in TENSOR_ARGUMENTS if args[k] is not None}
 
 
+def float32_sampled_offsets(spec: DeformConvSpec, offset: torch.Tensor) -> torch.Tensor:
+    """``offset`` (N x 2 * offset groups * taps x out_h x out_w, any float dtype) as float64 offsets
+    that put each sampling point where float32 arithmetic puts it: the kernels (and torchvision)
+    add a tap's integer base coordinate (px) and its offset in float32, which rounds points
+    within half a float32 ulp of an integer (e.g. 171.9999959 -> 172) onto it. grad_offset (the
+    bilinear derivative) is discontinuous there, so a float64 reference of such a point takes the
+    other cell's derivative; on these offsets it takes the op's cell. NaN and infinities stay."""
+    taps = spec.kernel_h * spec.kernel_w
+    t = torch.arange(taps, dtype=torch.float64)
+    base_y = (torch.arange(spec.out_h, dtype=torch.float64)[None, :, None] * spec.stride[0] - spec.padding[0]
+              + (t // spec.kernel_w)[:, None, None] * spec.dilation[0])
+    base_x = (torch.arange(spec.out_w, dtype=torch.float64)[None, None, :] * spec.stride[1] - spec.padding[1]
+              + (t % spec.kernel_w)[:, None, None] * spec.dilation[1])
+    base = torch.stack(torch.broadcast_tensors(base_y, base_x), dim=1).reshape(2 * taps, spec.out_h, spec.out_w)
+    base = base.repeat(spec.offset_groups, 1, 1).to(offset.device)
+    with torch.no_grad():
+        point = base.float() + offset.float()
+        return torch.where(point.isfinite(), point.double() - base, offset.double())
+
+
 def make_case(spec: DeformConvSpec, *, seed: int = 0, offset_scale: float = 2.0):
     """Random arguments for ``spec`` as keyword arguments of ``deform_conv2d``."""
     gen = torch.Generator().manual_seed(seed)

@@ -27,7 +27,7 @@ from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.fused_backward import STEP_FACTORS, chunk_variants
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
-from helpers import grad_leaves, make_case
+from helpers import float32_sampled_offsets, grad_leaves, make_case
 from test_forward import SHAPES
 
 pytestmark = pytest.mark.gpu
@@ -77,10 +77,12 @@ def _check_extreme_offsets(case: str, dtype: str) -> None:
 
 def _check_reference_gradients(spec, args: dict, dtype: str, reference_device: str = "cpu") -> None:
     """The op's gradients of the call ``args`` (CPU tensors) on the GPU are the float64 reference's
-    (computed on ``reference_device``; NaN exactly where it has NaN)."""
+    (computed on ``reference_device`` at the points float32 arithmetic samples,
+    ``float32_sampled_offsets``; NaN exactly where it has NaN)."""
     grad_output = torch.randn(spec.output_shape, dtype=torch.float64).to(args["input"].dtype)
     in_float64 = {k: v.to(reference_device, torch.float64) if isinstance(v, torch.Tensor) else v
                   for k, v in args.items()}
+    in_float64["offset"] = float32_sampled_offsets(spec, in_float64["offset"])
     expected = deform_conv2d_reference_backward(grad_output.to(reference_device, torch.float64),
                                                 **in_float64)._asdict()
     expected = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in expected.items()}

@@ -14,7 +14,7 @@ import pytest
 from deft_tvm.reference.tolerances import TOLERANCES
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
 from deft_tvm.schedules.cuda_warp_mma import (OPERAND_DTYPES, SHAPE_KEYS, TF32_HALF_ULP, TF32_MASK, a_map, b_map, ldmatrix_row,
-                                              load_intrin, sync_intrin)
+                                              load_intrin, sync_intrin, tf32_part, tf32_rest)
 
 WARP = 32
 
@@ -66,7 +66,8 @@ def test_float32_sync_issues_three_tf32_mma_per_half_on_split_operands():
 
 
 def _tf32_part(x: np.ndarray) -> np.ndarray:  # cuda_warp_mma.tf32_part
-    return ((x.astype(np.float32).view(np.uint32) + np.uint32(TF32_HALF_ULP)) & np.uint32(TF32_MASK)).view(np.float32)
+    x = x.astype(np.float32)
+    return np.where(np.isnan(x), x, ((x.view(np.uint32) + np.uint32(TF32_HALF_ULP)) & np.uint32(TF32_MASK)).view(np.float32))
 
 
 def _tf32_rest(x: np.ndarray, big: np.ndarray) -> np.ndarray:  # cuda_warp_mma.tf32_rest
@@ -104,6 +105,33 @@ def test_3xtf32_turns_an_infinite_operand_into_nan():
     a, b = np.ones((1, 8), np.float32), np.full((8, 2), 0.5, np.float32)
     a[0, 3] = np.inf
     assert np.isnan(_products(a, b, 3)).all() and np.isinf(a.astype(np.float64) @ b).all()
+
+
+def test_tf32_split_compiled_keeps_nan_and_rounds_to_nearest():
+    # tf32_part / tf32_rest built for the CPU (llvm) on float32 bit patterns: CUDA's NaN 0x7fffffff
+    # (whose payload plus half an ulp would carry into the sign bit), a quiet NaN, infinities, a tie
+    # and random values; the parts are the numpy scheme's, the rests its rests.
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def split(x: T.Buffer((64,), "float32"), part: T.Buffer((64,), "float32"), rest: T.Buffer((64,), "float32")):
+        for i in range(64):
+            part[i] = tf32_part(x[i])
+            rest[i] = tf32_rest(x[i], tf32_part(x[i]))
+
+    bits = np.random.default_rng(1).standard_normal(64).astype(np.float32).view(np.uint32)
+    bits[:6] = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800000, 0xFF800000, 0x3F801000]
+    x = bits.view(np.float32)
+    run = tvm.compile(split, target="llvm")
+    part, rest = (tvm.runtime.tensor(np.zeros(64, np.float32)) for _ in range(2))
+    run(tvm.runtime.tensor(x), part, rest)
+    part, rest = part.numpy(), rest.numpy()
+    assert np.isnan(part[:3]).all() and np.isnan(rest[:3]).all()
+    assert list(part[3:5]) == [np.inf, -np.inf] and part[5] == np.float32(1 + 2.0 ** -10)  # a tie: away from zero
+    np.testing.assert_array_equal(part, _tf32_part(x))
+    np.testing.assert_array_equal(rest[5:], _tf32_rest(x, part)[5:])
+    assert np.all(np.abs(rest[5:]) <= np.abs(x[5:]) * 2.0 ** -11)
 
 
 @pytest.mark.parametrize("precision", list(OPERAND_DTYPES))
