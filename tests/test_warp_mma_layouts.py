@@ -67,7 +67,8 @@ def test_float32_sync_issues_three_tf32_mma_per_half_on_split_operands():
 
 def _tf32_part(x: np.ndarray) -> np.ndarray:  # cuda_warp_mma.tf32_part
     x = x.astype(np.float32)
-    return np.where(np.isnan(x), x, ((x.view(np.uint32) + np.uint32(TF32_HALF_ULP)) & np.uint32(TF32_MASK)).view(np.float32))
+    rounded = ((x.view(np.uint32) + np.uint32(TF32_HALF_ULP)) & np.uint32(TF32_MASK)).view(np.float32)
+    return np.where(np.isnan(x), x, rounded)
 
 
 def _tf32_rest(x: np.ndarray, big: np.ndarray) -> np.ndarray:  # cuda_warp_mma.tf32_rest
