@@ -30,7 +30,8 @@ the math is ``deft_tvm.compute.backward``'s
   weights) adds floats instead. grad_offset and grad_mask are written per channel split
   (``[channel_splits, ...]``, float sums) and added up by the caller. With ``tensor_cores`` the
   grad_columns come from ``mma.sync`` instead (each warp's 32 positions x the chunk, passed
-  between lanes through shared memory): not the default, measured slower (``DataTiling.for_spec``).
+  between lanes through shared memory; float32 without TF32 as 3xTF32, as grad_weight below):
+  not the default, measured slower (``DataTiling.for_spec``).
 * ``grad_weight_primfunc`` - grad_weight (and grad_bias, folded in) as partial sums per split of
   the (batch x positions) reduction: a block owns ``o_tile`` output channels x ``c_tile`` input
   channels of one tap; per step of ``positions`` flat positions it computes their sampling points
@@ -39,7 +40,7 @@ the math is ``deft_tvm.compute.backward``'s
   positions: its four corners' table entries read once per offset group, not once per channel)
   and stages grad_output's step (on tensor cores in aligned runs of up to 16 bytes that divide
   the positions of an image and of a step; the runtime passes grad_output 16-byte aligned). On
-  tensor cores (float16, bfloat16, TF32; ``cuda_mma``; float32 as 3xTF32, ``weight_mma``)
+  tensor cores (float16, bfloat16, TF32; ``cuda_mma``; float32 as 3xTF32, ``backward_mma``)
   both are staged channel-major in the spec's dtype (the samples rounded as torchvision's columns
   are) and each warp multiplies its ``o_regs`` m16 x ``c_regs`` n8 tiles with ``mma.sync``,
   channels padded to whole tiles (float32 without TF32: each operand split into its TF32 part and
@@ -82,6 +83,7 @@ import sys
 from pathlib import Path
 
 from tvm import tirx
+from tvm.script import tirx as T
 
 from deft_tvm.compute.sampling import index_extents
 from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype
@@ -243,8 +245,9 @@ class DataTiling:
         1.53, TF32 1.21 / 1.64, r50 c3 fp16 0.81 / 1.02, c4 0.74 / 0.85, c5 0.80 / 0.89 (TF32 0.99 /
         0.96), video fp16 0.51 / 0.70; ``tools/results/fused_backward_patches_h200.txt``).
 
-        ``tensor_cores`` (float16, bfloat16, TF32 only; ``cuda_mma``) computes the grad_columns
-        with ``mma.sync`` instead, on stages of up to 64 output channels padded to the mma depth.
+        ``tensor_cores`` (float16, bfloat16, TF32; float32 as 3xTF32, ``backward_mma``) computes the
+        grad_columns with ``mma.sync`` instead, on stages of up to 64 output channels padded to the
+        mma depth.
         It is not the default: on an H200 (ms, data kernel, SIMT vs tensor cores) paper N=32
         fp16 1.55 vs 2.27, TF32 2.32 vs 2.54, video fp16 0.76 vs 0.99, r50 c3 fp16 1.43 vs 1.61,
         c5 0.85 vs 1.07. The SIMT sums cost 0.38 ms of the 1.55 (a variant without them took
@@ -255,10 +258,9 @@ class DataTiling:
         tile_h, tile_w = min(TILE_SHAPES, key=lambda shape: padded_positions(spec, *shape))  # the first of equals
         per_group = math.gcd(spec.in_channels // spec.groups, spec.in_channels // spec.offset_groups)
         opg = spec.out_channels // spec.groups
-        mma = mma_shape(spec)
+        mma = (backward_mma(spec) or (None,))[0]
         if tensor_cores and mma is None:
-            raise ValueError(f"{spec.dtype}{' on TF32' * spec.tf32} has no tensor-core mma (float16, bfloat16 or "
-                             f"TF32 only)")
+            raise ValueError(f"{spec.dtype} has no tensor-core mma (float16, bfloat16, TF32, float32 as 3xTF32)")
         chunks = [chunk for chunk in range(8, 0, -1) if per_group % chunk == 0]
         if tensor_cores:  # 1, 2, ... stages of at most 64 output channels, padded to the mma depth
             depths = dict.fromkeys(-(-opg // (stages * mma.k)) * mma.k for stages in range(1, opg + 1))
@@ -376,7 +378,7 @@ class WeightTiling:
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
         if tensor_cores is None:
             tensor_cores = mma_shape(spec) is not None
-        elif tensor_cores and weight_mma(spec) is None:
+        elif tensor_cores and backward_mma(spec) is None:
             raise ValueError(f"grad_weight has no tensor-core mma for {spec.dtype} (float16, bfloat16, float32)")
         wide = opg > 64 and not tensor_cores
         if tensor_cores:
@@ -419,14 +421,23 @@ class WeightTiling:
         return -(-spec.batch * spec.out_h * spec.out_w // (self.positions * self.splits))
 
 
-def weight_mma(spec: DeformConvSpec):
-    """``(mma, three_tf32)``: the ``mma.sync`` of grad_weight's tensor-core tilings, and whether each
-    product takes three of them on the operands' TF32 parts (float32 without TF32: 3xTF32, about
-    float32's accuracy); None for float64."""
+def backward_mma(spec: DeformConvSpec):
+    """``(mma, three_tf32)``: the ``mma.sync`` of the fused kernels' tensor-core tilings (grad_data's
+    grad_columns, grad_weight), and whether each product takes three of them on the operands' TF32
+    parts and rests (float32 without TF32: 3xTF32, about float32's accuracy); None for float64."""
     if spec.dtype == "float32" and not spec.tf32:
         return MMA_SHAPES["tf32"], True
     mma = mma_shape(spec)
     return None if mma is None else (mma, False)
+
+
+@T.macro
+def split_tf32(values, count: int, rests: int):
+    """``values[:count]`` rounded to TF32 (``tf32_part``), their TF32 rests into ``values[rests:]``
+    (3xTF32's operands: the products rest x part, part x rest, part x part, NVIDIA's scheme)."""
+    for e in T.unroll(count):
+        values[rests + e] = tf32_rest(values[e], tf32_part(values[e]))
+        values[e] = tf32_part(values[e])
 
 
 def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
@@ -439,7 +450,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     units of ``2**(e - bits)``, ``bits`` = 30 - ceil(log2(threads x taps)); the caller converts) and
     a last parameter ``contribution_bound [1]`` (float32, finite; the caller's) bounds every
     |column x mask|: the same integers whatever the order of the additions."""
-    from tvm.script import tirx as T
 
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
     n, c, h, w = spec.input_shape
@@ -452,7 +462,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                                            tiling.channel_splits)
     tensor_cores = tiling.tensor_cores
     tap_group = tiling.tap_group
-    mma = mma_shape(spec)
+    mma, three_tf32 = backward_mma(spec) or (None, False)
     if taps % tap_group:
         raise ValueError(f"{tiling}: groups of taps divide the kernel's {taps} taps")
     if cpg % (chunk * splits) or ipg % chunk or (opg % o_step and not tensor_cores):
@@ -473,7 +483,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     threads = th * tw
     if tensor_cores and (mma is None or o_step % mma.k or threads % 32):
         raise ValueError(f"{tiling} cannot take tensor cores for {spec.dtype}{' on TF32' * spec.tf32}: they need "
-                         f"float16, bfloat16 or TF32, output channels per stage a multiple of the mma depth "
+                         f"float16, bfloat16, TF32 or float32, output channels per stage a multiple of the mma depth "
                          f"({mma.k if mma else '-'}) and tiles of whole warps (32 positions)")
     tiles_y, tiles_x = -(-oh // th), -(-ow // tw)
     chunks_per_split = cpg // chunk // splits
@@ -514,7 +524,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     def input_add(grad_input, index, value, scale):
         """Adds the contribution ``value`` to ``grad_input[index]``: a float atomic or, deterministic,
         its fixed-point multiple."""
-        from tvm.script import tirx as T
 
         if deterministic:
             return global_fixed_add(T.address_of(grad_input[index]), T.Cast("int64", T.round(value * scale[0])))
@@ -571,10 +580,35 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     o_batch, g_batch = min(batch, o_ch), min(batch, opg)  # the fixed-point bound's loops over output channels
     group_shape = (tap_group * chunk * threads if tap_group > 1 else 1,)  # [tap in group][channel][thread]
     a_shape = (2 * k_steps * a_elements,)
-    b_shape = (mma.b_elements if tensor_cores else 1,)
+    b_shape = ((1 + three_tf32) * mma.b_elements if tensor_cores else 1,)  # 3xTF32: the rests after
     n_tiles = tap_group * n8 // 8  # n8 tiles of one multiply: the chunk's channels of each tap of the group
     c_shape = (2 * n_tiles * 4,)
     x_shape = (threads * x_row if tensor_cores and tap_group == 1 else 1,)
+
+    @T.macro
+    def multiply(a_frag, a_at, b_frag, c_frag, c_at):
+        """``c_frag[c_at:]`` += A (``a_frag[a_at:]``) x B (``b_frag``): one ``mma.sync``; 3xTF32 three,
+        on A's TF32 parts and rests split here and B's split by ``load_b``."""
+        if three_tf32:
+            a_parts = T.alloc_buffer((2 * a_elements,), dtype, scope="local")
+            for e in T.unroll(a_elements):
+                a_parts[e] = a_frag[a_at + e]
+            split_tf32(a_parts, a_elements, a_elements)
+            T.evaluate(mma.sync(a_parts, a_elements, b_frag, 0, c_frag, c_at))
+            T.evaluate(mma.sync(a_parts, 0, b_frag, mma.b_elements, c_frag, c_at))
+            T.evaluate(mma.sync(a_parts, 0, b_frag, 0, c_frag, c_at))
+        else:
+            T.evaluate(mma.sync(a_frag, a_at, b_frag, 0, c_frag, c_at))
+
+    @T.macro
+    def load_b(b_frag, w_stage, base, ks, lane_g, lane_t):
+        """B's fragment of an n8 tile, the weights of ``w_stage[base:]`` (rows of 8 channels) at mma
+        step ``ks`` (3xTF32: split into TF32 parts and rests)."""
+        for i in T.unroll(mma.b_elements):
+            k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
+            b_frag[i] = w_stage[base + j * w_row + ks * mma.k + k]
+        if three_tf32:
+            split_tf32(b_frag, mma.b_elements, mma.b_elements)
 
     @T.macro
     def load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread):
@@ -657,12 +691,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                 T.tvm_storage_sync("shared")
             for ks in T.unroll(k_steps):
                 for nt in T.unroll(n8 // 8):
-                    for i in T.unroll(mma.b_elements):
-                        k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
-                        b_frag[i] = w_stage[(t * int(resident) * n8 + nt * 8 + j) * w_row + ks * mma.k + k]
+                    load_b(b_frag, w_stage, (t * int(resident) * n8 + nt * 8) * w_row, ks, lane_g, lane_t)
                     for m in T.unroll(2):
-                        T.evaluate(mma.sync(a_frag, (m * k_steps + ks) * a_elements, b_frag, 0, c_frag,
-                                            (m * n8 // 8 + nt) * 4))
+                        multiply(a_frag, (m * k_steps + ks) * a_elements, b_frag, c_frag, (m * n8 // 8 + nt) * 4)
         T.evaluate(T.cuda.warp_sync())
         for m in T.unroll(2):
             for nt in T.unroll(n8 // 8):
@@ -708,12 +739,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         stage's weights from ``w_stage[base:]`` (one n8 tile per tap and 8 channels), into ``c_frag``."""
         for ks in T.unroll(k_steps):
             for nt in T.unroll(n_tiles):
-                for i in T.unroll(mma.b_elements):
-                    k, j = T.meta_var(mma.b_element(i, lane_g, lane_t))
-                    b_frag[i] = w_stage[base + (nt * 8 + j) * w_row + ks * mma.k + k]
+                load_b(b_frag, w_stage, base + nt * 8 * w_row, ks, lane_g, lane_t)
                 for m in T.unroll(2):
-                    T.evaluate(mma.sync(a_frag, (m * k_steps + ks) * a_elements, b_frag, 0, c_frag,
-                                        (m * n_tiles + nt) * 4))
+                    multiply(a_frag, (m * k_steps + ks) * a_elements, b_frag, c_frag, (m * n_tiles + nt) * 4)
 
     @T.macro
     def group_sums_mma(group_columns, a_frag, b_frag, c_frag, w_stage, weight, grad_output, b, group, c_in, tile_y,
@@ -1125,7 +1153,6 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     kernel_w]``, accumulate dtype) and, with a bias, of grad_bias (``[splits, out_channels]``),
     see the module docstring. Parameters: ``input [N, C, H * W], offset, mask?, grad_output [N,
     O, out_h * out_w]`` (the spec's dtype), then the outputs."""
-    from tvm.script import tirx as T
 
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
     n, c, h, w = spec.input_shape
@@ -1137,7 +1164,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     o_regs, c_threads, c_regs = tiling.o_regs, tiling.c_threads, tiling.c_regs
     o_tile, c_tile, p, splits = tiling.o_tile, tiling.c_tile, tiling.positions, tiling.splits
     tensor_cores = tiling.tensor_cores
-    mma, three_tf32 = weight_mma(spec) or (None, False)
+    mma, three_tf32 = backward_mma(spec) or (None, False)
     if not tensor_cores and (opg % o_tile or ipg % c_tile):
         raise ValueError(f"{tiling} does not divide the layer's channels per group ({opg} out, {ipg} in)")
     if tensor_cores and (mma is None or p % mma.k):
@@ -1211,13 +1238,6 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     if tiling.dynamic(spec):  # the samples padded so that the dynamic buffer holds at least 48 KB
         scope = "shared.dyn"
         samples_size += -(-max(0, SHARED_BYTES - tiling.operand_bytes(spec)) // DTYPE_BYTES[stage_dtype])
-
-    @T.macro
-    def split_tf32(values, count, rests):
-        """``values[:count]`` rounded to TF32 (``tf32_part``), their TF32 rests into ``values[rests:]``."""
-        for e in T.unroll(count):
-            values[rests + e] = tf32_rest(values[e], tf32_part(values[e]))
-            values[e] = tf32_part(values[e])
 
     @T.macro
     def multiply(grads, samples, sums, bias_sums, a, b_, thread):
@@ -1524,7 +1544,6 @@ def reduce_primfunc(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling
     ``weight_part, bias_part?, offset_part?, mask_part?, input_part?, grad_weight, grad_bias?,
     grad_offset?, grad_mask?, grad_input?``, the parts flat per split. ``bind_threads=False``: the
     same loops, serial (buildable for a CPU, where tests check the sums)."""
-    from tvm.script import tirx as T
 
     blocks_loop, threads_loop = thread_loops(bind_threads)
 
@@ -1591,7 +1610,6 @@ def reduce_primfunc(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling
 def zero_primfunc(count: int, dtype: str, bind_threads: bool = True):
     """``accumulator [count]`` (``dtype``) set to zero, a thread per element: grad_input's sums
     before the data kernel adds to them. ``bind_threads=False``: the same loop, serial."""
-    from tvm.script import tirx as T
 
     threads = 256
     index = "int64" if count > INT32_MAX else "int32"
@@ -1727,7 +1745,6 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
 def _device_call(name: str, parameters: str, body: str, *args):
     """A call of the inline CUDA function ``__device__ void name(parameters) { body }``, its source
     emitted with the kernel (``T.cuda.func_call``)."""
-    from tvm.script import tirx as T
 
     source = f"__device__ __forceinline__ void {name}({parameters}) {{ {body} }}\n"
     return T.cuda.func_call(name, *args, source_code=source)

@@ -124,10 +124,12 @@ def test_tilings_that_do_not_divide_the_layer_are_rejected():
     with pytest.raises(ValueError, match=r"does not divide the layer's channels per group \(2 out, 3 in\)"):
         grad_weight_primfunc(spec, dataclasses.replace(WeightTiling.for_spec(spec), c_regs=2))
     double = dataclasses.replace(spec, dtype="float64")
-    with pytest.raises(ValueError, match=r"cannot take tensor cores for float64: they need float16, bfloat16 or TF32"):
+    with pytest.raises(ValueError, match=r"cannot take tensor cores for float64: they need float16, bfloat16, TF32 "
+                                         r"or float32"):
         grad_data_primfunc(double, dataclasses.replace(DataTiling.for_spec(double), tensor_cores=True))
-    with pytest.raises(ValueError, match=r"float32 has no tensor-core mma \(float16, bfloat16 or TF32 only\)"):
-        DataTiling.for_spec(dataclasses.replace(spec, dtype="float32"), tensor_cores=True)
+    with pytest.raises(ValueError, match=r"float64 has no tensor-core mma \(float16, bfloat16, TF32, float32 as "
+                                         r"3xTF32\)"):
+        DataTiling.for_spec(double, tensor_cores=True)
     half = dataclasses.replace(spec, dtype="float16")
     with pytest.raises(ValueError, match=r"a multiple of the mma depth \(16\)"):
         grad_weight_primfunc(half, dataclasses.replace(WeightTiling.for_spec(half), positions=40))
@@ -285,6 +287,27 @@ def test_float32_weight_kernel_on_tensor_cores_multiplies_as_3xtf32():
     assert _compile(source)[:4] == b"\x7fELF"
     with pytest.raises(ValueError, match="grad_weight has no tensor-core mma for float64"):
         WeightTiling.for_spec(dataclasses.replace(spec, dtype="float64"), tensor_cores=True)
+
+
+@needs_nvcc
+def test_float32_data_kernel_on_tensor_cores_multiplies_as_3xtf32():
+    """float32 without TF32 computes grad_columns on tensor cores only when a tiling asks (the
+    default stays SIMT): one tap or a kernel row's taps per pass, each m16 x n8 tile then takes
+    three TF32 ``mma.sync`` where TF32 takes one, the operands rounded to TF32 by their bits
+    (& 0xFFFFE000); the tap groups compiled by nvcc. float64 has no mma."""
+    spec = dataclasses.replace(WORKLOADS["r50dcn_c5"].spec, dtype="float32")
+    assert not DataTiling.for_spec(spec).tensor_cores
+    cores = DataTiling.for_spec(spec, tensor_cores=True)
+    assert not cores.fixed_point and cores == dataclasses.replace(
+        DataTiling.for_spec(dataclasses.replace(spec, tf32=True), tensor_cores=True), fixed_point=False)
+    for tiling in (cores, dataclasses.replace(cores, tap_group=spec.kernel_w)):
+        source, tf32_source = (_source(s, tiling) for s in (spec, dataclasses.replace(spec, tf32=True)))
+        body, tf32_body = (_kernel_body(src, "grad_data_kernel") for src in (source, tf32_source))
+        assert body.count("mma.sync.aligned.m16n8k8") == 3 * tf32_body.count("mma.sync.aligned.m16n8k8") > 0
+        assert "4294959104" in body and "4294959104" not in tf32_body  # 0xFFFFE000: TF32's bits
+    assert _compile(source)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="float64 has no tensor-core mma"):
+        DataTiling.for_spec(dataclasses.replace(spec, dtype="float64"), tensor_cores=True)
 
 
 def test_fixed_point_patches_need_float32_sums():

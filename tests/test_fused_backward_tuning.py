@@ -16,9 +16,8 @@ import tvm
 from deft_tvm.runtime import backward, kernel_cache, records
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_backward_fused import (DYNAMIC_SHARED_BYTES, SHARED_BYTES, DataTiling, WeightTiling,
-                                                     fused_backward_module)
+                                                     backward_mma, fused_backward_module)
 from deft_tvm.tuning import fused_backward
-from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.fused_backward import (CHUNK_FACTOR, LOAD_BATCHES, STEP_FACTORS, TILE_POSITIONS,
                                             WEIGHT_LOAD_BATCHES, agree, chunk_variants, data_space, stage_variants,
                                             step_variants, tile_variants, time_checked, tune_fused_backward,
@@ -50,7 +49,7 @@ def test_design_spaces_start_at_the_defaults_and_fit(spec):
 
 def test_float32_weight_space_adds_3xtf32_tilings_after_the_simt_ones():
     """float32 without TF32: the SIMT default and its variants, then tensor-core tilings (3xTF32,
-    ``weight_mma``) of the sizes TF32's space takes; float64 stays on SIMT cores."""
+    ``backward_mma``) of the sizes TF32's space takes; float64 stays on SIMT cores."""
     spec = get_workload("r50dcn_c5", "float32").spec
     space = weight_space(spec)
     simt = [t for t in space if not t.tensor_cores]
@@ -59,6 +58,18 @@ def test_float32_weight_space_adds_3xtf32_tilings_after_the_simt_ones():
     tf32 = [t for t in weight_space(dataclasses.replace(spec, tf32=True)) if t not in cores]
     assert cores and {t.o_tile for t in cores} == {64, 128, 256} and not tf32
     assert not any(t.tensor_cores for t in weight_space(dataclasses.replace(spec, dtype="float64")))
+
+
+@pytest.mark.parametrize("name", ["r50dcn_c5", "video_64c_180x320_og8"])
+def test_float32_data_space_takes_tf32s_tensor_core_tilings_with_float_patches(name):
+    """float32 without TF32: the data space's tensor-core tilings (3xTF32, ``backward_mma``) are
+    TF32's, with float patches (float32's tolerance rules out fixed point); float64 has none."""
+    spec = get_workload(name, "float32").spec
+    cores = [t for t in data_space(spec) if t.tensor_cores]
+    tf32 = [dataclasses.replace(t, fixed_point=False) for t in data_space(dataclasses.replace(spec, tf32=True))
+            if t.tensor_cores]
+    assert cores and cores == tf32
+    assert not any(t.tensor_cores for t in data_space(dataclasses.replace(spec, dtype="float64")))
 
 
 def _source(spec, data, weight) -> str:
@@ -289,7 +300,7 @@ def test_the_tile_variants_of_a_records_tilings_build():
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key())
 def test_stage_variants_halve_within_the_mma_depth_and_pipeline_only_tensor_core_tap_groups(spec):
-    mma = mma_shape(spec)
+    mma, _ = backward_mma(spec)
     for tiling in data_space(spec):
         for variant in stage_variants(spec, tiling):
             assert variant.shared_bytes(spec) <= SHARED_BYTES

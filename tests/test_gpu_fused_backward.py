@@ -396,8 +396,31 @@ def test_wider_chunks_in_dynamic_shared_memory_give_the_same_gradients(dtype):
         assert any(r.isnan().any() for r in results[bases[0]]) == extreme
 
 
+@pytest.mark.parametrize("extreme", [False, True], ids=["normal", "extreme"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_data_kernel_on_3xtf32_tensor_cores_gives_the_simt_gradients(case, extreme):
+    """float32 grad_columns on tensor cores as 3xTF32 (``backward_mma``; one tap and a kernel row's
+    taps per pass) give the SIMT default's gradients within float32's tolerance (NaN where they have
+    NaN, on ``_extreme`` offsets), and on normal offsets 16x closer to them than one TF32 product
+    per tile does."""
+    spec, args, grad_output = _gpu_case(case, "float32", seed=53, extreme=extreme)
+    simt = DataTiling.for_spec(spec)
+    cores = DataTiling.for_spec(spec, tensor_cores=True)
+    expected = _run_data(_data_kernel(spec, simt), spec, simt, args, grad_output)
+    tf32 = dataclasses.replace(spec, tf32=True)
+    for tiling in [cores] + [dataclasses.replace(cores, tap_group=spec.kernel_w)] * (spec.kernel_w > 1):
+        got = _run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output)
+        torch.cuda.synchronize()  # an out-of-range access fails here
+        _assert_same_nans_and_close(got, expected, "float32")
+        if not extreme:
+            one = _run_data(_data_kernel(tf32, tiling), tf32, tiling, args, grad_output)
+            error, tf32_error = (max((x - e).abs().max().item() for x, e in zip(result, expected))
+                                 for result in (got, one))
+            assert error < tf32_error / 16
+
+
 def test_float32_weight_kernel_on_3xtf32_tensor_cores_gives_the_simt_sums():
-    """float32 grad_weight and grad_bias on tensor cores as 3xTF32 (``weight_mma``; blocks of 256 x
+    """float32 grad_weight and grad_bias on tensor cores as 3xTF32 (``backward_mma``; blocks of 256 x
     64 channels, the positions split over 22 of them) give the SIMT kernel's sums within float32's
     tolerance, on extreme offsets (NaN where they have NaN), and closer to them than one TF32
     product per tile does."""

@@ -38,11 +38,10 @@ from deft_tvm.schedules.cuda_backward_fused import (
     DataTiling,
     WeightTiling,
     _without_empty_splits,
+    backward_mma,
     fused_backward_module,
     padded_positions,
-    weight_mma,
 )
-from deft_tvm.schedules.cuda_mma import mma_shape
 from deft_tvm.tuning.timing import gpu_ms
 
 HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's)
@@ -65,7 +64,7 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, weight stages
     of half and twice the default's output channels (where they divide the group's), half the
     chunk's channels, tensor-core grad_columns (``DataTiling.for_spec(tensor_cores=True)``, where
-    the dtype has an mma) and the same with a kernel row's taps per ``mma.sync`` pass (``tap_group``;
+    the dtype has an mma: float32 as 3xTF32, ``backward_mma``) and the same with a kernel row's taps per ``mma.sync`` pass (``tap_group``;
     the tensor-core tiling's and half its output channels per stage, its halo and up to 2 px less),
     float patches where the default has fixed-point ones, no patches (every corner through global
     memory: faster on r50 c5, whose blocks take few chunks), and the SIMT sums of a kernel row's or
@@ -88,8 +87,8 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     if default.chunk % 2 == 0:  # divides whatever the chunk divides
         candidates.append(r(default, chunk=default.chunk // 2))
     taps = spec.kernel_h * spec.kernel_w
-    mma = mma_shape(spec)
-    if mma is not None:
+    if backward_mma(spec) is not None:
+        mma, _ = backward_mma(spec)
         tensor_cores = DataTiling.for_spec(spec, tensor_cores=True)
         candidates.append(tensor_cores)
         if spec.kernel_w > 1:  # a kernel row's taps per multiply, the halo and up to 2 px less
@@ -114,14 +113,14 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
 def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
     """The default weight tiling first, then: SIMT (the default's splits twice and half as many and
     32 positions per step, where the default is SIMT) and tensor cores (where the dtype has an mma
-    for grad_weight, ``weight_mma``: float32 without TF32 as 3xTF32) in blocks of up to 64, 128 and
+    for grad_weight, ``backward_mma``: float32 without TF32 as 3xTF32) in blocks of up to 64, 128 and
     256 output channels x 32 or 64 positions per step x the fewest-waves splits, twice and half as
     many; only tilings within 48 KB of shared memory and ``PARTIAL_FLOATS`` partial sums."""
     default = WeightTiling.for_spec(spec)
     r = dataclasses.replace
     total = spec.batch * spec.out_h * spec.out_w
     bases = [] if default.tensor_cores else [default, r(default, positions=32)]
-    if weight_mma(spec) is not None:
+    if backward_mma(spec) is not None:
         cores = [r(WeightTiling.for_spec(spec, o_channels=o, tensor_cores=True), positions=p)
                  for o in (64, 128, 256) for p in (32, 64)]
         bases += [r(t, splits=t.fewest_waves(spec)) for t in cores if t.shared_bytes(spec) <= SHARED_BYTES]
@@ -323,7 +322,7 @@ def stage_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]
     r = dataclasses.replace
     half = tiling.o_step // 2
     stages = [tiling]
-    if tiling.o_step % 2 == 0 and not (tiling.tensor_cores and half % mma_shape(spec).k):
+    if tiling.o_step % 2 == 0 and not (tiling.tensor_cores and half % backward_mma(spec)[0].k):
         stages.append(r(tiling, o_step=half))
     variants = stages[1:]
     if tiling.tensor_cores and tiling.tap_group > 1:
