@@ -45,9 +45,10 @@ class MmaShape:
         return t + 4 * i, g
 
     def sync(self, a, a_at, b, b_at, c, c_at):
-        """The ``mma.sync`` (a TIR call, for ``T.evaluate`` in hand-scheduled TIR) that adds the
-        product of the A fragment at ``a[a_at:]`` and the B fragment at ``b[b_at:]`` to the C
-        fragment at ``c[c_at:]`` (per-thread arrays; A row-major, B column-major, float32 sums)."""
+        """The ``mma.sync`` (a TIR call, for ``T.evaluate`` in hand-scheduled TIR and in the
+        forward's tensor intrinsics) that adds the product of the A fragment at ``a[a_at:]`` and the
+        B fragment at ``b[b_at:]`` to the C fragment at ``c[c_at:]`` (per-thread arrays or warp
+        buffers; A row-major, B column-major, float32 sums)."""
         from tvm.script import tirx as T
 
         return T.ptx_legacy.mma(self.shape, "row", "col", self.ptx_type, self.ptx_type, "fp32", a.data, a_at,

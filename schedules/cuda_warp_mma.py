@@ -138,7 +138,7 @@ def sync_intrin(precision: str):
     """C (16x16, float32) += A (16 x k) * B^T (16 x k), as two mma of n8; "float32" as three TF32
     mma per n8 (``split_tf32``)."""
     mma, dtype = MMA_SHAPES[SHAPE_KEYS[precision]], OPERAND_DTYPES[precision]
-    shape, ptx_type, k = mma.shape, mma.ptx_type, mma.k
+    k = mma.k
     registers, half = mma.a_elements, mma.b_elements  # operand registers per lane; B's per n8 half
 
     def acc(value):  # the product in float32, as the convolution's compute writes it
@@ -171,14 +171,10 @@ def sync_intrin(precision: str):
             T.reads(C[0:WARP, 0:8], A[0:WARP, 0:registers], B[0:WARP, 0:registers])
             T.writes(C[0:WARP, 0:8])
             for tx in T.thread_binding(0, WARP, "threadIdx.x"):
-                T.evaluate(T.ptx_legacy.mma(shape, "row", "col", ptx_type, ptx_type, "fp32",
-                                            A.data, A.elem_offset + tx * registers, B.data,
-                                            B.elem_offset + tx * registers, C.data, C.elem_offset + tx * 8, False,
-                                            dtype="float32"))
-                T.evaluate(T.ptx_legacy.mma(shape, "row", "col", ptx_type, ptx_type, "fp32",
-                                            A.data, A.elem_offset + tx * registers, B.data,
-                                            B.elem_offset + tx * registers + half, C.data,
-                                            C.elem_offset + tx * 8 + 4, False, dtype="float32"))
+                T.evaluate(mma.sync(A, A.elem_offset + tx * registers, B, B.elem_offset + tx * registers, C,
+                                    C.elem_offset + tx * 8))
+                T.evaluate(mma.sync(A, A.elem_offset + tx * registers, B, B.elem_offset + tx * registers + half, C,
+                                    C.elem_offset + tx * 8 + 4))
 
     if precision != "float32":
         return desc, impl
@@ -186,9 +182,7 @@ def sync_intrin(precision: str):
     @T.macro
     def product(parts_a, parts_b, C, tx, n8, a_part, b_part):
         """C's n8 half ``n8`` += (A's part at ``a_part``) x (B's part at ``b_part``), one TF32 mma."""
-        T.evaluate(T.ptx_legacy.mma(shape, "row", "col", ptx_type, ptx_type, "fp32", parts_a.data, a_part,
-                                    parts_b.data, b_part + n8 * half, C.data, C.elem_offset + tx * 8 + n8 * 4, False,
-                                    dtype="float32"))
+        T.evaluate(mma.sync(parts_a, a_part, parts_b, b_part + n8 * half, C, C.elem_offset + tx * 8 + n8 * 4))
 
     @T.prim_func(s_tir=True)
     def split_tf32(a: T.handle, b: T.handle, c: T.handle) -> None:
