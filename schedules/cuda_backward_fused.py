@@ -258,7 +258,7 @@ class DataTiling:
         tile_h, tile_w = min(TILE_SHAPES, key=lambda shape: padded_positions(spec, *shape))  # the first of equals
         per_group = math.gcd(spec.in_channels // spec.groups, spec.in_channels // spec.offset_groups)
         opg = spec.out_channels // spec.groups
-        mma = (backward_mma(spec) or (None,))[0]
+        mma, _ = backward_mma(spec) or (None, False)
         if tensor_cores and mma is None:
             raise ValueError(f"{spec.dtype} has no tensor-core mma (float16, bfloat16, TF32, float32 as 3xTF32)")
         chunks = [chunk for chunk in range(8, 0, -1) if per_group % chunk == 0]

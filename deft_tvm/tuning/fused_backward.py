@@ -64,10 +64,11 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, weight stages
     of half and twice the default's output channels (where they divide the group's), half the
     chunk's channels, tensor-core grad_columns (``DataTiling.for_spec(tensor_cores=True)``, where
-    the dtype has an mma: float32 as 3xTF32, ``backward_mma``) and the same with a kernel row's taps per ``mma.sync`` pass (``tap_group``;
-    the tensor-core tiling's and half its output channels per stage, its halo and up to 2 px less),
-    float patches where the default has fixed-point ones, no patches (every corner through global
-    memory: faster on r50 c5, whose blocks take few chunks), and the SIMT sums of a kernel row's or
+    the dtype has an mma: float32 as 3xTF32, ``backward_mma``) and the same with a kernel row's
+    taps per ``mma.sync`` pass (``tap_group``; the tensor-core tiling's and half its output
+    channels per stage, its halo and up to 2 px less), float patches where the default has
+    fixed-point ones, no patches (every corner through global memory: faster on r50 c5, whose
+    blocks take few chunks), and the SIMT sums of a kernel row's or
     of every tap in one pass over grad_output (``tap_group``) with the default's and half its
     channels per chunk and output channels per weight stage; the tensor-core tap groups with their
     weight stages double-buffered (``pipelined``); and each staged one of these with the
@@ -87,8 +88,8 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     if default.chunk % 2 == 0:  # divides whatever the chunk divides
         candidates.append(r(default, chunk=default.chunk // 2))
     taps = spec.kernel_h * spec.kernel_w
-    if backward_mma(spec) is not None:
-        mma, _ = backward_mma(spec)
+    mma, _ = backward_mma(spec) or (None, False)
+    if mma is not None:
         tensor_cores = DataTiling.for_spec(spec, tensor_cores=True)
         candidates.append(tensor_cores)
         if spec.kernel_w > 1:  # a kernel row's taps per multiply, the halo and up to 2 px less
