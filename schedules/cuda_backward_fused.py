@@ -101,6 +101,7 @@ TILE_SHAPES = ((8, 16), (4, 32), (16, 8), (2, 64))
 # Blocks a grid should have to fill an H200 (132 SMs) a few times over.
 SMS = 132
 TARGET_BLOCKS = 4 * SMS
+SIMT_THREADS = 256  # threads of a full SIMT grad_weight block (16 x 16)
 SM_SHARED_BYTES = 228 * 1024  # shared memory of an sm_90 SM (H100 / H200); 1 KB of it reserved per block
 PARTIAL_FLOATS = 8 << 20  # at most 32 MB of grad_weight partial sums
 
@@ -374,7 +375,9 @@ class WeightTiling:
         points of many offset groups, as in the video layer in float32). Measured on an H200 (SIMT
         fp16, ms): 0.76 / 0.41 on paper N=32 / video (0.94 / 0.86 on r50 c3 / c5) against 1.04 /
         0.48 (1.28 / 0.95) the other way round. Splits until the grid has about ``TARGET_BLOCKS``
-        blocks (twice that for wide SIMT layers)."""
+        blocks of ``SIMT_THREADS`` threads on SIMT cores (wide layers' blocks of 128 threads: twice the
+        blocks; a layer of one input channel per group, as a stem, 16 threads: 16 times), about one
+        wave (``fewest_waves``) on tensor cores."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
         if tensor_cores is None:
             tensor_cores = mma_shape(spec) is not None
@@ -394,7 +397,7 @@ class WeightTiling:
         if not tiling.tensor_cores:
             tiles = spec.kernel_h * spec.kernel_w * spec.out_channels // tiling.o_tile * (ipg // tiling.c_tile)
             steps = -(-spec.batch * spec.out_h * spec.out_w // tiling.positions)
-            splits = max(1, min(steps, -(-(2 if wide else 1) * TARGET_BLOCKS // tiles)))
+            splits = max(1, min(steps, -(-TARGET_BLOCKS * SIMT_THREADS // (tiles * tiling.threads))))
             return dataclasses.replace(tiling, splits=_without_empty_splits(steps, splits))
         return dataclasses.replace(tiling, splits=tiling.fewest_waves(spec))
 

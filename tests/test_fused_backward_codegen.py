@@ -16,6 +16,8 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_compilation
 from deft_tvm.schedules.cuda_backward_fused import (
     SHARED_BYTES,
+    SIMT_THREADS,
+    TARGET_BLOCKS,
     DataTiling,
     WeightTiling,
     default_tilings,
@@ -267,6 +269,19 @@ def test_wider_weight_tiles_put_more_warps_on_output_channels(o_channels, warps)
     source = compile_kernel(module, cuda_target("sm_90")).mod.imports[0].inspect_source()
     assert re.search(rf"__launch_bounds__\({32 * warps}, \d\) grad_weight_kernel", source)
     assert _compile(source)[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("name", ["train_stem_1to64_64x64_n32", "paper_64c_64x64_n32", "train_down_64to128_n32"])
+def test_simt_weight_splits_fill_the_grid_with_threads(name):
+    """SIMT grad_weight's default splits the positions until the grid holds about ``TARGET_BLOCKS``
+    blocks of ``SIMT_THREADS`` threads, whatever threads its blocks have: the stem's one input
+    channel leaves 16 threads per block, and 59 splits (the count by blocks) left 64 threads per SM."""
+    spec = WORKLOADS[name].spec
+    tiling = WeightTiling.for_spec(spec, tensor_cores=False)
+    tiles = spec.kernel_h * spec.kernel_w * spec.out_channels // tiling.o_tile * spec.in_channels // tiling.c_tile
+    grid_threads = tiles * tiling.splits * tiling.threads
+    assert TARGET_BLOCKS * SIMT_THREADS / 2 <= grid_threads <= TARGET_BLOCKS * SIMT_THREADS * 2
+    assert tiling.threads == (16 if spec.in_channels == 1 else 128 if spec.out_channels > 64 else SIMT_THREADS)
 
 
 @needs_nvcc
