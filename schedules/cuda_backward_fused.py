@@ -395,9 +395,8 @@ class WeightTiling:
         if tiling.shared_bytes(spec) > SHARED_BYTES:
             tiling = dataclasses.replace(tiling, positions=32)
         if not tiling.tensor_cores:
-            tiles = spec.kernel_h * spec.kernel_w * spec.out_channels // tiling.o_tile * (ipg // tiling.c_tile)
             steps = -(-spec.batch * spec.out_h * spec.out_w // tiling.positions)
-            splits = max(1, min(steps, -(-TARGET_BLOCKS * SIMT_THREADS // (tiles * tiling.threads))))
+            splits = max(1, min(steps, -(-TARGET_BLOCKS * SIMT_THREADS // (tiling.tiles(spec) * tiling.threads))))
             return dataclasses.replace(tiling, splits=_without_empty_splits(steps, splits))
         return dataclasses.replace(tiling, splits=tiling.fewest_waves(spec))
 
@@ -408,8 +407,8 @@ class WeightTiling:
         0.64 (3/4), 0.56 (1 wave), 0.73 (1.5 waves); r50 c5 0.77 (1 split, 1/2 wave of 33 steps)
         and 0.54 (3 splits, 2 waves of 11). r50 c3 does not follow the model: 0.61 at 3/4 of a wave,
         0.83-0.84 at 28-30 splits (this rule's choice, about one wave)."""
-        opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
-        tiles = spec.kernel_h * spec.kernel_w * spec.groups * -(-opg // self.o_tile) * -(-ipg // self.c_tile)
+        ipg = spec.in_channels // spec.groups
+        tiles = self.tiles(spec)
         steps = -(-spec.batch * spec.out_h * spec.out_w // self.positions)
         wave = resident_blocks(self.shared_bytes(spec), self.threads) * SMS
         most = max(1, min(steps, PARTIAL_FLOATS // (spec.out_channels * ipg * spec.kernel_h * spec.kernel_w)))
@@ -418,6 +417,12 @@ class WeightTiling:
             return _waves_x_work(tiles, splits, wave, steps), splits
 
         return _without_empty_splits(steps, min(range(1, most + 1), key=cost))
+
+    def tiles(self, spec: DeformConvSpec) -> int:
+        """Blocks of one split: taps x groups x output- and input-channel tiles per group (tensor
+        cores pad the last of each)."""
+        opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
+        return spec.kernel_h * spec.kernel_w * spec.groups * -(-opg // self.o_tile) * -(-ipg // self.c_tile)
 
     def steps(self, spec: DeformConvSpec) -> int:
         """Steps of ``positions`` each split takes."""
@@ -1180,7 +1185,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     steps = tiling.steps(spec)
     positions = oh * ow
     has_mask, has_bias = spec.has_mask, spec.has_bias
-    blocks = taps * g * o_tiles * c_tiles * splits
+    blocks = tiling.tiles(spec) * splits
     total = n * positions  # flat positions: 32-bit (the tensors' extents may need 64)
     n, c, pixels = index_extents(spec, n, c, h * w)
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))

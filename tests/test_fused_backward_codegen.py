@@ -278,8 +278,7 @@ def test_simt_weight_splits_fill_the_grid_with_threads(name):
     channel leaves 16 threads per block, and 59 splits (the count by blocks) left 64 threads per SM."""
     spec = WORKLOADS[name].spec
     tiling = WeightTiling.for_spec(spec, tensor_cores=False)
-    tiles = spec.kernel_h * spec.kernel_w * spec.out_channels // tiling.o_tile * spec.in_channels // tiling.c_tile
-    grid_threads = tiles * tiling.splits * tiling.threads
+    grid_threads = tiling.tiles(spec) * tiling.splits * tiling.threads
     assert TARGET_BLOCKS * SIMT_THREADS / 2 <= grid_threads <= TARGET_BLOCKS * SIMT_THREADS * 2
     assert tiling.threads == (16 if spec.in_channels == 1 else 128 if spec.out_channels > 64 else SIMT_THREADS)
 
