@@ -20,6 +20,7 @@ from deft_tvm.schedules.cuda_backward_fused import (
     TARGET_BLOCKS,
     DataTiling,
     WeightTiling,
+    backward_mma,
     default_tilings,
     fingerprint,
     fused_backward_module,
@@ -76,12 +77,13 @@ def test_default_tilings_divide_the_layer_and_fit_shared_memory(spec):
     cpg, ipg, opg = (spec.in_channels // spec.offset_groups, spec.in_channels // spec.groups,
                      spec.out_channels // spec.groups)
     assert cpg % (data.chunk * data.channel_splits) == 0 and ipg % data.chunk == 0
-    # grad_weight on tensor cores wherever the dtype has an mma (float16, bfloat16, float32 on
-    # TF32); the data kernel's grad_columns on SIMT cores unless asked (measured faster).
-    mma = mma_shape(spec)
-    assert weight.tensor_cores == (spec.dtype in ("float16", "bfloat16") or spec.tf32) and not data.tensor_cores
+    # grad_weight on tensor cores wherever it has an mma (float16, bfloat16, TF32, float32 as
+    # 3xTF32); the data kernel's grad_columns on SIMT cores unless asked (measured faster).
+    cores = backward_mma(spec)
+    assert weight.tensor_cores == (spec.dtype != "float64") == (cores is not None) and not data.tensor_cores
     assert opg % data.o_step == 0
-    if mma is not None:
+    if cores is not None:
+        mma = cores[0]
         assert weight.positions % mma.k == 0 and weight.o_tile % 16 == 0 and weight.c_tile % 8 == 0
         mma_data = DataTiling.for_spec(spec, tensor_cores=True)  # stages padded by less than one mma step
         assert mma_data.tensor_cores and mma_data.o_step % mma.k == 0 and mma_data.shared_bytes(spec) <= SHARED_BYTES
@@ -124,7 +126,7 @@ def test_tilings_that_do_not_divide_the_layer_are_rejected():
     with pytest.raises(ValueError, match=r"does not divide the layer's channels \(per offset group 2"):
         grad_data_primfunc(spec, dataclasses.replace(DataTiling.for_spec(spec), chunk=4))
     with pytest.raises(ValueError, match=r"does not divide the layer's channels per group \(2 out, 3 in\)"):
-        grad_weight_primfunc(spec, dataclasses.replace(WeightTiling.for_spec(spec), c_regs=2))
+        grad_weight_primfunc(spec, dataclasses.replace(WeightTiling.for_spec(spec, tensor_cores=False), c_regs=2))
     double = dataclasses.replace(spec, dtype="float64")
     with pytest.raises(ValueError, match=r"cannot take tensor cores for float64: they need float16, bfloat16, TF32 "
                                          r"or float32"):
@@ -285,13 +287,13 @@ def test_simt_weight_splits_fill_the_grid_with_threads(name):
 
 @needs_nvcc
 def test_float32_weight_kernel_on_tensor_cores_multiplies_as_3xtf32():
-    """float32 without TF32 takes tensor cores in grad_weight only when a tiling asks (the default
-    stays SIMT): each m16 x n8 tile then takes three TF32 ``mma.sync`` (the operands' TF32 parts
+    """float32 without TF32 takes tensor cores in grad_weight by default (SIMT when a tiling asks):
+    each m16 x n8 tile then takes three TF32 ``mma.sync`` (the operands' TF32 parts
     and rests: rest x part, part x rest, part x part) where TF32 takes one, the operands rounded to
     TF32 by their bits (+ 0x1000, & 0xFFFFE000); compiled by nvcc. float64 has no mma."""
     spec = dataclasses.replace(WORKLOADS["r50dcn_c5"].spec, dtype="float32")
-    assert not WeightTiling.for_spec(spec).tensor_cores
-    tiling = WeightTiling.for_spec(spec, tensor_cores=True)
+    assert not WeightTiling.for_spec(spec, tensor_cores=False).tensor_cores
+    tiling = WeightTiling.for_spec(spec)
     assert tiling.tensor_cores and tiling == WeightTiling.for_spec(dataclasses.replace(spec, tf32=True))
     source, _ = _weight_kernel(spec, tiling)
     tf32_source, _ = _weight_kernel(dataclasses.replace(spec, tf32=True), tiling)

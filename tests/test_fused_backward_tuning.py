@@ -47,17 +47,15 @@ def test_design_spaces_start_at_the_defaults_and_fit(spec):
         assert (tiling.splits - 1) * covered < positions <= tiling.splits * covered  # no empty split
 
 
-def test_float32_weight_space_adds_3xtf32_tilings_after_the_simt_ones():
-    """float32 without TF32: the SIMT default and its variants, then tensor-core tilings (3xTF32,
-    ``backward_mma``) of the sizes TF32's space takes; float64 stays on SIMT cores."""
+def test_float32_weight_space_is_tf32s_on_3xtf32_tensor_cores():
+    """float32 without TF32: the tensor-core tilings (3xTF32, ``backward_mma``) TF32's space takes,
+    from the same default; float64 stays on SIMT cores, its default and variants."""
     spec = get_workload("r50dcn_c5", "float32").spec
     space = weight_space(spec)
-    simt = [t for t in space if not t.tensor_cores]
-    assert space[:len(simt)] == simt and space[0] == WeightTiling.for_spec(spec) and len(simt) > 1
-    cores = space[len(simt):]
-    tf32 = [t for t in weight_space(dataclasses.replace(spec, tf32=True)) if t not in cores]
-    assert cores and {t.o_tile for t in cores} == {64, 128, 256} and not tf32
-    assert not any(t.tensor_cores for t in weight_space(dataclasses.replace(spec, dtype="float64")))
+    assert space == weight_space(dataclasses.replace(spec, tf32=True)) and space[0] == WeightTiling.for_spec(spec)
+    assert all(t.tensor_cores for t in space) and {t.o_tile for t in space} == {64, 128, 256}
+    double = weight_space(dataclasses.replace(spec, dtype="float64"))
+    assert len(double) > 1 and not any(t.tensor_cores for t in double)
 
 
 @pytest.mark.parametrize("name", ["r50dcn_c5", "video_64c_180x320_og8"])
@@ -172,7 +170,7 @@ def test_step_variants_deepen_tensor_core_steps_into_dynamic_shared_memory():
         assert SHARED_BYTES < tiling.shared_bytes(spec) <= DYNAMIC_SHARED_BYTES
         assert tiling.splits == tiling.fewest_waves(spec)
         assert dataclasses.replace(tiling, positions=weight.positions, splits=weight.splits) == weight
-    simt = WeightTiling.for_spec(get_workload("r50dcn_c5", "float32").spec)
+    simt = WeightTiling.for_spec(get_workload("r50dcn_c5", "float32").spec, tensor_cores=False)
     assert not simt.tensor_cores and step_variants(spec, simt) == []
     huge = dataclasses.replace(weight, positions=512)  # 1024 and 2048 positions pass 227 KB
     assert step_variants(spec, huge) == []

@@ -279,7 +279,8 @@ def test_tensor_core_and_simt_kernels_agree(case, dtype):
     assert weight.tensor_cores
     simt = dataclasses.replace(spec, tf32=False)
     results = [_run_fused(spec, data, weight, args, grad_output),
-               _run_fused(spec, DataTiling.for_spec(simt), WeightTiling.for_spec(simt), args, grad_output)]
+               _run_fused(spec, DataTiling.for_spec(simt), WeightTiling.for_spec(simt, tensor_cores=False), args,
+                          grad_output)]
     for tensor_cores, simt_sums in zip(*results):
         assert_close_to_largest(tensor_cores, simt_sums, "tf32" if dtype == "tf32" else dtype)
 
@@ -434,7 +435,8 @@ def test_float32_weight_kernel_on_3xtf32_tensor_cores_gives_the_simt_sums():
         args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
         grad_output = torch.randn(spec.output_shape, device="cuda")
         simt, three, one = (_run_fused(s, data, t, args, grad_output)[-2:] for s, t in (
-            (spec, WeightTiling.for_spec(spec)), (spec, cores), (dataclasses.replace(spec, tf32=True), cores)))
+            (spec, WeightTiling.for_spec(spec, tensor_cores=False)), (spec, cores),
+            (dataclasses.replace(spec, tf32=True), cores)))
         _assert_same_nans_and_close(three, simt, "float32")
         if not extreme:  # grad_weight's products (grad_bias sums grad_output alone, on SIMT cores in each)
             error, tf32_error = ((x[0] - simt[0]).abs().max() for x in (three, one))
@@ -472,9 +474,11 @@ def test_programmatic_grad_data_leaves_the_reduction_every_sum(dtype):
 def test_weight_corners_in_flight_give_the_same_sums(case, dtype):
     """grad_weight with 3 channels' corners in flight per interpolating thread (``WeightTiling.load_batch``;
     3 divides no channel count here: a tail) gives one channel at a time's sums exactly (the same
-    samples, the same order), on extreme offsets, with 4 offset groups per channel tile and with one."""
+    samples, the same order), on extreme offsets, with 4 offset groups per channel tile and with one;
+    float32 on SIMT cores."""
     spec, args, grad_output = _gpu_case(case, dtype, seed=33, extreme=True)
-    data, weight = DataTiling.for_spec(spec), WeightTiling.for_spec(spec)
+    data = DataTiling.for_spec(spec)
+    weight = WeightTiling.for_spec(spec, tensor_cores=False if dtype == "float32" else None)
     single, batched = (_run_fused(spec, data, dataclasses.replace(weight, load_batch=b), args, grad_output)
                        for b in (1, 3))
     for got, expected in zip(batched[-1 - spec.has_bias:], single[-1 - spec.has_bias:]):
