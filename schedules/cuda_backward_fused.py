@@ -398,9 +398,7 @@ class WeightTiling:
         if tiling.shared_bytes(spec) > SHARED_BYTES:
             tiling = dataclasses.replace(tiling, positions=32)
         if not tiling.tensor_cores:
-            steps = -(-spec.batch * spec.out_h * spec.out_w // tiling.positions)
-            splits = max(1, min(steps, -(-TARGET_BLOCKS * SIMT_THREADS // (tiling.tiles(spec) * tiling.threads))))
-            return dataclasses.replace(tiling, splits=_without_empty_splits(steps, splits))
+            return tiling.with_splits(spec, -(-TARGET_BLOCKS * SIMT_THREADS // (tiling.tiles(spec) * tiling.threads)))
         return dataclasses.replace(tiling, splits=tiling.fewest_waves(spec))
 
     def fewest_waves(self, spec: DeformConvSpec) -> int:
@@ -412,7 +410,7 @@ class WeightTiling:
         0.83-0.84 at 28-30 splits (this rule's choice, about one wave)."""
         ipg = spec.in_channels // spec.groups
         tiles = self.tiles(spec)
-        steps = -(-spec.batch * spec.out_h * spec.out_w // self.positions)
+        steps = self.total_steps(spec)
         wave = resident_blocks(self.shared_bytes(spec), self.threads) * SMS
         most = max(1, min(steps, PARTIAL_FLOATS // (spec.out_channels * ipg * spec.kernel_h * spec.kernel_w)))
 
@@ -427,9 +425,19 @@ class WeightTiling:
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
         return spec.kernel_h * spec.kernel_w * spec.groups * -(-opg // self.o_tile) * -(-ipg // self.c_tile)
 
+    def total_steps(self, spec: DeformConvSpec) -> int:
+        """Steps of ``positions`` over the whole (batch x positions) reduction, all splits together."""
+        return -(-spec.batch * spec.out_h * spec.out_w // self.positions)
+
     def steps(self, spec: DeformConvSpec) -> int:
         """Steps of ``positions`` each split takes."""
-        return -(-spec.batch * spec.out_h * spec.out_w // (self.positions * self.splits))
+        return -(-self.total_steps(spec) // self.splits)
+
+    def with_splits(self, spec: DeformConvSpec, splits: int) -> "WeightTiling":
+        """This tiling in ``splits`` splits, clamped to 1 ... ``total_steps`` and lowered until no
+        split is empty."""
+        steps = self.total_steps(spec)
+        return dataclasses.replace(self, splits=_without_empty_splits(steps, max(1, min(splits, steps))))
 
 
 def backward_mma(spec: DeformConvSpec):

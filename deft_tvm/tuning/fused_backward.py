@@ -37,7 +37,6 @@ from deft_tvm.schedules.cuda_backward_fused import (
     TILE_SHAPES,
     DataTiling,
     WeightTiling,
-    _without_empty_splits,
     backward_mma,
     fused_backward_module,
     padded_positions,
@@ -119,7 +118,6 @@ def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
     many; only tilings within 48 KB of shared memory and ``PARTIAL_FLOATS`` partial sums."""
     default = WeightTiling.for_spec(spec)
     r = dataclasses.replace
-    total = spec.batch * spec.out_h * spec.out_w
     bases = [] if default.tensor_cores else [default, r(default, positions=32)]
     if backward_mma(spec) is not None:
         cores = [r(WeightTiling.for_spec(spec, o_channels=o, tensor_cores=True), positions=p)
@@ -127,9 +125,7 @@ def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
         bases += [r(t, splits=t.fewest_waves(spec)) for t in cores if t.shared_bytes(spec) <= SHARED_BYTES]
     candidates = [default]
     for base in bases:
-        steps = -(-total // base.positions)
-        for splits in (base.splits, 2 * base.splits, base.splits // 2):
-            candidates.append(r(base, splits=_without_empty_splits(steps, max(1, min(splits, steps)))))
+        candidates += [base.with_splits(spec, splits) for splits in (base.splits, 2 * base.splits, base.splits // 2)]
     weights = spec.out_channels * spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
     return _unique(t for t in candidates
                    if t.shared_bytes(spec) <= SHARED_BYTES and t.splits * weights <= max(PARTIAL_FLOATS, weights))
