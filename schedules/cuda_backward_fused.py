@@ -365,9 +365,9 @@ class WeightTiling:
         bfloat16, TF32, and float32 without TF32 as 3xTF32; raises ValueError if True for float64).
         float32's 3xTF32 default: every float32 record's tuning measured it 1.7-4.6x faster than
         the fastest SIMT tiling on an H200 (ms, SIMT / 3xTF32): train_stem 0.575 / 0.124,
-        train_down 0.454 / 0.277, r50 c3 1.039 / 0.441, c4 1.012 / 0.368, c5 1.007 / 0.597. With
-        tensor cores: up to ``o_channels`` x 64 channels per block, on
-        a warp per 32 output channels x 2 warps of 2 x 4 ``mma`` tiles (channels padded to whole tiles):
+        train_down 0.454 / 0.277, r50 c3 1.039 / 0.441, c4 1.012 / 0.368, c5 1.007 / 0.597.
+        With tensor cores: up to ``o_channels`` x 64 channels per block, on a warp per 32 output
+        channels x 2 warps of 2 x 4 ``mma`` tiles (channels padded to whole tiles):
         each block interpolates its input channels' samples once for all its output channels, so
         wide layers re-interpolate less. Measured on an H200 (ms; blocks of up to 64, 128 and 256
         output channels): r50 c3 fp16 0.83, 0.51 (its 128 channels); c4 fp16 0.80, 0.49, 0.36,
@@ -382,9 +382,10 @@ class WeightTiling:
         blocks; a layer of one input channel per group, as a stem, 16 threads: 16 times), about one
         wave (``fewest_waves``) on tensor cores."""
         opg, ipg = spec.out_channels // spec.groups, spec.in_channels // spec.groups
+        has_mma = backward_mma(spec) is not None
         if tensor_cores is None:
-            tensor_cores = backward_mma(spec) is not None
-        elif tensor_cores and backward_mma(spec) is None:
+            tensor_cores = has_mma
+        elif tensor_cores and not has_mma:
             raise ValueError(f"grad_weight has no tensor-core mma for {spec.dtype} (float16, bfloat16, float32)")
         wide = opg > 64 and not tensor_cores
         if tensor_cores:

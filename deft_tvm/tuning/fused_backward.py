@@ -113,9 +113,9 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
 def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
     """The default weight tiling first, then: SIMT (the default's splits twice and half as many and
     32 positions per step, where the default is SIMT: float64) and tensor cores (where the dtype has
-    an mma for grad_weight, ``backward_mma``: float32 without TF32 as 3xTF32) in blocks of up to 64, 128 and
-    256 output channels x 32 or 64 positions per step x the fewest-waves splits, twice and half as
-    many; only tilings within 48 KB of shared memory and ``PARTIAL_FLOATS`` partial sums."""
+    an mma for grad_weight, ``backward_mma``: float32 without TF32 as 3xTF32) in blocks of up to
+    64, 128 and 256 output channels x 32 or 64 positions per step x the fewest-waves splits, twice
+    and half as many; only tilings within 48 KB of shared memory and ``PARTIAL_FLOATS`` partial sums."""
     default = WeightTiling.for_spec(spec)
     r = dataclasses.replace
     bases = [] if default.tensor_cores else [default, r(default, positions=32)]
