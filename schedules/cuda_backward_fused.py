@@ -23,7 +23,8 @@ the math is ``deft_tvm.compute.backward``'s
   pixels (float4 atomics on sm_90). With ``fixed_point`` (the default for float16, bfloat16 and
   TF32) the patch holds int32 sums: a block first bounds its contributions (max |grad_output| x
   max |mask| x max over its channels and taps of sum |weight| over output channels, so
-  |column x mask x share| <= bound) and scales them by the power of 2 that keeps the sums of its
+  |column x mask x share| <= bound; the first and last from ``prepare_primfunc``'s tables, one
+  load per thread) and scales them by the power of 2 that keeps the sums of its
   threads x taps samples per pixel inside int32 (19 bits per contribution for 128 threads and 9
   taps: the bound's 2**-19 is the quantum); integer shared-memory atomics are native, float ones
   compare-and-swap loops. A block whose bound is not finite (NaN or infinite grad_output, mask or
@@ -53,8 +54,13 @@ the math is ``deft_tvm.compute.backward``'s
 * ``reduce_primfunc`` - adds the splits of grad_weight and grad_bias, and (``reduce_segments``) of
   grad_offset and grad_mask, in a fixed order (deterministic), and casts them and grad_input to the
   spec's dtype: one kernel where torch would take up to five (two sums and three casts).
-* ``backward_entry`` - the runtime's one call: a host function that zeroes grad_input's sums and
-  launches the three kernels above (grad_weight, then grad_data, which sm_90 starts beside
+* ``prepare_primfunc`` - grad_input's sums zeroed and, for fixed-point patches, the bound tables:
+  the peak |grad_output| per position and the sum of |weight| over output channels per (channel,
+  tap), reduced once per call (each block of the data kernel used to reduce its own: on r50 c5
+  with 64 channel splits, every thread 512 output channels and the weights' 512 x 72 sums per
+  block, ~128 dependent load rounds before its first mma).
+* ``backward_entry`` - the runtime's one call: a host function that launches ``prepare`` and
+  the three kernels above (grad_weight, then grad_data, which sm_90 starts beside
   grad_weight's last partial wave, then the reduction) on a scratch buffer the caller allocates once
   (``backward_workspace``), every kernel buffer declared over the entry's parameters. On a
   small layer the host is the bottleneck (one torch allocation costs about as much as a kernel
@@ -147,8 +153,8 @@ class DataTiling:
     staged patch takes a loop over the chunk's channels without a branch per corner, its mask x
     bilinear weights multiplied once per tap (``interior_path``; the others the general loop),
     and how many of its global loads a thread issues before it stores them to shared memory when it
-    stages the input patch and the weights, and bounds the block's contributions (``load_batch``: 1
-    stores or uses each load as it arrives, a round trip to L2 per element; more overlap that many),
+    stages the input patch and the weights (``load_batch``: 1 stores each load as it arrives, a
+    round trip to L2 per element; more overlap that many),
     and whether the tensor-core tap groups double-buffer their weight stages (``pipelined``: each
     stage's weights are loaded into registers while the stage before multiplies, stored to the other
     buffer after it, one barrier per stage instead of two).
@@ -192,6 +198,16 @@ class DataTiling:
         2**e`` by its float32 exponent (2**-127 at most, for a zero or subnormal bound)."""
         exponent = struct.unpack("<I", struct.pack("<f", bound))[0] >> 23 & 0xFF
         return 2.0 ** -min(self.quantum_bits(spec) + 126 - exponent, 127)
+
+    def bound_elements(self, spec: DeformConvSpec) -> int:
+        """Elements of the bound tables that ``prepare_primfunc`` writes for the data kernel
+        (float32; 0 where it reads none): with fixed-point patches, unless deterministic (whose
+        bound the caller passes), the peak |grad_output| over the output channels per (image,
+        output position), then the sum of |weight| over its group's output channels per (input
+        channel, tap)."""
+        if not (self.staged and self.fixed_point) or self.deterministic:
+            return 0
+        return spec.batch * spec.out_h * spec.out_w + spec.in_channels * spec.kernel_h * spec.kernel_w
 
     def stages(self, spec: DeformConvSpec) -> int:
         """Weight stages per tap: the group's output channels over ``o_step`` (tensor cores pad the
@@ -513,6 +529,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))
     stages = tiling.stages(spec)
     deterministic = tiling.deterministic
+    bound_elements, = index_extents(spec, max(tiling.bound_elements(spec), 1))
     # float2 / float4 atomics: float32 only; deterministic grad_input takes int64 ones
     width = tiling.flush_width if acc == "float32" and not deterministic else 1
     if width not in (1, 2, 4):
@@ -597,7 +614,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     p_per_thread = -(-chunk * patch // threads)
     p_batch = min(batch, p_per_thread)
     p_rounds = -(-p_per_thread // p_batch)
-    o_batch, g_batch = min(batch, o_ch), min(batch, opg)  # the fixed-point bound's loops over output channels
     group_shape = (tap_group * chunk * threads if tap_group > 1 else 1,)  # [tap in group][channel][thread]
     a_shape = (2 * k_steps * a_elements,)
     b_shape = ((1 + three_tf32) * mma.b_elements if tensor_cores else 1,)  # 3xTF32: the rests after
@@ -885,7 +901,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
 
     @T.macro
     def body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
-             contribution_bound):
+             contribution_bound, bounds):
         split = block % splits
         tile_x = block // splits % tiles_x
         tile_y = block // (splits * tiles_x) % tiles_y
@@ -928,16 +944,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             T.tvm_storage_sync("shared")
             peak[0] = 0
             peak[1] = 0
-            if valid:
-                if batch == 1:
-                    for o in range(o_ch):
-                        peak[0] = T.max(peak[0], magnitude_bits(grad_output[b, o, oy, ox]))
-                else:  # ``load_batch`` loads in flight (an unrolled round), then the tail
-                    for o0 in range(o_ch // o_batch):
-                        for u in T.unroll(o_batch):
-                            peak[0] = T.max(peak[0], magnitude_bits(grad_output[b, o0 * o_batch + u, oy, ox]))
-                    for o in range(o_ch % o_batch):
-                        peak[0] = T.max(peak[0], magnitude_bits(grad_output[b, o_ch - o_ch % o_batch + o, oy, ox]))
+            if valid:  # the prepare kernel's peak |grad_output| at the position
+                peak[0] = magnitude_bits(bounds[(b * oh + oy) * ow + ox])
                 peak[1] = 0x3F800000  # the bits of 1.0
                 if has_mask:
                     peak[1] = 0
@@ -945,24 +953,12 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         peak[1] = T.max(peak[1], magnitude_bits(mask[b, gi * taps + t, oy, ox]))
             T.evaluate(bits_max(T.address_of(bound[0]), peak[0]))
             T.evaluate(bits_max(T.address_of(bound[1]), peak[1]))
-            for i in range((cpg // splits * taps + threads - 1) // threads):
-                pair = i * threads + thread
+            for i in range((cpg // splits * taps + threads - 1) // threads):  # its sums of |weight| per
+                pair = i * threads + thread  # (channel, tap) of the block's channels
                 if pair < cpg // splits * taps:
                     ch = gi * cpg + split * (cpg // splits) + pair // taps
-                    weights[0] = zero
-                    if batch == 1:
-                        for o in range(opg):
-                            weights[0] = weights[0] + T.fabs(T.Cast(acc, weight[ch // ipg * opg + o, ch % ipg,
-                                                                                pair % taps // kw, pair % kw]))
-                    else:
-                        for o0 in range(opg // g_batch):
-                            for u in T.unroll(g_batch):
-                                weights[0] = weights[0] + T.fabs(T.Cast(acc, weight[
-                                    ch // ipg * opg + o0 * g_batch + u, ch % ipg, pair % taps // kw, pair % kw]))
-                        for o in range(opg % g_batch):
-                            weights[0] = weights[0] + T.fabs(T.Cast(acc, weight[
-                                ch // ipg * opg + opg - opg % g_batch + o, ch % ipg, pair % taps // kw, pair % kw]))
-                    T.evaluate(bits_max(T.address_of(bound[2]), magnitude_bits(weights[0])))
+                    T.evaluate(bits_max(T.address_of(bound[2]),
+                                        magnitude_bits(bounds[n * oh * ow + ch * taps + pair % taps])))
             T.tvm_storage_sync("shared")
             weights[0] = T.reinterpret(acc, bound[0]) * T.reinterpret(acc, bound[1]) * T.reinterpret(acc, bound[2])
         if fixed:  # its power-of-2 scale:
@@ -1156,16 +1152,18 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         grad_offset: T.Buffer(offset_shape, acc),
         grad_mask: T.Buffer(mask_shape, acc),
         contribution_bound: T.Buffer((1,), "float32"),
+        bounds: T.Buffer((bound_elements,), "float32"),
     ):
         T.func_attr({"global_symbol": "grad_data", "tirx.noalias": True})
         for block in T.thread_binding(blocks, thread="blockIdx.x"):
             for thread in T.thread_binding(threads, thread="threadIdx.x"):
                 with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", min_blocks):
                     body(block, thread, input, offset, mask, weight, grad_output, grad_input, grad_offset, grad_mask,
-                         contribution_bound)
+                         contribution_bound, bounds)
                     T.evaluate(grid_dependency_wait())  # the entry's grad_weight done before this kernel is
 
-    return _without(grad_data, ("mask", "grad_mask") * (not has_mask) + ("contribution_bound",) * (not deterministic))
+    return _without(grad_data, ("mask", "grad_mask") * (not has_mask) + ("contribution_bound",) * (not deterministic)
+                    + ("bounds",) * (not tiling.bound_elements(spec)))
 
 
 def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
@@ -1627,25 +1625,127 @@ def reduce_primfunc(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling
     return _without(reduce, tuple(name for pair in unused for name in pair))
 
 
-def zero_primfunc(count: int, dtype: str, bind_threads: bool = True):
-    """``accumulator [count]`` (``dtype``) set to zero, a thread per element: grad_input's sums
-    before the data kernel adds to them. ``bind_threads=False``: the same loop, serial."""
+PREPARE_THREADS = 256
 
-    threads = 256
-    index = "int64" if count > INT32_MAX else "int32"
-    blocks, threads_, count_ = (tirx.IntImm(index, v) for v in (-(-count // threads), threads, count))
+
+def _slices(channels: int, bind_threads: bool) -> int:
+    """Threads that share one bound table entry's reduction over ``channels``: the fewest (a power
+    of 2, at most 16) that leave each at most 32 channels; 1 for a serial (CPU) build."""
+    slices = 1
+    while bind_threads and slices < 16 and -(-channels // slices) > 32:
+        slices *= 2
+    return slices
+
+
+def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool = True):
+    """The backward's first kernel: ``accumulator [N * C * H * W]`` (grad_input's sums, int64 where
+    ``data.deterministic``, else the accumulate dtype) set to zero, and, where the data kernel
+    takes them (``DataTiling.bound_elements``), its bound tables in ``bounds`` (float32) from
+    ``weight`` and ``grad_output`` (the spec's shapes and dtype): per (image, output position) the
+    largest |grad_output| over the output channels (the largest float32 bits, so NaN wins), per
+    (input channel, tap) the sum of |weight| over its group's output channels, each reduced by
+    ``_slices`` threads (strided channels, then the slices' results in slice order: the same sums
+    on every run). Computed once per call, where every block of the data kernel (and each of its
+    channel splits) used to read all of its positions' output channels and its channels' weights.
+    ``bind_threads=False``: the same loops, serial (buildable for a CPU)."""
+
+    elements = math.prod(spec.input_shape)
+    sums = "int64" if data.deterministic else accumulate_dtype(spec.dtype)
+    tables = data.bound_elements(spec)
+    threads = PREPARE_THREADS
+    positions = spec.batch * spec.out_h * spec.out_w
+    o_ch, opg, ipg = spec.out_channels, spec.out_channels // spec.groups, spec.in_channels // spec.groups
+    oh, ow, kw, taps = spec.out_h, spec.out_w, spec.kernel_w, spec.kernel_h * spec.kernel_w
+    pairs = spec.in_channels * taps
+    peak_slices, sum_slices = _slices(o_ch, bind_threads), _slices(opg, bind_threads)
+    peak_items, sum_items = threads // peak_slices, threads // sum_slices  # entries per block
+    zero_blocks = -(-elements // threads)
+    has_tables, table_shape = tables > 0, max(tables, 1)
+    peak_blocks = -(-positions // peak_items) if tables else 0
+    sum_blocks = -(-pairs // sum_items) if tables else 0
+    index = "int64" if max(elements, zero_blocks + peak_blocks + sum_blocks) * threads > INT32_MAX else "int32"
+    blocks, threads_, count, zero_end, peak_end = (tirx.IntImm(index, v) for v in (
+        zero_blocks + peak_blocks + sum_blocks, threads, elements, zero_blocks, zero_blocks + peak_blocks))
     blocks_loop, threads_loop = thread_loops(bind_threads)
-    zero = tirx.const(0, dtype)
+    zero = tirx.const(0, sums)
+    batch = 8  # loads a thread issues before it reduces them
+    scope = "shared" if bind_threads else "local"
+
+    def magnitude_bits(value):
+        return tirx.bitwise_and(tirx.reinterpret("int32", tirx.Cast("float32", value)), 0x7FFFFFFF)
+
+    @T.macro
+    def peak(partial, item, slice_, bounds, grad_output):
+        """``bounds[item]``: the largest |grad_output| at flat output position ``item``."""
+        bits = T.alloc_buffer((1,), "int32", scope="local")
+        bits[0] = 0
+        if item < positions:
+            for k0 in range(-(-(-(-o_ch // peak_slices)) // batch)):
+                for u in T.unroll(batch):
+                    o = (k0 * batch + u) * peak_slices + slice_
+                    if o < o_ch:
+                        bits[0] = T.max(bits[0], magnitude_bits(
+                            grad_output[item // (oh * ow), o, item % (oh * ow) // ow, item % ow]))
+        if peak_slices == 1:
+            if item < positions:
+                bounds[item] = T.reinterpret("float32", bits[0])
+        else:
+            partial[slice_ * peak_items + item % peak_items] = T.reinterpret("float32", bits[0])
+            T.tvm_storage_sync("shared")
+            if slice_ == 0 and item < positions:
+                for s in range(1, peak_slices):
+                    bits[0] = T.max(bits[0], T.reinterpret("int32", partial[s * peak_items + item % peak_items]))
+                bounds[item] = T.reinterpret("float32", bits[0])
+
+    @T.macro
+    def weight_sum(partial, pair, slice_, bounds, weight):
+        """``bounds[positions + pair]``: the sum of |weight| over the output channels of the group
+        of (input channel, tap) ``pair``."""
+        total = T.alloc_buffer((1,), "float32", scope="local")
+        total[0] = T.float32(0)
+        if pair < pairs:
+            for k0 in range(-(-(-(-opg // sum_slices)) // batch)):
+                for u in T.unroll(batch):
+                    o = (k0 * batch + u) * sum_slices + slice_
+                    if o < opg:
+                        total[0] = total[0] + T.fabs(T.Cast("float32", weight[
+                            pair // taps // ipg * opg + o, pair // taps % ipg, pair % taps // kw, pair % kw]))
+        if sum_slices == 1:
+            if pair < pairs:
+                bounds[positions + pair] = total[0]
+        else:
+            partial[slice_ * sum_items + pair % sum_items] = total[0]
+            T.tvm_storage_sync("shared")
+            if slice_ == 0 and pair < pairs:
+                for s in range(1, sum_slices):
+                    total[0] = total[0] + partial[s * sum_items + pair % sum_items]
+                bounds[positions + pair] = total[0]
 
     @T.prim_func
-    def zero_fill(accumulator: T.Buffer((count_,), dtype)):
-        T.func_attr({"global_symbol": "zero_fill", "tirx.noalias": True})
+    def prepare(
+        accumulator: T.Buffer((count,), sums),
+        weight: T.Buffer(spec.weight_shape, spec.dtype),
+        grad_output: T.Buffer(spec.output_shape, spec.dtype),
+        bounds: T.Buffer((table_shape,), "float32"),
+    ):
+        T.func_attr({"global_symbol": "prepare", "tirx.noalias": True})
         for block in blocks_loop(blocks):
             for thread in threads_loop(threads_):
-                if block * threads_ + thread < count_:
-                    accumulator[block * threads_ + thread] = zero
+                if block < zero_end:
+                    if block * threads_ + thread < count:
+                        accumulator[block * threads_ + thread] = zero
+                if has_tables:
+                    partial = T.alloc_buffer((threads,), "float32", scope=scope)  # the slices' results
+                    if block >= zero_end and block < peak_end:
+                        peak(partial, (block - zero_end) * peak_items + thread % peak_items, thread // peak_items,
+                             bounds, grad_output)
+                    elif block >= peak_end:
+                        weight_sum(partial, (block - peak_end) * sum_items + thread % sum_items,
+                                   thread // sum_items, bounds, weight)
 
-    return zero_fill
+    if has_tables:
+        return prepare
+    return _without(prepare, ("weight", "grad_output", "bounds"))
 
 
 WORKSPACE_ALIGN = 64  # elements between the starts of the workspace's regions (256 bytes of float32)
@@ -1654,8 +1754,9 @@ WORKSPACE_ALIGN = 64  # elements between the starts of the workspace's regions (
 @dataclasses.dataclass(frozen=True)
 class Workspace:
     """The backward entry's scratch buffer (accumulate dtype, ``elements`` long): the first element
-    of each region of partial sums it holds (``"weight"``, ``"bias"``, and the ``reduce_segments``
-    among ``"offset"``, ``"mask"`` and ``"input"``), in that order, each ``WORKSPACE_ALIGN``-aligned."""
+    of each region it holds (partial sums: ``"weight"``, ``"bias"``, and the ``reduce_segments``
+    among ``"offset"``, ``"mask"`` and ``"input"``; ``"bounds"``, the data kernel's bound tables
+    where it reads them), in that order, each ``WORKSPACE_ALIGN``-aligned."""
 
     starts: tuple[tuple[str, int], ...]
     elements: int
@@ -1666,12 +1767,14 @@ class Workspace:
 
 def backward_workspace(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling) -> Workspace:
     """The regions of ``backward_entry``'s workspace: the weight kernel's partial sums of grad_weight
-    and grad_bias, and the data kernel's sums that the reduce kernel finishes."""
+    and grad_bias, the data kernel's sums that the reduce kernel finishes, and the data kernel's
+    bound tables (``prepare_primfunc``)."""
     segments = reduce_segments(spec, data)
     weights, biases, offsets, masks, inputs = _reduce_sizes(spec)
     sizes = {"weight": weight.splits * weights, "bias": weight.splits * biases,
              "offset": data.channel_splits * offsets * segments.offset,
-             "mask": data.channel_splits * masks * segments.mask, "input": inputs * segments.input}
+             "mask": data.channel_splits * masks * segments.mask, "input": inputs * segments.input,
+             "bounds": data.bound_elements(spec)}
     starts, end = [], 0
     for region, size in sizes.items():
         if size:
@@ -1683,21 +1786,21 @@ def backward_workspace(spec: DeformConvSpec, data: DataTiling, weight: WeightTil
 def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling, *, data_func=None,
                    weight_func=None, bind_threads: bool = True):
     """The whole fused backward as one host function (``backward``, one call from the runtime): it
-    zeroes grad_input's sums and launches ``grad_weight_primfunc``, ``grad_data_primfunc`` and
-    ``reduce_primfunc`` in that order on the caller's stream (grad_data programmatically: its blocks
-    start beside grad_weight's last wave and wait for grad_weight before they exit, so that the
-    reduction sees both; ``cuda_launch``), their partial sums in a scratch buffer
-    the caller allocates (``backward_workspace``), every buffer of theirs declared over the entry's
-    parameters or the workspace (no copies). Parameters: ``input, offset, mask?, weight,
-    grad_output`` (the spec's shapes and dtype), ``contribution_bound [1]`` (float32, with
-    ``data.deterministic``), ``workspace [elements]`` (accumulate dtype), then the gradients:
-    ``grad_input`` (input shape), ``grad_offset``, ``grad_mask?`` in the spec's dtype where
-    ``reduce_segments`` folds them, else the data kernel's sums (grad_input ``[N, C, H, W]`` in the
-    accumulate dtype, or int64 fixed point when deterministic; grad_offset / grad_mask ``[channel
-    splits, *shape]`` accumulate dtype) that the caller finishes; ``grad_weight`` (weight shape)
-    and ``grad_bias? [out_channels]`` in the spec's dtype. ``data_func`` / ``weight_func`` stand in
-    for the two kernels (same parameters; tests) and ``bind_threads=False`` makes the zeroing and
-    the reduction serial, for a CPU."""
+    launches ``prepare_primfunc`` (grad_input's sums zeroed, the bound tables),
+    ``grad_weight_primfunc``, ``grad_data_primfunc`` and ``reduce_primfunc`` in that order on the
+    caller's stream (grad_data programmatically: its blocks start beside grad_weight's last wave
+    and wait for grad_weight before they exit, so that the reduction sees both; ``cuda_launch``),
+    their partial sums and tables in a scratch buffer the caller allocates (``backward_workspace``),
+    every buffer of theirs declared over the entry's parameters or the workspace (no copies).
+    Parameters: ``input, offset, mask?, weight, grad_output`` (the spec's shapes and dtype),
+    ``contribution_bound [1]`` (float32, with ``data.deterministic``), ``workspace [elements]``
+    (accumulate dtype), then the gradients: ``grad_input`` (input shape), ``grad_offset``,
+    ``grad_mask?`` in the spec's dtype where ``reduce_segments`` folds them, else the data
+    kernel's sums (grad_input ``[N, C, H, W]`` in the accumulate dtype, or int64 fixed point when
+    deterministic; grad_offset / grad_mask ``[channel splits, *shape]`` accumulate dtype) that the
+    caller finishes; ``grad_weight`` (weight shape) and ``grad_bias? [out_channels]`` in the
+    spec's dtype. ``data_func`` / ``weight_func`` stand in for the two kernels (same parameters;
+    tests) and ``bind_threads=False`` makes the first kernel and the reduction serial, for a CPU."""
     data_func = data_func or grad_data_primfunc(spec, data)
     weight_func = weight_func or grad_weight_primfunc(spec, weight)
     reduce_func = reduce_primfunc(spec, data, weight, bind_threads)
@@ -1738,9 +1841,10 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
     def data_sums(name):  # where the data kernel writes a gradient: the workspace where reduce folds it
         return region(name) if getattr(segments, name) else entry(f"grad_{name}")
 
-    zero = zero_primfunc(math.prod(spec.input_shape), sums, bind_threads)
+    bounds = region("bounds") if data.bound_elements(spec) else None
     sources = [  # each kernel, in launch order, and the pointer each of its parameters is declared over
-        (zero, {"accumulator": data_sums("input")}),
+        (prepare_primfunc(spec, data, bind_threads), {"accumulator": data_sums("input"), "weight": entry("weight"),
+                                                      "grad_output": entry("grad_output"), "bounds": bounds}),
         (weight_func, {"input": entry("input"), "offset": entry("offset"),
                       "mask": entry("mask") if spec.has_mask else None, "grad_output": entry("grad_output"),
                       "weight_part": region("weight"), "bias_part": region("bias") if spec.has_bias else None}),
@@ -1748,7 +1852,8 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
                     "mask": entry("mask") if spec.has_mask else None, "weight": entry("weight"), "grad_output": entry("grad_output"),
                     "grad_input": data_sums("input"), "grad_offset": data_sums("offset"),
                     "grad_mask": data_sums("mask") if spec.has_mask else None,
-                    "contribution_bound": entry("contribution_bound") if data.deterministic else None}),
+                    "contribution_bound": entry("contribution_bound") if data.deterministic else None,
+                    "bounds": bounds}),
         (reduce_func, {"weight_part": region("weight"), "bias_part": region("bias") if spec.has_bias else None,
                       **{f"{name}_part": region(name) for name in ("offset", "mask", "input")
                          if getattr(segments, name)},
@@ -1801,7 +1906,7 @@ def fingerprint(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling, ar
 
 def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, weight: WeightTiling | None = None,
                           arch: str = "sm_90"):
-    """``(module, data, weight)``: the IRModule of the three kernels (``grad_data``,
+    """``(module, data, weight)``: the IRModule of the four kernels (``prepare``, ``grad_data``,
     ``grad_weight``, ``reduce``) with the given tilings (default ``default_tilings``), and
     those tilings (the caller sizes the partial-sum buffers by them)."""
     import tvm
@@ -1810,6 +1915,7 @@ def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, 
         defaults = default_tilings(spec, arch)
         data, weight = data or defaults[0], weight or defaults[1]
     module = tvm.IRModule({
+        "prepare": prepare_primfunc(spec, data),
         "grad_data": grad_data_primfunc(spec, data),
         "grad_weight": grad_weight_primfunc(spec, weight),
         "reduce": reduce_primfunc(spec, data, weight),

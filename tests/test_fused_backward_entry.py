@@ -1,8 +1,9 @@
 """The fused backward's one host function (``cuda_backward_fused.backward_entry``): built for the CPU
 around stand-in data and weight kernels, and called by the runtime's fused path
-(``runtime.backward._fused_backward``), it zeroes grad_input's sums, places every partial sum in
-its workspace region and finishes every gradient; built for CUDA it compiles with nvcc for sm_90
-into its four kernels, in launch order, each on exactly the buffers of the kernel it wraps."""
+(``runtime.backward._fused_backward``), it zeroes grad_input's sums, places every partial sum (and
+the data kernel's bound tables) in its workspace region and finishes every gradient; built for
+CUDA it compiles with nvcc for sm_90 into its four kernels, in launch order, each on exactly the
+buffers of the kernel it wraps."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from deft_tvm.schedules.cuda_backward_fused import (
     default_tilings,
     grad_data_primfunc,
     grad_weight_primfunc,
+    prepare_primfunc,
     reduce_primfunc,
     reduce_segments,
 )
@@ -103,10 +105,11 @@ def test_workspace_regions_are_aligned_and_disjoint():
     spec, data, weight = _case("float16_splits")
     workspace = backward_workspace(spec, data, weight)
     starts = dict(workspace.starts)
-    assert list(starts) == ["weight", "bias", "offset", "mask", "input"]
+    assert data.fixed_point and list(starts) == ["weight", "bias", "offset", "mask", "input", "bounds"]
     sizes = {"weight": weight.splits * 8 * 8 * 9, "bias": weight.splits * 8,
              "offset": data.channel_splits * math.prod(spec.offset_shape),
-             "mask": data.channel_splits * math.prod(spec.mask_shape), "input": math.prod(spec.input_shape)}
+             "mask": data.channel_splits * math.prod(spec.mask_shape), "input": math.prod(spec.input_shape),
+             "bounds": spec.batch * spec.out_h * spec.out_w + spec.in_channels * 9}
     ends = [starts[k] + sizes[k] for k in starts]
     assert all(start % WORKSPACE_ALIGN == 0 for start in starts.values())
     assert all(end <= nxt for end, nxt in zip(ends, list(starts.values())[1:])) and ends[-1] <= workspace.elements
@@ -130,7 +133,7 @@ def test_entry_compiles_into_the_four_kernels_in_launch_order(spec):
     entry = backward_entry(spec, data, weight)
     source = compile_kernel(tvm.IRModule({"backward": entry}), cuda_target("sm_90")).mod.imports[0].inspect_source()
     assert sorted(_kernels(source)) == [  # numbered in launch order
-        ("backward_kernel", ["accumulator"]),
+        ("backward_kernel", _buffers(prepare_primfunc(spec, data))),
         ("backward_kernel_1", _buffers(grad_weight_primfunc(spec, weight))),
         ("backward_kernel_2", _buffers(grad_data_primfunc(spec, data))),
         ("backward_kernel_3", _buffers(reduce_primfunc(spec, data, weight))),

@@ -24,7 +24,7 @@ from deft_tvm.runtime import backward, records
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import SHARED_BYTES, DataTiling, WeightTiling, fused_backward_module
 from deft_tvm.schedules.cuda_mma import mma_shape
-from deft_tvm.tuning.fused_backward import STEP_FACTORS, chunk_variants
+from deft_tvm.tuning.fused_backward import STEP_FACTORS, chunk_variants, data_call
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 from helpers import float32_sampled_offsets, grad_leaves, make_case
@@ -219,9 +219,10 @@ def _assert_same_nans_and_close(got: list, expected: list, key: str) -> None:
 
 
 def _data_kernel(spec, tiling):
-    """The compiled grad_data of ``tiling`` for the GPU."""
+    """The compiled prepare and grad_data kernels of ``tiling`` for the GPU (one module)."""
     module, _, _ = fused_backward_module(spec, tiling)
-    return compile_kernel(tvm.IRModule({"grad_data": module["grad_data"]}), target_for_device("cuda"))["grad_data"]
+    return compile_kernel(tvm.IRModule({name: module[name] for name in ("prepare", "grad_data")}),
+                          target_for_device("cuda"))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
@@ -240,17 +241,12 @@ def test_pipelined_weight_stages_give_the_same_gradients(case, dtype):
         _assert_same_nans_and_close(variant, results[0], dtype)
 
 
-def _run_data(kernel, spec, tiling, args, grad_output):
-    """``kernel`` (a compiled grad_data of ``tiling``) on the case: grad_input, grad_offset and
-    grad_mask? (summed over the channel splits, float32)."""
+def _run_data(kernels, spec, tiling, args, grad_output):
+    """``kernels`` (``_data_kernel``'s, of ``tiling``) on the case as the op runs them (``data_call``):
+    grad_input, grad_offset and grad_mask? (summed over the channel splits, float32)."""
     n, c, h, w = spec.input_shape
-    mask = [args["mask"]] * spec.has_mask
-    grad_input = torch.zeros((n, c, h * w), device="cuda")
-    grad_offset = torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")
-    grad_mask = [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
-    kernel(args["input"].view(n, c, h * w), args["offset"], *mask, args["weight"], grad_output, grad_input,
-           grad_offset, *grad_mask)
-    return [grad_input, grad_offset.sum(0), *[m.sum(0) for m in grad_mask]]
+    inputs = {**args, "input": args["input"].view(n, c, h * w), "grad_output": grad_output}
+    return data_call(spec, kernels, tiling, inputs)()
 
 
 def _run_fused(spec, data, weight, args, grad_output):
@@ -265,7 +261,7 @@ def _run_fused(spec, data, weight, args, grad_output):
     bias_part = [torch.empty((weight.splits, spec.out_channels), device="cuda")] * spec.has_bias
     kernels["grad_weight"](args["input"].view(n, c, h * w), args["offset"], *mask,
                            grad_output.view(n, spec.out_channels, -1), weight_part, *bias_part)
-    return [*_run_data(kernels["grad_data"], spec, data, args, grad_output), weight_part.sum(0),
+    return [*_run_data(kernels, spec, data, args, grad_output), weight_part.sum(0),
             *[b.sum(0) for b in bias_part]]
 
 
@@ -507,6 +503,35 @@ def test_fixed_point_blocks_with_non_finite_bounds_add_floats(dtype):
     assert_close_to_largest(fixed[finite], unstaged[finite], dtype)
 
 
+@pytest.mark.parametrize("dtype, out_channels, groups, slices", [("float16", 100, 2, 4), ("tf32", 512, 1, 16)])
+def test_prepare_kernel_tables_reduce_over_thread_slices(dtype, out_channels, groups, slices):
+    """The bound tables of ``prepare_primfunc`` on the GPU, where 4 and 16 threads (``_slices``) share
+    an entry: the peak |grad_output| per position (NaN and infinity kept), the sum of |weight| over
+    each group's output channels per (channel, tap); grad_input's sums zeroed."""
+    from deft_tvm.schedules.cuda_backward_fused import _slices, prepare_primfunc
+
+    spec = DeformConvSpec(2, 20, 9, 11, out_channels, 3, 3, padding=(1, 1), groups=groups,
+                          dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    data = DataTiling.for_spec(spec)
+    assert data.fixed_point and _slices(out_channels, True) == slices
+    kernel = compile_kernel(tvm.IRModule({"prepare": prepare_primfunc(spec, data)}), target_for_device("cuda"))
+    torch_dtype = getattr(torch, spec.dtype)
+    weight = torch.randn(spec.weight_shape, device="cuda").to(torch_dtype)
+    grad_output = torch.randn(spec.output_shape, device="cuda").to(torch_dtype)
+    grad_output[1, 37, 4, 6], grad_output[0, 99, 8, 10] = math.nan, -math.inf
+    accumulator = torch.full((math.prod(spec.input_shape),), 7.0, device="cuda")
+    bounds = torch.full((data.bound_elements(spec),), 7.0, device="cuda")
+    kernel["prepare"](accumulator, weight, grad_output, bounds)
+    positions = spec.batch * spec.out_h * spec.out_w
+    peaks = grad_output.float().abs().amax(1).flatten()
+    opg = spec.out_channels // spec.groups
+    sums = torch.cat([weight[g * opg:(g + 1) * opg].float().abs().sum(0) for g in range(spec.groups)]).flatten()
+    assert not accumulator.any()
+    assert torch.equal(bounds[:positions].isnan(), peaks.isnan()) and peaks.isnan().sum() == 1
+    assert torch.equal(bounds[:positions].nan_to_num(), peaks.nan_to_num()) and peaks.isinf().sum() == 1
+    torch.testing.assert_close(bounds[positions:], sums, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("case", ["og4_nobias", "k5x3_og5_nomask"])
 def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
@@ -521,7 +546,7 @@ def test_deterministic_data_kernel_repeats_its_bits(case, dtype):
     if spec.has_mask:
         bound = bound * args["mask"].float().abs().amax()
     bound = bound.reshape(1)
-    kernel = _data_kernel(spec, deterministic)
+    kernel = _data_kernel(spec, deterministic)["grad_data"]
     mask = [args["mask"]] * spec.has_mask
     runs = []
     for _ in range(2):

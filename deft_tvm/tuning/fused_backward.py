@@ -133,10 +133,12 @@ def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
 
 def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
                        weight: list[WeightTiling]) -> tuple[list[Callable], list[Callable]]:
-    """The compiled ``grad_data`` of each data tiling and ``grad_weight`` of each weight tiling,
-    built in threads."""
+    """The compiled ``prepare`` and ``grad_data`` (one module) of each data tiling and ``grad_weight``
+    of each weight tiling, built in threads."""
     def build(kind, tiling):
         module, _, _ = fused_backward_module(spec, **{"data" if kind == "grad_data" else "weight": tiling})
+        if kind == "grad_data":
+            return compile_kernel(tvm.IRModule({name: module[name] for name in ("prepare", kind)}), target)
         return compile_kernel(tvm.IRModule({kind: module[kind]}), target)[kind]
 
     jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
@@ -159,22 +161,27 @@ def profile_inputs(spec: DeformConvSpec, profile: str, seed: int = 0) -> dict:
             "grad_output": torch.randn(spec.output_shape, generator=gen).to(inputs["input"].dtype).cuda()}
 
 
-def data_call(spec: DeformConvSpec, kernel: Callable, tiling: DataTiling, inputs: dict) -> Callable:
-    """A call of a compiled ``grad_data`` as the op makes it (``runtime.backward``): grad_input
-    zeroed, the kernel, the channel splits' grad_offset and grad_mask added up; the call returns
+def data_call(spec: DeformConvSpec, kernels, tiling: DataTiling, inputs: dict) -> Callable:
+    """A call of a compiled ``prepare`` and ``grad_data`` (``kernels``, one module) as the op makes
+    it (``backward_entry``): grad_input zeroed and the bound tables written by ``prepare``, the data
+    kernel, the channel splits' grad_offset and grad_mask added up; the call returns
     ``[grad_input, grad_offset, grad_mask?]``."""
     import torch
 
     n, c, h, w = spec.input_shape
     mask = [inputs["mask"]] * spec.has_mask
-    grad_input = torch.zeros((n, c, h * w), device="cuda")
+    grad_input = torch.empty((n, c, h * w), device="cuda")
     partials = [torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")]
     partials += [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
+    tables = tiling.bound_elements(spec)
+    bounds = [torch.empty(tables, device="cuda")] * (tables > 0)
+    operands = [inputs["weight"], inputs["grad_output"]] * (tables > 0)
+    prepare, grad_data = kernels["prepare"], kernels["grad_data"]
 
     def call():
-        grad_input.zero_()
-        kernel(inputs["input"], inputs["offset"], *mask, inputs["weight"], inputs["grad_output"], grad_input,
-               *partials)
+        prepare(grad_input.view(-1), *operands, *bounds)
+        grad_data(inputs["input"], inputs["offset"], *mask, inputs["weight"], inputs["grad_output"], grad_input,
+                  *partials, *bounds)
         return [grad_input, *(p[0] if len(p) == 1 else p.sum(0) for p in partials)]
 
     return call
