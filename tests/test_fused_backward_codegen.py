@@ -148,11 +148,13 @@ def test_fused_kernels_compile_and_take_only_the_gradients_buffers(shape, varian
                                has_bias=variant == "mask_bias")
     source = _source(spec)
     # No columns buffer and no per-sample tables: the kernels take the op's tensors, the gradients
-    # and the partial sums only.
+    # and the partial sums only (and the fixed-point patches' bound tables, one entry per position
+    # and per (channel, tap)).
     mask = ["mask"] * spec.has_mask
     grad_mask = ["grad_mask"] * spec.has_mask
+    bounds = ["bounds"] * (DataTiling.for_spec(spec).bound_elements(spec) > 0)
     assert _parameters(source, "grad_data") == sorted(
-        ["input", "offset", *mask, "weight", "grad_output", "grad_input", "grad_offset", *grad_mask])
+        ["input", "offset", *mask, "weight", "grad_output", "grad_input", "grad_offset", *grad_mask, *bounds])
     assert _parameters(source, "grad_weight") == sorted(
         ["input", "offset", *mask, "grad_output", "weight_part", *["bias_part"] * spec.has_bias])
     assert re.search(r"__shared__ [^;]* in_patch", source) and re.search(r"__shared__ [^;]* grad_patch", source)
