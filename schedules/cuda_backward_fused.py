@@ -112,6 +112,12 @@ SM_SHARED_BYTES = 228 * 1024  # shared memory of an sm_90 SM (H100 / H200); 1 KB
 PARTIAL_FLOATS = 8 << 20  # at most 32 MB of grad_weight partial sums
 
 
+def magnitude_bits(value):
+    """The bits of ``|value|`` (as float32) as an int32: ordered as the magnitudes, NaN above
+    infinity."""
+    return tirx.bitwise_and(tirx.reinterpret("int32", tirx.Cast("float32", value)), 0x7FFFFFFF)
+
+
 def _without_empty_splits(steps: int, splits: int) -> int:
     """The splits that ``steps`` steps in splits of ``ceil(steps / splits)`` fill (none empty)."""
     return -(-steps // -(-steps // splits))
@@ -570,10 +576,6 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         """atomicMax of the int32 ``value`` into the shared-memory word at ``address``."""
         return _device_call("deft_shared_max_bits", "int* address, int value", "atomicMax(address, value);",
                             address, value)
-
-    def magnitude_bits(value):
-        """The bits of ``|value|`` as an int32: ordered as the magnitudes, NaN above infinity."""
-        return tirx.bitwise_and(tirx.reinterpret("int32", tirx.Cast("float32", value)), 0x7FFFFFFF)
 
     def patch_sum(grad_patch, e, scale):
         """Patch pixel ``e``'s sum as a float (fixed-point sums times ``scale[1]``, where ``scale[2]``)."""
@@ -1669,10 +1671,8 @@ def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool 
     blocks_loop, threads_loop = thread_loops(bind_threads)
     zero = tirx.const(0, sums)
     batch = 8  # loads a thread issues before it reduces them
+    peak_rounds, sum_rounds = -(-o_ch // peak_slices // batch), -(-opg // sum_slices // batch)
     scope = "shared" if bind_threads else "local"
-
-    def magnitude_bits(value):
-        return tirx.bitwise_and(tirx.reinterpret("int32", tirx.Cast("float32", value)), 0x7FFFFFFF)
 
     @T.macro
     def peak(partial, item, slice_, bounds, grad_output):
@@ -1680,7 +1680,7 @@ def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool 
         bits = T.alloc_buffer((1,), "int32", scope="local")
         bits[0] = 0
         if item < positions:
-            for k0 in range(-(-(-(-o_ch // peak_slices)) // batch)):
+            for k0 in range(peak_rounds):
                 for u in T.unroll(batch):
                     o = (k0 * batch + u) * peak_slices + slice_
                     if o < o_ch:
@@ -1704,7 +1704,7 @@ def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool 
         total = T.alloc_buffer((1,), "float32", scope="local")
         total[0] = T.float32(0)
         if pair < pairs:
-            for k0 in range(-(-(-(-opg // sum_slices)) // batch)):
+            for k0 in range(sum_rounds):
                 for u in T.unroll(batch):
                     o = (k0 * batch + u) * sum_slices + slice_
                     if o < opg:
