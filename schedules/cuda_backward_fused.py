@@ -1674,52 +1674,39 @@ def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool 
     peak_rounds, sum_rounds = -(-o_ch // peak_slices // batch), -(-opg // sum_slices // batch)
     scope = "shared" if bind_threads else "local"
 
-    @T.macro
-    def peak(partial, item, slice_, bounds, grad_output):
-        """``bounds[item]``: the largest |grad_output| at flat output position ``item``."""
-        bits = T.alloc_buffer((1,), "int32", scope="local")
-        bits[0] = 0
-        if item < positions:
-            for k0 in range(peak_rounds):
-                for u in T.unroll(batch):
-                    o = (k0 * batch + u) * peak_slices + slice_
-                    if o < o_ch:
-                        bits[0] = T.max(bits[0], magnitude_bits(
-                            grad_output[item // (oh * ow), o, item % (oh * ow) // ow, item % ow]))
-        if peak_slices == 1:
-            if item < positions:
-                bounds[item] = T.reinterpret("float32", bits[0])
-        else:
-            partial[slice_ * peak_items + item % peak_items] = T.reinterpret("float32", bits[0])
-            T.tvm_storage_sync("shared")
-            if slice_ == 0 and item < positions:
-                for s in range(1, peak_slices):
-                    bits[0] = T.max(bits[0], T.reinterpret("int32", partial[s * peak_items + item % peak_items]))
-                bounds[item] = T.reinterpret("float32", bits[0])
+    def peak_of(peak, value):
+        """The larger magnitude of ``peak`` (float32 bits of one, sign clear) and |``value``|, by
+        their bits (NaN wins)."""
+        return T.reinterpret("float32", T.max(T.reinterpret("int32", peak), magnitude_bits(value)))
+
+    def sum_of(total, value):
+        return total + T.fabs(T.Cast("float32", value))
 
     @T.macro
-    def weight_sum(partial, pair, slice_, bounds, weight):
-        """``bounds[positions + pair]``: the sum of |weight| over the output channels of the group
-        of (input channel, tap) ``pair``."""
-        total = T.alloc_buffer((1,), "float32", scope="local")
-        total[0] = T.float32(0)
-        if pair < pairs:
-            for k0 in range(sum_rounds):
+    def table_entry(partial, entry, slice_, entries, channels, slices, rounds, load, combine, bounds, first):
+        """``bounds[first + entry]``: ``combine`` over the ``channels`` values ``load(entry, o)``,
+        thread ``slice_`` of ``slices`` combining the channels ``o = slice_ (mod slices)``, then
+        its slices' results in slice order (``partial``: a block's threads, ``PREPARE_THREADS //
+        slices`` entries per slice); ``combine`` takes a result as it takes the values it came
+        from."""
+        result = T.alloc_buffer((1,), "float32", scope="local")
+        result[0] = T.float32(0)
+        if entry < entries:
+            for k0 in range(rounds):
                 for u in T.unroll(batch):
-                    o = (k0 * batch + u) * sum_slices + slice_
-                    if o < opg:
-                        total[0] = total[0] + T.fabs(T.Cast("float32", weight[
-                            pair // taps // ipg * opg + o, pair // taps % ipg, pair % taps // kw, pair % kw]))
-        if sum_slices == 1:
-            if pair < pairs:
-                bounds[positions + pair] = total[0]
+                    o = (k0 * batch + u) * slices + slice_
+                    if o < channels:
+                        result[0] = combine(result[0], load(entry, o))
+        if slices == 1:
+            if entry < entries:
+                bounds[first + entry] = result[0]
         else:
-            partial[slice_ * sum_items + pair % sum_items] = total[0]
+            partial[slice_ * (threads // slices) + entry % (threads // slices)] = result[0]
             T.tvm_storage_sync("shared")
-            if slice_ == 0 and pair < pairs:
-                for s in range(1, sum_slices):
-                    total[0] = total[0] + partial[s * sum_items + pair % sum_items]
-                bounds[positions + pair] = total[0]
+            if slice_ == 0 and entry < entries:
+                for s in range(1, slices):
+                    result[0] = combine(result[0], partial[s * (threads // slices) + entry % (threads // slices)])
+                bounds[first + entry] = result[0]
 
     @T.prim_func
     def prepare(
@@ -1736,12 +1723,17 @@ def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool 
                         accumulator[block * threads_ + thread] = zero
                 if has_tables:
                     partial = T.alloc_buffer((threads,), "float32", scope=scope)  # the slices' results
-                    if block >= zero_end and block < peak_end:
-                        peak(partial, (block - zero_end) * peak_items + thread % peak_items, thread // peak_items,
-                             bounds, grad_output)
-                    elif block >= peak_end:
-                        weight_sum(partial, (block - peak_end) * sum_items + thread % sum_items,
-                                   thread // sum_items, bounds, weight)
+                    if block >= zero_end and block < peak_end:  # the peak |grad_output| per position
+                        table_entry(partial, (block - zero_end) * peak_items + thread % peak_items,
+                                    thread // peak_items, positions, o_ch, peak_slices, peak_rounds,
+                                    lambda q, o: grad_output[q // (oh * ow), o, q % (oh * ow) // ow, q % ow],
+                                    peak_of, bounds, 0)
+                    elif block >= peak_end:  # the sum of |weight| per (channel, tap)
+                        table_entry(partial, (block - peak_end) * sum_items + thread % sum_items,
+                                    thread // sum_items, pairs, opg, sum_slices, sum_rounds,
+                                    lambda q, o: weight[q // taps // ipg * opg + o, q // taps % ipg, q % taps // kw,
+                                                        q % kw],
+                                    sum_of, bounds, positions)
 
     if has_tables:
         return prepare

@@ -19,6 +19,27 @@ from deft_tvm.schedules.cuda_backward_fused import DataTiling, _slices, prepare_
 SPEC = DeformConvSpec(2, 6, 5, 7, 9, 3, 2, stride=(2, 1), padding=(1, 0), groups=3, dtype="float16")
 
 
+def reference_tables(spec, weight, grad_output):
+    """The bound tables in float32 (flat, positions then (channel, tap)) from torch: the largest
+    |grad_output| over the output channels (NaN where one is NaN), the sum of |weight| over each
+    group's output channels."""
+    opg = spec.out_channels // spec.groups
+    peaks = grad_output.float().abs().amax(1).flatten()
+    sums = torch.cat([weight[g * opg:(g + 1) * opg].float().abs().sum(0) for g in range(spec.groups)]).flatten()
+    return peaks, sums
+
+
+def assert_tables(bounds, spec, weight, grad_output, rtol):
+    """``bounds`` (a prepare kernel's) are ``reference_tables``' (NaN in the same places, the sums
+    within ``rtol``: float32 rounding in another order) and the case has one NaN and one infinite
+    peak."""
+    peaks, sums = reference_tables(spec, weight, grad_output)
+    positions = spec.batch * spec.out_h * spec.out_w
+    assert torch.equal(bounds[:positions].isnan(), peaks.isnan()) and peaks.isnan().sum() == 1
+    assert torch.equal(bounds[:positions].nan_to_num(), peaks.nan_to_num()) and bounds[:positions].isinf().sum() == 1
+    torch.testing.assert_close(bounds[positions:], sums, rtol=rtol, atol=0)
+
+
 def _serial_prepare(spec, data):
     func = prepare_primfunc(spec, data, bind_threads=False)
     return tvm.compile(tvm.IRModule({"prepare": func}), target=tvm.target.Target({"kind": "llvm"}))["prepare"]
@@ -37,13 +58,7 @@ def test_prepare_zeroes_the_sums_and_writes_both_tables():
     _serial_prepare(SPEC, data)(accumulator, weight, grad_output, bounds)
 
     assert torch.equal(accumulator, torch.zeros_like(accumulator))
-    positions = SPEC.batch * SPEC.out_h * SPEC.out_w
-    peaks = grad_output.float().abs().amax(1).flatten()  # NaN where a channel is NaN
-    assert torch.equal(bounds[:positions].isnan(), peaks.isnan()) and peaks.isnan().sum() == 1
-    assert torch.equal(bounds[:positions].nan_to_num(), peaks.nan_to_num()) and bounds[:positions].isinf().sum() == 1
-    opg = SPEC.out_channels // SPEC.groups
-    sums = torch.cat([weight[g * opg:(g + 1) * opg].float().abs().sum(0) for g in range(SPEC.groups)])  # [C, kh, kw]
-    torch.testing.assert_close(bounds[positions:], sums.flatten(), rtol=1e-6, atol=0)
+    assert_tables(bounds, SPEC, weight, grad_output, rtol=1e-6)
 
 
 @pytest.mark.parametrize("change", [{"deterministic": True}, {"fixed_point": False}, {"staged": False}],

@@ -28,6 +28,7 @@ from deft_tvm.tuning.fused_backward import STEP_FACTORS, chunk_variants, data_ca
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
 from helpers import float32_sampled_offsets, grad_leaves, make_case
+from test_bound_tables import assert_tables
 from test_forward import SHAPES
 
 pytestmark = pytest.mark.gpu
@@ -522,14 +523,8 @@ def test_prepare_kernel_tables_reduce_over_thread_slices(dtype, out_channels, gr
     accumulator = torch.full((math.prod(spec.input_shape),), 7.0, device="cuda")
     bounds = torch.full((data.bound_elements(spec),), 7.0, device="cuda")
     kernel["prepare"](accumulator, weight, grad_output, bounds)
-    positions = spec.batch * spec.out_h * spec.out_w
-    peaks = grad_output.float().abs().amax(1).flatten()
-    opg = spec.out_channels // spec.groups
-    sums = torch.cat([weight[g * opg:(g + 1) * opg].float().abs().sum(0) for g in range(spec.groups)]).flatten()
     assert not accumulator.any()
-    assert torch.equal(bounds[:positions].isnan(), peaks.isnan()) and peaks.isnan().sum() == 1
-    assert torch.equal(bounds[:positions].nan_to_num(), peaks.nan_to_num()) and peaks.isinf().sum() == 1
-    torch.testing.assert_close(bounds[positions:], sums, rtol=1e-5, atol=0)
+    assert_tables(bounds, spec, weight, grad_output, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
