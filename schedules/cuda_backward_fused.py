@@ -163,7 +163,11 @@ class DataTiling:
     round trip to L2 per element; more overlap that many),
     and whether the tensor-core tap groups double-buffer their weight stages (``pipelined``: each
     stage's weights are loaded into registers while the stage before multiplies, stored to the other
-    buffer after it, one barrier per stage instead of two).
+    buffer after it, one barrier per stage instead of two) and, pipelined, their grad_output
+    fragments (``prefetch``: the next stage's are loaded into a second register buffer while this
+    one multiplies, where each stage waited for its own loads from L2; on r50 c5 that wait and the
+    barrier after it took 44 % of the stall samples of the stage loop, which took 58 % of the data
+    kernel's; ncu, ``tools/results/ncu_grad_data_c5_h200_834608e.txt``).
     The interior path is searched, not the default: on an H200 (data kernel ms, record's tiling
     without / with it) it gains on float16's SIMT tap groups (paper N=32 1.027 / 1.006, r50 c3
     0.789 / 0.744, c5 0.584 / 0.567) and loses on TF32 (paper 1.058 / 1.109; c3 0.813 / 0.819) and
@@ -184,6 +188,7 @@ class DataTiling:
     interior_path: bool = False
     load_batch: int = 1
     pipelined: bool = False
+    prefetch: bool = False
 
     def patch(self, spec: DeformConvSpec) -> tuple[int, int]:
         """Rows and columns of the staged input patch: the tile's receptive field plus the halo
@@ -520,6 +525,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     pipelined = tiling.pipelined
     if pipelined and not (tiling.tensor_cores and tiling.tap_group > 1):
         raise ValueError(f"{tiling}: only the tensor-core tap groups pipeline their weight stages")
+    if tiling.prefetch and not pipelined:
+        raise ValueError(f"{tiling}: only pipelined weight stages prefetch grad_output's fragments")
     rows, cols = tiling.patch(spec)
     patch = rows * cols if staged else 1
     threads = th * tw
@@ -617,7 +624,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     p_batch = min(batch, p_per_thread)
     p_rounds = -(-p_per_thread // p_batch)
     group_shape = (tap_group * chunk * threads if tap_group > 1 else 1,)  # [tap in group][channel][thread]
-    a_shape = (2 * k_steps * a_elements,)
+    a_size = 2 * k_steps * a_elements  # one stage's fragments of the warp's two m16 tiles
+    a_shape = ((1 + tiling.prefetch) * a_size,)
     b_shape = ((1 + three_tf32) * mma.b_elements if tensor_cores else 1,)  # 3xTF32: the rests after
     n_tiles = tap_group * n8 // 8  # n8 tiles of one multiply: the chunk's channels of each tap of the group
     c_shape = (2 * n_tiles * 4,)
@@ -649,9 +657,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             split_tf32(b_frag, mma.b_elements, mma.b_elements)
 
     @T.macro
-    def load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread):
-        """This warp's grad_output fragments of one stage (positions past the output and channels
-        past the group zero)."""
+    def load_a(a_frag, a_at, grad_output, b, group, stage, tile_y, tile_x, thread):
+        """This warp's grad_output fragments of one stage into ``a_frag[a_at:]`` (positions past the
+        output and channels past the group zero)."""
         warp = thread // 32
         lane_g = thread % 32 // 4
         lane_t = thread % 4
@@ -663,9 +671,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                     ay = tile_y * th + pos // tw
                     ax = tile_x * tw + pos % tw
                     o = stage * o_step + ks * mma.k + col
-                    a_frag[(m * k_steps + ks) * a_elements + i] = T.Cast(dtype, 0)
+                    a_frag[a_at + (m * k_steps + ks) * a_elements + i] = T.Cast(dtype, 0)
                     if ay < oh and ax < ow and o < opg:
-                        a_frag[(m * k_steps + ks) * a_elements + i] = grad_output[b, group * opg + o, ay, ax]
+                        a_frag[a_at + (m * k_steps + ks) * a_elements + i] = grad_output[b, group * opg + o, ay, ax]
 
     @T.macro
     def load_weight_regs(regs, count, first, weight, group, c_in, stage, t, thread):
@@ -723,7 +731,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             c_frag[q] = T.float32(0)
         for stage in range(stages):
             if not resident:
-                load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
+                load_a(a_frag, 0, grad_output, b, group, stage, tile_y, tile_x, thread)
                 T.tvm_storage_sync("shared")
                 stage_weights(w_stage, weight, group, c_in, stage, t, thread)
                 T.tvm_storage_sync("shared")
@@ -772,14 +780,15 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         T.tvm_storage_sync("shared")
 
     @T.macro
-    def group_mma(a_frag, b_frag, c_frag, w_stage, base, lane_g, lane_t):
-        """One weight stage of the tensor-core tap groups: the warp's grad_output fragments times the
-        stage's weights from ``w_stage[base:]`` (one n8 tile per tap and 8 channels), into ``c_frag``."""
+    def group_mma(a_frag, a_at, b_frag, c_frag, w_stage, base, lane_g, lane_t):
+        """One weight stage of the tensor-core tap groups: the warp's grad_output fragments from
+        ``a_frag[a_at:]`` times the stage's weights from ``w_stage[base:]`` (one n8 tile per tap and 8
+        channels), into ``c_frag``."""
         for ks in T.unroll(k_steps):
             for nt in T.unroll(n_tiles):
                 load_b(b_frag, w_stage, base + nt * 8 * w_row, ks, lane_g, lane_t)
                 for m in T.unroll(2):
-                    multiply(a_frag, (m * k_steps + ks) * a_elements, b_frag, c_frag, (m * n_tiles + nt) * 4)
+                    multiply(a_frag, a_at + (m * k_steps + ks) * a_elements, b_frag, c_frag, (m * n_tiles + nt) * 4)
 
     @T.macro
     def group_sums_mma(group_columns, a_frag, b_frag, c_frag, w_stage, weight, grad_output, b, group, c_in, tile_y,
@@ -793,25 +802,44 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         lane_t = thread % 4
         for q in T.unroll(2 * n_tiles * 4):
             c_frag[q] = T.float32(0)
-        if pipelined:  # stage 0's weights in buffer 0; then per stage: the next one's loads in flight
+        if pipelined and tiling.prefetch:  # as below, and the next stage's fragments in flight too: stages
+            stage_weights(w_stage, weight, group, c_in, 0, t0, thread)  # in pairs, so that each register
+            T.tvm_storage_sync("shared")  # buffer has a constant place (``half``)
+            next_weights = T.alloc_buffer((w_per_thread,), dtype, scope="local")
+            load_a(a_frag, 0, grad_output, b, group, 0, tile_y, tile_x, thread)
+            for pair in range(stages // 2):
+                for half in T.unroll(2):
+                    if pair * 2 + half + 1 < stages:
+                        load_a(a_frag, (1 - half) * a_size, grad_output, b, group, pair * 2 + half + 1, tile_y,
+                               tile_x, thread)
+                        load_weight_regs(next_weights, w_per_thread, 0, weight, group, c_in, pair * 2 + half + 1,
+                                         t0, thread)
+                    group_mma(a_frag, half * a_size, b_frag, c_frag, w_stage, half * w_size, lane_g, lane_t)
+                    if pair * 2 + half + 1 < stages:
+                        store_weight_regs(next_weights, w_per_thread, 0, w_stage, (1 - half) * w_size, thread)
+                    T.tvm_storage_sync("shared")
+            if stages % 2 == 1:  # the last stage, prefetched into the first buffers
+                group_mma(a_frag, 0, b_frag, c_frag, w_stage, 0, lane_g, lane_t)
+                T.tvm_storage_sync("shared")
+        elif pipelined:  # stage 0's weights in buffer 0; then per stage: the next one's loads in flight
             stage_weights(w_stage, weight, group, c_in, 0, t0, thread)  # while this one multiplies
             T.tvm_storage_sync("shared")
             next_weights = T.alloc_buffer((w_per_thread,), dtype, scope="local")
             for stage in range(stages):
-                load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
+                load_a(a_frag, 0, grad_output, b, group, stage, tile_y, tile_x, thread)
                 if stage + 1 < stages:
                     load_weight_regs(next_weights, w_per_thread, 0, weight, group, c_in, stage + 1, t0, thread)
-                group_mma(a_frag, b_frag, c_frag, w_stage, stage % 2 * w_size, lane_g, lane_t)
+                group_mma(a_frag, 0, b_frag, c_frag, w_stage, stage % 2 * w_size, lane_g, lane_t)
                 if stage + 1 < stages:
                     store_weight_regs(next_weights, w_per_thread, 0, w_stage, (stage + 1) % 2 * w_size, thread)
                 T.tvm_storage_sync("shared")
         else:
             for stage in range(stages):
-                load_a(a_frag, grad_output, b, group, stage, tile_y, tile_x, thread)
+                load_a(a_frag, 0, grad_output, b, group, stage, tile_y, tile_x, thread)
                 T.tvm_storage_sync("shared")
                 stage_weights(w_stage, weight, group, c_in, stage, t0, thread)
                 T.tvm_storage_sync("shared")
-                group_mma(a_frag, b_frag, c_frag, w_stage, 0, lane_g, lane_t)
+                group_mma(a_frag, 0, b_frag, c_frag, w_stage, 0, lane_g, lane_t)
         for m in T.unroll(2):
             for nt in T.unroll(n_tiles):
                 for i in T.unroll(4):
@@ -1002,7 +1030,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
             if resident:  # one weight stage: this chunk's weights of every tap, and the tile's
                 stage_weights(w_stage, weight, group, c0 - group * ipg, 0, 0, thread)  # grad_output
                 if step == 0 or c0 % ipg == 0:  # fragments at each group's first chunk
-                    load_a(a_frag, grad_output, b, group, 0, tile_y, tile_x, thread)
+                    load_a(a_frag, 0, grad_output, b, group, 0, tile_y, tile_x, thread)
                 T.tvm_storage_sync("shared")
             for tg in range(taps // tap_group):
                 if tap_group > 1 and tensor_cores:  # the sums of taps tg * tap_group ..., parked per position

@@ -468,6 +468,27 @@ def test_pipelined_tap_groups_double_buffer_their_weight_stages(dtype):
         grad_data_primfunc(spec, dataclasses.replace(DataTiling.for_spec(spec), tap_group=spec.kernel_w, pipelined=True))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "tf32"])
+@pytest.mark.parametrize("o_step", [16, 32])
+def test_prefetching_tap_groups_hold_two_fragment_buffers(dtype, o_step):
+    """``prefetch``: the pipelined tap groups load the next stage's grad_output fragments into a
+    second register buffer while one multiplies, stages in pairs: four of 16 output channels and an
+    odd number, three of 32 (80 channels, the last padded); compiled by nvcc. Only pipelined weight
+    stages prefetch."""
+    spec = DeformConvSpec(2, 16, 10, 13, 64 if o_step == 16 else 80, 3, 3, padding=(1, 1),
+                          dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    base = dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w, o_step=o_step,
+                               pipelined=True)
+    prefetch = dataclasses.replace(base, prefetch=True)
+    fragments = o_step  # a thread's elements of one stage: two m16 tiles x o_step // k steps x k // 2
+    assert f"a_frag_ptr[{fragments}]" in _source(spec, base)
+    source = _source(spec, prefetch)
+    assert f"a_frag_ptr[{2 * fragments}]" in source and prefetch.shared_bytes(spec) == base.shared_bytes(spec)
+    assert _compile(source)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="only pipelined weight stages prefetch"):
+        grad_data_primfunc(spec, dataclasses.replace(base, pipelined=False, prefetch=True))
+
+
 def test_weight_interpolation_loads_several_channels_corners_before_summing_them():
     """``WeightTiling.load_batch`` > 1: the thread of a position loads that many channels' corners
     into registers, then sums and stores them (one channel at a time stays the code it was);

@@ -15,13 +15,13 @@ import tvm
 
 from deft_tvm.runtime import backward, kernel_cache, records
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
-from deft_tvm.schedules.cuda_backward_fused import (DYNAMIC_SHARED_BYTES, SHARED_BYTES, DataTiling, WeightTiling,
-                                                     backward_mma, fused_backward_module)
+from deft_tvm.schedules.cuda_backward_fused import (DTYPE_BYTES, DYNAMIC_SHARED_BYTES, SHARED_BYTES, DataTiling,
+                                                     WeightTiling, backward_mma, fused_backward_module)
 from deft_tvm.tuning import fused_backward
-from deft_tvm.tuning.fused_backward import (CHUNK_FACTOR, LOAD_BATCHES, STEP_FACTORS, TILE_POSITIONS,
-                                            WEIGHT_LOAD_BATCHES, agree, chunk_variants, data_space, stage_variants,
-                                            step_variants, tile_variants, time_checked, tune_fused_backward,
-                                            weight_space)
+from deft_tvm.tuning.fused_backward import (CHUNK_FACTOR, LOAD_BATCHES, PREFETCH_BYTES, STEP_FACTORS,
+                                            TILE_POSITIONS, WEIGHT_LOAD_BATCHES, agree, chunk_variants, data_space,
+                                            fits, stage_variants, step_variants, tile_variants, time_checked,
+                                            tune_fused_backward, weight_space)
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, WORKLOADS, get_workload
 
 from test_cli_errors import error_line
@@ -38,8 +38,14 @@ def test_design_spaces_start_at_the_defaults_and_fit(spec):
     assert data[0] == DataTiling.for_spec(spec) and weight[0] == WeightTiling.for_spec(spec)
     assert len(set(data)) == len(data) > 1 and len(set(weight)) == len(weight)
     cpg = spec.in_channels // spec.offset_groups
+    taps = spec.kernel_h * spec.kernel_w
     for tiling in data:
-        assert tiling.shared_bytes(spec) <= SHARED_BYTES and cpg % (tiling.chunk * tiling.channel_splits) == 0
+        every_tap = tiling.tensor_cores and tiling.tap_group == taps
+        assert tiling.shared_bytes(spec) <= (DYNAMIC_SHARED_BYTES if every_tap else SHARED_BYTES)
+        assert cpg % (tiling.chunk * tiling.channel_splits) == 0
+        if tiling.prefetch:  # both fragment buffers within PREFETCH_BYTES per thread
+            assert tiling.pipelined and 2 * tiling.o_step * DTYPE_BYTES[spec.dtype] <= PREFETCH_BYTES
+    assert any(t.prefetch for t in data) == (backward_mma(spec) is not None)
     positions = spec.batch * spec.out_h * spec.out_w
     for tiling in weight:
         assert tiling.shared_bytes(spec) <= SHARED_BYTES
@@ -301,12 +307,13 @@ def test_stage_variants_halve_within_the_mma_depth_and_pipeline_only_tensor_core
     mma, _ = backward_mma(spec)
     for tiling in data_space(spec):
         for variant in stage_variants(spec, tiling):
-            assert variant.shared_bytes(spec) <= SHARED_BYTES
+            assert fits(spec, variant) and variant != tiling
             assert variant.o_step in (tiling.o_step, tiling.o_step // 2)
             if variant.tensor_cores:
                 assert variant.o_step % mma.k == 0
-            if variant.pipelined != tiling.pipelined:
+            if (variant.pipelined, variant.prefetch) != (tiling.pipelined, tiling.prefetch):
                 assert variant.tensor_cores and variant.tap_group > 1
+            assert variant.pipelined or not variant.prefetch
 
 
 def test_the_stage_variants_of_a_records_tilings_build():

@@ -228,14 +228,19 @@ def _data_kernel(spec, tiling):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_pipelined_weight_stages_give_the_same_gradients(case, dtype):
+def test_pipelined_weight_stages_and_prefetched_fragments_give_the_same_gradients(case, dtype):
     """The tensor-core tap groups with double-buffered weight stages (``pipelined``; with one and
-    with 5 staging loads in flight) give the single buffer's gradients on extreme offsets (NaN
-    where it has NaN); stages of one mma depth, several where a group has more output channels."""
+    with 5 staging loads in flight; with grad_output's fragments prefetched, ``prefetch``, by row
+    and of every tap) give the single buffer's gradients on extreme offsets (NaN where it has
+    NaN); stages of one mma depth, several where a group has more output channels (odd and even
+    numbers of them)."""
     spec, args, grad_output = _gpu_case(case, dtype, seed=31, extreme=True)
     base = dataclasses.replace(DataTiling.for_spec(spec, tensor_cores=True), tap_group=spec.kernel_w,
                                o_step=mma_shape(spec).k)
-    tilings = (base, dataclasses.replace(base, pipelined=True), dataclasses.replace(base, pipelined=True, load_batch=5))
+    pipelined = dataclasses.replace(base, pipelined=True)
+    prefetch = dataclasses.replace(pipelined, prefetch=True)
+    tilings = (base, pipelined, dataclasses.replace(pipelined, load_batch=5), prefetch,
+               dataclasses.replace(prefetch, load_batch=5, tap_group=spec.kernel_h * spec.kernel_w))
     results = [_run_data(_data_kernel(spec, tiling), spec, tiling, args, grad_output) for tiling in tilings]
     torch.cuda.synchronize()  # an out-of-range access fails here
     for variant in results[1:]:

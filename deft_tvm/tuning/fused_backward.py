@@ -31,6 +31,7 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.tolerances import assert_close_to_largest, tolerance_key
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation
 from deft_tvm.schedules.cuda_backward_fused import (
+    DTYPE_BYTES,
     DYNAMIC_SHARED_BYTES,
     PARTIAL_FLOATS,
     SHARED_BYTES,
@@ -52,6 +53,7 @@ TILE_VARIANTS = 3  # the tile shapes refine_tiles tries, those that pad the outp
 CHUNK_FACTOR = 2  # channels per chunk of refine_chunks' variants, times the fastest data tiling's
 CHUNK_HALOS = 3  # halos of refine_chunks' variants: the fastest data tiling's and up to 2 px less
 STEP_FACTORS = (2, 4)  # positions per step of the fastest weight tiling's variants, times its own (refine_steps)
+PREFETCH_BYTES = 128  # grad_output fragments per thread of a prefetching data tiling, both buffers (32 registers)
 
 
 def _unique(tilings) -> list:
@@ -70,9 +72,17 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     blocks take few chunks), and the SIMT sums of a kernel row's or
     of every tap in one pass over grad_output (``tap_group``) with the default's and half its
     channels per chunk and output channels per weight stage; the tensor-core tap groups with their
-    weight stages double-buffered (``pipelined``); and each staged one of these with the
-    branch-free loop for samples whose corners are all in the patch (``interior_path``); only
-    tilings within 48 KB of shared memory."""
+    weight stages double-buffered (``pipelined``) and those with the next stage's grad_output
+    fragments in flight too (``prefetch``; stages of at most ``PREFETCH_BYTES`` // 2 of fragments
+    per thread, as both buffers live in registers); the tensor-core groups of every tap
+    (``tap_group``: grad_output's tile loaded once per block instead of once per kernel row;
+    pipelined, the tensor-core tiling's half and quarter output channels per stage, its halo and 1
+    px less) in dynamic shared memory; and each
+    staged one of these with the branch-free loop for samples whose corners are all in the patch
+    (``interior_path``); only tilings that fit (``fits``). Measured on an H200 (r50 c5 data kernel,
+    ms, record's tiling / every tap per pass, pipelined, 16 output channels per stage): TF32 0.418 /
+    0.394, float16 0.371 / 0.397 (not pipelined: 0.362), float32 0.786 (SIMT) / 0.757
+    (``tools/results/fused_backward_c5_taps_h200_834608e.txt``)."""
     default = DataTiling.for_spec(spec)
     opg = spec.out_channels // spec.groups
     chunks = spec.in_channels // spec.offset_groups // default.chunk
@@ -96,6 +106,11 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
             o_steps = [o for o in (tensor_cores.o_step, tensor_cores.o_step // 2) if o and o % mma.k == 0]
             candidates += [r(tensor_cores, tap_group=spec.kernel_w, halo=halo, o_step=o_step)
                            for halo in halos for o_step in o_steps]
+        if taps > spec.kernel_w:  # every tap per multiply, the halo and 1 px less
+            o_steps = [o for o in (tensor_cores.o_step // 2, tensor_cores.o_step // 4) if o and o % mma.k == 0]
+            halos = range(tensor_cores.halo, max(tensor_cores.halo - 2, -1), -1)
+            candidates += [r(tensor_cores, tap_group=taps, halo=halo, o_step=o_step, pipelined=True)
+                           for halo in halos for o_step in o_steps]
     if default.fixed_point:
         candidates.append(r(default, fixed_point=False))
     candidates.append(r(default, staged=False, fixed_point=False))
@@ -106,8 +121,19 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
                            for chunk in group_chunks if chunk
                            for o_step in (default.o_step, default.o_step // 2) if o_step and opg % o_step == 0]
     candidates += [r(t, pipelined=True) for t in candidates if t.tensor_cores and t.tap_group > 1]
+    item = DTYPE_BYTES[spec.dtype]  # a thread holds a stage's o_step fragment elements (two m16 tiles)
+    candidates += [r(t, prefetch=True, o_step=min(t.o_step, PREFETCH_BYTES // 2 // item)) for t in candidates
+                   if t.pipelined]
     candidates += [r(t, interior_path=True) for t in candidates if t.staged]
-    return _unique(t for t in candidates if t.shared_bytes(spec) <= SHARED_BYTES)
+    return _unique(t for t in candidates if fits(spec, t))
+
+
+def fits(spec: DeformConvSpec, tiling: DataTiling) -> bool:
+    """Whether a data block's shared memory fits: 48 KB of static shared memory, or
+    ``DYNAMIC_SHARED_BYTES`` for the tensor-core groups of every tap, whose parked sums take most
+    of it (``data_space``)."""
+    every_tap = tiling.tensor_cores and tiling.tap_group == spec.kernel_h * spec.kernel_w > spec.kernel_w
+    return tiling.shared_bytes(spec) <= (DYNAMIC_SHARED_BYTES if every_tap else SHARED_BYTES)
 
 
 def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
@@ -316,13 +342,14 @@ def tile_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]:
     shapes = sorted((s for s in shapes if padded_positions(spec, *s) < own),
                     key=lambda s: (padded_positions(spec, *s), -s[0] * s[1], s[0]))
     variants = [dataclasses.replace(tiling, tile_h=rows, tile_w=cols) for rows, cols in shapes]
-    return [t for t in variants if t.shared_bytes(spec) <= SHARED_BYTES][:TILE_VARIANTS]
+    return [t for t in variants if fits(spec, t)][:TILE_VARIANTS]
 
 
 def stage_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]:
     """``tiling`` with weight stages of half its output channels (where they stay a multiple of the
     mma depth) and, for tensor-core tap groups, with its weight stages double-buffered or not and
-    both; only those within 48 KB of shared memory."""
+    both, and double-buffered with grad_output's fragments prefetched (``prefetch``); only those
+    that fit (``fits``)."""
     r = dataclasses.replace
     half = tiling.o_step // 2
     stages = [tiling]
@@ -330,8 +357,9 @@ def stage_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]
         stages.append(r(tiling, o_step=half))
     variants = stages[1:]
     if tiling.tensor_cores and tiling.tap_group > 1:
-        variants += [r(t, pipelined=not tiling.pipelined) for t in stages]
-    return [t for t in variants if t.shared_bytes(spec) <= SHARED_BYTES]
+        variants += [r(t, pipelined=not tiling.pipelined, prefetch=False) for t in stages]
+        variants += [r(t, pipelined=True, prefetch=not tiling.prefetch) for t in stages]
+    return [t for t in _unique(variants) if t != tiling and fits(spec, t)]
 
 
 def refine_chunks(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
