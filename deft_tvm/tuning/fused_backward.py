@@ -77,12 +77,14 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     per thread, as both buffers live in registers); the tensor-core groups of every tap
     (``tap_group``: grad_output's tile loaded once per block instead of once per kernel row;
     pipelined, the tensor-core tiling's half and quarter output channels per stage, its halo and 1
-    px less) in dynamic shared memory; and each
-    staged one of these with the branch-free loop for samples whose corners are all in the patch
-    (``interior_path``); only tilings that fit (``fits``). Measured on an H200 (r50 c5 data kernel,
-    ms, record's tiling / every tap per pass, pipelined, 16 output channels per stage): TF32 0.418 /
-    0.394, float16 0.371 / 0.397 (not pipelined: 0.362), float32 0.786 (SIMT) / 0.757
-    (``tools/results/fused_backward_c5_taps_h200_834608e.txt``)."""
+    px less) in dynamic shared memory; and each staged one of these with the branch-free loop for
+    samples whose corners are all in the patch (``interior_path``); only tilings that fit
+    (``fits``). Measured on an H200 (r50 c5 data kernel, ms, record's tiling / every tap per pass,
+    pipelined, 16 output channels per stage): TF32 0.418 / 0.394, float16 0.371 / 0.397 (not
+    pipelined: 0.362), float32 0.786 (SIMT) / 0.757 (3xTF32)
+    (``tools/results/fused_backward_c5_taps_h200_834608e.txt``); a re-tune of c5 TF32 over this
+    space chose every tap per pass, prefetched, 8 output channels per stage: 0.368
+    (``tools/results/fused_backward_prefetch_c5_tf32_h200_2cc6cde.txt``)."""
     default = DataTiling.for_spec(spec)
     opg = spec.out_channels // spec.groups
     chunks = spec.in_channels // spec.offset_groups // default.chunk
