@@ -802,37 +802,37 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         lane_t = thread % 4
         for q in T.unroll(2 * n_tiles * 4):
             c_frag[q] = T.float32(0)
-        if pipelined and tiling.prefetch:  # as below, and the next stage's fragments in flight too: stages
-            stage_weights(w_stage, weight, group, c_in, 0, t0, thread)  # in pairs, so that each register
-            T.tvm_storage_sync("shared")  # buffer has a constant place (``half``)
-            next_weights = T.alloc_buffer((w_per_thread,), dtype, scope="local")
-            load_a(a_frag, 0, grad_output, b, group, 0, tile_y, tile_x, thread)
-            for pair in range(stages // 2):
-                for half in T.unroll(2):
-                    if pair * 2 + half + 1 < stages:
-                        load_a(a_frag, (1 - half) * a_size, grad_output, b, group, pair * 2 + half + 1, tile_y,
-                               tile_x, thread)
-                        load_weight_regs(next_weights, w_per_thread, 0, weight, group, c_in, pair * 2 + half + 1,
-                                         t0, thread)
-                    group_mma(a_frag, half * a_size, b_frag, c_frag, w_stage, half * w_size, lane_g, lane_t)
-                    if pair * 2 + half + 1 < stages:
-                        store_weight_regs(next_weights, w_per_thread, 0, w_stage, (1 - half) * w_size, thread)
-                    T.tvm_storage_sync("shared")
-            if stages % 2 == 1:  # the last stage, prefetched into the first buffers
-                group_mma(a_frag, 0, b_frag, c_frag, w_stage, 0, lane_g, lane_t)
-                T.tvm_storage_sync("shared")
-        elif pipelined:  # stage 0's weights in buffer 0; then per stage: the next one's loads in flight
+        if pipelined:  # stage 0's weights in buffer 0; then per stage: the next one's loads in flight
             stage_weights(w_stage, weight, group, c_in, 0, t0, thread)  # while this one multiplies
             T.tvm_storage_sync("shared")
             next_weights = T.alloc_buffer((w_per_thread,), dtype, scope="local")
-            for stage in range(stages):
-                load_a(a_frag, 0, grad_output, b, group, stage, tile_y, tile_x, thread)
-                if stage + 1 < stages:
-                    load_weight_regs(next_weights, w_per_thread, 0, weight, group, c_in, stage + 1, t0, thread)
-                group_mma(a_frag, 0, b_frag, c_frag, w_stage, stage % 2 * w_size, lane_g, lane_t)
-                if stage + 1 < stages:
-                    store_weight_regs(next_weights, w_per_thread, 0, w_stage, (stage + 1) % 2 * w_size, thread)
-                T.tvm_storage_sync("shared")
+            if tiling.prefetch:
+                # and the next stage's fragments too: stages in pairs, so that each register buffer has a
+                # constant place (``half``)
+                load_a(a_frag, 0, grad_output, b, group, 0, tile_y, tile_x, thread)
+                for pair in range(stages // 2):
+                    for half in T.unroll(2):
+                        if pair * 2 + half + 1 < stages:
+                            load_a(a_frag, (1 - half) * a_size, grad_output, b, group, pair * 2 + half + 1, tile_y,
+                                   tile_x, thread)
+                            load_weight_regs(next_weights, w_per_thread, 0, weight, group, c_in,
+                                             pair * 2 + half + 1, t0, thread)
+                        group_mma(a_frag, half * a_size, b_frag, c_frag, w_stage, half * w_size, lane_g, lane_t)
+                        if pair * 2 + half + 1 < stages:
+                            store_weight_regs(next_weights, w_per_thread, 0, w_stage, (1 - half) * w_size, thread)
+                        T.tvm_storage_sync("shared")
+                if stages % 2 == 1:  # the last stage, prefetched into the first buffers
+                    group_mma(a_frag, 0, b_frag, c_frag, w_stage, 0, lane_g, lane_t)
+                    T.tvm_storage_sync("shared")
+            else:
+                for stage in range(stages):
+                    load_a(a_frag, 0, grad_output, b, group, stage, tile_y, tile_x, thread)
+                    if stage + 1 < stages:
+                        load_weight_regs(next_weights, w_per_thread, 0, weight, group, c_in, stage + 1, t0, thread)
+                    group_mma(a_frag, 0, b_frag, c_frag, w_stage, stage % 2 * w_size, lane_g, lane_t)
+                    if stage + 1 < stages:
+                        store_weight_regs(next_weights, w_per_thread, 0, w_stage, (stage + 1) % 2 * w_size, thread)
+                    T.tvm_storage_sync("shared")
         else:
             for stage in range(stages):
                 load_a(a_frag, 0, grad_output, b, group, stage, tile_y, tile_x, thread)

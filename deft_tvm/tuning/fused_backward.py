@@ -361,7 +361,7 @@ def stage_variants(spec: DeformConvSpec, tiling: DataTiling) -> list[DataTiling]
     if tiling.tensor_cores and tiling.tap_group > 1:
         variants += [r(t, pipelined=not tiling.pipelined, prefetch=False) for t in stages]
         variants += [r(t, pipelined=True, prefetch=not tiling.prefetch) for t in stages]
-    return [t for t in _unique(variants) if t != tiling and fits(spec, t)]
+    return [t for t in variants if fits(spec, t)]
 
 
 def refine_chunks(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
