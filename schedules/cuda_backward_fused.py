@@ -40,17 +40,18 @@ the math is ``deft_tvm.compute.backward``'s
   memory (a thread per position where the block's threads are a multiple of the step's
   positions: its four corners' table entries read once per offset group, not once per channel)
   and stages grad_output's step (on tensor cores in aligned runs of up to 16 bytes that divide
-  the positions of an image and of a step; the runtime passes grad_output 16-byte aligned). On
-  tensor cores (float16, bfloat16, TF32; ``cuda_mma``; float32 as 3xTF32, ``backward_mma``)
-  both are staged channel-major in the spec's dtype (the samples rounded as torchvision's columns
-  are) and each warp multiplies its ``o_regs`` m16 x ``c_regs`` n8 tiles with ``mma.sync``,
-  channels padded to whole tiles (float32 without TF32: each operand split into its TF32 part and
-  the TF32 rest, three TF32 products per tile, ``cuda_warp_mma.tf32_part``, as the forward's
-  float32 tensor-core schedule; an infinite operand gives NaN products there); on SIMT cores each
-  thread accumulates an ``o_regs x c_regs`` outer product in registers. grad_bias is the row sums
-  of the staged grad_output, taken by the blocks of tap 0 and the first channel tile. Steps whose
-  tables and operands pass 48 KB stage the operands in dynamic shared memory
-  (``WeightTiling.dynamic``; the tables stay static).
+  the positions of an image and of a step; the runtime passes grad_output 16-byte aligned;
+  ``async_copy``: by ``cp.async``, issued before the sampling points and waited for after them,
+  sm_80 or newer). On tensor cores (float16, bfloat16, TF32; ``cuda_mma``; float32 as 3xTF32,
+  ``backward_mma``) both are staged channel-major in the spec's dtype (the samples rounded as
+  torchvision's columns are) and each warp multiplies its ``o_regs`` m16 x ``c_regs`` n8 tiles
+  with ``mma.sync``, channels padded to whole tiles (float32 without TF32: each operand split
+  into its TF32 part and the TF32 rest, three TF32 products per tile, ``cuda_warp_mma.tf32_part``,
+  as the forward's float32 tensor-core schedule; an infinite operand gives NaN products there);
+  on SIMT cores each thread accumulates an ``o_regs x c_regs`` outer product in registers.
+  grad_bias is the row sums of the staged grad_output, taken by the blocks of tap 0 and the
+  first channel tile. Steps whose tables and operands pass 48 KB stage the operands in dynamic
+  shared memory (``WeightTiling.dynamic``; the tables stay static).
 * ``reduce_primfunc`` - adds the splits of grad_weight and grad_bias, and (``reduce_segments``) of
   grad_offset and grad_mask, in a fixed order (deterministic), and casts them and grad_input to the
   spec's dtype: one kernel where torch would take up to five (two sums and three casts).
@@ -325,7 +326,10 @@ class WeightTiling:
     (with tensor cores: warps, and m16 / n8 ``mma`` tiles per warp), flat positions per step,
     splits of the (batch x positions) reduction, and the channels whose four corners a thread of
     the interpolation (one per position) loads before it sums and stores them (``load_batch``: 1
-    waits on each channel's corners in turn)."""
+    waits on each channel's corners in turn), and whether grad_output's runs reach shared memory
+    by asynchronous copies (``async_copy``: ``cp.async``, every run of a step in flight at once,
+    issued before the step's sampling points and waited for after them; else each thread loads a
+    run and stores it before the next)."""
 
     o_threads: int
     o_regs: int
@@ -335,6 +339,7 @@ class WeightTiling:
     splits: int
     tensor_cores: bool = False
     load_batch: int = 1
+    async_copy: bool = False
 
     @property
     def o_tile(self) -> int:
@@ -349,6 +354,19 @@ class WeightTiling:
     @property
     def threads(self) -> int:
         return self.o_threads * self.c_threads * (32 if self.tensor_cores else 1)
+
+    def run_elements(self, spec: DeformConvSpec) -> int:
+        """grad_output elements per staged run (one access of up to 16 bytes, tensor cores: runs of
+        one output channel that stay in one image and aligned; SIMT: 1)."""
+        if not self.tensor_cores:
+            return 1
+        return math.gcd(16 // DTYPE_BYTES[spec.dtype], spec.out_h * spec.out_w, self.positions)
+
+    def copies_async(self, spec: DeformConvSpec) -> bool:
+        """Whether grad_output's runs can reach shared memory by ``cp.async`` (``async_copy``): staged
+        in the spec's dtype (tensor cores, or SIMT in float32 / float64), runs of 4, 8 or 16 bytes."""
+        staged_as_is = self.tensor_cores or accumulate_dtype(spec.dtype) == spec.dtype
+        return staged_as_is and self.run_elements(spec) * DTYPE_BYTES[spec.dtype] >= 4
 
     def point_table_groups(self, spec: DeformConvSpec) -> int:
         """Offset groups one channel tile can span (at most): the sampling-point tables per step."""
@@ -1258,9 +1276,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     # grad_output staged in runs of up to 16 bytes where they stay in one image and aligned (tensor
     # cores: channel-major, rows of 16-byte multiples); samples by a thread per position where the
     # block's threads are a multiple of the step's positions
-    vector = 1
-    if tensor_cores:
-        vector = math.gcd(16 // DTYPE_BYTES[dtype], positions, p)
+    vector = tiling.run_elements(spec)
     lanes = threads // p if threads % p == 0 else 0
     if tiling.load_batch < 1:
         raise ValueError(f"{tiling}: a thread loads at least one channel's corners per batch, got "
@@ -1274,6 +1290,23 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         return _device_call(f"deft_copy_{vector * DTYPE_BYTES[dtype]}", "void* destination, const void* source",
                             f"*reinterpret_cast<{run_type}*>(destination) = "
                             f"*reinterpret_cast<const {run_type}*>(source);", destination, source)
+    run_bytes = vector * DTYPE_BYTES[dtype]
+    if tiling.async_copy and not tiling.copies_async(spec):
+        raise ValueError(f"{tiling}: grad_output's runs of {run_bytes} bytes in {spec.dtype} staged as {stage_dtype} "
+                         f"cannot be copied asynchronously (cp.async: 4, 8 or 16 bytes, no conversion)")
+
+    def copy_async(destination, source, valid):
+        """``cp.async`` of one run (16 bytes past L1, fewer through it), zeros where not ``valid``."""
+        cache = "cg" if run_bytes == 16 else "ca"
+        body = (f'asm volatile("cp.async.{cache}.shared.global [%0], [%1], {run_bytes}, %2;" :: '
+                f'"r"(static_cast<unsigned>(__cvta_generic_to_shared(destination))), "l"(source), '
+                f'"r"(valid ? {run_bytes} : 0) : "memory");')
+        return _device_call(f"deft_copy_async_{run_bytes}", "void* destination, const void* source, bool valid",
+                            body, destination, source, valid)
+
+    def copies_arrived():
+        """Waits for this thread's asynchronous copies (``cp.async.wait_all``)."""
+        return _device_call("deft_copies_arrived", "", 'asm volatile("cp.async.wait_all;" ::: "memory");')
     min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
     if not tiling.fits(spec):
         raise ValueError(f"{tiling} takes {tiling.table_bytes(spec)} bytes of static and {tiling.shared_bytes(spec)} "
@@ -1365,6 +1398,20 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                         bias_part[split, o0 + ty * o_regs + i] = bias_sums[i]
 
     @T.macro
+    def copy_grads_async(q0, o0, o_end, grad_output, grads, thread):
+        """This thread's runs of grad_output at the step from flat position ``q0`` into ``grads`` by
+        ``cp.async`` (zeros past the output or the group's channels; read from grad_output's first)."""
+        for i in range((o_tile * p // vector + threads - 1) // threads):
+            e = (i * threads + thread) * vector
+            if e < o_tile * p:
+                q = q0 + e % p
+                valid = q < total and o0 + e // p < o_end
+                T.evaluate(copy_async(T.address_of(grads[grads_at(e % p, e // p)]),
+                                      T.address_of(grad_output[T.Select(valid, q // positions, 0),
+                                                               T.Select(valid, o0 + e // p, 0),
+                                                               T.Select(valid, q % positions, 0)]), valid))
+
+    @T.macro
     def corner_table(table, corner_index, corner_weight, point_index, point_weight, group, pl):
         """Position ``pl``'s four corners (table index, bilinear x mask weight) in the tile's offset
         group ``group`` into ``corner_index`` / ``corner_weight``, read from the shared tables only
@@ -1410,6 +1457,8 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         for step in range(steps):
             q0 = (split * steps + step) * p
             T.tvm_storage_sync("shared")
+            if tiling.async_copy:  # in flight while the sampling points are computed
+                copy_grads_async(q0, o0, o_end, grad_output, grads, thread)
             for i in range((groups_in_tile * p + threads - 1) // threads):
                 e = i * threads + thread
                 if e < groups_in_tile * p:
@@ -1448,7 +1497,9 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                                     point_index[e * 4 + k] = yi * w + xi
                                 point_weight[e * 4 + k] = m * T.Select(k // 2 == 1, ly, one - ly) * T.Select(
                                     k % 2 == 1, lx, one - lx)
-            if vector > 1:  # runs of ``vector`` positions of one output channel, one 16-byte (or less) access
+            if tiling.async_copy:
+                T.evaluate(copies_arrived())
+            elif vector > 1:  # runs of ``vector`` positions of one output channel, one 16-byte (or less) access
                 for i in range((o_tile * p // vector + threads - 1) // threads):
                     e = (i * threads + thread) * vector
                     if e < o_tile * p:
@@ -1928,12 +1979,15 @@ def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, 
                           arch: str = "sm_90"):
     """``(module, data, weight)``: the IRModule of the four kernels (``prepare``, ``grad_data``,
     ``grad_weight``, ``reduce``) with the given tilings (default ``default_tilings``), and
-    those tilings (the caller sizes the partial-sum buffers by them)."""
+    those tilings (the caller sizes the partial-sum buffers by them). Raises ValueError for a
+    weight tiling with ``async_copy`` before ``sm_80``."""
     import tvm
 
     if data is None or weight is None:
         defaults = default_tilings(spec, arch)
         data, weight = data or defaults[0], weight or defaults[1]
+    if weight.async_copy and int(arch.removeprefix("sm_").rstrip("a")) < 80:
+        raise ValueError(f"{weight}: asynchronous copies (cp.async) need sm_80 or newer, got {arch}")
     module = tvm.IRModule({
         "prepare": prepare_primfunc(spec, data),
         "grad_data": grad_data_primfunc(spec, data),

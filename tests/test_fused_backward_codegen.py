@@ -505,3 +505,31 @@ def test_weight_interpolation_loads_several_channels_corners_before_summing_them
 def _weight_source(spec: DeformConvSpec, weight: WeightTiling) -> str:
     module, _, _ = fused_backward_module(spec, weight=weight)
     return compile_kernel(module, cuda_target("sm_90")).mod.imports[0].inspect_source()
+
+
+@pytest.mark.parametrize(("dtype", "height", "width", "copy"), [
+    ("float16", 16, 16, "cp.async.cg.shared.global [%0], [%1], 16,"),  # 256 positions: runs of 8
+    ("float16", 10, 13, "cp.async.ca.shared.global [%0], [%1], 4,"),  # 130: runs of 2
+    ("tf32", 10, 13, "cp.async.ca.shared.global [%0], [%1], 8,"),
+    ("float64", 10, 13, "cp.async.ca.shared.global [%0], [%1], 8,"),  # SIMT, one element per run
+])
+def test_weight_staging_by_asynchronous_copies(dtype, height, width, copy):
+    """``WeightTiling.async_copy``: grad_output's runs reach shared memory by ``cp.async`` (16-byte
+    runs past L1), waited for before the step's barrier, in the same shared memory; compiled by nvcc.
+    Runs of 2 bytes, runs converted on the way (SIMT float16) and targets before sm_80 raise."""
+    spec = DeformConvSpec(2, 16, height, width, 64, 3, 3, padding=(1, 1),
+                          dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    weight = WeightTiling.for_spec(spec)
+    copied = dataclasses.replace(weight, async_copy=True)
+    source, plain = _weight_source(spec, copied), _weight_source(spec, weight)
+    assert copy in source and "cp.async.wait_all" in source and "cp.async" not in plain
+    assert copied.shared_bytes(spec) == weight.shared_bytes(spec)
+    assert _compile(source)[:4] == b"\x7fELF"
+    with pytest.raises(ValueError, match="need sm_80 or newer, got sm_75"):
+        fused_backward_module(spec, weight=copied, arch="sm_75")
+    odd = dataclasses.replace(spec, height=9, width=11, dtype="float16", tf32=False)  # 99 positions: runs of 2 bytes
+    simt = WeightTiling.for_spec(odd, tensor_cores=False)
+    for tiling in (WeightTiling.for_spec(odd), simt):
+        assert not tiling.copies_async(odd)
+        with pytest.raises(ValueError, match="float16 staged as float(16|32) cannot be copied asynchronously"):
+            grad_weight_primfunc(odd, dataclasses.replace(tiling, async_copy=True))

@@ -20,8 +20,8 @@ from deft_tvm.schedules.cuda_backward_fused import (DTYPE_BYTES, DYNAMIC_SHARED_
 from deft_tvm.tuning import fused_backward
 from deft_tvm.tuning.fused_backward import (CHUNK_FACTOR, LOAD_BATCHES, PREFETCH_BYTES, STEP_FACTORS,
                                             TILE_POSITIONS, WEIGHT_LOAD_BATCHES, agree, chunk_variants, data_space,
-                                            fits, stage_variants, step_variants, tile_variants, time_checked,
-                                            tune_fused_backward, weight_space)
+                                            fits, refine_load_batch, stage_variants, step_variants, tile_variants,
+                                            time_checked, tune_fused_backward, weight_space)
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, WORKLOADS, get_workload
 
 from test_cli_errors import error_line
@@ -104,13 +104,29 @@ def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     assert tried[len(data):] == (batched + [dataclasses.replace(data[3], o_step=32)] + tile_variants(spec, data[3])
                                  + chunk_variants(spec, data[3]))  # then in other tiles, then with wider chunks
     assert [ms for _, ms in record["weight_ms"]][:len(weight)] == [2.0, 2.0, 1.0] + [2.0] * (len(weight) - 3)
-    assert [WeightTiling(**t) for t, _ in record["weight_ms"]][len(weight):] == [
-        dataclasses.replace(weight[i], load_batch=b) for i in (2, 0, 1) for b in WEIGHT_LOAD_BATCHES] + [
+    batched = [dataclasses.replace(weight[i], load_batch=b) for i in (2, 0, 1) for b in WEIGHT_LOAD_BATCHES]
+    copied = [dataclasses.replace(t, async_copy=True) for t in [weight[2], weight[0], weight[1]] + batched]
+    assert all(t.copies_async(spec) for t in copied)  # runs of 4 bytes: 50 x 84 positions
+    assert [WeightTiling(**t) for t, _ in record["weight_ms"]][len(weight):] == batched + copied + [
         t for t in step_variants(spec, weight[2]) if t not in weight]  # then the fastest with deeper steps
     assert (record["profile"], record["device"], record["target"]) == ("normal_2px", "a GPU", "sm_90")
     ties = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=lambda *a: ([1.0] * len(data),
                                                                                        [1.0] * len(weight)))
     assert DataTiling(**ties["data"]) == data[0] and WeightTiling(**ties["weight"]) == weight[0]  # the defaults
+
+
+def test_weight_variants_copy_asynchronously_only_where_the_runs_allow():
+    """The weight round of ``refine_load_batch`` adds the asynchronous copies of its variants where
+    ``copies_async``: r50 c5's 25 x 42 map in float16 (runs of 2 elements, 4 bytes), not a 25 x 41
+    one (runs of one element, 2 bytes)."""
+    even = get_workload("r50dcn_c5", "float16").spec
+    for spec, copies in ((even, True), (dataclasses.replace(even, width=41), False)):
+        weight = weight_space(spec)
+        tilings, _, _ = refine_load_batch(spec, "normal_2px", TARGET, weight, [1.0] * len(weight),
+                                          lambda spec, profile, target, data, tilings: ([], [1.0] * len(tilings)),
+                                          "weight")
+        assert any(t.async_copy for t in tilings) == copies
+        assert all(t.copies_async(spec) for t in tilings if t.async_copy)
 
 
 def test_the_search_never_takes_a_rejected_candidate():

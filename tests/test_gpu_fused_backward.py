@@ -260,15 +260,22 @@ def _run_fused(spec, data, weight, args, grad_output):
     grad_bias? (summed over the splits, float32)."""
     module, data, weight = fused_backward_module(spec, data, weight)
     kernels = compile_kernel(module, target_for_device("cuda"))
+    return [*_run_data(kernels, spec, data, args, grad_output),
+            *_weight_sums(kernels["grad_weight"], spec, weight, args, grad_output)]
+
+
+def _weight_sums(kernel, spec, weight, args, grad_output):
+    """grad_weight and grad_bias? of the compiled grad_weight ``kernel`` of ``weight`` (summed over
+    the splits, in the accumulate dtype: float64's, else float32)."""
     n, c, h, w = spec.input_shape
     mask = [args["mask"]] * spec.has_mask
     taps = spec.kernel_h * spec.kernel_w
-    weight_part = torch.empty((weight.splits, spec.out_channels, c // spec.groups, taps), device="cuda")
-    bias_part = [torch.empty((weight.splits, spec.out_channels), device="cuda")] * spec.has_bias
-    kernels["grad_weight"](args["input"].view(n, c, h * w), args["offset"], *mask,
-                           grad_output.view(n, spec.out_channels, -1), weight_part, *bias_part)
-    return [*_run_data(kernels, spec, data, args, grad_output), weight_part.sum(0),
-            *[b.sum(0) for b in bias_part]]
+    acc = torch.float64 if spec.dtype == "float64" else torch.float32
+    weight_part = torch.empty((weight.splits, spec.out_channels, c // spec.groups, taps), device="cuda", dtype=acc)
+    bias_part = [torch.empty((weight.splits, spec.out_channels), device="cuda", dtype=acc)] * spec.has_bias
+    kernel(args["input"].view(n, c, h * w), args["offset"], *mask, grad_output.view(n, spec.out_channels, -1),
+           weight_part, *bias_part)
+    return [weight_part.sum(0), *[b.sum(0) for b in bias_part]]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
@@ -485,6 +492,36 @@ def test_weight_corners_in_flight_give_the_same_sums(case, dtype):
                        for b in (1, 3))
     for got, expected in zip(batched[-1 - spec.has_bias:], single[-1 - spec.has_bias:]):
         assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and torch.equal(got.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize(("case", "dtype"), [
+    ("asymmetric", "float16"), ("og4_nobias", "tf32"),  # runs of 16 bytes (groups; no bias)
+    ("og4_nobias", "bfloat16"), ("two_weight_stages", "float32"),  # 8 bytes (3xTF32)
+    ("two_weight_stages", "float16"), ("k5x3_og5_nomask", "tf32"), ("k5x3_og5_nomask", "float32"),  # 4 (no mask)
+    ("asymmetric", "float64")])  # SIMT, runs of one element
+def test_asynchronous_grad_output_copies_give_the_same_sums(case, dtype):
+    """grad_weight with grad_output staged by ``cp.async`` (``WeightTiling.async_copy``: runs of 4, 8
+    and 16 bytes, zero-filled past the output) gives the loads' and stores' sums exactly (the same
+    staged values, the same order) on extreme offsets, in one split of many steps (the staging
+    buffer reused) and in the default's splits: float16 / bfloat16 / TF32 tensor cores, float32 on
+    3xTF32, float64 on SIMT cores."""
+    spec, args, grad_output = _gpu_case(case, dtype, seed=35, extreme=True)
+    default = WeightTiling.for_spec(spec)
+    tilings = [dataclasses.replace(w, async_copy=a) for w in (default.with_splits(spec, 1), default)
+               for a in (True, False)]
+    assert all(t.copies_async(spec) for t in tilings) and tilings[0].steps(spec) > 1
+
+    def build(tiling):
+        module, _, _ = fused_backward_module(spec, weight=tiling)
+        return compile_kernel(tvm.IRModule({"grad_weight": module["grad_weight"]}), target_for_device("cuda"))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # nvcc runs outside the GIL
+        kernels = list(pool.map(build, tilings))
+    sums = [_weight_sums(k["grad_weight"], spec, t, args, grad_output) for k, t in zip(kernels, tilings)]
+    torch.cuda.synchronize()  # an out-of-range access fails here
+    for copied, stored in (sums[:2], sums[2:]):
+        for got, expected in zip(copied, stored):
+            assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and torch.equal(got.isnan(), expected.isnan())
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

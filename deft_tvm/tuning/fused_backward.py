@@ -302,10 +302,17 @@ def refine_load_batch(spec: DeformConvSpec, profile: str, target: tvm.target.Tar
     (``tools/results/fused_backward_load_batch_h200.txt``); weight kernel ms at 1 / 2 / 4 corners:
     r50 c4 fp16 0.393 / 0.227 / 0.228, c5 fp16 0.352 / 0.345 / 0.364, paper N=32 TF32 0.515 /
     0.495 / 0.494 (``tools/results/fused_backward_stages_h200.txt``): which wins depends on the
-    registers left (a batch can spill), so it is searched."""
+    registers left (a batch can spill), so it is searched. The weight kernel's variants then come
+    again with grad_output staged by asynchronous copies (``WeightTiling.async_copy``, where
+    ``copies_async``): ncu of r50 c5's weight records (``tools/results/ncu_grad_weight_c5_h200_a6c0975.txt``)
+    found 37-38 % of their warp-stall samples in the staging loop, each thread waiting on one
+    grad_output load after another (long scoreboard)."""
     ranked = sorted((i for i, ms in enumerate(data_ms) if ms is not None), key=lambda i: data_ms[i])[:REFINED]
     batches = LOAD_BATCHES if kernel == "data" else WEIGHT_LOAD_BATCHES
     batched = [dataclasses.replace(data[i], load_batch=b) for i in ranked for b in batches]
+    if kernel == "weight":
+        batched += [dataclasses.replace(t, async_copy=True) for t in [data[i] for i in ranked] + batched
+                    if t.copies_async(spec)]
     return _refine_round(spec, profile, target, data, data_ms, ranked[0], batched, measure, kernel)
 
 
