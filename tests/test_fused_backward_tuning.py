@@ -129,6 +129,43 @@ def test_weight_variants_copy_asynchronously_only_where_the_runs_allow():
         assert all(t.copies_async(spec) for t in tilings if t.async_copy)
 
 
+def test_searching_one_kernel_keeps_the_other_kernels_record(tmp_path, capsys):
+    """``kernels``: only the named kernel is measured; the other's tiling and times are the kept
+    record's (found under the first root that holds one, ``records.fused_backward_record``)."""
+    spec = get_workload("r50dcn_c5", "float16").spec
+    kept = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(3, 2))
+    fast_data, fast_weight = data_space(spec)[1], weight_space(spec)[1]
+    measured = []
+
+    def measure(spec, profile, target, data, weight):
+        measured.append((len(data), len(weight)))
+        return [0.5 if t == fast_data else 1.0 for t in data], [0.5 if t == fast_weight else 1.0 for t in weight]
+
+    weight_only = tune_fused_backward(spec, "normal_2px", TARGET, "b GPU", measure, kernels=("weight",), kept=kept)
+    assert all(data == 0 for data, _ in measured) and measured[0][1] == len(weight_space(spec))
+    assert (weight_only["data"], weight_only["data_ms"]) == (kept["data"], kept["data_ms"])
+    assert WeightTiling(**weight_only["weight"]) == fast_weight and weight_only["device"] == "b GPU"
+    measured.clear()
+    data_only = tune_fused_backward(spec, "normal_2px", TARGET, "b GPU", measure, kernels=("data",), kept=weight_only)
+    assert all(weight == 0 for _, weight in measured) and DataTiling(**data_only["data"]) == fast_data
+    assert (data_only["weight"], data_only["weight_ms"]) == (weight_only["weight"], weight_only["weight_ms"])
+    with pytest.raises(ValueError, match="searching only weight keeps the other kernel's tiling from a record of"):
+        tune_fused_backward(spec, "normal_2px", TARGET, "b GPU", measure, kernels=("weight",))
+    other = get_workload("r50dcn_c4", "float16").spec
+    with pytest.raises(ValueError, match="from a record of " + other.key()):
+        tune_fused_backward(other, "normal_2px", TARGET, "b GPU", measure, kernels=("weight",), kept=kept)
+    with pytest.raises(ValueError, match=r"kernels: some of \('data', 'weight'\), got \('grad',\)"):
+        tune_fused_backward(spec, "normal_2px", TARGET, "b GPU", measure, kernels=("grad",))
+    first, second = tmp_path / "first", tmp_path / "second"
+    records.write_fused_backward(records.fused_backward_dir(second, spec, TARGET), kept)
+    assert records.fused_backward_record(spec, TARGET, [first, second]) == kept
+    records.write_fused_backward(records.fused_backward_dir(first, spec, TARGET), data_only)
+    assert records.fused_backward_record(spec, TARGET, [first, second]) == data_only
+    assert records.fused_backward_record(other, TARGET, [first, second]) is None
+    line = error_line(["tune", "--device", "cpu", "--kernels", "weight"], capsys)
+    assert "--kernels weight: names the fused backward's kernels; add --fused-backward" in line
+
+
 def test_the_search_never_takes_a_rejected_candidate():
     spec = get_workload("r50dcn_c4", "float16").spec
     data, weight = data_space(spec), weight_space(spec)

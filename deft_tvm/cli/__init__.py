@@ -18,6 +18,7 @@ import torch
 from deft_tvm.cli.errors import ArgumentParser, UsageError
 from deft_tvm.compute.spec import SUPPORTED_DTYPES, kernel_key
 from deft_tvm.reference.tolerances import assert_close, tolerance_key
+from deft_tvm.tuning.fused_backward import KERNELS as FUSED_KERNELS
 from deft_tvm.tuning.workloads import DEFAULT_WORKLOAD, PROFILES, WORKLOADS, get_workload
 
 
@@ -175,11 +176,20 @@ def _tune_kernel(args, target, name: str, workload, part: str):
 
 def _tune_fused_backward(args, target, name: str, workload) -> None:
     """Search the fused backward's tilings of a workload and write the record."""
-    from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
+    from deft_tvm.runtime.records import (committed_root, fused_backward_dir, fused_backward_record,
+                                          write_fused_backward)
     from deft_tvm.tuning.fused_backward import tune_fused_backward
 
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
-    record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name())
+    kept = None
+    if set(args.kernels) != set(FUSED_KERNELS):  # the other kernel's tiling from --logs' record, else the committed one
+        kept = fused_backward_record(spec, target, [Path(args.logs), committed_root()])
+        if kept is None:
+            raise UsageError(f"--kernels {' '.join(args.kernels)}: {name} {spec.dtype}{' tf32' * spec.tf32} has no "
+                             f"fused-backward record under {args.logs} or committed to keep the other kernel's from; "
+                             f"tune both kernels first")
+    record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name(),
+                                 kernels=tuple(args.kernels), kept=kept)
     path = write_fused_backward(fused_backward_dir(args.logs, spec, target), record)
     times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in ("data", "weight")}
     defaults = {kind: record[f"{kind}_ms"][0][1] for kind in ("data", "weight")}
@@ -198,6 +208,9 @@ def cmd_tune(args) -> int:
     _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
     if args.fused_backward and args.device != "cuda":
         raise UsageError("--fused-backward: the fused backward is a CUDA kernel; tune it with --device cuda on a GPU")
+    if args.kernels != list(FUSED_KERNELS) and not args.fused_backward:
+        raise UsageError(f"--kernels {' '.join(args.kernels)}: names the fused backward's kernels; "
+                         f"add --fused-backward")
     target = target_for_device(args.device)
     if args.fused_backward:
         for name in args.workloads:
@@ -303,6 +316,9 @@ def main(argv=None) -> int:
     tune.add_argument("--fused-backward", action="store_true",
                       help="instead, search the fused CUDA backward's tilings of each workload (records in folders "
                       "ending _fused_backward, which the op takes over the defaults once committed)")
+    tune.add_argument("--kernels", nargs="+", choices=FUSED_KERNELS, default=list(FUSED_KERNELS),
+                      help="with --fused-backward: the kernels to search (default both); the other keeps its tiling "
+                      "and times from the workload's record under --logs, else the committed one")
     tune.add_argument("--trials", type=int, default=8,
                       help="records each workload's database should hold; tuning resumes up to it (default 8)")
     tune.add_argument("--trials-per-round", type=int, default=32)

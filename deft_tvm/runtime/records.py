@@ -113,6 +113,16 @@ def write_fused_backward(directory: Path, record: dict) -> Path:
     return path
 
 
+def fused_backward_record(spec: DeformConvSpec, target: tvm.target.Target, roots: list[Path]) -> dict | None:
+    """The fused-backward record of ``spec`` for ``target`` under the first of ``roots`` that holds
+    one (as written, with every candidate's time), or None."""
+    for root in roots:
+        path = fused_backward_dir(root, spec, target) / FUSED_BACKWARD_FILE
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
+
+
 def read_fused_backward(directory: Path):
     """``(spec, data tiling, weight tiling)`` of the fused-backward record in ``directory``."""
     from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling

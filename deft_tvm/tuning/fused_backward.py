@@ -12,10 +12,11 @@ times those with CUDA events (``time_checked``), tries the fastest tilings with 
 flight (``refine_load_batch``), the fastest data tiling with other weight stages and tile shapes
 (``refine_stages``, ``refine_tiles``) and with wider chunks in dynamic shared memory
 (``refine_chunks``), and the fastest weight tiling with deeper steps in dynamic shared memory
-(``refine_steps``), and returns the record of the fastest data and
-weight tilings with every candidate's time (None: rejected), which ``deft-tvm tune
---fused-backward`` writes where ``runtime.records.committed_fused_tilings`` finds it (the runtime
-then takes it over the defaults).
+(``refine_steps``), and returns the record of the fastest data and weight tilings with every
+candidate's time (None: rejected; ``kernels``: one kernel searched, the other kept from an
+earlier record), which ``deft-tvm tune --fused-backward`` writes where
+``runtime.records.committed_fused_tilings`` finds it (the runtime then takes it over the
+defaults).
 """
 
 from __future__ import annotations
@@ -433,26 +434,46 @@ def step_variants(spec: DeformConvSpec, tiling: WeightTiling) -> list[WeightTili
     return [dataclasses.replace(t, splits=t.fewest_waves(spec)) for t in deeper if t.fits(spec)]
 
 
+KERNELS = ("data", "weight")  # the fused backward's two searched kernels (grad_data, grad_weight)
+
+
 def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, device_name: str,
-                        measure: Callable = measure_candidates) -> dict:
+                        measure: Callable = measure_candidates, kernels: tuple[str, ...] = KERNELS,
+                        kept: dict | None = None) -> dict:
     """The record of ``spec``'s fastest data and weight tilings on ``target`` (``measure``: the
     candidates' times, ``measure_candidates`` on a GPU; None for a rejected one): the spec, the
     profile, the device, the two tilings, and every candidate with its time (ms, or None): the
     two spaces', then the fastest ones' with more loads in flight (``refine_load_batch``), then the
     fastest data tiling's with other weight stages (``refine_stages``), then in other tile shapes
     (``refine_tiles``), then with wider chunks (``refine_chunks``), and the fastest weight tiling's
-    with deeper steps (``refine_steps``)."""
-    data, weight = data_space(spec), weight_space(spec)
+    with deeper steps (``refine_steps``). Only the ``kernels`` named are searched ("data",
+    "weight"); the other's tiling and times are those of ``kept``, an earlier record of ``spec``
+    (the two kernels are independent). Raises ValueError for other kernel names, or for a kernel
+    left out without a record of ``spec`` to keep it from."""
+    if not kernels or set(kernels) - set(KERNELS):
+        raise ValueError(f"kernels: some of {KERNELS}, got {tuple(kernels)}")
+    if set(kernels) != set(KERNELS) and (kept is None or DeformConvSpec.from_dict(kept["spec"]) != spec):
+        raise ValueError(f"searching only {', '.join(kernels)} keeps the other kernel's tiling from a record of "
+                         f"{spec.key()}, got {'none' if kept is None else kept['spec']}")
+    data = data_space(spec) if "data" in kernels else []
+    weight = weight_space(spec) if "weight" in kernels else []
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
-    data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
-    data, data_ms, best_data = refine_stages(spec, profile, target, data, data_ms, best_data, measure)
-    data, data_ms, best_data = refine_tiles(spec, profile, target, data, data_ms, best_data, measure)
-    data, data_ms, best_data = refine_chunks(spec, profile, target, data, data_ms, best_data, measure)
-    weight, weight_ms, best_weight = refine_load_batch(spec, profile, target, weight, weight_ms, measure, "weight")
-    weight, weight_ms, best_weight = refine_steps(spec, profile, target, weight, weight_ms, best_weight, measure)
-    return {
-        "spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"]),
-        "data": dataclasses.asdict(data[best_data]), "weight": dataclasses.asdict(weight[best_weight]),
-        "data_ms": [[dataclasses.asdict(t), ms] for t, ms in zip(data, data_ms)],
-        "weight_ms": [[dataclasses.asdict(t), ms] for t, ms in zip(weight, weight_ms)],
-    }
+    record = {"spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"])}
+    if "data" in kernels:
+        data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
+        data, data_ms, best_data = refine_stages(spec, profile, target, data, data_ms, best_data, measure)
+        data, data_ms, best_data = refine_tiles(spec, profile, target, data, data_ms, best_data, measure)
+        data, data_ms, best_data = refine_chunks(spec, profile, target, data, data_ms, best_data, measure)
+        record["data"] = dataclasses.asdict(data[best_data])
+        record["data_ms"] = [[dataclasses.asdict(t), ms] for t, ms in zip(data, data_ms)]
+    else:
+        record["data"], record["data_ms"] = kept["data"], kept["data_ms"]
+    if "weight" in kernels:
+        weight, weight_ms, best_weight = refine_load_batch(spec, profile, target, weight, weight_ms, measure,
+                                                           "weight")
+        weight, weight_ms, best_weight = refine_steps(spec, profile, target, weight, weight_ms, best_weight, measure)
+        record["weight"] = dataclasses.asdict(weight[best_weight])
+        record["weight_ms"] = [[dataclasses.asdict(t), ms] for t, ms in zip(weight, weight_ms)]
+    else:
+        record["weight"], record["weight_ms"] = kept["weight"], kept["weight_ms"]
+    return record
