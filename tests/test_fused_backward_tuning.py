@@ -5,6 +5,7 @@ the op takes a committed record over the defaults."""
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import math
@@ -164,6 +165,26 @@ def test_searching_one_kernel_keeps_the_other_kernels_record(tmp_path, capsys):
     assert records.fused_backward_record(other, TARGET, [first, second]) is None
     line = error_line(["tune", "--device", "cpu", "--kernels", "weight"], capsys)
     assert "--kernels weight: names the fused backward's kernels; add --fused-backward" in line
+
+
+def test_the_command_keeps_the_record_under_logs_else_the_committed_one(tmp_path):
+    """``deft-tvm tune --fused-backward --kernels weight``: the kept record is the workload's under
+    ``--logs``, else the committed one (r50 c5 TF32 has one); a workload with neither is a usage
+    error naming it; both kernels keep nothing."""
+    from deft_tvm import cli
+
+    spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
+    args = argparse.Namespace(kernels=["weight"], logs=str(tmp_path))
+    committed = records.fused_backward_record(spec, TARGET, [records.committed_root()])
+    assert committed is not None and cli._kept_fused_record(args, TARGET, "r50dcn_c5", spec) == committed
+    logged = {**committed, "device": "another GPU"}
+    records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET), logged)
+    assert cli._kept_fused_record(args, TARGET, "r50dcn_c5", spec) == logged
+    assert cli._kept_fused_record(argparse.Namespace(kernels=["data", "weight"], logs=str(tmp_path)), TARGET,
+                                  "r50dcn_c5", spec) is None
+    odd = dataclasses.replace(spec, width=41)
+    with pytest.raises(cli.UsageError, match="--kernels weight: odd float32 tf32 has no fused-backward record under"):
+        cli._kept_fused_record(args, TARGET, "odd", odd)
 
 
 def test_the_search_never_takes_a_rejected_candidate():

@@ -174,26 +174,34 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     return KernelEntry(spec, sch, origin=str(directory), part=part)
 
 
+def _kept_fused_record(args, target, name: str, spec) -> dict | None:
+    """The record whose other kernel a ``--kernels`` search of one kernel keeps: the workload's under
+    ``--logs``, else the committed one; None when both kernels are searched. UsageError if there is
+    none."""
+    from deft_tvm.runtime.records import committed_root, fused_backward_record
+
+    if set(args.kernels) == set(FUSED_KERNELS):
+        return None
+    kept = fused_backward_record(spec, target, [Path(args.logs), committed_root()])
+    if kept is None:
+        raise UsageError(f"--kernels {' '.join(args.kernels)}: {name} {spec.dtype}{' tf32' * spec.tf32} has no "
+                         f"fused-backward record under {args.logs} or committed to keep the other kernel's from; "
+                         f"tune both kernels first")
+    return kept
+
+
 def _tune_fused_backward(args, target, name: str, workload) -> None:
     """Search the fused backward's tilings of a workload and write the record."""
-    from deft_tvm.runtime.records import (committed_root, fused_backward_dir, fused_backward_record,
-                                          write_fused_backward)
+    from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
     from deft_tvm.tuning.fused_backward import tune_fused_backward
 
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
-    kept = None
-    if set(args.kernels) != set(FUSED_KERNELS):  # the other kernel's tiling from --logs' record, else the committed one
-        kept = fused_backward_record(spec, target, [Path(args.logs), committed_root()])
-        if kept is None:
-            raise UsageError(f"--kernels {' '.join(args.kernels)}: {name} {spec.dtype}{' tf32' * spec.tf32} has no "
-                             f"fused-backward record under {args.logs} or committed to keep the other kernel's from; "
-                             f"tune both kernels first")
     record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name(),
-                                 kernels=tuple(args.kernels), kept=kept)
+                                 kernels=tuple(args.kernels), kept=_kept_fused_record(args, target, name, spec))
     path = write_fused_backward(fused_backward_dir(args.logs, spec, target), record)
-    times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in ("data", "weight")}
-    defaults = {kind: record[f"{kind}_ms"][0][1] for kind in ("data", "weight")}
-    rejected = sum(ms is None for kind in ("data", "weight") for _, ms in record[f"{kind}_ms"])
+    times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in FUSED_KERNELS}
+    defaults = {kind: record[f"{kind}_ms"][0][1] for kind in FUSED_KERNELS}
+    rejected = sum(ms is None for kind in FUSED_KERNELS for _, ms in record[f"{kind}_ms"])
     print(f"fused    {name} {spec.dtype}{' tf32' * spec.tf32}: grad_data {times['data']:.3f} ms (default "
           f"{defaults['data']:.3f}), grad_weight {times['weight']:.3f} ms (default {defaults['weight']:.3f}), "
           f"{rejected} candidates rejected (gradients not the default's) -> {path}")
