@@ -1446,6 +1446,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         a = T.alloc_buffer(((1 + three_tf32) * o_regs * a_elements,), stage_dtype, scope="local")  # 3xTF32: rests after
         b_ = T.alloc_buffer(((1 + three_tf32) * c_regs * b_elements,), stage_dtype, scope="local")
         table = T.alloc_buffer((1,), "int32", scope="local")  # the offset group whose corners are loaded
+        image = T.alloc_buffer((1,), "int32", scope="local")  # the image of this thread's position (a thread each)
         corner_index = T.alloc_buffer((4,), "int32", scope="local")
         corner_weight = T.alloc_buffer((4,), acc, scope="local")
         corner_values = T.alloc_buffer((corner_batch * 4,), acc, scope="local")  # load_batch > 1: in flight
@@ -1522,6 +1523,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
             T.tvm_storage_sync("shared")
             if lanes > 0 and corner_batch > 1:  # a thread per position, ``load_batch`` channels' corners in flight
                 pl = thread % p
+                image[0] = point_batch[pl]  # in a register: the samples' stores do not make it reload
                 table[0] = -1
                 for k in T.unroll(4):
                     corner_weight[k] = zero
@@ -1539,7 +1541,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                                 if groups_in_tile > 1:
                                     corner_weights[u * 4 + k] = corner_weight[k]
                                 if corner_index[k] >= 0:
-                                    corner_values[u * 4 + k] = T.Cast(acc, input[point_batch[pl], c0 + ch,
+                                    corner_values[u * 4 + k] = T.Cast(acc, input[image[0], c0 + ch,
                                                                                  corner_index[k]])
                     for u in T.unroll(corner_batch):
                         ch = (i0 * corner_batch + u) * lanes + thread // p
@@ -1552,6 +1554,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                             samples[samples_at(pl, ch)] = T.Cast(stage_dtype, interpolated)
             elif lanes > 0:  # a thread per position: its corners read from the tables once per offset group
                 pl = thread % p
+                image[0] = point_batch[pl]  # (as above)
                 table[0] = -1
                 for i in range((c_tile + lanes - 1) // lanes):
                     ch = i * lanes + thread // p
@@ -1563,7 +1566,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                             for k in T.unroll(4):
                                 corner = zero
                                 if corner_index[k] >= 0:
-                                    corner = T.Cast(acc, input[point_batch[pl], c0 + ch, corner_index[k]])
+                                    corner = T.Cast(acc, input[image[0], c0 + ch, corner_index[k]])
                                 interpolated = interpolated + corner * corner_weight[k]
                         samples[samples_at(pl, ch)] = T.Cast(stage_dtype, interpolated)
             else:

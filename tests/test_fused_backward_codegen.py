@@ -502,6 +502,19 @@ def test_weight_interpolation_loads_several_channels_corners_before_summing_them
         grad_weight_primfunc(spec, dataclasses.replace(weight, load_batch=0))
 
 
+@pytest.mark.parametrize("load_batch", [1, 3])
+def test_weight_interpolation_reads_its_image_from_a_register(load_batch):
+    """The thread interpolating a position copies the position's image (``point_batch``, shared
+    memory) into a register once per step: its corner loads index ``input`` by that register, so
+    the samples' shared-memory stores between them do not make it re-read shared memory per load."""
+    spec = DeformConvSpec(2, 16, 10, 13, 64, 3, 3, padding=(1, 1), dtype="float16")  # a thread per position
+    source = _weight_source(spec, dataclasses.replace(WeightTiling.for_spec(spec), load_batch=load_batch))
+    corner_loads = [line for line in source.splitlines() if "input_ptr[" in line and "corner_index_ptr[" in line]
+    assert len(corner_loads) == 4 * load_batch
+    assert all("image_ptr[0] * " in line and "point_batch_ptr" not in line for line in corner_loads)
+    assert source.count("image_ptr[0] = point_batch_ptr[") == 1
+
+
 def _weight_source(spec: DeformConvSpec, weight: WeightTiling) -> str:
     module, _, _ = fused_backward_module(spec, weight=weight)
     return compile_kernel(module, cuda_target("sm_90")).mod.imports[0].inspect_source()
