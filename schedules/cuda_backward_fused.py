@@ -95,7 +95,7 @@ from tvm.script import tirx as T
 from deft_tvm.compute.sampling import index_extents
 from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype
 from deft_tvm.schedules.cuda import largest_divisor, thread_loops
-from deft_tvm.schedules.cuda_launch import grid_dependency_wait, launch_dependents
+from deft_tvm.schedules.cuda_launch import compute_capability, grid_dependency_wait, launch_dependents
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES, c_element, mma_shape
 from deft_tvm.schedules.cuda_warp_mma import tf32_part, tf32_rest
 
@@ -1960,7 +1960,7 @@ def default_tilings(spec: DeformConvSpec, arch: str = "sm_90") -> tuple[DataTili
     """The ``for_spec`` tilings, with one-pixel grad_input flushes before ``sm_90`` (no float4
     atomics there)."""
     data = DataTiling.for_spec(spec)
-    if int(arch.removeprefix("sm_").rstrip("a")) < 90:
+    if compute_capability(arch) < 90:
         data = dataclasses.replace(data, flush_width=1)
     return data, WeightTiling.for_spec(spec)
 
@@ -1989,7 +1989,7 @@ def fused_backward_module(spec: DeformConvSpec, data: DataTiling | None = None, 
     if data is None or weight is None:
         defaults = default_tilings(spec, arch)
         data, weight = data or defaults[0], weight or defaults[1]
-    if weight.async_copy and int(arch.removeprefix("sm_").rstrip("a")) < 80:
+    if weight.async_copy and compute_capability(arch) < 80:
         raise ValueError(f"{weight}: asynchronous copies (cp.async) need sm_80 or newer, got {arch}")
     module = tvm.IRModule({
         "prepare": prepare_primfunc(spec, data),

@@ -73,7 +73,16 @@ def _pipeline(**kwargs):
 tvm.tirx.register_tir_pipeline(PIPELINE, _pipeline)
 
 
+def compute_capability(arch: str) -> int:
+    """The compute capability of a CUDA arch name as one number: ``"sm_90a"`` -> 90, ``"sm_80"`` -> 80.
+    Raises ValueError for a name that is not ``sm_`` followed by digits (and an optional ``a``)."""
+    digits = arch.removeprefix("sm_").removesuffix("a")
+    if not arch.startswith("sm_") or not digits.isdigit():
+        raise ValueError(f"not a CUDA arch name: {arch!r}, expected sm_<digits> such as 'sm_90'")
+    return int(digits)
+
+
 def pipeline_for(target: tvm.target.Target) -> str:
     """The TIR pipeline ``tvm.compile`` takes for ``target``: ``PIPELINE`` on CUDA GPUs with PDL."""
     arch = str(target.attrs.get("arch", "")) if target.kind.name == "cuda" else ""
-    return PIPELINE if arch.startswith("sm_") and int(arch[3:].rstrip("a")) >= MIN_ARCH else "default"
+    return PIPELINE if arch.startswith("sm_") and compute_capability(arch) >= MIN_ARCH else "default"

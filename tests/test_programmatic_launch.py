@@ -12,7 +12,7 @@ import tvm
 
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_compilation
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, backward_entry, default_tilings
-from deft_tvm.schedules.cuda_launch import PIPELINE, TAG, pipeline_for
+from deft_tvm.schedules.cuda_launch import PIPELINE, TAG, compute_capability, pipeline_for
 from deft_tvm.tuning.workloads import WORKLOADS
 
 from test_fused_backward_codegen import _kernel_body, needs_nvcc
@@ -44,6 +44,13 @@ def test_the_pipeline_follows_the_architecture():
     assert pipeline_for(cuda_target("sm_90")) == PIPELINE
     assert pipeline_for(cuda_target("sm_80")) == "default"
     assert pipeline_for(tvm.target.Target({"kind": "llvm"})) == "default"
+
+
+def test_compute_capability_reads_the_arch_name():
+    assert [compute_capability(a) for a in ("sm_90a", "sm_90", "sm_80", "sm_75")] == [90, 90, 80, 75]
+    for bad in ("compute_90", "sm_", "sm_9x"):
+        with pytest.raises(ValueError, match=f"not a CUDA arch name: '{bad}', expected sm_<digits>"):
+            compute_capability(bad)
 
 
 @needs_nvcc

@@ -216,7 +216,7 @@ def cmd_tune(args) -> int:
     _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
     if args.fused_backward and args.device != "cuda":
         raise UsageError("--fused-backward: the fused backward is a CUDA kernel; tune it with --device cuda on a GPU")
-    if args.kernels != list(FUSED_KERNELS) and not args.fused_backward:
+    if set(args.kernels) != set(FUSED_KERNELS) and not args.fused_backward:
         raise UsageError(f"--kernels {' '.join(args.kernels)}: names the fused backward's kernels; "
                          f"add --fused-backward")
     target = target_for_device(args.device)
