@@ -77,6 +77,15 @@ class CudaTiling:
         )
 
 
+def compute_capability(arch: str) -> int:
+    """The compute capability of a CUDA arch name as one number: ``"sm_90a"`` -> 90, ``"sm_80"`` -> 80.
+    Raises ValueError for a name that is not ``sm_`` followed by digits (and an optional ``a``)."""
+    digits = arch.removeprefix("sm_").removesuffix("a")
+    if not arch.startswith("sm_") or not digits.isdigit():
+        raise ValueError(f"not a CUDA arch name: {arch!r}, expected sm_<digits> such as 'sm_90'")
+    return int(digits)
+
+
 def thread_loops(bind_threads: bool = True):
     """``(blocks_loop, threads_loop)`` for a hand-written TVMScript kernel: loops bound to
     ``blockIdx.x`` and ``threadIdx.x``, or with ``bind_threads=False`` serial ones (the same loops,

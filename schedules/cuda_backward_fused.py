@@ -94,8 +94,8 @@ from tvm.script import tirx as T
 
 from deft_tvm.compute.sampling import index_extents
 from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype
-from deft_tvm.schedules.cuda import largest_divisor, thread_loops
-from deft_tvm.schedules.cuda_launch import compute_capability, grid_dependency_wait, launch_dependents
+from deft_tvm.schedules.cuda import compute_capability, largest_divisor, thread_loops
+from deft_tvm.schedules.cuda_launch import grid_dependency_wait, launch_dependents
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES, c_element, mma_shape
 from deft_tvm.schedules.cuda_warp_mma import tf32_part, tf32_rest
 
@@ -1521,55 +1521,53 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                             grads[grads_at(e % p, e // p)] = T.Cast(stage_dtype, grad_output[q // positions, o0 + e // p,
                                                                                              q % positions])
             T.tvm_storage_sync("shared")
-            if lanes > 0 and corner_batch > 1:  # a thread per position, ``load_batch`` channels' corners in flight
+            if lanes > 0:  # a thread per position
                 pl = thread % p
                 image[0] = point_batch[pl]  # in a register: the samples' stores do not make it reload
                 table[0] = -1
-                for k in T.unroll(4):
-                    corner_weight[k] = zero
-                for i0 in range((lane_rounds + corner_batch - 1) // corner_batch):
-                    for u in T.unroll(corner_batch):
-                        ch = (i0 * corner_batch + u) * lanes + thread // p
-                        for k in T.unroll(4):
-                            corner_values[u * 4 + k] = zero
-                            if groups_in_tile > 1:  # (one offset group: the table's weights serve every channel)
-                                corner_weights[u * 4 + k] = zero
-                        if ch < c_tile and ch < c_valid:
-                            corner_table(table, corner_index, corner_weight, point_index, point_weight,
-                                         (c0 + ch) // cpg - first_group, pl)
+                if corner_batch > 1:  # ``load_batch`` channels' corners in flight
+                    for k in T.unroll(4):
+                        corner_weight[k] = zero
+                    for i0 in range((lane_rounds + corner_batch - 1) // corner_batch):
+                        for u in T.unroll(corner_batch):
+                            ch = (i0 * corner_batch + u) * lanes + thread // p
                             for k in T.unroll(4):
-                                if groups_in_tile > 1:
-                                    corner_weights[u * 4 + k] = corner_weight[k]
-                                if corner_index[k] >= 0:
-                                    corner_values[u * 4 + k] = T.Cast(acc, input[image[0], c0 + ch,
-                                                                                 corner_index[k]])
-                    for u in T.unroll(corner_batch):
-                        ch = (i0 * corner_batch + u) * lanes + thread // p
+                                corner_values[u * 4 + k] = zero
+                                if groups_in_tile > 1:  # (one offset group: the table's weights serve every channel)
+                                    corner_weights[u * 4 + k] = zero
+                            if ch < c_tile and ch < c_valid:
+                                corner_table(table, corner_index, corner_weight, point_index, point_weight,
+                                             (c0 + ch) // cpg - first_group, pl)
+                                for k in T.unroll(4):
+                                    if groups_in_tile > 1:
+                                        corner_weights[u * 4 + k] = corner_weight[k]
+                                    if corner_index[k] >= 0:
+                                        corner_values[u * 4 + k] = T.Cast(acc, input[image[0], c0 + ch,
+                                                                                     corner_index[k]])
+                        for u in T.unroll(corner_batch):
+                            ch = (i0 * corner_batch + u) * lanes + thread // p
+                            if ch < c_tile:
+                                interpolated = zero
+                                if ch < c_valid:
+                                    for k in T.unroll(4):
+                                        interpolated = interpolated + corner_values[u * 4 + k] * (
+                                            corner_weights[u * 4 + k] if groups_in_tile > 1 else corner_weight[k])
+                                samples[samples_at(pl, ch)] = T.Cast(stage_dtype, interpolated)
+                else:  # its corners read from the tables once per offset group
+                    for i in range((c_tile + lanes - 1) // lanes):
+                        ch = i * lanes + thread // p
                         if ch < c_tile:
                             interpolated = zero
                             if ch < c_valid:
+                                corner_table(table, corner_index, corner_weight, point_index, point_weight,
+                                             (c0 + ch) // cpg - first_group, pl)
                                 for k in T.unroll(4):
-                                    interpolated = interpolated + corner_values[u * 4 + k] * (
-                                        corner_weights[u * 4 + k] if groups_in_tile > 1 else corner_weight[k])
+                                    corner = zero
+                                    if corner_index[k] >= 0:
+                                        corner = T.Cast(acc, input[image[0], c0 + ch, corner_index[k]])
+                                    interpolated = interpolated + corner * corner_weight[k]
                             samples[samples_at(pl, ch)] = T.Cast(stage_dtype, interpolated)
-            elif lanes > 0:  # a thread per position: its corners read from the tables once per offset group
-                pl = thread % p
-                image[0] = point_batch[pl]  # (as above)
-                table[0] = -1
-                for i in range((c_tile + lanes - 1) // lanes):
-                    ch = i * lanes + thread // p
-                    if ch < c_tile:
-                        interpolated = zero
-                        if ch < c_valid:
-                            corner_table(table, corner_index, corner_weight, point_index, point_weight,
-                                         (c0 + ch) // cpg - first_group, pl)
-                            for k in T.unroll(4):
-                                corner = zero
-                                if corner_index[k] >= 0:
-                                    corner = T.Cast(acc, input[image[0], c0 + ch, corner_index[k]])
-                                interpolated = interpolated + corner * corner_weight[k]
-                        samples[samples_at(pl, ch)] = T.Cast(stage_dtype, interpolated)
-            else:
+            else:  # threads over (channel, position) pairs
                 for i in range((c_tile * p + threads - 1) // threads):
                     e = i * threads + thread
                     if e < c_tile * p:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import tvm
 
+from deft_tvm.schedules.cuda import compute_capability
+
 TAG = "tirx.use_programtic_dependent_launch"
 _DYNAMIC_SHARED = "tirx.use_dyn_shared_memory"  # the runtime wants this tag last
 _WAIT = "deft_grid_dependency_wait"
@@ -71,15 +73,6 @@ def _pipeline(**kwargs):
 
 
 tvm.tirx.register_tir_pipeline(PIPELINE, _pipeline)
-
-
-def compute_capability(arch: str) -> int:
-    """The compute capability of a CUDA arch name as one number: ``"sm_90a"`` -> 90, ``"sm_80"`` -> 80.
-    Raises ValueError for a name that is not ``sm_`` followed by digits (and an optional ``a``)."""
-    digits = arch.removeprefix("sm_").removesuffix("a")
-    if not arch.startswith("sm_") or not digits.isdigit():
-        raise ValueError(f"not a CUDA arch name: {arch!r}, expected sm_<digits> such as 'sm_90'")
-    return int(digits)
 
 
 def pipeline_for(target: tvm.target.Target) -> str:

@@ -11,8 +11,9 @@ import pytest
 import tvm
 
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, exact_cuda_compilation
+from deft_tvm.schedules.cuda import compute_capability
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, backward_entry, default_tilings
-from deft_tvm.schedules.cuda_launch import PIPELINE, TAG, compute_capability, pipeline_for
+from deft_tvm.schedules.cuda_launch import PIPELINE, TAG, pipeline_for
 from deft_tvm.tuning.workloads import WORKLOADS
 
 from test_fused_backward_codegen import _kernel_body, needs_nvcc

@@ -98,13 +98,12 @@ def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, ou
 
 
 def _current_arch(kind: str) -> str:
+    from deft_tvm.runtime.targets import device_arch, target_for_device
+
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("this kernel library is for CUDA, but no CUDA GPU is available")
-        major, minor = torch.cuda.get_device_capability()
-        return f"sm_{major}{minor}"
-    from deft_tvm.runtime.targets import target_for_device
-
+        return device_arch()
     return _target_arch(target_for_device("cpu"))
 
 

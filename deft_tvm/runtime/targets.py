@@ -58,6 +58,12 @@ def compile_kernel(mod: tvm.IRModule, target: tvm.target.Target):
         return tvm.compile(mod, target=target, tir_pipeline=pipeline_for(target))
 
 
+def device_arch(device: torch.device | str | int | None = None) -> str:
+    """The CUDA arch name (``"sm_90"``) of ``device``, by default the current CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
 @functools.lru_cache(maxsize=None)
 def target_for_device(device: torch.device | str) -> tvm.target.Target:
     """The TVM target that kernels for tensors on ``device`` are compiled for."""
@@ -65,8 +71,7 @@ def target_for_device(device: torch.device | str) -> tvm.target.Target:
     if device.type == "cpu":
         return tvm.target.Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return cuda_target(f"sm_{major}{minor}")
+        return cuda_target(device_arch(device))
     raise NotImplementedError(
         f"deft_tvm has no kernels for device type {device.type!r}; supported: 'cpu', 'cuda'"
     )
