@@ -123,26 +123,16 @@ def fused_backward_record(spec: DeformConvSpec, target: tvm.target.Target, roots
     return None
 
 
-def _record_tilings(record: dict):
-    """``(spec, data tiling, weight tiling)`` of a fused-backward record."""
-    from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling
-
-    return DeformConvSpec.from_dict(record["spec"]), DataTiling(**record["data"]), WeightTiling(**record["weight"])
-
-
-def read_fused_backward(directory: Path):
-    """``(spec, data tiling, weight tiling)`` of the fused-backward record in ``directory``."""
-    return _record_tilings(json.loads((Path(directory) / FUSED_BACKWARD_FILE).read_text()))
-
-
 def committed_fused_tilings(spec: DeformConvSpec, target: tvm.target.Target):
     """``(data, weight)`` tilings of ``spec``'s committed fused-backward record for ``target``, or
     None where there is none. Raises ValueError where the record found is another spec's."""
+    from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling
+
     record = fused_backward_record(spec, target, [committed_root()])
     if record is None:
         return None
-    recorded, data, weight = _record_tilings(record)
+    recorded = DeformConvSpec.from_dict(record["spec"])
     if recorded != spec:
         path = fused_backward_dir(committed_root(), spec, target) / FUSED_BACKWARD_FILE
         raise ValueError(f"{path} records {recorded.key()}, not {spec.key()}")
-    return data, weight
+    return DataTiling(**record["data"]), WeightTiling(**record["weight"])
