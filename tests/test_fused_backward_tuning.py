@@ -19,10 +19,12 @@ from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_backward_fused import (DTYPE_BYTES, DYNAMIC_SHARED_BYTES, SHARED_BYTES, DataTiling,
                                                      WeightTiling, backward_mma, fused_backward_module)
 from deft_tvm.tuning import fused_backward
-from deft_tvm.tuning.fused_backward import (CHUNK_FACTOR, LOAD_BATCHES, PREFETCH_BYTES, STEP_FACTORS,
-                                            TILE_POSITIONS, WEIGHT_LOAD_BATCHES, agree, chunk_variants, data_space,
-                                            fits, refine_load_batch, stage_variants, step_variants, tile_variants,
-                                            time_checked, tune_fused_backward, weight_space)
+from deft_tvm.tuning.fused_backward import (CHUNK_FACTOR, HALO_FLOOR, HALOS, LOAD_BATCHES, PREFETCH_BYTES,
+                                            STEP_FACTORS, TILE_POSITIONS, WEIGHT_LOAD_BATCHES, agree, chunk_variants,
+                                            data_space, fits, profile_halos, refine_load_batch, stage_variants,
+                                            step_variants, tile_variants, time_checked, tune_fused_backward,
+                                            weight_space)
+from deft_tvm.tuning.stats import profile_halo_coverage
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, WORKLOADS, get_workload
 
 from test_cli_errors import error_line
@@ -31,6 +33,7 @@ from test_fused_backward_codegen import _compile, needs_nvcc
 SPECS = [get_workload(name, dtype, tf32=tf32).spec for name in BENCHMARK_WORKLOADS
          for dtype, tf32 in (("float16", False), ("bfloat16", False), ("float32", True), ("float32", False))]
 TARGET = cuda_target("sm_90")
+PROFILE = "normal_2px"  # the offset profile the searches below tune on (their data space's halos come from it)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key())
@@ -52,6 +55,52 @@ def test_design_spaces_start_at_the_defaults_and_fit(spec):
         assert tiling.shared_bytes(spec) <= SHARED_BYTES
         covered = tiling.steps(spec) * tiling.positions
         assert (tiling.splits - 1) * covered < positions <= tiling.splits * covered  # no empty split
+
+
+def test_profile_halos_run_from_the_floor_to_the_ceiling():
+    """From the smallest halo whose patches cover ``HALO_FLOOR`` of the samples to the smallest
+    covering ``HALO_CEILING``; the table's last halo where none reaches a bound."""
+    assert profile_halos([0.5, 0.83, 0.85, 0.99, 0.996, 0.999, 1.0, 1.0, 1.0]) == [2, 3, 4]
+    assert profile_halos([0.9] + [1.0] * 8) == [0, 1]
+    assert profile_halos([0.996] * 9) == [0]
+    assert profile_halos([0.4] * 4 + [0.9] * 5) == [4, 5, 6, 7, 8]
+    assert profile_halos([0.1] * 9) == [8]
+
+
+def _grid_halos(spec, space) -> set[int]:
+    """The halos of ``space``'s default tiling with other halos and channel splits only."""
+    default = space[0]
+    return {t.halo for t in space if t == dataclasses.replace(default, halo=t.halo, channel_splits=t.channel_splits)}
+
+
+@pytest.mark.parametrize("name", ["r50dcn_c4", "r50dcn_c5"])
+def test_data_space_halos_follow_the_offset_profile(name):
+    """With an offset profile, the default's halo x splits grid takes the fitting halos of
+    ``profile_halos`` of the default's tile shape on the profile's samples, and every staged
+    candidate but the default covers at least ``HALO_FLOOR`` of them; narrower offsets take smaller
+    halos. Where the default's patches cover less (N(0, 8 px)), ``HALOS`` are searched too and
+    nothing is pruned; without a profile, ``HALOS`` alone."""
+    spec = get_workload(name, "float16").spec
+    default = DataTiling.for_spec(spec)
+    assert _grid_halos(spec, data_space(spec)) == {*HALOS, default.halo}
+    grids = {}
+    for profile in ("normal_0.5px", "normal_2px", "normal_8px"):
+        space = data_space(spec, profile)
+        assert space[0] == default
+
+        def coverage(t):
+            return profile_halo_coverage(spec, profile, (t.tile_h, t.tile_w))[t.halo]
+
+        wanted = profile_halos(profile_halo_coverage(spec, profile, (default.tile_h, default.tile_w)))
+        fitting = {h for h in wanted if fits(spec, dataclasses.replace(default, halo=h))}
+        grids[profile] = _grid_halos(spec, space)
+        if coverage(default) >= HALO_FLOOR:
+            assert grids[profile] == fitting | {default.halo}
+            assert all(coverage(t) >= HALO_FLOOR for t in space[1:] if t.staged)
+        else:
+            assert profile == "normal_8px" and grids[profile] == fitting | {*HALOS, default.halo}
+            assert any(coverage(t) < HALO_FLOOR for t in space if t.staged)
+    assert max(grids["normal_0.5px"] - {default.halo}) < max(grids["normal_2px"])
 
 
 def test_float32_weight_space_is_tf32s_on_3xtf32_tensor_cores():
@@ -86,7 +135,7 @@ def _fake_measure(fastest_data: int, fastest_weight: int, data_ms: dict | None =
     """Stand-in for ``measure_candidates``: the data space's tiling ``fastest_data`` and the weight
     candidate ``fastest_weight`` take 1 ms, the tilings in ``data_ms`` their time, the others 2."""
     def measure(spec, profile, target, data, weight):
-        fast, fast_weight = data_space(spec)[fastest_data], weight_space(spec)[fastest_weight]
+        fast, fast_weight = data_space(spec, PROFILE)[fastest_data], weight_space(spec)[fastest_weight]
         return ([(data_ms or {}).get(t, 1.0 if t == fast else 2.0) for t in data],
                 [1.0 if t == fast_weight else 2.0 for t in weight])
 
@@ -95,8 +144,8 @@ def _fake_measure(fastest_data: int, fastest_weight: int, data_ms: dict | None =
 
 def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     spec = get_workload("r50dcn_c4", "float16").spec
-    data, weight = data_space(spec), weight_space(spec)
-    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(3, 2))
+    data, weight = data_space(spec, PROFILE), weight_space(spec)
+    record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_fake_measure(3, 2))
     assert DataTiling(**record["data"]) == data[3] and WeightTiling(**record["weight"]) == weight[2]
     tried = [DataTiling(**t) for t, _ in record["data_ms"]]
     assert tried[:len(data)] == data  # then the 3 fastest (data[3], and of equals the first) with more loads
@@ -111,8 +160,8 @@ def test_search_keeps_each_kernels_fastest_candidate_and_every_time():
     assert [WeightTiling(**t) for t, _ in record["weight_ms"]][len(weight):] == batched + copied + [
         t for t in step_variants(spec, weight[2]) if t not in weight]  # then the fastest with deeper steps
     assert (record["profile"], record["device"], record["target"]) == ("normal_2px", "a GPU", "sm_90")
-    ties = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=lambda *a: ([1.0] * len(data),
-                                                                                       [1.0] * len(weight)))
+    ties = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=lambda *a: ([1.0] * len(data),
+                                                                                  [1.0] * len(weight)))
     assert DataTiling(**ties["data"]) == data[0] and WeightTiling(**ties["weight"]) == weight[0]  # the defaults
 
 
@@ -134,29 +183,29 @@ def test_searching_one_kernel_keeps_the_other_kernels_record(tmp_path, capsys):
     """``kernels``: only the named kernel is measured; the other's tiling and times are the kept
     record's (found under the first root that holds one, ``records.fused_backward_record``)."""
     spec = get_workload("r50dcn_c5", "float16").spec
-    kept = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(3, 2))
-    fast_data, fast_weight = data_space(spec)[1], weight_space(spec)[1]
+    kept = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_fake_measure(3, 2))
+    fast_data, fast_weight = data_space(spec, PROFILE)[1], weight_space(spec)[1]
     measured = []
 
     def measure(spec, profile, target, data, weight):
         measured.append((len(data), len(weight)))
         return [0.5 if t == fast_data else 1.0 for t in data], [0.5 if t == fast_weight else 1.0 for t in weight]
 
-    weight_only = tune_fused_backward(spec, "normal_2px", TARGET, "b GPU", measure, kernels=("weight",), kept=kept)
+    weight_only = tune_fused_backward(spec, PROFILE, TARGET, "b GPU", measure, kernels=("weight",), kept=kept)
     assert all(data == 0 for data, _ in measured) and measured[0][1] == len(weight_space(spec))
     assert (weight_only["data"], weight_only["data_ms"]) == (kept["data"], kept["data_ms"])
     assert WeightTiling(**weight_only["weight"]) == fast_weight and weight_only["device"] == "b GPU"
     measured.clear()
-    data_only = tune_fused_backward(spec, "normal_2px", TARGET, "b GPU", measure, kernels=("data",), kept=weight_only)
+    data_only = tune_fused_backward(spec, PROFILE, TARGET, "b GPU", measure, kernels=("data",), kept=weight_only)
     assert all(weight == 0 for _, weight in measured) and DataTiling(**data_only["data"]) == fast_data
     assert (data_only["weight"], data_only["weight_ms"]) == (weight_only["weight"], weight_only["weight_ms"])
     with pytest.raises(ValueError, match="searching only weight keeps the other kernel's tiling from a record of"):
-        tune_fused_backward(spec, "normal_2px", TARGET, "b GPU", measure, kernels=("weight",))
+        tune_fused_backward(spec, PROFILE, TARGET, "b GPU", measure, kernels=("weight",))
     other = get_workload("r50dcn_c4", "float16").spec
     with pytest.raises(ValueError, match="from a record of " + other.key()):
         tune_fused_backward(other, "normal_2px", TARGET, "b GPU", measure, kernels=("weight",), kept=kept)
     with pytest.raises(ValueError, match=r"kernels: some of \('data', 'weight'\), got \('grad',\)"):
-        tune_fused_backward(spec, "normal_2px", TARGET, "b GPU", measure, kernels=("grad",))
+        tune_fused_backward(spec, PROFILE, TARGET, "b GPU", measure, kernels=("grad",))
     first, second = tmp_path / "first", tmp_path / "second"
     records.write_fused_backward(records.fused_backward_dir(second, spec, TARGET), kept)
     assert records.fused_backward_record(spec, TARGET, [first, second]) == kept
@@ -187,9 +236,29 @@ def test_the_command_keeps_the_record_under_logs_else_the_committed_one(tmp_path
         cli._kept_fused_record(args, TARGET, "odd", odd)
 
 
+def test_the_command_reports_the_chosen_halos_coverage_and_writes_the_record(tmp_path, monkeypatch, capsys):
+    """``deft-tvm tune --fused-backward``'s line per workload names the chosen data tiling's halo
+    and the fraction of the workload profile's samples its patches cover (``stats``), and the
+    record lands under ``--logs`` (the search on a stand-in for the GPU)."""
+    from deft_tvm import cli
+
+    workload = get_workload("r50dcn_c4", "float16")
+    search = fused_backward.tune_fused_backward
+    monkeypatch.setattr(fused_backward, "tune_fused_backward",
+                        lambda *a, **k: search(*a, measure=_fake_measure(3, 2), **k))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    args = argparse.Namespace(kernels=["data", "weight"], logs=str(tmp_path))
+    cli._tune_fused_backward(args, TARGET, "r50dcn_c4", workload)
+    chosen = data_space(workload.spec, PROFILE)[3]
+    covered = profile_halo_coverage(workload.spec, PROFILE, (chosen.tile_h, chosen.tile_w))[chosen.halo]
+    assert f"halo {chosen.halo} px, its patches cover {covered:.1%} of normal_2px's samples" in capsys.readouterr().out
+    written = records.fused_backward_record(workload.spec, TARGET, [tmp_path])
+    assert DataTiling(**written["data"]) == chosen
+
+
 def test_the_search_never_takes_a_rejected_candidate():
     spec = get_workload("r50dcn_c4", "float16").spec
-    data, weight = data_space(spec), weight_space(spec)
+    data, weight = data_space(spec, PROFILE), weight_space(spec)
 
     rejected = {data[3], *(dataclasses.replace(data[5], load_batch=b) for b in LOAD_BATCHES)}
 
@@ -197,7 +266,7 @@ def test_the_search_never_takes_a_rejected_candidate():
         return ([None if t in rejected else 0.5 if t.load_batch > 1 else 2.0 - (t == data[5]) * 0.5 for t in tilings],
                 [None if i == 1 else 2.0 for i in range(len(weight))])
 
-    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=measure)
+    record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=measure)
     assert DataTiling(**record["data"]) == dataclasses.replace(data[0], load_batch=LOAD_BATCHES[0])
     assert WeightTiling(**record["weight"]) == weight[0]
     assert record["data_ms"][3][1] is None and record["weight_ms"][1][1] is None
@@ -205,11 +274,11 @@ def test_the_search_never_takes_a_rejected_candidate():
 
 def test_more_loads_in_flight_must_beat_their_reference_in_the_same_round():
     spec = get_workload("r50dcn_c5", "float16").spec
-    data = data_space(spec)
+    data = data_space(spec, PROFILE)
     batched = dataclasses.replace(data[2], load_batch=8)
-    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(2, 0, {batched: 0.9}))
+    record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_fake_measure(2, 0, {batched: 0.9}))
     assert DataTiling(**record["data"]) == batched
-    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
+    slower = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
     assert DataTiling(**slower["data"]) == data[0]
 
 
@@ -227,15 +296,15 @@ def _rounds_of_a_faster_reference(space):
 
 def test_other_weight_stages_of_the_fastest_data_tiling_must_beat_it_in_the_same_round():
     spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
-    data = data_space(spec)
+    data = data_space(spec, PROFILE)
     group = next(i for i, t in enumerate(data) if t.tensor_cores and t.tap_group > 1 and not t.pipelined)
     batched = dataclasses.replace(data[group], load_batch=LOAD_BATCHES[0])  # the fastest after more loads
     half = dataclasses.replace(batched, o_step=batched.o_step // 2, pipelined=True)
     assert half in stage_variants(spec, batched) and half not in data
-    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU",
+    record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU",
                                  measure=_fake_measure(group, 0, {batched: 0.95, half: 0.9}))
     assert DataTiling(**record["data"]) == half
-    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
+    slower = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
     assert DataTiling(**slower["data"]) == data[0]
 
 
@@ -285,10 +354,10 @@ def test_deeper_weight_steps_must_beat_their_reference_in_the_same_round():
     def measure(spec, profile, target, data, tilings):
         return [1.0] * len(data), [0.9 if t == deeper else 1.0 if t == weight[0] else 2.0 for t in tilings]
 
-    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=measure)
+    record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=measure)
     assert WeightTiling(**record["weight"]) == deeper
-    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU",
-                                 measure=_rounds_of_a_faster_reference(data_space(spec)))
+    slower = tune_fused_backward(spec, PROFILE, TARGET, "a GPU",
+                                 measure=_rounds_of_a_faster_reference(data_space(spec, PROFILE)))
     assert WeightTiling(**slower["weight"]) == weight[0]
 
 
@@ -313,11 +382,11 @@ def test_chunk_variants_widen_the_chunks_into_dynamic_shared_memory():
 
 def test_wider_chunks_must_beat_their_reference_in_the_same_round():
     spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
-    data = data_space(spec)
+    data = data_space(spec, PROFILE)
     wider = chunk_variants(spec, data[0])[-1]
-    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(0, 0, {wider: 0.9}))
+    record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_fake_measure(0, 0, {wider: 0.9}))
     assert DataTiling(**record["data"]) == wider
-    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
+    slower = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
     assert DataTiling(**slower["data"]) == data[0]
 
 
@@ -355,11 +424,11 @@ def test_tile_variants_pad_the_output_less_in_whole_warps():
 
 def test_other_tile_shapes_of_the_fastest_data_tiling_must_beat_it_in_the_same_round():
     spec = get_workload("r50dcn_c5", "float16").spec
-    data = data_space(spec)
+    data = data_space(spec, PROFILE)
     wide = tile_variants(spec, data[0])[0]
-    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(0, 0, {wide: 0.9}))
+    record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_fake_measure(0, 0, {wide: 0.9}))
     assert DataTiling(**record["data"]) == wide
-    slower = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
+    slower = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_rounds_of_a_faster_reference(data))
     assert DataTiling(**slower["data"]) == data[0]
 
 
@@ -426,10 +495,10 @@ def test_the_op_takes_a_committed_record_over_the_defaults(tmp_path, monkeypatch
     spec = get_workload("r50dcn_c4", "float16").spec
     monkeypatch.setattr(records, "committed_root", lambda: tmp_path)
     assert records.committed_fused_tilings(spec, TARGET) is None
-    record = tune_fused_backward(spec, "normal_2px", TARGET, "a GPU", measure=_fake_measure(4, 1))
+    record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_fake_measure(4, 1))
     records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET), record)
     data, weight = records.committed_fused_tilings(spec, TARGET)
-    assert (data, weight) == (data_space(spec)[4], weight_space(spec)[1]) != (DataTiling.for_spec(spec),
+    assert (data, weight) == (data_space(spec, PROFILE)[4], weight_space(spec)[1]) != (DataTiling.for_spec(spec),
                                                                              WeightTiling.for_spec(spec))
     built = {}
 

@@ -608,7 +608,7 @@ def test_tiling_search_times_every_candidate_on_the_gpu():
     record = tune_fused_backward(workload.spec, workload.profile, target_for_device("cuda"),
                                  torch.cuda.get_device_name())
     # the spaces first, in order, then the refinement rounds' variants (each measured once)
-    for kind, space in (("data", data_space(workload.spec)), ("weight", weight_space(workload.spec))):
+    for kind, space in (("data", data_space(workload.spec, workload.profile)), ("weight", weight_space(workload.spec))):
         tilings = [tiling for tiling, _ in record[f"{kind}_ms"]]
         assert tilings[:len(space)] == [dataclasses.asdict(t) for t in space]
         assert len({json.dumps(t, sort_keys=True) for t in tilings}) == len(tilings)

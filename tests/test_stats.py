@@ -177,6 +177,17 @@ def test_outside_fraction_histogram_and_tile_halo_match_brute_force(asymmetric):
             assert stats.halo_for(layer, tile, target) == expected
 
 
+def test_halo_coverage_of_an_offset_tensor_matches_brute_force(asymmetric):
+    """``stats.halo_coverage``: per halo, the fraction of the samples the patches of a tile shape
+    cover (outside samples included), as the brute force counts them; 1.0 where no sample is finite."""
+    layer, offset, height, width = asymmetric
+    spec = stats.layer_spec(layer)
+    dys, _, covered, _ = brute_force(offset, height, width, stats.TILES, stats.HALOS)
+    for tile, counts in covered.items():
+        assert stats.halo_coverage(spec, offset, tile) == [c / len(dys) for c in counts]
+    assert stats.halo_coverage(spec, torch.full_like(offset, float("nan")), (8, 8)) == [1.0] * len(stats.HALOS)
+
+
 def test_halo_for_rejects_unknown_tiles_and_fractions(asymmetric):
     layer = asymmetric[0]
     with pytest.raises(KeyError, match=r"tile 3x3 is not in the table; tiles: 1x32, 2x32"):

@@ -194,6 +194,7 @@ def _tune_fused_backward(args, target, name: str, workload) -> None:
     """Search the fused backward's tilings of a workload and write the record."""
     from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
     from deft_tvm.tuning.fused_backward import tune_fused_backward
+    from deft_tvm.tuning.stats import profile_halo_coverage
 
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
     record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name(),
@@ -202,9 +203,13 @@ def _tune_fused_backward(args, target, name: str, workload) -> None:
     times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in FUSED_KERNELS}
     defaults = {kind: record[f"{kind}_ms"][0][1] for kind in FUSED_KERNELS}
     rejected = sum(ms is None for kind in FUSED_KERNELS for _, ms in record[f"{kind}_ms"])
+    data = record["data"]
+    covered = profile_halo_coverage(spec, workload.profile, (data["tile_h"], data["tile_w"]))
     print(f"fused    {name} {spec.dtype}{' tf32' * spec.tf32}: grad_data {times['data']:.3f} ms (default "
-          f"{defaults['data']:.3f}), grad_weight {times['weight']:.3f} ms (default {defaults['weight']:.3f}), "
-          f"{rejected} candidates rejected (gradients not the default's) -> {path}")
+          f"{defaults['data']:.3f}; halo {data['halo']} px, its patches cover "
+          f"{covered[min(data['halo'], len(covered) - 1)]:.1%} of {workload.profile}'s samples), grad_weight "
+          f"{times['weight']:.3f} ms (default {defaults['weight']:.3f}), {rejected} candidates rejected "
+          f"(gradients not the default's) -> {path}")
 
 
 def cmd_tune(args) -> int:

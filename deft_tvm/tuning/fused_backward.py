@@ -3,7 +3,8 @@
 The fused kernels (``schedules/cuda_backward_fused.py``) are TIR generated from a ``DataTiling``
 (grad_input, grad_offset, grad_mask) and a ``WeightTiling`` (grad_weight, grad_bias); their design
 space is ``data_space`` x ``weight_space``, tables of tilings around the defaults (each default a
-point of its table). The two kernels are independent, so each is chosen on its own:
+point of its table; the data kernel's halos from the statistics of the offset profile's samples,
+``profile_halos``). The two kernels are independent, so each is chosen on its own:
 ``tune_fused_backward`` compiles every candidate (in threads: nvcc runs outside the GIL), runs
 each kernel as the op does (with the sum of its splits' partial outputs, ``data_call``,
 ``weight_call``) on inputs whose offsets and mask follow the workload's offset profile, keeps
@@ -45,7 +46,12 @@ from deft_tvm.schedules.cuda_backward_fused import (
 )
 from deft_tvm.tuning.timing import gpu_ms
 
-HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's)
+HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's) where no offset profile is given
+# With an offset profile, the halos its samples call for (``profile_halos``): from the smallest whose patches cover
+# HALO_FLOOR of the samples to the smallest that covers HALO_CEILING; staged candidates covering less are pruned
+# (``data_space``).
+HALO_FLOOR = 0.84
+HALO_CEILING = 0.995
 LOAD_BATCHES = (4, 8, 16)  # loads in flight per thread (DataTiling.load_batch) tried on the fastest data tilings
 WEIGHT_LOAD_BATCHES = (2, 4)  # channels' corners in flight per thread (WeightTiling.load_batch), fastest weight tilings
 REFINED = 3  # the fastest tilings of each kernel tried with each of its load batches
@@ -61,8 +67,28 @@ def _unique(tilings) -> list:
     return list(dict.fromkeys(tilings))
 
 
-def data_space(spec: DeformConvSpec) -> list[DataTiling]:
-    """The default data tiling first, then: every halo of ``HALOS`` x channel splits within 4x of
+def profile_halos(coverage) -> list[int]:
+    """The halos (px) the data space searches for a tile shape whose patches cover ``coverage[h]``
+    of the profile's samples with halo ``h`` (``stats.halo_coverage``, h = 0, 1, ...): from the
+    smallest covering ``HALO_FLOOR`` to the smallest covering ``HALO_CEILING`` (the table's last
+    where none does). The bounds come from the committed records on offsets ~N(0, 2 px): their
+    tunings chose halos whose tiles cover 0.849 (r50 c4 float16, 1 px on 4 x 32) to 0.997 (4 px on
+    8 x 16) of the samples, and past 99.5 % a larger patch serves fewer than 1 sample in 200 more
+    while every pixel of it takes shared memory. On that profile: 1-4 px on 8 x 16 tiles (the
+    registry's layers; 0-4 on train_down and 128ch), 1-5 on 4 x 32 (2-5 on the video layer); on
+    N(0, 0.5 px) 0-1 px; on N(0, 8 px) 5-8 px or 8 alone (on the paper layer 8 px covers 0.87 of the
+    samples, 4 px 0.68)."""
+    last = len(coverage) - 1
+    low = next((h for h, covered in enumerate(coverage) if covered >= HALO_FLOOR), last)
+    high = next((h for h, covered in enumerate(coverage) if covered >= HALO_CEILING), last)
+    return list(range(low, max(low, high) + 1))
+
+
+def data_space(spec: DeformConvSpec, profile: str | None = None) -> list[DataTiling]:
+    """The default data tiling first, then: every halo of ``profile_halos`` that fits (of the
+    default's tile shape on offsets drawn from the registry's offset ``profile``,
+    ``stats.profile_halo_coverage``), and those of ``HALOS`` without a profile or where the
+    default's patches cover less than ``HALO_FLOOR`` of its samples, x channel splits within 4x of
     the default's (divisors of the chunks), the other tile shapes of ``TILE_SHAPES``, weight stages
     of half and twice the default's output channels (where they divide the group's), half the
     chunk's channels, tensor-core grad_columns (``DataTiling.for_spec(tensor_cores=True)``, where
@@ -80,9 +106,11 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     pipelined, the tensor-core tiling's half and quarter output channels per stage, its halo and 1
     px less) in dynamic shared memory; and each staged one of these with the branch-free loop for
     samples whose corners are all in the patch (``interior_path``); only tilings that fit
-    (``fits``). Measured on an H200 (r50 c5 data kernel, ms, record's tiling / every tap per pass,
-    pipelined, 16 output channels per stage): TF32 0.418 / 0.394, float16 0.371 / 0.397 (not
-    pipelined: 0.362), float32 0.786 (SIMT) / 0.757 (3xTF32)
+    (``fits``) and, with a profile whose samples the default's patches cover to ``HALO_FLOOR``, of
+    the staged ones only those whose patches do too (the default always). Measured on an H200 (r50
+    c5 data kernel, ms, record's tiling / every tap per pass, pipelined, 16 output channels per
+    stage): TF32 0.418 / 0.394, float16 0.371 / 0.397 (not pipelined: 0.362), float32 0.786 (SIMT) /
+    0.757 (3xTF32)
     (``tools/results/fused_backward_c5_taps_h200_834608e.txt``); a re-tune of c5 TF32 over this
     space chose every tap per pass, prefetched, 8 output channels per stage: 0.368
     (``tools/results/fused_backward_prefetch_c5_tf32_h200_2cc6cde.txt``)."""
@@ -92,7 +120,14 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     splits = [s for s in range(1, chunks + 1)
               if chunks % s == 0 and default.channel_splits <= 4 * s and s <= 4 * default.channel_splits]
     r = dataclasses.replace
-    candidates = [default] + [r(default, halo=h, channel_splits=s) for h in sorted({*HALOS, default.halo})
+    halos, prune = HALOS, False
+    if profile is not None:
+        from deft_tvm.tuning.stats import profile_halo_coverage
+
+        prune = _covers_floor(spec, profile, default)
+        table = profile_halo_coverage(spec, profile, (default.tile_h, default.tile_w))
+        halos = [h for h in profile_halos(table) if fits(spec, r(default, halo=h))] + list(HALOS) * (not prune)
+    candidates = [default] + [r(default, halo=h, channel_splits=s) for h in sorted({*halos, default.halo})
                               for s in splits]
     candidates += [r(default, tile_h=th, tile_w=tw) for th, tw in TILE_SHAPES]
     candidates += [r(default, o_step=o_step) for o_step in (default.o_step // 2, 2 * default.o_step)
@@ -128,7 +163,17 @@ def data_space(spec: DeformConvSpec) -> list[DataTiling]:
     candidates += [r(t, prefetch=True, o_step=min(t.o_step, PREFETCH_BYTES // 2 // item)) for t in candidates
                    if t.pipelined]
     candidates += [r(t, interior_path=True) for t in candidates if t.staged]
-    return _unique(t for t in candidates if fits(spec, t))
+    return _unique(t for t in candidates if fits(spec, t)
+                   and not (prune and t != default and t.staged and not _covers_floor(spec, profile, t)))
+
+
+def _covers_floor(spec: DeformConvSpec, profile: str, tiling: DataTiling) -> bool:
+    """Whether ``tiling``'s patches cover at least ``HALO_FLOOR`` of ``spec``'s samples drawn from
+    the offset ``profile`` (``stats.profile_halo_coverage``)."""
+    from deft_tvm.tuning.stats import profile_halo_coverage
+
+    table = profile_halo_coverage(spec, profile, (tiling.tile_h, tiling.tile_w))
+    return table[min(tiling.halo, len(table) - 1)] >= HALO_FLOOR
 
 
 def fits(spec: DeformConvSpec, tiling: DataTiling) -> bool:
@@ -455,7 +500,7 @@ def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.T
     if set(kernels) != set(KERNELS) and (kept is None or DeformConvSpec.from_dict(kept["spec"]) != spec):
         raise ValueError(f"searching only {', '.join(kernels)} keeps the other kernel's tiling from a record of "
                          f"{spec.key()}, got {'none' if kept is None else kept['spec']}")
-    data = data_space(spec) if "data" in kernels else []
+    data = data_space(spec, profile) if "data" in kernels else []
     weight = weight_space(spec) if "weight" in kernels else []
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
     record = {"spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"])}

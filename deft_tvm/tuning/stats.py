@@ -30,6 +30,7 @@ Counters, moments and histograms are exact over all samples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -163,6 +164,63 @@ def _patch(out_size: int, tile: int, kernel: int, stride: int, pad: int, dilatio
     return first, last
 
 
+def _covered_counts(spec: DeformConvSpec, y, x, finite, outside, tile: tuple[int, int]) -> list[int]:
+    """Of the finite samples at sampling points ``y``, ``x`` (``[N, offset groups, kernel_h,
+    kernel_w, out_h, out_w]`` float64; ``finite`` their mask, ``outside`` that of the finite ones
+    outside the image), how many are covered with each halo of ``HALOS`` by the patches of
+    ``tile`` (rows, columns) output tiles (module docstring)."""
+    fy, fx = torch.floor(y), torch.floor(x)
+    rows = fy.clamp(min=0), (fy + 1).clamp(max=spec.height - 1)
+    cols = fx.clamp(min=0), (fx + 1).clamp(max=spec.width - 1)
+    first_y, last_y = _patch(spec.out_h, tile[0], spec.kernel_h, spec.stride[0], spec.padding[0], spec.dilation[0])
+    first_x, last_x = _patch(spec.out_w, tile[1], spec.kernel_w, spec.stride[1], spec.padding[1], spec.dilation[1])
+    need = torch.maximum(
+        torch.maximum(first_y[:, None] - rows[0], rows[1] - last_y[:, None]),
+        torch.maximum(first_x - cols[0], cols[1] - last_x),
+    )[finite]
+    need = need.masked_fill(outside, 0).clamp(0, len(HALOS)).long()
+    return torch.bincount(need, minlength=len(HALOS) + 1).cumsum(0)[: len(HALOS)].tolist()
+
+
+def _offsets(spec: DeformConvSpec, offset: torch.Tensor):
+    """``(dy, dx)`` of ``offset`` (``[N, 2 * offset groups * kernel_h * kernel_w, out_h, out_w]``,
+    px), each ``[N, offset groups, kernel_h, kernel_w, out_h, out_w]`` float64 on the CPU."""
+    n, og, kh, kw, oh, ow = spec.batch, spec.offset_groups, spec.kernel_h, spec.kernel_w, spec.out_h, spec.out_w
+    off = offset.detach().to("cpu", torch.float64).reshape(n, og, kh, kw, 2, oh, ow)
+    return off[:, :, :, :, 0], off[:, :, :, :, 1]
+
+
+def _sampling_points(spec: DeformConvSpec, dy: torch.Tensor, dx: torch.Tensor):
+    """``(y, x, outside)``: the input rows and columns the offsets ``dy``, ``dx`` (``_offsets``)
+    sample, and where they are outside the image (module docstring)."""
+    y = dy + _grid(spec.out_h, spec.kernel_h, spec.stride[0], spec.padding[0], spec.dilation[0])[:, None, :, None]
+    x = dx + _grid(spec.out_w, spec.kernel_w, spec.stride[1], spec.padding[1], spec.dilation[1])[None, :, None, :]
+    return y, x, (y <= -1) | (y >= spec.height) | (x <= -1) | (x >= spec.width)
+
+
+def halo_coverage(spec: DeformConvSpec, offset: torch.Tensor, tile: tuple[int, int]) -> list[float]:
+    """The fraction of the finite samples of ``offset`` (``[N, 2 * offset groups * kernel_h *
+    kernel_w, out_h, out_w]``, px, any float dtype and device) covered with each halo of ``HALOS``
+    (px) by the patches of ``tile`` (rows, columns) output tiles (module docstring; a sample
+    outside the image counts as covered); 1.0 each where no sample is finite."""
+    dy, dx = _offsets(spec, offset)
+    y, x, outside = _sampling_points(spec, dy, dx)
+    finite = y.isfinite() & x.isfinite()
+    samples = int(finite.sum())
+    counts = _covered_counts(spec, y, x, finite, outside[finite], tile)
+    return [c / samples if samples else 1.0 for c in counts]
+
+
+@functools.lru_cache(maxsize=256)
+def profile_halo_coverage(spec: DeformConvSpec, profile: str, tile: tuple[int, int], seed: int = 0) -> tuple:
+    """``halo_coverage`` of ``spec``'s offsets drawn from the registry's offset profile ``profile``
+    (``workloads.PROFILES``; ``seed`` seeds the draw), as a tuple, cached."""
+    from deft_tvm.tuning.workloads import PROFILES
+
+    offset = PROFILES[profile].sample_offsets(spec.offset_shape, torch.Generator().manual_seed(seed), torch.float64)
+    return tuple(halo_coverage(spec, offset, tile))
+
+
 def layer_spec(layer_stats: dict) -> DeformConvSpec:
     """The ``DeformConvSpec`` of a layer's first call, from its statistics."""
     return DeformConvSpec.from_dict(layer_stats["spec"])
@@ -192,17 +250,14 @@ class _LayerRecorder:
                 f"expected the same for every call"
             )
         self.calls += 1
-        n, og, kh, kw, oh, ow = spec.batch, spec.offset_groups, spec.kernel_h, spec.kernel_w, spec.out_h, spec.out_w
-        off = offset.detach().to("cpu", torch.float64).reshape(n, og, kh, kw, 2, oh, ow)
-        dy, dx = off[:, :, :, :, 0], off[:, :, :, :, 1]  # [n, og, kh, kw, oh, ow]
+        dy, dx = _offsets(spec, offset)  # [n, og, kh, kw, oh, ow]
         finite = dy.isfinite() & dx.isfinite()
         if mask is not None:
             mask = mask.detach().to("cpu", torch.float64).reshape(dy.shape)
             finite &= mask.isfinite()
         self.nonfinite += int((~finite).sum())
-        y = dy + _grid(oh, kh, stride[0], padding[0], dilation[0])[:, None, :, None]
-        x = dx + _grid(ow, kw, stride[1], padding[1], dilation[1])[None, :, None, :]
-        outside = ((y <= -1) | (y >= spec.height) | (x <= -1) | (x >= spec.width))[finite]
+        y, x, outside = _sampling_points(spec, dy, dx)
+        outside = outside[finite]
         self.outside += int(outside.sum())
         self._record_tiles(spec, y, x, finite, outside)
 
@@ -220,20 +275,8 @@ class _LayerRecorder:
 
     def _record_tiles(self, spec, y, x, finite, outside) -> None:
         """Count, per tile shape, the finite samples covered with each halo."""
-        fy, fx = torch.floor(y), torch.floor(x)
-        rows = fy.clamp(min=0), (fy + 1).clamp(max=spec.height - 1)
-        cols = fx.clamp(min=0), (fx + 1).clamp(max=spec.width - 1)
         for tile in TILES:
-            first_y, last_y = _patch(spec.out_h, tile[0], spec.kernel_h, spec.stride[0], spec.padding[0],
-                                     spec.dilation[0])
-            first_x, last_x = _patch(spec.out_w, tile[1], spec.kernel_w, spec.stride[1], spec.padding[1],
-                                     spec.dilation[1])
-            need = torch.maximum(
-                torch.maximum(first_y[:, None] - rows[0], rows[1] - last_y[:, None]),
-                torch.maximum(first_x - cols[0], cols[1] - last_x),
-            )[finite]
-            need = need.masked_fill(outside, 0).clamp(0, len(HALOS)).long()
-            covered = torch.bincount(need, minlength=len(HALOS) + 1).cumsum(0)[: len(HALOS)].tolist()
+            covered = _covered_counts(spec, y, x, finite, outside, tile)
             self.covered[tile] = [a + b for a, b in zip(self.covered[tile], covered)]
 
     def summary(self) -> dict:
