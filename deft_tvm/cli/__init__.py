@@ -193,8 +193,8 @@ def _kept_fused_record(args, target, name: str, spec) -> dict | None:
 def _tune_fused_backward(args, target, name: str, workload) -> None:
     """Search the fused backward's tilings of a workload and write the record."""
     from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
-    from deft_tvm.tuning.fused_backward import tune_fused_backward
-    from deft_tvm.tuning.stats import profile_halo_coverage
+    from deft_tvm.schedules.cuda_backward_fused import DataTiling
+    from deft_tvm.tuning.fused_backward import patch_coverage, tune_fused_backward
 
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
     record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name(),
@@ -203,11 +203,10 @@ def _tune_fused_backward(args, target, name: str, workload) -> None:
     times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in FUSED_KERNELS}
     defaults = {kind: record[f"{kind}_ms"][0][1] for kind in FUSED_KERNELS}
     rejected = sum(ms is None for kind in FUSED_KERNELS for _, ms in record[f"{kind}_ms"])
-    data = record["data"]
-    covered = profile_halo_coverage(spec, workload.profile, (data["tile_h"], data["tile_w"]))
+    data = DataTiling(**record["data"])
     print(f"fused    {name} {spec.dtype}{' tf32' * spec.tf32}: grad_data {times['data']:.3f} ms (default "
-          f"{defaults['data']:.3f}; halo {data['halo']} px, its patches cover "
-          f"{covered[min(data['halo'], len(covered) - 1)]:.1%} of {workload.profile}'s samples), grad_weight "
+          f"{defaults['data']:.3f}; halo {data.halo} px, its patches cover "
+          f"{patch_coverage(spec, workload.profile, data):.1%} of {workload.profile}'s samples), grad_weight "
           f"{times['weight']:.3f} ms (default {defaults['weight']:.3f}), {rejected} candidates rejected "
           f"(gradients not the default's) -> {path}")
 

@@ -167,13 +167,18 @@ def data_space(spec: DeformConvSpec, profile: str | None = None) -> list[DataTil
                    and not (prune and t != default and t.staged and not _covers_floor(spec, profile, t)))
 
 
-def _covers_floor(spec: DeformConvSpec, profile: str, tiling: DataTiling) -> bool:
-    """Whether ``tiling``'s patches cover at least ``HALO_FLOOR`` of ``spec``'s samples drawn from
-    the offset ``profile`` (``stats.profile_halo_coverage``)."""
+def patch_coverage(spec: DeformConvSpec, profile: str, tiling: DataTiling) -> float:
+    """The fraction of ``spec``'s samples drawn from the offset ``profile`` that ``tiling``'s
+    patches (its tile plus its halo, px) cover (``stats.profile_halo_coverage``)."""
     from deft_tvm.tuning.stats import profile_halo_coverage
 
     table = profile_halo_coverage(spec, profile, (tiling.tile_h, tiling.tile_w))
-    return table[min(tiling.halo, len(table) - 1)] >= HALO_FLOOR
+    return table[min(tiling.halo, len(table) - 1)]
+
+
+def _covers_floor(spec: DeformConvSpec, profile: str, tiling: DataTiling) -> bool:
+    """Whether ``tiling``'s patches cover at least ``HALO_FLOOR`` of the profile's samples."""
+    return patch_coverage(spec, profile, tiling) >= HALO_FLOOR
 
 
 def fits(spec: DeformConvSpec, tiling: DataTiling) -> bool:
