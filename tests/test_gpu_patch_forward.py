@@ -1,0 +1,91 @@
+"""The patch-staged forward (``schedules/cuda_patch_forward.py``) against the float64 reference on a real GPU
+(``pytest -m gpu``) in float16, bfloat16 and TF32: a torchvision-style asymmetric layer (kernel 3 x 2,
+stride (2, 1), padding (1, 0), dilation (2, 1), ragged tiles) with and without mask and bias, halos 0 (most
+corners on the global path) and 3, normal and extreme offsets (far outside, infinite, NaN); and r50 c5
+on its profile inputs; skipped where there is no GPU."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.forward import deform_conv2d_reference
+from deft_tvm.reference.tolerances import assert_close, tolerance_key
+from deft_tvm.runtime.kernel_cache import ForwardCall
+from deft_tvm.runtime.targets import compile_kernel, target_for_device
+from deft_tvm.schedules.cuda_patch_forward import PatchTiling, patch_forward_module
+from deft_tvm.tuning.workloads import get_workload
+
+from helpers import make_case
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
+
+PRECISIONS = ("float16", "bfloat16", "tf32")
+HALOS = (0, 3)
+LAYER = DeformConvSpec(2, 32, 11, 19, 64, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), layout="NHWC")
+PLAIN = dataclasses.replace(LAYER, has_mask=False, has_bias=False)
+
+
+def _spec(spec: DeformConvSpec, precision: str) -> DeformConvSpec:
+    tf32 = precision == "tf32"
+    return dataclasses.replace(spec, dtype="float32" if tf32 else precision, tf32=tf32, layout="NHWC")
+
+
+def _c5(precision: str):
+    return get_workload("r50dcn_c5", "float32" if precision == "tf32" else precision, tf32=precision == "tf32")
+
+
+def _jobs():
+    jobs = [(_spec(s, p), dataclasses.replace(PatchTiling.for_spec(_spec(s, p)), halo=h))
+            for s in (LAYER, PLAIN) for p in PRECISIONS for h in HALOS]
+    return jobs + [(_spec(_c5(p).spec, p), PatchTiling.for_spec(_spec(_c5(p).spec, p))) for p in PRECISIONS]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """Every kernel of the module, compiled in parallel (nvcc runs outside the GIL)."""
+    target = target_for_device(torch.device("cuda"))
+    jobs = _jobs()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        built = pool.map(lambda job: compile_kernel(patch_forward_module(*job), target)["forward"], jobs)
+        return dict(zip(jobs, built))
+
+
+def _check(kernels, spec: DeformConvSpec, tiling: PatchTiling, case: dict) -> None:
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    out = ForwardCall(spec, kernels[(spec, tiling)], None).call(args["input"], args["offset"], args["mask"],
+                                                                 args["weight"], args["bias"])
+    reference = deform_conv2d_reference(**{k: v.double() if isinstance(v, torch.Tensor) else v
+                                           for k, v in args.items()})
+    assert out.dtype == args["input"].dtype and out.shape == reference.shape
+    assert_close(out, reference, tolerance_key(spec.dtype, spec.tf32))
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
+@pytest.mark.parametrize("halo", HALOS)
+@pytest.mark.parametrize("layer", [LAYER, PLAIN], ids=["mask_bias", "plain"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_asymmetric_layer_matches_the_reference(kernels, precision, layer, halo, extreme):
+    spec = _spec(layer, precision)
+    case = make_case(spec, seed=21, offset_scale=3.0)
+    if extreme:  # far outside, infinite and NaN offsets: the reference's result, no out-of-bounds read
+        gen = torch.Generator().manual_seed(22)
+        values = torch.tensor([1e6, -1e6, 1e4, -1e4, math.inf, -math.inf, math.nan, 20.0, -1.0, 0.5])
+        pick = values[torch.randint(0, len(values), case["offset"].shape, generator=gen)].to(case["offset"].dtype)
+        case["offset"] = torch.where(torch.rand(case["offset"].shape, generator=gen) < 0.3, pick, case["offset"])
+    _check(kernels, spec, dataclasses.replace(PatchTiling.for_spec(spec), halo=halo), case)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_r50_c5_matches_the_reference(kernels, precision):
+    workload = _c5(precision)
+    spec = _spec(workload.spec, precision)
+    _check(kernels, spec, PatchTiling.for_spec(spec), workload.make_inputs(seed=3))
