@@ -1,29 +1,33 @@
 """The forward with DefT's patch + halo staging (issue 15): a hand-scheduled TIR kernel on tensor cores.
 
 ``deft_tvm.compute.forward``'s convolution as a GEMM ``[out_channels] x [positions]`` reduced over
-``(in_channels, kernel taps)``, fused as in ``cuda_tensorcore``, but the samples come from a patch of the
-input in shared memory instead of gathers from L2 (DefT, ASPLOS'23, section 4: "the input region a tile
-samples is loaded once"; its halo from the offset statistics, ``tuning.stats.halo_coverage``):
+``(in_channels, kernel taps)``, fused as in ``cuda_tensorcore``, but the samples come from a patch
+of the input in shared memory instead of gathers from L2 (DefT, ASPLOS'23, section 4: "the input
+region a tile samples is loaded once"; its halo from the offset statistics,
+``tuning.stats.halo_coverage``):
 
-* a thread block owns one output tile (``tile_h x tile_w`` positions of one image) and ``o_tile`` output
-  channels; per chunk of ``chunk`` input channels it copies the tile's receptive field plus ``halo`` px on
-  each side (the *patch*, channels last, zeros outside the image) into shared memory in 16-byte runs;
-* per kernel tap each thread takes (position, 16 bytes of channels) pairs: the position's sampling point
-  (computed once per block into a static table ``[tap][position]``: y, x, mask), its four corners read
-  16 bytes at a time from the patch, or from global memory for a corner outside the patch but inside the
-  image (offsets larger than the halo), or from a zero run outside the image; it interpolates in float32,
-  multiplies by the mask and stores the column ``[position][channel]`` in the spec's dtype; the tap's
-  weights ``[o_tile][chunk]`` are copied beside it. Columns and weights are double-buffered by tap, one
-  barrier per tap;
-* each warp multiplies its ``m_tiles`` m16 (output channels) x ``n_tiles`` n8 (positions) tiles with
-  ``mma.sync`` (``cuda_mma``: float16, bfloat16 m16n8k16, float32 on TF32 m16n8k8), float32 sums in
-  registers, and writes ``output[n, o, y, x]`` (+ bias, cast to the spec's dtype).
+* a thread block owns one output tile (``tile_h x tile_w`` positions of one image) and ``o_tile``
+  output channels. It first tabulates its sampling points ``[tap][position]``: per corner a byte
+  offset into the patch (a corner outside the image: the patch's zero run; inside the image but
+  outside the patch: one of ``overflow`` slots while they last, else the global path) and its weight
+  (bilinear x mask; NaN for a NaN point, zero outside the image, as torchvision's
+  ``bilinear_interpolate``);
+* per chunk of ``chunk`` input channels it copies the tile's receptive field plus ``halo`` px on
+  each side (the *patch*, channels last, zeros outside the image), the overflow slots' pixels and
+  every tap's weights ``[tap][o_tile][chunk]`` into shared memory in 16-byte ``cp.async`` runs;
+* then every tap's columns ``[tap][position][chunk]``: each thread takes (tap, position, 16 bytes of
+  channels) triples, blends the four corners' 16-byte runs from shared memory (packed float16 /
+  bfloat16 multiply-adds, float32 for TF32) and adds the rare global-path corners (``__ldg``);
+* then each warp multiplies its ``m_tiles`` m16 (output channels) x ``n_tiles`` n8 (positions) tiles
+  with ``mma.sync`` (``cuda_mma``: float16, bfloat16 m16n8k16, float32 on TF32 m16n8k8), operands
+  loaded by ``ldmatrix``, float32 sums in registers: three barriers per chunk; at the end it writes
+  ``output[n, o, y, x]`` (+ bias, cast to the spec's dtype).
 
-Applies to one-group layers with one offset group, channels last (``layout="NHWC"``: the op's tensor-core
-layout), input channels in multiples of ``chunk`` and output channels of ``o_tile`` (``supports``). NaN
-sampling points give NaN (torchvision's result), points outside the image zero; every read is in bounds
-whatever the offsets.
-"""
+Applies to one-group layers with one offset group, channels last (``layout="NHWC"``: the op's
+tensor-core layout), input channels in multiples of ``chunk`` and output channels of ``o_tile``
+(``supports``). NaN sampling points give NaN, points outside the image zero; every read is in bounds
+whatever the offsets. Past 48 KB a block's shared memory is one dynamic buffer (up to
+``DYNAMIC_SHARED_BYTES``). Not yet called by the op: ``tools/patch_forward_bench.py`` measures it."""
 
 from __future__ import annotations
 
@@ -37,21 +41,24 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cuda_mma import c_element, mma_shape
 
 SHARED_BYTES = 48 * 1024  # static shared memory per block
+DYNAMIC_SHARED_BYTES = 227 * 1024  # dynamic shared memory an sm_90 block may take (CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability")
+# The default tiling's budget: two blocks in an sm_90 SM's 228 KB, 1 KB of it reserved per block.
+BLOCK_SHARED_BYTES = 228 * 1024 // 2 - 1024
 RUN_BYTES = 16  # a thread's loads and stores of channels: one 16-byte access
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 # Blocks per SM the kernel is launched for (``__launch_bounds__``): up to 168 registers per thread of 128.
 RESIDENT_BLOCKS = 3
 ROW_PAD_BYTES = 16  # shared operand rows are padded by 16 bytes: conflict-free fragment loads
-_CONVERT = {  # (packed pair type, pair -> float2, two floats -> pair) per dtype of 2 bytes
-    "float16": ("__half2", "__half22float2", "__floats2half2_rn"),
-    "bfloat16": ("__nv_bfloat162", "__bfloat1622float2", "__floats2bfloat162_rn"),
-}
-
+TABLE_BYTES = 32  # a sampling point's four corner offsets (int32) and weights (float32)
+# per dtype of 2 bytes: the packed pair type, one float -> both halves of a pair
+_PAIRS = {"float16": ("__half2", "__float2half2_rn"), "bfloat16": ("__nv_bfloat162", "__float2bfloat162_rn")}
 
 @dataclasses.dataclass(frozen=True)
 class PatchTiling:
-    """A block's output tile (px), halo (px), output channels and channels per stage, and its warps
-    along output channels x positions."""
+    """A block's output tile (px), halo (px), output channels and channels per stage, its warps
+    along output channels x positions, and its overflow slots: pixels outside the patch that its
+    samples' corners take (inside the image), staged beside the patch while they last."""
 
     tile_h: int = 8
     tile_w: int = 16
@@ -60,6 +67,7 @@ class PatchTiling:
     chunk: int = 16
     warps_o: int = 2
     warps_p: int = 2
+    overflow: int = 128
 
     @property
     def threads(self) -> int:
@@ -78,19 +86,26 @@ class PatchTiling:
                 (self.tile_w - 1) * sw + (spec.kernel_w - 1) * dw + 2 * self.halo + 2)
 
     def shared_bytes(self, spec: DeformConvSpec) -> int:
-        """Patch (and one zero run), double-buffered columns and weights, the sampling-point table."""
+        """The sampling-point table (``TABLE_BYTES`` per tap and position), the overflow slots' pixels
+        and their count, the patch with its zero run and overflow slots, every tap's weights and
+        columns; each a multiple of 16 bytes."""
         item = DTYPE_BYTES[spec.dtype]
         rows, cols = self.patch(spec)
         row = self.chunk * item + ROW_PAD_BYTES
-        return ((rows * cols + 1) * self.chunk * item + 2 * (self.positions + self.o_tile) * row
-                + 3 * 4 * spec.kernel_h * spec.kernel_w * self.positions)
+        taps = spec.kernel_h * spec.kernel_w
+        return (TABLE_BYTES * taps * self.positions + 4 * self.overflow + 16
+                + (rows * cols + 1 + self.overflow) * self.chunk * item + taps * (self.o_tile + self.positions) * row)
+
+    def dynamic(self, spec: DeformConvSpec) -> bool:
+        """Whether the block's shared memory is one dynamic buffer (past 48 KB)."""
+        return self.shared_bytes(spec) > SHARED_BYTES
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec, halo: int = 2) -> "PatchTiling":
         """The default: 64 output channels, 32 bytes of channels per stage, 8 x 16 tiles, or 8 x 8
-        where their patch would not fit (strided layers)."""
+        where two blocks of 8 x 16 would not fit an SM (``BLOCK_SHARED_BYTES``)."""
         tilings = [cls(tile_h=8, tile_w=w, halo=halo, chunk=32 // DTYPE_BYTES[spec.dtype]) for w in (16, 8)]
-        return next((t for t in tilings if t.shared_bytes(spec) <= SHARED_BYTES), tilings[0])
+        return next((t for t in tilings if t.shared_bytes(spec) <= BLOCK_SHARED_BYTES), tilings[-1])
 
 
 def supports(spec: DeformConvSpec, tiling: PatchTiling) -> str | None:
@@ -109,10 +124,12 @@ def supports(spec: DeformConvSpec, tiling: PatchTiling) -> str | None:
     if tiling.o_tile % (16 * tiling.warps_o) or spec.out_channels % tiling.o_tile:
         return (f"o_tile {tiling.o_tile} must be a multiple of 16 x {tiling.warps_o} warps and divide the "
                 f"{spec.out_channels} output channels")
-    if tiling.positions % (8 * tiling.warps_p):
-        return f"{tiling.positions} positions per tile are not a multiple of 8 x {tiling.warps_p} warps"
-    if tiling.shared_bytes(spec) > SHARED_BYTES:
-        return f"{tiling.shared_bytes(spec)} bytes of shared memory, more than {SHARED_BYTES}"
+    if tiling.positions % (16 * tiling.warps_p):  # ldmatrix.x4 loads the n8 tiles of B in pairs
+        return f"{tiling.positions} positions per tile are not a multiple of 16 x {tiling.warps_p} warps"
+    if tiling.overflow % 4:
+        return f"{tiling.overflow} overflow slots are not a multiple of 4 (16-byte regions)"
+    if tiling.shared_bytes(spec) > DYNAMIC_SHARED_BYTES:
+        return f"{tiling.shared_bytes(spec)} bytes of shared memory, more than {DYNAMIC_SHARED_BYTES}"
     return None
 
 
@@ -122,8 +139,16 @@ def _device_call(name: str, parameters: str, body: str, *args):
 
 
 def _copy_run(destination, source):
-    return _device_call("deft_copy_run16", "void* d, const void* s",
-                        "*reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(s);", destination, source)
+    """An asynchronous 16-byte copy from global to shared memory (``cp.async.cg``; ``_copies_done``
+    waits for a thread's copies)."""
+    return _device_call("deft_copy_run16_async", "void* d, const void* s",
+                        'asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\\n" :: '
+                        '"r"(static_cast<unsigned>(__cvta_generic_to_shared(d))), "l"(s) : "memory");',
+                        destination, source)
+
+
+def _copies_done():
+    return _device_call("deft_copies_done", "", 'asm volatile("cp.async.wait_all;\\n" ::: "memory");')
 
 
 def _zero_run(destination):
@@ -131,34 +156,56 @@ def _zero_run(destination):
                         destination)
 
 
-def _interpolate_run(dtype: str, destination, in_patch, patch_runs, global_runs, weights):
-    """One 16-byte run of the column: ``sum_k weights[k] * corner_k[i]`` per element, in float32, then
-    rounded to ``dtype``; corner ``k``'s 16-byte run is ``patch_runs[k]`` (shared memory) where
-    ``in_patch[k]``, else ``global_runs[k]``."""
-    name = f"deft_interpolate_run_{dtype}"
-    parameters = ("void* d, " + ", ".join(f"int in{k}, const void* s{k}, const void* g{k}" for k in range(4))
-                  + ", float w0, float w1, float w2, float w3")
-    pick = " ".join(f"const void* p{k} = in{k} ? s{k} : g{k};" for k in range(4))
+def _accumulate(dtype: str, first: bool) -> str:
+    """C statements adding ``w * run`` to the 16-byte run ``o`` (``float4`` for float32, else ``uint4``
+    of packed pairs: ``__hmul2`` / ``__hfma2``, the weight rounded to the type, as torchvision
+    interpolates in the input's type) for the corner run ``u`` (same type) and weight ``w`` (float);
+    ``first``: ``o = w * run``."""
     if dtype == "float32":
-        body = (pick + " const float4 a = *reinterpret_cast<const float4*>(p0), b = *reinterpret_cast<const float4*>(p1), "
-                "c = *reinterpret_cast<const float4*>(p2), e = *reinterpret_cast<const float4*>(p3); "
-                "*reinterpret_cast<float4*>(d) = make_float4("
-                "w0 * a.x + w1 * b.x + w2 * c.x + w3 * e.x, w0 * a.y + w1 * b.y + w2 * c.y + w3 * e.y, "
-                "w0 * a.z + w1 * b.z + w2 * c.z + w3 * e.z, w0 * a.w + w1 * b.w + w2 * c.w + w3 * e.w);")
-    else:
-        pair, to_float, from_float = _CONVERT[dtype]
-        body = (pick + f" const void* p[4] = {{p0, p1, p2, p3}}; const float w[4] = {{w0, w1, w2, w3}}; "
-                f"float r[8] = {{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}}; "
-                f"_Pragma(\"unroll\") for (int k = 0; k < 4; ++k) {{ "
-                f"const uint4 u = *reinterpret_cast<const uint4*>(p[k]); "
-                f"const {pair}* h = reinterpret_cast<const {pair}*>(&u); "
-                f"_Pragma(\"unroll\") for (int i = 0; i < 4; ++i) {{ const float2 f = {to_float}(h[i]); "
-                f"r[2 * i] += w[k] * f.x; r[2 * i + 1] += w[k] * f.y; }} }} "
-                f"uint4 o; {pair}* q = reinterpret_cast<{pair}*>(&o); "
-                f"_Pragma(\"unroll\") for (int i = 0; i < 4; ++i) q[i] = {from_float}(r[2 * i], r[2 * i + 1]); "
-                f"*reinterpret_cast<uint4*>(d) = o;")
-    corners = [arg for k in range(4) for arg in (in_patch[k], patch_runs[k], global_runs[k])]
-    return _device_call(name, parameters, body, destination, *corners, *weights)
+        return " ".join(f"o.{c} = {'' if first else f'o.{c} + '}w * u.{c};" for c in "xyzw")
+    pair, splat = _PAIRS[dtype]
+    step = "__hmul2(wp, h[i])" if first else "__hfma2(wp, h[i], q[i])"
+    return (f"{{ const {pair}* h = reinterpret_cast<const {pair}*>(&u); {pair}* q = reinterpret_cast<{pair}*>(&o); "
+            f"const {pair} wp = {splat}(w); _Pragma(\"unroll\") for (int i = 0; i < 4; ++i) q[i] = {step}; }}")
+
+
+def _interpolate_run(dtype: str, destination, corners, weights, patch_run, zero_run: int, global_run,
+                     pixel_bytes: int):
+    """One 16-byte run of a column from its sampling point's table entry: four corner offsets at
+    ``corners`` (int32, shared memory: a byte offset from ``patch_run`` into the patch, its zero run
+    or an overflow slot, or ``-(pixel + 1)`` for a corner on the global path) and their weights at
+    ``weights`` (float32). The shared-memory corners are blended first (a global one read as the
+    zero run, ``zero_run`` bytes on), then the global ones added, read ``pixel_bytes`` apart from
+    ``global_run`` (the image's first pixel at this run's channels)."""
+    vector = "float4" if dtype == "float32" else "uint4"
+    parameters = ("void* d, const void* corners, const void* weights, const void* s, int zero_run, const void* g, "
+                  "int pixel_bytes")
+    shared_corner = ("{{ const float w = ws[{k}]; "
+                     "const {v} u = *reinterpret_cast<const {v}*>(patch + (c[{k}] < 0 ? zero_run : c[{k}])); {step} }}")
+    body = (f"const int4 c4 = *reinterpret_cast<const int4*>(corners); "
+            f"const float4 w4 = *reinterpret_cast<const float4*>(weights); "
+            f"const int c[4] = {{c4.x, c4.y, c4.z, c4.w}}; const float ws[4] = {{w4.x, w4.y, w4.z, w4.w}}; "
+            f"const char* patch = static_cast<const char*>(s); {vector} o; "
+            + " ".join(shared_corner.format(k=k, v=vector, step=_accumulate(dtype, k == 0)) for k in range(4))
+            + f" if ((c[0] | c[1] | c[2] | c[3]) < 0) {{ const char* image = static_cast<const char*>(g); "
+            f"_Pragma(\"unroll\") for (int k = 0; k < 4; ++k) if (c[k] < 0) {{ const float w = ws[k]; "
+            f"const {vector} u = __ldg(reinterpret_cast<const {vector}*>("
+            f"image + static_cast<long long>(-(c[k] + 1)) * pixel_bytes)); "
+            + _accumulate(dtype, False) + " } } "
+            f"*reinterpret_cast<{vector}*>(d) = o;")
+    return _device_call(f"deft_interpolate_run_{dtype}", parameters, body, destination, corners, weights, patch_run,
+                        zero_run, global_run, pixel_bytes)
+
+
+def _load_matrices(fragment, row):
+    """``ldmatrix.x4``: four 8 x 8 matrices of 16-bit elements (or 8 x 4 of 32-bit ones) into the four
+    32-bit registers at ``fragment`` (local), lane ``l`` giving the address of row ``l % 8`` of matrix
+    ``l // 8`` (shared memory, 16-byte aligned; PTX ISA 8.x, section 9.7.14.5.15)."""
+    return _device_call("deft_ldmatrix_x4", "void* fragment, const void* row",
+                        "unsigned* r = reinterpret_cast<unsigned*>(fragment); "
+                        'asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\\n" '
+                        ': "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) '
+                        ': "r"(static_cast<unsigned>(__cvta_generic_to_shared(row))));', fragment, row)
 
 
 def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
@@ -185,6 +232,7 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
     m_tiles = o_tile // (16 * tiling.warps_o)
     n_tiles = p // (8 * tiling.warps_p)
     k_steps = chunk // mma.k
+    half = mma.k // 2  # operand elements per 16-byte ldmatrix row
     a_elements, b_elements = mma.a_elements, mma.b_elements
     tiles_y, tiles_x, o_tiles = -(-oh // th), -(-ow // tw), o_ch // o_tile
     blocks = n * tiles_y * tiles_x * o_tiles
@@ -192,7 +240,15 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
     has_mask, has_bias = spec.has_mask, spec.has_bias
     zero_run = rows * cols * chunk  # the patch's last run: zeros, read by corners outside the image
     n_, c_, h_, w_ = index_extents(spec, n, c, h, w)
-    zero, one, outside = tirx.const(0, acc), tirx.const(1, acc), tirx.const(-2, acc)
+    scope = "shared.dyn" if tiling.dynamic(spec) else "shared"
+    shared_bytes = tiling.shared_bytes(spec)
+    overflow = tiling.overflow
+    first_slot = rows * cols + 1  # the patch's pixels, its zero run, then the overflow slots
+    pixels_offset = TABLE_BYTES * taps * p  # bytes: the table, the slots' pixels and count, the patch, ...
+    patch_offset = pixels_offset + 4 * overflow + 16
+    weights_offset = patch_offset + (first_slot + overflow) * chunk * item
+    columns_offset = weights_offset + taps * o_tile * row * item
+    zero, one = tirx.const(0, acc), tirx.const(1, acc)
 
     @T.macro
     def body(block, thread, input, offset, mask, weight, bias, output):
@@ -206,38 +262,73 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
         warp = thread // 32
         wo = warp // tiling.warps_p
         wp = warp % tiling.warps_p
-        lane_g = thread % 32 // 4
+        lane = thread % 32
+        lane_g = lane // 4
         lane_t = thread % 4
 
-        point_y = T.alloc_buffer((taps * p,), acc, scope="shared")
-        point_x = T.alloc_buffer((taps * p,), acc, scope="shared")
-        point_m = T.alloc_buffer((taps * p,), acc, scope="shared")
-        patch = T.alloc_buffer((zero_run + chunk,), dtype, scope="shared")
-        columns = T.alloc_buffer((2 * p * row,), dtype, scope="shared")
-        weights = T.alloc_buffer((2 * o_tile * row,), dtype, scope="shared")
+        # one shared buffer (one dynamic allocation past 48 KB), its regions 16-byte aligned: the
+        # sampling-point table (per tap and position: four corner offsets, four weights; see
+        # _interpolate_run), the patch, every tap's weights, the columns
+        smem = T.alloc_buffer((shared_bytes,), "uint8", scope=scope)
+        corner_offsets = T.decl_buffer((taps * p * 4,), "int32", data=smem.data, scope=scope, elem_offset=0)
+        corner_weights = T.decl_buffer((taps * p * 4,), acc, data=smem.data, scope=scope, elem_offset=taps * p * 4)
+        slot_pixels = T.decl_buffer((overflow + 4,), "int32", data=smem.data, scope=scope,
+                                    elem_offset=pixels_offset // 4)  # the last 4: the slots taken
+        patch = T.decl_buffer(((first_slot + overflow) * chunk,), dtype, data=smem.data, scope=scope,
+                              elem_offset=patch_offset // item)
+        weights = T.decl_buffer((taps * o_tile * row,), dtype, data=smem.data, scope=scope,
+                                elem_offset=weights_offset // item)
+        columns = T.decl_buffer((taps * p * row,), dtype, data=smem.data, scope=scope,
+                                elem_offset=columns_offset // item)
         sums = T.alloc_buffer((m_tiles * n_tiles * 4,), acc, scope="local")
         a_frag = T.alloc_buffer((m_tiles * a_elements,), dtype, scope="local")
-        b_frag = T.alloc_buffer((b_elements,), dtype, scope="local")
-        corner = T.alloc_buffer((4,), "int32", scope="local")  # element index into patch, or -1: global
-        corner_weight = T.alloc_buffer((4,), acc, scope="local")
-        corner_pixel = T.alloc_buffer((4,), "int32", scope="local")  # yi * w + xi for the global path
+        b_frag = T.alloc_buffer((2 * b_elements,), dtype, scope="local")  # two n8 tiles
         for i in T.unroll(m_tiles * n_tiles * 4):
             sums[i] = zero
+        if thread == 0:
+            slot_pixels[overflow] = 0
+        T.tvm_storage_sync("shared")
         for i in range((taps * p + threads - 1) // threads):  # the block's sampling points
             e = i * threads + thread
             if e < taps * p:
                 t = e // p
                 oy = tile_y * th + e % p // tw
                 ox = tile_x * tw + e % p % tw
-                point_y[e] = outside
-                point_x[e] = outside
-                point_m[e] = zero
+                for k in T.unroll(4):  # no sample: the zero run
+                    corner_offsets[e * 4 + k] = zero_run * item
+                    corner_weights[e * 4 + k] = zero
                 if oy < oh and ox < ow:
-                    point_y[e] = T.Cast(acc, oy * sh - pad_h + t // kw * dh) + T.Cast(acc, offset[b, 2 * t, oy, ox])
-                    point_x[e] = T.Cast(acc, ox * sw - pad_w + t % kw * dw) + T.Cast(acc, offset[b, 2 * t + 1, oy, ox])
-                    point_m[e] = one
+                    y = T.Cast(acc, oy * sh - pad_h + t // kw * dh) + T.Cast(acc, offset[b, 2 * t, oy, ox])
+                    x = T.Cast(acc, ox * sw - pad_w + t % kw * dw) + T.Cast(acc, offset[b, 2 * t + 1, oy, ox])
+                    m_ = one
                     if has_mask:
-                        point_m[e] = T.Cast(acc, mask[b, t, oy, ox])
+                        m_ = T.Cast(acc, mask[b, t, oy, ox])
+                    # NaN first (the simplifier may negate the float comparisons below): a NaN sample;
+                    # outside (-1, h) x (-1, w): none (zero weights), as torchvision's bilinear_interpolate
+                    if T.isnan(y) or T.isnan(x):
+                        for k in T.unroll(4):
+                            corner_weights[e * 4 + k] = T.float32("nan")
+                    elif y > T.float32(-1) and y < T.Cast(acc, h) and x > T.float32(-1) and x < T.Cast(acc, w):
+                        y_low = T.Cast("int32", T.floor(y))
+                        x_low = T.Cast("int32", T.floor(x))
+                        ly = y - T.Cast(acc, y_low)
+                        lx = x - T.Cast(acc, x_low)
+                        for k in T.unroll(4):
+                            yi = y_low + k // 2
+                            xi = x_low + k % 2
+                            corner_weights[e * 4 + k] = m_ * T.Select(k // 2 == 1, ly, one - ly) * T.Select(
+                                k % 2 == 1, lx, one - lx)
+                            if yi >= 0 and yi < h and xi >= 0 and xi < w:
+                                if (yi - patch_y >= 0 and yi - patch_y < rows and xi - patch_x >= 0
+                                        and xi - patch_x < cols):
+                                    corner_offsets[e * 4 + k] = ((yi - patch_y) * cols + xi - patch_x) * chunk * item
+                                else:  # an overflow slot while they last, else the global path
+                                    slot = T.cuda.atomic_add(T.address_of(slot_pixels[overflow]), 1)
+                                    if slot < overflow:
+                                        slot_pixels[slot] = yi * w + xi
+                                        corner_offsets[e * 4 + k] = (first_slot + slot) * chunk * item
+                                    else:
+                                        corner_offsets[e * 4 + k] = -(yi * w + xi + 1)
         for ci in range(chunks):
             c0 = ci * chunk
             T.tvm_storage_sync("shared")
@@ -253,67 +344,51 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                         T.evaluate(_zero_run(T.address_of(patch[e * run])))
             if thread < runs:
                 T.evaluate(_zero_run(T.address_of(patch[zero_run + thread * run])))
+            taken = T.min(slot_pixels[overflow], overflow)
+            for i in range((overflow * runs + threads - 1) // threads):  # the overflow slots taken
+                e = i * threads + thread
+                if e < taken * runs:
+                    pixel = slot_pixels[e // runs]
+                    T.evaluate(_copy_run(T.address_of(patch[(first_slot + e // runs) * chunk + e % runs * run]),
+                                         T.address_of(input[b, pixel // w, pixel % w, c0 + e % runs * run])))
+            for i in range((taps * o_tile * runs + threads - 1) // threads):  # every tap's weights
+                e = i * threads + thread
+                if e < taps * o_tile * runs:
+                    t = e // (o_tile * runs)
+                    o = e // runs % o_tile
+                    T.evaluate(_copy_run(T.address_of(weights[(t * o_tile + o) * row + e % runs * run]),
+                                         T.address_of(weight[o0 + o, t // kw, t % kw, c0 + e % runs * run])))
+            T.evaluate(_copies_done())
+            T.tvm_storage_sync("shared")
+            for i in T.unroll((taps * p * runs + threads - 1) // threads):  # every tap's columns
+                e = i * threads + thread
+                if e < taps * p * runs:
+                    t = e // (p * runs)
+                    pl = e % p
+                    r = e // p % runs
+                    T.evaluate(_interpolate_run(
+                        dtype, T.address_of(columns[(t * p + pl) * row + r * run]),
+                        T.address_of(corner_offsets[(t * p + pl) * 4]),
+                        T.address_of(corner_weights[(t * p + pl) * 4]),
+                        T.address_of(patch[r * run]), zero_run * item, T.address_of(input[b, 0, 0, c0 + r * run]),
+                        c * item))
             T.tvm_storage_sync("shared")
             for t in range(taps):
-                buf = t % 2
-                for i in range((o_tile * runs + threads - 1) // threads):  # the tap's weights
-                    e = i * threads + thread
-                    if e < o_tile * runs:
-                        T.evaluate(_copy_run(T.address_of(weights[(buf * o_tile + e // runs) * row + e % runs * run]),
-                                             T.address_of(weight[o0 + e // runs, t // kw, t % kw,
-                                                                 c0 + e % runs * run])))
-                for i in range((p * runs + threads - 1) // threads):  # the tap's columns
-                    e = i * threads + thread
-                    if e < p * runs:
-                        pl = e % p
-                        r = e // p
-                        y = point_y[t * p + pl]
-                        x = point_x[t * p + pl]
-                        for k in T.unroll(4):
-                            corner[k] = zero_run
-                            corner_weight[k] = zero
-                            corner_pixel[k] = 0
-                        if y <= T.float32(-1) or y >= T.Cast(acc, h) or x <= T.float32(-1) or x >= T.Cast(acc, w):
-                            corner_weight[0] = zero  # outside: no sample, even if NaN
-                        elif T.isnan(y) or T.isnan(x):
-                            corner_weight[0] = T.float32("nan")
-                        else:
-                            y_low = T.Cast("int32", T.floor(y))
-                            x_low = T.Cast("int32", T.floor(x))
-                            ly = y - T.Cast(acc, y_low)
-                            lx = x - T.Cast(acc, x_low)
-                            for k in T.unroll(4):
-                                yi = y_low + k // 2
-                                xi = x_low + k % 2
-                                corner_weight[k] = point_m[t * p + pl] * T.Select(k // 2 == 1, ly, one - ly) * T.Select(
-                                    k % 2 == 1, lx, one - lx)
-                                if yi >= 0 and yi < h and xi >= 0 and xi < w:
-                                    if (yi - patch_y >= 0 and yi - patch_y < rows and xi - patch_x >= 0
-                                            and xi - patch_x < cols):
-                                        corner[k] = ((yi - patch_y) * cols + xi - patch_x) * chunk
-                                    else:
-                                        corner[k] = -1
-                                        corner_pixel[k] = yi * w + xi
-                        T.evaluate(_interpolate_run(
-                            dtype, T.address_of(columns[(buf * p + pl) * row + r * run]),
-                            [T.Cast("int32", corner[k] >= 0) for k in range(4)],
-                            [T.address_of(patch[T.max(corner[k], 0) + r * run]) for k in range(4)],
-                            [T.address_of(input[b, corner_pixel[k] // w, corner_pixel[k] % w, c0 + r * run])
-                             for k in range(4)],
-                            [corner_weight[k] for k in range(4)]))
-                T.tvm_storage_sync("shared")
                 for ks in T.unroll(k_steps):
                     for m in T.unroll(m_tiles):
-                        for i in T.unroll(a_elements):
-                            ro, cq = T.meta_var(mma.a_element(i, lane_g, lane_t))
-                            a_frag[m * a_elements + i] = weights[(buf * o_tile + (wo * m_tiles + m) * 16 + ro) * row
-                                                                 + ks * mma.k + cq]
-                    for nt in T.unroll(n_tiles):
-                        for i in T.unroll(b_elements):
-                            kq, cn = T.meta_var(mma.b_element(i, lane_g, lane_t))
-                            b_frag[i] = columns[(buf * p + (wp * n_tiles + nt) * 8 + cn) * row + ks * mma.k + kq]
-                        for m in T.unroll(m_tiles):
-                            T.evaluate(mma.sync(a_frag, m * a_elements, b_frag, 0, sums, (m * n_tiles + nt) * 4))
+                        T.evaluate(_load_matrices(
+                            T.address_of(a_frag[m * a_elements]),
+                            T.address_of(weights[(t * o_tile + (wo * m_tiles + m) * 16 + lane % 8 + lane // 8 % 2 * 8)
+                                                 * row + ks * mma.k + lane // 16 * half])))
+                    for nt in T.unroll(n_tiles // 2):
+                        T.evaluate(_load_matrices(
+                            T.address_of(b_frag[0]),
+                            T.address_of(columns[(t * p + (wp * n_tiles + 2 * nt) * 8 + lane % 8 + lane // 16 * 8)
+                                                 * row + ks * mma.k + lane // 8 % 2 * half])))
+                        for j in T.unroll(2):
+                            for m in T.unroll(m_tiles):
+                                T.evaluate(mma.sync(a_frag, m * a_elements, b_frag, j * b_elements, sums,
+                                                    (m * n_tiles + 2 * nt + j) * 4))
         for m in T.unroll(m_tiles):
             for nt in T.unroll(n_tiles):
                 for i in T.unroll(4):

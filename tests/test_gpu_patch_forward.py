@@ -1,8 +1,9 @@
 """The patch-staged forward (``schedules/cuda_patch_forward.py``) against the float64 reference on a real GPU
 (``pytest -m gpu``) in float16, bfloat16 and TF32: a torchvision-style asymmetric layer (kernel 3 x 2,
 stride (2, 1), padding (1, 0), dilation (2, 1), ragged tiles) with and without mask and bias, halos 0 (most
-corners on the global path) and 3, normal and extreme offsets (far outside, infinite, NaN); and r50 c5
-on its profile inputs; skipped where there is no GPU."""
+corners in overflow slots or on the global path) and 3, no overflow slots (every corner outside the
+patch on the global path), normal and extreme offsets (far outside, infinite, NaN); a 1 x 1 layer
+whose block fits static shared memory; and r50 c5 on its profile inputs; skipped where there is no GPU."""
 
 from __future__ import annotations
 
@@ -32,11 +33,15 @@ PRECISIONS = ("float16", "bfloat16", "tf32")
 HALOS = (0, 3)
 LAYER = DeformConvSpec(2, 32, 11, 19, 64, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), layout="NHWC")
 PLAIN = dataclasses.replace(LAYER, has_mask=False, has_bias=False)
+POINTWISE = DeformConvSpec(2, 32, 9, 13, 64, 1, 1, stride=(2, 1), layout="NHWC", dtype="float16")  # static shared
 
 
 def _spec(spec: DeformConvSpec, precision: str) -> DeformConvSpec:
     tf32 = precision == "tf32"
     return dataclasses.replace(spec, dtype="float32" if tf32 else precision, tf32=tf32, layout="NHWC")
+
+
+NO_SLOTS = dataclasses.replace(PatchTiling.for_spec(_spec(LAYER, "float16")), halo=0, overflow=0)  # global path
 
 
 def _c5(precision: str):
@@ -46,7 +51,17 @@ def _c5(precision: str):
 def _jobs():
     jobs = [(_spec(s, p), dataclasses.replace(PatchTiling.for_spec(_spec(s, p)), halo=h))
             for s in (LAYER, PLAIN) for p in PRECISIONS for h in HALOS]
+    jobs += [(POINTWISE, PatchTiling.for_spec(POINTWISE)), (_spec(LAYER, "float16"), NO_SLOTS)]
     return jobs + [(_spec(_c5(p).spec, p), PatchTiling.for_spec(_spec(_c5(p).spec, p))) for p in PRECISIONS]
+
+
+def _extreme(case: dict) -> dict:
+    """Far outside, infinite and NaN offsets in 30 % of the entries."""
+    gen = torch.Generator().manual_seed(22)
+    values = torch.tensor([1e6, -1e6, 1e4, -1e4, math.inf, -math.inf, math.nan, 20.0, -1.0, 0.5])
+    pick = values[torch.randint(0, len(values), case["offset"].shape, generator=gen)].to(case["offset"].dtype)
+    case["offset"] = torch.where(torch.rand(case["offset"].shape, generator=gen) < 0.3, pick, case["offset"])
+    return case
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +91,24 @@ def _check(kernels, spec: DeformConvSpec, tiling: PatchTiling, case: dict) -> No
 def test_asymmetric_layer_matches_the_reference(kernels, precision, layer, halo, extreme):
     spec = _spec(layer, precision)
     case = make_case(spec, seed=21, offset_scale=3.0)
-    if extreme:  # far outside, infinite and NaN offsets: the reference's result, no out-of-bounds read
-        gen = torch.Generator().manual_seed(22)
-        values = torch.tensor([1e6, -1e6, 1e4, -1e4, math.inf, -math.inf, math.nan, 20.0, -1.0, 0.5])
-        pick = values[torch.randint(0, len(values), case["offset"].shape, generator=gen)].to(case["offset"].dtype)
-        case["offset"] = torch.where(torch.rand(case["offset"].shape, generator=gen) < 0.3, pick, case["offset"])
+    if extreme:  # the reference's result, no out-of-bounds read
+        case = _extreme(case)
     _check(kernels, spec, dataclasses.replace(PatchTiling.for_spec(spec), halo=halo), case)
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
+def test_every_corner_outside_the_patch_on_the_global_path_matches_the_reference(kernels, extreme):
+    spec = _spec(LAYER, "float16")
+    case = make_case(spec, seed=24, offset_scale=3.0)
+    _check(kernels, spec, NO_SLOTS, _extreme(case) if extreme else case)
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
+def test_a_layer_in_static_shared_memory_matches_the_reference(kernels, extreme):
+    tiling = PatchTiling.for_spec(POINTWISE)
+    assert not tiling.dynamic(POINTWISE)
+    case = make_case(POINTWISE, seed=23, offset_scale=3.0)
+    _check(kernels, POINTWISE, tiling, _extreme(case) if extreme else case)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

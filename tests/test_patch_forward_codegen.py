@@ -16,6 +16,7 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_backward_fused import DataTiling
 from deft_tvm.schedules.cuda_patch_forward import (
+    DYNAMIC_SHARED_BYTES,
     SHARED_BYTES,
     PatchTiling,
     patch_forward_module,
@@ -35,6 +36,7 @@ def _spec(name: str, precision: str) -> DeformConvSpec:
 
 TAKEN = list(dict.fromkeys(s for s in (_spec(n, p) for n in BENCHMARK_WORKLOADS for p in PRECISIONS)
                            if supports(s, PatchTiling.for_spec(s)) is None))
+POINTWISE = DeformConvSpec(2, 32, 9, 13, 64, 1, 1, stride=(2, 1), layout="NHWC", dtype="float16")  # static shared
 
 
 def test_the_registry_layers_it_takes():
@@ -59,10 +61,16 @@ def test_layers_it_refuses_say_why(spec, match):
         patch_forward_primfunc(spec, PatchTiling.for_spec(spec))
 
 
-def test_a_halo_past_static_shared_memory_is_refused():
+def test_overflow_slots_come_in_fours():
     spec = _spec("r50dcn_c5", "float16")
-    with pytest.raises(ValueError, match=rf"bytes of shared memory, more than {SHARED_BYTES}"):
-        patch_forward_primfunc(spec, dataclasses.replace(PatchTiling.for_spec(spec), halo=12))
+    with pytest.raises(ValueError, match=r"6 overflow slots are not a multiple of 4"):
+        patch_forward_primfunc(spec, dataclasses.replace(PatchTiling.for_spec(spec), overflow=6))
+
+
+def test_a_halo_past_a_blocks_shared_memory_is_refused():
+    spec = _spec("r50dcn_c5", "float16")
+    with pytest.raises(ValueError, match=rf"bytes of shared memory, more than {DYNAMIC_SHARED_BYTES}"):
+        patch_forward_primfunc(spec, dataclasses.replace(PatchTiling.for_spec(spec), halo=40))
 
 
 @pytest.mark.parametrize("spec", TAKEN, ids=lambda s: s.key())
@@ -75,14 +83,22 @@ def test_the_patch_is_the_fused_backwards(spec):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("spec", TAKEN, ids=lambda s: s.key())
+@pytest.mark.parametrize("spec", [*TAKEN, POINTWISE], ids=lambda s: s.key())
 def test_kernels_compile_for_sm_90_without_spills(spec, tmp_path):
+    """Past 48 KB the block's shared memory is one dynamic buffer of the claimed size (the host's
+    launch passes it), else a static one that ptxas counts."""
     tiling = PatchTiling.for_spec(spec)
-    source = compile_kernel(patch_forward_module(spec, tiling), cuda_target("sm_90")).mod.imports[0].inspect_source()
+    kernel = compile_kernel(patch_forward_module(spec, tiling), cuda_target("sm_90"))
+    source = kernel.mod.imports[0].inspect_source()
     assert source.count("mma.sync.aligned") > 0 and "deft_interpolate_run" in source
+    assert "cp.async.cg" in source and "ldmatrix.sync.aligned" in source
     (tmp_path / "forward.cu").write_text(source)
     ptxas = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "forward.cubin"),
                             str(tmp_path / "forward.cu")], capture_output=True, text=True, check=True).stderr
     assert "0 bytes spill stores, 0 bytes spill loads" in ptxas
-    smem = int(re.search(r"(\d+) bytes smem", ptxas).group(1))
-    assert tiling.shared_bytes(spec) <= smem <= min(tiling.shared_bytes(spec) + 64, SHARED_BYTES)
+    static = re.search(r"(\d+) bytes smem", ptxas)
+    if tiling.dynamic(spec):
+        assert "extern __shared__" in source and static is None
+        assert str(tiling.shared_bytes(spec)) in kernel.mod.inspect_source("ll")
+    else:
+        assert tiling.shared_bytes(spec) <= int(static.group(1)) <= min(tiling.shared_bytes(spec) + 64, SHARED_BYTES)

@@ -5,7 +5,8 @@ side in one run: the issue-15 ablation of halo staging per layer and halo.
 Per registry workload and precision (float16, bfloat16, TF32) that the patch kernel supports: GPU time per
 call (ms, CUDA events, ``deft_tvm.tuning.timing.gpu_ms``) of each provider's kernel on the same profile
 inputs (the op's kernel and the patch kernel on the same channels-last tensors), each patch halo's coverage
-of the profile's samples (``tuning.stats.profile_halo_coverage``), and whether its output matches the op's
+of the profile's samples (``tuning.stats.profile_halo_coverage``; ``chosen``: the halo the profile chooses,
+the smallest covering ``CHOSEN_COVERAGE``), and whether its output matches the op's
 kernel within the dtype's tolerance (``reference.tolerances``). Writes a CSV with the GPU name, dtype, TF32
 setting, offset profile and commit.
 
@@ -33,9 +34,10 @@ from deft_tvm.tuning.stats import profile_halo_coverage
 from deft_tvm.tuning.timing import gpu_ms
 from deft_tvm.tuning.workloads import BENCHMARK_WORKLOADS, get_workload
 
-COLUMNS = ("device", "workload", "dtype", "tf32", "profile", "provider", "halo", "coverage", "gpu_ms",
+COLUMNS = ("device", "workload", "dtype", "tf32", "profile", "provider", "halo", "coverage", "chosen", "gpu_ms",
            "vs_op_kernel", "vs_torchvision", "vs_cudnn_best", "matches_op", "commit")
 PRECISIONS = ("float16", "bfloat16", "tf32")
+CHOSEN_COVERAGE = 0.99  # the halo the profile chooses: the smallest covering this fraction of its samples
 
 
 def _workload(name: str, precision: str):
@@ -80,14 +82,17 @@ def _rows(name: str, precision: str, halos, kernels: dict, commit: str) -> list[
                 matches[provider] = False
         times[provider] = gpu_ms(fn, 50)
     cudnn = min(times["cudnn_nchw"], times["cudnn_channels_last"])
+    tile = PatchTiling.for_spec(spec)
+    coverage = profile_halo_coverage(workload.spec, workload.profile, (tile.tile_h, tile.tile_w))
+    chosen = next((h for h in sorted(halos) if h < len(coverage) and coverage[h] >= CHOSEN_COVERAGE), max(halos))
     rows = []
     for provider, (tiling, *_rest) in calls.items():
-        coverage = profile_halo_coverage(workload.spec, workload.profile, (tiling.tile_h, tiling.tile_w)) if tiling else ()
         rows.append({
             "device": torch.cuda.get_device_name(), "workload": name, "dtype": spec.dtype,
             "tf32": "on" if spec.tf32 else ("off" if spec.dtype == "float32" else "n/a"),
             "profile": workload.profile, "provider": provider, "halo": tiling.halo if tiling else "",
             "coverage": f"{coverage[min(tiling.halo, len(coverage) - 1)]:.4f}" if tiling else "",
+            "chosen": ("yes" if tiling.halo == chosen else "") if tiling else "",
             "gpu_ms": f"{times[provider]:.4f}",
             "vs_op_kernel": f"{times['deft_tvm_kernel'] / times[provider]:.2f}",
             "vs_torchvision": f"{times['torchvision'] / times[provider]:.2f}" if "torchvision" in times else "",
