@@ -303,12 +303,15 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                     m_ = one
                     if has_mask:
                         m_ = T.Cast(acc, mask[b, t, oy, ox])
-                    # NaN first (the simplifier may negate the float comparisons below): a NaN sample;
-                    # outside (-1, h) x (-1, w): none (zero weights), as torchvision's bilinear_interpolate
-                    if T.isnan(y) or T.isnan(x):
+                    # as torchvision's bilinear_interpolate: outside (-1, h) x (-1, w) in either coordinate
+                    # no sample (zero weights, even if the other is NaN), else NaN gives NaN. An integer
+                    # flag: the simplifier may negate float comparisons, which NaN does not survive
+                    outside = (T.Cast("int32", y <= T.float32(-1)) + T.Cast("int32", y >= T.Cast(acc, h))
+                               + T.Cast("int32", x <= T.float32(-1)) + T.Cast("int32", x >= T.Cast(acc, w)))
+                    if outside == 0 and (T.isnan(y) or T.isnan(x)):
                         for k in T.unroll(4):
                             corner_weights[e * 4 + k] = T.float32("nan")
-                    elif y > T.float32(-1) and y < T.Cast(acc, h) and x > T.float32(-1) and x < T.Cast(acc, w):
+                    elif outside == 0:
                         y_low = T.Cast("int32", T.floor(y))
                         x_low = T.Cast("int32", T.floor(x))
                         ly = y - T.Cast(acc, y_low)
