@@ -580,14 +580,14 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     def fixed_add(address, value):
         """Adds the int32 ``value`` to the shared-memory word at ``address`` (a float buffer holding
         fixed-point sums): a native shared-memory atomic, where float adds are compare-and-swap loops."""
-        return _device_call("deft_shared_add_fixed", "float* address, int value",
-                            "atomicAdd(reinterpret_cast<int*>(address), value);", address, value)
+        return device_call("deft_shared_add_fixed", "float* address, int value",
+                           "atomicAdd(reinterpret_cast<int*>(address), value);", address, value)
 
     def global_fixed_add(address, value):
         """Adds the int64 ``value`` to the global int64 word at ``address`` (a native reduction)."""
-        return _device_call("deft_global_add_fixed", "void* address, long long value",
-                            "atomicAdd(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>"
-                            "(value));", address, value)
+        return device_call("deft_global_add_fixed", "void* address, long long value",
+                           "atomicAdd(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>"
+                           "(value));", address, value)
 
     def input_add(grad_input, index, value, scale):
         """Adds the contribution ``value`` to ``grad_input[index]``: a float atomic or, deterministic,
@@ -599,8 +599,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
 
     def bits_max(address, value):
         """atomicMax of the int32 ``value`` into the shared-memory word at ``address``."""
-        return _device_call("deft_shared_max_bits", "int* address, int value", "atomicMax(address, value);",
-                            address, value)
+        return device_call("deft_shared_max_bits", "int* address, int value", "atomicMax(address, value);",
+                           address, value)
 
     def patch_sum(grad_patch, e, scale):
         """Patch pixel ``e``'s sum as a float (fixed-point sums times ``scale[1]``, where ``scale[2]``)."""
@@ -617,8 +617,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
         names = [f"v{k}" for k in range(width)]
         parameters = ", ".join(["float* address"] + [f"float {v}" for v in names])
         body = f"atomicAdd(reinterpret_cast<float{width}*>(address), make_float{width}({', '.join(names)}));"
-        return _device_call(f"deft_atomic_add_float{width}", parameters, body, address,
-                            *[values[k] for k in range(width)])
+        return device_call(f"deft_atomic_add_float{width}", parameters, body, address,
+                           *[values[k] for k in range(width)])
 
     # grad_output fragments held per group, weights of every tap staged per chunk
     resident = tensor_cores and stages == 1 and tap_group == 1
@@ -1210,8 +1210,9 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                          contribution_bound, bounds)
                     T.evaluate(grid_dependency_wait())  # the entry's grad_weight done before this kernel is
 
-    return _without(grad_data, ("mask", "grad_mask") * (not has_mask) + ("contribution_bound",) * (not deterministic)
-                    + ("bounds",) * (not tiling.bound_elements(spec)))
+    return without_parameters(grad_data, ("mask", "grad_mask") * (not has_mask)
+                              + ("contribution_bound",) * (not deterministic)
+                              + ("bounds",) * (not tiling.bound_elements(spec)))
 
 
 def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
@@ -1287,9 +1288,9 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
 
     def copy_run(destination, source):
         """One ``vector``-element load and store (both aligned to its size)."""
-        return _device_call(f"deft_copy_{vector * DTYPE_BYTES[dtype]}", "void* destination, const void* source",
-                            f"*reinterpret_cast<{run_type}*>(destination) = "
-                            f"*reinterpret_cast<const {run_type}*>(source);", destination, source)
+        return device_call(f"deft_copy_{vector * DTYPE_BYTES[dtype]}", "void* destination, const void* source",
+                           f"*reinterpret_cast<{run_type}*>(destination) = "
+                           f"*reinterpret_cast<const {run_type}*>(source);", destination, source)
     run_bytes = vector * DTYPE_BYTES[dtype]
     if tiling.async_copy and not tiling.copies_async(spec):
         raise ValueError(f"{tiling}: grad_output's runs of {run_bytes} bytes in {spec.dtype} staged as {stage_dtype} "
@@ -1301,12 +1302,12 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         body = (f'asm volatile("cp.async.{cache}.shared.global [%0], [%1], {run_bytes}, %2;" :: '
                 f'"r"(static_cast<unsigned>(__cvta_generic_to_shared(destination))), "l"(source), '
                 f'"r"(valid ? {run_bytes} : 0) : "memory");')
-        return _device_call(f"deft_copy_async_{run_bytes}", "void* destination, const void* source, bool valid",
-                            body, destination, source, valid)
+        return device_call(f"deft_copy_async_{run_bytes}", "void* destination, const void* source, bool valid",
+                           body, destination, source, valid)
 
     def copies_arrived():
         """Waits for this thread's asynchronous copies (``cp.async.wait_all``)."""
-        return _device_call("deft_copies_arrived", "", 'asm volatile("cp.async.wait_all;" ::: "memory");')
+        return device_call("deft_copies_arrived", "", 'asm volatile("cp.async.wait_all;" ::: "memory");')
     min_blocks = resident_blocks(tiling.shared_bytes(spec), threads)
     if not tiling.fits(spec):
         raise ValueError(f"{tiling} takes {tiling.table_bytes(spec)} bytes of static and {tiling.shared_bytes(spec)} "
@@ -1602,7 +1603,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                     T.evaluate(launch_dependents())  # the entry's grad_data may start beside this kernel's last wave
                     body(block, thread, input, offset, mask, grad_output, weight_part, bias_part)
 
-    return _without(grad_weight, ("mask",) * (not has_mask) + ("bias_part",) * (not has_bias))
+    return without_parameters(grad_weight, ("mask",) * (not has_mask) + ("bias_part",) * (not has_bias))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1704,7 +1705,7 @@ def reduce_primfunc(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling
 
     unused = [("bias_part", "grad_bias")] * (not has_bias) + [("offset_part", "grad_offset")] * (not has_offset)
     unused += [("mask_part", "grad_mask")] * (not has_mask) + [("input_part", "grad_input")] * (not has_input)
-    return _without(reduce, tuple(name for pair in unused for name in pair))
+    return without_parameters(reduce, tuple(name for pair in unused for name in pair))
 
 
 PREPARE_THREADS = 256
@@ -1817,7 +1818,7 @@ def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool 
 
     if has_tables:
         return prepare
-    return _without(prepare, ("weight", "grad_output", "bounds"))
+    return without_parameters(prepare, ("weight", "grad_output", "bounds"))
 
 
 WORKSPACE_ALIGN = 64  # elements between the starts of the workspace's regions (256 bytes of float32)
@@ -1939,7 +1940,7 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
         {"global_symbol": "backward", "tirx.noalias": True})
 
 
-def _device_call(name: str, parameters: str, body: str, *args):
+def device_call(name: str, parameters: str, body: str, *args):
     """A call of the inline CUDA function ``__device__ void name(parameters) { body }``, its source
     emitted with the kernel (``T.cuda.func_call``)."""
 
@@ -1947,7 +1948,7 @@ def _device_call(name: str, parameters: str, body: str, *args):
     return T.cuda.func_call(name, *args, source_code=source)
 
 
-def _without(func, names):
+def without_parameters(func, names):
     """``func`` without the parameters ``names`` (buffers its body does not use)."""
     if not names:
         return func

@@ -38,21 +38,26 @@ from tvm.script import tirx as T
 
 from deft_tvm.compute.sampling import index_extents
 from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.schedules.cuda_backward_fused import (
+    DTYPE_BYTES,
+    DYNAMIC_SHARED_BYTES,
+    SHARED_BYTES,
+    SM_SHARED_BYTES,
+    device_call,
+    without_parameters,
+)
 from deft_tvm.schedules.cuda_mma import c_element, mma_shape
 
-SHARED_BYTES = 48 * 1024  # static shared memory per block
-DYNAMIC_SHARED_BYTES = 227 * 1024  # dynamic shared memory an sm_90 block may take (CUDA C++ Programming Guide,
-# "Technical Specifications per Compute Capability")
-# The default tiling's budget: two blocks in an sm_90 SM's 228 KB, 1 KB of it reserved per block.
-BLOCK_SHARED_BYTES = 228 * 1024 // 2 - 1024
+# The default tiling's budget: two blocks in an sm_90 SM, 1 KB of it reserved per block.
+BLOCK_SHARED_BYTES = SM_SHARED_BYTES // 2 - 1024
 RUN_BYTES = 16  # a thread's loads and stores of channels: one 16-byte access
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 # Blocks per SM the kernel is launched for (``__launch_bounds__``): up to 168 registers per thread of 128.
 RESIDENT_BLOCKS = 3
 ROW_PAD_BYTES = 16  # shared operand rows are padded by 16 bytes: conflict-free fragment loads
 TABLE_BYTES = 32  # a sampling point's four corner offsets (int32) and weights (float32)
 # per dtype of 2 bytes: the packed pair type, one float -> both halves of a pair
 _PAIRS = {"float16": ("__half2", "__float2half2_rn"), "bfloat16": ("__nv_bfloat162", "__float2bfloat162_rn")}
+
 
 @dataclasses.dataclass(frozen=True)
 class PatchTiling:
@@ -85,16 +90,26 @@ class PatchTiling:
         return ((self.tile_h - 1) * sh + (spec.kernel_h - 1) * dh + 2 * self.halo + 2,
                 (self.tile_w - 1) * sw + (spec.kernel_w - 1) * dw + 2 * self.halo + 2)
 
-    def shared_bytes(self, spec: DeformConvSpec) -> int:
-        """The sampling-point table (``TABLE_BYTES`` per tap and position), the overflow slots' pixels
-        and their count, the patch with its zero run and overflow slots, every tap's weights and
-        columns; each a multiple of 16 bytes."""
+    def regions(self, spec: DeformConvSpec) -> dict[str, int]:
+        """Byte offsets of the block's shared-memory regions, in order, and its size (``"end"``): the
+        sampling-point table (``TABLE_BYTES`` per tap and position), the overflow slots' pixels and
+        their count, the patch with its zero run and overflow slots, every tap's weights, every
+        tap's columns; each a multiple of 16 bytes."""
         item = DTYPE_BYTES[spec.dtype]
         rows, cols = self.patch(spec)
         row = self.chunk * item + ROW_PAD_BYTES
         taps = spec.kernel_h * spec.kernel_w
-        return (TABLE_BYTES * taps * self.positions + 4 * self.overflow + 16
-                + (rows * cols + 1 + self.overflow) * self.chunk * item + taps * (self.o_tile + self.positions) * row)
+        sizes = {"table": TABLE_BYTES * taps * self.positions, "slot_pixels": 4 * self.overflow + 16,
+                 "patch": (rows * cols + 1 + self.overflow) * self.chunk * item, "weights": taps * self.o_tile * row,
+                 "columns": taps * self.positions * row}
+        offsets, end = {}, 0
+        for name, size in sizes.items():
+            offsets[name], end = end, end + size
+        return {**offsets, "end": end}
+
+    def shared_bytes(self, spec: DeformConvSpec) -> int:
+        """The block's shared memory (``regions``)."""
+        return self.regions(spec)["end"]
 
     def dynamic(self, spec: DeformConvSpec) -> bool:
         """Whether the block's shared memory is one dynamic buffer (past 48 KB)."""
@@ -133,27 +148,22 @@ def supports(spec: DeformConvSpec, tiling: PatchTiling) -> str | None:
     return None
 
 
-def _device_call(name: str, parameters: str, body: str, *args):
-    source = f"__device__ __forceinline__ void {name}({parameters}) {{ {body} }}\n"
-    return T.cuda.func_call(name, *args, source_code=source)
-
-
 def _copy_run(destination, source):
     """An asynchronous 16-byte copy from global to shared memory (``cp.async.cg``; ``_copies_done``
     waits for a thread's copies)."""
-    return _device_call("deft_copy_run16_async", "void* d, const void* s",
-                        'asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\\n" :: '
-                        '"r"(static_cast<unsigned>(__cvta_generic_to_shared(d))), "l"(s) : "memory");',
-                        destination, source)
+    return device_call("deft_copy_run16_async", "void* d, const void* s",
+                       'asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\\n" :: '
+                       '"r"(static_cast<unsigned>(__cvta_generic_to_shared(d))), "l"(s) : "memory");',
+                       destination, source)
 
 
 def _copies_done():
-    return _device_call("deft_copies_done", "", 'asm volatile("cp.async.wait_all;\\n" ::: "memory");')
+    return device_call("deft_copies_done", "", 'asm volatile("cp.async.wait_all;\\n" ::: "memory");')
 
 
 def _zero_run(destination):
-    return _device_call("deft_zero_run16", "void* d", "*reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);",
-                        destination)
+    return device_call("deft_zero_run16", "void* d", "*reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);",
+                       destination)
 
 
 def _accumulate(dtype: str, first: bool) -> str:
@@ -193,19 +203,19 @@ def _interpolate_run(dtype: str, destination, corners, weights, patch_run, zero_
             f"image + static_cast<long long>(-(c[k] + 1)) * pixel_bytes)); "
             + _accumulate(dtype, False) + " } } "
             f"*reinterpret_cast<{vector}*>(d) = o;")
-    return _device_call(f"deft_interpolate_run_{dtype}", parameters, body, destination, corners, weights, patch_run,
-                        zero_run, global_run, pixel_bytes)
+    return device_call(f"deft_interpolate_run_{dtype}", parameters, body, destination, corners, weights, patch_run,
+                       zero_run, global_run, pixel_bytes)
 
 
 def _load_matrices(fragment, row):
     """``ldmatrix.x4``: four 8 x 8 matrices of 16-bit elements (or 8 x 4 of 32-bit ones) into the four
     32-bit registers at ``fragment`` (local), lane ``l`` giving the address of row ``l % 8`` of matrix
     ``l // 8`` (shared memory, 16-byte aligned; PTX ISA 8.x, section 9.7.14.5.15)."""
-    return _device_call("deft_ldmatrix_x4", "void* fragment, const void* row",
-                        "unsigned* r = reinterpret_cast<unsigned*>(fragment); "
-                        'asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\\n" '
-                        ': "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) '
-                        ': "r"(static_cast<unsigned>(__cvta_generic_to_shared(row))));', fragment, row)
+    return device_call("deft_ldmatrix_x4", "void* fragment, const void* row",
+                       "unsigned* r = reinterpret_cast<unsigned*>(fragment); "
+                       'asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\\n" '
+                       ': "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) '
+                       ': "r"(static_cast<unsigned>(__cvta_generic_to_shared(row))));', fragment, row)
 
 
 def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
@@ -241,13 +251,9 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
     zero_run = rows * cols * chunk  # the patch's last run: zeros, read by corners outside the image
     n_, c_, h_, w_ = index_extents(spec, n, c, h, w)
     scope = "shared.dyn" if tiling.dynamic(spec) else "shared"
-    shared_bytes = tiling.shared_bytes(spec)
+    regions = tiling.regions(spec)
     overflow = tiling.overflow
     first_slot = rows * cols + 1  # the patch's pixels, its zero run, then the overflow slots
-    pixels_offset = TABLE_BYTES * taps * p  # bytes: the table, the slots' pixels and count, the patch, ...
-    patch_offset = pixels_offset + 4 * overflow + 16
-    weights_offset = patch_offset + (first_slot + overflow) * chunk * item
-    columns_offset = weights_offset + taps * o_tile * row * item
     zero, one = tirx.const(0, acc), tirx.const(1, acc)
 
     @T.macro
@@ -269,17 +275,19 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
         # one shared buffer (one dynamic allocation past 48 KB), its regions 16-byte aligned: the
         # sampling-point table (per tap and position: four corner offsets, four weights; see
         # _interpolate_run), the patch, every tap's weights, the columns
-        smem = T.alloc_buffer((shared_bytes,), "uint8", scope=scope)
-        corner_offsets = T.decl_buffer((taps * p * 4,), "int32", data=smem.data, scope=scope, elem_offset=0)
-        corner_weights = T.decl_buffer((taps * p * 4,), acc, data=smem.data, scope=scope, elem_offset=taps * p * 4)
+        smem = T.alloc_buffer((regions["end"],), "uint8", scope=scope)
+        corner_offsets = T.decl_buffer((taps * p * 4,), "int32", data=smem.data, scope=scope,
+                                       elem_offset=regions["table"] // 4)
+        corner_weights = T.decl_buffer((taps * p * 4,), acc, data=smem.data, scope=scope,
+                                       elem_offset=regions["table"] // 4 + taps * p * 4)
         slot_pixels = T.decl_buffer((overflow + 4,), "int32", data=smem.data, scope=scope,
-                                    elem_offset=pixels_offset // 4)  # the last 4: the slots taken
+                                    elem_offset=regions["slot_pixels"] // 4)  # the last 4: the slots taken
         patch = T.decl_buffer(((first_slot + overflow) * chunk,), dtype, data=smem.data, scope=scope,
-                              elem_offset=patch_offset // item)
+                              elem_offset=regions["patch"] // item)
         weights = T.decl_buffer((taps * o_tile * row,), dtype, data=smem.data, scope=scope,
-                                elem_offset=weights_offset // item)
+                                elem_offset=regions["weights"] // item)
         columns = T.decl_buffer((taps * p * row,), dtype, data=smem.data, scope=scope,
-                                elem_offset=columns_offset // item)
+                                elem_offset=regions["columns"] // item)
         sums = T.alloc_buffer((m_tiles * n_tiles * 4,), acc, scope="local")
         a_frag = T.alloc_buffer((m_tiles * a_elements,), dtype, scope="local")
         b_frag = T.alloc_buffer((2 * b_elements,), dtype, scope="local")  # two n8 tiles
@@ -422,9 +430,7 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                 with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", RESIDENT_BLOCKS):
                     body(block, thread, input, offset, mask, weight, bias, output)
 
-    names = ("mask",) * (not has_mask) + ("bias",) * (not has_bias)
-    return tirx.PrimFunc([v for v in forward.params if v.name not in names], forward.body, forward.ret_type,
-                         forward.attrs)
+    return without_parameters(forward, ("mask",) * (not has_mask) + ("bias",) * (not has_bias))
 
 
 def patch_forward_module(spec: DeformConvSpec, tiling: PatchTiling | None = None):

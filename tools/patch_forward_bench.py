@@ -22,9 +22,8 @@ import dataclasses
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from deft_tvm.bench import current_commit, tf32_mode, torchvision_deform_conv2d
+from deft_tvm.bench import baselines, channels_last_copies, current_commit, tf32_mode
 from deft_tvm.reference.tolerances import assert_close, tolerance_key
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
@@ -64,13 +63,8 @@ def _rows(name: str, precision: str, halos, kernels: dict, commit: str) -> list[
         kernel = kernels[(name, precision, tiling)]
         patch_out = torch.empty_like(out)
         calls[f"patch_halo{tiling.halo}"] = (tiling, lambda k=kernel, o=patch_out: k(*args, o), patch_out)
-    tv = torchvision_deform_conv2d()
-    if tv is not None and spec.dtype != "bfloat16":
-        calls["torchvision"] = (None, lambda: tv(**inputs))
-    dense = (inputs["input"], inputs["weight"], inputs["bias"], spec.stride, spec.padding, spec.dilation)
-    last = {k: inputs[k].contiguous(memory_format=torch.channels_last) for k in ("input", "weight")}
-    calls["cudnn_nchw"] = (None, lambda: F.conv2d(*dense))
-    calls["cudnn_channels_last"] = (None, lambda: F.conv2d(last["input"], last["weight"], *dense[2:]))
+    baseline = baselines(workload.spec, inputs, channels_last_copies(inputs), "cuda")  # torchvision, cuDNN
+    calls.update({provider: (None, fn) for provider, fn in baseline.items()})
     times, matches = {}, {}
     for provider, (tiling, fn, *outputs) in calls.items():
         fn()
