@@ -32,7 +32,7 @@ def test_curves_accumulate_trials_and_seconds():
 def test_summary_reads_budgets_and_time_to_within_ten_percent_of_the_best():
     rows = summarize({space: curve(r) for space, r in ROUNDS.items()}, (4, 8))
     deft, generic = rows
-    assert deft == {"space": "deft", "best_ms_4": 1.0, "best_ms_8": 0.5, "overall_best_ms": 0.45,
+    assert deft == {"space": "deft", "trials": 9, "best_ms_4": 1.0, "best_ms_8": 0.5, "overall_best_ms": 0.45,
                     "trials_to_within_10pct": 9, "seconds_to_within_10pct": 20.0}
     assert generic["best_ms_4"] is None and generic["best_ms_8"] == 3.0
     assert generic["trials_to_within_10pct"] is None  # 0.9 ms never came within 10 % of 0.45
@@ -80,3 +80,50 @@ def test_the_tool_tunes_each_space_from_an_empty_database_and_writes_curves_tabl
     with pytest.raises(ValueError, match=r"already holds 2 records; a comparison starts each space from an empty"):
         tuning_efficiency.main(argv)
     assert calls == []  # refused before tuning either space
+
+
+def test_spaces_tuned_in_separate_runs_are_summarized_together(tmp_path, monkeypatch):
+    from deft_tvm.tuning import efficiency
+    from deft_tvm.tuning.search import TuningResult
+
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import tuning_efficiency
+
+    spaces = []
+
+    def fake_tune(spec, profile, target, directory, trials, *, space, seed, trials_per_round, population):
+        spaces.append(space)
+        return TuningResult(directory, trials, trials, None, 0.0, ROUNDS[space])
+
+    monkeypatch.setattr(efficiency, "tune", fake_tune)
+    common = ["--workload", "test_paper_small", "--device", "cpu", "--budgets", "4", "12", "--out", str(tmp_path / "db")]
+    for space in ("generic", "deft"):  # e.g. each on its own GPU
+        tuning_efficiency.main(common + ["--spaces", space, "--csv", str(tmp_path / f"{space}.csv")])
+    assert spaces == ["generic", "deft"]
+    summary = tmp_path / "summary.csv"
+    tuning_efficiency.main(["--curves", str(tmp_path / "deft.csv"), str(tmp_path / "generic.csv"),
+                            "--budgets", "4", "12", "--summary", str(summary)])
+    rows = list(csv.DictReader(open(summary)))
+    assert [(r["space"], r["trials"], r["best_ms_4"], r["best_ms_12"], r["overall_best_ms"],
+             r["trials_to_within_10pct"]) for r in rows] == [
+        ("deft", "9", "1.0", "0.45", "0.45", "9"), ("generic", "12", "", "0.9", "0.45", "")]
+    assert all(r["workload"] == "test_paper_small" and r["profile"] == "normal_2px" for r in rows)
+
+    other = tmp_path / "other.csv"
+    other.write_text(open(tmp_path / "generic.csv").read().replace("float32", "float16"))
+    with pytest.raises(ValueError, match=r"the curves are of 2 runs .*expected one"):
+        tuning_efficiency.main(["--curves", str(tmp_path / "deft.csv"), str(other)])
+    with pytest.raises(SystemExit):  # tuning needs a workload
+        tuning_efficiency.main(["--device", "cpu"])
+
+
+def test_compare_spaces_refuses_unknown_spaces(tmp_path):
+    from deft_tvm.runtime.targets import target_for_device
+    from deft_tvm.tuning.efficiency import compare_spaces
+    from deft_tvm.tuning.workloads import get_workload
+
+    import torch
+
+    spec = get_workload("test_paper_small").spec
+    with pytest.raises(ValueError, match=r"spaces \['dft'\]: choose from deft, generic"):
+        compare_spaces(spec, "normal_2px", target_for_device(torch.device("cpu")), tmp_path, 4, spaces=("dft",))

@@ -53,11 +53,16 @@ def reach(points: list[CurvePoint], target_ms: float) -> CurvePoint | None:
 
 
 def compare_spaces(spec: DeformConvSpec, profile: str, target: tvm.target.Target, out: Path, trials: int, *,
-                   seed: int = 0, trials_per_round: int = 32, population: int = 128) -> dict[str, list[CurvePoint]]:
-    """Space -> curve of tuning ``spec``'s forward for ``trials`` trials in each of ``SPACES``, in
-    ``out/<space>/`` (fresh folders: ValueError naming a folder that already holds records, whose
-    search would resume rather than start), with ``tune``'s search settings."""
-    directories = {space: Path(out) / space / spec.key() for space in SPACES}
+                   seed: int = 0, trials_per_round: int = 32, population: int = 128,
+                   spaces: tuple[str, ...] = SPACES) -> dict[str, list[CurvePoint]]:
+    """Space -> curve of tuning ``spec``'s forward for ``trials`` trials in each of ``spaces`` (of
+    ``SPACES``; one per process lets each search run on its own GPU), in ``out/<space>/`` (fresh
+    folders: ValueError naming a folder that already holds records, whose search would resume rather
+    than start), with ``tune``'s search settings."""
+    unknown = sorted(set(spaces) - set(SPACES))
+    if unknown or not spaces:
+        raise ValueError(f"spaces {list(spaces)}: choose from {', '.join(SPACES)}")
+    directories = {space: Path(out) / space / spec.key() for space in spaces}
     for directory in directories.values():  # checked before either space is tuned
         if record_count(directory):
             raise ValueError(f"{directory} already holds {record_count(directory)} records; "
@@ -68,9 +73,10 @@ def compare_spaces(spec: DeformConvSpec, profile: str, target: tvm.target.Target
 
 
 def summarize(curves: dict[str, list[CurvePoint]], budgets: tuple[int, ...]) -> list[dict]:
-    """One row per space: the best time (ms) within each budget (``best_ms_<budget>``), the best
-    time either space found (``overall_best_ms``), and the trials and seconds the space took to
-    come within ``WITHIN`` of it (None where it never did)."""
+    """One row per space: the trials it ran (a budget past them reads its last best time: a search
+    that ran fewer, or a space with fewer candidates), the best time (ms) within each budget
+    (``best_ms_<budget>``), the best time either space found (``overall_best_ms``), and the trials
+    and seconds the space took to come within ``WITHIN`` of it (None where it never did)."""
     finals = [p.best_ms for points in curves.values() for p in points if p.best_ms is not None]
     overall = min(finals) if finals else None
     rows = []
@@ -78,6 +84,7 @@ def summarize(curves: dict[str, list[CurvePoint]], budgets: tuple[int, ...]) -> 
         reached = reach(points, overall * WITHIN) if overall is not None else None
         rows.append({
             "space": space,
+            "trials": points[-1].trials if points else 0,
             **{f"best_ms_{b}": best_within(points, b) for b in budgets},
             "overall_best_ms": overall,
             "trials_to_within_10pct": None if reached is None else reached.trials,
