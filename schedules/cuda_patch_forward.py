@@ -23,6 +23,12 @@ region a tile samples is loaded once"; its halo from the offset statistics,
   loaded by ``ldmatrix``, float32 sums in registers: three barriers per chunk; at the end it writes
   ``output[n, o, y, x]`` (+ bias, cast to the spec's dtype).
 
+With ``columns="registers"`` no columns are staged: per tap each warp interpolates its positions'
+B fragments straight into the mma's registers (each lane the two 4-byte words of channels the
+fragment layout gives it, from the same table entry and in the same order of corners, so the same
+values) and multiplies them: no columns buffer and two barriers per chunk (the staging's), at the
+cost of 4-byte instead of 16-byte shared-memory reads, repeated by each warp along output channels.
+
 Applies to one-group layers with one offset group, channels last (``layout="NHWC"``: the op's
 tensor-core layout), input channels in multiples of ``chunk`` and output channels of ``o_tile``
 (``supports``). NaN sampling points give NaN, points outside the image zero; every read is in bounds
@@ -51,10 +57,13 @@ from deft_tvm.schedules.cuda_mma import c_element, mma_shape
 # The default tiling's budget: two blocks in an sm_90 SM, 1 KB of it reserved per block.
 BLOCK_SHARED_BYTES = SM_SHARED_BYTES // 2 - 1024
 RUN_BYTES = 16  # a thread's loads and stores of channels: one 16-byte access
-# Blocks per SM the kernel is launched for (``__launch_bounds__``): up to 168 registers per thread of 128.
-RESIDENT_BLOCKS = 3
+# Threads per SM the kernel is launched for (``__launch_bounds__``, in whole blocks, at least one): up to
+# 168 registers per thread.
+RESIDENT_THREADS = 384
 ROW_PAD_BYTES = 16  # shared operand rows are padded by 16 bytes: conflict-free fragment loads
 TABLE_BYTES = 32  # a sampling point's four corner offsets (int32) and weights (float32)
+COLUMNS = ("shared", "registers")  # PatchTiling.columns
+FRAGMENT_WORD_BYTES = 16  # a lane's two 4-byte words of a B fragment lie 16 bytes apart (cuda_mma)
 # per dtype of 2 bytes: the packed pair type, one float -> both halves of a pair
 _PAIRS = {"float16": ("__half2", "__float2half2_rn"), "bfloat16": ("__nv_bfloat162", "__float2bfloat162_rn")}
 
@@ -73,6 +82,7 @@ class PatchTiling:
     warps_o: int = 2
     warps_p: int = 2
     overflow: int = 128
+    columns: str = "shared"  # where the columns are interpolated: "shared" (every tap's) or "registers"
 
     @property
     def threads(self) -> int:
@@ -94,14 +104,14 @@ class PatchTiling:
         """Byte offsets of the block's shared-memory regions, in order, and its size (``"end"``): the
         sampling-point table (``TABLE_BYTES`` per tap and position), the overflow slots' pixels and
         their count, the patch with its zero run and overflow slots, every tap's weights, every
-        tap's columns; each a multiple of 16 bytes."""
+        tap's columns (none with ``columns="registers"``); each a multiple of 16 bytes."""
         item = DTYPE_BYTES[spec.dtype]
         rows, cols = self.patch(spec)
         row = self.chunk * item + ROW_PAD_BYTES
         taps = spec.kernel_h * spec.kernel_w
         sizes = {"table": TABLE_BYTES * taps * self.positions, "slot_pixels": 4 * self.overflow + 16,
                  "patch": (rows * cols + 1 + self.overflow) * self.chunk * item, "weights": taps * self.o_tile * row,
-                 "columns": taps * self.positions * row}
+                 "columns": taps * self.positions * row if self.columns == "shared" else 0}
         offsets, end = {}, 0
         for name, size in sizes.items():
             offsets[name], end = end, end + size
@@ -116,9 +126,14 @@ class PatchTiling:
         return self.shared_bytes(spec) > SHARED_BYTES
 
     @classmethod
-    def for_spec(cls, spec: DeformConvSpec, halo: int = 2) -> "PatchTiling":
+    def for_spec(cls, spec: DeformConvSpec, halo: int = 2, columns: str = "shared") -> "PatchTiling":
         """The default: 64 output channels, 32 bytes of channels per stage, 8 x 16 tiles, or 8 x 8
-        where two blocks of 8 x 16 would not fit an SM (``BLOCK_SHARED_BYTES``)."""
+        where two blocks of 8 x 16 would not fit an SM (``BLOCK_SHARED_BYTES``); 2 x 2 warps, with
+        ``columns="registers"`` 8 x 8 tiles on 1 x 4 (each position's fragments interpolated by one warp,
+        two n8 tiles per warp: four spill on 8 x 16)."""
+        if columns == "registers":
+            return cls(tile_h=8, tile_w=8, halo=halo, chunk=32 // DTYPE_BYTES[spec.dtype], warps_o=1, warps_p=4,
+                       columns=columns)
         tilings = [cls(tile_h=8, tile_w=w, halo=halo, chunk=32 // DTYPE_BYTES[spec.dtype]) for w in (16, 8)]
         return next((t for t in tilings if t.shared_bytes(spec) <= BLOCK_SHARED_BYTES), tilings[-1])
 
@@ -141,6 +156,8 @@ def supports(spec: DeformConvSpec, tiling: PatchTiling) -> str | None:
                 f"{spec.out_channels} output channels")
     if tiling.positions % (16 * tiling.warps_p):  # ldmatrix.x4 loads the n8 tiles of B in pairs
         return f"{tiling.positions} positions per tile are not a multiple of 16 x {tiling.warps_p} warps"
+    if tiling.columns not in COLUMNS:
+        return f"columns {tiling.columns!r}: one of {', '.join(COLUMNS)}"
     if tiling.overflow % 4:
         return f"{tiling.overflow} overflow slots are not a multiple of 4 (16-byte regions)"
     if tiling.shared_bytes(spec) > DYNAMIC_SHARED_BYTES:
@@ -207,6 +224,44 @@ def _interpolate_run(dtype: str, destination, corners, weights, patch_run, zero_
                        zero_run, global_run, pixel_bytes)
 
 
+def _interpolate_fragment(dtype: str, destination, corners, weights, patch_word, zero_run: int, global_word,
+                          pixel_bytes: int):
+    """A lane's share of a column's B fragment (``cuda_mma``: its two 4-byte words of channels,
+    ``FRAGMENT_WORD_BYTES`` apart: a float16 / bfloat16 pair or a float32 each) into ``destination``
+    (local), from its sampling point's table entry as ``_interpolate_run`` reads it, ``patch_word``
+    and ``global_word`` at the first word's channels: the same corners in the same order and
+    arithmetic, so the same values as the shared columns hold."""
+    word = "float" if dtype == "float32" else "unsigned"
+    if dtype == "float32":
+        def step(first):
+            return " ".join(f"o[{i}] = {'' if first else f'o[{i}] + '}w * u[{i}];" for i in range(2))
+    else:
+        pair, splat = _PAIRS[dtype]
+
+        def step(first):
+            op = "__hmul2(wp, h[i])" if first else "__hfma2(wp, h[i], q[i])"
+            return (f"{{ const {pair}* h = reinterpret_cast<const {pair}*>(u); {pair}* q = reinterpret_cast<{pair}*>(o); "
+                    f"const {pair} wp = {splat}(w); _Pragma(\"unroll\") for (int i = 0; i < 2; ++i) q[i] = {op}; }}")
+    parameters = ("void* d, const void* corners, const void* weights, const void* s, int zero_run, const void* g, "
+                  "int pixel_bytes")
+    load = ("u[0] = {get}(reinterpret_cast<const {w}*>({at})); "
+            f"u[1] = {{get}}(reinterpret_cast<const {{w}}*>({{at}} + {FRAGMENT_WORD_BYTES}));")
+    shared_corner = ("{{ const float w = ws[{k}]; const char* q = patch + (c[{k}] < 0 ? zero_run : c[{k}]); {w} u[2]; "
+                     + load.format(get="*", w=word, at="q") + " {step} }}")
+    body = (f"const int4 c4 = *reinterpret_cast<const int4*>(corners); "
+            f"const float4 w4 = *reinterpret_cast<const float4*>(weights); "
+            f"const int c[4] = {{c4.x, c4.y, c4.z, c4.w}}; const float ws[4] = {{w4.x, w4.y, w4.z, w4.w}}; "
+            f"const char* patch = static_cast<const char*>(s); {word} o[2]; "
+            + " ".join(shared_corner.format(k=k, w=word, step=step(k == 0)) for k in range(4))
+            + f" if ((c[0] | c[1] | c[2] | c[3]) < 0) {{ const char* image = static_cast<const char*>(g); "
+            f"_Pragma(\"unroll\") for (int k = 0; k < 4; ++k) if (c[k] < 0) {{ const float w = ws[k]; "
+            f"const char* q = image + static_cast<long long>(-(c[k] + 1)) * pixel_bytes; {word} u[2]; "
+            + load.format(get="__ldg", w=word, at="q") + " " + step(False) + " } } "
+            f"{word}* out = static_cast<{word}*>(d); out[0] = o[0]; out[1] = o[1];")
+    return device_call(f"deft_interpolate_fragment_{dtype}", parameters, body, destination, corners, weights,
+                       patch_word, zero_run, global_word, pixel_bytes)
+
+
 def _load_matrices(fragment, row):
     """``ldmatrix.x4``: four 8 x 8 matrices of 16-bit elements (or 8 x 4 of 32-bit ones) into the four
     32-bit registers at ``fragment`` (local), lane ``l`` giving the address of row ``l % 8`` of matrix
@@ -255,6 +310,62 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
     overflow = tiling.overflow
     first_slot = rows * cols + 1  # the patch's pixels, its zero run, then the overflow slots
     zero, one = tirx.const(0, acc), tirx.const(1, acc)
+    in_registers = tiling.columns == "registers"
+    word = 4 // item  # elements per 4-byte word of a B fragment
+
+    @T.macro
+    def load_weight_fragments(t, ks, wo, lane, weights, a_frag):  # the A operands of tap t, k step ks
+        for m in T.unroll(m_tiles):
+            T.evaluate(_load_matrices(
+                T.address_of(a_frag[m * a_elements]),
+                T.address_of(weights[(t * o_tile + (wo * m_tiles + m) * 16 + lane % 8 + lane // 8 % 2 * 8) * row
+                                     + ks * mma.k + lane // 16 * half])))
+
+    @T.macro
+    def multiply_from_columns(b, thread, wo, wp, lane, c0, input, corner_offsets, corner_weights, patch, weights,
+                              smem, sums, a_frag, b_frag):
+        columns = T.decl_buffer((taps * p * row,), dtype, data=smem.data, scope=scope,
+                                elem_offset=regions["columns"] // item)
+        for i in T.unroll((taps * p * runs + threads - 1) // threads):  # every tap's columns
+            e = i * threads + thread
+            if e < taps * p * runs:
+                t = e // (p * runs)
+                pl = e % p
+                r = e // p % runs
+                T.evaluate(_interpolate_run(
+                    dtype, T.address_of(columns[(t * p + pl) * row + r * run]),
+                    T.address_of(corner_offsets[(t * p + pl) * 4]),
+                    T.address_of(corner_weights[(t * p + pl) * 4]),
+                    T.address_of(patch[r * run]), zero_run * item, T.address_of(input[b, 0, 0, c0 + r * run]),
+                    c * item))
+        T.tvm_storage_sync("shared")
+        for t in range(taps):
+            for ks in T.unroll(k_steps):
+                load_weight_fragments(t, ks, wo, lane, weights, a_frag)
+                for nt in T.unroll(n_tiles // 2):
+                    T.evaluate(_load_matrices(
+                        T.address_of(b_frag[0]),
+                        T.address_of(columns[(t * p + (wp * n_tiles + 2 * nt) * 8 + lane % 8 + lane // 16 * 8)
+                                             * row + ks * mma.k + lane // 8 % 2 * half])))
+                    for j in T.unroll(2):
+                        for m in T.unroll(m_tiles):
+                            T.evaluate(mma.sync(a_frag, m * a_elements, b_frag, j * b_elements, sums,
+                                                (m * n_tiles + 2 * nt + j) * 4))
+
+    @T.macro
+    def multiply_from_patch(b, lane_g, lane_t, wo, wp, lane, c0, input, corner_offsets, corner_weights, patch,
+                            weights, sums, a_frag, b_frag):
+        for t in range(taps):
+            for ks in T.unroll(k_steps):
+                load_weight_fragments(t, ks, wo, lane, weights, a_frag)
+                for nt in T.unroll(n_tiles):
+                    pl = (wp * n_tiles + nt) * 8 + lane_g
+                    T.evaluate(_interpolate_fragment(
+                        dtype, T.address_of(b_frag[0]), T.address_of(corner_offsets[(t * p + pl) * 4]),
+                        T.address_of(corner_weights[(t * p + pl) * 4]), T.address_of(patch[ks * mma.k + lane_t * word]),
+                        zero_run * item, T.address_of(input[b, 0, 0, c0 + ks * mma.k + lane_t * word]), c * item))
+                    for m in T.unroll(m_tiles):
+                        T.evaluate(mma.sync(a_frag, m * a_elements, b_frag, 0, sums, (m * n_tiles + nt) * 4))
 
     @T.macro
     def body(block, thread, input, offset, mask, weight, bias, output):
@@ -286,8 +397,6 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                               elem_offset=regions["patch"] // item)
         weights = T.decl_buffer((taps * o_tile * row,), dtype, data=smem.data, scope=scope,
                                 elem_offset=regions["weights"] // item)
-        columns = T.decl_buffer((taps * p * row,), dtype, data=smem.data, scope=scope,
-                                elem_offset=regions["columns"] // item)
         sums = T.alloc_buffer((m_tiles * n_tiles * 4,), acc, scope="local")
         a_frag = T.alloc_buffer((m_tiles * a_elements,), dtype, scope="local")
         b_frag = T.alloc_buffer((2 * b_elements,), dtype, scope="local")  # two n8 tiles
@@ -371,35 +480,13 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                                          T.address_of(weight[o0 + o, t // kw, t % kw, c0 + e % runs * run])))
             T.evaluate(_copies_done())
             T.tvm_storage_sync("shared")
-            for i in T.unroll((taps * p * runs + threads - 1) // threads):  # every tap's columns
-                e = i * threads + thread
-                if e < taps * p * runs:
-                    t = e // (p * runs)
-                    pl = e % p
-                    r = e // p % runs
-                    T.evaluate(_interpolate_run(
-                        dtype, T.address_of(columns[(t * p + pl) * row + r * run]),
-                        T.address_of(corner_offsets[(t * p + pl) * 4]),
-                        T.address_of(corner_weights[(t * p + pl) * 4]),
-                        T.address_of(patch[r * run]), zero_run * item, T.address_of(input[b, 0, 0, c0 + r * run]),
-                        c * item))
-            T.tvm_storage_sync("shared")
-            for t in range(taps):
-                for ks in T.unroll(k_steps):
-                    for m in T.unroll(m_tiles):
-                        T.evaluate(_load_matrices(
-                            T.address_of(a_frag[m * a_elements]),
-                            T.address_of(weights[(t * o_tile + (wo * m_tiles + m) * 16 + lane % 8 + lane // 8 % 2 * 8)
-                                                 * row + ks * mma.k + lane // 16 * half])))
-                    for nt in T.unroll(n_tiles // 2):
-                        T.evaluate(_load_matrices(
-                            T.address_of(b_frag[0]),
-                            T.address_of(columns[(t * p + (wp * n_tiles + 2 * nt) * 8 + lane % 8 + lane // 16 * 8)
-                                                 * row + ks * mma.k + lane // 8 % 2 * half])))
-                        for j in T.unroll(2):
-                            for m in T.unroll(m_tiles):
-                                T.evaluate(mma.sync(a_frag, m * a_elements, b_frag, j * b_elements, sums,
-                                                    (m * n_tiles + 2 * nt + j) * 4))
+            if in_registers:
+                multiply_from_patch(b, lane_g, lane_t, wo, wp, lane, c0, input, corner_offsets, corner_weights,
+                                    patch, weights, sums, a_frag, b_frag)
+            else:
+                multiply_from_columns(b, thread, wo, wp, lane, c0, input, corner_offsets, corner_weights, patch,
+                                      weights, smem, sums, a_frag, b_frag)
+
         for m in T.unroll(m_tiles):
             for nt in T.unroll(n_tiles):
                 for i in T.unroll(4):
@@ -427,7 +514,7 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
         T.func_attr({"global_symbol": "forward", "tirx.noalias": True})
         for block in T.thread_binding(blocks, thread="blockIdx.x"):
             for thread in T.thread_binding(threads, thread="threadIdx.x"):
-                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", RESIDENT_BLOCKS):
+                with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", max(1, RESIDENT_THREADS // threads)):
                     body(block, thread, input, offset, mask, weight, bias, output)
 
     return without_parameters(forward, ("mask",) * (not has_mask) + ("bias",) * (not has_bias))

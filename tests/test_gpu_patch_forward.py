@@ -3,7 +3,9 @@
 stride (2, 1), padding (1, 0), dilation (2, 1), ragged tiles) with and without mask and bias, halos 0 (most
 corners in overflow slots or on the global path) and 3, no overflow slots (every corner outside the
 patch on the global path), normal and extreme offsets (far outside, infinite, NaN); a 1 x 1 layer
-whose block fits static shared memory; and r50 c5 on its profile inputs; skipped where there is no GPU."""
+whose block fits static shared memory; and r50 c5 on its profile inputs. Columns interpolated into
+registers (``columns="registers"``) on the same cases, giving the shared columns' output bit for bit;
+skipped where there is no GPU."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from deft_tvm.reference.forward import deform_conv2d_reference
 from deft_tvm.reference.tolerances import assert_close, tolerance_key
 from deft_tvm.runtime.kernel_cache import ForwardCall
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
-from deft_tvm.schedules.cuda_patch_forward import PatchTiling, patch_forward_module
+from deft_tvm.schedules.cuda_patch_forward import COLUMNS, PatchTiling, patch_forward_module
 from deft_tvm.tuning.workloads import get_workload
 
 from helpers import make_case
@@ -41,7 +43,12 @@ def _spec(spec: DeformConvSpec, precision: str) -> DeformConvSpec:
     return dataclasses.replace(spec, dtype="float32" if tf32 else precision, tf32=tf32, layout="NHWC")
 
 
-NO_SLOTS = dataclasses.replace(PatchTiling.for_spec(_spec(LAYER, "float16")), halo=0, overflow=0)  # global path
+def _tilings(spec: DeformConvSpec, **changes) -> tuple[PatchTiling, ...]:
+    """``PatchTiling.for_spec(spec)`` with ``changes``, columns in shared memory then in registers."""
+    return tuple(dataclasses.replace(PatchTiling.for_spec(spec, columns=c), **changes) for c in COLUMNS)
+
+
+NO_SLOTS = {"halo": 0, "overflow": 0}  # every corner outside the patch on the global path
 
 
 def _c5(precision: str):
@@ -49,10 +56,10 @@ def _c5(precision: str):
 
 
 def _jobs():
-    jobs = [(_spec(s, p), dataclasses.replace(PatchTiling.for_spec(_spec(s, p)), halo=h))
-            for s in (LAYER, PLAIN) for p in PRECISIONS for h in HALOS]
-    jobs += [(POINTWISE, PatchTiling.for_spec(POINTWISE)), (_spec(LAYER, "float16"), NO_SLOTS)]
-    return jobs + [(_spec(_c5(p).spec, p), PatchTiling.for_spec(_spec(_c5(p).spec, p))) for p in PRECISIONS]
+    cases = [(_spec(s, p), {"halo": h}) for s in (LAYER, PLAIN) for p in PRECISIONS for h in HALOS]
+    cases += [(POINTWISE, {}), (_spec(LAYER, "float16"), NO_SLOTS)]
+    cases += [(_spec(_c5(p).spec, p), {}) for p in PRECISIONS]
+    return [(spec, tiling) for spec, changes in cases for tiling in _tilings(spec, **changes)]
 
 
 def _extreme(case: dict) -> dict:
@@ -74,14 +81,24 @@ def kernels():
         return dict(zip(jobs, built))
 
 
-def _check(kernels, spec: DeformConvSpec, tiling: PatchTiling, case: dict) -> None:
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+def _check(kernels, spec: DeformConvSpec, case: dict, **changes) -> None:
+    """Both columns' kernels of ``PatchTiling.for_spec(spec)`` with ``changes`` match the reference,
+    and give the same bits (NaN included)."""
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-    out = ForwardCall(spec, kernels[(spec, tiling)], None).call(args["input"], args["offset"], args["mask"],
-                                                                 args["weight"], args["bias"])
     reference = deform_conv2d_reference(**{k: v.double() if isinstance(v, torch.Tensor) else v
                                            for k, v in args.items()})
-    assert out.dtype == args["input"].dtype and out.shape == reference.shape
-    assert_close(out, reference, tolerance_key(spec.dtype, spec.tf32))
+    outputs = []
+    for tiling in _tilings(spec, **changes):
+        out = ForwardCall(spec, kernels[(spec, tiling)], None).call(args["input"], args["offset"], args["mask"],
+                                                                     args["weight"], args["bias"])
+        assert out.dtype == args["input"].dtype and out.shape == reference.shape
+        assert_close(out, reference, tolerance_key(spec.dtype, spec.tf32))
+        outputs.append(out)
+    assert torch.equal(_bits(outputs[0]), _bits(outputs[1]))
 
 
 @pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
@@ -93,26 +110,25 @@ def test_asymmetric_layer_matches_the_reference(kernels, precision, layer, halo,
     case = make_case(spec, seed=21, offset_scale=3.0)
     if extreme:  # the reference's result, no out-of-bounds read
         case = _extreme(case)
-    _check(kernels, spec, dataclasses.replace(PatchTiling.for_spec(spec), halo=halo), case)
+    _check(kernels, spec, case, halo=halo)
 
 
 @pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
 def test_every_corner_outside_the_patch_on_the_global_path_matches_the_reference(kernels, extreme):
     spec = _spec(LAYER, "float16")
     case = make_case(spec, seed=24, offset_scale=3.0)
-    _check(kernels, spec, NO_SLOTS, _extreme(case) if extreme else case)
+    _check(kernels, spec, _extreme(case) if extreme else case, **NO_SLOTS)
 
 
 @pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
 def test_a_layer_in_static_shared_memory_matches_the_reference(kernels, extreme):
-    tiling = PatchTiling.for_spec(POINTWISE)
-    assert not tiling.dynamic(POINTWISE)
+    assert not any(tiling.dynamic(POINTWISE) for tiling in _tilings(POINTWISE))
     case = make_case(POINTWISE, seed=23, offset_scale=3.0)
-    _check(kernels, POINTWISE, tiling, _extreme(case) if extreme else case)
+    _check(kernels, POINTWISE, _extreme(case) if extreme else case)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_r50_c5_matches_the_reference(kernels, precision):
     workload = _c5(precision)
     spec = _spec(workload.spec, precision)
-    _check(kernels, spec, PatchTiling.for_spec(spec), workload.make_inputs(seed=3))
+    _check(kernels, spec, workload.make_inputs(seed=3))

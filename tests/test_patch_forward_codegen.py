@@ -16,6 +16,7 @@ from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_backward_fused import DataTiling
 from deft_tvm.schedules.cuda_patch_forward import (
+    COLUMNS,
     DYNAMIC_SHARED_BYTES,
     SHARED_BYTES,
     PatchTiling,
@@ -67,6 +68,19 @@ def test_overflow_slots_come_in_fours():
         patch_forward_primfunc(spec, dataclasses.replace(PatchTiling.for_spec(spec), overflow=6))
 
 
+def test_columns_are_staged_in_shared_memory_or_registers():
+    spec = _spec("r50dcn_c5", "float16")
+    with pytest.raises(ValueError, match=r"columns 'global': one of shared, registers"):
+        patch_forward_primfunc(spec, dataclasses.replace(PatchTiling.for_spec(spec), columns="global"))
+    shared, registers = (PatchTiling.for_spec(spec, columns=c) for c in COLUMNS)
+    assert (registers.warps_o, registers.warps_p) == (1, 4) and registers.threads == shared.threads
+    same_tile = dataclasses.replace(registers, tile_w=shared.tile_w)
+    layout = shared.regions(spec)
+    row = shared.chunk * 2 + 16  # float16 channels of a chunk and the 16-byte pad
+    assert layout["end"] - layout["columns"] == 9 * shared.positions * row
+    assert same_tile.regions(spec) == {**layout, "end": layout["columns"]}
+
+
 def test_a_halo_past_a_blocks_shared_memory_is_refused():
     spec = _spec("r50dcn_c5", "float16")
     with pytest.raises(ValueError, match=rf"bytes of shared memory, more than {DYNAMIC_SHARED_BYTES}"):
@@ -83,14 +97,18 @@ def test_the_patch_is_the_fused_backwards(spec):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("columns", COLUMNS)
 @pytest.mark.parametrize("spec", [*TAKEN, POINTWISE], ids=lambda s: s.key())
-def test_kernels_compile_for_sm_90_without_spills(spec, tmp_path):
+def test_kernels_compile_for_sm_90_without_spills(spec, columns, tmp_path):
     """Past 48 KB the block's shared memory is one dynamic buffer of the claimed size (the host's
-    launch passes it), else a static one that ptxas counts."""
-    tiling = PatchTiling.for_spec(spec)
+    launch passes it), else a static one that ptxas counts. Columns in registers: no columns
+    buffer, the B fragments interpolated in place (only the weights go through ldmatrix)."""
+    tiling = PatchTiling.for_spec(spec, columns=columns)
     kernel = compile_kernel(patch_forward_module(spec, tiling), cuda_target("sm_90"))
     source = kernel.mod.imports[0].inspect_source()
-    assert source.count("mma.sync.aligned") > 0 and "deft_interpolate_run" in source
+    interpolation = {"shared": "deft_interpolate_run", "registers": "deft_interpolate_fragment"}
+    assert source.count("mma.sync.aligned") > 0 and interpolation[columns] in source
+    assert all(name not in source for c, name in interpolation.items() if c != columns)
     assert "cp.async.cg" in source and "ldmatrix.sync.aligned" in source
     (tmp_path / "forward.cu").write_text(source)
     ptxas = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "forward.cubin"),
