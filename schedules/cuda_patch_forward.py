@@ -28,8 +28,6 @@ B fragments straight into the mma's registers (each lane the two 4-byte words of
 fragment layout gives it, from the same table entry and in the same order of corners, so the same
 values) and multiplies them: no columns buffer and two barriers per chunk (the staging's), at the
 cost of 4-byte instead of 16-byte shared-memory reads, repeated by each warp along output channels.
-With ``weights="global"`` the weights are not staged either: each lane reads its A fragments' words
-from global memory through the read-only cache (L1 / L2; the same values), per tap and k step.
 
 Applies to one-group layers with one offset group, channels last (``layout="NHWC"``: the op's
 tensor-core layout), input channels in multiples of ``chunk`` and output channels of ``o_tile``
@@ -65,7 +63,6 @@ RESIDENT_THREADS = 384
 ROW_PAD_BYTES = 16  # shared operand rows are padded by 16 bytes: conflict-free fragment loads
 TABLE_BYTES = 32  # a sampling point's four corner offsets (int32) and weights (float32)
 COLUMNS = ("shared", "registers")  # PatchTiling.columns
-WEIGHTS = ("shared", "global")  # PatchTiling.weights
 FRAGMENT_WORD_BYTES = 16  # a lane's two 4-byte words of a B fragment lie 16 bytes apart (cuda_mma)
 # per dtype of 2 bytes: the packed pair type, one float -> both halves of a pair
 _PAIRS = {"float16": ("__half2", "__float2half2_rn"), "bfloat16": ("__nv_bfloat162", "__float2bfloat162_rn")}
@@ -86,7 +83,6 @@ class PatchTiling:
     warps_p: int = 2
     overflow: int = 128
     columns: str = "shared"  # where the columns are interpolated: "shared" (every tap's) or "registers"
-    weights: str = "shared"  # where the mma's weight operands come from: "shared" (staged per chunk) or "global"
 
     @property
     def threads(self) -> int:
@@ -107,16 +103,14 @@ class PatchTiling:
     def regions(self, spec: DeformConvSpec) -> dict[str, int]:
         """Byte offsets of the block's shared-memory regions, in order, and its size (``"end"``): the
         sampling-point table (``TABLE_BYTES`` per tap and position), the overflow slots' pixels and
-        their count, the patch with its zero run and overflow slots, every tap's weights (none with
-        ``weights="global"``), every tap's columns (none with ``columns="registers"``); each a
-        multiple of 16 bytes."""
+        their count, the patch with its zero run and overflow slots, every tap's weights, every
+        tap's columns (none with ``columns="registers"``); each a multiple of 16 bytes."""
         item = DTYPE_BYTES[spec.dtype]
         rows, cols = self.patch(spec)
         row = self.chunk * item + ROW_PAD_BYTES
         taps = spec.kernel_h * spec.kernel_w
         sizes = {"table": TABLE_BYTES * taps * self.positions, "slot_pixels": 4 * self.overflow + 16,
-                 "patch": (rows * cols + 1 + self.overflow) * self.chunk * item,
-                 "weights": taps * self.o_tile * row if self.weights == "shared" else 0,
+                 "patch": (rows * cols + 1 + self.overflow) * self.chunk * item, "weights": taps * self.o_tile * row,
                  "columns": taps * self.positions * row if self.columns == "shared" else 0}
         offsets, end = {}, 0
         for name, size in sizes.items():
@@ -164,8 +158,6 @@ def supports(spec: DeformConvSpec, tiling: PatchTiling) -> str | None:
         return f"{tiling.positions} positions per tile are not a multiple of 16 x {tiling.warps_p} warps"
     if tiling.columns not in COLUMNS:
         return f"columns {tiling.columns!r}: one of {', '.join(COLUMNS)}"
-    if tiling.weights not in WEIGHTS:
-        return f"weights {tiling.weights!r}: one of {', '.join(WEIGHTS)}"
     if tiling.overflow % 4:
         return f"{tiling.overflow} overflow slots are not a multiple of 4 (16-byte regions)"
     if tiling.shared_bytes(spec) > DYNAMIC_SHARED_BYTES:
@@ -270,17 +262,6 @@ def _interpolate_fragment(dtype: str, destination, corners, weights, patch_word,
                        patch_word, zero_run, global_word, pixel_bytes)
 
 
-def _load_weight_fragment(fragment, row, row_bytes: int):
-    """A lane's A fragment (``cuda_mma``: four 4-byte words, rows ``g`` and ``g + 8``, channels at
-    ``row`` and 16 bytes on) read from global memory through the read-only cache: ``row`` is the
-    lane's first word, ``row_bytes`` apart from the next output channel's."""
-    return device_call("deft_load_weight_fragment", "void* fragment, const void* row, int row_bytes",
-                       "unsigned* r = static_cast<unsigned*>(fragment); const char* a = static_cast<const char*>(row); "
-                       "_Pragma(\"unroll\") for (int i = 0; i < 4; ++i) r[i] = __ldg(reinterpret_cast<const unsigned*>("
-                       f"a + (i % 2) * 8 * row_bytes + (i / 2) * {FRAGMENT_WORD_BYTES}));",
-                       fragment, row, row_bytes)
-
-
 def _load_matrices(fragment, row):
     """``ldmatrix.x4``: four 8 x 8 matrices of 16-bit elements (or 8 x 4 of 32-bit ones) into the four
     32-bit registers at ``fragment`` (local), lane ``l`` giving the address of row ``l % 8`` of matrix
@@ -330,7 +311,6 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
     first_slot = rows * cols + 1  # the patch's pixels, its zero run, then the overflow slots
     zero, one = tirx.const(0, acc), tirx.const(1, acc)
     in_registers = tiling.columns == "registers"
-    global_weights = tiling.weights == "global"
     word = 4 // item  # elements per 4-byte word of a B fragment
 
     @T.macro
@@ -342,21 +322,8 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                                      + ks * mma.k + lane // 16 * half])))
 
     @T.macro
-    def load_weight_fragments_global(t, ks, o_warp, lane_g, lane_t, c0, weight, a_frag):  # the same, from L1 / L2
-        for m in T.unroll(m_tiles):
-            T.evaluate(_load_weight_fragment(T.address_of(a_frag[m * a_elements]), T.address_of(
-                weight[o_warp + m * 16 + lane_g, t // kw, t % kw, c0 + ks * mma.k + lane_t * word]), taps * c * item))
-
-    @T.macro
-    def load_a_operands(t, ks, wo, lane, lane_g, lane_t, c0, weights, weight, o0, a_frag):
-        if global_weights:
-            load_weight_fragments_global(t, ks, o0 + wo * m_tiles * 16, lane_g, lane_t, c0, weight, a_frag)
-        else:
-            load_weight_fragments(t, ks, wo, lane, weights, a_frag)
-
-    @T.macro
-    def multiply_from_columns(b, thread, wo, wp, lane, lane_g, lane_t, c0, input, corner_offsets, corner_weights,
-                              patch, weights, weight, o0, smem, sums, a_frag, b_frag):
+    def multiply_from_columns(b, thread, wo, wp, lane, c0, input, corner_offsets, corner_weights, patch, weights,
+                              smem, sums, a_frag, b_frag):
         columns = T.decl_buffer((taps * p * row,), dtype, data=smem.data, scope=scope,
                                 elem_offset=regions["columns"] // item)
         for i in T.unroll((taps * p * runs + threads - 1) // threads):  # every tap's columns
@@ -374,7 +341,7 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
         T.tvm_storage_sync("shared")
         for t in range(taps):
             for ks in T.unroll(k_steps):
-                load_a_operands(t, ks, wo, lane, lane_g, lane_t, c0, weights, weight, o0, a_frag)
+                load_weight_fragments(t, ks, wo, lane, weights, a_frag)
                 for nt in T.unroll(n_tiles // 2):
                     T.evaluate(_load_matrices(
                         T.address_of(b_frag[0]),
@@ -387,10 +354,10 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
 
     @T.macro
     def multiply_from_patch(b, lane_g, lane_t, wo, wp, lane, c0, input, corner_offsets, corner_weights, patch,
-                            weights, weight, o0, sums, a_frag, b_frag):
+                            weights, sums, a_frag, b_frag):
         for t in range(taps):
             for ks in T.unroll(k_steps):
-                load_a_operands(t, ks, wo, lane, lane_g, lane_t, c0, weights, weight, o0, a_frag)
+                load_weight_fragments(t, ks, wo, lane, weights, a_frag)
                 for nt in T.unroll(n_tiles):
                     pl = (wp * n_tiles + nt) * 8 + lane_g
                     T.evaluate(_interpolate_fragment(
@@ -504,22 +471,21 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                     pixel = slot_pixels[e // runs]
                     T.evaluate(_copy_run(T.address_of(patch[(first_slot + e // runs) * chunk + e % runs * run]),
                                          T.address_of(input[b, pixel // w, pixel % w, c0 + e % runs * run])))
-            if not global_weights:
-                for i in range((taps * o_tile * runs + threads - 1) // threads):  # every tap's weights
-                    e = i * threads + thread
-                    if e < taps * o_tile * runs:
-                        t = e // (o_tile * runs)
-                        o = e // runs % o_tile
-                        T.evaluate(_copy_run(T.address_of(weights[(t * o_tile + o) * row + e % runs * run]),
-                                             T.address_of(weight[o0 + o, t // kw, t % kw, c0 + e % runs * run])))
+            for i in range((taps * o_tile * runs + threads - 1) // threads):  # every tap's weights
+                e = i * threads + thread
+                if e < taps * o_tile * runs:
+                    t = e // (o_tile * runs)
+                    o = e // runs % o_tile
+                    T.evaluate(_copy_run(T.address_of(weights[(t * o_tile + o) * row + e % runs * run]),
+                                         T.address_of(weight[o0 + o, t // kw, t % kw, c0 + e % runs * run])))
             T.evaluate(_copies_done())
             T.tvm_storage_sync("shared")
             if in_registers:
                 multiply_from_patch(b, lane_g, lane_t, wo, wp, lane, c0, input, corner_offsets, corner_weights,
-                                    patch, weights, weight, o0, sums, a_frag, b_frag)
+                                    patch, weights, sums, a_frag, b_frag)
             else:
-                multiply_from_columns(b, thread, wo, wp, lane, lane_g, lane_t, c0, input, corner_offsets,
-                                      corner_weights, patch, weights, weight, o0, smem, sums, a_frag, b_frag)
+                multiply_from_columns(b, thread, wo, wp, lane, c0, input, corner_offsets, corner_weights, patch,
+                                      weights, smem, sums, a_frag, b_frag)
 
         for m in T.unroll(m_tiles):
             for nt in T.unroll(n_tiles):

@@ -79,11 +79,6 @@ def test_columns_are_staged_in_shared_memory_or_registers():
     row = shared.chunk * 2 + 16  # float16 channels of a chunk and the 16-byte pad
     assert layout["end"] - layout["columns"] == 9 * shared.positions * row
     assert same_tile.regions(spec) == {**layout, "end": layout["columns"]}
-    assert layout["columns"] - layout["weights"] == 9 * shared.o_tile * row
-    no_weights = dataclasses.replace(same_tile, weights="global").regions(spec)
-    assert no_weights == {**layout, "columns": layout["weights"], "end": layout["weights"]}
-    with pytest.raises(ValueError, match=r"weights 'texture': one of shared, global"):
-        patch_forward_primfunc(spec, dataclasses.replace(registers, weights="texture"))
 
 
 def test_a_halo_past_a_blocks_shared_memory_is_refused():
@@ -102,23 +97,19 @@ def test_the_patch_is_the_fused_backwards(spec):
 
 
 @needs_nvcc
-@pytest.mark.parametrize(("columns", "weights"), [("shared", "shared"), ("registers", "shared"),
-                                                  ("registers", "global")])
+@pytest.mark.parametrize("columns", COLUMNS)
 @pytest.mark.parametrize("spec", [*TAKEN, POINTWISE], ids=lambda s: s.key())
-def test_kernels_compile_for_sm_90_without_spills(spec, columns, weights, tmp_path):
+def test_kernels_compile_for_sm_90_without_spills(spec, columns, tmp_path):
     """Past 48 KB the block's shared memory is one dynamic buffer of the claimed size (the host's
     launch passes it), else a static one that ptxas counts. Columns in registers: no columns
-    buffer, the B fragments interpolated in place (only the weights go through ldmatrix); weights
-    from global memory: no ldmatrix at all."""
-    tiling = dataclasses.replace(PatchTiling.for_spec(spec, columns=columns), weights=weights)
+    buffer, the B fragments interpolated in place (only the weights go through ldmatrix)."""
+    tiling = PatchTiling.for_spec(spec, columns=columns)
     kernel = compile_kernel(patch_forward_module(spec, tiling), cuda_target("sm_90"))
     source = kernel.mod.imports[0].inspect_source()
     interpolation = {"shared": "deft_interpolate_run", "registers": "deft_interpolate_fragment"}
     assert source.count("mma.sync.aligned") > 0 and interpolation[columns] in source
     assert all(name not in source for c, name in interpolation.items() if c != columns)
-    assert "cp.async.cg" in source
-    assert ("ldmatrix.sync.aligned" in source) == (weights == "shared")
-    assert ("deft_load_weight_fragment" in source) == (weights == "global")
+    assert "cp.async.cg" in source and "ldmatrix.sync.aligned" in source
     (tmp_path / "forward.cu").write_text(source)
     ptxas = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "forward.cubin"),
                             str(tmp_path / "forward.cu")], capture_output=True, text=True, check=True).stderr
