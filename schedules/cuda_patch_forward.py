@@ -129,8 +129,8 @@ class PatchTiling:
     def for_spec(cls, spec: DeformConvSpec, halo: int = 2, columns: str = "shared") -> "PatchTiling":
         """The default: 64 output channels, 32 bytes of channels per stage, 8 x 16 tiles, or 8 x 8
         where two blocks of 8 x 16 would not fit an SM (``BLOCK_SHARED_BYTES``); 2 x 2 warps, with
-        ``columns="registers"`` 8 x 8 tiles on 1 x 4 (each position's fragments interpolated by one warp,
-        two n8 tiles per warp: four spill on 8 x 16)."""
+        ``columns="registers"`` 8 x 8 tiles on 1 x 4 (each position's fragments interpolated by
+        one warp, two n8 tiles per warp: four spill on 8 x 16)."""
         if columns == "registers":
             return cls(tile_h=8, tile_w=8, halo=halo, chunk=32 // DTYPE_BYTES[spec.dtype], warps_o=1, warps_p=4,
                        columns=columns)
@@ -240,7 +240,8 @@ def _interpolate_fragment(dtype: str, destination, corners, weights, patch_word,
 
         def step(first):
             op = "__hmul2(wp, h[i])" if first else "__hfma2(wp, h[i], q[i])"
-            return (f"{{ const {pair}* h = reinterpret_cast<const {pair}*>(u); {pair}* q = reinterpret_cast<{pair}*>(o); "
+            return (f"{{ const {pair}* h = reinterpret_cast<const {pair}*>(u); "
+                    f"{pair}* q = reinterpret_cast<{pair}*>(o); "
                     f"const {pair} wp = {splat}(w); _Pragma(\"unroll\") for (int i = 0; i < 2; ++i) q[i] = {op}; }}")
     parameters = ("void* d, const void* corners, const void* weights, const void* s, int zero_run, const void* g, "
                   "int pixel_bytes")

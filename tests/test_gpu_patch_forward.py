@@ -4,8 +4,8 @@ stride (2, 1), padding (1, 0), dilation (2, 1), ragged tiles) with and without m
 corners in overflow slots or on the global path) and 3, no overflow slots (every corner outside the
 patch on the global path), normal and extreme offsets (far outside, infinite, NaN); a 1 x 1 layer
 whose block fits static shared memory; and r50 c5 on its profile inputs. Columns interpolated into
-registers (``columns="registers"``) on the same cases, giving the shared columns' output bit for bit on
-the same tile; skipped where there is no GPU."""
+registers (``columns="registers"``) on the same cases, giving the shared columns' output bit for
+bit on the same tile; skipped where there is no GPU."""
 
 from __future__ import annotations
 

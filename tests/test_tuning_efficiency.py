@@ -96,7 +96,8 @@ def test_spaces_tuned_in_separate_runs_are_summarized_together(tmp_path, monkeyp
         return TuningResult(directory, trials, trials, None, 0.0, ROUNDS[space])
 
     monkeypatch.setattr(efficiency, "tune", fake_tune)
-    common = ["--workload", "test_paper_small", "--device", "cpu", "--budgets", "4", "12", "--out", str(tmp_path / "db")]
+    common = ["--workload", "test_paper_small", "--device", "cpu", "--budgets", "4", "12",
+              "--out", str(tmp_path / "db")]
     for space in ("generic", "deft"):  # e.g. each on its own GPU
         tuning_efficiency.main(common + ["--spaces", space, "--csv", str(tmp_path / f"{space}.csv")])
     assert spaces == ["generic", "deft"]

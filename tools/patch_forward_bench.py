@@ -11,8 +11,8 @@ the smallest covering ``CHOSEN_COVERAGE``), and whether its output matches the o
 kernel within the dtype's tolerance (``reference.tolerances``). Writes a CSV with the GPU name, dtype, TF32
 setting, offset profile and commit.
 
-    python tools/patch_forward_bench.py --workloads r50dcn_c5 --precisions float16 tf32 [--columns registers] \
-        --csv out.csv
+    python tools/patch_forward_bench.py --workloads r50dcn_c5 --precisions float16 tf32 \
+        [--columns registers] --csv out.csv
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def _rows(name: str, precision: str, halos, columns, kernels: dict, commit: str)
     for tiling in _tilings(spec, halos, columns):
         kernel = kernels[(name, precision, tiling)]
         patch_out = torch.empty_like(out)
-        calls[f"patch_{tiling.columns}_halo{tiling.halo}"] = (tiling, lambda k=kernel, o=patch_out: k(*args, o), patch_out)
+        calls[f"patch_{tiling.columns}_halo{tiling.halo}"] = (tiling, lambda k=kernel, o=patch_out: k(*args, o),
+                                                              patch_out)
     baseline = baselines(workload.spec, inputs, channels_last_copies(inputs), "cuda")  # torchvision, cuDNN
     calls.update({provider: (None, fn) for provider, fn in baseline.items()})
     times, matches = {}, {}

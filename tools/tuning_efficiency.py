@@ -5,7 +5,8 @@
                                       [--csv PATH] [--summary PATH] [--plot PATH] [--seed 0]
                                       [--trials-per-round 32] [--population 128]
                                       [--spaces deft generic]
-    python tools/tuning_efficiency.py --curves CSV [CSV ...] [--budgets ...] [--summary PATH] [--plot PATH]
+    python tools/tuning_efficiency.py --curves CSV [CSV ...] [--budgets ...] [--summary PATH]
+                                      [--plot PATH]
 
 Tunes the workload's forward (offsets from its profile) from empty databases under ``--out``, once
 per space, for the largest budget (``deft_tvm.tuning.efficiency.compare_spaces``), prints per space
