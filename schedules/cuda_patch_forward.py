@@ -183,84 +183,69 @@ def _zero_run(destination):
                        destination)
 
 
-def _accumulate(dtype: str, first: bool) -> str:
-    """C statements adding ``w * run`` to the 16-byte run ``o`` (``float4`` for float32, else ``uint4``
-    of packed pairs: ``__hmul2`` / ``__hfma2``, the weight rounded to the type, as torchvision
-    interpolates in the input's type) for the corner run ``u`` (same type) and weight ``w`` (float);
-    ``first``: ``o = w * run``."""
+def _accumulate(dtype: str, first: bool, words: int) -> str:
+    """C statements adding ``w * u`` to ``o`` (``words`` 4-byte words: ``float2`` / ``float4`` for
+    float32, else ``uint2`` / ``uint4`` of packed pairs: ``__hmul2`` / ``__hfma2``, the weight rounded
+    to the type, as torchvision interpolates in the input's type) for the corner's words ``u`` (same
+    type) and weight ``w`` (float); ``first``: ``o = w * u``."""
     if dtype == "float32":
-        return " ".join(f"o.{c} = {'' if first else f'o.{c} + '}w * u.{c};" for c in "xyzw")
+        return " ".join(f"o.{c} = {'' if first else f'o.{c} + '}w * u.{c};" for c in "xyzw"[:words])
     pair, splat = _PAIRS[dtype]
     step = "__hmul2(wp, h[i])" if first else "__hfma2(wp, h[i], q[i])"
     return (f"{{ const {pair}* h = reinterpret_cast<const {pair}*>(&u); {pair}* q = reinterpret_cast<{pair}*>(&o); "
-            f"const {pair} wp = {splat}(w); _Pragma(\"unroll\") for (int i = 0; i < 4; ++i) q[i] = {step}; }}")
+            f"const {pair} wp = {splat}(w); _Pragma(\"unroll\") for (int i = 0; i < {words}; ++i) q[i] = {step}; }}")
 
 
-def _interpolate_run(dtype: str, destination, corners, weights, patch_run, zero_run: int, global_run,
-                     pixel_bytes: int):
-    """One 16-byte run of a column from its sampling point's table entry: four corner offsets at
-    ``corners`` (int32, shared memory: a byte offset from ``patch_run`` into the patch, its zero run
-    or an overflow slot, or ``-(pixel + 1)`` for a corner on the global path) and their weights at
-    ``weights`` (float32). The shared-memory corners are blended first (a global one read as the
-    zero run, ``zero_run`` bytes on), then the global ones added, read ``pixel_bytes`` apart from
-    ``global_run`` (the image's first pixel at this run's channels)."""
-    vector = "float4" if dtype == "float32" else "uint4"
+def _blend(dtype: str, words: int, name: str, destination, corners, weights, source, zero_run: int, image,
+           pixel_bytes: int):
+    """The inline function ``name`` that blends ``words`` 4-byte words of a column (4: one 16-byte
+    run; 2: a lane's two words of a B fragment, ``FRAGMENT_WORD_BYTES`` apart, ``cuda_mma``) from its
+    sampling point's table entry: four corner offsets at ``corners`` (int32, shared memory: a byte
+    offset from ``source`` into the patch, its zero run or an overflow slot, or ``-(pixel + 1)`` for a
+    corner on the global path) and their weights at ``weights`` (float32). The shared-memory corners
+    are blended first (a global one read as the zero run, ``zero_run`` bytes on), then the global ones
+    added, read ``pixel_bytes`` apart from ``image`` (the image's first pixel at these channels)."""
+    vector = ("float" if dtype == "float32" else "uint") + str(words)
+    word = "float" if dtype == "float32" else "unsigned"
+
+    def load(at: str, get: str) -> str:
+        if words == 4:
+            return f"const {vector} u = {get}(reinterpret_cast<const {vector}*>({at}));"
+        return (f"{vector} u; u.x = {get}(reinterpret_cast<const {word}*>({at})); "
+                f"u.y = {get}(reinterpret_cast<const {word}*>({at} + {FRAGMENT_WORD_BYTES}));")
+
+    store = (f"*reinterpret_cast<{vector}*>(d) = o;" if words == 4 else  # a fragment: local, 4-byte aligned
+             f"{word}* out = static_cast<{word}*>(d); out[0] = o.x; out[1] = o.y;")
     parameters = ("void* d, const void* corners, const void* weights, const void* s, int zero_run, const void* g, "
                   "int pixel_bytes")
-    shared_corner = ("{{ const float w = ws[{k}]; "
-                     "const {v} u = *reinterpret_cast<const {v}*>(patch + (c[{k}] < 0 ? zero_run : c[{k}])); {step} }}")
     body = (f"const int4 c4 = *reinterpret_cast<const int4*>(corners); "
             f"const float4 w4 = *reinterpret_cast<const float4*>(weights); "
             f"const int c[4] = {{c4.x, c4.y, c4.z, c4.w}}; const float ws[4] = {{w4.x, w4.y, w4.z, w4.w}}; "
             f"const char* patch = static_cast<const char*>(s); {vector} o; "
-            + " ".join(shared_corner.format(k=k, v=vector, step=_accumulate(dtype, k == 0)) for k in range(4))
+            + " ".join(f"{{ const float w = ws[{k}]; const char* q = patch + (c[{k}] < 0 ? zero_run : c[{k}]); "
+                       f"{load('q', '*')} {_accumulate(dtype, k == 0, words)} }}" for k in range(4))
             + f" if ((c[0] | c[1] | c[2] | c[3]) < 0) {{ const char* image = static_cast<const char*>(g); "
             f"_Pragma(\"unroll\") for (int k = 0; k < 4; ++k) if (c[k] < 0) {{ const float w = ws[k]; "
-            f"const {vector} u = __ldg(reinterpret_cast<const {vector}*>("
-            f"image + static_cast<long long>(-(c[k] + 1)) * pixel_bytes)); "
-            + _accumulate(dtype, False) + " } } "
-            f"*reinterpret_cast<{vector}*>(d) = o;")
-    return device_call(f"deft_interpolate_run_{dtype}", parameters, body, destination, corners, weights, patch_run,
-                       zero_run, global_run, pixel_bytes)
+            f"const char* q = image + static_cast<long long>(-(c[k] + 1)) * pixel_bytes; "
+            f"{load('q', '__ldg')} {_accumulate(dtype, False, words)} }} }} {store}")
+    return device_call(name, parameters, body, destination, corners, weights, source, zero_run, image, pixel_bytes)
+
+
+def _interpolate_run(dtype: str, destination, corners, weights, patch_run, zero_run: int, global_run,
+                     pixel_bytes: int):
+    """One 16-byte run of a column into shared memory at ``destination`` (``_blend``)."""
+    return _blend(dtype, 4, f"deft_interpolate_run_{dtype}", destination, corners, weights, patch_run, zero_run,
+                  global_run, pixel_bytes)
 
 
 def _interpolate_fragment(dtype: str, destination, corners, weights, patch_word, zero_run: int, global_word,
                           pixel_bytes: int):
-    """A lane's share of a column's B fragment (``cuda_mma``: its two 4-byte words of channels,
-    ``FRAGMENT_WORD_BYTES`` apart: a float16 / bfloat16 pair or a float32 each) into ``destination``
-    (local), from its sampling point's table entry as ``_interpolate_run`` reads it, ``patch_word``
-    and ``global_word`` at the first word's channels: the same corners in the same order and
+    """A lane's share of a column's B fragment (its two 4-byte words of channels: a float16 /
+    bfloat16 pair or a float32 each) into ``destination`` (local), from the sampling point's table
+    entry as ``_interpolate_run`` reads it (``_blend``): the same corners in the same order and
     arithmetic, so the same values as the shared columns hold."""
-    word = "float" if dtype == "float32" else "unsigned"
-    if dtype == "float32":
-        def step(first):
-            return " ".join(f"o[{i}] = {'' if first else f'o[{i}] + '}w * u[{i}];" for i in range(2))
-    else:
-        pair, splat = _PAIRS[dtype]
-
-        def step(first):
-            op = "__hmul2(wp, h[i])" if first else "__hfma2(wp, h[i], q[i])"
-            return (f"{{ const {pair}* h = reinterpret_cast<const {pair}*>(u); "
-                    f"{pair}* q = reinterpret_cast<{pair}*>(o); "
-                    f"const {pair} wp = {splat}(w); _Pragma(\"unroll\") for (int i = 0; i < 2; ++i) q[i] = {op}; }}")
-    parameters = ("void* d, const void* corners, const void* weights, const void* s, int zero_run, const void* g, "
-                  "int pixel_bytes")
-    load = ("u[0] = {get}(reinterpret_cast<const {w}*>({at})); "
-            f"u[1] = {{get}}(reinterpret_cast<const {{w}}*>({{at}} + {FRAGMENT_WORD_BYTES}));")
-    shared_corner = ("{{ const float w = ws[{k}]; const char* q = patch + (c[{k}] < 0 ? zero_run : c[{k}]); {w} u[2]; "
-                     + load.format(get="*", w=word, at="q") + " {step} }}")
-    body = (f"const int4 c4 = *reinterpret_cast<const int4*>(corners); "
-            f"const float4 w4 = *reinterpret_cast<const float4*>(weights); "
-            f"const int c[4] = {{c4.x, c4.y, c4.z, c4.w}}; const float ws[4] = {{w4.x, w4.y, w4.z, w4.w}}; "
-            f"const char* patch = static_cast<const char*>(s); {word} o[2]; "
-            + " ".join(shared_corner.format(k=k, w=word, step=step(k == 0)) for k in range(4))
-            + f" if ((c[0] | c[1] | c[2] | c[3]) < 0) {{ const char* image = static_cast<const char*>(g); "
-            f"_Pragma(\"unroll\") for (int k = 0; k < 4; ++k) if (c[k] < 0) {{ const float w = ws[k]; "
-            f"const char* q = image + static_cast<long long>(-(c[k] + 1)) * pixel_bytes; {word} u[2]; "
-            + load.format(get="__ldg", w=word, at="q") + " " + step(False) + " } } "
-            f"{word}* out = static_cast<{word}*>(d); out[0] = o[0]; out[1] = o[1];")
-    return device_call(f"deft_interpolate_fragment_{dtype}", parameters, body, destination, corners, weights,
-                       patch_word, zero_run, global_word, pixel_bytes)
+    return _blend(dtype, 2, f"deft_interpolate_fragment_{dtype}", destination, corners, weights, patch_word,
+                  zero_run, global_word, pixel_bytes)
 
 
 def _load_matrices(fragment, row):
