@@ -61,7 +61,8 @@ def _rows(name: str, precision: str, halos, columns, kernels: dict, commit: str)
     op_kernel(*args, out)
     expected = out.clone()
     calls = {"deft_tvm_kernel": (None, lambda: op_kernel(*args, out))}
-    for tiling in _tilings(spec, halos, columns):
+    tilings = _tilings(spec, halos, columns)
+    for tiling in tilings:
         kernel = kernels[(name, precision, tiling)]
         patch_out = torch.empty_like(out)
         calls[f"patch_{tiling.columns}_halo{tiling.halo}"] = (tiling, lambda k=kernel, o=patch_out: k(*args, o),
@@ -80,12 +81,10 @@ def _rows(name: str, precision: str, halos, columns, kernels: dict, commit: str)
         times[provider] = gpu_ms(fn, 50)
     cudnn = min(times["cudnn_nchw"], times["cudnn_channels_last"])
     coverages = {}  # per tile shape: each halo's coverage, and the halo chosen
-    for tiling, *_rest in calls.values():
-        tile = (tiling.tile_h, tiling.tile_w) if tiling else None
-        if tiling and tile not in coverages:
-            coverage = profile_halo_coverage(workload.spec, workload.profile, tile)
-            coverages[tile] = coverage, next((h for h in sorted(halos) if h < len(coverage)
-                                              and coverage[h] >= CHOSEN_COVERAGE), max(halos))
+    for tile in dict.fromkeys((t.tile_h, t.tile_w) for t in tilings):
+        coverage = profile_halo_coverage(workload.spec, workload.profile, tile)
+        coverages[tile] = coverage, next((h for h in sorted(halos) if h < len(coverage)
+                                          and coverage[h] >= CHOSEN_COVERAGE), max(halos))
     rows = []
     for provider, (tiling, *_rest) in calls.items():
         coverage, chosen = coverages[(tiling.tile_h, tiling.tile_w)] if tiling else (None, None)
