@@ -18,6 +18,7 @@ from .cpu import deft_cpu_space, schedule_cpu, seed_cpu_schedule
 from .cpu_backward import backward_cpu_space, schedule_backward_cpu, seed_backward_cpu_schedule
 from .cuda import deft_cuda_space, schedule_cuda, seed_cuda_schedule
 from .cuda_backward import backward_cuda_space, schedule_backward_cuda, seed_backward_cuda_schedule
+from .cuda_columns import columns_cuda_space, schedule_columns_cuda, seed_columns_cuda_schedule
 from .cuda_tensorcore import (
     deft_cuda_tensorcore_space,
     schedule_cuda_tensorcore,
@@ -32,6 +33,24 @@ def _takes_tensor_cores(spec) -> bool:
     """Whether ``spec``'s CUDA kernel is the tensor-core schedule: the layer tiles into its
     fragments and the kernel gathers from channels-last tensors (``kernel_spec``)."""
     return supports_tensor_cores(spec) and spec.layout == "NHWC"
+
+
+# Fewest input and output channels of a layer whose CUDA forward is unfused (``_takes_columns``).
+UNFUSED_MIN_CHANNELS = 256
+
+
+def _takes_columns(spec) -> bool:
+    """Whether ``spec``'s CUDA forward is unfused: the columns kernel, then cuBLAS's GEMM of the
+    columns and the weight (``deft_tvm.runtime.columns``). Taken by tensor-core layers
+    (``_takes_tensor_cores``) of one group that multiply in float16, bfloat16 or TF32 and have
+    at least ``UNFUSED_MIN_CHANNELS`` input and output channels. There the fused kernel gathers
+    every sample again for each block of output channels, while the columns (``in_channels x
+    taps`` values per position) are small: on an H200 (tools/results/unfused_forward_h200_*.txt)
+    the unfused kernels took 0.055-0.084 ms on r50dcn_c4/c5 against the fused 0.093-0.185 ms,
+    and lost on every narrower registry layer (128 and 64 channels) and in float32 without TF32
+    (cuBLAS's SGEMM alone 0.20-0.25 ms against the fused 3xTF32 0.23-0.26 ms)."""
+    return (_takes_tensor_cores(spec) and spec.groups == 1 and (spec.dtype != "float32" or spec.tf32)
+            and min(spec.in_channels, spec.out_channels) >= UNFUSED_MIN_CHANNELS)
 
 
 def _any_spec(spec) -> bool:
@@ -82,6 +101,8 @@ FAMILIES = (
     ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule),
     ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
                    seed_backward_cuda_schedule),
+    ScheduleFamily("cuda_columns", "cuda", "columns", _takes_columns, schedule_columns_cuda, columns_cuda_space,
+                   seed_columns_cuda_schedule),
 )
 
 
@@ -96,6 +117,13 @@ def schedule_family(spec, target, part: str = "forward") -> ScheduleFamily:
     raise NotImplementedError(
         f"no deft_tvm schedule for target kind {kind!r}; have {sorted({f.target_kind for f in FAMILIES})}"
     )
+
+
+def unfused_forward(spec, target) -> bool:
+    """Whether the forward of ``spec`` (a ``kernel_spec``) on ``target`` is unfused: a columns
+    kernel (part ``columns``, whose family applies) and a library GEMM, instead of one kernel."""
+    kind = target.kind.name
+    return any(f.target_kind == kind and f.part == "columns" and f.applies(spec) for f in FAMILIES)
 
 
 def register_tensor_intrinsics(target) -> None:

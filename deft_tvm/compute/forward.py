@@ -19,6 +19,10 @@ Stages (names are the block names schedules refer to):
                       shape ``[batch, out_channels, out_h, out_w]`` in the accumulate dtype
   ``output``        - bias added and cast to the tensor dtype, shape ``[batch, out_channels, out_h, out_w]``
 
+The columns kernel (``deform_columns_te``, the unfused forward's first half) shares the sampling
+stages and ends in ``columns``, ``sampled`` transposed to ``[batch, out_h, out_w, kernel_h,
+kernel_w, in_channels]``.
+
 The sampling point is its own pair of stages because it depends on (offset group, tap, position)
 but not on the channel: a schedule can compute it once and reuse it for every channel of the group.
 The corner reads are their own stage so that a schedule can issue them unconditionally (the choice
@@ -41,6 +45,7 @@ STAGE_SAMPLED = "sampled"
 STAGE_WEIGHT = "weight_acc"
 STAGE_CONV = "conv"
 STAGE_OUTPUT = "output"
+STAGE_COLUMNS = "columns"
 
 def _bilinear_point(y, x, corner, height: int, width: int, acc: str, index: bool):
     """torchvision's ``bilinear_interpolate`` split per corner: the flat index of ``corner``
@@ -63,27 +68,15 @@ def _bilinear_point(y, x, corner, height: int, width: int, acc: str, index: bool
     return tirx.Select(outside, tirx.const(0, acc), share)
 
 
-def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
-    """Build the TE graph; returns ``(inputs, output)``.
-
-    ``inputs`` is ``[input, offset, mask?, weight, bias?]`` (mask/bias only when the spec has
-    them; input and weight in ``spec.layout``), which together with ``output`` is the argument
-    order of every compiled kernel.
-    """
+def sampled_te(spec: DeformConvSpec, data: te.Tensor, offset: te.Tensor, mask: te.Tensor | None) -> te.Tensor:
+    """The stages ``sample_index`` .. ``sampled`` over ``data`` (``spec.kernel_input_shape``, in
+    ``spec.layout``), ``offset`` and ``mask`` (None without one): the ``sampled`` tensor,
+    ``[batch, in_channels, kernel_h, kernel_w, out_h, out_w]`` of ``spec.dtype``."""
     dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
     kh, kw = spec.kernel_h, spec.kernel_w
     taps = kh * kw
     channels_per_offset_group = spec.in_channels // spec.offset_groups
-    in_per_group = spec.in_channels // spec.groups
-    out_per_group = spec.out_channels // spec.groups
     point_shape = (spec.batch, spec.offset_groups, kh, kw, spec.out_h, spec.out_w, CORNERS)
-
-    data = te.placeholder(spec.kernel_input_shape, dtype, name="input")
-    offset = te.placeholder(spec.offset_shape, dtype, name="offset")
-    mask = te.placeholder(spec.mask_shape, dtype, name="mask") if spec.has_mask else None
-    weight = te.placeholder(spec.kernel_weight_shape, dtype, name="weight")
-    bias = te.placeholder((spec.out_channels,), dtype, name="bias") if spec.has_bias else None
-
     coordinates = sampling_coordinates(spec, offset, acc)
 
     def point(n, g, ky, kx, oy, ox, corner, index):
@@ -125,9 +118,35 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
         ]
         return (terms[0] + terms[1] + terms[2] + terms[3]).astype(dtype)
 
-    sampled = te.compute(
+    return te.compute(
         (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w), sample, name=STAGE_SAMPLED
     )
+
+
+def _placeholders(spec: DeformConvSpec):
+    """The kernel's input placeholders ``input, offset, mask?, weight, bias?`` (None where absent)."""
+    dtype = spec.dtype
+    data = te.placeholder(spec.kernel_input_shape, dtype, name="input")
+    offset = te.placeholder(spec.offset_shape, dtype, name="offset")
+    mask = te.placeholder(spec.mask_shape, dtype, name="mask") if spec.has_mask else None
+    weight = te.placeholder(spec.kernel_weight_shape, dtype, name="weight")
+    bias = te.placeholder((spec.out_channels,), dtype, name="bias") if spec.has_bias else None
+    return data, offset, mask, weight, bias
+
+
+def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
+    """Build the TE graph; returns ``(inputs, output)``.
+
+    ``inputs`` is ``[input, offset, mask?, weight, bias?]`` (mask/bias only when the spec has
+    them; input and weight in ``spec.layout``), which together with ``output`` is the argument
+    order of every compiled kernel.
+    """
+    dtype, acc = spec.dtype, accumulate_dtype(spec.dtype)
+    kh, kw = spec.kernel_h, spec.kernel_w
+    in_per_group = spec.in_channels // spec.groups
+    out_per_group = spec.out_channels // spec.groups
+    data, offset, mask, weight, bias = _placeholders(spec)
+    sampled = sampled_te(spec, data, offset, mask)
 
     def weight_value(co, rc, ky, kx):
         if spec.layout == "NHWC":
@@ -169,3 +188,32 @@ def deform_conv2d_primfunc(spec: DeformConvSpec):
     func = te.create_prim_func(inputs + [output], index_dtype_override=spec.index_dtype)
     func = func.with_attr("global_symbol", "main")
     return tvm.IRModule({"main": func})
+
+
+def deform_columns_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
+    """The sampled columns as a GEMM operand; returns ``(inputs, columns)``.
+
+    ``inputs`` is ``[input, offset, mask?]`` (input in ``spec.layout``); ``columns`` (stage
+    ``columns``) is ``sampled`` transposed to ``[batch, out_h, out_w, kernel_h, kernel_w,
+    in_channels]`` of ``spec.dtype``: row ``(n, oy, ox)`` of the ``[batch * out_h * out_w,
+    kernel_h * kernel_w * in_channels]`` matrix whose product with the channels-last weight
+    ``[out_channels, kernel_h * kernel_w * in_channels]`` transposed is the convolution
+    (torchvision's columns buffer, ``deformable_im2col``, transposed; groups == 1).
+    """
+    data, offset, mask, _, _ = _placeholders(spec)
+    sampled = sampled_te(spec, data, offset, mask)
+    columns = te.compute(
+        (spec.batch, spec.out_h, spec.out_w, spec.kernel_h, spec.kernel_w, spec.in_channels),
+        lambda n, oy, ox, ky, kx, c: sampled[n, c, ky, kx, oy, ox],
+        name=STAGE_COLUMNS,
+    )
+    return [t for t in (data, offset, mask) if t is not None], columns
+
+
+def deform_columns_primfunc(spec: DeformConvSpec):
+    """``deform_columns_te`` as an unscheduled TIR PrimFunc in an IRModule (``main``)."""
+    import tvm
+
+    inputs, columns = deform_columns_te(spec)
+    func = te.create_prim_func(inputs + [columns], index_dtype_override=spec.index_dtype)
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})

@@ -5,13 +5,16 @@ from __future__ import annotations
 import tvm
 
 from deft_tvm.compute.backward import deform_conv2d_backward_primfunc
-from deft_tvm.compute.forward import deform_conv2d_primfunc
+from deft_tvm.compute.forward import deform_columns_primfunc, deform_conv2d_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, kernel_key
 
 
 def kernel_primfunc(spec: DeformConvSpec, part: str = "forward") -> tvm.IRModule:
     """The unscheduled ``main`` PrimFunc (in an IRModule) of ``spec``'s ``part``: the forward
-    (``forward.deform_conv2d_primfunc``) or every backward stage but grad_input's scatter
-    (``backward.deform_conv2d_backward_primfunc``). ValueError for an unknown part."""
+    (``forward.deform_conv2d_primfunc``), every backward stage but grad_input's scatter
+    (``backward.deform_conv2d_backward_primfunc``) or the unfused forward's columns
+    (``forward.deform_columns_primfunc``). ValueError for an unknown part."""
     kernel_key(spec, part)  # rejects unknown parts
-    return deform_conv2d_primfunc(spec) if part == "forward" else deform_conv2d_backward_primfunc(spec)
+    builders = {"forward": deform_conv2d_primfunc, "backward": deform_conv2d_backward_primfunc,
+                "columns": deform_columns_primfunc}
+    return builders[part](spec)

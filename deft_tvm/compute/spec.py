@@ -198,12 +198,13 @@ class DeformConvSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-PARTS = ("forward", "backward")
+PARTS = ("forward", "backward", "columns")
 
 
 def kernel_key(spec: DeformConvSpec, part: str = "forward") -> str:
     """The identifier of ``spec``'s ``part`` kernel (one of ``PARTS``): the spec's key for the
-    forward, with ``_backward`` appended for the backward's gradient kernels."""
+    forward, with ``_backward`` appended for the backward's gradient kernels and ``_columns`` for
+    the unfused forward's columns kernel."""
     if part not in PARTS:
         raise ValueError(f"unknown kernel part {part!r}; expected one of {', '.join(PARTS)}")
     return spec.key() if part == "forward" else f"{spec.key()}_{part}"

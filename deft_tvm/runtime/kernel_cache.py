@@ -31,8 +31,9 @@ import tvm
 import tvm_ffi
 
 from deft_tvm.compute.kernels import kernel_primfunc
-from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec, kernel_key
 from deft_tvm.runtime import library
+from deft_tvm.runtime.columns import unfused_forward_kernel
 from deft_tvm.runtime.library import loaded_kernel
 from deft_tvm.runtime.records import best_schedule, committed_database, target_tag
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
@@ -94,11 +95,11 @@ def _fingerprint(mod: tvm.IRModule) -> str:
     return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-def kernel_path(spec: DeformConvSpec, target: tvm.target.Target, sch=None) -> Path:
-    """Where the compiled library of ``spec`` for ``target`` (scheduled by ``sch``, default: the
-    schedule ``schedule_for`` picks) is cached."""
-    sch = sch if sch is not None else schedule_for(spec, target)[0]
-    return library_path(spec.key(), _fingerprint(sch.mod), target)
+def kernel_path(spec: DeformConvSpec, target: tvm.target.Target, sch=None, part: str = "forward") -> Path:
+    """Where the compiled library of ``spec``'s ``part`` for ``target`` (scheduled by ``sch``,
+    default: the schedule ``schedule_for`` picks) is cached."""
+    sch = sch if sch is not None else schedule_for(spec, target, part)[0]
+    return library_path(kernel_key(spec, part), _fingerprint(sch.mod), target)
 
 
 def build(spec: DeformConvSpec, target: tvm.target.Target, sch=None):
@@ -147,23 +148,25 @@ def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch) -> Calla
                                  ("main",))[0]
 
 
-def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
-    """The kernel for ``spec`` on ``device`` (a CPU or a CUDA GPU).
+def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward") -> Callable:
+    """The kernel of ``spec``'s ``part`` (the forward, or the unfused forward's ``columns``) on
+    ``device`` (a CPU or a CUDA GPU).
 
     A kernel from a library registered by ``deft_tvm.load_library`` wins; otherwise the committed
-    tuned record, else the default schedule (with a one-time warning), is compiled once and cached
-    in memory and on disk. The kernel takes ``(input, offset, mask?, weight, bias?, output)`` as contiguous tensors on the
-    device and writes ``output`` in place.
+    tuned record, else the default schedule (with a one-time warning for a forward), is compiled
+    once and cached in memory and on disk. The forward takes ``(input, offset, mask?, weight,
+    bias?, output)``, the columns kernel ``(input, offset, mask?, columns)``, as contiguous tensors
+    on the device, and writes the last in place.
     """
     target = target_for_device(device)
-    key = spec.key()
+    key = kernel_key(spec, part)
     loaded = loaded_kernel(target.kind.name, key)
     if loaded is not None:
         return loaded
 
     def compile_once():
-        sch, tuned = schedule_for(spec, target)
-        if not tuned:
+        sch, tuned = schedule_for(spec, target, part)
+        if not tuned and part == "forward":
             warnings.warn(
                 f"deft_tvm: no tuned kernel for workload {key} on {target.kind.name} "
                 f"({target_tag(target)}); using the default schedule, compiled once and cached in "
@@ -172,7 +175,7 @@ def get_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
                 UntunedKernelWarning,
                 stacklevel=_user_stacklevel(),
             )
-        return load_or_build(spec, target, sch)
+        return load_or_build_library(key, _fingerprint(sch.mod), target, lambda: build(spec, target, sch), ("main",))[0]
 
     return memoized(_memory, _lock, (key, str(target)), compile_once)
 
@@ -261,8 +264,20 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
         kernel_spec = _kernel_spec(_tf32_spec(spec) if tf32 else spec, target)
         copies = _takes_channels_last_copies(kernel_spec, device)
         found = _forward_calls[key] = ForwardCall(
-            kernel_spec, get_kernel(kernel_spec, device), channels_last_kernel(kernel_spec, target) if copies else None)
+            kernel_spec, forward_kernel(kernel_spec, device), channels_last_kernel(kernel_spec, target) if copies else None)
     return found
+
+
+def forward_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
+    """The forward of ``spec`` (a kernel spec) on ``device``, with ``get_kernel``'s arguments: a
+    loaded library's forward kernel, else the unfused forward where ``schedules.unfused_forward``
+    takes the layer (``runtime.columns``), else the fused kernel."""
+    from deft_tvm.schedules import unfused_forward
+
+    target = target_for_device(device)
+    if loaded_kernel(target.kind.name, spec.key()) is None and unfused_forward(spec, target):
+        return unfused_forward_kernel(spec, get_kernel(spec, device, "columns"))
+    return get_kernel(spec, device)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -298,24 +313,27 @@ def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> b
 
 
 def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
-    """Compile, in parallel, the kernels of ``specs`` (tuned record or default schedule) that the
-    disk cache lacks, and load or compile the channels-last copies (``ForwardCall.arguments``) of
-    those that take them.
+    """Compile, in parallel, the forward kernels of ``specs`` (tuned record or default schedule;
+    the columns kernel of an unfused forward, ``forward_kernel``) that the disk cache lacks, and
+    load or compile the channels-last copies (``ForwardCall.arguments``) of those that take them.
 
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
     the number of forward kernels built.
     """
+    from deft_tvm.schedules import unfused_forward
+
     target = target_for_device(device)
     missing = {}
     for spec in specs:
         if loaded_kernel(target.kind.name, spec.key()) is None:
-            sch = schedule_for(spec, target)[0]
-            if not kernel_path(spec, target, sch).exists():
-                missing[spec.key()] = (spec, sch)
+            part = "columns" if unfused_forward(spec, target) else "forward"
+            sch = schedule_for(spec, target, part)[0]
+            if not kernel_path(spec, target, sch, part).exists():
+                missing[kernel_key(spec, part)] = (spec, sch, part)
     layouts = {_channels_last_key(s): s for s in specs if _takes_channels_last_copies(s, device)}
 
-    def build_and_store(spec, sch):
-        _export_atomically(build(spec, target, sch), kernel_path(spec, target, sch))
+    def build_and_store(spec, sch, part):
+        _export_atomically(build(spec, target, sch), kernel_path(spec, target, sch, part))
 
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = [pool.submit(build_and_store, *item) for item in missing.values()]

@@ -1,0 +1,113 @@
+"""The unfused forward (columns kernel + GEMM, ``deft_tvm.runtime.columns``) without a GPU: which layers
+take it, the columns kernel's compute and the GEMM glue against the float64 reference on the CPU
+(torchvision-style asymmetric layer, offset groups, with and without mask and bias, extreme offsets),
+and its CUDA schedule compiling with nvcc for sm_90 (16-byte corner loads and stores) on the layers it
+takes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+
+import pytest
+import torch
+
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.reference.forward import deform_conv2d_reference
+from deft_tvm.reference.tolerances import assert_close, tolerance_key
+from deft_tvm.runtime.columns import unfused_forward_kernel
+from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_device
+from deft_tvm.schedules import kernel_spec, schedule_family, unfused_forward
+from deft_tvm.schedules.cuda_columns import ColumnsTiling, columns_cuda_space, schedule_columns_cuda
+from deft_tvm.tuning.workloads import get_workload
+
+from helpers import make_case
+
+CPU = target_for_device("cpu")
+SM90 = cuda_target("sm_90")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+LAYER = DeformConvSpec(2, 12, 9, 11, 10, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), offset_groups=2,
+                       layout="NHWC")
+PRECISIONS = {"float16": ("float16", False), "bfloat16": ("bfloat16", False), "tf32": ("float32", True),
+              "float32": ("float32", False)}
+
+
+def _kernel_spec(name: str, precision: str) -> DeformConvSpec:
+    dtype, tf32 = PRECISIONS[precision]
+    return kernel_spec(get_workload(name, dtype, tf32=tf32).spec, SM90)
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("name", ["r50dcn_c4", "r50dcn_c5"])
+def test_wide_layers_on_tensor_cores_take_the_unfused_forward(name, precision):
+    spec = _kernel_spec(name, precision)
+    assert unfused_forward(spec, SM90)
+    assert schedule_family(spec, SM90, "columns").name == "cuda_columns"
+
+
+@pytest.mark.parametrize("name, precision", [("r50dcn_c5", "float32"), ("r50dcn_c3", "float16"),
+                                             ("r50dcn_c3", "tf32"), ("paper_64c_64x64_n32", "float16"),
+                                             ("video_64c_180x320_og8", "bfloat16")])
+def test_narrow_layers_and_float32_keep_the_fused_forward(name, precision):
+    assert not unfused_forward(_kernel_spec(name, precision), SM90)
+
+
+def test_grouped_layers_and_the_cpu_keep_the_fused_forward():
+    wide = _kernel_spec("r50dcn_c5", "float16")
+    assert not unfused_forward(dataclasses.replace(wide, groups=2), SM90)
+    assert not unfused_forward(wide, CPU)
+
+
+def test_the_glue_refuses_layers_it_cannot_multiply():
+    with pytest.raises(ValueError, match="NHWC layers of one group, got layout 'NCHW' and 1 groups"):
+        unfused_forward_kernel(dataclasses.replace(LAYER, layout="NCHW"), None)
+
+
+def _extreme(case: dict) -> dict:
+    """Far outside, infinite and NaN offsets in 30 % of the entries."""
+    gen = torch.Generator().manual_seed(5)
+    values = torch.tensor([1e6, -1e6, 1e4, -1e4, math.inf, -math.inf, math.nan, 20.0, -1.0, 0.5])
+    pick = values[torch.randint(0, len(values), case["offset"].shape, generator=gen)].to(case["offset"].dtype)
+    case["offset"] = torch.where(torch.rand(case["offset"].shape, generator=gen) < 0.3, pick, case["offset"])
+    return case
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
+@pytest.mark.parametrize("with_mask_and_bias", [True, False], ids=["mask_bias", "plain"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_columns_times_the_weight_is_the_reference_forward(dtype, with_mask_and_bias, extreme):
+    spec = dataclasses.replace(LAYER, dtype=dtype, has_mask=with_mask_and_bias, has_bias=with_mask_and_bias)
+    case = make_case(spec, seed=7, offset_scale=3.0)
+    case = _extreme(case) if extreme else case
+    columns = compile_kernel(kernel_primfunc(spec, "columns"), CPU)["main"]
+    forward = unfused_forward_kernel(spec, columns)
+    args = spec.kernel_arguments(*(case[k] for k in ("input", "offset", "mask", "weight", "bias")))
+    output = torch.full(spec.output_shape, math.nan, dtype=args[0].dtype)
+    forward(*args, output)
+    reference = deform_conv2d_reference(**{k: v.double() if isinstance(v, torch.Tensor) else v
+                                           for k, v in case.items()})
+    assert_close(output, reference, tolerance_key(spec.dtype, spec.tf32))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("name", ["r50dcn_c4", "r50dcn_c5"])
+def test_the_columns_kernel_compiles_for_sm90_with_16_byte_loads_and_stores(name, precision):
+    spec = _kernel_spec(name, precision)
+    sch = schedule_columns_cuda(kernel_primfunc(spec, "columns"), spec)
+    source = compile_kernel(sch.mod, SM90).mod.imports[0].inspect_source()
+    assert ColumnsTiling.for_spec(spec).vector * (2 if spec.dtype != "float32" else 4) == 16
+    vector = "float4" if spec.dtype == "float32" else "uint4"
+    assert f"*({vector}*)(input_ptr" in source.replace(" ", "")  # each corner's channels: one load
+    assert f"*({vector}*)(columns_ptr" in source.replace(" ", "")  # each thread's channels: one store
+
+
+def test_the_design_space_holds_the_default():
+    spec = _kernel_spec("r50dcn_c5", "float16")
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(kernel_primfunc(spec, "columns"))
+    columns_cuda_space(spec)(sch)
+    assert "sample_categorical" in str(sch.trace)
