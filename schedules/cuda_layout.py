@@ -32,6 +32,59 @@ def transpose_tile(r_extent: int, s_extent: int) -> tuple[int, int]:
     return min(R_TILE, r_extent), min(S_TILE, s_extent)
 
 
+def batched_transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, dtype: str, idx: str,
+                      bind_threads: bool = True):
+    """One batched transpose ``[B, R, S] -> [B, S, R]`` of ``dtype`` as TVMScript macros: ``(blocks,
+    copy_block)``, where ``copy_block(src, dst, block)`` moves block ``block``'s tile from ``src``
+    (indexed ``[b, r, s // s_inner, s % s_inner]``) through the tile buffer into ``dst`` (indexed
+    ``[b, s // s_inner, s % s_inner, r]``); ``blocks`` is the number of blocks, of ``idx``, the index
+    dtype. ``bind_threads=False``: serial loops, the tile in global memory."""
+    from tvm.script import tirx as T
+
+    _, threads_loop = thread_loops(bind_threads)
+    scope = "shared" if bind_threads else "global"
+    r_tile, s_tile = transpose_tile(r_extent, s_extent)
+    r_tiles, s_tiles = -(-r_extent // r_tile), -(-s_extent // s_tile)
+    imm = lambda v: tirx.IntImm(idx, v)  # noqa: E731
+    tile_elements = r_tile * s_tile
+    steps = -(-tile_elements // THREADS)
+    blocks = imm(batch * r_tiles * s_tiles)
+    pitch = s_tile + 1  # a padded tile row: the store's column reads fall in different banks
+    threads = imm(THREADS)
+
+    @T.macro
+    def load(src, tile, block, thread, i):
+        e = T.meta_var(i * THREADS + thread)
+        b = T.meta_var(block // (r_tiles * s_tiles))
+        r = T.meta_var(block // s_tiles % r_tiles * r_tile + e // s_tile)
+        s = T.meta_var(block % s_tiles * s_tile + e % s_tile)
+        if e < tile_elements and r < imm(r_extent) and s < imm(s_extent):
+            tile[e // s_tile * pitch + e % s_tile] = src[b, r, s // s_inner, s % s_inner]
+
+    @T.macro
+    def store(tile, dst, block, thread, i):
+        e = T.meta_var(i * THREADS + thread)
+        b = T.meta_var(block // (r_tiles * s_tiles))
+        r = T.meta_var(block // s_tiles % r_tiles * r_tile + e % r_tile)
+        s = T.meta_var(block % s_tiles * s_tile + e // r_tile)
+        if e < tile_elements and r < imm(r_extent) and s < imm(s_extent):
+            dst[b, s // s_inner, s % s_inner, r] = tile[e % r_tile * pitch + e // r_tile]
+
+    @T.macro
+    def copy_block(src, dst, block):
+        tile = T.alloc_buffer((r_tile * pitch,), dtype, scope=scope)
+        for thread in threads_loop(threads):
+            for i in T.unroll(steps):
+                load(src, tile, block, thread, i)
+        if bind_threads:
+            T.tvm_storage_sync("shared")
+        for thread in threads_loop(threads):
+            for i in T.unroll(steps):
+                store(tile, dst, block, thread, i)
+
+    return blocks, copy_block
+
+
 def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     """``channels_last(input [N, C, H, W], weight [O, C / groups, kh, kw], input_nhwc [N, H, W, C],
     weight_ohwi [O, kh, kw, C / groups])`` (the spec's dtype, all contiguous): the last two are the
@@ -43,56 +96,9 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     o, ipg, kh, kw = spec.weight_shape
     dtype = spec.dtype
     index = "int64" if math.prod(spec.input_shape) > INT32_MAX else "int32"
-    blocks_loop, threads_loop = thread_loops(bind_threads)
-    scope = "shared" if bind_threads else "global"
-
-    def transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, threads, idx: str):
-        """One batched transpose: ``(blocks, copy_block)``, where ``copy_block(src, dst, block)``
-        moves block ``block``'s tile from ``src`` through the tile buffer into ``dst`` (``s_inner``:
-        the last dimension ``S`` splits into, W or kw; ``threads``: the thread loop's extent, of ``idx``,
-        the index dtype)."""
-        r_tile, s_tile = transpose_tile(r_extent, s_extent)
-        r_tiles, s_tiles = -(-r_extent // r_tile), -(-s_extent // s_tile)
-        imm = lambda v: tirx.IntImm(idx, v)  # noqa: E731
-        tile_elements = r_tile * s_tile
-        steps = -(-tile_elements // THREADS)
-        blocks = imm(batch * r_tiles * s_tiles)
-        pitch = s_tile + 1  # a padded tile row: the store's column reads fall in different banks
-
-        @T.macro
-        def load(src, tile, block, thread, i):
-            e = T.meta_var(i * THREADS + thread)
-            b = T.meta_var(block // (r_tiles * s_tiles))
-            r = T.meta_var(block // s_tiles % r_tiles * r_tile + e // s_tile)
-            s = T.meta_var(block % s_tiles * s_tile + e % s_tile)
-            if e < tile_elements and r < imm(r_extent) and s < imm(s_extent):
-                tile[e // s_tile * pitch + e % s_tile] = src[b, r, s // s_inner, s % s_inner]
-
-        @T.macro
-        def store(tile, dst, block, thread, i):
-            e = T.meta_var(i * THREADS + thread)
-            b = T.meta_var(block // (r_tiles * s_tiles))
-            r = T.meta_var(block // s_tiles % r_tiles * r_tile + e % r_tile)
-            s = T.meta_var(block % s_tiles * s_tile + e // r_tile)
-            if e < tile_elements and r < imm(r_extent) and s < imm(s_extent):
-                dst[b, s // s_inner, s % s_inner, r] = tile[e % r_tile * pitch + e // r_tile]
-
-        @T.macro
-        def copy_block(src, dst, block):
-            tile = T.alloc_buffer((r_tile * pitch,), dtype, scope=scope)
-            for thread in threads_loop(threads):
-                for i in T.unroll(steps):
-                    load(src, tile, block, thread, i)
-            if bind_threads:
-                T.tvm_storage_sync("shared")
-            for thread in threads_loop(threads):
-                for i in T.unroll(steps):
-                    store(tile, dst, block, thread, i)
-
-        return blocks, copy_block
-
-    input_blocks, copy_input = transpose(c, h * w, n, w, tirx.IntImm(index, THREADS), index)
-    weight_blocks, copy_weight = transpose(ipg, kh * kw, o, kw, THREADS, "int32")
+    blocks_loop, _ = thread_loops(bind_threads)
+    input_blocks, copy_input = batched_transpose(c, h * w, n, w, dtype, index, bind_threads)
+    weight_blocks, copy_weight = batched_transpose(ipg, kh * kw, o, kw, dtype, "int32", bind_threads)
 
     @T.prim_func
     def channels_last(
@@ -108,3 +114,26 @@ def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
             copy_weight(weight, weight_ohwi, block)
 
     return channels_last
+
+
+def channels_first_output_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
+    """``channels_first_output(rows [N, out_h * out_w, O, 1], output [N, O, 1, out_h * out_w])``
+    (the spec's dtype, contiguous): the unfused forward's GEMM result, one row of output channels
+    per position, written as the NCHW output (``[N, O, out_h, out_w]`` viewed with one unit axis):
+    the batched transpose ``[N, positions, O] -> [N, O, positions]``, read along the channels and
+    written along the positions."""
+    from tvm.script import tirx as T
+
+    n, o, oh, ow = spec.output_shape
+    positions, dtype = oh * ow, spec.dtype
+    index = "int64" if math.prod(spec.output_shape) > INT32_MAX else "int32"
+    blocks_loop, _ = thread_loops(bind_threads)
+    blocks, copy_block = batched_transpose(positions, o, n, 1, dtype, index, bind_threads)
+
+    @T.prim_func
+    def channels_first_output(rows: T.Buffer((n, positions, o, 1), dtype), output: T.Buffer((n, o, 1, positions), dtype)):
+        T.func_attr({"global_symbol": "channels_first_output", "tirx.noalias": True})
+        for block in blocks_loop(blocks):
+            copy_block(rows, output, block)
+
+    return channels_first_output

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+import tvm
 
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec
@@ -21,6 +22,7 @@ from deft_tvm.runtime.columns import unfused_forward_kernel
 from deft_tvm.runtime.targets import compile_kernel, cuda_target, target_for_device
 from deft_tvm.schedules import kernel_spec, schedule_family, unfused_forward
 from deft_tvm.schedules.cuda_columns import ColumnsTiling, columns_cuda_space, schedule_columns_cuda
+from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc
 from deft_tvm.tuning.workloads import get_workload
 
 from helpers import make_case
@@ -62,7 +64,7 @@ def test_grouped_layers_and_the_cpu_keep_the_fused_forward():
 
 def test_the_glue_refuses_layers_it_cannot_multiply():
     with pytest.raises(ValueError, match="NHWC layers of one group, got layout 'NCHW' and 1 groups"):
-        unfused_forward_kernel(dataclasses.replace(LAYER, layout="NCHW"), None)
+        unfused_forward_kernel(dataclasses.replace(LAYER, layout="NCHW"), None, None)
 
 
 def _extreme(case: dict) -> dict:
@@ -82,7 +84,8 @@ def test_columns_times_the_weight_is_the_reference_forward(dtype, with_mask_and_
     case = make_case(spec, seed=7, offset_scale=3.0)
     case = _extreme(case) if extreme else case
     columns = compile_kernel(kernel_primfunc(spec, "columns"), CPU)["main"]
-    forward = unfused_forward_kernel(spec, columns)
+    transpose = compile_kernel(tvm.IRModule({"f": channels_first_output_primfunc(spec, bind_threads=False)}), CPU)
+    forward = unfused_forward_kernel(spec, columns, transpose["channels_first_output"])
     args = spec.kernel_arguments(*(case[k] for k in ("input", "offset", "mask", "weight", "bias")))
     output = torch.full(spec.output_shape, math.nan, dtype=args[0].dtype)
     forward(*args, output)
@@ -102,6 +105,15 @@ def test_the_columns_kernel_compiles_for_sm90_with_16_byte_loads_and_stores(name
     vector = "float4" if spec.dtype == "float32" else "uint4"
     assert f"*({vector}*)(input_ptr" in source.replace(" ", "")  # each corner's channels: one load
     assert f"*({vector}*)(columns_ptr" in source.replace(" ", "")  # each thread's channels: one store
+
+
+@needs_nvcc
+@pytest.mark.parametrize("precision", ["float16", "tf32"])
+def test_the_output_transpose_compiles_for_sm90_through_shared_memory(precision):
+    spec = _kernel_spec("r50dcn_c5", precision)
+    module = tvm.IRModule({"channels_first_output": channels_first_output_primfunc(spec)})
+    source = compile_kernel(module, SM90).mod.imports[0].inspect_source()
+    assert "__shared__" in source and "__syncthreads()" in source
 
 
 def test_the_design_space_holds_the_default():

@@ -276,7 +276,7 @@ def forward_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
 
     target = target_for_device(device)
     if loaded_kernel(target.kind.name, spec.key()) is None and unfused_forward(spec, target):
-        return unfused_forward_kernel(spec, get_kernel(spec, device, "columns"))
+        return unfused_forward_kernel(spec, get_kernel(spec, device, "columns"), channels_first_output_kernel(spec, target))
     return get_kernel(spec, device)
 
 
@@ -308,14 +308,32 @@ def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Cal
     return memoized(_memory, _lock, (name, str(target)), load)
 
 
+def channels_first_output_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
+    """``schedules.cuda_layout.channels_first_output_primfunc(spec)`` compiled for ``target`` once
+    (memory and disk cache, keyed by the output shape and dtype): ``(rows, output)``, the last
+    written."""
+    from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc
+
+    n, o, oh, ow = spec.output_shape
+    name = f"channels_first_output_n{n}_o{o}_p{oh * ow}_{spec.dtype}"
+
+    def load():
+        mod = tvm.IRModule({"channels_first_output": channels_first_output_primfunc(spec)})
+        return load_or_build_library(name, _fingerprint(mod), target, lambda: compile_kernel(mod, target),
+                                     ("channels_first_output",))[0]
+
+    return memoized(_memory, _lock, (name, str(target)), load)
+
+
 def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> bool:
     return spec.layout == "NHWC" and device.type == "cuda"
 
 
 def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
     """Compile, in parallel, the forward kernels of ``specs`` (tuned record or default schedule;
-    the columns kernel of an unfused forward, ``forward_kernel``) that the disk cache lacks, and
-    load or compile the channels-last copies (``ForwardCall.arguments``) of those that take them.
+    the columns kernel and the output transpose of an unfused forward, ``forward_kernel``) that
+    the disk cache lacks, and load or compile the channels-last copies (``ForwardCall.arguments``)
+    of those that take them.
 
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
     the number of forward kernels built.
@@ -323,10 +341,12 @@ def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
     from deft_tvm.schedules import unfused_forward
 
     target = target_for_device(device)
-    missing = {}
+    missing, unfused = {}, {}
     for spec in specs:
         if loaded_kernel(target.kind.name, spec.key()) is None:
             part = "columns" if unfused_forward(spec, target) else "forward"
+            if part == "columns":
+                unfused[spec.output_shape, spec.dtype] = spec
             sch = schedule_for(spec, target, part)[0]
             if not kernel_path(spec, target, sch, part).exists():
                 missing[kernel_key(spec, part)] = (spec, sch, part)
@@ -338,6 +358,7 @@ def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = [pool.submit(build_and_store, *item) for item in missing.values()]
         futures += [pool.submit(channels_last_kernel, spec, target) for spec in layouts.values()]
+        futures += [pool.submit(channels_first_output_kernel, spec, target) for spec in unfused.values()]
         for future in futures:
             future.result()
     return len(missing)
