@@ -29,6 +29,10 @@ fragment layout gives it, from the same table entry and in the same order of cor
 values) and multiplies them: no columns buffer and two barriers per chunk (the staging's), at the
 cost of 4-byte instead of 16-byte shared-memory reads, repeated by each warp along output channels.
 
+With ``k_splits`` > 1 (split-K, for wide layers on small maps) the channel chunks are split over that
+many blocks per tile: each writes its float32 sums to TVM's device workspace and a second kernel
+adds the splits in order with the bias (no atomics: deterministic).
+
 Applies to one-group layers with one offset group, channels last (``layout="NHWC"``: the op's
 tensor-core layout), input channels in multiples of ``chunk`` and output channels of ``o_tile``
 (``supports``). NaN sampling points give NaN, points outside the image zero; every read is in bounds
@@ -61,6 +65,7 @@ RUN_BYTES = 16  # a thread's loads and stores of channels: one 16-byte access
 # 168 registers per thread.
 RESIDENT_THREADS = 384
 ROW_PAD_BYTES = 16  # shared operand rows are padded by 16 bytes: conflict-free fragment loads
+SUM_THREADS = 256  # threads per block of split-K's sum of the partial sums
 TABLE_BYTES = 32  # a sampling point's four corner offsets (int32) and weights (float32)
 COLUMNS = ("shared", "registers")  # PatchTiling.columns
 FRAGMENT_WORD_BYTES = 16  # a lane's two 4-byte words of a B fragment lie 16 bytes apart (cuda_mma)
@@ -83,6 +88,7 @@ class PatchTiling:
     warps_p: int = 2
     overflow: int = 128
     columns: str = "shared"  # where the columns are interpolated: "shared" (every tap's) or "registers"
+    k_splits: int = 1  # blocks the channel chunks are split over (split-K: float32 partial sums, then their sum)
 
     @property
     def threads(self) -> int:
@@ -158,6 +164,9 @@ def supports(spec: DeformConvSpec, tiling: PatchTiling) -> str | None:
         return f"{tiling.positions} positions per tile are not a multiple of 16 x {tiling.warps_p} warps"
     if tiling.columns not in COLUMNS:
         return f"columns {tiling.columns!r}: one of {', '.join(COLUMNS)}"
+    if tiling.k_splits < 1 or spec.in_channels // tiling.chunk % tiling.k_splits:
+        return (f"k_splits {tiling.k_splits} must divide the {spec.in_channels // tiling.chunk} chunks of "
+                f"{tiling.chunk} channels")
     if tiling.overflow % 4:
         return f"{tiling.overflow} overflow slots are not a multiple of 4 (16-byte regions)"
     if tiling.shared_bytes(spec) > DYNAMIC_SHARED_BYTES:
@@ -297,6 +306,8 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
     first_slot = rows * cols + 1  # the patch's pixels, its zero run, then the overflow slots
     zero, one = tirx.const(0, acc), tirx.const(1, acc)
     in_registers = tiling.columns == "registers"
+    k_splits = tiling.k_splits
+    outputs = n * o_ch * oh * ow
     word = 4 // item  # elements per 4-byte word of a B fragment
 
     @T.macro
@@ -354,7 +365,10 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                         T.evaluate(mma.sync(a_frag, m * a_elements, b_frag, 0, sums, (m * n_tiles + nt) * 4))
 
     @T.macro
-    def body(block, thread, input, offset, mask, weight, bias, output):
+    def body(block_split, thread, input, offset, mask, weight, bias, output, partials):
+        # a tile's splits in neighbouring blocks (its patch pixels shared in L2); nothing to split: as before
+        split = T.meta_var(block_split % k_splits if k_splits > 1 else 0)
+        block = T.meta_var(block_split // k_splits if k_splits > 1 else block_split)
         ot = block % o_tiles
         tile_x = block // o_tiles % tiles_x
         tile_y = block // (o_tiles * tiles_x) % tiles_y
@@ -435,8 +449,8 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                                         corner_offsets[e * 4 + k] = (first_slot + slot) * chunk * item
                                     else:
                                         corner_offsets[e * 4 + k] = -(yi * w + xi + 1)
-        for ci in range(chunks):
-            c0 = ci * chunk
+        for ci in range(chunks // k_splits):
+            c0 = (split * (chunks // k_splits) + ci) * chunk
             T.tvm_storage_sync("shared")
             for i in range((rows * cols * runs + threads - 1) // threads):  # the patch, zeros outside the image
                 e = i * threads + thread
@@ -482,11 +496,25 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
                     oy = tile_y * th + pl // tw
                     ox = tile_x * tw + pl % tw
                     if oy < oh and ox < ow:
-                        if has_bias:
+                        if k_splits > 1:
+                            partials[(((split * n + b) * o_ch + o) * oh + oy) * ow + ox] = sums[
+                                (m * n_tiles + nt) * 4 + i]
+                        elif has_bias:
                             output[b, o, oy, ox] = T.Cast(dtype, sums[(m * n_tiles + nt) * 4 + i]
                                                           + T.Cast(acc, bias[o]))
                         else:
                             output[b, o, oy, ox] = T.Cast(dtype, sums[(m * n_tiles + nt) * 4 + i])
+
+    @T.macro
+    def sum_splits(e, partials, bias, output):  # output element e: its splits added in order, bias, cast
+        o = e // (oh * ow) % o_ch
+        total = T.alloc_buffer((1,), acc, scope="local")
+        total[0] = partials[e]
+        for s in range(1, k_splits):
+            total[0] = total[0] + partials[s * n * o_ch * oh * ow + e]
+        if has_bias:
+            total[0] = total[0] + T.Cast(acc, bias[o])
+        output[e // (o_ch * oh * ow), o, e // ow % oh, e % ow] = T.Cast(dtype, total[0])
 
     @T.prim_func
     def forward(
@@ -498,10 +526,16 @@ def patch_forward_primfunc(spec: DeformConvSpec, tiling: PatchTiling):
         output: T.Buffer(spec.output_shape, dtype),
     ):
         T.func_attr({"global_symbol": "forward", "tirx.noalias": True})
-        for block in T.thread_binding(blocks, thread="blockIdx.x"):
+        partials = T.alloc_buffer((k_splits * outputs if k_splits > 1 else 1,), acc)  # TVM's device workspace
+        for block in T.thread_binding(blocks * k_splits, thread="blockIdx.x"):
             for thread in T.thread_binding(threads, thread="threadIdx.x"):
                 with T.attr(0, "tirx.launch_bounds_min_blocks_per_sm", max(1, RESIDENT_THREADS // threads)):
-                    body(block, thread, input, offset, mask, weight, bias, output)
+                    body(block, thread, input, offset, mask, weight, bias, output, partials)
+        if k_splits > 1:  # a second kernel
+            for block in T.thread_binding((outputs + SUM_THREADS - 1) // SUM_THREADS, thread="blockIdx.x"):
+                for thread in T.thread_binding(SUM_THREADS, thread="threadIdx.x"):
+                    if block * SUM_THREADS + thread < outputs:
+                        sum_splits(block * SUM_THREADS + thread, partials, bias, output)
 
     return without_parameters(forward, ("mask",) * (not has_mask) + ("bias",) * (not has_bias))
 

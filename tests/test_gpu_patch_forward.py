@@ -59,10 +59,15 @@ def _c5(precision: str):
     return get_workload("r50dcn_c5", "float32" if precision == "tf32" else precision, tf32=precision == "tf32")
 
 
+SPLITS = {"k_splits": 2}  # split-K: partial sums, then their sum in order
+
+
 def _jobs():
     cases = [(_spec(s, p), {"halo": h}) for s in (LAYER, PLAIN) for p in PRECISIONS for h in HALOS]
     cases += [(POINTWISE, {}), (_spec(LAYER, "float16"), NO_SLOTS)]
     cases += [(_spec(_c5(p).spec, p), {}) for p in PRECISIONS]
+    cases += [(_spec(s, p), SPLITS) for s in (LAYER, PLAIN) for p in PRECISIONS]
+    cases += [(_spec(_c5(p).spec, p), {"k_splits": 4}) for p in PRECISIONS]
     return [(spec, tiling) for spec, changes in cases for tiling in _tilings(spec, **changes)]
 
 
@@ -137,3 +142,19 @@ def test_r50_c5_matches_the_reference(kernels, precision):
     workload = _c5(precision)
     spec = _spec(workload.spec, precision)
     _check(kernels, spec, workload.make_inputs(seed=3))
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
+@pytest.mark.parametrize("layer", [LAYER, PLAIN], ids=["mask_bias", "plain"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_split_k_matches_the_reference(kernels, precision, layer, extreme):
+    spec = _spec(layer, precision)
+    case = make_case(spec, seed=25, offset_scale=3.0)
+    _check(kernels, spec, _extreme(case) if extreme else case, **SPLITS)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_r50_c5_split_four_ways_matches_the_reference(kernels, precision):
+    workload = _c5(precision)
+    spec = _spec(workload.spec, precision)
+    _check(kernels, spec, workload.make_inputs(seed=3), k_splits=4)

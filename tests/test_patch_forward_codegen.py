@@ -81,6 +81,23 @@ def test_columns_are_staged_in_shared_memory_or_registers():
     assert same_tile.regions(spec) == {**layout, "end": layout["columns"]}
 
 
+@needs_nvcc
+@pytest.mark.parametrize("columns", COLUMNS)
+def test_split_k_adds_a_second_kernel_and_a_workspace(columns, tmp_path):
+    spec = _spec("r50dcn_c5", "tf32")
+    tiling = dataclasses.replace(PatchTiling.for_spec(spec, columns=columns), k_splits=4)
+    with pytest.raises(ValueError, match=r"k_splits 3 must divide the 64 chunks of 8 channels"):
+        patch_forward_primfunc(spec, dataclasses.replace(tiling, k_splits=3))
+    kernel = compile_kernel(patch_forward_module(spec, tiling), cuda_target("sm_90"))
+    source = kernel.mod.imports[0].inspect_source()
+    assert len(set(re.findall(r"__global__ void __launch_bounds__\([\d, ]+\) (\w+)\(", source))) == 2
+    assert "TVMBackendAllocWorkspace" in kernel.mod.inspect_source("ll")
+    (tmp_path / "forward.cu").write_text(source)
+    ptxas = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "forward.cubin"),
+                            str(tmp_path / "forward.cu")], capture_output=True, text=True, check=True).stderr
+    assert ptxas.count("0 bytes spill stores, 0 bytes spill loads") == 2
+
+
 def test_a_halo_past_a_blocks_shared_memory_is_refused():
     spec = _spec("r50dcn_c5", "float16")
     with pytest.raises(ValueError, match=rf"bytes of shared memory, more than {DYNAMIC_SHARED_BYTES}"):
