@@ -45,10 +45,11 @@ def _takes_columns(spec) -> bool:
     (``_takes_tensor_cores``) of one group that multiply in float16, bfloat16 or TF32 and have
     at least ``UNFUSED_MIN_CHANNELS`` input and output channels. There the fused kernel gathers
     every sample again for each block of output channels, while the columns (``in_channels x
-    taps`` values per position) are small: on an H200 (tools/results/unfused_forward_h200_*.txt)
-    the unfused kernels took 0.055-0.084 ms on r50dcn_c4/c5 against the fused 0.093-0.185 ms,
-    and lost on every narrower registry layer (128 and 64 channels) and in float32 without TF32
-    (cuBLAS's SGEMM alone 0.20-0.25 ms against the fused 3xTF32 0.23-0.26 ms)."""
+    taps`` values per position) are small: on an H200
+    (tools/results/unfused_forward_kernels_h200_255cf6c.txt) the unfused kernels took
+    0.055-0.084 ms on r50dcn_c4/c5 against the fused 0.093-0.185 ms, and lost on every narrower
+    registry layer (128 and 64 channels) and in float32 without TF32 (cuBLAS's SGEMM alone
+    0.20-0.26 ms against the fused 3xTF32 0.23-0.30 ms)."""
     return (_takes_tensor_cores(spec) and spec.groups == 1 and (spec.dtype != "float32" or spec.tf32)
             and min(spec.in_channels, spec.out_channels) >= UNFUSED_MIN_CHANNELS)
 

@@ -34,11 +34,11 @@ def transpose_tile(r_extent: int, s_extent: int) -> tuple[int, int]:
 
 def batched_transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, dtype: str, idx: str,
                       bind_threads: bool = True):
-    """One batched transpose ``[B, R, S] -> [B, S, R]`` of ``dtype`` as TVMScript macros: ``(blocks,
-    copy_block)``, where ``copy_block(src, dst, block)`` moves block ``block``'s tile from ``src``
-    (indexed ``[b, r, s // s_inner, s % s_inner]``) through the tile buffer into ``dst`` (indexed
-    ``[b, s // s_inner, s % s_inner, r]``); ``blocks`` is the number of blocks, of ``idx``, the index
-    dtype. ``bind_threads=False``: serial loops, the tile in global memory."""
+    """One batched transpose ``[B, R, S] -> [B, S, R]`` of ``dtype`` as TVMScript macros:
+    ``(blocks, copy_block)``, where ``copy_block(src, dst, block)`` moves block ``block``'s tile
+    from ``src`` (indexed ``[b, r, s // s_inner, s % s_inner]``) through the tile buffer into
+    ``dst`` (indexed ``[b, s // s_inner, s % s_inner, r]``); ``blocks`` is the number of blocks,
+    of ``idx``, the index dtype. ``bind_threads=False``: serial loops, the tile in global memory."""
     from tvm.script import tirx as T
 
     _, threads_loop = thread_loops(bind_threads)
@@ -131,7 +131,10 @@ def channels_first_output_primfunc(spec: DeformConvSpec, bind_threads: bool = Tr
     blocks, copy_block = batched_transpose(positions, o, n, 1, dtype, index, bind_threads)
 
     @T.prim_func
-    def channels_first_output(rows: T.Buffer((n, positions, o, 1), dtype), output: T.Buffer((n, o, 1, positions), dtype)):
+    def channels_first_output(
+        rows: T.Buffer((n, positions, o, 1), dtype),
+        output: T.Buffer((n, o, 1, positions), dtype),
+    ):
         T.func_attr({"global_symbol": "channels_first_output", "tirx.noalias": True})
         for block in blocks_loop(blocks):
             copy_block(rows, output, block)

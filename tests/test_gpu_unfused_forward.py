@@ -1,8 +1,8 @@
-"""The unfused forward (columns kernel + cuBLAS GEMM) through the op on a real GPU (``pytest -m gpu``), in
-float16, bfloat16 and TF32, against the float64 reference: a wide torchvision-style asymmetric layer
-(kernel 3 x 2, stride (2, 1), padding (1, 0), dilation (2, 1), 2 offset groups) with and without mask and
-bias, normal and extreme offsets (far outside, infinite, NaN), input given NCHW and channels last; and
-r50 c4/c5 on their profile inputs. Skipped where there is no GPU."""
+"""The unfused forward (columns kernel + cuBLAS GEMM) through the op on a real GPU (``pytest -m
+gpu``), in float16, bfloat16 and TF32, against the float64 reference: a wide torchvision-style
+asymmetric layer (kernel 3 x 2, stride (2, 1), padding (1, 0), dilation (2, 1), 2 offset groups)
+with and without mask and bias, normal and extreme offsets (far outside, infinite, NaN), input given
+NCHW and channels last; and r50 c4/c5 on their profile inputs. Skipped where there is no GPU."""
 
 from __future__ import annotations
 

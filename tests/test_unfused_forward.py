@@ -1,8 +1,8 @@
-"""The unfused forward (columns kernel + GEMM, ``deft_tvm.runtime.columns``) without a GPU: which layers
-take it, the columns kernel's compute and the GEMM glue against the float64 reference on the CPU
-(torchvision-style asymmetric layer, offset groups, with and without mask and bias, extreme offsets),
-and its CUDA schedule compiling with nvcc for sm_90 (16-byte corner loads and stores) on the layers it
-takes."""
+"""The unfused forward (columns kernel + GEMM, ``deft_tvm.runtime.columns``) without a GPU: which
+layers take it, the columns kernel's compute and the GEMM glue against the float64 reference on the
+CPU (torchvision-style asymmetric layer, offset groups, with and without mask and bias, extreme
+offsets), and its CUDA schedule (16-byte corner loads and stores) and output transpose compiling
+with nvcc for sm_90 on the layers it takes."""
 
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def sampled_te(spec: DeformConvSpec, data: te.Tensor, offset: te.Tensor, mask: t
 
 
 def _placeholders(spec: DeformConvSpec):
-    """The kernel's input placeholders ``input, offset, mask?, weight, bias?`` (None where absent)."""
+    """The kernel's input placeholders ``input, offset, mask?, weight, bias?`` (None if absent)."""
     dtype = spec.dtype
     data = te.placeholder(spec.kernel_input_shape, dtype, name="input")
     offset = te.placeholder(spec.offset_shape, dtype, name="offset")

@@ -3,16 +3,16 @@
 For the layers ``schedules.unfused_forward`` picks (wide layers on tensor cores, where the fused
 kernel gathers each sample again for every block of output channels), the forward is
 
-  columns = interpolate(input, offset, mask)   # the columns kernel (part "columns"), [N*Ho*Wo, kh*kw*C]
-  rows    = bias + columns @ weight.T          # torch.addmm: cuBLAS, [N*Ho*Wo, out_channels]
-  output  = rows transposed per image          # schedules.cuda_layout.channels_first_output_primfunc
+  columns = interpolate(input, offset, mask)  # part "columns": [N*Ho*Wo, kh*kw*C]
+  rows    = bias + columns @ weight.T         # torch.addmm (cuBLAS): [N*Ho*Wo, out_channels]
+  output  = rows transposed per image         # cuda_layout.channels_first_output_primfunc
 
 with the channels-last input and weight (``ForwardCall``'s copies); torch multiplies on TF32
 exactly where the spec allows it (``spec.tf32`` follows ``torch.backends.cuda.matmul.allow_tf32``).
 The columns (``N * Ho * Wo * kh * kw * C`` values of the dtype) and the rows come from torch's
-caching allocator on each call. On the H200's host a torch op costs 10-20 us to issue and a TVM
-kernel call 5-7 us (tools/results/unfused_forward_host_h200_*.txt): the transposing copy is a TVM
-kernel rather than torch's ``copy_`` of a transposed view.
+caching allocator on each call. On the H200's host a torch op costs 10-25 us to issue and a TVM
+kernel call 5-8 us (tools/results/unfused_forward_host_h200_1c4f8fe.txt): the transposing copy
+is a TVM kernel rather than torch's ``copy_`` of a transposed view.
 """
 
 from __future__ import annotations

@@ -263,8 +263,8 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
         target = target_for_device(device)
         kernel_spec = _kernel_spec(_tf32_spec(spec) if tf32 else spec, target)
         copies = _takes_channels_last_copies(kernel_spec, device)
-        found = _forward_calls[key] = ForwardCall(
-            kernel_spec, forward_kernel(kernel_spec, device), channels_last_kernel(kernel_spec, target) if copies else None)
+        found = _forward_calls[key] = ForwardCall(kernel_spec, forward_kernel(kernel_spec, device),
+                                                  channels_last_kernel(kernel_spec, target) if copies else None)
     return found
 
 
@@ -276,7 +276,8 @@ def forward_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
 
     target = target_for_device(device)
     if loaded_kernel(target.kind.name, spec.key()) is None and unfused_forward(spec, target):
-        return unfused_forward_kernel(spec, get_kernel(spec, device, "columns"), channels_first_output_kernel(spec, target))
+        columns = get_kernel(spec, device, "columns")
+        return unfused_forward_kernel(spec, columns, channels_first_output_kernel(spec, target))
     return get_kernel(spec, device)
 
 
