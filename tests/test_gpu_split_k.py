@@ -1,6 +1,7 @@
 """Split-K tensor-core forward (``TensorCoreTiling.k_splits``) against torchvision on a real GPU
 (``pytest -m gpu``), in float16, bfloat16 and TF32: every split of a small layer, extreme offsets
-among them, and the default tiling of r50 c5 (split 4 ways); skipped where there is no GPU."""
+among them, and the default tiling of r50 c5 (split 4 ways), also under CUDA graph capture; skipped
+where there is no GPU."""
 
 from __future__ import annotations
 
@@ -108,23 +109,24 @@ def test_r50_c5_default_tiling_splits_and_matches_torchvision(precision):
     _check(spec, tiling, _cuda(workload.make_inputs(seed=3)))
 
 
-def test_r50_c5_bfloat16_op_splits_under_cuda_graph_capture_and_replay():
-    # The op's r50 c5 bfloat16 forward (no tuned record: the default tiling, split 4 ways) keeps its
-    # partial sums in TVM's device workspace; captured after a warm-up, the graph replays it.
-    import deft_tvm
-
-    workload = _c5("bfloat16")
-    static, fresh = _cuda(workload.make_inputs(seed=4)), _cuda(workload.make_inputs(seed=5))
+def test_r50_c5_bfloat16_split_kernel_under_cuda_graph_capture_and_replay():
+    # c5 bfloat16's default tiling (split 4 ways) keeps its partial sums in TVM's device workspace;
+    # captured after a warm-up, the graph replays it. (The op itself takes the unfused forward on
+    # c5: tests/test_gpu_unfused_forward.py captures that one.)
+    spec = _kernel_spec(_c5("bfloat16").spec, "bfloat16")
+    tiling = TensorCoreTiling.for_spec(spec)
+    assert tiling.k_splits == 4
+    static, fresh = _cuda(_c5("bfloat16").make_inputs(seed=4)), _cuda(_c5("bfloat16").make_inputs(seed=5))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        deft_tvm.deform_conv2d(**static)
+        _run(spec, tiling, static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = deft_tvm.deform_conv2d(**static)
+        out = _run(spec, tiling, static)
     for name in ("input", "offset", "weight", "bias", "mask"):
         static[name].copy_(fresh[name])
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, deft_tvm.deform_conv2d(**fresh))
+    assert torch.equal(out, _run(spec, tiling, fresh))

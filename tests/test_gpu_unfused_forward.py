@@ -2,7 +2,8 @@
 gpu``), in float16, bfloat16 and TF32, against the float64 reference: a wide torchvision-style
 asymmetric layer (kernel 3 x 2, stride (2, 1), padding (1, 0), dilation (2, 1), 2 offset groups)
 with and without mask and bias, normal and extreme offsets (far outside, infinite, NaN), input given
-NCHW and channels last; and r50 c4/c5 on their profile inputs. Skipped where there is no GPU."""
+NCHW and channels last; r50 c4/c5 on their profile inputs; the r50 c5 op captured in a CUDA graph
+and replayed on new inputs. Skipped where there is no GPU."""
 
 from __future__ import annotations
 
@@ -79,3 +80,26 @@ def test_channels_last_input_matches_the_reference(precision):
 def test_r50_wide_stages_match_the_reference(name, precision):
     workload = get_workload(name, "float32" if precision == "tf32" else precision)
     _check(workload.spec, precision, workload.make_inputs(seed=4))
+
+
+def test_r50_c5_op_under_cuda_graph_capture_and_replay():
+    # The unfused forward allocates its columns and rows on each call and multiplies through torch
+    # (cuBLAS): captured after a warm-up, the graph replays it on new inputs.
+    workload = get_workload("r50dcn_c5", "bfloat16")
+    static = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in workload.make_inputs(seed=6).items()}
+    fresh = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in workload.make_inputs(seed=7).items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        deft_tvm.deform_conv2d(**static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = deft_tvm.deform_conv2d(**static)
+    for name in ("input", "offset", "weight", "bias", "mask"):
+        static[name].copy_(fresh[name])
+    graph.replay()
+    torch.cuda.synchronize()
+    reference = deform_conv2d_reference(**{k: v.double() if isinstance(v, torch.Tensor) else v
+                                           for k, v in fresh.items()})
+    assert_close(out, reference, tolerance_key("bfloat16", False))
