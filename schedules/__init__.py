@@ -35,23 +35,29 @@ def _takes_tensor_cores(spec) -> bool:
     return supports_tensor_cores(spec) and spec.layout == "NHWC"
 
 
-# Fewest input and output channels of a layer whose CUDA forward is unfused (``_takes_columns``).
+# Fewest input and output channels of a layer whose CUDA forward is unfused (``_takes_columns``),
+# and the most bytes its columns may take (a temporary of each call).
 UNFUSED_MIN_CHANNELS = 256
+UNFUSED_MAX_COLUMNS_BYTES = 256 << 20
 
 
 def _takes_columns(spec) -> bool:
     """Whether ``spec``'s CUDA forward is unfused: the columns kernel, then cuBLAS's GEMM of the
     columns and the weight (``deft_tvm.runtime.columns``). Taken by tensor-core layers
     (``_takes_tensor_cores``) of one group that multiply in float16, bfloat16 or TF32 and have
-    at least ``UNFUSED_MIN_CHANNELS`` input and output channels. There the fused kernel gathers
+    at least ``UNFUSED_MIN_CHANNELS`` input and output channels, whose columns take at most
+    ``UNFUSED_MAX_COLUMNS_BYTES`` (r50 c4 in TF32: 77 MB). There the fused kernel gathers
     every sample again for each block of output channels, while the columns (``in_channels x
     taps`` values per position) are small: on an H200
     (tools/results/unfused_forward_kernels_h200_255cf6c.txt) the unfused kernels took
     0.055-0.084 ms on r50dcn_c4/c5 against the fused 0.093-0.185 ms, and lost on every narrower
     registry layer (128 and 64 channels) and in float32 without TF32 (cuBLAS's SGEMM alone
     0.20-0.26 ms against the fused 3xTF32 0.23-0.30 ms)."""
+    columns = spec.batch * spec.out_h * spec.out_w * spec.kernel_h * spec.kernel_w * spec.in_channels
+    itemsize = 4 if spec.dtype == "float32" else 2
     return (_takes_tensor_cores(spec) and spec.groups == 1 and (spec.dtype != "float32" or spec.tf32)
-            and min(spec.in_channels, spec.out_channels) >= UNFUSED_MIN_CHANNELS)
+            and min(spec.in_channels, spec.out_channels) >= UNFUSED_MIN_CHANNELS
+            and columns * itemsize <= UNFUSED_MAX_COLUMNS_BYTES)
 
 
 def _any_spec(spec) -> bool:

@@ -62,6 +62,12 @@ def test_grouped_layers_and_the_cpu_keep_the_fused_forward():
     assert not unfused_forward(wide, CPU)
 
 
+def test_layers_whose_columns_pass_256_mib_keep_the_fused_forward():
+    wide = _kernel_spec("r50dcn_c5", "float16")  # 2 x 25 x 42 positions x 4608 values: 19 MB
+    assert unfused_forward(dataclasses.replace(wide, batch=26), SM90)  # 252 MB
+    assert not unfused_forward(dataclasses.replace(wide, batch=28), SM90)  # 271 MB
+
+
 def test_the_glue_refuses_layers_it_cannot_multiply():
     with pytest.raises(ValueError, match="NHWC layers of one group, got layout 'NCHW' and 1 groups"):
         unfused_forward_kernel(dataclasses.replace(LAYER, layout="NCHW"), None, None)

@@ -110,14 +110,41 @@ def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch,
     return path
 
 
-def _parts(args) -> tuple[str, ...]:
-    return ("forward", "backward") if args.backward else ("forward",)
+def _parts(args, workload, target) -> tuple[str, ...]:
+    """The kernels of ``workload`` to tune or export: the forward, the backward's with
+    ``--backward`` and the unfused forward's columns kernel where ``target`` runs the workload's
+    forward unfused (``schedules.unfused_forward``; ``deft-tvm tune`` only with ``--columns``)."""
+    from deft_tvm.schedules import unfused_forward
+
+    columns = getattr(args, "columns", True) and unfused_forward(workload.for_target(target).spec, target)
+    return ("forward",) + (("backward",) if args.backward else ()) + (("columns",) if columns else ())
+
+
+def _default_columns_entries(args, target, entries) -> list:
+    """``KernelEntry``s of the default columns schedule for the workloads of ``args`` whose forward
+    ``target`` runs unfused and whose columns kernel ``entries`` lack (tuned without ``--columns``),
+    so that a library serves the forward the op runs."""
+    from deft_tvm.compute.kernels import kernel_primfunc
+    from deft_tvm.runtime.library import KernelEntry
+    from deft_tvm.schedules import default_schedule, unfused_forward
+
+    have = {kernel_key(e.spec, e.part) for e in entries}
+    extra = []
+    for name in args.workloads:
+        for dtype in args.dtypes:
+            spec = get_workload(name, dtype, _tf32(args, dtype)).for_target(target).spec
+            if unfused_forward(spec, target) and kernel_key(spec, "columns") not in have:
+                have.add(kernel_key(spec, "columns"))
+                sch = default_schedule(kernel_primfunc(spec, "columns"), spec, target, "columns")
+                extra.append(KernelEntry(spec, sch, origin="default schedule", part="columns"))
+    return extra
 
 
 def _part_spec(workload, target, part: str):
-    """The spec of ``workload``'s ``part`` kernel on ``target``: the forward's is the kernel spec
-    (``Workload.for_target``); the backward reads NCHW tensors in full precision."""
-    if part == "forward":
+    """The spec of ``workload``'s ``part`` kernel on ``target``: the forward's and the columns
+    kernel's is the kernel spec (``Workload.for_target``); the backward reads NCHW tensors in full
+    precision."""
+    if part in ("forward", "columns"):
         return workload.for_target(target).spec
     return dataclasses.replace(workload.spec, layout="NCHW", tf32=False)
 
@@ -233,11 +260,12 @@ def cmd_tune(args) -> int:
     for name in args.workloads:
         for dtype in args.dtypes:
             workload = get_workload(name, dtype, _tf32(args, dtype))
-            for part in _parts(args):
+            for part in _parts(args, workload, target):
                 entry = _tune_kernel(args, target, name, workload, part)
                 if entry is None:
                     return 1
                 entries.append(entry)
+    entries += _default_columns_entries(args, target, entries)
     manifest = export_library(entries, target, args.out, "deft_kernels")
     print(f"exported {len(entries)} kernels for {target_tag(target)} -> {manifest}")
     load_library(manifest)
@@ -281,7 +309,7 @@ def cmd_export(args) -> int:
     for name in args.workloads:
         for dtype in args.dtypes:
             workload = get_workload(name, dtype, _tf32(args, dtype))
-            for part in _parts(args):
+            for part in _parts(args, workload, target):
                 spec = _part_spec(workload, target, part)
                 if kernel_key(spec, part) not in tuned:
                     sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)
@@ -325,6 +353,9 @@ def main(argv=None) -> int:
                       "torch.backends.cuda.matmul.allow_tf32 (CUDA; other dtypes unaffected)")
     tune.add_argument("--backward", action="store_true",
                       help="also tune the backward's gradient kernels of each workload (in folders ending _backward)")
+    tune.add_argument("--columns", action="store_true",
+                      help="also tune the columns kernel of each workload whose CUDA forward is unfused (wide "
+                           "layers: im2col + cuBLAS GEMM; folders ending _columns); others have none")
     tune.add_argument("--fused-backward", action="store_true",
                       help="instead, search the fused CUDA backward's tilings of each workload (records in folders "
                       "ending _fused_backward, which the op takes over the defaults once committed)")

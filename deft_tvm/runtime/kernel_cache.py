@@ -269,13 +269,16 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
 
 
 def forward_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
-    """The forward of ``spec`` (a kernel spec) on ``device``, with ``get_kernel``'s arguments: a
-    loaded library's forward kernel, else the unfused forward where ``schedules.unfused_forward``
-    takes the layer (``runtime.columns``), else the fused kernel."""
+    """The forward of ``spec`` (a kernel spec) on ``device``, with ``get_kernel``'s arguments: the
+    unfused forward (``runtime.columns``) where ``schedules.unfused_forward`` takes the layer,
+    unless a loaded library holds its fused forward kernel and not its columns kernel; else the
+    fused kernel."""
     from deft_tvm.schedules import unfused_forward
 
     target = target_for_device(device)
-    if loaded_kernel(target.kind.name, spec.key()) is None and unfused_forward(spec, target):
+    library_fused = (loaded_kernel(target.kind.name, spec.key()) is not None
+                     and loaded_kernel(target.kind.name, kernel_key(spec, "columns")) is None)
+    if not library_fused and unfused_forward(spec, target):
         columns = get_kernel(spec, device, "columns")
         return unfused_forward_kernel(spec, columns, channels_first_output_kernel(spec, target))
     return get_kernel(spec, device)

@@ -43,7 +43,8 @@ class ProfileInputs:
     """The runner's ``f_alloc_argument``: the kernel's arguments with offsets and mask drawn from
     ``profile`` (a ``deft_tvm.workloads.PROFILES`` name), one seeded set per repeat. The inputs of
     the ``part`` kernel come first (the backward's: the forward's tensors but the bias, then a
-    random grad_output); its outputs follow, zeroed."""
+    random grad_output; the columns kernel's: the forward's input, offset and mask); its outputs
+    follow, zeroed."""
 
     spec: DeformConvSpec
     profile: str
@@ -59,6 +60,8 @@ class ProfileInputs:
         inputs = workload.make_inputs(seed=seed)
         if self.part == "forward":
             return workload.kernel_tensors(inputs)
+        if self.part == "columns":  # input, offset, mask? of the forward kernel
+            return workload.kernel_tensors(inputs)[:3 if self.spec.has_mask else 2]
         gen = torch.Generator().manual_seed(seed)
         grad_output = torch.randn(self.spec.output_shape, generator=gen).to(inputs["input"].dtype)
         return [t for t in (inputs["input"], inputs["offset"], inputs["mask"], inputs["weight"], grad_output)
