@@ -18,6 +18,7 @@ from .cpu import deft_cpu_space, schedule_cpu, seed_cpu_schedule
 from .cpu_backward import backward_cpu_space, schedule_backward_cpu, seed_backward_cpu_schedule
 from .cuda import deft_cuda_space, schedule_cuda, seed_cuda_schedule
 from .cuda_backward import backward_cuda_space, schedule_backward_cuda, seed_backward_cuda_schedule
+from .cuda_backward_fused import DTYPE_BYTES
 from .cuda_columns import columns_cuda_space, schedule_columns_cuda, seed_columns_cuda_schedule
 from .cuda_tensorcore import (
     deft_cuda_tensorcore_space,
@@ -54,10 +55,9 @@ def _takes_columns(spec) -> bool:
     registry layer (128 and 64 channels) and in float32 without TF32 (cuBLAS's SGEMM alone
     0.20-0.26 ms against the fused 3xTF32 0.23-0.30 ms)."""
     columns = spec.batch * spec.out_h * spec.out_w * spec.kernel_h * spec.kernel_w * spec.in_channels
-    itemsize = 4 if spec.dtype == "float32" else 2
     return (_takes_tensor_cores(spec) and spec.groups == 1 and (spec.dtype != "float32" or spec.tf32)
             and min(spec.in_channels, spec.out_channels) >= UNFUSED_MIN_CHANNELS
-            and columns * itemsize <= UNFUSED_MAX_COLUMNS_BYTES)
+            and columns * DTYPE_BYTES[spec.dtype] <= UNFUSED_MAX_COLUMNS_BYTES)
 
 
 def _any_spec(spec) -> bool:

@@ -25,14 +25,11 @@ from deft_tvm.compute.forward import STAGE_COLUMNS, STAGE_CORNER, STAGE_SAMPLED
 from deft_tvm.compute.spec import DeformConvSpec
 
 from .cuda import place_sampling_point_in_registers
+from .cuda_backward_fused import DTYPE_BYTES
 
 POINT_CHOICES = (1, 2, 4, 8, 16)
 VECTOR_BYTES = (4, 8, 16)  # channels per thread and step: a 4-, 8- or 16-byte load per corner
 MAX_LANES = 32
-
-
-def _itemsize(dtype: str) -> int:
-    return 2 if dtype in ("float16", "bfloat16") else 4 if dtype == "float32" else 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +44,10 @@ class ColumnsTiling:
         """16-byte corner loads where the channels divide, 4 points per block."""
         return cls(points=4, vector=vector_choices(spec)[-1])
 
-    def lanes(self, spec: DeformConvSpec) -> int:
-        """Threads per point: ``in_channels / vector``, at most ``MAX_LANES``."""
-        return min(MAX_LANES, spec.in_channels // self.vector)
+
+def lanes(spec: DeformConvSpec, vector: int) -> int:
+    """Threads per point: ``in_channels / vector``, at most ``MAX_LANES``."""
+    return min(MAX_LANES, spec.in_channels // vector)
 
 
 def vector_choices(spec: DeformConvSpec) -> tuple[int, ...]:
@@ -57,7 +55,7 @@ def vector_choices(spec: DeformConvSpec) -> tuple[int, ...]:
     from 4 to 16 bytes; ``(1,)`` where none does."""
     per_group = spec.in_channels // spec.offset_groups
     found = tuple(
-        v for v in (b // _itemsize(spec.dtype) for b in VECTOR_BYTES) if v >= 1 and per_group % v == 0
+        v for v in (b // DTYPE_BYTES[spec.dtype] for b in VECTOR_BYTES) if v >= 1 and per_group % v == 0
     )
     return found or (1,)
 
@@ -67,9 +65,8 @@ def apply_columns_cuda(sch: s_tir.Schedule, spec: DeformConvSpec, points, vector
     sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))
     block = sch.get_sblock(STAGE_COLUMNS)
     n, oy, ox, ky, kx, c = sch.get_loops(block)
-    lanes = min(MAX_LANES, spec.in_channels // vector)
     point_block, point = sch.split(sch.fuse(n, oy, ox, ky, kx), [None, points])
-    step, lane, lane_vector = sch.split(c, [None, lanes, vector])
+    step, lane, lane_vector = sch.split(c, [None, lanes(spec, vector), vector])
     sch.reorder(point_block, point, lane, step, lane_vector)
     sch.bind(point_block, "blockIdx.x")
     sch.bind(point, "threadIdx.y")

@@ -1,6 +1,10 @@
-"""Helpers shared by the tests: the dtype list and random arguments for a spec."""
+"""Helpers shared by the tests: the dtype list, random arguments for a spec, extreme offsets and a
+CUDA graph's capture and replay."""
 
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 
@@ -81,3 +85,33 @@ def small_dcn_model() -> torch.nn.Sequential:
     ).eval()
     torch.nn.init.normal_(model[1].conv_offset.weight, std=0.1)
     return model
+
+
+def with_extreme_offsets(case: dict, seed: int) -> dict:
+    """``case`` (``make_case``'s arguments) with far outside, infinite and NaN offsets in 30 % of
+    the entries: the reference's result, and no out-of-bounds read, is expected of them."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.tensor([1e6, -1e6, 1e4, -1e4, math.inf, -math.inf, math.nan, 20.0, -1.0, 0.5])
+    pick = values[torch.randint(0, len(values), case["offset"].shape, generator=gen)].to(case["offset"].dtype)
+    case["offset"] = torch.where(torch.rand(case["offset"].shape, generator=gen) < 0.3, pick, case["offset"])
+    return case
+
+
+def replayed_in_cuda_graph(call: Callable[[dict], torch.Tensor], static: dict, fresh: dict) -> torch.Tensor:
+    """``call(static)`` (keyword arguments of deform_conv2d on the GPU) warmed up on a side stream,
+    captured in a CUDA graph, then replayed after ``fresh``'s tensors were copied into ``static``'s:
+    the graph's output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(static)
+    for name in TENSOR_ARGUMENTS:
+        if static[name] is not None:
+            static[name].copy_(fresh[name])
+    graph.replay()
+    torch.cuda.synchronize()
+    return out

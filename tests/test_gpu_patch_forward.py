@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules.cuda_patch_forward import PatchTiling, patch_forward_module
 from deft_tvm.tuning.workloads import get_workload
 
-from helpers import make_case
+from helpers import make_case, with_extreme_offsets
 
 pytestmark = pytest.mark.gpu
 
@@ -71,15 +70,6 @@ def _jobs():
     return [(spec, tiling) for spec, changes in cases for tiling in _tilings(spec, **changes)]
 
 
-def _extreme(case: dict) -> dict:
-    """Far outside, infinite and NaN offsets in 30 % of the entries."""
-    gen = torch.Generator().manual_seed(22)
-    values = torch.tensor([1e6, -1e6, 1e4, -1e4, math.inf, -math.inf, math.nan, 20.0, -1.0, 0.5])
-    pick = values[torch.randint(0, len(values), case["offset"].shape, generator=gen)].to(case["offset"].dtype)
-    case["offset"] = torch.where(torch.rand(case["offset"].shape, generator=gen) < 0.3, pick, case["offset"])
-    return case
-
-
 @pytest.fixture(scope="module")
 def kernels():
     """Every kernel of the module, compiled in parallel (nvcc runs outside the GIL)."""
@@ -119,7 +109,7 @@ def test_asymmetric_layer_matches_the_reference(kernels, precision, layer, halo,
     spec = _spec(layer, precision)
     case = make_case(spec, seed=21, offset_scale=3.0)
     if extreme:  # the reference's result, no out-of-bounds read
-        case = _extreme(case)
+        case = with_extreme_offsets(case, 22)
     _check(kernels, spec, case, halo=halo)
 
 
@@ -127,14 +117,14 @@ def test_asymmetric_layer_matches_the_reference(kernels, precision, layer, halo,
 def test_every_corner_outside_the_patch_on_the_global_path_matches_the_reference(kernels, extreme):
     spec = _spec(LAYER, "float16")
     case = make_case(spec, seed=24, offset_scale=3.0)
-    _check(kernels, spec, _extreme(case) if extreme else case, **NO_SLOTS)
+    _check(kernels, spec, with_extreme_offsets(case, 22) if extreme else case, **NO_SLOTS)
 
 
 @pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
 def test_a_layer_in_static_shared_memory_matches_the_reference(kernels, extreme):
     assert not any(tiling.dynamic(POINTWISE) for tiling in _tilings(POINTWISE))
     case = make_case(POINTWISE, seed=23, offset_scale=3.0)
-    _check(kernels, POINTWISE, _extreme(case) if extreme else case)
+    _check(kernels, POINTWISE, with_extreme_offsets(case, 22) if extreme else case)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -150,7 +140,7 @@ def test_r50_c5_matches_the_reference(kernels, precision):
 def test_split_k_matches_the_reference(kernels, precision, layer, extreme):
     spec = _spec(layer, precision)
     case = make_case(spec, seed=25, offset_scale=3.0)
-    _check(kernels, spec, _extreme(case) if extreme else case, **SPLITS)
+    _check(kernels, spec, with_extreme_offsets(case, 22) if extreme else case, **SPLITS)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -21,7 +21,7 @@ from deft_tvm.schedules import kernel_spec
 from deft_tvm.schedules.cuda_tensorcore import TensorCoreTiling, schedule_cuda_tensorcore, split_k_candidates
 from deft_tvm.tuning.workloads import get_workload
 
-from helpers import make_case
+from helpers import make_case, replayed_in_cuda_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -117,16 +117,5 @@ def test_r50_c5_bfloat16_split_kernel_under_cuda_graph_capture_and_replay():
     tiling = TensorCoreTiling.for_spec(spec)
     assert tiling.k_splits == 4
     static, fresh = _cuda(_c5("bfloat16").make_inputs(seed=4)), _cuda(_c5("bfloat16").make_inputs(seed=5))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _run(spec, tiling, static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = _run(spec, tiling, static)
-    for name in ("input", "offset", "weight", "bias", "mask"):
-        static[name].copy_(fresh[name])
-    graph.replay()
-    torch.cuda.synchronize()
+    out = replayed_in_cuda_graph(lambda args: _run(spec, tiling, args), static, fresh)
     assert torch.equal(out, _run(spec, tiling, fresh))

@@ -8,7 +8,6 @@ and replayed on new inputs. Skipped where there is no GPU."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules import kernel_spec, unfused_forward
 from deft_tvm.tuning.workloads import get_workload
 
-from helpers import make_case
+from helpers import make_case, replayed_in_cuda_graph, with_extreme_offsets
 
 pytestmark = pytest.mark.gpu
 
@@ -36,14 +35,6 @@ LAYER = DeformConvSpec(2, 256, 11, 19, 256, 3, 2, stride=(2, 1), padding=(1, 0),
 def _spec(spec: DeformConvSpec, precision: str) -> DeformConvSpec:
     tf32 = precision == "tf32"
     return dataclasses.replace(spec, dtype="float32" if tf32 else precision)
-
-
-def _extreme(case: dict) -> dict:
-    gen = torch.Generator().manual_seed(31)
-    values = torch.tensor([1e6, -1e6, 1e4, -1e4, math.inf, -math.inf, math.nan, 20.0, -1.0, 0.5])
-    pick = values[torch.randint(0, len(values), case["offset"].shape, generator=gen)].to(case["offset"].dtype)
-    case["offset"] = torch.where(torch.rand(case["offset"].shape, generator=gen) < 0.3, pick, case["offset"])
-    return case
 
 
 def _check(spec: DeformConvSpec, precision: str, case: dict, channels_last: bool = False) -> None:
@@ -66,7 +57,7 @@ def _check(spec: DeformConvSpec, precision: str, case: dict, channels_last: bool
 def test_asymmetric_wide_layer_matches_the_reference(precision, mask_bias, extreme):
     spec = dataclasses.replace(_spec(LAYER, precision), has_mask=mask_bias, has_bias=mask_bias)
     case = make_case(spec, seed=41, offset_scale=3.0)
-    _check(spec, precision, _extreme(case) if extreme else case)
+    _check(spec, precision, with_extreme_offsets(case, 31) if extreme else case)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -88,18 +79,7 @@ def test_r50_c5_op_under_cuda_graph_capture_and_replay():
     workload = get_workload("r50dcn_c5", "bfloat16")
     static = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in workload.make_inputs(seed=6).items()}
     fresh = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in workload.make_inputs(seed=7).items()}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        deft_tvm.deform_conv2d(**static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = deft_tvm.deform_conv2d(**static)
-    for name in ("input", "offset", "weight", "bias", "mask"):
-        static[name].copy_(fresh[name])
-    graph.replay()
-    torch.cuda.synchronize()
+    out = replayed_in_cuda_graph(lambda args: deft_tvm.deform_conv2d(**args), static, fresh)
     reference = deform_conv2d_reference(**{k: v.double() if isinstance(v, torch.Tensor) else v
                                            for k, v in fresh.items()})
     assert_close(out, reference, tolerance_key("bfloat16", False))

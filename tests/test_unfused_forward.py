@@ -25,7 +25,7 @@ from deft_tvm.schedules.cuda_columns import ColumnsTiling, columns_cuda_space, s
 from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc
 from deft_tvm.tuning.workloads import get_workload
 
-from helpers import make_case
+from helpers import make_case, with_extreme_offsets
 
 CPU = target_for_device("cpu")
 SM90 = cuda_target("sm_90")
@@ -73,22 +73,13 @@ def test_the_glue_refuses_layers_it_cannot_multiply():
         unfused_forward_kernel(dataclasses.replace(LAYER, layout="NCHW"), None, None)
 
 
-def _extreme(case: dict) -> dict:
-    """Far outside, infinite and NaN offsets in 30 % of the entries."""
-    gen = torch.Generator().manual_seed(5)
-    values = torch.tensor([1e6, -1e6, 1e4, -1e4, math.inf, -math.inf, math.nan, 20.0, -1.0, 0.5])
-    pick = values[torch.randint(0, len(values), case["offset"].shape, generator=gen)].to(case["offset"].dtype)
-    case["offset"] = torch.where(torch.rand(case["offset"].shape, generator=gen) < 0.3, pick, case["offset"])
-    return case
-
-
 @pytest.mark.parametrize("extreme", [False, True], ids=["normal_offsets", "extreme_offsets"])
 @pytest.mark.parametrize("with_mask_and_bias", [True, False], ids=["mask_bias", "plain"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_columns_times_the_weight_is_the_reference_forward(dtype, with_mask_and_bias, extreme):
     spec = dataclasses.replace(LAYER, dtype=dtype, has_mask=with_mask_and_bias, has_bias=with_mask_and_bias)
     case = make_case(spec, seed=7, offset_scale=3.0)
-    case = _extreme(case) if extreme else case
+    case = with_extreme_offsets(case, 5) if extreme else case
     columns = compile_kernel(kernel_primfunc(spec, "columns"), CPU)["main"]
     transpose = compile_kernel(tvm.IRModule({"f": channels_first_output_primfunc(spec, bind_threads=False)}), CPU)
     forward = unfused_forward_kernel(spec, columns, transpose["channels_first_output"])

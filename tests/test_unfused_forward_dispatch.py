@@ -14,10 +14,11 @@ import torch
 import tvm
 from tvm import s_tir
 
-from deft_tvm.cli import _default_columns_entries, _parts
+from deft_tvm.cli import _default_entries, _parts
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import kernel_key
 from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.library import KernelEntry
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec, search_start
 from deft_tvm.tuning.search import ProfileInputs
@@ -85,14 +86,14 @@ def _args(**changes) -> argparse.Namespace:
 
 def test_tune_searches_the_columns_kernel_only_when_asked_and_where_the_forward_is_unfused():
     c5, c3 = get_workload("r50dcn_c5", "float16"), get_workload("r50dcn_c3", "float16")
-    assert _parts(_args(columns=True), c5, SM90) == ("forward", "columns")
-    assert _parts(_args(columns=False, backward=True), c5, SM90) == ("forward", "backward")
-    assert _parts(_args(columns=True), c3, SM90) == ("forward",)
-    assert _parts(_args(), c5, SM90) == ("forward", "columns")  # export: always where unfused
+    assert _parts(_args(), c5, SM90, columns=True) == ("forward", "columns")
+    assert _parts(_args(backward=True), c5, SM90, columns=False) == ("forward", "backward")
+    assert _parts(_args(), c3, SM90, columns=True) == ("forward",)
 
 
 def test_a_tuned_library_gets_the_default_columns_kernel_of_unfused_workloads():
-    entries = _default_columns_entries(_args(columns=False), SM90, [])
-    assert [(e.part, e.spec.key()) for e in entries] == [("columns", get_workload("r50dcn_c5", "float16")
-                                                          .for_target(SM90).spec.key())]
-    assert _default_columns_entries(_args(columns=False), SM90, entries) == []
+    c5, c3 = (get_workload(n, "float16").for_target(SM90).spec for n in ("r50dcn_c5", "r50dcn_c3"))
+    tuned = [KernelEntry(spec, None, origin="tuned") for spec in (c5, c3)]  # the forwards, tuned
+    entries = _default_entries(_args(), SM90, tuned)
+    assert [(e.part, e.spec.key(), e.origin) for e in entries] == [("columns", c5.key(), "default schedule")]
+    assert _default_entries(_args(), SM90, tuned + entries) == []

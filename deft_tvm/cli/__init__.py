@@ -110,33 +110,35 @@ def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch,
     return path
 
 
-def _parts(args, workload, target) -> tuple[str, ...]:
+def _parts(args, workload, target, columns: bool) -> tuple[str, ...]:
     """The kernels of ``workload`` to tune or export: the forward, the backward's with
-    ``--backward`` and the unfused forward's columns kernel where ``target`` runs the workload's
-    forward unfused (``schedules.unfused_forward``; ``deft-tvm tune`` only with ``--columns``)."""
+    ``--backward`` and, with ``columns``, the unfused forward's columns kernel where ``target`` runs
+    the workload's forward unfused (``schedules.unfused_forward``)."""
     from deft_tvm.schedules import unfused_forward
 
-    columns = getattr(args, "columns", True) and unfused_forward(workload.for_target(target).spec, target)
+    columns = columns and unfused_forward(workload.for_target(target).spec, target)
     return ("forward",) + (("backward",) if args.backward else ()) + (("columns",) if columns else ())
 
 
-def _default_columns_entries(args, target, entries) -> list:
-    """``KernelEntry``s of the default columns schedule for the workloads of ``args`` whose forward
-    ``target`` runs unfused and whose columns kernel ``entries`` lack (tuned without ``--columns``),
-    so that a library serves the forward the op runs."""
+def _default_entries(args, target, entries) -> list:
+    """``KernelEntry``s of the default schedule for the kernels of ``args``' workloads that
+    ``entries`` lack (``_parts``, the columns kernel included where the forward is unfused), so
+    that a library serves every kernel the op runs."""
     from deft_tvm.compute.kernels import kernel_primfunc
     from deft_tvm.runtime.library import KernelEntry
-    from deft_tvm.schedules import default_schedule, unfused_forward
+    from deft_tvm.schedules import default_schedule
 
     have = {kernel_key(e.spec, e.part) for e in entries}
     extra = []
     for name in args.workloads:
         for dtype in args.dtypes:
-            spec = get_workload(name, dtype, _tf32(args, dtype)).for_target(target).spec
-            if unfused_forward(spec, target) and kernel_key(spec, "columns") not in have:
-                have.add(kernel_key(spec, "columns"))
-                sch = default_schedule(kernel_primfunc(spec, "columns"), spec, target, "columns")
-                extra.append(KernelEntry(spec, sch, origin="default schedule", part="columns"))
+            workload = get_workload(name, dtype, _tf32(args, dtype))
+            for part in _parts(args, workload, target, columns=True):
+                spec = _part_spec(workload, target, part)
+                if kernel_key(spec, part) not in have:
+                    have.add(kernel_key(spec, part))
+                    sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)
+                    extra.append(KernelEntry(spec, sch, origin="default schedule", part=part))
     return extra
 
 
@@ -260,12 +262,12 @@ def cmd_tune(args) -> int:
     for name in args.workloads:
         for dtype in args.dtypes:
             workload = get_workload(name, dtype, _tf32(args, dtype))
-            for part in _parts(args, workload, target):
+            for part in _parts(args, workload, target, args.columns):
                 entry = _tune_kernel(args, target, name, workload, part)
                 if entry is None:
                     return 1
                 entries.append(entry)
-    entries += _default_columns_entries(args, target, entries)
+    entries += _default_entries(args, target, entries)  # the columns kernels not tuned (--columns)
     manifest = export_library(entries, target, args.out, "deft_kernels")
     print(f"exported {len(entries)} kernels for {target_tag(target)} -> {manifest}")
     load_library(manifest)
@@ -292,10 +294,8 @@ def _export_target(args):
 
 def cmd_export(args) -> int:
     """Compile tuned workloads (and optionally registry workloads with the default schedule) into one library."""
-    from deft_tvm.compute.kernels import kernel_primfunc
     from deft_tvm.runtime.library import KernelEntry, export_library
     from deft_tvm.runtime.records import best_schedule, database_dirs, read_part, target_tag
-    from deft_tvm.schedules import default_schedule
 
     target = _export_target(args)
     entries = []
@@ -305,15 +305,7 @@ def cmd_export(args) -> int:
             print(f"skipped  {directory}: no successful record for this target")
             continue
         entries.append(KernelEntry(spec, sch, origin=str(directory), part=read_part(directory)))
-    tuned = {kernel_key(e.spec, e.part) for e in entries}
-    for name in args.workloads:
-        for dtype in args.dtypes:
-            workload = get_workload(name, dtype, _tf32(args, dtype))
-            for part in _parts(args, workload, target):
-                spec = _part_spec(workload, target, part)
-                if kernel_key(spec, part) not in tuned:
-                    sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)
-                    entries.append(KernelEntry(spec, sch, origin="default schedule", part=part))
+    entries += _default_entries(args, target, entries)
     if not entries:
         raise UsageError(
             f"nothing to export: --logs {args.logs} holds no tuning records for {target_tag(target)} and no "

@@ -179,15 +179,19 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     return inputs, output
 
 
+def _main_module(spec: DeformConvSpec, inputs: list[te.Tensor], output: te.Tensor):
+    """``inputs`` and ``output`` as an unscheduled TIR PrimFunc ``main`` in an IRModule, indexed in
+    ``spec.index_dtype``."""
+    import tvm
+
+    func = te.create_prim_func(inputs + [output], index_dtype_override=spec.index_dtype)
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
 def deform_conv2d_primfunc(spec: DeformConvSpec):
     """The compute as an unscheduled TIR PrimFunc in an IRModule (function name ``main``), indexed
     in ``spec.index_dtype``."""
-    import tvm
-
-    inputs, output = deform_conv2d_te(spec)
-    func = te.create_prim_func(inputs + [output], index_dtype_override=spec.index_dtype)
-    func = func.with_attr("global_symbol", "main")
-    return tvm.IRModule({"main": func})
+    return _main_module(spec, *deform_conv2d_te(spec))
 
 
 def deform_columns_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
@@ -212,8 +216,4 @@ def deform_columns_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]
 
 def deform_columns_primfunc(spec: DeformConvSpec):
     """``deform_columns_te`` as an unscheduled TIR PrimFunc in an IRModule (``main``)."""
-    import tvm
-
-    inputs, columns = deform_columns_te(spec)
-    func = te.create_prim_func(inputs + [columns], index_dtype_override=spec.index_dtype)
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return _main_module(spec, *deform_columns_te(spec))

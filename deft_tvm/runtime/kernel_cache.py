@@ -142,10 +142,10 @@ def load_or_build_library(name: str, fingerprint: str, target: tvm.target.Target
     return [executable[f] for f in functions]
 
 
-def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch) -> Callable:
-    """The kernel of ``spec`` scheduled by ``sch``, from the disk cache or compiled into it."""
-    return load_or_build_library(spec.key(), _fingerprint(sch.mod), target, lambda: build(spec, target, sch),
-                                 ("main",))[0]
+def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch, part: str = "forward") -> Callable:
+    """The kernel of ``spec``'s ``part`` scheduled by ``sch``, from the disk cache or compiled into it."""
+    return load_or_build_library(kernel_key(spec, part), _fingerprint(sch.mod), target,
+                                 lambda: build(spec, target, sch), ("main",))[0]
 
 
 def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward") -> Callable:
@@ -175,7 +175,7 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
                 UntunedKernelWarning,
                 stacklevel=_user_stacklevel(),
             )
-        return load_or_build_library(key, _fingerprint(sch.mod), target, lambda: build(spec, target, sch), ("main",))[0]
+        return load_or_build(spec, target, sch, part)
 
     return memoized(_memory, _lock, (key, str(target)), compile_once)
 
@@ -302,14 +302,7 @@ def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Cal
     input_nhwc, weight_ohwi)``, the last two written."""
     from deft_tvm.schedules.cuda_layout import channels_last_primfunc
 
-    name = _channels_last_key(spec)
-
-    def load():
-        mod = tvm.IRModule({"channels_last": channels_last_primfunc(spec)})
-        return load_or_build_library(name, _fingerprint(mod), target, lambda: compile_kernel(mod, target),
-                                     ("channels_last",))[0]
-
-    return memoized(_memory, _lock, (name, str(target)), load)
+    return _layout_kernel(_channels_last_key(spec), "channels_last", lambda: channels_last_primfunc(spec), target)
 
 
 def channels_first_output_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
@@ -319,12 +312,18 @@ def channels_first_output_kernel(spec: DeformConvSpec, target: tvm.target.Target
     from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc
 
     n, o, oh, ow = spec.output_shape
-    name = f"channels_first_output_n{n}_o{o}_p{oh * ow}_{spec.dtype}"
+    return _layout_kernel(f"channels_first_output_n{n}_o{o}_p{oh * ow}_{spec.dtype}", "channels_first_output",
+                          lambda: channels_first_output_primfunc(spec), target)
+
+
+def _layout_kernel(name: str, function: str, primfunc: Callable, target: tvm.target.Target) -> Callable:
+    """The PrimFunc ``primfunc()`` (global symbol ``function``) compiled for ``target`` once, cached
+    in memory and on disk as the library ``name``."""
 
     def load():
-        mod = tvm.IRModule({"channels_first_output": channels_first_output_primfunc(spec)})
+        mod = tvm.IRModule({function: primfunc()})
         return load_or_build_library(name, _fingerprint(mod), target, lambda: compile_kernel(mod, target),
-                                     ("channels_first_output",))[0]
+                                     (function,))[0]
 
     return memoized(_memory, _lock, (name, str(target)), load)
 
