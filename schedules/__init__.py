@@ -18,8 +18,7 @@ from .cpu import deft_cpu_space, schedule_cpu, seed_cpu_schedule
 from .cpu_backward import backward_cpu_space, schedule_backward_cpu, seed_backward_cpu_schedule
 from .cuda import deft_cuda_space, schedule_cuda, seed_cuda_schedule
 from .cuda_backward import backward_cuda_space, schedule_backward_cuda, seed_backward_cuda_schedule
-from .cuda_backward_fused import DTYPE_BYTES
-from .cuda_columns import columns_cuda_space, schedule_columns_cuda, seed_columns_cuda_schedule
+from .cuda_columns import columns_bytes, columns_cuda_space, schedule_columns_cuda, seed_columns_cuda_schedule
 from .cuda_tensorcore import (
     deft_cuda_tensorcore_space,
     schedule_cuda_tensorcore,
@@ -54,10 +53,9 @@ def _takes_columns(spec) -> bool:
     0.055-0.084 ms on r50dcn_c4/c5 against the fused 0.093-0.185 ms, and lost on every narrower
     registry layer (128 and 64 channels) and in float32 without TF32 (cuBLAS's SGEMM alone
     0.20-0.26 ms against the fused 3xTF32 0.23-0.30 ms)."""
-    columns = spec.batch * spec.out_h * spec.out_w * spec.kernel_h * spec.kernel_w * spec.in_channels
     return (_takes_tensor_cores(spec) and spec.groups == 1 and (spec.dtype != "float32" or spec.tf32)
             and min(spec.in_channels, spec.out_channels) >= UNFUSED_MIN_CHANNELS
-            and columns * DTYPE_BYTES[spec.dtype] <= UNFUSED_MAX_COLUMNS_BYTES)
+            and columns_bytes(spec) <= UNFUSED_MAX_COLUMNS_BYTES)
 
 
 def _any_spec(spec) -> bool:

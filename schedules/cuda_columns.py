@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from tvm import s_tir
+from tvm import DataType, s_tir
 
 from deft_tvm.compute.forward import STAGE_COLUMNS, STAGE_CORNER, STAGE_SAMPLED
 from deft_tvm.compute.spec import DeformConvSpec
 
 from .cuda import place_sampling_point_in_registers
-from .cuda_backward_fused import DTYPE_BYTES
 
 POINT_CHOICES = (1, 2, 4, 8, 16)
 VECTOR_BYTES = (4, 8, 16)  # channels per thread and step: a 4-, 8- or 16-byte load per corner
@@ -45,6 +44,13 @@ class ColumnsTiling:
         return cls(points=4, vector=vector_choices(spec)[-1])
 
 
+def columns_bytes(spec: DeformConvSpec) -> int:
+    """Bytes of the columns matrix, ``[batch * out_h * out_w, kernel_h * kernel_w * in_channels]``
+    of the spec's dtype."""
+    values = spec.batch * spec.out_h * spec.out_w * spec.kernel_h * spec.kernel_w * spec.in_channels
+    return values * DataType(spec.dtype).bits // 8
+
+
 def lanes(spec: DeformConvSpec, vector: int) -> int:
     """Threads per point: ``in_channels / vector``, at most ``MAX_LANES``."""
     return min(MAX_LANES, spec.in_channels // vector)
@@ -55,7 +61,7 @@ def vector_choices(spec: DeformConvSpec) -> tuple[int, ...]:
     from 4 to 16 bytes; ``(1,)`` where none does."""
     per_group = spec.in_channels // spec.offset_groups
     found = tuple(
-        v for v in (b // DTYPE_BYTES[spec.dtype] for b in VECTOR_BYTES) if v >= 1 and per_group % v == 0
+        v for v in (b // (DataType(spec.dtype).bits // 8) for b in VECTOR_BYTES) if v >= 1 and per_group % v == 0
     )
     return found or (1,)
 
