@@ -164,6 +164,18 @@ class DeformConvSpec:
         reduction = self.in_channels // self.groups * self.kernel_h * self.kernel_w
         return 2 * self.batch * self.out_channels * self.out_h * self.out_w * reduction
 
+    def __hash__(self) -> int:  # the fields' hash, as dataclass's own, computed once: specs key the op's caches
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, field.name) for field in dataclasses.fields(self)))
+
+    def __getstate__(self) -> dict:
+        """The fields (and the cached key) without the cached hash: a string's hash differs between
+        processes."""
+        return {name: value for name, value in vars(self).items() if name != "_hash"}
+
     @functools.cached_property
     def _key(self) -> str:
         return (

@@ -5,7 +5,6 @@ Works on real and fake (meta) tensors alike: only shapes, dtypes and devices are
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -75,18 +74,31 @@ def spec_from_tensors(
     such signature: a repeated call costs building the signature and one dictionary look-up.
     """
     check_tensor_types(input, offset, weight, bias, mask)
-    signature = (*[None if t is None else (t.shape, t.dtype, t.device) for t in (input, offset, weight, bias, mask)],
-                 stride, padding, dilation)
+    return tensors_spec(input, offset, weight, bias, mask, (*stride, *padding, *dilation))
+
+
+def tensors_spec(input, offset, weight, bias, mask, hyper: tuple[int, ...]) -> DeformConvSpec:
+    """``spec_from_tensors`` for arguments known to be tensors (or None for bias and mask), the
+    hyper-parameters as one tuple ``(stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)``:
+    the eager call's path, which has checked the types already."""
+    signature = (hyper, *[None if t is None else (t.shape, t.dtype, t.device)
+                          for t in (input, offset, weight, bias, mask)])
     try:
-        return _cached_spec(signature)
+        spec = _specs.get(signature)
     except TypeError:  # symbolic (traced) sizes are not hashable: validate without the cache
         return _spec_from_signature(signature)
+    if spec is None:
+        spec = _spec_from_signature(signature)
+        if len(_specs) < _MAX_SIGNATURES:
+            _specs[signature] = spec
+    return spec
 
 
 def _spec_from_signature(signature) -> DeformConvSpec:
+    hyper = signature[0]
     input, offset, weight, bias, mask = (None if d is None else _Described(tuple(d[0]), d[1], d[2])
-                                         for d in signature[:5])
-    stride, padding, dilation = signature[5:]
+                                         for d in signature[1:])
+    stride, padding, dilation = hyper[0:2], hyper[2:4], hyper[4:6]
     named = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     given = {name: t for name, t in named.items() if t is not None}
 
@@ -163,4 +175,7 @@ def _spec_from_signature(signature) -> DeformConvSpec:
     return spec
 
 
-_cached_spec = functools.lru_cache(maxsize=4096)(_spec_from_signature)
+# Specs of the signatures seen (validated ones only: an error is raised again on every call); up to
+# _MAX_SIGNATURES, past which calls validate afresh.
+_specs: dict[tuple, DeformConvSpec] = {}
+_MAX_SIGNATURES = 4096

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from deft_tvm.frontend.checks import spec_from_tensors
+from deft_tvm.frontend.checks import spec_from_tensors, tensors_spec
 from deft_tvm.runtime.kernel_cache import forward_call
 
 
@@ -140,7 +140,7 @@ class _EagerDeformConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, offset, weight, bias, mask, hyper):
         ctx.save_for_backward(input, offset, weight, mask)
-        ctx.spec, ctx.hyper = _spec(input, offset, weight, bias, mask, *hyper), hyper
+        ctx.spec, ctx.hyper = tensors_spec(input, offset, weight, bias, mask, hyper), hyper
         return _forward(ctx.spec, input, offset, weight, bias, mask)
 
     @staticmethod
@@ -153,17 +153,17 @@ class _EagerDeformConv2d(torch.autograd.Function):
         return _argument_grads(grads, ctx.spec.has_bias, ctx.spec.has_mask)[:6]  # one None for the six ints
 
 
-_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 
 
 def plain_eager(tensors) -> bool:
-    """Whether a call on ``tensors`` (its non-None arguments, the input first) may skip the
-    dispatcher: plain tensors, the input on a CPU or CUDA device, nothing tracing
-    (``torch.compile``, ``torch.export``, ``torch.jit.trace``), no dispatch or torch-function mode
-    (fake tensors, ``make_fx``), no functorch transform (``vmap``, ``torch.func.grad``) and no
-    autocast, each of which needs the registered ops (as do arguments that are not tensors, for
-    the op's error)."""
-    if not _PLAIN_TENSOR_TYPES.issuperset(map(type, tensors)):
+    """Whether a call on ``tensors`` (its tensor arguments, the input first; None for an absent
+    bias or mask) may skip the dispatcher: plain tensors, the input on a CPU or CUDA device,
+    nothing tracing (``torch.compile``, ``torch.export``, ``torch.jit.trace``), no dispatch or
+    torch-function mode (fake tensors, ``make_fx``), no functorch transform (``vmap``,
+    ``torch.func.grad``) and no autocast, each of which needs the registered ops (as do arguments
+    that are not tensors, for the op's error)."""
+    if not _PLAIN_TENSOR_TYPES.issuperset(map(type, tensors)) or tensors[0] is None:
         return False
     device_type = tensors[0].device.type
     return (device_type in ("cpu", "cuda")
@@ -173,18 +173,22 @@ def plain_eager(tensors) -> bool:
             and not torch.is_autocast_enabled(device_type))
 
 
+def _wants_gradient(tensors) -> bool:
+    return torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors])
+
+
 def deform_conv2d_call(input, offset, weight, bias, mask, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                        dilation_h: int, dilation_w: int) -> torch.Tensor:
     """``deform_conv2d_op``'s arguments and result: where ``plain_eager`` allows, through
-    ``_EagerDeformConv2d`` if a gradient is wanted and straight to the kernel if not; through the
-    op otherwise."""
+    ``_EagerDeformConv2d`` if a gradient is wanted and straight to the kernel if not (the spec
+    from ``tensors_spec``, a look-up per repeated signature); through the op otherwise."""
     hyper = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
-    tensors = [t for t in (input, offset, weight, bias, mask) if t is not None]
+    tensors = (input, offset, weight, bias, mask)
     if not plain_eager(tensors):
         return deform_conv2d_op(input, offset, weight, bias, mask, *hyper)
-    if torch.is_grad_enabled() and any([t.requires_grad for t in tensors]):
+    if _wants_gradient(tensors):
         return _EagerDeformConv2d.apply(input, offset, weight, bias, mask, hyper)
-    return _forward(_spec(input, offset, weight, bias, mask, *hyper), input, offset, weight, bias, mask)
+    return _forward(tensors_spec(*tensors, hyper), input, offset, weight, bias, mask)
 
 AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}  # device type -> its autocast dispatch key
 _library = torch.library.Library("deft_tvm", "FRAGMENT")
