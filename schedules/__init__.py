@@ -82,7 +82,10 @@ class ScheduleFamily:
     record's trace that its search does not reach by mutating tile sizes (measured after it);
     ``transfer(mod, spec, source, trace)`` the point a record of the same layer in another dtype
     (``source``'s spec) decided, as a schedule of ``mod``, or None where there is none (a search's
-    start from another dtype's records, ``deft-tvm tune --seed-from``).
+    start from another dtype's records, ``deft-tvm tune --seed-from``); ``shape_generic``: whether
+    ``default`` also schedules the PrimFunc of a ``compute.spec.generic_spec`` (batch, height and
+    width TIR variables; the tiles of their loops fixed and their tails predicated), so that one
+    kernel serves every size of a layer configuration (``shape_generic``).
     """
 
     name: str
@@ -94,13 +97,15 @@ class ScheduleFamily:
     search_start: Callable
     refinements: Callable = _no_refinements
     transfer: Callable = _no_transfer
+    shape_generic: bool = False  # default() also takes a generic_spec: one kernel for every batch and image size
 
 
 # The first family that applies to a kernel is its family (tensor cores before SIMT).
 FAMILIES = (
-    ScheduleFamily("cpu", "llvm", "forward", _any_spec, schedule_cpu, deft_cpu_space, seed_cpu_schedule),
+    ScheduleFamily("cpu", "llvm", "forward", _any_spec, schedule_cpu, deft_cpu_space, seed_cpu_schedule,
+                   shape_generic=True),
     ScheduleFamily("cpu_backward", "llvm", "backward", _any_spec, schedule_backward_cpu, backward_cpu_space,
-                   seed_backward_cpu_schedule),
+                   seed_backward_cpu_schedule, shape_generic=True),
     ScheduleFamily("cuda_tensorcore", "cuda", "forward", _takes_tensor_cores, schedule_cuda_tensorcore,
                    deft_cuda_tensorcore_space, seed_tensorcore_schedule, tensorcore_refinements, tensorcore_transfer),
     ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule),
@@ -122,6 +127,14 @@ def schedule_family(spec, target, part: str = "forward") -> ScheduleFamily:
     raise NotImplementedError(
         f"no deft_tvm schedule for target kind {kind!r}; have {sorted({f.target_kind for f in FAMILIES})}"
     )
+
+
+def shape_generic(spec, target, part: str = "forward") -> bool:
+    """Whether the default ``part`` kernel of ``spec`` on ``target`` can be the one of its layer
+    configuration (``compute.spec.generic_spec``), which runs every batch and image size: its
+    family's ``shape_generic`` (the CPU's), and the call's sizes indexable in int32 (the generic
+    kernel's index type)."""
+    return schedule_family(spec, target, part).shape_generic and spec.index_dtype == "int32"
 
 
 def unfused_forward(spec, target) -> bool:

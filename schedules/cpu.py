@@ -8,6 +8,10 @@ One parallel task per (batch, output row):
      of the ``conv`` stage), by default the largest divisors of the output channels and width
      up to ``OUT_CHANNEL_TILE x WIDTH_TILE``;
   3. add the bias and cast while writing the row of every output channel.
+For a generic spec (``compute.spec.generic_spec``: batch, height and width TIR variables, one
+kernel for every size) the rows are not split: step 2 sums a tile of output channels over the
+whole row in memory, an inner loop of unknown extent that LLVM vectorises with a remainder (a
+split with a predicated tail leaves TVM 0.27's region analysis with negative buffer sizes).
 
 ``schedule_cpu`` uses fixed register tiles; ``deft_cpu_space`` is the MetaSchedule design space in
 which both tile sizes are ``sample_perfect_tile`` instructions; ``seed_cpu_schedule`` is the default
@@ -88,8 +92,11 @@ def apply_deft_cpu(sch: s_tir.Schedule, spec: DeformConvSpec, tile_factors) -> N
 
     n, co, oy, ox, rc, ky, kx = sch.get_loops(conv)
     co_outer, co_inner = sch.split(co, tile_factors(co, OUT_CHANNEL_TILE))
-    ox_outer, ox_inner = sch.split(ox, tile_factors(ox, WIDTH_TILE))
-    sch.reorder(n, oy, co_outer, ox_outer, rc, ky, kx, co_inner, ox_inner)
+    if spec.shape_generic:  # rows of unknown width: the tile's sums over the whole row, in memory
+        sch.reorder(n, oy, co_outer, rc, ky, kx, co_inner, ox)
+    else:
+        ox_outer, ox_inner = sch.split(ox, tile_factors(ox, WIDTH_TILE))
+        sch.reorder(n, oy, co_outer, ox_outer, rc, ky, kx, co_inner, ox_inner)
     row = sch.fuse(n, oy)
     sch.parallel(row)
 
@@ -101,9 +108,11 @@ def apply_deft_cpu(sch: s_tir.Schedule, spec: DeformConvSpec, tile_factors) -> N
     for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
         sch.compute_at(sch.get_sblock(stage), width, preserve_unit_loops=True)
 
-    accumulators = sch.cache_write(conv, 0, "local")
-    sch.reverse_compute_at(accumulators, ox_outer)
+    if not spec.shape_generic:
+        accumulators = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(accumulators, ox_outer)
     sch.reverse_compute_at(output, row)
     sch.unroll(co_inner)
     init = sch.decompose_reduction(conv, rc)
-    sch.vectorize(sch.get_loops(init)[-1])
+    if not spec.shape_generic:
+        sch.vectorize(sch.get_loops(init)[-1])

@@ -15,6 +15,10 @@
   tile is all of a group's output channels) and reused by the tile's channels;
 * ``grad_bias``: parallel over output channels.
 
+For a generic spec (``compute.spec.generic_spec``) no loop over a row is split: grad_columns sums
+each whole row over the output channels (the row innermost), grad_weight's partial sums are one
+per column of the row (``rfactor`` of the columns' loop).
+
 ``schedule_backward_cpu`` uses the default tiles (the largest divisors up to the constants);
 ``backward_cpu_space`` samples all three (``sample_perfect_tile``), ``seed_backward_cpu_schedule`` is the
 default as a point of that space.
@@ -36,7 +40,7 @@ MAX_TILE = 64
 def schedule_backward_cpu(mod, spec: DeformConvSpec) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.backward.deform_conv2d_backward_primfunc(spec)``."""
     sch = s_tir.Schedule(mod)
-    apply_backward_cpu(sch, spec.has_mask, fixed_tiles(sch))
+    apply_backward_cpu(sch, spec.has_mask, fixed_tiles(sch), spec.shape_generic)
     return sch
 
 
@@ -73,19 +77,25 @@ def _reduce_in_register(sch: s_tir.Schedule, acc_name: str, cast_name: str) -> N
     sch.set_scope(acc, 0, "local")
 
 
-def apply_backward_cpu(sch: s_tir.Schedule, has_mask: bool, tile_factors) -> None:
-    """Apply the CPU backward schedule in place; ``tile_factors(loop, default_tile)`` gives a loop's split."""
+def apply_backward_cpu(sch: s_tir.Schedule, has_mask: bool, tile_factors, generic: bool = False) -> None:
+    """Apply the CPU backward schedule in place; ``tile_factors(loop, default_tile)`` gives a loop's
+    split. ``generic``: the PrimFunc of a generic spec (batch, height and width variables), whose
+    rows are not split (see the module's docstring)."""
     sch.compute_inline(sch.get_sblock("coord_corner"))
     for name in ("coord_index", "coord_fraction", "coord_share"):
         _parallel(sch, sch.get_sblock(name), 4)
 
     columns = sch.get_sblock("grad_columns")
     n, c, ky, kx, oy, ox, ro = sch.get_loops(columns)
-    ox_outer, ox_inner = sch.split(ox, tile_factors(ox, WIDTH_TILE))
-    sch.reorder(ox_outer, ro, ox_inner)
+    if generic:  # the reduction outside the whole row, a loop of unknown extent for LLVM to vectorise
+        sch.reorder(ro, ox)
+    else:
+        ox_outer, ox_inner = sch.split(ox, tile_factors(ox, WIDTH_TILE))
+        sch.reorder(ox_outer, ro, ox_inner)
     sch.parallel(sch.fuse(n, c))
     init = sch.decompose_reduction(columns, ro)
-    sch.vectorize(sch.get_loops(init)[-1])
+    if not generic:
+        sch.vectorize(sch.get_loops(init)[-1])
 
     _reduce_in_register(sch, "grad_offset_acc", "grad_offset")
     if has_mask:
@@ -93,11 +103,17 @@ def apply_backward_cpu(sch: s_tir.Schedule, has_mask: bool, tile_factors) -> Non
 
     weight = sch.get_sblock("grad_weight_acc")
     rx = sch.get_loops(weight)[-1]
-    _, lane = sch.split(rx, tile_factors(rx, LANES))
-    lanes = sch.rfactor(lane, factor_axis=0)  # a partial sum per lane; grad_weight_acc adds them up
-    o, i, ky, kx, rn, ry, rx, lane = sch.get_loops(lanes)
-    o_outer, o_inner = sch.split(o, tile_factors(o, OUT_CHANNEL_TILE))
-    sch.reorder(o_outer, i, ky, kx, rn, ry, o_inner, rx, lane)
+    if generic:  # a partial sum per column of the row; grad_weight_acc adds them up
+        lanes = sch.rfactor(rx, factor_axis=4)
+        o, i, ky, kx, rn, ry, rx = sch.get_loops(lanes)
+        o_outer, o_inner = sch.split(o, tile_factors(o, OUT_CHANNEL_TILE))
+        sch.reorder(o_outer, i, ky, kx, rn, ry, o_inner, rx)
+    else:
+        _, lane = sch.split(rx, tile_factors(rx, LANES))
+        lanes = sch.rfactor(lane, factor_axis=0)  # a partial sum per lane; grad_weight_acc adds them up
+        o, i, ky, kx, rn, ry, rx, lane = sch.get_loops(lanes)
+        o_outer, o_inner = sch.split(o, tile_factors(o, OUT_CHANNEL_TILE))
+        sch.reorder(o_outer, i, ky, kx, rn, ry, o_inner, rx, lane)
     sch.parallel(sch.fuse(o_outer, i))
     sch.compute_at(sch.get_sblock("sampled_columns"), ry, preserve_unit_loops=True)
     accumulators = sch.cache_write(lanes, 0, "local")

@@ -36,11 +36,10 @@ def test_backward_compute_matches_the_reference(shape):
     expected = deform_conv2d_reference_backward(grad_output, **args)
 
     scatter = tvm.compile(tvm.IRModule({"scatter": scatter_primfunc(spec)}), target="llvm")["scatter"]
-    n, c, h, w = spec.input_shape
-    grad_input = torch.full((n, c, h * w), float("nan"), dtype=torch.float64)  # every element is written
+    grad_input = torch.full(spec.input_shape, float("nan"), dtype=torch.float64)  # every element is written
     scatter(*[tvm.runtime.from_dlpack(results[name]) for name in ("grad_columns", "coord_index", "coord_share")],
             tvm.runtime.from_dlpack(grad_input))
-    torch.testing.assert_close(grad_input.reshape(spec.input_shape), expected.input, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_input, expected.input, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results["grad_offset"], expected.offset, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results["grad_weight"], expected.weight, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results["grad_bias_acc"], torch.einsum("nopq->o", grad_output), rtol=1e-12, atol=1e-12)
@@ -59,9 +58,10 @@ def test_sorted_gather_equals_the_plane_scatter_bit_for_bit(shape):
     columns = torch.randn((n, c, *point_shape[2:6]), generator=gen, dtype=torch.float64)
     index = torch.randint(-1, h * w, point_shape, generator=gen, dtype=torch.int32)  # -1: outside
     share = torch.rand(point_shape, generator=gen, dtype=torch.float64)
-    scattered = torch.empty((n, c, h * w), dtype=torch.float64)
+    scattered = torch.empty(spec.input_shape, dtype=torch.float64)
     scatter = tvm.compile(tvm.IRModule({"scatter": scatter_primfunc(spec)}), target="llvm")["scatter"]
     scatter(columns, index, share, scattered)
+    scattered = scattered.flatten(2)
 
     order, starts = sort_by_pixel(index, h * w)
     assert starts[..., -1].eq((index >= 0).flatten(2).sum(-1)).all()  # entries outside sort last

@@ -178,25 +178,28 @@ def deform_conv2d_backward_primfunc(spec: DeformConvSpec):
 
 
 def scatter_primfunc(spec: DeformConvSpec):
-    """grad_input (in the accumulate dtype) as the scatter of ``grad_columns * coord_share`` to the
-    corners in ``coord_index``; each (batch, channel) plane is written by its own samples only, so
-    its loop can run in parallel without atomics and the sums are deterministic."""
+    """grad_input (``[batch, in_channels, height, width]`` in the accumulate dtype) as the scatter
+    of ``grad_columns * coord_share`` to the corners in ``coord_index``; each (batch, channel)
+    plane is written by its own samples only, so its loop can run in parallel without atomics and
+    the sums are deterministic. For a ``generic_spec`` the sizes are its variables, bound by
+    grad_input's shape."""
     from tvm.script import tirx as T
 
     acc = accumulate_dtype(spec.dtype)
     n, c, h, w = spec.input_shape
     kh, kw, og, oh, ow = spec.kernel_h, spec.kernel_w, spec.offset_groups, spec.out_h, spec.out_w
     cpg = c // og
-    n, c, pixels, planes = index_extents(spec, n, c, h * w, n * c)
+    n, c, h, w, pixels, planes = index_extents(spec, n, c, h, w, h * w, n * c)
 
     @T.prim_func
     def scatter(
         grad_columns: T.Buffer((n, c, kh, kw, oh, ow), acc),
         coord_index: T.Buffer((n, og, kh, kw, oh, ow, 4), "int32"),
         coord_share: T.Buffer((n, og, kh, kw, oh, ow, 4), acc),
-        grad_input: T.Buffer((n, c, pixels), acc),
+        grad_input_planes: T.Buffer((n, c, h, w), acc),
     ):
         T.func_attr({"global_symbol": "scatter", "tirx.noalias": True})
+        grad_input = T.decl_buffer((n, c, pixels), acc, data=grad_input_planes.data)  # the planes flat
         for plane in T.parallel(planes):
             for i in range(pixels):
                 grad_input[plane // c, plane % c, i] = T.cast(0, acc)

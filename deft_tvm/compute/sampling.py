@@ -36,7 +36,8 @@ def bilinear_share(ly, lx, corner, acc: str):
     return wy * wx
 
 
-def index_extents(spec: DeformConvSpec, *extents: int) -> tuple:
+def index_extents(spec: DeformConvSpec, *extents) -> tuple:
     """``extents`` as constants of ``spec.index_dtype``: the buffer shapes and loop extents of a
-    hand-written PrimFunc, so its index arithmetic is 64-bit exactly where it must be."""
-    return tuple(tirx.IntImm(spec.index_dtype, e) for e in extents)
+    hand-written PrimFunc, so its index arithmetic is 64-bit exactly where it must be (those of a
+    ``generic_spec``, int32 expressions of its size variables, as they are)."""
+    return tuple(tirx.IntImm(spec.index_dtype, e) if isinstance(e, int) else e for e in extents)

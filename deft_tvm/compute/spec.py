@@ -10,6 +10,17 @@ LAYOUTS = ("NCHW", "NHWC")
 INT32_MAX = 2**31 - 1
 
 
+def _out_size(size, kernel: int, stride: int, padding: int, dilation: int, generic: bool):
+    """torch's output size of a convolution; of a ``generic_spec``'s size variable, simplified
+    (``W + 2 - 3 + 1`` is ``W``: TVM's lowering of the sizes' expressions can fail otherwise)."""
+    out = (size + (2 * padding - dilation * (kernel - 1) - 1)) // stride + 1
+    if not generic:
+        return out
+    from tvm.sym.analyzer import Analyzer
+
+    return Analyzer().simplify(out)
+
+
 def accumulate_dtype(dtype: str) -> str:
     """The dtype sums and interpolation are computed in: float32 for the half types."""
     return "float64" if dtype == "float64" else "float32"
@@ -101,13 +112,13 @@ class DeformConvSpec:
 
     @property
     def out_h(self) -> int:
-        span = self.dilation[0] * (self.kernel_h - 1) + 1
-        return (self.height + 2 * self.padding[0] - span) // self.stride[0] + 1
+        return _out_size(self.height, self.kernel_h, self.stride[0], self.padding[0], self.dilation[0],
+                         self.shape_generic)
 
     @property
     def out_w(self) -> int:
-        span = self.dilation[1] * (self.kernel_w - 1) + 1
-        return (self.width + 2 * self.padding[1] - span) // self.stride[1] + 1
+        return _out_size(self.width, self.kernel_w, self.stride[1], self.padding[1], self.dilation[1],
+                         self.shape_generic)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -156,7 +167,16 @@ class DeformConvSpec:
             self.batch * self.in_channels * self.height * self.width,
             self.batch * self.out_channels * self.out_h * self.out_w,
         )
+        if self.shape_generic:  # the kernel checks nothing: calls pass only int32-indexable sizes (``fits_int32``)
+            return "int32"
         return "int64" if max(spaces) > INT32_MAX else "int32"
+
+    _generic = False  # not a field: set on the specs generic_spec makes
+
+    @property
+    def shape_generic(self) -> bool:
+        """Whether batch, height and width are TIR variables (``generic_spec``)."""
+        return self._generic
 
     @property
     def flops(self) -> int:
@@ -220,3 +240,37 @@ def kernel_key(spec: DeformConvSpec, part: str = "forward") -> str:
     if part not in PARTS:
         raise ValueError(f"unknown kernel part {part!r}; expected one of {', '.join(PARTS)}")
     return spec.key() if part == "forward" else f"{spec.key()}_{part}"
+
+
+GENERIC_DIMENSIONS = {"batch": "N", "height": "H", "width": "W"}  # field -> its variable's name (and in the key)
+
+
+def generic_spec(spec: DeformConvSpec) -> DeformConvSpec:
+    """The layer configuration of ``spec`` (channels, kernel, stride, padding, dilation, groups,
+    offset groups, mask, bias, dtype, layout, TF32) with ``batch``, ``height`` and ``width`` as
+    int32 TIR variables ``N``, ``H`` and ``W``: the compute builders take it to make one PrimFunc
+    for every size, whose key (``nN_c.._hH_wW_..``) names the configuration. Its shape properties
+    are TIR expressions (``out_h`` = ``(H + 2 * pad_h - span) // stride_h + 1``), its
+    ``index_dtype`` int32: a call of ``spec``'s sizes may run on it only where ``spec.index_dtype``
+    is int32 too. Built from a validated spec, so not validated again (``__post_init__`` compares
+    sizes). One object per configuration, so that it keys caches as a spec does (TIR variables
+    compare and hash by identity)."""
+    from tvm import tirx
+
+    if spec.shape_generic:
+        return spec
+    configuration = tuple((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec)
+                          if f.name not in GENERIC_DIMENSIONS)
+    generic = _generic_specs.get(configuration)
+    if generic is None:
+        generic = object.__new__(DeformConvSpec)
+        for name, value in configuration:
+            object.__setattr__(generic, name, value)
+        for name, variable in GENERIC_DIMENSIONS.items():
+            object.__setattr__(generic, name, tirx.Var(variable, "int32"))
+        object.__setattr__(generic, "_generic", True)
+        generic = _generic_specs.setdefault(configuration, generic)
+    return generic
+
+
+_generic_specs: dict[tuple, DeformConvSpec] = {}

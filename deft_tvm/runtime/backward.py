@@ -47,7 +47,8 @@ _lock = threading.Lock()
 def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
     cuda = target.kind.name == "cuda"
     if part == "gradients":
-        return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0])
+        return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0],
+                                          "backward")
     if part in ("fused", "fused_deterministic"):
         from deft_tvm.runtime.records import committed_fused_tilings
         from deft_tvm.schedules.cuda_backward_fused import (backward_entry, backward_workspace, default_tilings,
@@ -65,10 +66,11 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
-        func = sorted_gather_primfunc(spec, THREADS if cuda else None)
-    else:
-        func = scatter_primfunc(spec)
-    return compile_kernel(tvm.IRModule({part: func}), target)[part]
+        return compile_kernel(tvm.IRModule({part: sorted_gather_primfunc(spec, THREADS if cuda else None)}),
+                              target)[part]
+    mod = tvm.IRModule({part: scatter_primfunc(spec)})
+    return kernel_cache.load_or_build_library(f"{spec.key()}_scatter", kernel_cache.module_fingerprint(mod), target,
+                                              lambda: compile_kernel(mod, target), (part,))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,15 @@ def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
     loaded = _loaded(spec, target, part)
     if loaded is not None:
         return loaded
+    spec = _compiled_spec(spec, target, part)
     return kernel_cache.memoized(_kernels, _lock, (spec, target, part), lambda: _build(spec, target, part))
+
+
+def _compiled_spec(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> DeformConvSpec:
+    """The spec ``part`` is compiled for: the gradient kernels' and the scatter's are those of the
+    layer configuration where ``kernel_cache.compiled_spec`` says so for the backward (the CPU's),
+    one for every size."""
+    return kernel_cache.compiled_spec(spec, target, "backward") if part in ("gradients", "scatter") else spec
 
 
 def backward_parts(spec: DeformConvSpec, device_type: str, deterministic: bool) -> tuple[str, ...]:
@@ -126,9 +136,10 @@ def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_wo
     jobs = {}
     for spec in specs:
         for part in backward_parts(spec, device.type, deterministic):
-            key = (spec, target, part)
+            compiled = _compiled_spec(spec, target, part)
+            key = (compiled, target, part)
             if key not in _kernels and _loaded(spec, target, part) is None:
-                jobs[key] = (spec, part)
+                jobs[key] = (compiled, part)
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = {key: pool.submit(_build, spec, target, part) for key, (spec, part) in jobs.items()}
         kernels = {key: future.result() for key, future in futures.items()}
@@ -177,7 +188,7 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
         grad_input = torch.empty((n, c, h * w), dtype=acc, device=device)
         _kernel(spec, target, "gather")(columns.flatten(2), share.flatten(2), order, starts, grad_input)
     else:
-        grad_input = torch.empty((n, c, h * w), dtype=acc, device=device)
+        grad_input = torch.empty(spec.input_shape, dtype=acc, device=device)
         _kernel(spec, target, "scatter")(columns, index, share, grad_input)
     return (grad_input.reshape(spec.input_shape).to(input.dtype), results["grad_offset"], results["grad_weight"],
             results["grad_bias_acc"].to(input.dtype) if spec.has_bias else None,

@@ -4,8 +4,12 @@ Which schedule a workload gets: the fastest record of the tuning database commit
 package (``tuning_logs/<target-tag>/<workload-key>/``) when there is one, compiled from its trace
 with no search; otherwise the target's default schedule, with a one-time warning.
 
+On the CPU a workload without a tuned record or a loaded kernel of its sizes runs the default
+kernel of its layer configuration (``compiled_spec``, ``compute.spec.generic_spec``), compiled once
+for every batch and image size of the layer.
+
 The disk cache lives in ``$DEFT_TVM_CACHE_DIR`` (default ``~/.cache/deft_tvm``), one shared
-library per (TVM version, target, workload, schedule): the file name carries a structural hash of
+library per (TVM version, target, workload or configuration, schedule): the file name carries a structural hash of
 the scheduled module, so a new record or schedule never reuses a stale kernel. A corrupted or
 unloadable entry is rebuilt with a warning. Writes are atomic, so concurrent processes never see a
 half-written library.
@@ -31,7 +35,7 @@ import tvm
 import tvm_ffi
 
 from deft_tvm.compute.kernels import kernel_primfunc
-from deft_tvm.compute.spec import DeformConvSpec, kernel_key
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec, kernel_key
 from deft_tvm.runtime import library
 from deft_tvm.runtime.columns import unfused_forward_kernel
 from deft_tvm.runtime.library import loaded_kernel
@@ -91,15 +95,19 @@ def library_path(name: str, fingerprint: str, target: tvm.target.Target) -> Path
     return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / f"{name}-{fingerprint}.so"
 
 
-def _fingerprint(mod: tvm.IRModule) -> str:
+def module_fingerprint(mod: tvm.IRModule) -> str:
+    """A structural hash of ``mod``, as a disk-cache file name carries it."""
     return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def kernel_path(spec: DeformConvSpec, target: tvm.target.Target, sch=None, part: str = "forward") -> Path:
     """Where the compiled library of ``spec``'s ``part`` for ``target`` (scheduled by ``sch``,
-    default: the schedule ``schedule_for`` picks) is cached."""
-    sch = sch if sch is not None else schedule_for(spec, target, part)[0]
-    return library_path(kernel_key(spec, part), _fingerprint(sch.mod), target)
+    default: the schedule ``schedule_for`` picks for ``compiled_spec``'s spec, which it then
+    compiles) is cached."""
+    if sch is None:
+        spec = compiled_spec(spec, target, part)
+        sch = schedule_for(spec, target, part)[0]
+    return library_path(kernel_key(spec, part), module_fingerprint(sch.mod), target)
 
 
 def build(spec: DeformConvSpec, target: tvm.target.Target, sch=None):
@@ -144,8 +152,20 @@ def load_or_build_library(name: str, fingerprint: str, target: tvm.target.Target
 
 def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch, part: str = "forward") -> Callable:
     """The kernel of ``spec``'s ``part`` scheduled by ``sch``, from the disk cache or compiled into it."""
-    return load_or_build_library(kernel_key(spec, part), _fingerprint(sch.mod), target,
+    return load_or_build_library(kernel_key(spec, part), module_fingerprint(sch.mod), target,
                                  lambda: build(spec, target, sch), ("main",))[0]
+
+
+def compiled_spec(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> DeformConvSpec:
+    """The spec that ``spec``'s ``part`` kernel on ``target`` is compiled for, where no loaded
+    library has it: its layer configuration (``compute.spec.generic_spec``: one kernel for every
+    batch and image size) where ``schedules.shape_generic`` allows and no tuned record of these
+    exact sizes is committed; else ``spec``."""
+    from deft_tvm.schedules import shape_generic
+
+    if shape_generic(spec, target, part) and committed_database(spec, target, part) is None:
+        return generic_spec(spec)
+    return spec
 
 
 def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward") -> Callable:
@@ -154,21 +174,25 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
 
     A kernel from a library registered by ``deft_tvm.load_library`` wins; otherwise the committed
     tuned record, else the default schedule (with a one-time warning for a forward), is compiled
-    once and cached in memory and on disk. The forward takes ``(input, offset, mask?, weight,
-    bias?, output)``, the columns kernel ``(input, offset, mask?, columns)``, as contiguous tensors
-    on the device, and writes the last in place.
+    once and cached in memory and on disk: on the CPU, the default kernel of the layer
+    configuration (``compiled_spec``), which any later batch and image size reuses. The forward
+    takes ``(input, offset, mask?, weight, bias?, output)``, the columns kernel ``(input, offset,
+    mask?, columns)``, as contiguous tensors on the device, and writes the last in place.
     """
     target = target_for_device(device)
-    key = kernel_key(spec, part)
-    loaded = loaded_kernel(target.kind.name, key)
+    call_key = kernel_key(spec, part)
+    loaded = loaded_kernel(target.kind.name, call_key)
     if loaded is not None:
         return loaded
+    spec = compiled_spec(spec, target, part)
+    key = kernel_key(spec, part)
 
     def compile_once():
         sch, tuned = schedule_for(spec, target, part)
         if not tuned and part == "forward":
+            workload = call_key if key == call_key else f"{call_key} (compiled for its layer configuration {key})"
             warnings.warn(
-                f"deft_tvm: no tuned kernel for workload {key} on {target.kind.name} "
+                f"deft_tvm: no tuned kernel for workload {workload} on {target.kind.name} "
                 f"({target_tag(target)}); using the default schedule, compiled once and cached in "
                 f"{cache_dir()}. Registry workloads are tuned with `deft-tvm tune --workloads "
                 "NAME` (see `deft-tvm list`); load the exported library with deft_tvm.load_library().",
@@ -322,7 +346,7 @@ def _layout_kernel(name: str, function: str, primfunc: Callable, target: tvm.tar
 
     def load():
         mod = tvm.IRModule({function: primfunc()})
-        return load_or_build_library(name, _fingerprint(mod), target, lambda: compile_kernel(mod, target),
+        return load_or_build_library(name, module_fingerprint(mod), target, lambda: compile_kernel(mod, target),
                                      (function,))[0]
 
     return memoized(_memory, _lock, (name, str(target)), load)
@@ -333,9 +357,9 @@ def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> b
 
 
 def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
-    """Compile, in parallel, the forward kernels of ``specs`` (tuned record or default schedule;
-    the columns kernel and the output transpose of an unfused forward, ``forward_kernel``) that
-    the disk cache lacks, and load or compile the channels-last copies (``ForwardCall.arguments``)
+    """Compile, in parallel, the forward kernels of ``specs`` (tuned record or default schedule, of
+    the layer configuration where ``compiled_spec`` says; the columns kernel and the output
+    transpose of an unfused forward, ``forward_kernel``) that the disk cache lacks, and load or compile the channels-last copies (``ForwardCall.arguments``)
     of those that take them.
 
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
@@ -350,9 +374,10 @@ def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
             part = "columns" if unfused_forward(spec, target) else "forward"
             if part == "columns":
                 unfused[spec.output_shape, spec.dtype] = spec
-            sch = schedule_for(spec, target, part)[0]
-            if not kernel_path(spec, target, sch, part).exists():
-                missing[kernel_key(spec, part)] = (spec, sch, part)
+            compiled = compiled_spec(spec, target, part)
+            sch = schedule_for(compiled, target, part)[0]
+            if not kernel_path(compiled, target, sch, part).exists():
+                missing[kernel_key(compiled, part)] = (compiled, sch, part)
     layouts = {_channels_last_key(s): s for s in specs if _takes_channels_last_copies(s, device)}
 
     def build_and_store(spec, sch, part):
