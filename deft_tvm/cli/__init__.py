@@ -123,10 +123,13 @@ def _parts(args, workload, target, columns: bool) -> tuple[str, ...]:
 def _default_entries(args, target, entries) -> list:
     """``KernelEntry``s of the default schedule for the kernels of ``args``' workloads that
     ``entries`` lack (``_parts``, the columns kernel included where the forward is unfused), so
-    that a library serves every kernel the op runs."""
+    that a library serves every kernel the op runs: where the target's default kernel is
+    shape-generic (the CPU's, ``schedules.shape_generic``), that of the workload's layer
+    configuration, which serves every batch and image size."""
     from deft_tvm.compute.kernels import kernel_primfunc
+    from deft_tvm.compute.spec import generic_spec
     from deft_tvm.runtime.library import KernelEntry
-    from deft_tvm.schedules import default_schedule
+    from deft_tvm.schedules import default_schedule, shape_generic
 
     have = {kernel_key(e.spec, e.part) for e in entries}
     extra = []
@@ -135,6 +138,10 @@ def _default_entries(args, target, entries) -> list:
             workload = get_workload(name, dtype, _tf32(args, dtype))
             for part in _parts(args, workload, target, columns=True):
                 spec = _part_spec(workload, target, part)
+                if kernel_key(spec, part) in have:
+                    continue
+                if shape_generic(spec, target, part):
+                    spec = generic_spec(spec)
                 if kernel_key(spec, part) not in have:
                     have.add(kernel_key(spec, part))
                     sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)

@@ -221,8 +221,12 @@ class DeformConvSpec:
         return self._key
 
     def to_dict(self) -> dict:
-        """The fields as JSON-ready values (pairs as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The fields as JSON-ready values (pairs as lists; a generic spec's size variables as
+        their names)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.shape_generic:
+            fields.update(GENERIC_DIMENSIONS)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
     @classmethod
     def from_dict(cls, fields: dict) -> "DeformConvSpec":

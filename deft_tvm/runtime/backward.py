@@ -99,11 +99,15 @@ def _loaded(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Calla
 def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
     """``part`` ("gradients", "scatter" (CPU), "gather" or "fused" (CUDA)) of ``spec``'s backward for
     ``target`` (``target_for_device``'s: kept per target object), compiled once (the gradient
-    kernels of a loaded library win); a repeated call costs a dictionary look-up."""
+    kernels of a loaded library win, of the call's sizes or else of its layer configuration); a
+    repeated call costs a dictionary look-up."""
     loaded = _loaded(spec, target, part)
     if loaded is not None:
         return loaded
     spec = _compiled_spec(spec, target, part)
+    loaded = _loaded(spec, target, part) if spec.shape_generic else None  # a library's configuration kernels
+    if loaded is not None:
+        return loaded
     return kernel_cache.memoized(_kernels, _lock, (spec, target, part), lambda: _build(spec, target, part))
 
 
@@ -138,7 +142,7 @@ def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_wo
         for part in backward_parts(spec, device.type, deterministic):
             compiled = _compiled_spec(spec, target, part)
             key = (compiled, target, part)
-            if key not in _kernels and _loaded(spec, target, part) is None:
+            if key not in _kernels and _loaded(spec, target, part) is None and _loaded(compiled, target, part) is None:
                 jobs[key] = (compiled, part)
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = {key: pool.submit(_build, spec, target, part) for key, (spec, part) in jobs.items()}

@@ -172,10 +172,11 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
     """The kernel of ``spec``'s ``part`` (the forward, or the unfused forward's ``columns``) on
     ``device`` (a CPU or a CUDA GPU).
 
-    A kernel from a library registered by ``deft_tvm.load_library`` wins; otherwise the committed
-    tuned record, else the default schedule (with a one-time warning for a forward), is compiled
-    once and cached in memory and on disk: on the CPU, the default kernel of the layer
-    configuration (``compiled_spec``), which any later batch and image size reuses. The forward
+    A kernel from a library registered by ``deft_tvm.load_library`` (of the call's sizes, else of
+    its layer configuration) wins; otherwise the committed tuned record, else the default schedule
+    (with a one-time warning for a forward), is compiled once and cached in memory and on disk: on
+    the CPU, the default kernel of the layer configuration (``compiled_spec``), which any later
+    batch and image size reuses. The forward
     takes ``(input, offset, mask?, weight, bias?, output)``, the columns kernel ``(input, offset,
     mask?, columns)``, as contiguous tensors on the device, and writes the last in place.
     """
@@ -186,6 +187,9 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
         return loaded
     spec = compiled_spec(spec, target, part)
     key = kernel_key(spec, part)
+    loaded = loaded_kernel(target.kind.name, key) if key != call_key else None  # a library's configuration kernel
+    if loaded is not None:
+        return loaded
 
     def compile_once():
         sch, tuned = schedule_for(spec, target, part)
@@ -359,8 +363,9 @@ def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> b
 def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
     """Compile, in parallel, the forward kernels of ``specs`` (tuned record or default schedule, of
     the layer configuration where ``compiled_spec`` says; the columns kernel and the output
-    transpose of an unfused forward, ``forward_kernel``) that the disk cache lacks, and load or compile the channels-last copies (``ForwardCall.arguments``)
-    of those that take them.
+    transpose of an unfused forward, ``forward_kernel``) that neither a loaded library nor the disk
+    cache holds, and load or compile the channels-last copies (``ForwardCall.arguments``) of those
+    that take them.
 
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
     the number of forward kernels built.
@@ -375,6 +380,8 @@ def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
             if part == "columns":
                 unfused[spec.output_shape, spec.dtype] = spec
             compiled = compiled_spec(spec, target, part)
+            if loaded_kernel(target.kind.name, kernel_key(compiled, part)) is not None:
+                continue
             sch = schedule_for(compiled, target, part)[0]
             if not kernel_path(compiled, target, sch, part).exists():
                 missing[kernel_key(compiled, part)] = (compiled, sch, part)
