@@ -39,8 +39,50 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _load_model(reference: str):
+    """``MODULE:CALLABLE`` imported and called (no arguments): the model. UsageError naming what is
+    missing."""
+    import importlib
+
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"--model {reference}: expected MODULE:CALLABLE, e.g. my_package.models:build_dcn_net")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UsageError(f"--model {reference}: cannot import {module_name} ({err}); is it on PYTHONPATH?") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise UsageError(f"--model {reference}: {module_name} has no callable {attribute}")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {reference}: {attribute}() returned a {type(model).__name__}, expected a "
+                         "torch.nn.Module")
+    return model
+
+
+def cmd_build_model(args) -> int:
+    """Build a model's kernels (forward, and backward unless --no-backward) ahead, in parallel."""
+    from deft_tvm.frontend.model import build_model
+
+    _require_gpu(args, "build for --device cpu, or on a machine with a GPU")
+    model = _load_model(args.model).to(getattr(torch, args.input_dtype))
+    example = torch.empty(args.input_shape, dtype=getattr(torch, args.input_dtype), device="meta")
+    start = time.perf_counter()
+    built = build_model(model, example, device=args.device, backward_kernels=not args.no_backward,
+                        deterministic=args.deterministic)
+    for spec in built.specs:
+        print(f"layer    {spec.key()}")
+    print(f"built    {built.forward_kernels} forward and {built.backward_kernels} backward kernels for "
+          f"{len(built.specs)} layer calls on {args.device} in {time.perf_counter() - start:.1f} s "
+          f"(cached ones not rebuilt)")
+    return 0
+
+
 def cmd_build(args) -> int:
     """Compile a workload for this machine's target and check it against the float64 reference."""
+    if args.model:
+        return cmd_build_model(args)
     from deft_tvm.runtime.kernel_cache import get_kernel, kernel_path
     from deft_tvm.runtime.targets import target_for_device
 
@@ -342,6 +384,18 @@ def main(argv=None) -> int:
     build.add_argument("--workload", default=DEFAULT_WORKLOAD, choices=list(WORKLOADS))
     build.add_argument("--dtype", choices=SUPPORTED_DTYPES, default=None, help="default: the workload's dtype")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--model", metavar="MODULE:CALLABLE",
+                       help="instead of --workload: build the kernels of the model CALLABLE() returns, traced on "
+                            "the meta device with an input of --input-shape (forward and backward, in parallel)")
+    build.add_argument("--input-shape", type=int, nargs="+", default=[1, 3, 224, 224], metavar="SIZE",
+                       help="with --model: the example input's shape (default 1 3 224 224)")
+    build.add_argument("--input-dtype", choices=SUPPORTED_DTYPES, default="float32",
+                       help="with --model: the dtype of the model and its input")
+    build.add_argument("--device", choices=["cpu", "cuda"], default=_device(),
+                       help="with --model: default cuda if there is a GPU")
+    build.add_argument("--no-backward", action="store_true", help="with --model: the forward kernels only")
+    build.add_argument("--deterministic", action="store_true",
+                       help="with --model: the backward kernels of torch.use_deterministic_algorithms(True)")
     build.set_defaults(func=cmd_build)
     tune = sub.add_parser("tune", help="tune workloads with MetaSchedule, export the kernel library and check it")
     tune.add_argument("--workloads", nargs="+", default=[DEFAULT_WORKLOAD], choices=list(WORKLOADS))

@@ -14,6 +14,7 @@ Tensor shapes are those of ``deft_tvm.compute.spec.DeformConvSpec``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -53,9 +54,28 @@ def _forward(spec, input, offset, weight, bias, mask) -> torch.Tensor:
     return forward_call(spec, input.device).call(input, offset, mask, weight, bias)
 
 
+_recorded: list | None = None  # the specs of the fake forward calls, while ``recording_specs`` runs
+
+
+@contextlib.contextmanager
+def recording_specs():
+    """Within the block, the spec of every forward call that reaches the fake kernel (meta or fake
+    tensors: ``frontend.model.layer_specs`` traces a model on the meta device) is appended to the
+    list this yields. Not thread-safe: one recording at a time."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
+
+
 @deform_conv2d_op.register_fake
 def _deform_conv2d_fake(input, offset, weight, bias, mask, *hyper):
-    return input.new_empty(_spec(input, offset, weight, bias, mask, *hyper).output_shape)
+    spec = _spec(input, offset, weight, bias, mask, *hyper)
+    if _recorded is not None:
+        _recorded.append(spec)
+    return input.new_empty(spec.output_shape)
 
 
 @torch.library.custom_op("deft_tvm::deform_conv2d_backward", mutates_args=())

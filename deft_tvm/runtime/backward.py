@@ -131,11 +131,13 @@ def backward_parts(spec: DeformConvSpec, device_type: str, deterministic: bool) 
     return ("gradients", "gather")
 
 
-def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_workers: int = 8) -> int:
+def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_workers: int = 8,
+             progress=None) -> int:
     """Load or compile, in parallel threads (nvcc and LLVM run outside the GIL, where ``_kernel``
     builds one at a time on first use), the backward kernels (``backward_parts``) of ``specs`` on
     ``device`` that this process has not loaded yet; compiled ones go into the disk cache as on
-    first use. Returns how many were loaded or compiled."""
+    first use. ``progress``: as ``kernel_cache.finish`` takes it. Returns how many were loaded or
+    compiled."""
     target = target_for_device(device)
     jobs = {}
     for spec in specs:
@@ -146,7 +148,7 @@ def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_wo
                 jobs[key] = (compiled, part)
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = {key: pool.submit(_build, spec, target, part) for key, (spec, part) in jobs.items()}
-        kernels = {key: future.result() for key, future in futures.items()}
+        kernels = dict(zip(futures, kernel_cache.finish(list(futures.values()), progress)))
     with _lock:
         for key, kernel in kernels.items():
             _kernels.setdefault(key, kernel)

@@ -289,11 +289,18 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
     found = _forward_calls.get(key)
     if found is None:
         target = target_for_device(device)
-        kernel_spec = _kernel_spec(_tf32_spec(spec) if tf32 else spec, target)
+        kernel_spec = forward_spec(spec, device)
         copies = _takes_channels_last_copies(kernel_spec, device)
         found = _forward_calls[key] = ForwardCall(kernel_spec, forward_kernel(kernel_spec, device),
                                                   channels_last_kernel(kernel_spec, target) if copies else None)
     return found
+
+
+def forward_spec(spec: DeformConvSpec, device: torch.device) -> DeformConvSpec:
+    """The kernel spec of the forward of the call ``spec`` describes on ``device`` (float32 on
+    TF32 where torch's matmuls are, ``with_torch_tf32``; the layout of the target's schedule,
+    ``schedules.kernel_spec``): what ``forward_call`` runs and ``prebuild`` takes."""
+    return _kernel_spec(with_torch_tf32(spec, device), target_for_device(device))
 
 
 def forward_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
@@ -360,15 +367,31 @@ def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> b
     return spec.layout == "NHWC" and device.type == "cuda"
 
 
-def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
+def finish(futures, progress: Callable[[int], object] | None) -> list:
+    """The results of ``futures`` (a list), waited for as they complete; ``progress`` (e.g.
+    ``lambda total: tqdm.tqdm(total=total)``), if given, is called with their number and what it
+    returns gets ``update(1)`` per finished one and ``close()`` at the end."""
+    bar = progress(len(futures)) if progress is not None else None
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [future.result() for future in futures]
+
+
+def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callable[[int], object] | None = None) -> int:
     """Compile, in parallel, the forward kernels of ``specs`` (tuned record or default schedule, of
     the layer configuration where ``compiled_spec`` says; the columns kernel and the output
     transpose of an unfused forward, ``forward_kernel``) that neither a loaded library nor the disk
     cache holds, and load or compile the channels-last copies (``ForwardCall.arguments``) of those
     that take them.
 
-    Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it. Returns
-    the number of forward kernels built.
+    Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it; ``progress``
+    as ``finish`` takes it. Returns the number of forward kernels built.
     """
     from deft_tvm.schedules import unfused_forward
 
@@ -394,8 +417,7 @@ def prebuild(specs, device: torch.device, max_workers: int = 8) -> int:
         futures = [pool.submit(build_and_store, *item) for item in missing.values()]
         futures += [pool.submit(channels_last_kernel, spec, target) for spec in layouts.values()]
         futures += [pool.submit(channels_first_output_kernel, spec, target) for spec in unfused.values()]
-        for future in futures:
-            future.result()
+        finish(futures, progress)
     return len(missing)
 
 
