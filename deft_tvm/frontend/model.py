@@ -10,7 +10,7 @@ import torch
 
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.frontend.ops import recording_specs
-from deft_tvm.runtime import backward, kernel_cache
+from deft_tvm.runtime import kernel_cache
 
 
 def layer_specs(model: torch.nn.Module, *example_inputs) -> list[DeformConvSpec]:
@@ -64,6 +64,8 @@ def build_model(model: torch.nn.Module, *example_inputs, device: str | torch.dev
                                   _progress_bar("forward kernels") if progress else None)
     built_backward = 0
     if backward_kernels:
+        from deft_tvm.runtime import backward  # imported on use, as the op does: it loads the backward compute
+
         backward_specs = list(dict.fromkeys(kernel_cache.with_torch_tf32(s, device) for s in specs))
         built_backward = backward.prebuild(backward_specs, device, deterministic=deterministic,
                                            max_workers=max_workers,
