@@ -161,14 +161,14 @@ class DeformConvSpec:
         scatter's ``(batch, in_channels, kernel_h, kernel_w, out_h, out_w, 4)``; the tensors
         themselves are checked too, as a 1x1 kernel's corners can be fewer than the input's
         elements."""
+        if self.shape_generic:  # calls whose sizes need int64 keep kernels of their own (schedules.shape_generic)
+            return "int32"
         taps = self.kernel_h * self.kernel_w
         spaces = (
             self.batch * self.in_channels * taps * self.out_h * self.out_w * 4,
             self.batch * self.in_channels * self.height * self.width,
             self.batch * self.out_channels * self.out_h * self.out_w,
         )
-        if self.shape_generic:  # the kernel checks nothing: calls pass only int32-indexable sizes (``fits_int32``)
-            return "int32"
         return "int64" if max(spaces) > INT32_MAX else "int32"
 
     _generic = False  # not a field: set on the specs generic_spec makes

@@ -9,8 +9,8 @@ kernel of its layer configuration (``compiled_spec``, ``compute.spec.generic_spe
 for every batch and image size of the layer.
 
 The disk cache lives in ``$DEFT_TVM_CACHE_DIR`` (default ``~/.cache/deft_tvm``), one shared
-library per (TVM version, target, workload or configuration, schedule): the file name carries a structural hash of
-the scheduled module, so a new record or schedule never reuses a stale kernel. A corrupted or
+library per (TVM version, target, workload or configuration, schedule): the file name carries a
+structural hash of the scheduled module, so a new record or schedule never reuses a stale kernel. A corrupted or
 unloadable entry is rebuilt with a warning. Writes are atomic, so concurrent processes never see a
 half-written library.
 """
@@ -176,9 +176,9 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
     its layer configuration) wins; otherwise the committed tuned record, else the default schedule
     (with a one-time warning for a forward), is compiled once and cached in memory and on disk: on
     the CPU, the default kernel of the layer configuration (``compiled_spec``), which any later
-    batch and image size reuses. The forward
-    takes ``(input, offset, mask?, weight, bias?, output)``, the columns kernel ``(input, offset,
-    mask?, columns)``, as contiguous tensors on the device, and writes the last in place.
+    batch and image size reuses. The forward takes ``(input, offset, mask?, weight, bias?,
+    output)``, the columns kernel ``(input, offset, mask?, columns)``, as contiguous tensors on the
+    device, and writes the last in place.
     """
     target = target_for_device(device)
     call_key = kernel_key(spec, part)
