@@ -60,15 +60,16 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
             data = dataclasses.replace(data, fixed_point=True, deterministic=True)
         entry, = kernel_cache.load_or_build_library(
             f"{spec.key()}-{part.replace('fused', 'fused_backward')}", fingerprint(spec, data, weight, arch), target,
-            lambda: compile_kernel(tvm.IRModule({"backward": backward_entry(spec, data, weight)}), target),
+            lambda: compile_kernel(tvm.IRModule({"backward": kernel_cache.scripted(
+                lambda: backward_entry(spec, data, weight))}), target),
             ("backward",))
         return FusedKernels(entry, data, weight, reduce_segments(spec, data), backward_workspace(spec, data, weight))
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
-        return compile_kernel(tvm.IRModule({part: sorted_gather_primfunc(spec, THREADS if cuda else None)}),
-                              target)[part]
-    mod = tvm.IRModule({part: scatter_primfunc(spec)})
+        gather = kernel_cache.scripted(lambda: sorted_gather_primfunc(spec, THREADS if cuda else None))
+        return compile_kernel(tvm.IRModule({part: gather}), target)[part]
+    mod = tvm.IRModule({part: kernel_cache.scripted(lambda: scatter_primfunc(spec))})
     return kernel_cache.load_or_build_library(f"{spec.key()}_scatter", kernel_cache.module_fingerprint(mod), target,
                                               lambda: compile_kernel(mod, target), (part,))[0]
 

@@ -351,12 +351,24 @@ def channels_first_output_kernel(spec: DeformConvSpec, target: tvm.target.Target
                           lambda: channels_first_output_primfunc(spec), target)
 
 
+# TVMScript builds a PrimFunc by parsing Python source with ast.parse, which CPython 3.11 does not
+# make thread-safe ("SystemError: AST constructor recursion depth mismatch" when two threads parse):
+# the prebuilds' threads build their TVMScript PrimFuncs under this lock (the compiles run outside it).
+_script_lock = threading.Lock()
+
+
+def scripted(build_primfunc: Callable):
+    """``build_primfunc()`` (a function that builds a TVMScript PrimFunc) under the parse lock."""
+    with _script_lock:
+        return build_primfunc()
+
+
 def _layout_kernel(name: str, function: str, primfunc: Callable, target: tvm.target.Target) -> Callable:
     """The PrimFunc ``primfunc()`` (global symbol ``function``) compiled for ``target`` once, cached
     in memory and on disk as the library ``name``."""
 
     def load():
-        mod = tvm.IRModule({function: primfunc()})
+        mod = tvm.IRModule({function: scripted(primfunc)})
         return load_or_build_library(name, module_fingerprint(mod), target, lambda: compile_kernel(mod, target),
                                      (function,))[0]
 
