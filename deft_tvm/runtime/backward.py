@@ -35,12 +35,13 @@ import torch
 import tvm
 
 from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc, sorted_gather_primfunc
-from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype, kernel_key
-from deft_tvm.runtime import kernel_cache
-from deft_tvm.runtime.library import loaded_kernel
+from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
+from deft_tvm.runtime import kernel_cache, library
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
-_kernels: dict[tuple[DeformConvSpec, tvm.target.Target, str], Callable] = {}  # the target: target_for_device's
+# (spec, target, part): a compiled kernel; (spec, target, part, library generation): a call's kernel. The
+# target: target_for_device's.
+_kernels: dict[tuple, Callable] = {}
 _lock = threading.Lock()
 
 
@@ -91,32 +92,30 @@ class FusedKernels:
         return self.data_tiling.channel_splits
 
 
-def _loaded(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable | None:
-    """The kernel of ``part`` from a loaded library (``deft_tvm.load_library``): only the gradient
-    kernels are exported."""
-    return loaded_kernel(target.kind.name, kernel_key(spec, "backward")) if part == "gradients" else None
+def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target,
+                         part: str) -> tuple[Callable | None, DeformConvSpec]:
+    """``(kernel, compiled)`` of ``part``: a loaded library's kernel (``deft_tvm.load_library``;
+    only the gradient kernels are exported, ``kernel_cache.library_kernel``) or None, and the spec
+    compiled otherwise: the gradient kernels' and the scatter's that of the layer configuration
+    where ``kernel_cache.compiled_spec`` says so for the backward (the CPU's), the others ``spec``."""
+    if part == "gradients":
+        return kernel_cache.library_kernel(spec, target, "backward")
+    return None, kernel_cache.compiled_spec(spec, target, "backward") if part == "scatter" else spec
 
 
 def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
     """``part`` ("gradients", "scatter" (CPU), "gather" or "fused" (CUDA)) of ``spec``'s backward for
     ``target`` (``target_for_device``'s: kept per target object), compiled once (the gradient
-    kernels of a loaded library win, of the call's sizes or else of its layer configuration); a
-    repeated call costs a dictionary look-up."""
-    loaded = _loaded(spec, target, part)
-    if loaded is not None:
-        return loaded
-    spec = _compiled_spec(spec, target, part)
-    loaded = _loaded(spec, target, part) if spec.shape_generic else None  # a library's configuration kernels
-    if loaded is not None:
-        return loaded
-    return kernel_cache.memoized(_kernels, _lock, (spec, target, part), lambda: _build(spec, target, part))
-
-
-def _compiled_spec(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> DeformConvSpec:
-    """The spec ``part`` is compiled for: the gradient kernels' and the scatter's are those of the
-    layer configuration where ``kernel_cache.compiled_spec`` says so for the backward (the CPU's),
-    one for every size."""
-    return kernel_cache.compiled_spec(spec, target, "backward") if part in ("gradients", "scatter") else spec
+    kernels of a loaded library win, of the call's sizes or else of its layer configuration). Which
+    kernel a call takes is resolved once per loaded-library state: a repeated call costs a
+    dictionary look-up."""
+    call = (spec, target, part, library.generation)
+    kernel = _kernels.get(call)
+    if kernel is None:
+        loaded, compiled = _library_or_compiled(spec, target, part)
+        kernel = _kernels[call] = loaded if loaded is not None else kernel_cache.memoized(
+            _kernels, _lock, (compiled, target, part), lambda: _build(compiled, target, part))
+    return kernel
 
 
 def backward_parts(spec: DeformConvSpec, device_type: str, deterministic: bool) -> tuple[str, ...]:
@@ -143,9 +142,9 @@ def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_wo
     jobs = {}
     for spec in specs:
         for part in backward_parts(spec, device.type, deterministic):
-            compiled = _compiled_spec(spec, target, part)
+            loaded, compiled = _library_or_compiled(spec, target, part)
             key = (compiled, target, part)
-            if key not in _kernels and _loaded(spec, target, part) is None and _loaded(compiled, target, part) is None:
+            if key not in _kernels and loaded is None:
                 jobs[key] = (compiled, part)
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = {key: pool.submit(_build, spec, target, part) for key, (spec, part) in jobs.items()}

@@ -10,9 +10,9 @@ for every batch and image size of the layer.
 
 The disk cache lives in ``$DEFT_TVM_CACHE_DIR`` (default ``~/.cache/deft_tvm``), one shared
 library per (TVM version, target, workload or configuration, schedule): the file name carries a
-structural hash of the scheduled module, so a new record or schedule never reuses a stale kernel. A corrupted or
-unloadable entry is rebuilt with a warning. Writes are atomic, so concurrent processes never see a
-half-written library.
+structural hash of the scheduled module, so a new record or schedule never reuses a stale kernel.
+A corrupted or unloadable entry is rebuilt with a warning. Writes are atomic, so concurrent
+processes never see a half-written library.
 """
 
 from __future__ import annotations
@@ -168,6 +168,18 @@ def compiled_spec(spec: DeformConvSpec, target: tvm.target.Target, part: str = "
     return spec
 
 
+def library_kernel(spec: DeformConvSpec, target: tvm.target.Target,
+                   part: str = "forward") -> tuple[Callable | None, DeformConvSpec]:
+    """``(kernel, compiled)``: a loaded library's kernel of ``spec``'s ``part`` (of the call's sizes,
+    else of its layer configuration) or None, and the spec compiled where no library has one
+    (``compiled_spec``)."""
+    loaded = loaded_kernel(target.kind.name, kernel_key(spec, part))
+    compiled = compiled_spec(spec, target, part) if loaded is None else spec
+    if loaded is None and compiled is not spec:
+        loaded = loaded_kernel(target.kind.name, kernel_key(compiled, part))
+    return loaded, compiled
+
+
 def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward") -> Callable:
     """The kernel of ``spec``'s ``part`` (the forward, or the unfused forward's ``columns``) on
     ``device`` (a CPU or a CUDA GPU).
@@ -182,14 +194,10 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
     """
     target = target_for_device(device)
     call_key = kernel_key(spec, part)
-    loaded = loaded_kernel(target.kind.name, call_key)
+    loaded, spec = library_kernel(spec, target, part)
     if loaded is not None:
         return loaded
-    spec = compiled_spec(spec, target, part)
     key = kernel_key(spec, part)
-    loaded = loaded_kernel(target.kind.name, key) if key != call_key else None  # a library's configuration kernel
-    if loaded is not None:
-        return loaded
 
     def compile_once():
         sch, tuned = schedule_for(spec, target, part)
@@ -414,8 +422,8 @@ def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callab
             part = "columns" if unfused_forward(spec, target) else "forward"
             if part == "columns":
                 unfused[spec.output_shape, spec.dtype] = spec
-            compiled = compiled_spec(spec, target, part)
-            if loaded_kernel(target.kind.name, kernel_key(compiled, part)) is not None:
+            loaded, compiled = library_kernel(spec, target, part)
+            if loaded is not None:
                 continue
             sch = schedule_for(compiled, target, part)[0]
             if not kernel_path(compiled, target, sch, part).exists():
