@@ -107,7 +107,8 @@ FAMILIES = (
     ScheduleFamily("cpu_backward", "llvm", "backward", _any_spec, schedule_backward_cpu, backward_cpu_space,
                    seed_backward_cpu_schedule, shape_generic=True),
     ScheduleFamily("cuda_tensorcore", "cuda", "forward", _takes_tensor_cores, schedule_cuda_tensorcore,
-                   deft_cuda_tensorcore_space, seed_tensorcore_schedule, tensorcore_refinements, tensorcore_transfer),
+                   deft_cuda_tensorcore_space, seed_tensorcore_schedule, tensorcore_refinements, tensorcore_transfer,
+                   shape_generic=True),
     ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule),
     ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
                    seed_backward_cuda_schedule),
@@ -132,8 +133,8 @@ def schedule_family(spec, target, part: str = "forward") -> ScheduleFamily:
 def shape_generic(spec, target, part: str = "forward") -> bool:
     """Whether the default ``part`` kernel of ``spec`` on ``target`` can be the one of its layer
     configuration (``compute.spec.generic_spec``), which runs every batch and image size: its
-    family's ``shape_generic`` (the CPU's), and the call's sizes indexable in int32 (the generic
-    kernel's index type)."""
+    family's ``shape_generic`` (the CPU's forward and backward, the CUDA tensor-core forward), and
+    the call's sizes indexable in int32 (the generic kernel's index type)."""
     return schedule_family(spec, target, part).shape_generic and spec.index_dtype == "int32"
 
 

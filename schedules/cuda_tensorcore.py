@@ -32,6 +32,13 @@ part of the rest, three m16n8k8 products: about float32's accuracy, NVIDIA's sch
 GEMMs on tensor cores); all three on warp fragments (``cuda_warp_mma``). Positions are padded to
 whole fragments (``pad_einsum``). Other layers (float64, groups, channels not in multiples of 16)
 use the SIMT schedule.
+
+The default schedule also takes a layer configuration (``compute.spec.generic_spec``: batch,
+height and width as TIR variables): one kernel for every size. Its flat positions are padded to
+whole blocks, so that every split of them divides (TVM 0.27 sizes a buffer placed under a
+predicated tail from the tail's region: no constant for a variable extent, see ``cpu.py``), and a
+position's (image, row, column) is divided out by the output plane's size at run time. Its tiling
+is that of a map of many blocks (``TensorCoreTiling.for_spec``).
 """
 
 from __future__ import annotations
@@ -173,16 +180,24 @@ class TensorCoreTiling:
         channels or more (measured on the H200, ``tools/results/forward_tap_points_refine_h200.txt``)
         and a tap has ``TAP_POINTS_MIN_CHUNKS`` chunks or more. Layers of few blocks (see
         ``SPLIT_K_BLOCKS``) split the channel reduction ``SPLIT_K_DEFAULT`` ways with 256 output
-        channels per block (4 warps of 4 fragments)."""
+        channels per block (4 warps of 4 fragments).
+
+        A layer configuration (``spec.shape_generic``) takes the tiling of a map of many blocks (the
+        most position fragments per warp, no split-K) and no staged sampling points (staged per
+        tap, their buffer would be sized by the block's positions clipped at the map's variable end)."""
         k = fragment_shape(spec).k
         co_frags = spec.out_channels // spec.groups // FRAGMENT
-        p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
         k_frags = channel_fragments(spec)
         block_co = largest_divisor(co_frags, 8)
         wide = block_co > 4
-        frags_p = largest_divisor(p_frags, 4 if wide else 2)
+        if spec.shape_generic:
+            p_frags = frags_p = 4 if wide else 2
+        else:
+            p_frags = -(-spec.batch * spec.out_h * spec.out_w // FRAGMENT)
+            frags_p = largest_divisor(p_frags, 4 if wide else 2)
         splits = 1
-        if (spec.in_channels // spec.groups >= SPLIT_K_MIN_CHANNELS and SPLIT_K_DEFAULT in split_k_candidates(spec)
+        if (not spec.shape_generic and spec.in_channels // spec.groups >= SPLIT_K_MIN_CHANNELS
+                and SPLIT_K_DEFAULT in split_k_candidates(spec)
                 and (co_frags // block_co) * (p_frags // frags_p) < SPLIT_K_BLOCKS):
             splits, block_co = SPLIT_K_DEFAULT, largest_divisor(co_frags, 16)
         itemsize = 2 if k == 16 else 4
@@ -196,7 +211,8 @@ class TensorCoreTiling:
             frags_p=frags_p,
             k_frags=chunk_frags,
             vector=_vector(spec),
-            tap_points=(spec.in_channels // spec.offset_groups >= TAP_POINTS_MIN_GROUP_CHANNELS
+            tap_points=(not spec.shape_generic
+                        and spec.in_channels // spec.offset_groups >= TAP_POINTS_MIN_GROUP_CHANNELS
                         and k_frags // splits >= TAP_POINTS_MIN_CHUNKS * chunk_frags),
             k_splits=splits,
         )
@@ -252,6 +268,9 @@ class FixedTensorCoreTiles:
 
     def p_warps(self, sch, blocks_by_warps):
         return [None, self.t.warps_p]
+
+    def block_positions(self, sch):
+        return self.t.warps_p * self.t.frags_p * FRAGMENT
 
     def rc(self, sch, fragments):
         return [None, self.t.k_frags]
@@ -336,7 +355,7 @@ def _cooperative(sch, loops, warps_co, warps_p):
 
 def _flat_position(sch):
     """Index map of a ``(batch, out_h, out_w)`` position to its flat index in the output plane."""
-    _, _, out_h, out_w = (int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock(STAGE_OUTPUT)))
+    _, _, out_h, out_w = (sch.get(loop).extent for loop in sch.get_loops(sch.get_sblock(STAGE_OUTPUT)))
     return lambda n, oy, ox: n * (out_h * out_w) + oy * out_w + ox
 
 
@@ -421,11 +440,16 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
     if tap_points:  # corner reads then index the staged points by flat position, a tight region
         sch.transform_block_layout(sch.get_sblock(STAGE_CORNER),
                                    lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c))
-    positions = int(sch.get(sch.get_loops(conv)[1]).extent)
-    if positions % FRAGMENT:
-        # Positions padded to whole fragments: the padding samples zeros (its sampling points are
-        # never computed) and its results are never written out.
-        sch.pad_einsum(conv, [1, FRAGMENT, 1, 1, 1])
+    # Positions padded to whole fragments (a layer configuration's to whole blocks, see the module's
+    # docstring): the padding samples zeros (its sampling points are never computed) and its
+    # results are never written out.
+    pad = FRAGMENT
+    if spec.shape_generic:
+        if tap_points:
+            raise ValueError("a layer configuration's kernel (generic_spec) stages no sampling points per tap")
+        pad = tiles.block_positions(sch)
+    if spec.shape_generic or int(sch.get(sch.get_loops(conv)[1]).extent) % pad:
+        sch.pad_einsum(conv, [1, pad, 1, 1, 1])
         sch.compute_inline(sampled)
         sampled = sch.get_sblock(f"{STAGE_SAMPLED}_pad")
         sch.compute_inline(sch.get_sblock(f"{STAGE_CONV}_pad"))
@@ -458,11 +482,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
         k = ops.k
         sch.transform_layout(weight_frag, ("write", 0),
                              lambda ky, kx, co, rc: (ky, kx, co // 16, rc // k, *a_map(co % 16, rc % k, k)))
-        sch.transform_layout(sampled_frag, ("write", 0),
-                             lambda ky, kx, p, c: (ky, kx, p // 16, c // k, *b_map(p % 16, c % k, k)))
-        if total is None:
-            sch.transform_layout(conv, ("write", 0), lambda co, p: (co // 16, p // 16, *c_map(co % 16, p % 16)))
-        else:
+        if total is not None:
             sch.transform_layout(conv, ("write", 0),
                                  lambda s, co, p: (s, co // 16, p // 16, *c_map(co % 16, p % 16)))
 
@@ -487,6 +507,9 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
     # Epilogue, one accumulator fragment at a time: the warp stores it to shared memory, then its
     # lanes add the bias, cast and write it out (split-K: write it to the partial sums).
     sch.reverse_compute_at(conv_shared, warp, preserve_unit_loops=True)
+    if ops.warp_fragments and total is None:
+        from deft_tvm.schedules.cuda_warp_mma import c_map
+        sch.transform_layout(conv, ("write", 0), lambda co, p: (co // 16, p // 16, *c_map(co % 16, p % 16)))
     store_co, store_p = sch.get_loops(conv_shared)[-2:]
     store_co_f, store_co_i = sch.split(store_co, [None, FRAGMENT])
     store_p_f, store_p_i = sch.split(store_p, [None, FRAGMENT])
@@ -500,6 +523,11 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
 
     # Operand fragments are loaded per 16-channel step (placed before their producers are).
     sch.compute_at(sampled_frag, rc_f, preserve_unit_loops=True)
+    if ops.warp_fragments:
+        from deft_tvm.schedules.cuda_warp_mma import b_map
+        k = ops.k
+        sch.transform_layout(sampled_frag, ("write", 0),
+                             lambda ky, kx, p, c: (ky, kx, p // 16, c // k, *b_map(p % 16, c % k, k)))
     sch.compute_at(weight_frag, rc_f, preserve_unit_loops=True)
 
     def stage_weights():  # the chunk's weights of the tap, into shared memory

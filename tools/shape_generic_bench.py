@@ -1,7 +1,7 @@
-"""Shape-generic kernels against per-size kernels, side by side on the CPU.
+"""Shape-generic kernels against per-size kernels, side by side on the CPU or a CUDA GPU.
 
-    python tools/shape_generic_bench.py [--workloads NAME ...] [--dtypes float32 ...] [--runs 5]
-                                        [--csv PATH]
+    python tools/shape_generic_bench.py [--device cpu|cuda] [--workloads NAME ...] [--dtypes float32 ...]
+                                        [--tf32 off|on] [--runs 5] [--csv PATH]
 
 For each registry workload and dtype, the default-schedule kernels of its exact sizes and those
 of its layer configuration (``compute.spec.generic_spec``: batch, height and width TIR variables,
@@ -9,12 +9,19 @@ what the op runs on the CPU for every size; ``schedules/cpu.py``, ``schedules/cp
 are compiled and timed on the same arguments (the workload's profile offsets): the forward
 kernel, and the backward's gradient kernels plus the grad_input scatter. Prints and writes
 (``--csv``) per workload, dtype and part the median of ``--runs`` calls in ms of both and their
-ratio, with the CPU, torch's thread count and the commit. CUDA kernels are per size for now.
+ratio, with the CPU, torch's thread count and the commit.
+
+``--device cuda``: the tensor-core forward (``schedules/cuda_tensorcore.py``; the CUDA backward is
+per size) of each workload's kernel spec (channels last; float32 on TF32 with ``--tf32 on``):
+the default kernel of its exact sizes, that of its layer configuration, and the committed tuned
+record where there is one, compiled in parallel, each timed as the median of ``--runs`` rounds of
+20 back-to-back launches (GPU time per call, synchronized), with the GPU's name.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import platform
 import statistics
@@ -27,11 +34,17 @@ import tvm
 from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import generic_spec
-from deft_tvm.runtime.targets import compile_kernel
+from deft_tvm.bench import tf32_mode
+from deft_tvm.runtime.kernel_cache import schedule_for
+from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules import default_schedule
 from deft_tvm.tuning.workloads import get_workload
 
 DEFAULT_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "r50dcn_c5", "video_64c_180x320_og8")
+# Tensor-core workloads whose CUDA forward is fused (r50dcn_c4/c5 run the unfused columns + GEMM).
+CUDA_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "paper_64c_64x64_n32", "train_64c_64x64_n32",
+                  "train_128c_32x32_n32", "train_down_64to128_n32", "r50dcn_c3")
+LAUNCHES = 20
 
 
 def _median_ms(fn, runs: int) -> float:
@@ -72,19 +85,81 @@ def _calls(spec, kernels: dict, inputs: dict) -> dict:
     return {"forward": lambda: kernels["forward"](*args, output), "backward": backward}
 
 
+def _gpu_median_ms(fn, runs: int) -> float:
+    """Median over ``runs`` rounds of the GPU time per call of ``LAUNCHES`` back-to-back calls."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(LAUNCHES):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3 / LAUNCHES)
+    return statistics.median(times)
+
+
+def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> list[dict]:
+    """Rows of ``--device cuda`` (see the module docstring)."""
+    device = torch.device("cuda")
+    target = target_for_device(device)
+    gpu = torch.cuda.get_device_name(device)
+    print(f"gpu {gpu}, TF32 {'on' if tf32 else 'off'}, commit {commit or 'unknown'}")
+    cases = []
+    for name in workloads:
+        for dtype in dtypes:
+            workload = get_workload(name, dtype, tf32=tf32 and dtype == "float32")
+            spec = workload.for_target(target).spec
+            tuned, is_tuned = schedule_for(spec, target)
+            schedules = {"per_size": default_schedule(kernel_primfunc(spec), spec, target),
+                         "generic": default_schedule(kernel_primfunc(generic_spec(spec)), generic_spec(spec), target)}
+            if is_tuned:
+                schedules["tuned"] = tuned
+            cases.append((name, dtype, workload, spec, schedules))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        built = [{k: pool.submit(compile_kernel, sch.mod, target) for k, sch in schedules.items()}
+                 for *_, schedules in cases]
+        kernels = [{k: f.result()["main"] for k, f in futures.items()} for futures in built]
+    rows = []
+    for (name, dtype, workload, spec, _), compiled in zip(cases, kernels):
+        inputs = workload.make_inputs(device=device)
+        args = spec.kernel_arguments(*(inputs[k] for k in ("input", "offset", "mask", "weight", "bias")))
+        output = torch.empty(spec.output_shape, dtype=args[0].dtype, device=device)
+        ms = {k: _gpu_median_ms(lambda kernel=kernel: kernel(*args, output), runs) for k, kernel in compiled.items()}
+        row = {"workload": name, "dtype": dtype, "tf32": tf32, "part": "forward",
+               "per_size_ms": round(ms["per_size"], 4), "generic_ms": round(ms["generic"], 4),
+               "generic_over_per_size": round(ms["generic"] / ms["per_size"], 3),
+               "tuned_ms": round(ms["tuned"], 4) if "tuned" in ms else "",
+               "generic_over_tuned": round(ms["generic"] / ms["tuned"], 3) if "tuned" in ms else "",
+               "gpu": gpu, "commit": commit}
+        rows.append(row)
+        print(f"{name:24s} {dtype:8s} per-size {row['per_size_ms']:8.4f} ms  generic {row['generic_ms']:8.4f} ms  "
+              f"x{row['generic_over_per_size']:.2f}  tuned {row['tuned_ms']}", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--workloads", nargs="+", default=None,
+                        help=f"default: {' '.join(DEFAULT_WORKLOADS)} (cpu), {' '.join(CUDA_WORKLOADS)} (cuda)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--tf32", choices=("off", "on"), default="off", help="float32 on TF32 (cuda only)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--csv", help="write the rows here")
     args = parser.parse_args(argv)
-    target = tvm.target.Target("llvm")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if args.device == "cuda":
+        with tf32_mode(args.tf32):
+            rows = cuda_forward_rows(args.workloads or CUDA_WORKLOADS, args.dtypes, args.tf32 == "on", args.runs,
+                                     commit)
+        _write(args.csv, rows)
+        return
+    target = tvm.target.Target("llvm")
     cpu = platform.processor() or platform.machine()
     print(f"cpu {cpu}, torch threads {torch.get_num_threads()}, commit {commit or 'unknown'}")
     rows = []
-    for name in args.workloads:
+    for name in args.workloads or DEFAULT_WORKLOADS:
         for dtype in args.dtypes:
             workload = get_workload(name, dtype)
             spec, inputs = workload.spec, workload.make_inputs()
@@ -97,8 +172,12 @@ def main(argv=None) -> None:
                              "cpu": cpu, "threads": torch.get_num_threads(), "commit": commit})
                 print(f"{name:24s} {dtype:8s} {part:8s} per-size {per_size:9.2f} ms  generic {shared:9.2f} ms  "
                       f"x{shared / per_size:.2f}", flush=True)
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
+    _write(args.csv, rows)
+
+
+def _write(path, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)

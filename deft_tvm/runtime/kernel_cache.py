@@ -298,7 +298,7 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
     if found is None:
         target = target_for_device(device)
         kernel_spec = forward_spec(spec, device)
-        copies = _takes_channels_last_copies(kernel_spec, device)
+        copies = _takes_channels_last_copies(kernel_spec, device) and not _runs_generic(kernel_spec, target)
         found = _forward_calls[key] = ForwardCall(kernel_spec, forward_kernel(kernel_spec, device),
                                                   channels_last_kernel(kernel_spec, target) if copies else None)
     return found
@@ -385,6 +385,15 @@ def _layout_kernel(name: str, function: str, primfunc: Callable, target: tvm.tar
 
 def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> bool:
     return spec.layout == "NHWC" and device.type == "cuda"
+
+
+def _runs_generic(spec: DeformConvSpec, target: tvm.target.Target) -> bool:
+    """Whether the forward of ``spec`` (a kernel spec) runs its layer configuration's fused kernel
+    (``compiled_spec``): its input and weight then reach it channels last by torch's copies, as the
+    channels-last copy kernel is compiled per size."""
+    from deft_tvm.schedules import unfused_forward
+
+    return not unfused_forward(spec, target) and library_kernel(spec, target)[1].shape_generic
 
 
 def finish(futures, progress: Callable[[int], object] | None) -> list:

@@ -1,0 +1,64 @@
+"""Shape-generic CUDA forward (issue 16) on a real GPU (``pytest -m gpu``): the tensor-core forward of
+a layer configuration, compiled on the first call, serves calls of 20 random batch and image sizes
+without a compile and matches the float64 reference; skipped where there is no GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+import deft_tvm
+from deft_tvm.bench import tf32_mode
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec
+from deft_tvm.reference.tolerances import assert_close, tolerance_key
+from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.targets import target_for_device
+
+from helpers import make_case
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
+
+DEVICE = torch.device("cuda")
+CONFIGURATIONS = {  # tensor-core layers (one group, channels in multiples of 16), asymmetric hyper-parameters
+    "v2_float16": DeformConvSpec(1, 64, 20, 20, 64, 3, 3, padding=(1, 1), dtype="float16"),
+    "asymmetric_bfloat16": DeformConvSpec(1, 32, 20, 20, 48, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1),
+                                          offset_groups=2, dtype="bfloat16"),
+    "v1_tf32_no_bias": DeformConvSpec(1, 16, 20, 20, 32, 3, 3, padding=(2, 2), dilation=(2, 2), has_mask=False,
+                                      has_bias=False, dtype="float32"),
+}
+
+
+def _check_call(spec: DeformConvSpec, seed: int) -> None:
+    case = make_case(spec, seed=seed)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    with torch.no_grad():
+        out = deft_tvm.deform_conv2d(**args)
+        reference = deft_tvm.deform_conv2d_reference(
+            **{k: v.to(torch.float64) if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+    assert_close(out, reference, tolerance_key(spec.dtype, tf32=spec.dtype == "float32"))
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_twenty_random_sizes_after_one_warm_up_call_compile_nothing(name, isolated_cache, monkeypatch):
+    configuration = CONFIGURATIONS[name]
+    with tf32_mode("on"):
+        kernel = kernel_cache.forward_spec(configuration, DEVICE)
+        target = target_for_device(DEVICE)
+        assert kernel_cache.compiled_spec(kernel, target) is generic_spec(kernel)
+        _check_call(configuration, seed=0)  # the warm-up call compiles the configuration's forward
+        files = {p.name for p in isolated_cache.rglob("*.so")}
+        assert {f.rsplit("-", 1)[0] for f in files} == {generic_spec(kernel).key()}, files
+        compiled = []
+        monkeypatch.setattr(kernel_cache, "compile_kernel", lambda *args: compiled.append(args))
+        sizes = random.Random(name)
+        for seed in range(1, 21):
+            spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4), height=sizes.randint(17, 300),
+                                       width=sizes.randint(17, 300))
+            _check_call(spec, seed)
+        assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files

@@ -1,0 +1,59 @@
+"""Shape-generic CUDA forward (issue 16), on machines without a GPU too: the tensor-core forward of a
+layer configuration (batch, height and width as kernel parameters) generates CUDA and compiles with
+nvcc for sm_90 in every precision; calls on CUDA choose it where no tuned record of their sizes is
+committed. Its results on a GPU: ``test_gpu_shape_generic.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+
+import pytest
+
+from deft_tvm.compute.kernels import kernel_primfunc
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec
+from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.targets import compile_kernel, cuda_target
+from deft_tvm.schedules import default_schedule, kernel_spec, shape_generic
+from deft_tvm.schedules.cuda_tensorcore import TensorCoreTiling
+from deft_tvm.tuning.workloads import get_workload
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+
+TARGET = cuda_target("sm_90")
+LAYER = DeformConvSpec(2, 64, 20, 24, 64, 3, 3, padding=(1, 1), layout="NHWC")
+PRECISIONS = {  # dtype, TF32: WMMA float16, mma m16n8k16 bfloat16, m16n8k8 TF32 and 3xTF32
+    "float16": ("float16", False), "bfloat16": ("bfloat16", False), "tf32": ("float32", True),
+    "3xtf32": ("float32", False),
+}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_the_configurations_tensor_core_forward_compiles_with_sizes_as_parameters(precision):
+    dtype, tf32 = PRECISIONS[precision]
+    generic = generic_spec(dataclasses.replace(LAYER, dtype=dtype, tf32=tf32))
+    sch = default_schedule(kernel_primfunc(generic), generic, TARGET)
+    (device_module,) = compile_kernel(sch.mod, TARGET).mod.imports
+    source = device_module.inspect_source()
+    signature = re.search(r"main_kernel\(([^)]*)\)", source).group(1)
+    assert {"int N", "int H", "int W"} <= {a.strip() for a in signature.split(",")}, signature
+    # Every shared and local buffer has a constant size (blocks of whole positions: no clipped tail).
+    assert re.findall(r"__shared__ [^;\[]*\[(\d+)\]", source) and "extern __shared__" in source
+
+
+def test_the_tiling_of_a_configuration_is_a_large_maps():
+    generic = generic_spec(dataclasses.replace(LAYER, in_channels=512, out_channels=512))
+    tiling = TensorCoreTiling.for_spec(generic)
+    assert (tiling.frags_p, tiling.k_splits, tiling.tap_points) == (4, 1, False)
+
+
+def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_sizes_is_committed():
+    call = kernel_spec(dataclasses.replace(LAYER, batch=3, height=37, width=41), TARGET)
+    assert kernel_cache.compiled_spec(call, TARGET) is generic_spec(call)
+    assert not shape_generic(call, TARGET, "backward")  # the CUDA backward is compiled per size
+    assert kernel_cache.compiled_spec(call, TARGET, "backward") is call
+    tuned = get_workload("paper_64c_64x64_n32", "float16").for_target(TARGET).spec
+    assert kernel_cache.compiled_spec(tuned, TARGET) is tuned
+    simt = kernel_spec(dataclasses.replace(LAYER, dtype="float64"), TARGET)  # float64: the SIMT schedule
+    assert kernel_cache.compiled_spec(simt, TARGET) is simt
