@@ -25,27 +25,33 @@ R_TILE = 64  # channels per tile: 128 bytes of a 16-bit row written at once
 S_TILE = 32  # positions (or taps) per tile, fewer where a row has fewer
 
 
-def transpose_tile(r_extent: int, s_extent: int) -> tuple[int, int]:
+def transpose_tile(r_extent, s_extent) -> tuple[int, int]:
     """``(r_tile, s_tile)`` of the batched transpose of ``[B, r_extent, s_extent]``: at most
     ``R_TILE`` x ``S_TILE``, no larger than the extents (a weight's 3 x 3 taps: one 9-tap tile, read
-    as one contiguous run)."""
-    return min(R_TILE, r_extent), min(S_TILE, s_extent)
+    as one contiguous run); the full tile along an extent that is a TIR expression (a
+    ``generic_spec``'s)."""
+    return tuple(min(tile, e) if isinstance(e, int) else tile for tile, e in ((R_TILE, r_extent), (S_TILE, s_extent)))
 
 
-def batched_transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, dtype: str, idx: str,
-                      bind_threads: bool = True):
+def _ceil_div(extent, tile: int):
+    return -(-extent // tile) if isinstance(extent, int) else (extent + tile - 1) // tile
+
+
+def batched_transpose(r_extent, s_extent, batch, s_inner, dtype: str, idx: str, bind_threads: bool = True):
     """One batched transpose ``[B, R, S] -> [B, S, R]`` of ``dtype`` as TVMScript macros:
     ``(blocks, copy_block)``, where ``copy_block(src, dst, block)`` moves block ``block``'s tile
     from ``src`` (indexed ``[b, r, s // s_inner, s % s_inner]``) through the tile buffer into
     ``dst`` (indexed ``[b, s // s_inner, s % s_inner, r]``); ``blocks`` is the number of blocks,
-    of ``idx``, the index dtype. ``bind_threads=False``: serial loops, the tile in global memory."""
+    of ``idx``, the index dtype. The extents are ints, or int32 TIR expressions of a
+    ``generic_spec``'s size variables. ``bind_threads=False``: serial loops, the tile in global
+    memory."""
     from tvm.script import tirx as T
 
     _, threads_loop = thread_loops(bind_threads)
     scope = "shared" if bind_threads else "global"
     r_tile, s_tile = transpose_tile(r_extent, s_extent)
-    r_tiles, s_tiles = -(-r_extent // r_tile), -(-s_extent // s_tile)
-    imm = lambda v: tirx.IntImm(idx, v)  # noqa: E731
+    r_tiles, s_tiles = _ceil_div(r_extent, r_tile), _ceil_div(s_extent, s_tile)
+    imm = lambda v: tirx.IntImm(idx, v) if isinstance(v, int) else v  # noqa: E731
     tile_elements = r_tile * s_tile
     steps = -(-tile_elements // THREADS)
     blocks = imm(batch * r_tiles * s_tiles)
@@ -85,17 +91,26 @@ def batched_transpose(r_extent: int, s_extent: int, batch: int, s_inner: int, dt
     return blocks, copy_block
 
 
+def _index_dtype(spec: DeformConvSpec, shape) -> str:
+    """The index dtype of a copy of a tensor of ``shape``: int64 beyond int32's range; a
+    ``generic_spec``'s is int32 (calls beyond it keep per-size kernels)."""
+    if spec.shape_generic:
+        return "int32"
+    return "int64" if math.prod(shape) > INT32_MAX else "int32"
+
+
 def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     """``channels_last(input [N, C, H, W], weight [O, C / groups, kh, kw], input_nhwc [N, H, W, C],
     weight_ohwi [O, kh, kw, C / groups])`` (the spec's dtype, all contiguous): the last two are the
-    first two with the channels last. ``bind_threads=False``: the same loops, serial, the tile in
-    global memory (buildable for a CPU, where tests check the copies)."""
+    first two with the channels last; for a ``generic_spec``, of every batch and image size (its
+    variables bound by the tensors' shapes). ``bind_threads=False``: the same loops, serial, the
+    tile in global memory (buildable for a CPU, where tests check the copies)."""
     from tvm.script import tirx as T
 
     n, c, h, w = spec.input_shape
     o, ipg, kh, kw = spec.weight_shape
     dtype = spec.dtype
-    index = "int64" if math.prod(spec.input_shape) > INT32_MAX else "int32"
+    index = _index_dtype(spec, spec.input_shape)
     blocks_loop, _ = thread_loops(bind_threads)
     input_blocks, copy_input = batched_transpose(c, h * w, n, w, dtype, index, bind_threads)
     weight_blocks, copy_weight = batched_transpose(ipg, kh * kw, o, kw, dtype, "int32", bind_threads)
@@ -126,7 +141,7 @@ def channels_first_output_primfunc(spec: DeformConvSpec, bind_threads: bool = Tr
 
     n, o, oh, ow = spec.output_shape
     positions, dtype = oh * ow, spec.dtype
-    index = "int64" if math.prod(spec.output_shape) > INT32_MAX else "int32"
+    index = _index_dtype(spec, spec.output_shape)
     blocks_loop, _ = thread_loops(bind_threads)
     blocks, copy_block = batched_transpose(positions, o, n, 1, dtype, index, bind_threads)
 

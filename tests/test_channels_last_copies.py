@@ -1,8 +1,9 @@
 """The tensor-core forward's channels-last copies (``schedules.cuda_layout``, taken by
 ``runtime.kernel_cache.ForwardCall``): the copies are torch's permuted ones exactly (built
 serially for the CPU), the runtime takes them from one call where it is given NCHW tensors and
-torch's views where the input is already channels last, and the CUDA function compiles with nvcc
-for sm_90, in 64-bit indices past 2**31 elements."""
+torch's views where the input is already channels last, a layer configuration's copies
+(``generic_spec``) serve every size, and the CUDA function compiles with nvcc for sm_90, in 64-bit
+indices past 2**31 elements."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import tvm
 
-from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules.cuda_layout import channels_last_primfunc
@@ -53,6 +54,19 @@ def test_copies_are_torchs_permuted_copies(base, dtype):
     assert torch.equal(weight_ohwi, t["weight"].permute(0, 2, 3, 1))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_configurations_copies_serve_every_size(dtype):
+    copies = _serial(generic_spec(dataclasses.replace(TILED, dtype=dtype)))
+    for batch, height, width in ((1, 17, 5), (3, 40, 33)):
+        spec = dataclasses.replace(TILED, batch=batch, height=height, width=width, dtype=dtype)
+        t = _tensors(spec, getattr(torch, dtype))
+        input_nhwc = torch.full(spec.kernel_input_shape, float("nan"), dtype=t["input"].dtype)
+        weight_ohwi = torch.full(spec.kernel_weight_shape, float("nan"), dtype=t["input"].dtype)
+        copies(t["input"], t["weight"], input_nhwc, weight_ohwi)
+        assert torch.equal(input_nhwc, t["input"].permute(0, 2, 3, 1))
+        assert torch.equal(weight_ohwi, t["weight"].permute(0, 2, 3, 1))
+
+
 def _forward_call(spec, channels_last) -> kernel_cache.ForwardCall:
     return kernel_cache.ForwardCall(spec, None, channels_last)
 
@@ -84,7 +98,7 @@ def test_forward_call_takes_the_copies_for_channels_last_kernels_on_cuda_only(mo
                                offset_groups=1)
     call = kernel_cache.forward_call(nchw, torch.device("cuda"))
     assert call.spec.layout == "NHWC" and call.kernel == ("kernel", call.spec)
-    assert call.channels_last == ("copies", call.spec)
+    assert call.channels_last == ("copies", generic_spec(call.spec))  # an untuned layer: its configuration's
     assert call.output_shape == nchw.output_shape and call.copy_shapes == ((2, 9, 11, 32), (32, 3, 2, 32))
     assert kernel_cache.forward_call(nchw, torch.device("cuda")) is call  # looked up once
     monkeypatch.setattr(kernel_cache, "target_for_device", lambda device: tvm.target.Target("llvm"))
@@ -92,7 +106,9 @@ def test_forward_call_takes_the_copies_for_channels_last_kernels_on_cuda_only(mo
 
 
 @needs_nvcc
-@pytest.mark.parametrize("spec", [dataclasses.replace(SPEC, dtype="float16"), HUGE], ids=["small", "huge"])
+@pytest.mark.parametrize("spec", [dataclasses.replace(SPEC, dtype="float16"), HUGE,
+                                  generic_spec(dataclasses.replace(TILED, dtype="bfloat16"))],
+                         ids=["small", "huge", "configuration"])
 def test_cuda_copies_compile_with_nvcc(spec):
     source = compile_kernel(tvm.IRModule({"channels_last": channels_last_primfunc(spec)}),
                             cuda_target("sm_90")).mod.imports[0].inspect_source()

@@ -298,9 +298,10 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
     if found is None:
         target = target_for_device(device)
         kernel_spec = forward_spec(spec, device)
-        copies = _takes_channels_last_copies(kernel_spec, device) and not _runs_generic(kernel_spec, target)
+        copies = _takes_channels_last_copies(kernel_spec, device)
+        copies_spec = generic_spec(kernel_spec) if copies and _runs_generic(kernel_spec, target) else kernel_spec
         found = _forward_calls[key] = ForwardCall(kernel_spec, forward_kernel(kernel_spec, device),
-                                                  channels_last_kernel(kernel_spec, target) if copies else None)
+                                                  channels_last_kernel(copies_spec, target) if copies else None)
     return found
 
 
@@ -341,8 +342,9 @@ def _channels_last_key(spec: DeformConvSpec) -> str:
 
 def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
     """``schedules.cuda_layout.channels_last_primfunc(spec)`` compiled for ``target`` once (memory
-    and disk cache, keyed by the input and weight shapes and dtype): ``(input, weight,
-    input_nhwc, weight_ohwi)``, the last two written."""
+    and disk cache, keyed by the input and weight shapes and dtype; a ``generic_spec``'s serves
+    every batch and image size): ``(input, weight, input_nhwc, weight_ohwi)``, the last two
+    written."""
     from deft_tvm.schedules.cuda_layout import channels_last_primfunc
 
     return _layout_kernel(_channels_last_key(spec), "channels_last", lambda: channels_last_primfunc(spec), target)
@@ -389,8 +391,7 @@ def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> b
 
 def _runs_generic(spec: DeformConvSpec, target: tvm.target.Target) -> bool:
     """Whether the forward of ``spec`` (a kernel spec) runs its layer configuration's fused kernel
-    (``compiled_spec``): its input and weight then reach it channels last by torch's copies, as the
-    channels-last copy kernel is compiled per size."""
+    (``compiled_spec``): its channels-last copies are then the configuration's too."""
     from deft_tvm.schedules import unfused_forward
 
     return not unfused_forward(spec, target) and library_kernel(spec, target)[1].shape_generic
