@@ -46,7 +46,8 @@ def _takes_columns(spec) -> bool:
     columns and the weight (``deft_tvm.runtime.columns``). Taken by tensor-core layers
     (``_takes_tensor_cores``) of one group that multiply in float16, bfloat16 or TF32 and have
     at least ``UNFUSED_MIN_CHANNELS`` input and output channels, whose columns take at most
-    ``UNFUSED_MAX_COLUMNS_BYTES`` (r50 c4 in TF32: 77 MB). There the fused kernel gathers
+    ``UNFUSED_MAX_COLUMNS_BYTES`` (r50 c4 in TF32: 77 MB; a ``generic_spec``'s columns kernel, of
+    every size, is compiled for the calls whose columns fit). There the fused kernel gathers
     every sample again for each block of output channels, while the columns (``in_channels x
     taps`` values per position) are small: on an H200
     (tools/results/unfused_forward_kernels_h200_255cf6c.txt) the unfused kernels took
@@ -55,7 +56,7 @@ def _takes_columns(spec) -> bool:
     0.20-0.26 ms against the fused 3xTF32 0.23-0.30 ms)."""
     return (_takes_tensor_cores(spec) and spec.groups == 1 and (spec.dtype != "float32" or spec.tf32)
             and min(spec.in_channels, spec.out_channels) >= UNFUSED_MIN_CHANNELS
-            and columns_bytes(spec) <= UNFUSED_MAX_COLUMNS_BYTES)
+            and (spec.shape_generic or columns_bytes(spec) <= UNFUSED_MAX_COLUMNS_BYTES))
 
 
 def _any_spec(spec) -> bool:
@@ -113,7 +114,7 @@ FAMILIES = (
     ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
                    seed_backward_cuda_schedule),
     ScheduleFamily("cuda_columns", "cuda", "columns", _takes_columns, schedule_columns_cuda, columns_cuda_space,
-                   seed_columns_cuda_schedule),
+                   seed_columns_cuda_schedule, shape_generic=True),
 )
 
 
@@ -133,8 +134,8 @@ def schedule_family(spec, target, part: str = "forward") -> ScheduleFamily:
 def shape_generic(spec, target, part: str = "forward") -> bool:
     """Whether the default ``part`` kernel of ``spec`` on ``target`` can be the one of its layer
     configuration (``compute.spec.generic_spec``), which runs every batch and image size: its
-    family's ``shape_generic`` (the CPU's forward and backward, the CUDA tensor-core forward), and
-    the call's sizes indexable in int32 (the generic kernel's index type)."""
+    family's ``shape_generic`` (the CPU's forward and backward, the CUDA tensor-core forward and
+    columns kernel), and the call's sizes indexable in int32 (the generic kernel's index type)."""
     return schedule_family(spec, target, part).shape_generic and spec.index_dtype == "int32"
 
 

@@ -99,6 +99,11 @@ def _index_dtype(spec: DeformConvSpec, shape) -> str:
     return "int64" if math.prod(shape) > INT32_MAX else "int32"
 
 
+def output_positions(spec: DeformConvSpec):
+    """Positions of an output plane: ``out_h * out_w``, a ``generic_spec``'s the variable ``P``."""
+    return tirx.Var("P", "int32") if spec.shape_generic else spec.out_h * spec.out_w
+
+
 def channels_last_primfunc(spec: DeformConvSpec, bind_threads: bool = True):
     """``channels_last(input [N, C, H, W], weight [O, C / groups, kh, kw], input_nhwc [N, H, W, C],
     weight_ohwi [O, kh, kw, C / groups])`` (the spec's dtype, all contiguous): the last two are the
@@ -136,11 +141,12 @@ def channels_first_output_primfunc(spec: DeformConvSpec, bind_threads: bool = Tr
     (the spec's dtype, contiguous): the unfused forward's GEMM result, one row of output channels
     per position, written as the NCHW output (``[N, O, out_h, out_w]`` viewed with one unit axis):
     the batched transpose ``[N, positions, O] -> [N, O, positions]``, read along the channels and
-    written along the positions."""
+    written along the positions. For a ``generic_spec``, of every batch and number of positions
+    (TIR variables ``N`` and ``P``, bound by the tensors' shapes)."""
     from tvm.script import tirx as T
 
     n, o, oh, ow = spec.output_shape
-    positions, dtype = oh * ow, spec.dtype
+    positions, dtype = output_positions(spec), spec.dtype
     index = _index_dtype(spec, spec.output_shape)
     blocks_loop, _ = thread_loops(bind_threads)
     blocks, copy_block = batched_transpose(positions, o, n, 1, dtype, index, bind_threads)

@@ -1,7 +1,9 @@
 """Shape-generic CUDA forward (issue 16), on machines without a GPU too: the tensor-core forward of a
 layer configuration (batch, height and width as kernel parameters) generates CUDA and compiles with
-nvcc for sm_90 in every precision; calls on CUDA choose it where no tuned record of their sizes is
-committed. Its results on a GPU: ``test_gpu_shape_generic.py``."""
+nvcc for sm_90 in every precision; calls on CUDA choose it (or the unfused forward's columns kernel
+of the configuration) where no tuned record of their sizes is committed. Its results on a GPU:
+``test_gpu_shape_generic.py``; the generic columns kernel and transposes: ``test_unfused_forward.py``,
+``test_channels_last_copies.py``."""
 
 from __future__ import annotations
 
@@ -57,3 +59,6 @@ def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_siz
     assert kernel_cache.compiled_spec(tuned, TARGET) is tuned
     simt = kernel_spec(dataclasses.replace(LAYER, dtype="float64"), TARGET)  # float64: the SIMT schedule
     assert kernel_cache.compiled_spec(simt, TARGET) is simt
+    wide = kernel_spec(dataclasses.replace(LAYER, in_channels=256, out_channels=256, dtype="float16"), TARGET)
+    assert kernel_cache.compiled_spec(wide, TARGET, "columns") is generic_spec(wide)  # the unfused forward's
+    assert kernel_cache._runs_generic(wide, TARGET) and kernel_cache._runs_generic(call, TARGET)

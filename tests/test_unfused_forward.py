@@ -1,8 +1,9 @@
 """The unfused forward (columns kernel + GEMM, ``deft_tvm.runtime.columns``) without a GPU: which
 layers take it, the columns kernel's compute and the GEMM glue against the float64 reference on the
 CPU (torchvision-style asymmetric layer, offset groups, with and without mask and bias, extreme
-offsets), and its CUDA schedule (16-byte corner loads and stores) and output transpose compiling
-with nvcc for sm_90 on the layers it takes."""
+offsets; a layer configuration's kernels at several sizes), and its CUDA schedule (16-byte corner
+loads and stores) and output transpose compiling with nvcc for sm_90 on the layers it takes (a
+configuration's too)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import tvm
 
 from deft_tvm.compute.kernels import kernel_primfunc
-from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.reference.forward import deform_conv2d_reference
 from deft_tvm.reference.tolerances import assert_close, tolerance_key
 from deft_tvm.runtime.columns import unfused_forward_kernel
@@ -91,11 +92,26 @@ def test_columns_times_the_weight_is_the_reference_forward(dtype, with_mask_and_
     assert_close(output, reference, tolerance_key(spec.dtype, spec.tf32))
 
 
+def test_a_configurations_columns_and_transpose_serve_every_size():
+    generic = generic_spec(dataclasses.replace(LAYER, dtype="float64"))
+    columns = compile_kernel(kernel_primfunc(generic, "columns"), CPU)["main"]
+    transpose = compile_kernel(tvm.IRModule({"f": channels_first_output_primfunc(generic, bind_threads=False)}), CPU)
+    for seed, (batch, height, width) in enumerate(((1, 9, 11), (3, 17, 6))):
+        spec = dataclasses.replace(LAYER, batch=batch, height=height, width=width, dtype="float64")
+        forward = unfused_forward_kernel(spec, columns, transpose["channels_first_output"])
+        case = make_case(spec, seed=seed)
+        args = spec.kernel_arguments(*(case[k] for k in ("input", "offset", "mask", "weight", "bias")))
+        output = torch.full(spec.output_shape, math.nan, dtype=torch.float64)
+        forward(*args, output)
+        assert_close(output, deform_conv2d_reference(**case), "float64")
+
+
 @needs_nvcc
 @pytest.mark.parametrize("precision", ["float16", "bfloat16", "tf32"])
-@pytest.mark.parametrize("name", ["r50dcn_c4", "r50dcn_c5"])
+@pytest.mark.parametrize("name", ["r50dcn_c4", "r50dcn_c5", "r50dcn_c5_configuration"])
 def test_the_columns_kernel_compiles_for_sm90_with_16_byte_loads_and_stores(name, precision):
-    spec = _kernel_spec(name, precision)
+    spec = _kernel_spec(name.removesuffix("_configuration"), precision)
+    spec = generic_spec(spec) if name.endswith("_configuration") else spec
     sch = schedule_columns_cuda(kernel_primfunc(spec, "columns"), spec)
     source = compile_kernel(sch.mod, SM90).mod.imports[0].inspect_source()
     assert ColumnsTiling.for_spec(spec).vector * (2 if spec.dtype != "float32" else 4) == 16
@@ -105,9 +121,11 @@ def test_the_columns_kernel_compiles_for_sm90_with_16_byte_loads_and_stores(name
 
 
 @needs_nvcc
+@pytest.mark.parametrize("configuration", [False, True], ids=["sizes", "configuration"])
 @pytest.mark.parametrize("precision", ["float16", "tf32"])
-def test_the_output_transpose_compiles_for_sm90_through_shared_memory(precision):
+def test_the_output_transpose_compiles_for_sm90_through_shared_memory(precision, configuration):
     spec = _kernel_spec("r50dcn_c5", precision)
+    spec = generic_spec(spec) if configuration else spec
     module = tvm.IRModule({"channels_first_output": channels_first_output_primfunc(spec)})
     source = compile_kernel(module, SM90).mod.imports[0].inspect_source()
     assert "__shared__" in source and "__syncthreads()" in source

@@ -11,7 +11,8 @@ kernel, and the backward's gradient kernels plus the grad_input scatter. Prints 
 (``--csv``) per workload, dtype and part the median of ``--runs`` calls in ms of both and their
 ratio, with the CPU, torch's thread count and the commit.
 
-``--device cuda``: the tensor-core forward (``schedules/cuda_tensorcore.py``; the CUDA backward is
+``--device cuda``: the tensor-core forward (``schedules/cuda_tensorcore.py``; for layers whose
+forward is unfused, r50dcn_c4/c5, the columns kernel, ``cuda_columns.py``; the CUDA backward is
 per size) of each workload's kernel spec (channels last; float32 on TF32 with ``--tf32 on``):
 the default kernel of its exact sizes, that of its layer configuration, and the committed tuned
 record where there is one, compiled in parallel, each timed as the median of ``--runs`` rounds of
@@ -37,13 +38,13 @@ from deft_tvm.compute.spec import generic_spec
 from deft_tvm.bench import tf32_mode
 from deft_tvm.runtime.kernel_cache import schedule_for
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
-from deft_tvm.schedules import default_schedule
+from deft_tvm.schedules import default_schedule, unfused_forward
 from deft_tvm.tuning.workloads import get_workload
 
 DEFAULT_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "r50dcn_c5", "video_64c_180x320_og8")
-# Tensor-core workloads whose CUDA forward is fused (r50dcn_c4/c5 run the unfused columns + GEMM).
+# Tensor-core workloads (r50dcn_c4/c5: the columns kernel of their unfused forward).
 CUDA_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "paper_64c_64x64_n32", "train_64c_64x64_n32",
-                  "train_128c_32x32_n32", "train_down_64to128_n32", "r50dcn_c3")
+                  "train_128c_32x32_n32", "train_down_64to128_n32", "r50dcn_c3", "r50dcn_c4", "r50dcn_c5")
 LAUNCHES = 20
 
 
@@ -110,30 +111,36 @@ def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> 
         for dtype in dtypes:
             workload = get_workload(name, dtype, tf32=tf32 and dtype == "float32")
             spec = workload.for_target(target).spec
-            tuned, is_tuned = schedule_for(spec, target)
-            schedules = {"per_size": default_schedule(kernel_primfunc(spec), spec, target),
-                         "generic": default_schedule(kernel_primfunc(generic_spec(spec)), generic_spec(spec), target)}
+            part = "columns" if unfused_forward(spec, target) else "forward"
+            tuned, is_tuned = schedule_for(spec, target, part)
+            schedules = {"per_size": default_schedule(kernel_primfunc(spec, part), spec, target, part),
+                         "generic": default_schedule(kernel_primfunc(generic_spec(spec), part), generic_spec(spec),
+                                                     target, part)}
             if is_tuned:
                 schedules["tuned"] = tuned
-            cases.append((name, dtype, workload, spec, schedules))
+            cases.append((name, dtype, part, workload, spec, schedules))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         built = [{k: pool.submit(compile_kernel, sch.mod, target) for k, sch in schedules.items()}
                  for *_, schedules in cases]
         kernels = [{k: f.result()["main"] for k, f in futures.items()} for futures in built]
     rows = []
-    for (name, dtype, workload, spec, _), compiled in zip(cases, kernels):
+    for (name, dtype, part, workload, spec, _), compiled in zip(cases, kernels):
         inputs = workload.make_inputs(device=device)
         args = spec.kernel_arguments(*(inputs[k] for k in ("input", "offset", "mask", "weight", "bias")))
-        output = torch.empty(spec.output_shape, dtype=args[0].dtype, device=device)
+        shape = spec.output_shape
+        if part == "columns":  # the columns kernel takes (input, offset, mask?) and writes the columns
+            args = args[:3 if spec.has_mask else 2]
+            shape = (spec.batch, spec.out_h, spec.out_w, spec.kernel_h, spec.kernel_w, spec.in_channels)
+        output = torch.empty(shape, dtype=args[0].dtype, device=device)
         ms = {k: _gpu_median_ms(lambda kernel=kernel: kernel(*args, output), runs) for k, kernel in compiled.items()}
-        row = {"workload": name, "dtype": dtype, "tf32": tf32, "part": "forward",
+        row = {"workload": name, "dtype": dtype, "tf32": tf32, "part": part,
                "per_size_ms": round(ms["per_size"], 4), "generic_ms": round(ms["generic"], 4),
                "generic_over_per_size": round(ms["generic"] / ms["per_size"], 3),
                "tuned_ms": round(ms["tuned"], 4) if "tuned" in ms else "",
                "generic_over_tuned": round(ms["generic"] / ms["tuned"], 3) if "tuned" in ms else "",
                "gpu": gpu, "commit": commit}
         rows.append(row)
-        print(f"{name:24s} {dtype:8s} per-size {row['per_size_ms']:8.4f} ms  generic {row['generic_ms']:8.4f} ms  "
+        print(f"{name:24s} {dtype:8s} {part:8s} per-size {row['per_size_ms']:8.4f} ms  generic {row['generic_ms']:8.4f} ms  "
               f"x{row['generic_over_per_size']:.2f}  tuned {row['tuned_ms']}", flush=True)
     return rows
 

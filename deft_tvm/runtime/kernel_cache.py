@@ -324,7 +324,8 @@ def forward_kernel(spec: DeformConvSpec, device: torch.device) -> Callable:
                      and loaded_kernel(target.kind.name, kernel_key(spec, "columns")) is None)
     if not library_fused and unfused_forward(spec, target):
         columns = get_kernel(spec, device, "columns")
-        return unfused_forward_kernel(spec, columns, channels_first_output_kernel(spec, target))
+        compiled = library_kernel(spec, target, "columns")[1]  # a configuration's: so is the output transpose
+        return unfused_forward_kernel(spec, columns, channels_first_output_kernel(compiled, target))
     return get_kernel(spec, device)
 
 
@@ -352,13 +353,13 @@ def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Cal
 
 def channels_first_output_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
     """``schedules.cuda_layout.channels_first_output_primfunc(spec)`` compiled for ``target`` once
-    (memory and disk cache, keyed by the output shape and dtype): ``(rows, output)``, the last
-    written."""
-    from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc
+    (memory and disk cache, keyed by the output shape and dtype; a ``generic_spec``'s serves every
+    size): ``(rows, output)``, the last written."""
+    from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc, output_positions
 
-    n, o, oh, ow = spec.output_shape
-    return _layout_kernel(f"channels_first_output_n{n}_o{o}_p{oh * ow}_{spec.dtype}", "channels_first_output",
-                          lambda: channels_first_output_primfunc(spec), target)
+    n, o = spec.output_shape[:2]
+    return _layout_kernel(f"channels_first_output_n{n}_o{o}_p{output_positions(spec)}_{spec.dtype}",
+                          "channels_first_output", lambda: channels_first_output_primfunc(spec), target)
 
 
 # TVMScript builds a PrimFunc by parsing Python source with ast.parse, which CPython 3.11 does not
@@ -390,11 +391,12 @@ def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> b
 
 
 def _runs_generic(spec: DeformConvSpec, target: tvm.target.Target) -> bool:
-    """Whether the forward of ``spec`` (a kernel spec) runs its layer configuration's fused kernel
-    (``compiled_spec``): its channels-last copies are then the configuration's too."""
+    """Whether the forward of ``spec`` (a kernel spec) runs its layer configuration's fused or columns
+    kernel (``compiled_spec``): its channels-last copies are then the configuration's too."""
     from deft_tvm.schedules import unfused_forward
 
-    return not unfused_forward(spec, target) and library_kernel(spec, target)[1].shape_generic
+    part = "columns" if unfused_forward(spec, target) else "forward"
+    return library_kernel(spec, target, part)[1].shape_generic
 
 
 def finish(futures, progress: Callable[[int], object] | None) -> list:
