@@ -17,6 +17,7 @@ from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.reference.tolerances import assert_close, tolerance_key
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import target_for_device
+from deft_tvm.schedules import unfused_forward
 
 from helpers import make_case
 
@@ -34,6 +35,9 @@ CONFIGURATIONS = {  # tensor-core layers (one group, channels in multiples of 16
                                       has_bias=False, dtype="float32"),
     "unfused_float16": DeformConvSpec(1, 256, 20, 20, 256, 3, 3, padding=(1, 1), dtype="float16"),
 }
+# The wide layer's sizes: those whose columns fit UNFUSED_MAX_COLUMNS_BYTES (N x H x W <= 58254 here), which the
+# unfused forward takes; larger calls take the configuration's fused kernel, compiled on the first of them.
+UNFUSED_SIZES = ((1, 2), (17, 160))
 
 
 def _check_call(spec: DeformConvSpec, seed: int) -> None:
@@ -60,8 +64,10 @@ def test_twenty_random_sizes_after_one_warm_up_call_compile_nothing(name, isolat
         compiled = []
         monkeypatch.setattr(kernel_cache, "compile_kernel", lambda *args: compiled.append(args))
         sizes = random.Random(name)
+        (n_low, n_high), (low, high) = UNFUSED_SIZES if part == "columns" else ((1, 4), (17, 300))
         for seed in range(1, 21):
-            spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4), height=sizes.randint(17, 300),
-                                       width=sizes.randint(17, 300))
+            spec = dataclasses.replace(configuration, batch=sizes.randint(n_low, n_high),
+                                       height=sizes.randint(low, high), width=sizes.randint(low, high))
+            assert unfused_forward(kernel_cache.forward_spec(spec, DEVICE), target) == (part == "columns")
             _check_call(spec, seed)
         assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files

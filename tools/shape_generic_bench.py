@@ -1,7 +1,7 @@
 """Shape-generic kernels against per-size kernels, side by side on the CPU or a CUDA GPU.
 
     python tools/shape_generic_bench.py [--device cpu|cuda] [--workloads NAME ...] [--dtypes float32 ...]
-                                        [--tf32 off|on] [--runs 5] [--csv PATH]
+                                        [--tf32 off|on] [--runs 5] [--csv PATH] [--commit SHA]
 
 For each registry workload and dtype, the default-schedule kernels of its exact sizes and those
 of its layer configuration (``compute.spec.generic_spec``: batch, height and width TIR variables,
@@ -140,8 +140,9 @@ def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> 
                "generic_over_tuned": round(ms["generic"] / ms["tuned"], 3) if "tuned" in ms else "",
                "gpu": gpu, "commit": commit}
         rows.append(row)
-        print(f"{name:24s} {dtype:8s} {part:8s} per-size {row['per_size_ms']:8.4f} ms  generic {row['generic_ms']:8.4f} ms  "
-              f"x{row['generic_over_per_size']:.2f}  tuned {row['tuned_ms']}", flush=True)
+        print(f"{name:24s} {dtype:8s} {part:8s} per-size {row['per_size_ms']:8.4f} ms  "
+              f"generic {row['generic_ms']:8.4f} ms  x{row['generic_over_per_size']:.2f}  tuned {row['tuned_ms']}",
+              flush=True)
     return rows
 
 
@@ -154,8 +155,10 @@ def main(argv=None) -> None:
     parser.add_argument("--tf32", choices=("off", "on"), default="off", help="float32 on TF32 (cuda only)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--csv", help="write the rows here")
+    parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse --short HEAD)")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
     if args.device == "cuda":
         with tf32_mode(args.tf32):
             rows = cuda_forward_rows(args.workloads or CUDA_WORKLOADS, args.dtypes, args.tf32 == "on", args.runs,
