@@ -12,6 +12,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, generic_spec
@@ -62,3 +63,19 @@ def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_siz
     wide = kernel_spec(dataclasses.replace(LAYER, in_channels=256, out_channels=256, dtype="float16"), TARGET)
     assert kernel_cache.compiled_spec(wide, TARGET, "columns") is generic_spec(wide)  # the unfused forward's
     assert kernel_cache._runs_generic(wide, TARGET) and kernel_cache._runs_generic(call, TARGET)
+
+
+def test_prebuild_builds_the_configurations_kernels_and_copies(isolated_cache, monkeypatch):
+    built, layouts = [], []
+    monkeypatch.setattr(kernel_cache, "target_for_device", lambda device: TARGET)
+    monkeypatch.setattr(kernel_cache, "build", lambda spec, target, sch: built.append(spec.key()))
+    monkeypatch.setattr(kernel_cache, "_export_atomically", lambda executable, path: None)
+    monkeypatch.setattr(kernel_cache, "channels_last_kernel", lambda spec, target: layouts.append(("last", spec)))
+    monkeypatch.setattr(kernel_cache, "channels_first_output_kernel",
+                        lambda spec, target: layouts.append(("first", spec)))
+    fused = kernel_spec(dataclasses.replace(LAYER, dtype="float16"), TARGET)
+    wide = kernel_spec(dataclasses.replace(LAYER, in_channels=256, out_channels=256, dtype="float16"), TARGET)
+    assert kernel_cache.prebuild([fused, wide], torch.device("cuda")) == 2
+    assert sorted(built) == sorted([generic_spec(fused).key(), generic_spec(wide).key()])  # forward, columns
+    assert sorted(layouts, key=str) == sorted([("last", generic_spec(fused)), ("last", generic_spec(wide)),
+                                               ("first", generic_spec(wide))], key=str)

@@ -428,19 +428,21 @@ def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callab
     from deft_tvm.schedules import unfused_forward
 
     target = target_for_device(device)
-    missing, unfused = {}, {}
+    missing, unfused, layouts = {}, {}, {}
     for spec in specs:
+        if _takes_channels_last_copies(spec, device):  # the copies forward_call takes: a configuration's or the call's
+            copies = generic_spec(spec) if _runs_generic(spec, target) else spec
+            layouts[_channels_last_key(copies)] = copies
         if loaded_kernel(target.kind.name, spec.key()) is None:
             part = "columns" if unfused_forward(spec, target) else "forward"
-            if part == "columns":
-                unfused[spec.output_shape, spec.dtype] = spec
             loaded, compiled = library_kernel(spec, target, part)
+            if part == "columns":  # the output transpose of the compiled columns kernel's spec (forward_kernel)
+                unfused[compiled] = compiled
             if loaded is not None:
                 continue
             sch = schedule_for(compiled, target, part)[0]
             if not kernel_path(compiled, target, sch, part).exists():
                 missing[kernel_key(compiled, part)] = (compiled, sch, part)
-    layouts = {_channels_last_key(s): s for s in specs if _takes_channels_last_copies(s, device)}
 
     def build_and_store(spec, sch, part):
         _export_atomically(build(spec, target, sch), kernel_path(spec, target, sch, part))
