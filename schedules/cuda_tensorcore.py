@@ -507,8 +507,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
     # Epilogue, one accumulator fragment at a time: the warp stores it to shared memory, then its
     # lanes add the bias, cast and write it out (split-K: write it to the partial sums).
     sch.reverse_compute_at(conv_shared, warp, preserve_unit_loops=True)
-    if ops.warp_fragments and total is None:
-        from deft_tvm.schedules.cuda_warp_mma import c_map
+    if ops.warp_fragments and total is None:  # after the epilogue's placement: see the sampled fragments'
         sch.transform_layout(conv, ("write", 0), lambda co, p: (co // 16, p // 16, *c_map(co % 16, p % 16)))
     store_co, store_p = sch.get_loops(conv_shared)[-2:]
     store_co_f, store_co_i = sch.split(store_co, [None, FRAGMENT])
@@ -523,9 +522,8 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
 
     # Operand fragments are loaded per 16-channel step (placed before their producers are).
     sch.compute_at(sampled_frag, rc_f, preserve_unit_loops=True)
-    if ops.warp_fragments:
-        from deft_tvm.schedules.cuda_warp_mma import b_map
-        k = ops.k
+    if ops.warp_fragments:  # laid out once placed: before, over a layer configuration's variable number of
+        # positions, the fragment load's bindings could not be blockized for tensorize (same code per size)
         sch.transform_layout(sampled_frag, ("write", 0),
                              lambda ky, kx, p, c: (ky, kx, p // 16, c // k, *b_map(p % 16, c % k, k)))
     sch.compute_at(weight_frag, rc_f, preserve_unit_loops=True)
