@@ -62,7 +62,8 @@ def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_siz
     assert kernel_cache.compiled_spec(simt, TARGET) is simt
     wide = kernel_spec(dataclasses.replace(LAYER, in_channels=256, out_channels=256, dtype="float16"), TARGET)
     assert kernel_cache.compiled_spec(wide, TARGET, "columns") is generic_spec(wide)  # the unfused forward's
-    assert kernel_cache._runs_generic(wide, TARGET) and kernel_cache._runs_generic(call, TARGET)
+    assert kernel_cache._forward_library_kernel(wide, TARGET) == ("columns", None, generic_spec(wide))
+    assert kernel_cache._forward_library_kernel(call, TARGET) == ("forward", None, generic_spec(call))
 
 
 def test_prebuild_builds_the_configurations_kernels_and_copies(isolated_cache, monkeypatch):

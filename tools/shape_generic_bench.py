@@ -16,7 +16,8 @@ forward is unfused, r50dcn_c4/c5, the columns kernel, ``cuda_columns.py``; the C
 per size) of each workload's kernel spec (channels last; float32 on TF32 with ``--tf32 on``):
 the default kernel of its exact sizes, that of its layer configuration, and the committed tuned
 record where there is one, compiled in parallel, each timed as the median of ``--runs`` rounds of
-20 back-to-back launches (GPU time per call, synchronized), with the GPU's name.
+20 back-to-back launches (GPU time per call by CUDA events, ``tuning.timing.gpu_ms``), with the
+GPU's name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import concurrent.futures
 import csv
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -35,10 +35,11 @@ import tvm
 from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import generic_spec
-from deft_tvm.bench import tf32_mode
+from deft_tvm.bench import current_commit, tf32_mode
 from deft_tvm.runtime.kernel_cache import schedule_for
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules import default_schedule, unfused_forward
+from deft_tvm.tuning.timing import gpu_ms
 from deft_tvm.tuning.workloads import get_workload
 
 DEFAULT_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "r50dcn_c5", "video_64c_180x320_og8")
@@ -86,26 +87,12 @@ def _calls(spec, kernels: dict, inputs: dict) -> dict:
     return {"forward": lambda: kernels["forward"](*args, output), "backward": backward}
 
 
-def _gpu_median_ms(fn, runs: int) -> float:
-    """Median over ``runs`` rounds of the GPU time per call of ``LAUNCHES`` back-to-back calls."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(LAUNCHES):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3 / LAUNCHES)
-    return statistics.median(times)
-
-
 def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> list[dict]:
     """Rows of ``--device cuda`` (see the module docstring)."""
     device = torch.device("cuda")
     target = target_for_device(device)
     gpu = torch.cuda.get_device_name(device)
-    print(f"gpu {gpu}, TF32 {'on' if tf32 else 'off'}, commit {commit or 'unknown'}")
+    print(f"gpu {gpu}, TF32 {'on' if tf32 else 'off'}, commit {commit}")
     cases = []
     for name in workloads:
         for dtype in dtypes:
@@ -132,7 +119,8 @@ def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> 
             args = args[:3 if spec.has_mask else 2]
             shape = (spec.batch, spec.out_h, spec.out_w, spec.kernel_h, spec.kernel_w, spec.in_channels)
         output = torch.empty(shape, dtype=args[0].dtype, device=device)
-        ms = {k: _gpu_median_ms(lambda kernel=kernel: kernel(*args, output), runs) for k, kernel in compiled.items()}
+        ms = {k: statistics.median(gpu_ms(lambda kernel=kernel: kernel(*args, output), LAUNCHES) for _ in range(runs))
+              for k, kernel in compiled.items()}
         row = {"workload": name, "dtype": dtype, "tf32": tf32, "part": part,
                "per_size_ms": round(ms["per_size"], 4), "generic_ms": round(ms["generic"], 4),
                "generic_over_per_size": round(ms["generic"] / ms["per_size"], 3),
@@ -157,8 +145,7 @@ def main(argv=None) -> None:
     parser.add_argument("--csv", help="write the rows here")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse --short HEAD)")
     args = parser.parse_args(argv)
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip()
+    commit = args.commit or current_commit()
     if args.device == "cuda":
         with tf32_mode(args.tf32):
             rows = cuda_forward_rows(args.workloads or CUDA_WORKLOADS, args.dtypes, args.tf32 == "on", args.runs,
@@ -167,7 +154,7 @@ def main(argv=None) -> None:
         return
     target = tvm.target.Target("llvm")
     cpu = platform.processor() or platform.machine()
-    print(f"cpu {cpu}, torch threads {torch.get_num_threads()}, commit {commit or 'unknown'}")
+    print(f"cpu {cpu}, torch threads {torch.get_num_threads()}, commit {commit}")
     rows = []
     for name in args.workloads or DEFAULT_WORKLOADS:
         for dtype in args.dtypes:

@@ -298,10 +298,11 @@ def forward_call(spec: DeformConvSpec, device: torch.device) -> ForwardCall:
     if found is None:
         target = target_for_device(device)
         kernel_spec = forward_spec(spec, device)
-        copies = _takes_channels_last_copies(kernel_spec, device)
-        copies_spec = generic_spec(kernel_spec) if copies and _runs_generic(kernel_spec, target) else kernel_spec
-        found = _forward_calls[key] = ForwardCall(kernel_spec, forward_kernel(kernel_spec, device),
-                                                  channels_last_kernel(copies_spec, target) if copies else None)
+        copies = None
+        if _takes_channels_last_copies(kernel_spec, device):
+            copies = channels_last_kernel(_copies_spec(kernel_spec, _forward_library_kernel(kernel_spec, target)[2]),
+                                          target)
+        found = _forward_calls[key] = ForwardCall(kernel_spec, forward_kernel(kernel_spec, device), copies)
     return found
 
 
@@ -390,13 +391,21 @@ def _takes_channels_last_copies(spec: DeformConvSpec, device: torch.device) -> b
     return spec.layout == "NHWC" and device.type == "cuda"
 
 
-def _runs_generic(spec: DeformConvSpec, target: tvm.target.Target) -> bool:
-    """Whether the forward of ``spec`` (a kernel spec) runs its layer configuration's fused or columns
-    kernel (``compiled_spec``): its channels-last copies are then the configuration's too."""
+def _forward_library_kernel(spec: DeformConvSpec,
+                            target: tvm.target.Target) -> tuple[str, Callable | None, DeformConvSpec]:
+    """``(part, loaded, compiled)``: the part whose kernel does the work of ``spec``'s forward (a
+    kernel spec): ``"columns"`` where the forward is unfused, else ``"forward"``; and its
+    ``library_kernel`` pair."""
     from deft_tvm.schedules import unfused_forward
 
     part = "columns" if unfused_forward(spec, target) else "forward"
-    return library_kernel(spec, target, part)[1].shape_generic
+    return (part, *library_kernel(spec, target, part))
+
+
+def _copies_spec(spec: DeformConvSpec, compiled: DeformConvSpec) -> DeformConvSpec:
+    """The spec of the channels-last copies of ``spec``'s forward, whose fused or columns kernel is
+    compiled for ``compiled``: its layer configuration's where that kernel is, else its own."""
+    return compiled if compiled.shape_generic else spec
 
 
 def finish(futures, progress: Callable[[int], object] | None) -> list:
@@ -425,17 +434,14 @@ def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callab
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it; ``progress``
     as ``finish`` takes it. Returns the number of forward kernels built.
     """
-    from deft_tvm.schedules import unfused_forward
-
     target = target_for_device(device)
     missing, unfused, layouts = {}, {}, {}
     for spec in specs:
-        if _takes_channels_last_copies(spec, device):  # the copies forward_call takes: a configuration's or the call's
-            copies = generic_spec(spec) if _runs_generic(spec, target) else spec
+        part, loaded, compiled = _forward_library_kernel(spec, target)
+        if _takes_channels_last_copies(spec, device):  # the copies forward_call takes
+            copies = _copies_spec(spec, compiled)
             layouts[_channels_last_key(copies)] = copies
         if loaded_kernel(target.kind.name, spec.key()) is None:
-            part = "columns" if unfused_forward(spec, target) else "forward"
-            loaded, compiled = library_kernel(spec, target, part)
             if part == "columns":  # the output transpose of the compiled columns kernel's spec (forward_kernel)
                 unfused[compiled] = compiled
             if loaded is not None:
