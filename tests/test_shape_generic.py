@@ -100,7 +100,8 @@ def test_the_generic_spec_is_one_object_per_configuration():
     assert generic is not generic_spec(dataclasses.replace(spec, dtype="float64"))
     assert generic.shape_generic and not spec.shape_generic and generic_spec(generic) is generic
     assert generic.key() == "nN_c6_hH_wW_o4_k3x2_s2x1_p1x0_d2x1_g2_og3_mb_float32"
-    assert str(generic.out_h) == "(H - 3) // 2 + 1" and str(generic.out_w) == "W - 1"
+    # The output sizes are variables of their own (as expressions of H and W, fused loops fail in TVM 0.27).
+    assert (str(generic.out_h), str(generic.out_w)) == ("OH", "OW") and generic.out_h is generic_spec(spec).out_h
 
 
 def test_calls_beyond_int32_indexing_or_with_a_tuned_record_keep_per_size_kernels(monkeypatch):

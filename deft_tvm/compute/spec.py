@@ -10,15 +10,9 @@ LAYOUTS = ("NCHW", "NHWC")
 INT32_MAX = 2**31 - 1
 
 
-def _out_size(size, kernel: int, stride: int, padding: int, dilation: int, generic: bool):
-    """torch's output size of a convolution; of a ``generic_spec``'s size variable, simplified
-    (``W + 2 - 3 + 1`` is ``W``: TVM's lowering of the sizes' expressions can fail otherwise)."""
-    out = (size + (2 * padding - dilation * (kernel - 1) - 1)) // stride + 1
-    if not generic:
-        return out
-    from tvm.sym.analyzer import Analyzer
-
-    return Analyzer().simplify(out)
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """torch's output size of a convolution."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def accumulate_dtype(dtype: str) -> str:
@@ -112,13 +106,15 @@ class DeformConvSpec:
 
     @property
     def out_h(self) -> int:
-        return _out_size(self.height, self.kernel_h, self.stride[0], self.padding[0], self.dilation[0],
-                         self.shape_generic)
+        if self.shape_generic:
+            return self._out_sizes[0]
+        return _out_size(self.height, self.kernel_h, self.stride[0], self.padding[0], self.dilation[0])
 
     @property
     def out_w(self) -> int:
-        return _out_size(self.width, self.kernel_w, self.stride[1], self.padding[1], self.dilation[1],
-                         self.shape_generic)
+        if self.shape_generic:
+            return self._out_sizes[1]
+        return _out_size(self.width, self.kernel_w, self.stride[1], self.padding[1], self.dilation[1])
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -253,9 +249,11 @@ def generic_spec(spec: DeformConvSpec) -> DeformConvSpec:
     """The layer configuration of ``spec`` (channels, kernel, stride, padding, dilation, groups,
     offset groups, mask, bias, dtype, layout, TF32) with ``batch``, ``height`` and ``width`` as
     int32 TIR variables ``N``, ``H`` and ``W``: the compute builders take it to make one PrimFunc
-    for every size, whose key (``nN_c.._hH_wW_..``) names the configuration. Its shape properties
-    are TIR expressions (``out_h`` = ``(H + 2 * pad_h - span) // stride_h + 1``), its
-    ``index_dtype`` int32: a call of ``spec``'s sizes may run on it only where ``spec.index_dtype``
+    for every size, whose key (``nN_c.._hH_wW_..``) names the configuration. ``out_h`` and ``out_w``
+    are variables of their own, ``OH`` and ``OW`` (bound from the offset's or output's shape, which the
+    front end checks against torch's output size): as expressions of ``H`` and ``W`` (``H - 2``)
+    they fail TVM 0.27's iteration-map analysis of fused and split loops. Its shape properties
+    are TIR expressions, its ``index_dtype`` int32: a call of ``spec``'s sizes may run on it only where ``spec.index_dtype``
     is int32 too. Built from a validated spec, so not validated again (``__post_init__`` compares
     sizes). One object per configuration, so that it keys caches as a spec does (TIR variables
     compare and hash by identity)."""
@@ -272,6 +270,7 @@ def generic_spec(spec: DeformConvSpec) -> DeformConvSpec:
             object.__setattr__(generic, name, value)
         for name, variable in GENERIC_DIMENSIONS.items():
             object.__setattr__(generic, name, tirx.Var(variable, "int32"))
+        object.__setattr__(generic, "_out_sizes", (tirx.Var("OH", "int32"), tirx.Var("OW", "int32")))
         object.__setattr__(generic, "_generic", True)
         generic = _generic_specs.setdefault(configuration, generic)
     return generic
