@@ -77,6 +77,13 @@ block (from a bound the caller computes, ``runtime.backward.contribution_bound``
 sums are the same in any order: the runtime's deterministic mode for float16, bfloat16 and TF32.
 Corners that are outside the image are skipped; NaN sampling points
 give torchvision's NaN gradients; every read is in bounds whatever the offsets.
+
+Every builder also takes a layer configuration (``compute.spec.generic_spec``: batch, height,
+width and the output sizes TIR variables): grids, loop extents, buffer shapes and the workspace's
+regions become expressions of the sizes, so one entry serves every batch and image size. Its
+tilings are the defaults of the configuration at ``CONFIGURATION_SIZES`` (``default_tilings``),
+grad_output is staged one element per access (a run of 16 bytes needs the positions of an image
+to divide it) and indices are int32 (the runtime keeps per-size kernels for calls that need more).
 """
 
 from __future__ import annotations
@@ -111,6 +118,9 @@ TARGET_BLOCKS = 4 * SMS
 SIMT_THREADS = 256  # threads of a full SIMT grad_weight block (16 x 16)
 SM_SHARED_BYTES = 228 * 1024  # shared memory of an sm_90 SM (H100 / H200); 1 KB of it reserved per block
 PARTIAL_FLOATS = 8 << 20  # at most 32 MB of grad_weight partial sums
+# Batch, height and width whose default tilings a layer configuration's kernels (generic_spec) take: a detection
+# backbone's stage of a multi-scale batch (2 images, ~800 x 1200 px input) has 25 x 38 to 100 x 150 px maps.
+CONFIGURATION_SIZES = (2, 64, 64)
 
 
 def magnitude_bits(value):
@@ -216,10 +226,15 @@ class DataTiling:
         (float32; 0 where it reads none): with fixed-point patches, unless deterministic (whose
         bound the caller passes), the peak |grad_output| over the output channels per (image,
         output position), then the sum of |weight| over its group's output channels per (input
-        channel, tap)."""
-        if not (self.staged and self.fixed_point) or self.deterministic:
+        channel, tap); of a ``generic_spec``, an expression of its sizes."""
+        if not self.takes_bounds:
             return 0
         return spec.batch * spec.out_h * spec.out_w + spec.in_channels * spec.kernel_h * spec.kernel_w
+
+    @property
+    def takes_bounds(self) -> bool:
+        """Whether the data kernel reads ``prepare_primfunc``'s bound tables (``bound_elements``)."""
+        return self.staged and self.fixed_point and not self.deterministic
 
     def stages(self, spec: DeformConvSpec) -> int:
         """Weight stages per tap: the group's output channels over ``o_step`` (tensor cores pad the
@@ -357,8 +372,8 @@ class WeightTiling:
 
     def run_elements(self, spec: DeformConvSpec) -> int:
         """grad_output elements per staged run (one access of up to 16 bytes, tensor cores: runs of
-        one output channel that stay in one image and aligned; SIMT: 1)."""
-        if not self.tensor_cores:
+        one output channel that stay in one image and aligned; SIMT and ``generic_spec``: 1)."""
+        if not self.tensor_cores or spec.shape_generic:  # a generic_spec's runs: any number of positions
             return 1
         return math.gcd(16 // DTYPE_BYTES[spec.dtype], spec.out_h * spec.out_w, self.positions)
 
@@ -558,9 +573,10 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     blocks = n * og * tiles_y * tiles_x * splits
     n, c, pixels, blocks = index_extents(spec, n, c, h * w, blocks)
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))
+    h_acc, w_acc = (v if isinstance(v, int) else tirx.Cast(acc, v) for v in (h, w))  # compared with sampling points
     stages = tiling.stages(spec)
     deterministic = tiling.deterministic
-    bound_elements, = index_extents(spec, max(tiling.bound_elements(spec), 1))
+    bound_elements, = index_extents(spec, tiling.bound_elements(spec) if tiling.takes_bounds else 1)
     # float2 / float4 atomics: float32 only; deterministic grad_input takes int64 ones
     width = tiling.flush_width if acc == "float32" and not deterministic else 1
     if width not in (1, 2, 4):
@@ -1091,8 +1107,8 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                              + T.Cast(acc, offset[b, (gi * taps + t) * 2, oy, ox]))
                         x = (T.Cast(acc, ox * sw - pad_w + kx * dw)
                              + T.Cast(acc, offset[b, (gi * taps + t) * 2 + 1, oy, ox]))
-                        ys = T.Select(y > -2 and y < h + 1, y, below)
-                        xs = T.Select(x > -2 and x < w + 1, x, below)
+                        ys = T.Select(y > -2 and y < h_acc + 1, y, below)
+                        xs = T.Select(x > -2 and x < w_acc + 1, x, below)
                         y_low = T.Cast("int32", T.floor(ys))
                         x_low = T.Cast("int32", T.floor(xs))
                         point[0] = ys - T.Cast(acc, y_low)
@@ -1100,7 +1116,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
                         point[2] = one
                         if has_mask:
                             point[2] = T.Cast(acc, mask[b, gi * taps + t, oy, ox])
-                        point[3] = T.Select(y <= -1 or y >= h or x <= -1 or x >= w, one, zero)
+                        point[3] = T.Select(y <= -1 or y >= h_acc or x <= -1 or x >= w_acc, one, zero)
                         point[4] = T.Select(T.isnan(y) or T.isnan(x), one, zero)
                         for k in T.unroll(4):
                             yi = y_low + k // 2
@@ -1212,7 +1228,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
 
     return without_parameters(grad_data, ("mask", "grad_mask") * (not has_mask)
                               + ("contribution_bound",) * (not deterministic)
-                              + ("bounds",) * (not tiling.bound_elements(spec)))
+                              + ("bounds",) * (not tiling.takes_bounds))
 
 
 def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
@@ -1248,6 +1264,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     total = n * positions  # flat positions: 32-bit (the tensors' extents may need 64)
     n, c, pixels = index_extents(spec, n, c, h * w)
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))
+    h_acc, w_acc = (v if isinstance(v, int) else tirx.Cast(acc, v) for v in (h, w))  # compared with sampling points
     if tensor_cores:
         # Operands staged channel-major in the spec's dtype (rows padded by 16 bytes); each warp
         # owns o_regs m16 x c_regs n8 tiles of the block's o_tile x c_tile.
@@ -1483,7 +1500,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                         m = one
                         if has_mask:
                             m = T.Cast(acc, mask[b, gi * taps + t, oy, ox])
-                        if y <= -1 or y >= h or x <= -1 or x >= w:  # outside: no sample (even if NaN)
+                        if y <= -1 or y >= h_acc or x <= -1 or x >= w_acc:  # outside: no sample (even if NaN)
                             point_weight[e * 4] = zero
                         elif T.isnan(y) or T.isnan(x):
                             point_weight[e * 4] = nan
@@ -1628,11 +1645,11 @@ def reduce_segments(spec: DeformConvSpec, data: DataTiling) -> ReduceSegments:
     """The segments ``reduce_primfunc`` takes for ``spec`` and its data tiling: grad_offset and
     grad_mask where there are several channel splits or a cast, grad_input where it is cast
     (float16, bfloat16; not the deterministic kernels' int64 fixed point, which the runtime scales);
-    none past int32 indexing."""
+    none past int32 indexing (a ``generic_spec``'s assume int32: ``serves_sizes``)."""
     cast = spec.dtype != accumulate_dtype(spec.dtype)
     fold = data.channel_splits > 1 or cast
     sizes = _reduce_sizes(spec)
-    if max(sum(sizes), data.channel_splits * sizes[2]) > INT32_MAX:
+    if not spec.shape_generic and max(sum(sizes), data.channel_splits * sizes[2]) > INT32_MAX:
         return ReduceSegments(False, False, False)
     return ReduceSegments(fold, fold and spec.has_mask, cast and not data.deterministic)
 
@@ -1743,11 +1760,13 @@ def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool 
     peak_slices, sum_slices = _slices(o_ch, bind_threads), _slices(opg, bind_threads)
     peak_items, sum_items = threads // peak_slices, threads // sum_slices  # entries per block
     zero_blocks = -(-elements // threads)
-    has_tables, table_shape = tables > 0, max(tables, 1)
-    peak_blocks = -(-positions // peak_items) if tables else 0
-    sum_blocks = -(-pairs // sum_items) if tables else 0
-    index = "int64" if max(elements, zero_blocks + peak_blocks + sum_blocks) * threads > INT32_MAX else "int32"
-    blocks, threads_, count, zero_end, peak_end = (tirx.IntImm(index, v) for v in (
+    has_tables = data.takes_bounds
+    table_shape = tables if has_tables else 1
+    peak_blocks = -(-positions // peak_items) if has_tables else 0
+    sum_blocks = -(-pairs // sum_items) if has_tables else 0
+    index = "int32" if spec.shape_generic or max(elements, zero_blocks + peak_blocks + sum_blocks) * threads <= INT32_MAX \
+        else "int64"
+    blocks, threads_, count, zero_end, peak_end = (tirx.IntImm(index, v) if isinstance(v, int) else v for v in (
         zero_blocks + peak_blocks + sum_blocks, threads, elements, zero_blocks, zero_blocks + peak_blocks))
     blocks_loop, threads_loop = thread_loops(bind_threads)
     zero = tirx.const(0, sums)
@@ -1850,7 +1869,7 @@ def backward_workspace(spec: DeformConvSpec, data: DataTiling, weight: WeightTil
              "bounds": data.bound_elements(spec)}
     starts, end = [], 0
     for region, size in sizes.items():
-        if size:
+        if not isinstance(size, int) or size:  # (a generic_spec's size-dependent regions: expressions)
             starts.append((region, end))
             end += -(-size // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
     return Workspace(tuple(starts), end)
@@ -1902,11 +1921,12 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
         "grad_weight": buffer("grad_weight", spec.weight_shape, dtype),
         "grad_bias": buffer("grad_bias", (spec.out_channels,), dtype) if spec.has_bias else None,
     }
-    index = "int64" if workspace.elements > INT32_MAX else "int32"
+    index = "int32" if spec.shape_generic or workspace.elements <= INT32_MAX else "int64"
 
     def region(name):
         start = workspace.start(name)
-        return tirx.address_of(tirx.BufferLoad(params["workspace"], [tirx.IntImm(index, start)]))
+        start = tirx.IntImm(index, start) if isinstance(start, int) else start
+        return tirx.address_of(tirx.BufferLoad(params["workspace"], [start]))
 
     def entry(name):
         return params[name].data
@@ -1914,7 +1934,7 @@ def backward_entry(spec: DeformConvSpec, data: DataTiling, weight: WeightTiling,
     def data_sums(name):  # where the data kernel writes a gradient: the workspace where reduce folds it
         return region(name) if getattr(segments, name) else entry(f"grad_{name}")
 
-    bounds = region("bounds") if data.bound_elements(spec) else None
+    bounds = region("bounds") if data.takes_bounds else None
     sources = [  # each kernel, in launch order, and the pointer each of its parameters is declared over
         (prepare_primfunc(spec, data, bind_threads), {"accumulator": data_sums("input"), "weight": entry("weight"),
                                                       "grad_output": entry("grad_output"), "bounds": bounds}),
@@ -1957,7 +1977,11 @@ def without_parameters(func, names):
 
 def default_tilings(spec: DeformConvSpec, arch: str = "sm_90") -> tuple[DataTiling, WeightTiling]:
     """The ``for_spec`` tilings, with one-pixel grad_input flushes before ``sm_90`` (no float4
-    atomics there)."""
+    atomics there); of a ``generic_spec``, those of its configuration at ``CONFIGURATION_SIZES``
+    (their channel and position splits fixed for every size)."""
+    if spec.shape_generic:
+        spec = DeformConvSpec.from_dict({**spec.to_dict(), **dict(zip(("batch", "height", "width"),
+                                                                      CONFIGURATION_SIZES))})
     data = DataTiling.for_spec(spec)
     if compute_capability(arch) < 90:
         data = dataclasses.replace(data, flush_width=1)

@@ -7,6 +7,7 @@ buffers of the kernel it wraps."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -15,7 +16,7 @@ import torch
 import tvm
 from tvm import tirx
 
-from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.runtime import backward
 from deft_tvm.runtime.targets import compile_kernel
 from deft_tvm.schedules.cuda_backward_fused import (
@@ -34,16 +35,15 @@ from test_fused_backward_codegen import REGISTRY_SPECS, _compile, cuda_target, n
 from test_fused_reduce import CASES, _case, _in_split_order
 
 
-def _stand_in(func, written: dict, seed: int):
-    """A serial PrimFunc with ``func``'s parameters (a fused kernel's) that writes a known pattern into
-    each output parameter: grad_input's sums are added to (the entry zeroes them first), the others
-    stored. ``written[name]`` gets the pattern (flat, float64)."""
-    outputs = {"grad_input", "grad_offset", "grad_mask", "weight_part", "bias_part"}
+def _stand_in(func, seed: int):
+    """A serial PrimFunc with ``func``'s parameters (a fused kernel's, of a spec or of a layer
+    configuration) that writes a known pattern into each output parameter (``_patterns``):
+    grad_input's sums are added to (the entry zeroes them first), the others stored."""
     body = []
     for param in func.params:
-        if param.name not in outputs:
+        if param.name not in OUTPUTS:
             continue
-        count = math.prod(int(s) for s in param.shape)
+        count = math.prod(param.shape)
         flat = tirx.decl_buffer((count,), param.dtype, f"{param.name}_flat")
         i = tirx.Var("i", "int32")
         value = tirx.Cast(param.dtype, (i * 7 + seed) % 101 - 50)
@@ -51,38 +51,46 @@ def _stand_in(func, written: dict, seed: int):
             value = tirx.BufferLoad(flat, [i]) + value
         body += [tirx.DeclBuffer(flat, data=param.data),
                  tirx.For(i, 0, count, tirx.ForKind.SERIAL, tirx.BufferStore(flat, value, [i]))]
-        written[param.name.removesuffix("_part").removeprefix("grad_")] = (
-            (torch.arange(count, dtype=torch.float64) * 7 + seed) % 101 - 50)
     return tirx.PrimFunc(func.params, tirx.SeqStmt(body))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_runtime_entry_wires_the_kernels_and_finishes_every_gradient(name, monkeypatch):
-    """``backward_entry`` built for the CPU around stand-in data and weight kernels (serial zeroing
-    and reduction), called by ``runtime.backward._fused_backward`` on buffers it fills with garbage
-    first: every gradient is the stand-ins' pattern summed over its splits in order and cast."""
-    spec, data, weight = _case(name)
-    written = {}
+OUTPUTS = {"grad_input", "grad_offset", "grad_mask", "weight_part", "bias_part"}
+
+
+def _patterns(func, seed: int) -> dict:
+    """``{gradient: pattern}`` (flat, float64) that ``_stand_in(func, seed)`` writes, ``func`` of a
+    spec's sizes."""
+    return {param.name.removesuffix("_part").removeprefix("grad_"): (
+        (torch.arange(math.prod(int(s) for s in param.shape), dtype=torch.float64) * 7 + seed) % 101 - 50)
+        for param in func.params if param.name in OUTPUTS}
+
+
+def _entry(spec, data, weight):
+    """``backward_entry`` of ``spec`` (or its configuration) around the stand-ins, built for the CPU."""
     entry = backward_entry(spec, data, weight, bind_threads=False,
-                           data_func=_stand_in(grad_data_primfunc(spec, data), written, 3),
-                           weight_func=_stand_in(grad_weight_primfunc(spec, weight), written, 5))
-    compiled = tvm.compile(tvm.IRModule({"backward": entry}), target=tvm.target.Target({"kind": "llvm"}))["backward"]
+                           data_func=_stand_in(grad_data_primfunc(spec, data), 3),
+                           weight_func=_stand_in(grad_weight_primfunc(spec, weight), 5))
+    return tvm.compile(tvm.IRModule({"backward": entry}), target=tvm.target.Target({"kind": "llvm"}))["backward"]
+
+
+def _check_entry(spec, data, weight, compiled):
+    """``_fused_backward`` of ``spec`` through ``compiled`` (``_entry``) on buffers it fills with garbage
+    first: every gradient is the stand-ins' pattern summed over its splits in order and cast."""
+    written = {**_patterns(grad_data_primfunc(spec, data), 3), **_patterns(grad_weight_primfunc(spec, weight), 5)}
 
     def call(*args):  # garbage in the workspace and the outputs: the entry must not read what it did not write
         for tensor in args[-(4 + spec.has_mask + spec.has_bias):]:
             tensor.copy_(torch.full(tensor.shape, 77, dtype=tensor.dtype))
         compiled(*args)
 
-    kernels = backward.FusedKernels(call, data, weight, reduce_segments(spec, data),
-                                    backward_workspace(spec, data, weight))
-    monkeypatch.setattr(backward, "_kernel", lambda *args: kernels)
+    kernels = backward.FusedKernels(call, data, weight, reduce_segments(spec, data))
     dtype = getattr(torch, spec.dtype)
     tensors = {k: torch.zeros(shape, dtype=dtype) for k, shape in (
         ("grad_output", spec.output_shape), ("input", spec.input_shape), ("offset", spec.offset_shape),
         ("weight", spec.weight_shape))}
     mask = torch.zeros(spec.mask_shape, dtype=dtype) if spec.has_mask else None
     bound = 3.0 if data.deterministic else None
-    grads = backward._fused_backward(spec, None, tensors["grad_output"], tensors["input"], tensors["offset"], mask,
+    grads = backward._fused_backward(spec, kernels, tensors["grad_output"], tensors["input"], tensors["offset"], mask,
                                      tensors["weight"], bound)
 
     splits = {"offset": data.channel_splits, "mask": data.channel_splits, "weight": weight.splits,
@@ -99,6 +107,22 @@ def test_runtime_entry_wires_the_kernels_and_finishes_every_gradient(name, monke
             assert got is None, key
         else:
             assert got.dtype == dtype and torch.equal(got, expected[key]), key
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_runtime_entry_wires_the_kernels_and_finishes_every_gradient(name):
+    spec, data, weight = _case(name)
+    _check_entry(spec, data, weight, _entry(spec, data, weight))
+
+
+@pytest.mark.parametrize("name", ["float16_splits", "float16_deterministic", "tf32_splits_no_mask"])
+def test_a_configurations_entry_serves_every_size(name):
+    """One entry of the layer configuration (``generic_spec``: workspace regions, reduction segments
+    and kernel grids as expressions of the sizes) serves calls of other batch and image sizes."""
+    spec, data, weight = _case(name)
+    compiled = _entry(generic_spec(spec), data, weight)
+    for batch, height, width in ((1, 5, 7), (3, 9, 4)):
+        _check_entry(dataclasses.replace(spec, batch=batch, height=height, width=width), data, weight, compiled)
 
 
 def test_workspace_regions_are_aligned_and_disjoint():
@@ -125,8 +149,14 @@ def _buffers(func) -> list[str]:
     return sorted(p.name for p in func.params)
 
 
+# Layer configurations (generic_spec: sizes as kernel parameters) in every precision, outputs smaller than the input.
+CONFIGURATIONS = [generic_spec(DeformConvSpec(2, 32, 20, 24, 48, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1),
+                                              offset_groups=2, dtype=dtype, tf32=tf32))
+                  for dtype, tf32 in (("float16", False), ("bfloat16", False), ("float32", True), ("float32", False))]
+
+
 @needs_nvcc
-@pytest.mark.parametrize("spec", [s for s in REGISTRY_SPECS if s.dtype == "float16" or s.tf32],
+@pytest.mark.parametrize("spec", [s for s in REGISTRY_SPECS if s.dtype == "float16" or s.tf32] + CONFIGURATIONS,
                          ids=lambda s: s.key())
 def test_entry_compiles_into_the_four_kernels_in_launch_order(spec):
     data, weight = default_tilings(spec)

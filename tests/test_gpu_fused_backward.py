@@ -466,7 +466,8 @@ def test_programmatic_grad_data_leaves_the_reduction_every_sum(dtype):
     target = target_for_device("cuda")
     tensors = (grad_output, args["input"], args["offset"], args["mask"], args["weight"])
     bound = backward.contribution_bound(spec, grad_output, args["mask"], args["weight"])
-    runs = [backward._fused_backward(spec, target, *tensors, bound) for _ in range(30)]  # the deterministic kernels
+    kernels = backward._kernel(spec, target, "fused_deterministic")
+    runs = [backward._fused_backward(spec, kernels, *tensors, bound) for _ in range(30)]
     torch.cuda.synchronize()
     for run in runs[1:]:
         for got, expected in zip(run, runs[0]):

@@ -1,7 +1,8 @@
-"""Shape-generic CUDA forward (issue 16) on a real GPU (``pytest -m gpu``): the tensor-core forward of
-a layer configuration (fused, or unfused for wide layers: columns kernel, cuBLAS, output transpose)
-and its channels-last copies, compiled on the first call, serve calls of 20 random batch and image
-sizes without a compile and match the float64 reference; skipped where there is no GPU."""
+"""Shape-generic CUDA kernels (issue 16) on a real GPU (``pytest -m gpu``): the tensor-core forward of
+a layer configuration (fused, or unfused for wide layers: columns kernel, cuBLAS, output transpose),
+its channels-last copies and its fused backward, compiled on the first call, serve calls of 20
+random batch and image sizes without a compile and match the float64 reference (forward and
+gradients); skipped where there is no GPU."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch
 import deft_tvm
 from deft_tvm.bench import tf32_mode
 from deft_tvm.compute.spec import DeformConvSpec, generic_spec
-from deft_tvm.reference.tolerances import assert_close, tolerance_key
-from deft_tvm.runtime import kernel_cache
+from deft_tvm.reference.backward import deform_conv2d_reference_backward
+from deft_tvm.reference.forward import deform_conv2d_reference
+from deft_tvm.reference.tolerances import assert_close, assert_close_to_largest, tolerance_key
+from deft_tvm.runtime import backward, kernel_cache
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules import unfused_forward
 
@@ -70,4 +73,49 @@ def test_twenty_random_sizes_after_one_warm_up_call_compile_nothing(name, isolat
                                        height=sizes.randint(low, high), width=sizes.randint(low, high))
             assert unfused_forward(kernel_cache.forward_spec(spec, DEVICE), target) == (part == "columns")
             _check_call(spec, seed)
+        assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files
+
+
+NAMES = ("input", "offset", "weight", "bias", "mask")
+
+
+def _check_training_call(spec: DeformConvSpec, seed: int) -> None:
+    """Forward and backward of one call against the float64 reference, offsets on a 1/64 px grid
+    shifted by 1/128 (no sampling point within rounding of a pixel boundary, where float32 and
+    float64 could pick different corners)."""
+    case = make_case(spec, seed=seed)
+    case["offset"] = ((case["offset"] * 64).round() / 64 + 1 / 128).to(case["offset"].dtype)
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    leaves = {k: args[k].clone().requires_grad_(True) for k in NAMES if args[k] is not None}
+    out = deft_tvm.deform_conv2d(**{**args, **leaves})
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(DEVICE, out.dtype))
+    reference = {k: v.to(DEVICE, torch.float64) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    key = tolerance_key(spec.dtype, tf32=spec.dtype == "float32")
+    assert_close(out, deform_conv2d_reference(**reference), key)
+    expected = deform_conv2d_reference_backward(grad_output.to(DEVICE), **reference)._asdict()
+    for name, grad in zip(leaves, grads):
+        assert grad.shape == args[name].shape, name
+        assert_close_to_largest(grad, expected[name], key)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGURATIONS if not n.startswith("unfused")])
+def test_training_calls_of_twenty_random_sizes_compile_nothing_after_one(name, isolated_cache, monkeypatch):
+    configuration = CONFIGURATIONS[name]
+    monkeypatch.setattr(backward, "_kernels", {})  # as in a new process
+    with tf32_mode("on"):
+        target = target_for_device(DEVICE)
+        call = kernel_cache.with_torch_tf32(configuration, DEVICE)  # the backward's spec (NCHW)
+        assert backward._fused_spec(call, target, "fused") is generic_spec(call)
+        _check_training_call(configuration, seed=0)  # the warm-up call compiles the configuration's kernels
+        files = {p.name for p in isolated_cache.rglob("*.so")}
+        assert any("fused_backward" in f for f in files) and all("nN_" in f for f in files), files
+        compiled = []
+        for module in (kernel_cache, backward):
+            monkeypatch.setattr(module, "compile_kernel", lambda *args: compiled.append(args))
+        sizes = random.Random(name)
+        for seed in range(1, 21):
+            spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4), height=sizes.randint(17, 300),
+                                       width=sizes.randint(17, 300))
+            _check_training_call(spec, seed)
         assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files

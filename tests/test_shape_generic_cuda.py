@@ -16,7 +16,8 @@ import torch
 
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, generic_spec
-from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime import backward, kernel_cache
+from deft_tvm.runtime.records import committed_fused_tilings
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules import default_schedule, kernel_spec, shape_generic
 from deft_tvm.schedules.cuda_tensorcore import TensorCoreTiling
@@ -59,7 +60,7 @@ def test_the_tiling_of_a_configuration_is_a_large_maps():
 def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_sizes_is_committed():
     call = kernel_spec(dataclasses.replace(LAYER, batch=3, height=37, width=41), TARGET)
     assert kernel_cache.compiled_spec(call, TARGET) is generic_spec(call)
-    assert not shape_generic(call, TARGET, "backward")  # the CUDA backward is compiled per size
+    assert not shape_generic(call, TARGET, "backward")  # the staged CUDA backward is compiled per size
     assert kernel_cache.compiled_spec(call, TARGET, "backward") is call
     tuned = get_workload("paper_64c_64x64_n32", "float16").for_target(TARGET).spec
     assert kernel_cache.compiled_spec(tuned, TARGET) is tuned
@@ -69,6 +70,16 @@ def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_siz
     assert kernel_cache.compiled_spec(wide, TARGET, "columns") is generic_spec(wide)  # the unfused forward's
     assert kernel_cache._forward_library_kernel(wide, TARGET) == ("columns", None, generic_spec(wide))
     assert kernel_cache._forward_library_kernel(call, TARGET) == ("forward", None, generic_spec(call))
+
+
+@pytest.mark.parametrize("part", ["fused", "fused_deterministic"])
+def test_cuda_backwards_take_the_configurations_fused_kernels_unless_a_record_of_their_sizes_is_committed(part):
+    call = dataclasses.replace(LAYER, batch=3, height=37, width=41, layout="NCHW", dtype="float16")  # the backward's
+    assert backward._fused_spec(call, TARGET, part) is generic_spec(call)
+    tuned = get_workload("paper_64c_64x64_n32", "float16").spec
+    assert committed_fused_tilings(tuned, TARGET) and backward._fused_spec(tuned, TARGET, part) is tuned
+    huge = dataclasses.replace(call, batch=64, height=512, width=512)  # corners past int32 indexing
+    assert huge.index_dtype == "int64" and backward._fused_spec(huge, TARGET, part) is huge
 
 
 def test_prebuild_builds_the_configurations_kernels_and_copies(isolated_cache, monkeypatch):

@@ -12,12 +12,13 @@ kernel, and the backward's gradient kernels plus the grad_input scatter. Prints 
 ratio, with the CPU, torch's thread count and the commit.
 
 ``--device cuda``: the tensor-core forward (``schedules/cuda_tensorcore.py``; for layers whose
-forward is unfused, r50dcn_c4/c5, the columns kernel, ``cuda_columns.py``; the CUDA backward is
-per size) of each workload's kernel spec (channels last; float32 on TF32 with ``--tf32 on``):
-the default kernel of its exact sizes, that of its layer configuration, and the committed tuned
-record where there is one, compiled in parallel, each timed as the median of ``--runs`` rounds of
-20 back-to-back launches (GPU time per call by CUDA events, ``tuning.timing.gpu_ms``), with the
-GPU's name.
+forward is unfused, r50dcn_c4/c5, the columns kernel, ``cuda_columns.py``) of each workload's
+kernel spec (channels last; float32 on TF32 with ``--tf32 on``), and the fused backward
+(``schedules/cuda_backward_fused.py``, one entry call as the op makes it,
+``runtime.backward._fused_backward``): the default kernels of its exact sizes, those of its layer
+configuration, and the committed tuned record where there is one, compiled in parallel, each timed
+as the median of ``--runs`` rounds of 20 back-to-back calls (GPU time per call by CUDA events,
+``tuning.timing.gpu_ms``), with the GPU's name.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfun
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import generic_spec
 from deft_tvm.bench import current_commit, tf32_mode
+from deft_tvm.runtime import backward
 from deft_tvm.runtime.kernel_cache import schedule_for
+from deft_tvm.runtime.records import committed_fused_tilings
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules import default_schedule, unfused_forward
+from deft_tvm.schedules.cuda_backward_fused import default_tilings
 from deft_tvm.tuning.timing import gpu_ms
 from deft_tvm.tuning.workloads import get_workload
 
@@ -121,17 +125,55 @@ def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> 
         output = torch.empty(shape, dtype=args[0].dtype, device=device)
         ms = {k: statistics.median(gpu_ms(lambda kernel=kernel: kernel(*args, output), LAUNCHES) for _ in range(runs))
               for k, kernel in compiled.items()}
-        row = {"workload": name, "dtype": dtype, "tf32": tf32, "part": part,
-               "per_size_ms": round(ms["per_size"], 4), "generic_ms": round(ms["generic"], 4),
-               "generic_over_per_size": round(ms["generic"] / ms["per_size"], 3),
-               "tuned_ms": round(ms["tuned"], 4) if "tuned" in ms else "",
-               "generic_over_tuned": round(ms["generic"] / ms["tuned"], 3) if "tuned" in ms else "",
-               "gpu": gpu, "commit": commit}
-        rows.append(row)
-        print(f"{name:24s} {dtype:8s} {part:8s} per-size {row['per_size_ms']:8.4f} ms  "
-              f"generic {row['generic_ms']:8.4f} ms  x{row['generic_over_per_size']:.2f}  tuned {row['tuned_ms']}",
-              flush=True)
+        rows.append(_cuda_row(name, dtype, tf32, part, ms, gpu, commit))
     return rows
+
+
+def cuda_backward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> list[dict]:
+    """Rows of ``--device cuda`` for the fused backward (see the module docstring)."""
+    device = torch.device("cuda")
+    target = target_for_device(device)
+    arch, gpu = str(target.attrs["arch"]), torch.cuda.get_device_name(device)
+    cases = []
+    for name in workloads:
+        for dtype in dtypes:
+            workload = get_workload(name, dtype, tf32=tf32 and dtype == "float32")
+            spec = workload.spec
+            variants = {"per_size": (spec, default_tilings(spec, arch)),
+                        "generic": (generic_spec(spec), default_tilings(generic_spec(spec), arch))}
+            tuned = committed_fused_tilings(spec, target)
+            if tuned:
+                variants["tuned"] = (spec, tuned)
+            cases.append((name, dtype, workload, variants))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        built = [{k: pool.submit(backward.fused_kernels, compiled, target, *tilings)
+                  for k, (compiled, tilings) in variants.items()} for *_, variants in cases]
+        kernels = [{k: f.result() for k, f in futures.items()} for futures in built]
+    rows = []
+    for (name, dtype, workload, _), compiled in zip(cases, kernels):
+        spec, inputs = workload.spec, workload.make_inputs(device=device)
+        grad_output = torch.randn(spec.output_shape, generator=torch.Generator().manual_seed(0)).to(
+            device, inputs["input"].dtype)
+        tensors = (grad_output, inputs["input"], inputs["offset"], inputs["mask"], inputs["weight"])
+        ms = {k: statistics.median(gpu_ms(lambda fused=fused: backward._fused_backward(spec, fused, *tensors), LAUNCHES)
+                                   for _ in range(runs))
+              for k, fused in compiled.items()}
+        rows.append(_cuda_row(name, dtype, tf32, "backward", ms, gpu, commit))
+    return rows
+
+
+def _cuda_row(name: str, dtype: str, tf32: bool, part: str, ms: dict, gpu: str, commit: str) -> dict:
+    """One CSV row of ``--device cuda`` (printed): ``ms`` of the variants per_size, generic, tuned?."""
+    row = {"workload": name, "dtype": dtype, "tf32": tf32, "part": part,
+           "per_size_ms": round(ms["per_size"], 4), "generic_ms": round(ms["generic"], 4),
+           "generic_over_per_size": round(ms["generic"] / ms["per_size"], 3),
+           "tuned_ms": round(ms["tuned"], 4) if "tuned" in ms else "",
+           "generic_over_tuned": round(ms["generic"] / ms["tuned"], 3) if "tuned" in ms else "",
+           "gpu": gpu, "commit": commit}
+    print(f"{name:24s} {dtype:8s} {part:8s} per-size {row['per_size_ms']:8.4f} ms  "
+          f"generic {row['generic_ms']:8.4f} ms  x{row['generic_over_per_size']:.2f}  tuned {row['tuned_ms']}",
+          flush=True)
+    return row
 
 
 def main(argv=None) -> None:
@@ -148,8 +190,9 @@ def main(argv=None) -> None:
     commit = args.commit or current_commit()
     if args.device == "cuda":
         with tf32_mode(args.tf32):
-            rows = cuda_forward_rows(args.workloads or CUDA_WORKLOADS, args.dtypes, args.tf32 == "on", args.runs,
-                                     commit)
+            rows = [row for rows_of in (cuda_forward_rows, cuda_backward_rows)
+                    for row in rows_of(args.workloads or CUDA_WORKLOADS, args.dtypes, args.tf32 == "on", args.runs,
+                                       commit)]
         _write(args.csv, rows)
         return
     target = tvm.target.Target("llvm")

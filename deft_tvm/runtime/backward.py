@@ -5,7 +5,8 @@ per workload.
   fused kernels of ``schedules/cuda_backward_fused.py`` (grad_input, grad_offset and grad_mask in
   one kernel that never writes the columns; grad_weight and grad_bias as split partial sums and
   their fixed-order sum), launched by one host function (``backward_entry``), with the tilings
-  of the workload's committed record (``deft-tvm tune --fused-backward``) or else the defaults,
+  of the workload's committed record (``deft-tvm tune --fused-backward``), or else its layer
+  configuration's (one entry for every batch and image size, default tilings; ``_fused_spec``),
   compiled through the kernel cache (memory and disk; the file is keyed by
   ``cuda_backward_fused.fingerprint``).
 * On CUDA in deterministic mode, for float16, bfloat16 and TF32 with finite inputs: the same
@@ -35,7 +36,7 @@ import torch
 import tvm
 
 from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc, sorted_gather_primfunc
-from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
+from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype, generic_spec
 from deft_tvm.runtime import kernel_cache, library
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
@@ -51,20 +52,7 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
         return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0],
                                           "backward")
     if part in ("fused", "fused_deterministic"):
-        from deft_tvm.runtime.records import committed_fused_tilings
-        from deft_tvm.schedules.cuda_backward_fused import (backward_entry, backward_workspace, default_tilings,
-                                                             fingerprint, reduce_segments)
-
-        arch = str(target.attrs["arch"])
-        data, weight = committed_fused_tilings(spec, target) or default_tilings(spec, arch)
-        if part == "fused_deterministic":
-            data = dataclasses.replace(data, fixed_point=True, deterministic=True)
-        entry, = kernel_cache.load_or_build_library(
-            f"{spec.key()}-{part.replace('fused', 'fused_backward')}", fingerprint(spec, data, weight, arch), target,
-            lambda: compile_kernel(tvm.IRModule({"backward": kernel_cache.scripted(
-                lambda: backward_entry(spec, data, weight))}), target),
-            ("backward",))
-        return FusedKernels(entry, data, weight, reduce_segments(spec, data), backward_workspace(spec, data, weight))
+        return fused_kernels(spec, target, *_fused_tilings(spec, target, part), part)
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
@@ -77,19 +65,44 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
 
 @dataclasses.dataclass(frozen=True)
 class FusedKernels:
-    """The fused CUDA backward (``schedules/cuda_backward_fused.py``): its one host function
-    (``backward_entry``), its tilings, which of the data kernel's sums it finishes and the
-    scratch buffer it takes."""
+    """The fused CUDA backward (``schedules/cuda_backward_fused.py``) of a spec or of its layer
+    configuration: its one host function (``backward_entry``), its tilings and which of the data
+    kernel's sums it finishes."""
 
     entry: Callable
     data_tiling: object  # schedules.cuda_backward_fused.DataTiling
     weight_tiling: object  # WeightTiling
     segments: object  # ReduceSegments
-    workspace: object  # Workspace
 
     @property
     def channel_splits(self) -> int:
         return self.data_tiling.channel_splits
+
+    def workspace_elements(self, spec: DeformConvSpec) -> int:
+        """Elements of the scratch buffer the entry takes for a call of ``spec``'s sizes."""
+        return _workspace_elements(spec, self.data_tiling, self.weight_tiling)
+
+
+def fused_kernels(spec: DeformConvSpec, target: tvm.target.Target, data, weight,
+                  part: str = "fused") -> FusedKernels:
+    """The fused backward of ``spec`` (or of its layer configuration, ``generic_spec``) with the
+    given tilings, loaded from the disk cache or compiled (``part``: the cache file's name)."""
+    from deft_tvm.schedules.cuda_backward_fused import backward_entry, fingerprint, reduce_segments
+
+    entry, = kernel_cache.load_or_build_library(
+        f"{spec.key()}-{part.replace('fused', 'fused_backward')}",
+        fingerprint(spec, data, weight, str(target.attrs["arch"])), target,
+        lambda: compile_kernel(tvm.IRModule({"backward": kernel_cache.scripted(
+            lambda: backward_entry(spec, data, weight))}), target),
+        ("backward",))
+    return FusedKernels(entry, data, weight, reduce_segments(spec, data))
+
+
+@functools.lru_cache(maxsize=1024)
+def _workspace_elements(spec: DeformConvSpec, data, weight) -> int:
+    from deft_tvm.schedules.cuda_backward_fused import backward_workspace
+
+    return backward_workspace(spec, data, weight).elements
 
 
 def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target,
@@ -100,7 +113,39 @@ def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target,
     where ``kernel_cache.compiled_spec`` says so for the backward (the CPU's), the others ``spec``."""
     if part == "gradients":
         return kernel_cache.library_kernel(spec, target, "backward")
+    if part in ("fused", "fused_deterministic"):
+        return None, _fused_spec(spec, target, part)
     return None, kernel_cache.compiled_spec(spec, target, "backward") if part == "scatter" else spec
+
+
+def _fused_tilings(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> tuple:
+    """The (data, weight) tilings of ``spec``'s fused kernels (``part``): its committed record's or
+    the defaults, the data kernel's deterministic for ``"fused_deterministic"``."""
+    from deft_tvm.runtime.records import committed_fused_tilings
+    from deft_tvm.schedules.cuda_backward_fused import default_tilings
+
+    data, weight = committed_fused_tilings(spec, target) or default_tilings(spec, str(target.attrs["arch"]))
+    if part == "fused_deterministic":
+        data = dataclasses.replace(data, fixed_point=True, deterministic=True)
+    return data, weight
+
+
+def _fused_spec(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> DeformConvSpec:
+    """The spec whose fused kernels (``part``) a call of ``spec`` runs: its layer configuration's
+    (``generic_spec``: one entry for every batch and image size, with the configuration's default
+    tilings) unless a tuned record of its sizes is committed, or its sizes need int64 indexing
+    (its own index space, the workspace or the reduction's segments)."""
+    from deft_tvm.runtime.records import committed_fused_tilings
+    from deft_tvm.schedules.cuda_backward_fused import reduce_segments
+
+    if spec.index_dtype != "int32" or committed_fused_tilings(spec, target) is not None:
+        return spec
+    generic = generic_spec(spec)
+    data, weight = _fused_tilings(generic, target, part)
+    if reduce_segments(spec, data) != reduce_segments(generic, data) or \
+            _workspace_elements(spec, data, weight) > INT32_MAX:
+        return spec
+    return generic
 
 
 def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
@@ -178,10 +223,11 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
     if device.type == "cuda":
         fused = kernel_cache.with_torch_tf32(spec, device)  # float32 on TF32 where torch's matmuls are
         if not torch.are_deterministic_algorithms_enabled():
-            return _fused_backward(fused, target, grad_output, input, offset, mask, weight)
+            return _fused_backward(fused, _kernel(fused, target, "fused"), grad_output, input, offset, mask, weight)
         bound = contribution_bound(fused, grad_output, mask, weight)
         if bound is not None:
-            return _fused_backward(fused, target, grad_output, input, offset, mask, weight, bound)
+            kernels = _kernel(fused, target, "fused_deterministic")
+            return _fused_backward(fused, kernels, grad_output, input, offset, mask, weight, bound)
     results = _output_buffers(spec, device)
     given = [t.contiguous() for t in (input, offset, mask, weight, grad_output) if t is not None]
     _kernel(spec, target, "gradients")(*given, *results.values())
@@ -219,16 +265,16 @@ def contribution_bound(spec: DeformConvSpec, grad_output, mask, weight) -> float
     return value if math.isfinite(value) else None
 
 
-def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, mask, weight,
+def _fused_backward(spec: DeformConvSpec, kernels: FusedKernels, grad_output, input, offset, mask, weight,
                     bound: float | None = None) -> tuple:
     """``deform_conv2d_backward`` on CUDA by the fused kernels, no columns buffer, for ``spec`` as
     ``kernel_cache.with_torch_tf32`` gives it (float32 multiplies on TF32 tensor cores where
     ``torch.backends.cuda.matmul.allow_tf32`` is set, as torchvision's matmuls do then): one call of
-    the fused entry (four kernels), which finishes every gradient but those ``reduce_segments``
-    leaves to the runtime. With a ``bound`` (``contribution_bound``): the deterministic kernels,
-    whose grad_input is int64 fixed point at the bound's quantum (the same bits on every run),
+    the fused entry (four kernels; ``kernels``: ``_kernel``'s part "fused", or with a ``bound``
+    (``contribution_bound``) "fused_deterministic", of ``spec`` or its layer configuration), which
+    finishes every gradient but those ``reduce_segments`` leaves to the runtime. The deterministic
+    kernels' grad_input is int64 fixed point at the bound's quantum (the same bits on every run),
     converted here."""
-    kernels = _kernel(spec, target, "fused" if bound is None else "fused_deterministic")
     device, dtype, segments = input.device, input.dtype, kernels.segments
     acc = getattr(torch, accumulate_dtype(spec.dtype))
     grad_output = grad_output.contiguous()
@@ -246,7 +292,7 @@ def _fused_backward(spec: DeformConvSpec, target, grad_output, input, offset, ma
     grad_weight = torch.empty(spec.weight_shape, dtype=dtype, device=device)
     grad_bias = torch.empty((spec.out_channels,), dtype=dtype, device=device) if spec.has_bias else None
     bound_tensor = None if bound is None else torch.tensor([bound], dtype=torch.float32, device=device)
-    workspace = torch.empty((kernels.workspace.elements,), dtype=acc, device=device)
+    workspace = torch.empty((kernels.workspace_elements(spec),), dtype=acc, device=device)
     kernels.entry(*[t for t in (input.contiguous(), offset.contiguous(), None if mask is None else mask.contiguous(),
                                 weight.contiguous(), grad_output, bound_tensor, workspace, grad_input, grad_offset,
                                 grad_mask, grad_weight, grad_bias) if t is not None])
