@@ -63,6 +63,14 @@ def _any_spec(spec) -> bool:
     return True
 
 
+def _no_spec(spec) -> bool:
+    return False
+
+
+def _one_group(spec) -> bool:
+    return spec.groups == 1
+
+
 def _no_refinements(mod, spec, trace) -> dict:
     return {}
 
@@ -83,8 +91,8 @@ class ScheduleFamily:
     record's trace that its search does not reach by mutating tile sizes (measured after it);
     ``transfer(mod, spec, source, trace)`` the point a record of the same layer in another dtype
     (``source``'s spec) decided, as a schedule of ``mod``, or None where there is none (a search's
-    start from another dtype's records, ``deft-tvm tune --seed-from``); ``shape_generic``: whether
-    ``default`` also schedules the PrimFunc of a ``compute.spec.generic_spec`` (batch, height and
+    start from another dtype's records, ``deft-tvm tune --seed-from``); ``shape_generic(spec)``: whether
+    ``default`` also schedules the PrimFunc of ``spec``'s ``compute.spec.generic_spec`` (batch, height and
     width TIR variables; the tiles of their loops fixed and their tails predicated), so that one
     kernel serves every size of a layer configuration (``shape_generic``).
     """
@@ -98,23 +106,24 @@ class ScheduleFamily:
     search_start: Callable
     refinements: Callable = _no_refinements
     transfer: Callable = _no_transfer
-    shape_generic: bool = False  # default() also takes a generic_spec: one kernel for every batch and image size
+    shape_generic: Callable = _no_spec  # default() also takes the spec's generic_spec: one kernel for every size
 
 
 # The first family that applies to a kernel is its family (tensor cores before SIMT).
 FAMILIES = (
     ScheduleFamily("cpu", "llvm", "forward", _any_spec, schedule_cpu, deft_cpu_space, seed_cpu_schedule,
-                   shape_generic=True),
+                   shape_generic=_any_spec),
     ScheduleFamily("cpu_backward", "llvm", "backward", _any_spec, schedule_backward_cpu, backward_cpu_space,
-                   seed_backward_cpu_schedule, shape_generic=True),
+                   seed_backward_cpu_schedule, shape_generic=_any_spec),
     ScheduleFamily("cuda_tensorcore", "cuda", "forward", _takes_tensor_cores, schedule_cuda_tensorcore,
                    deft_cuda_tensorcore_space, seed_tensorcore_schedule, tensorcore_refinements, tensorcore_transfer,
-                   shape_generic=True),
-    ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule),
+                   shape_generic=_any_spec),
+    ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule,
+                   shape_generic=_one_group),
     ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
                    seed_backward_cuda_schedule),
     ScheduleFamily("cuda_columns", "cuda", "columns", _takes_columns, schedule_columns_cuda, columns_cuda_space,
-                   seed_columns_cuda_schedule, shape_generic=True),
+                   seed_columns_cuda_schedule, shape_generic=_any_spec),
 )
 
 
@@ -135,8 +144,9 @@ def shape_generic(spec, target, part: str = "forward") -> bool:
     """Whether the default ``part`` kernel of ``spec`` on ``target`` can be the one of its layer
     configuration (``compute.spec.generic_spec``), which runs every batch and image size: its
     family's ``shape_generic`` (the CPU's forward and backward, the CUDA tensor-core forward and
-    columns kernel), and the call's sizes indexable in int32 (the generic kernel's index type)."""
-    return schedule_family(spec, target, part).shape_generic and spec.index_dtype == "int32"
+    columns kernel, the SIMT forward of one group), and the call's sizes indexable in int32 (the
+    generic kernel's index type). The CUDA backward's fused kernels: ``runtime.backward._fused_spec``."""
+    return schedule_family(spec, target, part).shape_generic(spec) and spec.index_dtype == "int32"
 
 
 def unfused_forward(spec, target) -> bool:

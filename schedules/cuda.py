@@ -21,6 +21,13 @@ Which tiles are fast depends on the layer and on the offsets (the sampled tile's
 gathered through L1/L2): ``deft_cuda_space`` exposes every tile size to MetaSchedule as a
 ``sample_perfect_tile`` instruction, so the cost model and the evolutionary search tune them, on
 inputs drawn from the workload's offset profile (``deft_tvm.tuning.search``).
+
+The default schedule also takes a layer configuration of one group (``compute.spec.generic_spec``:
+sizes as TIR variables; one kernel for every size): its output rows and columns are padded to whole
+tiles (``pad_einsum``; the samples outside the output are zeros, the stores outside skipped), so
+that no split has a predicated tail, under which TVM 0.27 would size the shared tile by the tail's
+clipped region (no constant). Grouped layers' convolution is no einsum (the input channel depends
+on the output channel's group): they keep kernels per size.
 """
 
 from __future__ import annotations
@@ -62,19 +69,31 @@ class CudaTiling:
 
     @classmethod
     def for_spec(cls, spec: DeformConvSpec) -> "CudaTiling":
-        """The default tile, shrunk where the layer is smaller than it."""
+        """The default tile, shrunk where the layer is smaller than it (a layer configuration's,
+        ``generic_spec``: that of a map of at least 64 columns and 4 rows)."""
         out_per_group = spec.out_channels // spec.groups
         co_regs = largest_divisor(out_per_group, cls.co_regs)
-        ox_threads = 32 if spec.out_w >= 48 else 16 if spec.out_w >= 16 else 8
+        out_h, out_w = (cls.oy_regs, 64) if spec.shape_generic else (spec.out_h, spec.out_w)
+        ox_threads = 32 if out_w >= 48 else 16 if out_w >= 16 else 8
         return cls(
             co_threads=max(1, min(cls.co_threads, out_per_group // co_regs)),
             co_regs=co_regs,
             oy_threads=1,
-            oy_regs=min(cls.oy_regs, spec.out_h),
+            oy_regs=min(cls.oy_regs, out_h),
             ox_threads=ox_threads,
-            ox_regs=2 if spec.out_w >= 2 * ox_threads else 1,
+            ox_regs=2 if out_w >= 2 * ox_threads else 1,
             k_chunk=min(cls.k_chunk, spec.in_channels // spec.groups),
         )
+
+    @property
+    def rows(self) -> int:
+        """Output rows of a block's tile."""
+        return self.oy_threads * self.oy_regs
+
+    @property
+    def columns(self) -> int:
+        """Output columns of a block's tile."""
+        return self.ox_threads * self.ox_regs
 
 
 def compute_capability(arch: str) -> int:
@@ -188,11 +207,20 @@ def _spread_over_threads(sch, loops, co_t, oy_t, ox_t):
     return thread_x
 
 
-def apply_deft_cuda(sch: s_tir.Schedule, tiles) -> None:
-    """Apply the DefT schedule to ``sch`` (a schedule of ``deform_conv2d_primfunc``) in place."""
+def apply_deft_cuda(sch: s_tir.Schedule, tiles, padded_tile: tuple[int, int] | None = None) -> None:
+    """Apply the DefT schedule to ``sch`` (a schedule of ``deform_conv2d_primfunc``) in place.
+    ``padded_tile`` (rows, columns): the output rows and columns are first padded to whole tiles of
+    that shape (``pad_einsum``; a ``generic_spec``'s, whose sizes are variables: TVM 0.27 would size
+    the shared tile of a predicated tail by its clipped region, no constant)."""
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)
     weight = sch.get_sblock(STAGE_WEIGHT)
+    sampled = STAGE_SAMPLED
+    if padded_tile:
+        sch.pad_einsum(conv, [1, 1, *padded_tile, 1, 1, 1])
+        sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))  # into the padded tile's producer (zero outside)
+        sch.compute_inline(sch.get_sblock(f"{STAGE_CONV}_pad"))  # the output reads the padded sums
+        sampled = f"{STAGE_SAMPLED}_pad"
 
     n, co, oy, ox, rc, ky, kx = sch.get_loops(conv)
     co_f, oy_f, ox_f, rc_f = tiles.co(sch, co), tiles.oy(sch, oy), tiles.ox(sch, ox), tiles.rc(sch, rc)
@@ -215,7 +243,7 @@ def apply_deft_cuda(sch: s_tir.Schedule, tiles) -> None:
     # one thread per position, the chunk's channels innermost (sampling point computed once).
     sampled_shared = sch.cache_read(conv, 1, "shared")
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
-    sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))
+    sch.compute_inline(sch.get_sblock(sampled))
     _, s_c, s_ky, s_kx, s_y, s_x = sch.get_loops(sampled_shared)[-6:]
     sch.reorder(s_y, s_x, s_c, s_ky, s_kx)
     position = _spread_over_threads(sch, [s_y, s_x], co_threads, oy_threads, ox_threads)
@@ -239,9 +267,12 @@ def apply_deft_cuda(sch: s_tir.Schedule, tiles) -> None:
 
 
 def schedule_cuda(mod, spec: DeformConvSpec, tiling: CudaTiling | None = None) -> s_tir.Schedule:
-    """The default schedule of the ``main`` PrimFunc of ``deform_conv2d_primfunc(spec)``."""
+    """The default schedule of the ``main`` PrimFunc of ``deform_conv2d_primfunc(spec)``; of a
+    layer configuration's (``generic_spec``, one group: the padded tile needs the convolution as
+    an einsum), its output padded to whole tiles."""
+    tiling = tiling or CudaTiling.for_spec(spec)
     sch = s_tir.Schedule(mod)
-    apply_deft_cuda(sch, FixedTiles(tiling or CudaTiling.for_spec(spec)))
+    apply_deft_cuda(sch, FixedTiles(tiling), (tiling.rows, tiling.columns) if spec.shape_generic else None)
     return sch
 
 

@@ -1,5 +1,6 @@
 """Shape-generic CUDA kernels (issue 16) on a real GPU (``pytest -m gpu``): the tensor-core forward of
-a layer configuration (fused, or unfused for wide layers: columns kernel, cuBLAS, output transpose),
+a layer configuration (fused, or unfused for wide layers: columns kernel, cuBLAS, output transpose;
+the SIMT forward of a 1-channel stem),
 its channels-last copies and its fused backward, compiled on the first call, serve calls of 20
 random batch and image sizes without a compile and match the float64 reference (forward and
 gradients); skipped where there is no GPU."""
@@ -30,13 +31,14 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine", allow_module_level=True)
 
 DEVICE = torch.device("cuda")
-CONFIGURATIONS = {  # tensor-core layers (one group, channels in multiples of 16), asymmetric hyper-parameters
+CONFIGURATIONS = {  # tensor-core layers (one group, channels in multiples of 16), asymmetric hyper-parameters; a stem
     "v2_float16": DeformConvSpec(1, 64, 20, 20, 64, 3, 3, padding=(1, 1), dtype="float16"),
     "asymmetric_bfloat16": DeformConvSpec(1, 32, 20, 20, 48, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1),
                                           offset_groups=2, dtype="bfloat16"),
     "v1_tf32_no_bias": DeformConvSpec(1, 16, 20, 20, 32, 3, 3, padding=(2, 2), dilation=(2, 2), has_mask=False,
                                       has_bias=False, dtype="float32"),
     "unfused_float16": DeformConvSpec(1, 256, 20, 20, 256, 3, 3, padding=(1, 1), dtype="float16"),
+    "simt_stem_float32": DeformConvSpec(1, 1, 20, 20, 32, 3, 3, padding=(1, 1), dtype="float32"),  # SIMT forward
 }
 # The wide layer's sizes: those whose columns fit UNFUSED_MAX_COLUMNS_BYTES (N x H x W <= 58254 here), which the
 # unfused forward takes; larger calls take the configuration's fused kernel, compiled on the first of them.

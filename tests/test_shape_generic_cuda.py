@@ -19,7 +19,7 @@ from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.runtime import backward, kernel_cache
 from deft_tvm.runtime.records import committed_fused_tilings
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
-from deft_tvm.schedules import default_schedule, kernel_spec, shape_generic
+from deft_tvm.schedules import default_schedule, kernel_spec, schedule_family, shape_generic
 from deft_tvm.schedules.cuda_tensorcore import TensorCoreTiling
 from deft_tvm.tuning.workloads import get_workload
 
@@ -51,6 +51,20 @@ def test_the_configurations_tensor_core_forward_compiles_with_sizes_as_parameter
     assert re.findall(r"__shared__ [^;\[]*\[(\d+)\]", source) and "extern __shared__" in source
 
 
+@pytest.mark.parametrize("dtype, channels", [("float32", 1), ("float16", 4), ("bfloat16", 8), ("float64", 64)])
+def test_the_configurations_simt_forward_compiles_with_sizes_as_parameters(dtype, channels):
+    # Layers off the tensor cores (a 1-channel stem, channels not in multiples of 16, float64): output rows and
+    # columns padded to whole tiles, so that the shared tile has a constant size.
+    layer = dataclasses.replace(ASYMMETRIC, in_channels=channels, offset_groups=1 if channels == 1 else 2, dtype=dtype)
+    generic = generic_spec(kernel_spec(layer, TARGET))
+    assert schedule_family(generic, TARGET).name == "cuda_simt"
+    sch = default_schedule(kernel_primfunc(generic), generic, TARGET)
+    source = compile_kernel(sch.mod, TARGET).mod.imports[0].inspect_source()
+    signature = re.search(r"main_kernel\(([^)]*)\)", source).group(1)
+    assert {"int N", "int H", "int W", "int OH", "int OW"} <= {a.strip() for a in signature.split(",")}, signature
+    assert re.findall(r"__shared__ [^;\[]*sampled_pad_shared_ptr\[(\d+)\]", source)
+
+
 def test_the_tiling_of_a_configuration_is_a_large_maps():
     generic = generic_spec(dataclasses.replace(LAYER, in_channels=512, out_channels=512))
     tiling = TensorCoreTiling.for_spec(generic)
@@ -65,7 +79,9 @@ def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_siz
     tuned = get_workload("paper_64c_64x64_n32", "float16").for_target(TARGET).spec
     assert kernel_cache.compiled_spec(tuned, TARGET) is tuned
     simt = kernel_spec(dataclasses.replace(LAYER, dtype="float64"), TARGET)  # float64: the SIMT schedule
-    assert kernel_cache.compiled_spec(simt, TARGET) is simt
+    assert kernel_cache.compiled_spec(simt, TARGET) is generic_spec(simt)
+    grouped = kernel_spec(dataclasses.replace(LAYER, dtype="float16", groups=2), TARGET)  # SIMT, not an einsum
+    assert kernel_cache.compiled_spec(grouped, TARGET) is grouped
     wide = kernel_spec(dataclasses.replace(LAYER, in_channels=256, out_channels=256, dtype="float16"), TARGET)
     assert kernel_cache.compiled_spec(wide, TARGET, "columns") is generic_spec(wide)  # the unfused forward's
     assert kernel_cache._forward_library_kernel(wide, TARGET) == ("columns", None, generic_spec(wide))

@@ -3,7 +3,8 @@
     python tools/multiscale_bench.py [--iterations 50] [--batch 2] [--short-sides 480 800 32]
                                      [--aspect 1.667] [--downsample 8] [--width 32]
                                      [--dtype float32|float16|bfloat16] [--tf32 off|on]
-                                     [--variants deft_tvm torchvision plain] [--device cuda|cpu]
+                                     [--variants deft_tvm deft_tvm_cached torchvision plain]
+                                     [--device cuda|cpu]
                                      [--csv PATH] [--seed 0] [--commit SHA]
 
 Detection training draws the input size per batch: here the shorter side uniformly from
@@ -17,7 +18,9 @@ the DCN layers see 1/8 of the image by default), trained with SGD on random imag
 The kernel cache starts empty (a fresh ``DEFT_TVM_CACHE_DIR``), so deft_tvm's compiles happen
 inside the run: ``compile_s`` is the wall time spent in TVM's compiler (every call of
 ``runtime.targets.compile_kernel`` the op makes, forward and backward), ``kernels`` how many it
-compiled. Per variant one row: ``total_s`` (all iterations, compiles included, GPU synchronized
+compiled. ``deft_tvm_cached`` runs deft_tvm again with this process's kernels forgotten
+(``runtime.backward.clear_memory_cache``), as a later process would start: its kernels load from
+the disk cache the ``deft_tvm`` row (listed before it) compiled into. Per variant one row: ``total_s`` (all iterations, compiles included, GPU synchronized
 at the end), ``step_ms`` (median time of an iteration that compiled nothing), the distinct sizes,
 with device, dtype, TF32 setting and commit; ``--csv`` writes them.
 """
@@ -124,8 +127,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--tf32", choices=["off", "on"], default="on")
-    parser.add_argument("--variants", nargs="+", default=["deft_tvm", "torchvision", "plain"],
-                        choices=["deft_tvm", "torchvision", "plain"])
+    parser.add_argument("--variants", nargs="+", default=["deft_tvm", "deft_tvm_cached", "torchvision", "plain"],
+                        choices=["deft_tvm", "deft_tvm_cached", "torchvision", "plain"])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,14 +150,17 @@ def main(argv=None) -> list[dict]:
         if variant == "torchvision" and (args.dtype == "bfloat16" or importlib.util.find_spec("torchvision") is None):
             print("torchvision: skipped (not installed, or bfloat16, which it has no kernel for)")
             continue
+        if variant == "deft_tvm_cached":
+            backward.clear_memory_cache()  # as in a new process: the kernels come from the disk cache
         torch.manual_seed(args.seed)
-        model = nn.Sequential(nn.AvgPool2d(args.downsample), build_resnet(conv3x3_factory(variant), args.width))
+        layers = "deft_tvm" if variant == "deft_tvm_cached" else variant
+        model = nn.Sequential(nn.AvgPool2d(args.downsample), build_resnet(conv3x3_factory(layers), args.width))
         model = model.to(device, dtype)
         with tf32_mode(tf32):
             result = train_multiscale(model, sizes, args.batch, dtype, device, args.seed)
         row = {"variant": variant, **result, "iterations": len(sizes), "distinct_sizes": len(set(sizes)),
                "batch": args.batch, "downsample": args.downsample, "width": args.width, "dtype": args.dtype,
-               "tf32": tf32, "device": gpu, "dcn": variant in DCN_VARIANTS, "commit": commit}
+               "tf32": tf32, "device": gpu, "dcn": layers in DCN_VARIANTS, "commit": commit}
         rows.append(row)
         print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.csv:

@@ -166,7 +166,7 @@ def _default_entries(args, target, entries) -> list:
     """``KernelEntry``s of the default schedule for the kernels of ``args``' workloads that
     ``entries`` lack (``_parts``, the columns kernel included where the forward is unfused), so
     that a library serves every kernel the op runs: where the target's default kernel is
-    shape-generic (``schedules.shape_generic``: the CPU's, the CUDA tensor-core forward), that of
+    shape-generic (``schedules.shape_generic``), that of
     the workload's layer configuration, which serves every batch and image size."""
     from deft_tvm.compute.kernels import kernel_primfunc
     from deft_tvm.compute.spec import generic_spec

@@ -158,11 +158,19 @@ def deform_conv2d_te(spec: DeformConvSpec) -> tuple[list[te.Tensor], te.Tensor]:
     rc = te.reduce_axis((0, in_per_group), name="rc")
     rky = te.reduce_axis((0, kh), name="rky")
     rkx = te.reduce_axis((0, kw), name="rkx")
+
+    def channel(co):
+        """The input channel of reduction index rc for output channel co (its group's). A layer
+        configuration of one group indexes it as rc, an einsum (``pad_einsum`` needs one); per-size
+        kernels keep the expression their tuning records were taken on (records match by hash)."""
+        if spec.groups == 1 and spec.shape_generic:
+            return rc
+        return co // out_per_group * in_per_group + rc
+
     conv = te.compute(
         spec.output_shape,
         lambda n, co, oy, ox: te.sum(
-            weight_acc[co, rc, rky, rkx]
-            * sampled[n, co // out_per_group * in_per_group + rc, rky, rkx, oy, ox].astype(acc),
+            weight_acc[co, rc, rky, rkx] * sampled[n, channel(co), rky, rkx, oy, ox].astype(acc),
             axis=[rc, rky, rkx],
         ),
         name=STAGE_CONV,

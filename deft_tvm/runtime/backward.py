@@ -163,6 +163,14 @@ def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
     return kernel
 
 
+def clear_memory_cache() -> None:
+    """Forget the forward and backward kernels loaded in this process (the disk cache stays), as a
+    new process starts: ``kernel_cache.clear_memory_cache`` and the backward's own."""
+    with _lock:
+        _kernels.clear()
+    kernel_cache.clear_memory_cache()
+
+
 def backward_parts(spec: DeformConvSpec, device_type: str, deterministic: bool) -> tuple[str, ...]:
     """The kernels (``_kernel`` parts) ``deform_conv2d_backward`` takes for ``spec`` (float32 with
     ``tf32`` where the call multiplies on TF32) on a ``device_type`` ("cpu" or "cuda") device,
