@@ -66,7 +66,8 @@ def _patterns(func, seed: int) -> dict:
 
 
 def _entry(spec, data, weight):
-    """``backward_entry`` of ``spec`` (or its configuration) around the stand-ins, built for the CPU."""
+    """``backward_entry`` of ``spec`` (or its configuration) around the stand-ins, built for the
+    CPU."""
     entry = backward_entry(spec, data, weight, bind_threads=False,
                            data_func=_stand_in(grad_data_primfunc(spec, data), 3),
                            weight_func=_stand_in(grad_weight_primfunc(spec, weight), 5))
@@ -74,8 +75,9 @@ def _entry(spec, data, weight):
 
 
 def _check_entry(spec, data, weight, compiled):
-    """``_fused_backward`` of ``spec`` through ``compiled`` (``_entry``) on buffers it fills with garbage
-    first: every gradient is the stand-ins' pattern summed over its splits in order and cast."""
+    """``_fused_backward`` of ``spec`` through ``compiled`` (``_entry``) on buffers it fills with
+    garbage first: every gradient is the stand-ins' pattern summed over its splits in order and
+    cast."""
     written = {**_patterns(grad_data_primfunc(spec, data), 3), **_patterns(grad_weight_primfunc(spec, weight), 5)}
 
     def call(*args):  # garbage in the workspace and the outputs: the entry must not read what it did not write

@@ -20,9 +20,10 @@ inside the run: ``compile_s`` is the wall time spent in TVM's compiler (every ca
 ``runtime.targets.compile_kernel`` the op makes, forward and backward), ``kernels`` how many it
 compiled. ``deft_tvm_cached`` runs deft_tvm again with this process's kernels forgotten
 (``runtime.backward.clear_memory_cache``), as a later process would start: its kernels load from
-the disk cache the ``deft_tvm`` row (listed before it) compiled into. Per variant one row: ``total_s`` (all iterations, compiles included, GPU synchronized
-at the end), ``step_ms`` (median time of an iteration that compiled nothing), the distinct sizes,
-with device, dtype, TF32 setting and commit; ``--csv`` writes them.
+the disk cache the ``deft_tvm`` row (listed before it) compiled into. Per variant one row:
+``total_s`` (all iterations, compiles included, GPU synchronized at the end), ``step_ms`` (median
+time of an iteration that compiled nothing), the distinct sizes, with device, dtype, TF32 setting
+and commit; ``--csv`` writes them.
 """
 
 from __future__ import annotations

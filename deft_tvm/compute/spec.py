@@ -249,12 +249,12 @@ def generic_spec(spec: DeformConvSpec) -> DeformConvSpec:
     """The layer configuration of ``spec`` (channels, kernel, stride, padding, dilation, groups,
     offset groups, mask, bias, dtype, layout, TF32) with ``batch``, ``height`` and ``width`` as
     int32 TIR variables ``N``, ``H`` and ``W``: the compute builders take it to make one PrimFunc
-    for every size, whose key (``nN_c.._hH_wW_..``) names the configuration. ``out_h`` and ``out_w``
-    are variables of their own, ``OH`` and ``OW`` (bound from the offset's or output's shape, which the
-    front end checks against torch's output size): as expressions of ``H`` and ``W`` (``H - 2``)
-    they fail TVM 0.27's iteration-map analysis of fused and split loops. Its shape properties
-    are TIR expressions, its ``index_dtype`` int32: a call of ``spec``'s sizes may run on it only where ``spec.index_dtype``
-    is int32 too. Built from a validated spec, so not validated again (``__post_init__`` compares
+    for every size, whose key (``nN_c.._hH_wW_..``) names the configuration. ``out_h`` and
+    ``out_w`` are variables of their own, ``OH`` and ``OW`` (bound from the offset's or output's
+    shape, which the front end checks against torch's output size): as expressions of ``H`` and
+    ``W`` (``H - 2``) they fail TVM 0.27's iteration-map analysis of fused and split loops. Its
+    shape properties are TIR expressions, its ``index_dtype`` int32: a call of ``spec``'s sizes
+    may run on it only where ``spec.index_dtype`` is int32 too. Built from a validated spec, so not validated again (``__post_init__`` compares
     sizes). One object per configuration, so that it keys caches as a spec does (TIR variables
     compare and hash by identity)."""
     from tvm import tirx
