@@ -466,7 +466,9 @@ def test_programmatic_grad_data_leaves_the_reduction_every_sum(dtype):
     target = target_for_device("cuda")
     tensors = (grad_output, args["input"], args["offset"], args["mask"], args["weight"])
     bound = backward.contribution_bound(spec, grad_output, args["mask"], args["weight"])
-    kernels = backward._kernel(spec, target, "fused_deterministic")
+    # The kernels of these sizes (a call of them runs its configuration's, whose splits are not chosen for them).
+    part = "fused_deterministic"
+    kernels = backward.fused_kernels(spec, target, *backward._fused_tilings(spec, target, part), part)
     runs = [backward._fused_backward(spec, kernels, *tensors, bound) for _ in range(30)]
     torch.cuda.synchronize()
     for run in runs[1:]:
