@@ -91,10 +91,11 @@ class ScheduleFamily:
     record's trace that its search does not reach by mutating tile sizes (measured after it);
     ``transfer(mod, spec, source, trace)`` the point a record of the same layer in another dtype
     (``source``'s spec) decided, as a schedule of ``mod``, or None where there is none (a search's
-    start from another dtype's records, ``deft-tvm tune --seed-from``); ``shape_generic(spec)``: whether
-    ``default`` also schedules the PrimFunc of ``spec``'s ``compute.spec.generic_spec`` (batch, height and
-    width TIR variables; the tiles of their loops fixed and their tails predicated), so that one
-    kernel serves every size of a layer configuration (``shape_generic``).
+    start from another dtype's records, ``deft-tvm tune --seed-from``); ``shape_generic(spec)``:
+    whether ``default`` also schedules the PrimFunc of ``spec``'s ``compute.spec.generic_spec``
+    (batch, height and width TIR variables; the tiles of their loops fixed and their tails
+    predicated or padded), so that one kernel serves every size of a layer configuration
+    (``shape_generic``).
     """
 
     name: str

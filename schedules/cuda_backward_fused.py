@@ -100,7 +100,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from deft_tvm.compute.sampling import index_extents
-from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype
+from deft_tvm.compute.spec import GENERIC_DIMENSIONS, INT32_MAX, DeformConvSpec, accumulate_dtype
 from deft_tvm.schedules.cuda import compute_capability, largest_divisor, thread_loops
 from deft_tvm.schedules.cuda_launch import grid_dependency_wait, launch_dependents
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES, c_element, mma_shape
@@ -121,6 +121,12 @@ PARTIAL_FLOATS = 8 << 20  # at most 32 MB of grad_weight partial sums
 # Batch, height and width whose default tilings a layer configuration's kernels (generic_spec) take: a detection
 # backbone's stage of a multi-scale batch (2 images, ~800 x 1200 px input) has 25 x 38 to 100 x 150 px maps.
 CONFIGURATION_SIZES = (2, 64, 64)
+
+
+def _in_dtype(dtype: str, *sizes):
+    """``sizes`` to compare with values of ``dtype``: ints as they are (constants), a
+    ``generic_spec``'s size variables cast."""
+    return tuple(v if isinstance(v, int) else tirx.Cast(dtype, v) for v in sizes)
 
 
 def magnitude_bits(value):
@@ -573,7 +579,7 @@ def grad_data_primfunc(spec: DeformConvSpec, tiling: DataTiling):
     blocks = n * og * tiles_y * tiles_x * splits
     n, c, pixels, blocks = index_extents(spec, n, c, h * w, blocks)
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))
-    h_acc, w_acc = (v if isinstance(v, int) else tirx.Cast(acc, v) for v in (h, w))  # compared with sampling points
+    h_acc, w_acc = _in_dtype(acc, h, w)  # compared with sampling points
     stages = tiling.stages(spec)
     deterministic = tiling.deterministic
     bound_elements, = index_extents(spec, tiling.bound_elements(spec) if tiling.takes_bounds else 1)
@@ -1264,7 +1270,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
     total = n * positions  # flat positions: 32-bit (the tensors' extents may need 64)
     n, c, pixels = index_extents(spec, n, c, h * w)
     nan, zero, one, below = (tirx.const(v, acc) for v in (float("nan"), 0, 1, -2))
-    h_acc, w_acc = (v if isinstance(v, int) else tirx.Cast(acc, v) for v in (h, w))  # compared with sampling points
+    h_acc, w_acc = _in_dtype(acc, h, w)  # compared with sampling points
     if tensor_cores:
         # Operands staged channel-major in the spec's dtype (rows padded by 16 bytes); each warp
         # owns o_regs m16 x c_regs n8 tiles of the block's o_tile x c_tile.
@@ -1645,7 +1651,8 @@ def reduce_segments(spec: DeformConvSpec, data: DataTiling) -> ReduceSegments:
     """The segments ``reduce_primfunc`` takes for ``spec`` and its data tiling: grad_offset and
     grad_mask where there are several channel splits or a cast, grad_input where it is cast
     (float16, bfloat16; not the deterministic kernels' int64 fixed point, which the runtime scales);
-    none past int32 indexing (a ``generic_spec``'s assume int32: ``serves_sizes``)."""
+    none past int32 indexing (a ``generic_spec``'s assume int32: the runtime runs it only for
+    calls whose own segments are the same, ``runtime.backward._fused_spec``)."""
     cast = spec.dtype != accumulate_dtype(spec.dtype)
     fold = data.channel_splits > 1 or cast
     sizes = _reduce_sizes(spec)
@@ -1764,8 +1771,8 @@ def prepare_primfunc(spec: DeformConvSpec, data: DataTiling, bind_threads: bool 
     table_shape = tables if has_tables else 1
     peak_blocks = -(-positions // peak_items) if has_tables else 0
     sum_blocks = -(-pairs // sum_items) if has_tables else 0
-    index = "int32" if spec.shape_generic or max(elements, zero_blocks + peak_blocks + sum_blocks) * threads <= INT32_MAX \
-        else "int64"
+    largest = 0 if spec.shape_generic else max(elements, zero_blocks + peak_blocks + sum_blocks) * threads
+    index = "int64" if largest > INT32_MAX else "int32"  # (a configuration's indices: int32)
     blocks, threads_, count, zero_end, peak_end = (tirx.IntImm(index, v) if isinstance(v, int) else v for v in (
         zero_blocks + peak_blocks + sum_blocks, threads, elements, zero_blocks, zero_blocks + peak_blocks))
     blocks_loop, threads_loop = thread_loops(bind_threads)
@@ -1980,8 +1987,7 @@ def default_tilings(spec: DeformConvSpec, arch: str = "sm_90") -> tuple[DataTili
     atomics there); of a ``generic_spec``, those of its configuration at ``CONFIGURATION_SIZES``
     (their channel and position splits fixed for every size)."""
     if spec.shape_generic:
-        spec = DeformConvSpec.from_dict({**spec.to_dict(), **dict(zip(("batch", "height", "width"),
-                                                                      CONFIGURATION_SIZES))})
+        spec = DeformConvSpec.from_dict({**spec.to_dict(), **dict(zip(GENERIC_DIMENSIONS, CONFIGURATION_SIZES))})
     data = DataTiling.for_spec(spec)
     if compute_capability(arch) < 90:
         data = dataclasses.replace(data, flush_width=1)

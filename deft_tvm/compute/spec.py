@@ -254,9 +254,9 @@ def generic_spec(spec: DeformConvSpec) -> DeformConvSpec:
     shape, which the front end checks against torch's output size): as expressions of ``H`` and
     ``W`` (``H - 2``) they fail TVM 0.27's iteration-map analysis of fused and split loops. Its
     shape properties are TIR expressions, its ``index_dtype`` int32: a call of ``spec``'s sizes
-    may run on it only where ``spec.index_dtype`` is int32 too. Built from a validated spec, so not validated again (``__post_init__`` compares
-    sizes). One object per configuration, so that it keys caches as a spec does (TIR variables
-    compare and hash by identity)."""
+    may run on it only where ``spec.index_dtype`` is int32 too. Built from a validated spec, so not
+    validated again (``__post_init__`` compares sizes). One object per configuration, so that it
+    keys caches as a spec does (TIR variables compare and hash by identity)."""
     from tvm import tirx
 
     if spec.shape_generic:
