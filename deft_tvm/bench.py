@@ -69,7 +69,7 @@ from deft_tvm.compute.spec import SUPPORTED_DTYPES
 from deft_tvm.frontend.functional import deform_conv2d
 from deft_tvm.reference.forward import deform_conv2d_reference
 from deft_tvm.runtime import kernel_cache
-from deft_tvm.runtime.records import best_schedule, committed_root, database_dir
+from deft_tvm.runtime.records import best_schedule, database_dir, record_roots
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.tuning.search import tune
 from deft_tvm.tuning.timing import gpu_ms
@@ -523,9 +523,9 @@ def check_arguments(args, parser: argparse.ArgumentParser) -> None:
             parser.error("--from-csv runs nothing, so there are no new rows for --csv")
         if args.markdown is None and args.plot is None:
             parser.error("--from-csv needs --markdown and/or --plot")
-    if args.generic_trials and any(_inside(args.generic_dir, root) for root in (committed_root(), Path("tuning_logs"))):
-        parser.error(f"--generic-dir {args.generic_dir} is inside tuning_logs/, whose records the package uses; "
-                     "pick a folder outside it")
+    if args.generic_trials and any(_inside(args.generic_dir, root) for root in (*record_roots(), Path("tuning_logs"))):
+        parser.error(f"--generic-dir {args.generic_dir} is inside a tuning directory whose records the package uses "
+                     f"({', '.join(str(r) for r in record_roots())} or tuning_logs/); pick a folder outside them")
     if args.plot is not None:
         try:
             _figure_class()

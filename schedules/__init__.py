@@ -122,7 +122,7 @@ FAMILIES = (
     ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule,
                    shape_generic=_one_group),
     ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
-                   seed_backward_cuda_schedule),
+                   seed_backward_cuda_schedule, shape_generic=_any_spec),
     ScheduleFamily("cuda_columns", "cuda", "columns", _takes_columns, schedule_columns_cuda, columns_cuda_space,
                    seed_columns_cuda_schedule, shape_generic=_any_spec),
 )
@@ -145,8 +145,9 @@ def shape_generic(spec, target, part: str = "forward") -> bool:
     """Whether the default ``part`` kernel of ``spec`` on ``target`` can be the one of its layer
     configuration (``compute.spec.generic_spec``), which runs every batch and image size: its
     family's ``shape_generic`` (the CPU's forward and backward, the CUDA tensor-core forward and
-    columns kernel, the SIMT forward of one group), and the call's sizes indexable in int32 (the
-    generic kernel's index type). The CUDA backward's fused kernels: ``runtime.backward._fused_spec``."""
+    columns kernel, the SIMT forward of one group, the CUDA staged backward's gradient kernels),
+    and the call's sizes indexable in int32 (the generic kernel's index type). The CUDA backward's
+    fused kernels: ``runtime.backward.fused_choice``."""
     return schedule_family(spec, target, part).shape_generic(spec) and spec.index_dtype == "int32"
 
 

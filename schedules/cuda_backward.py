@@ -20,6 +20,14 @@
 
 This is the staged backward of the deterministic mode (grad_input then comes from the sorted gather
 over ``grad_columns``); with atomics, ``cuda_backward_fused.py`` runs instead.
+
+A layer configuration (``generic_spec``: batch and image sizes are variables) takes
+``apply_backward_cuda_generic``: no tile of a row or of output positions, so that no shared or
+local buffer is sized by a tail of unknown extent; grad_columns one thread per element, its
+reduction over the output channels in a register; grad_weight's (batch x positions) reduction
+split over ``MAX_SPLITS`` partial sums, each thread one partial of ``GENERIC_O_REGS`` output
+channels of one (input channel, tap), each sample interpolated once per step into a register for
+them all.
 ``backward_cuda_space`` samples the grad_weight and grad_columns tiles (``sample_perfect_tile``)
 and every other kernel's threads per block (``sample_categorical`` over ``THREAD_CHOICES``); the
 default is ``BackwardTiling.for_spec`` and ``THREADS`` / ``REDUCTION_THREADS``.
@@ -42,6 +50,7 @@ MAX_WEIGHT_REGS = 8
 MAX_ROWS = 8
 MAX_K_STEP = 32  # output channels per shared-memory step of grad_columns
 MAX_SPLITS = 64  # bounds grad_weight's partial sums: splits x the weight's size in the accumulate dtype
+GENERIC_O_REGS = 8  # most output channels of a layer configuration's grad_weight partial per thread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,35 +185,40 @@ def _iter_kinds(sch: s_tir.Schedule, block) -> list[int]:
     return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
 
 
-def _bind_elementwise(sch: s_tir.Schedule, block, threads) -> None:
+def _bind_elementwise(sch: s_tir.Schedule, block, threads, bind_threads: bool = True):
     """One thread per element of ``block``'s spatial loops (its reduction loops stay inside),
     ``threads`` per thread block (a split bound to threadIdx.x: the pattern MetaSchedule's
-    ``MutateThreadBinding`` mutates where ``threads`` is sampled)."""
+    ``MutateThreadBinding`` mutates where ``threads`` is sampled). Returns the thread's loop.
+    ``bind_threads=False``: the same loops, unbound (buildable for a CPU)."""
     spatial = [loop for loop, kind in zip(sch.get_loops(block), _iter_kinds(sch, block)) if kind == 0]
     fused = sch.fuse(*spatial)
     blocks, inner = sch.split(fused, [None, threads])
-    sch.bind(blocks, "blockIdx.x")
-    sch.bind(inner, "threadIdx.x")
+    if bind_threads:
+        sch.bind(blocks, "blockIdx.x")
+        sch.bind(inner, "threadIdx.x")
+    return inner
 
 
-def _accumulate_in_registers(sch: s_tir.Schedule, acc_name: str, cast_name: str, threads) -> None:
+def _accumulate_in_registers(sch: s_tir.Schedule, acc_name: str, cast_name: str, threads,
+                             bind_threads: bool = True) -> None:
     """The cast stage ``cast_name`` one thread per element, its reduction ``acc_name`` in registers."""
     cast = sch.get_sblock(cast_name)
-    _bind_elementwise(sch, cast, threads)
+    _bind_elementwise(sch, cast, threads, bind_threads)
     acc = sch.get_sblock(acc_name)
     sch.compute_at(acc, sch.get_loops(cast)[-1], preserve_unit_loops=True)
     sch.set_scope(acc, 0, "local")
 
 
-def _reduce_across_threads(sch: s_tir.Schedule, acc_name: str, threads) -> None:
+def _reduce_across_threads(sch: s_tir.Schedule, acc_name: str, threads, bind_threads: bool = True) -> None:
     """One thread block per element of ``acc_name``: its reduction loops fused and split over the
     block's ``threads`` threads (a cross-thread reduction)."""
     acc = sch.get_sblock(acc_name)
     loops, kinds = sch.get_loops(acc), _iter_kinds(sch, acc)
     reduction = sch.fuse(*[loop for loop, kind in zip(loops, kinds) if kind == 2])
     _, inner = sch.split(reduction, [None, threads])
-    sch.bind(inner, "threadIdx.x")
-    sch.bind(sch.fuse(*[loop for loop, kind in zip(loops, kinds) if kind == 0]), "blockIdx.x")
+    if bind_threads:
+        sch.bind(inner, "threadIdx.x")
+        sch.bind(sch.fuse(*[loop for loop, kind in zip(loops, kinds) if kind == 0]), "blockIdx.x")
 
 
 def _spread_over_threads(sch: s_tir.Schedule, loops, o_threads, i_threads) -> None:
@@ -297,11 +311,52 @@ def apply_backward_cuda(sch: s_tir.Schedule, has_mask: bool, tiles) -> None:
     _reduce_across_threads(sch, "grad_bias_acc", tiles.reduction_threads(sch))
 
 
+def apply_backward_cuda_generic(sch: s_tir.Schedule, spec: DeformConvSpec, bind_threads: bool = True) -> None:
+    """Apply the CUDA backward schedule of a layer configuration (``spec``: a ``generic_spec``; see
+    the module's docstring) in place. ``bind_threads=False``: the same loops and buffers, no thread
+    bound (buildable for a CPU, where tests check its gradients)."""
+    sch.compute_inline(sch.get_sblock("coord_corner"))
+    sch.compute_inline(sch.get_sblock("coord_fraction"))
+    for name in ("coord_index", "coord_share"):
+        _bind_elementwise(sch, sch.get_sblock(name), THREADS, bind_threads)
+    columns = sch.get_sblock("grad_columns")  # weight read by a warp's threads at once, grad_output along rows
+    thread = _bind_elementwise(sch, columns, THREADS, bind_threads)
+    sch.reverse_compute_at(sch.cache_write(columns, 0, "local"), thread, preserve_unit_loops=True)
+    sch.decompose_reduction(columns, sch.get_loops(columns)[-1])
+    _accumulate_in_registers(sch, "grad_offset_acc", "grad_offset", THREADS, bind_threads)
+    if spec.has_mask:
+        _accumulate_in_registers(sch, "grad_mask_acc", "grad_mask", THREADS, bind_threads)
+
+    acc = sch.get_sblock("grad_weight_acc")
+    _, _, _, _, rn, ry, rx = sch.get_loops(acc)
+    step, split = sch.split(sch.fuse(rn, ry, rx), [None, MAX_SPLITS])  # split s sums positions s, s + splits, ...
+    partial = sch.rfactor(split, factor_axis=0)
+    _accumulate_in_registers(sch, "grad_weight_acc", "grad_weight", REDUCTION_THREADS, bind_threads)
+    o, i, ky, kx, step, split = sch.get_loops(partial)
+    o_outer, o_regs = sch.split(o, [None, largest_divisor(spec.out_channels // spec.groups, GENERIC_O_REGS)])
+    sch.reorder(split, i, ky, kx, o_outer, step, o_regs)
+    blocks, thread = sch.split(sch.fuse(split, i, ky, kx, o_outer), [None, THREADS])
+    if bind_threads:
+        sch.bind(blocks, "blockIdx.x")
+        sch.bind(thread, "threadIdx.x")
+    sch.reverse_compute_at(sch.cache_write(partial, 0, "local"), thread, preserve_unit_loops=True)
+    sampled = sch.get_sblock("sampled_columns")  # one sample per step, for the thread's output channels
+    sch.compute_at(sampled, step, preserve_unit_loops=True)
+    sch.set_scope(sampled, 0, "local")
+    sch.decompose_reduction(partial, step)
+    sch.unroll(o_regs)
+    _reduce_across_threads(sch, "grad_bias_acc", REDUCTION_THREADS, bind_threads)
+
+
 def schedule_backward_cuda(mod, spec: DeformConvSpec, tiling: BackwardTiling | None = None) -> s_tir.Schedule:
     """Schedule the ``main`` PrimFunc of ``deft_tvm.compute.backward.deform_conv2d_backward_primfunc(spec)``
-    with the default knobs (or ``tiling`` for grad_weight)."""
+    with the default knobs (or ``tiling`` for grad_weight); a layer configuration's (``generic_spec``)
+    with ``apply_backward_cuda_generic``."""
     sch = s_tir.Schedule(mod)
-    apply_backward_cuda(sch, spec.has_mask, FixedTiles(tiling or BackwardTiling.for_spec(spec)))
+    if spec.shape_generic:
+        apply_backward_cuda_generic(sch, spec)
+    else:
+        apply_backward_cuda(sch, spec.has_mask, FixedTiles(tiling or BackwardTiling.for_spec(spec)))
     return sch
 
 

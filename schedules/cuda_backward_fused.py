@@ -1652,7 +1652,7 @@ def reduce_segments(spec: DeformConvSpec, data: DataTiling) -> ReduceSegments:
     grad_mask where there are several channel splits or a cast, grad_input where it is cast
     (float16, bfloat16; not the deterministic kernels' int64 fixed point, which the runtime scales);
     none past int32 indexing (a ``generic_spec``'s assume int32: the runtime runs it only for
-    calls whose own segments are the same, ``runtime.backward._fused_spec``)."""
+    calls whose own segments are the same, ``runtime.backward.fused_choice``)."""
     cast = spec.dtype != accumulate_dtype(spec.dtype)
     fold = data.channel_splits > 1 or cast
     sizes = _reduce_sizes(spec)

@@ -9,7 +9,7 @@ import tvm
 from tvm import te
 
 from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc, sorted_gather_primfunc
-from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.runtime.backward import sort_by_pixel
 
@@ -65,10 +65,11 @@ def test_sorted_gather_equals_the_plane_scatter_bit_for_bit(shape):
 
     order, starts = sort_by_pixel(index, h * w)
     assert starts[..., -1].eq((index >= 0).flatten(2).sum(-1)).all()  # entries outside sort last
-    gathered = torch.full((n, c, h * w), float("nan"), dtype=torch.float64)  # every pixel is written
-    gather = tvm.compile(tvm.IRModule({"gather": sorted_gather_primfunc(spec)}), target="llvm")["gather"]
-    gather(columns.flatten(2), share.flatten(2), order, starts, gathered)
-    assert torch.equal(gathered, scattered)
+    for gather_spec in (spec, generic_spec(spec)):  # the call's sizes, its layer configuration's (any size)
+        gathered = torch.full(spec.input_shape, float("nan"), dtype=torch.float64)  # every pixel is written
+        gather = tvm.compile(tvm.IRModule({"gather": sorted_gather_primfunc(gather_spec)}), target="llvm")["gather"]
+        gather(columns, share, order, gathered, starts)
+        assert torch.equal(gathered.flatten(2), scattered)
 
 
 def test_sort_by_pixel_keeps_equal_pixels_in_entry_order():

@@ -74,3 +74,16 @@ def test_prebuilt_cpu_kernels_give_the_reference_gradients(monkeypatch):
     for got, expected in zip(grads, (reference.input, reference.offset, reference.weight, reference.bias,
                                      reference.mask)):
         assert_close_to_largest(got, expected, "float32")
+
+
+@pytest.mark.parametrize("part", ["gather", "scatter"])
+def test_grad_inputs_kernels_are_kept_on_disk(part, isolated_cache, monkeypatch):
+    """The sorted gather (deterministic CUDA calls of float32, float64) and the scatter (the CPU's)
+    are compiled into the disk cache once; a new process loads them."""
+    target = target_for_device(torch.device("cpu"))
+    backward._build(FLOAT32, target, part)
+    files = sorted(p.name for p in isolated_cache.rglob("*.so"))
+    assert len(files) == 1 and f"_{part}-" in files[0]
+    monkeypatch.setattr(backward, "compile_kernel", lambda *args: pytest.fail("compiled again"))
+    backward._build(FLOAT32, target, part)
+    assert sorted(p.name for p in isolated_cache.rglob("*.so")) == files

@@ -50,6 +50,8 @@ def test_unknown_kernel_part_is_refused():
     with pytest.raises(ValueError, match=r"unknown kernel part 'sideways'; expected one of forward, backward"):
         kernel_key(ASYMMETRIC.spec, "sideways")
     assert kernel_key(ASYMMETRIC.spec, "backward") == ASYMMETRIC.spec.key() + "_backward"
+    with pytest.raises(ValueError, match=r"no compute for kernel part 'fused_backward'; expected one of forward"):
+        kernel_primfunc(ASYMMETRIC.spec, "fused_backward")  # the fused backward's entry is TIR of its own
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -247,14 +247,15 @@ def test_generic_provider_times_the_generic_database(tmp_path, monkeypatch):
     (["--iters", "0"], "must be at least 1"),
     (["--generic-trials", "-1"], "must be at least 0"),
     (["--workloads", "no_such_layer"], "invalid choice"),
-    (["--generic-trials", "2", "--generic-dir", "tuning_logs/generic"], "inside tuning_logs"),
+    (["--generic-trials", "2", "--generic-dir", "tuning_logs/generic"], "inside a tuning directory whose records"),
+    (["--generic-trials", "2", "--generic-dir", "{user}/generic"], "inside a tuning directory whose records"),
     (["--from-csv", "missing.csv", "--markdown", "t.md"], "no such file"),
     (["--from-csv", "{csv}"], "needs --markdown and/or --plot"),
     (["--from-csv", "{csv}", "--markdown", "t.md", "--csv", "new.csv"], "no new rows for --csv"),
 ])
 def test_argument_errors(args, message, gpu_csv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main([a.format(csv=gpu_csv) for a in args])
+        bench.main([a.format(csv=gpu_csv, user=records.user_root()) for a in args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

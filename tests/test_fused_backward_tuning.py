@@ -310,7 +310,7 @@ def test_other_weight_stages_of_the_fastest_data_tiling_must_beat_it_in_the_same
 
 def test_step_variants_deepen_tensor_core_steps_into_dynamic_shared_memory():
     spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
-    _, committed = records.committed_fused_tilings(spec, TARGET)  # 256 x 64 channels
+    _, committed = records.recorded_fused_tilings(spec, TARGET)  # 256 x 64 channels
     weight = dataclasses.replace(committed, positions=32)  # the space's step for that block: 47 KB
     assert weight.shared_bytes(spec) <= SHARED_BYTES
     variants = step_variants(spec, weight)
@@ -332,7 +332,7 @@ def test_the_step_variants_of_the_records_build():
     for name, workload in WORKLOADS.items():
         for dtype, tf32 in (("float16", False), ("bfloat16", False), ("float32", True)):
             spec = dataclasses.replace(workload.spec, dtype=dtype, tf32=tf32)
-            tilings = records.committed_fused_tilings(spec, TARGET)
+            tilings = records.recorded_fused_tilings(spec, TARGET)
             jobs += [(spec, t) for t in step_variants(spec, tilings[1])] if tilings else []
     assert len(jobs) > 40 and any(t.table_bytes(spec) + t.operand_bytes(spec) > SHARED_BYTES > t.operand_bytes(spec)
                                   for spec, t in jobs)
@@ -398,7 +398,7 @@ def test_the_chunk_variants_of_the_records_build():
     for name, workload in WORKLOADS.items():
         for dtype, tf32 in (("float16", False), ("bfloat16", False), ("float32", True)):
             spec = dataclasses.replace(workload.spec, dtype=dtype, tf32=tf32)
-            tilings = records.committed_fused_tilings(spec, TARGET)
+            tilings = records.recorded_fused_tilings(spec, TARGET)
             jobs += [(spec, t, tilings[1]) for t in chunk_variants(spec, tilings[0])[:1]] if tilings else []
     assert len(jobs) > 25 and {t.tensor_cores for _, t, _ in jobs} == {False, True}
     assert any(t.shared_bytes(spec) > SHARED_BYTES for spec, t, _ in jobs)
@@ -438,7 +438,7 @@ def test_the_tile_variants_of_a_records_tilings_build():
     variants of its committed records (float16 and TF32) compile for sm_90."""
     for dtype, tf32 in (("float16", False), ("float32", True)):
         spec = get_workload("r50dcn_c5", dtype, tf32=tf32).spec
-        data, weight = records.committed_fused_tilings(spec, TARGET)
+        data, weight = records.recorded_fused_tilings(spec, TARGET)
         variants = tile_variants(spec, data)
         assert {t.tile_h * t.tile_w for t in variants} & {64, 96} and all(t.tensor_cores for t in variants)
         for variant in variants:
@@ -494,10 +494,10 @@ def test_agreement_is_relative_to_the_largest_gradient_and_nan_exact():
 def test_the_op_takes_a_committed_record_over_the_defaults(tmp_path, monkeypatch):
     spec = get_workload("r50dcn_c4", "float16").spec
     monkeypatch.setattr(records, "committed_root", lambda: tmp_path)
-    assert records.committed_fused_tilings(spec, TARGET) is None
+    assert records.recorded_fused_tilings(spec, TARGET) is None
     record = tune_fused_backward(spec, PROFILE, TARGET, "a GPU", measure=_fake_measure(4, 1))
     records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET), record)
-    data, weight = records.committed_fused_tilings(spec, TARGET)
+    data, weight = records.recorded_fused_tilings(spec, TARGET)
     assert (data, weight) == (data_space(spec, PROFILE)[4], weight_space(spec)[1]) != (DataTiling.for_spec(spec),
                                                                              WeightTiling.for_spec(spec))
     built = {}
@@ -514,7 +514,7 @@ def test_the_op_takes_a_committed_record_over_the_defaults(tmp_path, monkeypatch
     records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET),
                                  {**record, "spec": other.to_dict()})
     with pytest.raises(ValueError, match=rf"records {other.key()}, not {spec.key()}"):
-        records.committed_fused_tilings(spec, TARGET)
+        records.recorded_fused_tilings(spec, TARGET)
 
 
 def test_tuning_the_fused_backward_needs_cuda(capsys):

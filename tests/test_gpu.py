@@ -253,8 +253,8 @@ def test_exported_cuda_library_round_trip(tmp_path):
     specs = [dataclasses.replace(SHAPES["asymmetric"], dtype=d) for d in GPU_DTYPES]
     specs.append(kernel_spec(get_workload("test_tensor_core_small", "float16").spec, target))  # channels-last
     specs.append(kernel_spec(get_workload("test_tensor_core_small", "float32", tf32=True).spec, target))  # TF32
-    entries = [library.KernelEntry(s, default_schedule(deform_conv2d_primfunc(s), s, target), "default schedule")
-               for s in specs]
+    entries = [library.KernelEntry(s, default_schedule(deform_conv2d_primfunc(s), s, target).mod["main"],
+               "default schedule") for s in specs]
     manifest = library.export_library(entries, target, tmp_path / "lib")
     # A fresh interpreter, every way into the compiler forbidden: load, dispatch, compare.
     script = textwrap.dedent(f"""

@@ -3,7 +3,8 @@ a layer configuration (fused, or unfused for wide layers: columns kernel, cuBLAS
 the SIMT forward of a 1-channel stem),
 its channels-last copies and its fused backward, compiled on the first call, serve calls of 20
 random batch and image sizes without a compile and match the float64 reference (forward and
-gradients); skipped where there is no GPU."""
+gradients); so do the forward and fused backward of an exported library, loaded; skipped where
+there is no GPU."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ import pytest
 import torch
 
 import deft_tvm
-from deft_tvm.bench import tf32_mode
+from deft_tvm.bench import deterministic_mode, tf32_mode
 from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.reference.backward import deform_conv2d_reference_backward
 from deft_tvm.reference.forward import deform_conv2d_reference
 from deft_tvm.reference.tolerances import assert_close, assert_close_to_largest, tolerance_key
-from deft_tvm.runtime import backward, kernel_cache
+from deft_tvm import cli
+from deft_tvm.runtime import backward, kernel_cache, library
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.schedules import unfused_forward
+from deft_tvm.tuning.workloads import get_workload
 
 from helpers import make_case
 
@@ -108,7 +111,7 @@ def test_training_calls_of_twenty_random_sizes_compile_nothing_after_one(name, i
     with tf32_mode("on"):
         target = target_for_device(DEVICE)
         call = kernel_cache.with_torch_tf32(configuration, DEVICE)  # the backward's spec (NCHW)
-        assert backward._fused_spec(call, target, "fused") is generic_spec(call)
+        assert backward.fused_choice(call, target, "fused")[0] is generic_spec(call)
         _check_training_call(configuration, seed=0)  # the warm-up call compiles the configuration's kernels
         files = {p.name for p in isolated_cache.rglob("*.so")}
         assert any("fused_backward" in f for f in files) and all("nN_" in f for f in files), files
@@ -121,3 +124,57 @@ def test_training_calls_of_twenty_random_sizes_compile_nothing_after_one(name, i
                                        width=sizes.randint(17, 300))
             _check_training_call(spec, seed)
         assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_deterministic_training_calls_of_twenty_random_sizes_compile_nothing_after_one(dtype, isolated_cache,
+                                                                                       monkeypatch):
+    """The staged backward (gradient kernels and sorted gather) of a configuration: float32
+    without TF32 and float64 in deterministic mode, asymmetric and grouped."""
+    configuration = dataclasses.replace(CONFIGURATIONS["asymmetric_bfloat16"], groups=2, dtype=dtype)
+    monkeypatch.setattr(backward, "_kernels", {})
+    with tf32_mode("off"), deterministic_mode(True):
+        target = target_for_device(DEVICE)
+        assert backward.backward_parts(configuration, "cuda", True) == ("gradients", "gather")
+        assert kernel_cache.compiled_spec(configuration, target, "backward") is generic_spec(configuration)
+        _check_training_call(configuration, seed=0)
+        files = {p.name for p in isolated_cache.rglob("*.so")}
+        assert any("_gather-" in f for f in files) and all("nN_" in f for f in files), files
+        compiled = []
+        for module in (kernel_cache, backward):
+            monkeypatch.setattr(module, "compile_kernel", lambda *args: compiled.append(args))
+        sizes = random.Random(dtype)
+        for seed in range(1, 21):
+            spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4), height=sizes.randint(17, 300),
+                                       width=sizes.randint(17, 300))
+            _check_training_call(spec, seed)
+        assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_loaded_librarys_kernels_train_at_twenty_random_sizes(dtype, tmp_path, isolated_cache, monkeypatch):
+    """``deft-tvm export --backward`` (float32: ``--tf32``) of a workload without records, loaded
+    in a process that has no kernels: 20 random training calls (N 1-4, H and W 17-300) take the
+    library's forward, its channels-last copies and fused backward, compile nothing, and match the
+    float64 reference."""
+    out = tmp_path / "lib"
+    assert cli.main(["export", "--device", "cuda", "--logs", str(tmp_path / "no_logs"), "--out", str(out),
+                     "--workloads", "test_tensor_core_small", "--dtypes", dtype, "--backward"]
+                    + ["--tf32"] * (dtype == "float32")) == 0
+    backward.clear_memory_cache()
+    loaded = library.load_library(out / "deft_kernels.json")
+    try:
+        configuration = get_workload("test_tensor_core_small", dtype).spec
+        with tf32_mode("on"):
+            call = kernel_cache.with_torch_tf32(configuration, DEVICE)
+            entry = backward._kernel(call, target_for_device(DEVICE), "fused").entry
+            assert entry is loaded.kernels[f"{generic_spec(call).key()}_fused_backward"]
+            sizes = random.Random(dtype)
+            for seed in range(20):
+                spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4),
+                                           height=sizes.randint(17, 300), width=sizes.randint(17, 300))
+                _check_training_call(spec, seed)
+        assert list(isolated_cache.rglob("*.so")) == []
+    finally:
+        library.unload_all()
+        backward.clear_memory_cache()

@@ -1,4 +1,5 @@
-"""DeformConv2d and ModulatedDeformConv2dPack: repr, init, forward, TorchScript, construction checks."""
+"""DeformConv2d, ModulatedDeformConv2dPack and DeformConv2dPack: repr, init, forward, TorchScript,
+construction checks."""
 
 from __future__ import annotations
 
@@ -80,6 +81,24 @@ def test_pack_layer_uses_its_predicted_offsets_and_mask():
     assert repr(layer) == "ModulatedDeformConv2dPack(4, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), offset_groups=2)"
 
 
+def test_dcn_v1_pack_layer_uses_its_predicted_offsets_and_no_mask():
+    torch.manual_seed(0)
+    layer = deft_tvm.DeformConv2dPack(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,
+                                      offset_groups=2)
+    assert layer.bias is None and layer.conv_offset.out_channels == 2 * 2 * 6
+    torch.nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    x = torch.randn(2, 4, 9, 7)
+    with torch.no_grad():
+        expected = deft_tvm.deform_conv2d_reference(x, layer.conv_offset(x), layer.weight, None, (2, 1), (1, 0),
+                                                    (2, 1))
+        assert_close(layer(x), expected, "float32")
+    assert repr(layer) == ("DeformConv2dPack(4, 6, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), "
+                           "dilation=(2, 1), groups=2, bias=False, offset_groups=2)")
+    with pytest.raises(ValueError, match=r"in_channels must be divisible by offset_groups, got in_channels=4 and "
+                                         r"offset_groups=3"):
+        deft_tvm.DeformConv2dPack(4, 6, 3, offset_groups=3)
+
+
 # torch 2.13 deprecates TorchScript in favour of torch.export; the modules still script.
 SCRIPTING_DEPRECATED = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
 
@@ -112,6 +131,16 @@ def test_scripted_pack_layer_matches_eager_after_save_and_load(bias):
     with torch.no_grad():
         assert torch.equal(loaded(x), layer(x))
     assert (loaded.stride, loaded.padding, loaded.dilation) == ((1, 1), (1, 1), (1, 1))
+
+
+@SCRIPTING_DEPRECATED
+def test_scripted_dcn_v1_pack_layer_matches_eager():
+    torch.manual_seed(0)
+    layer = deft_tvm.DeformConv2dPack(4, 4, 3, padding=1, offset_groups=2)
+    torch.nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(layer)(x), layer(x))
 
 
 @SCRIPTING_DEPRECATED

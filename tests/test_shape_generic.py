@@ -111,5 +111,5 @@ def test_calls_beyond_int32_indexing_or_with_a_tuned_record_keep_per_size_kernel
     assert kernel_cache.compiled_spec(spec, target, "backward") is generic_spec(spec)
     huge = dataclasses.replace(spec, batch=64, height=4096, width=4096)
     assert huge.index_dtype == "int64" and kernel_cache.compiled_spec(huge, target) is huge
-    monkeypatch.setattr(kernel_cache, "committed_database", lambda *args: Path("a tuned record"))
+    monkeypatch.setattr(kernel_cache, "tuned_database", lambda *args: Path("a tuned record"))
     assert kernel_cache.compiled_spec(spec, target) is spec

@@ -17,7 +17,7 @@ import torch
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.runtime import backward, kernel_cache
-from deft_tvm.runtime.records import committed_fused_tilings
+from deft_tvm.runtime.records import recorded_fused_tilings
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules import default_schedule, kernel_spec, schedule_family, shape_generic
 from deft_tvm.schedules.cuda_tensorcore import TensorCoreTiling
@@ -74,8 +74,10 @@ def test_the_tiling_of_a_configuration_is_a_large_maps():
 def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_sizes_is_committed():
     call = kernel_spec(dataclasses.replace(LAYER, batch=3, height=37, width=41), TARGET)
     assert kernel_cache.compiled_spec(call, TARGET) is generic_spec(call)
-    assert not shape_generic(call, TARGET, "backward")  # the staged CUDA backward is compiled per size
-    assert kernel_cache.compiled_spec(call, TARGET, "backward") is call
+    staged = dataclasses.replace(call, layout="NCHW", tf32=False)  # the staged backward's (deterministic float32)
+    assert shape_generic(staged, TARGET, "backward")
+    for part in ("gradients", "gather"):
+        assert backward._library_or_compiled(staged, TARGET, part) == (None, generic_spec(staged))
     tuned = get_workload("paper_64c_64x64_n32", "float16").for_target(TARGET).spec
     assert kernel_cache.compiled_spec(tuned, TARGET) is tuned
     simt = kernel_spec(dataclasses.replace(LAYER, dtype="float64"), TARGET)  # float64: the SIMT schedule
@@ -91,11 +93,11 @@ def test_cuda_calls_take_the_configurations_forward_unless_a_record_of_their_siz
 @pytest.mark.parametrize("part", ["fused", "fused_deterministic"])
 def test_cuda_backwards_take_the_configurations_fused_kernels_unless_a_record_of_their_sizes_is_committed(part):
     call = dataclasses.replace(LAYER, batch=3, height=37, width=41, layout="NCHW", dtype="float16")  # the backward's
-    assert backward._fused_spec(call, TARGET, part) is generic_spec(call)
+    assert backward.fused_choice(call, TARGET, part)[0] is generic_spec(call)
     tuned = get_workload("paper_64c_64x64_n32", "float16").spec
-    assert committed_fused_tilings(tuned, TARGET) and backward._fused_spec(tuned, TARGET, part) is tuned
+    assert recorded_fused_tilings(tuned, TARGET) and backward.fused_choice(tuned, TARGET, part)[0] is tuned
     huge = dataclasses.replace(call, batch=64, height=512, width=512)  # corners past int32 indexing
-    assert huge.index_dtype == "int64" and backward._fused_spec(huge, TARGET, part) is huge
+    assert huge.index_dtype == "int64" and backward.fused_choice(huge, TARGET, part)[0] is huge
 
 
 def test_prebuild_builds_the_configurations_kernels_and_copies(isolated_cache, monkeypatch):
@@ -108,7 +110,8 @@ def test_prebuild_builds_the_configurations_kernels_and_copies(isolated_cache, m
                         lambda spec, target: layouts.append(("first", spec)))
     fused = kernel_spec(dataclasses.replace(LAYER, dtype="float16"), TARGET)
     wide = kernel_spec(dataclasses.replace(LAYER, in_channels=256, out_channels=256, dtype="float16"), TARGET)
-    assert kernel_cache.prebuild([fused, wide], torch.device("cuda")) == 2
-    assert sorted(built) == sorted([generic_spec(fused).key(), generic_spec(wide).key()])  # forward, columns
+    assert kernel_cache.prebuild([fused, wide], torch.device("cuda")) == 3
+    # the forward; the wide configuration's columns kernel and its fused kernel (for calls of larger columns)
+    assert sorted(built) == sorted([generic_spec(fused).key()] + [generic_spec(wide).key()] * 2)
     assert sorted(layouts, key=str) == sorted([("last", generic_spec(fused)), ("last", generic_spec(wide)),
                                                ("first", generic_spec(wide))], key=str)

@@ -99,3 +99,4 @@ def test_a_tuned_library_gets_the_default_columns_kernel_of_unfused_workloads():
     assert [(e.part, e.spec.key(), e.origin) for e in entries] == [("columns", generic_spec(c5).key(),
                                                                      "default schedule")]
     assert _default_entries(_args(), SM90, tuned + entries) == []
+

@@ -18,7 +18,9 @@ kernel spec (channels last; float32 on TF32 with ``--tf32 on``), and the fused b
 ``runtime.backward._fused_backward``): the default kernels of its exact sizes, those of its layer
 configuration, and the committed tuned record where there is one, compiled in parallel, each timed
 as the median of ``--runs`` rounds of 20 back-to-back calls (GPU time per call by CUDA events,
-``tuning.timing.gpu_ms``), with the GPU's name.
+``tuning.timing.gpu_ms``), with the GPU's name; for float32 without TF32 and float64 also the staged
+backward of deterministic calls (``schedules/cuda_backward.py``: the gradient kernels, the sort by
+pixel and the sorted gather; part ``staged_backward``), per size and of the configuration.
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ import time
 import torch
 import tvm
 
-from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc
+from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc, sorted_gather_primfunc
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import generic_spec
 from deft_tvm.bench import current_commit, tf32_mode
 from deft_tvm.runtime import backward
 from deft_tvm.runtime.kernel_cache import schedule_for
-from deft_tvm.runtime.records import committed_fused_tilings
+from deft_tvm.runtime.records import recorded_fused_tilings
 from deft_tvm.runtime.targets import compile_kernel, target_for_device
 from deft_tvm.schedules import default_schedule, unfused_forward
+from deft_tvm.schedules.cuda_backward import THREADS
 from deft_tvm.schedules.cuda_backward_fused import default_tilings
 from deft_tvm.tuning.timing import gpu_ms
 from deft_tvm.tuning.workloads import get_workload
@@ -63,30 +66,47 @@ def _median_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def _kernels(spec, target) -> dict:
-    """``{part: callable}`` of ``spec``'s (a size's or a configuration's) default CPU kernels."""
-    forward = compile_kernel(default_schedule(kernel_primfunc(spec), spec, target).mod, target)["main"]
-    gradients = compile_kernel(default_schedule(kernel_primfunc(spec, "backward"), spec, target,
-                                                "backward").mod, target)["main"]
-    scatter = compile_kernel(tvm.IRModule({"scatter": scatter_primfunc(spec)}), target)["scatter"]
-    return {"forward": forward, "backward": (gradients, scatter)}
+def _kernels(spec, target, parts=("forward", "backward")) -> dict:
+    """``{part: callable}`` of ``spec``'s (a size's or a configuration's) default kernels of ``parts``:
+    the forward; the backward's gradient kernels and grad_input's plane scatter (CPU) or sorted
+    gather (CUDA: the staged backward of deterministic calls)."""
+    kernels = {}
+    if "forward" in parts:
+        kernels["forward"] = compile_kernel(default_schedule(kernel_primfunc(spec), spec, target).mod, target)["main"]
+    if "backward" in parts:
+        gradients = compile_kernel(default_schedule(kernel_primfunc(spec, "backward"), spec, target,
+                                                    "backward").mod, target)["main"]
+        if target.kind.name == "cuda":
+            grad_input = compile_kernel(tvm.IRModule({"gather": sorted_gather_primfunc(spec, THREADS)}),
+                                        target)["gather"]
+        else:
+            grad_input = compile_kernel(tvm.IRModule({"scatter": scatter_primfunc(spec)}), target)["scatter"]
+        kernels["backward"] = (gradients, grad_input)
+    return kernels
 
 
 def _calls(spec, kernels: dict, inputs: dict) -> dict:
-    """``{part: function}``: each part's kernels called on ``inputs`` (the workload's tensors)."""
+    """``{part: function}``: each part's kernels called on ``inputs`` (the workload's tensors, on
+    the kernels' device)."""
+    device = inputs["input"].device
     args = spec.kernel_arguments(*(inputs[k] for k in ("input", "offset", "mask", "weight", "bias")))
-    output = torch.empty(spec.output_shape, dtype=args[0].dtype)
+    output = torch.empty(spec.output_shape, dtype=args[0].dtype, device=device)
     _, outs = deform_conv2d_backward_te(spec)
-    results = [torch.empty([int(s) for s in o.shape], dtype=getattr(torch, str(o.dtype))) for o in outs]
-    grad_output = torch.randn(spec.output_shape, generator=torch.Generator().manual_seed(0)).to(args[0].dtype)
+    results = [torch.empty([int(s) for s in o.shape], dtype=getattr(torch, str(o.dtype)), device=device)
+               for o in outs]
+    grad_output = torch.randn(spec.output_shape, generator=torch.Generator().manual_seed(0)).to(device, args[0].dtype)
     given = [t for t in (inputs["input"], inputs["offset"], inputs["mask"], inputs["weight"], grad_output)
              if t is not None]
-    grad_input = torch.empty(spec.input_shape, dtype=results[0].dtype)
-    gradients, scatter = kernels["backward"]
+    grad_input = torch.empty(spec.input_shape, dtype=results[0].dtype, device=device)
+    gradients, grad_input_kernel = kernels["backward"]
 
     def backward():
         gradients(*given, *results)
-        scatter(results[0], results[1], results[2], grad_input)
+        if device.type == "cuda":  # columns, index, share: sorted by pixel, then gathered
+            order, starts = backward.sort_by_pixel(results[1], spec.height * spec.width)
+            grad_input_kernel(results[0], results[2], order, grad_input, starts)
+        else:
+            grad_input_kernel(results[0], results[1], results[2], grad_input)
 
     return {"forward": lambda: kernels["forward"](*args, output), "backward": backward}
 
@@ -141,7 +161,7 @@ def cuda_backward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) ->
             spec = workload.spec
             variants = {"per_size": (spec, default_tilings(spec, arch)),
                         "generic": (generic_spec(spec), default_tilings(generic_spec(spec), arch))}
-            tuned = committed_fused_tilings(spec, target)
+            tuned = recorded_fused_tilings(spec, target)
             if tuned:
                 variants["tuned"] = (spec, tuned)
             cases.append((name, dtype, workload, variants))
@@ -159,6 +179,26 @@ def cuda_backward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) ->
                                    for _ in range(runs))
               for k, fused in compiled.items()}
         rows.append(_cuda_row(name, dtype, tf32, "backward", ms, gpu, commit))
+    return rows
+
+
+def cuda_staged_rows(workloads, dtypes, runs: int, commit: str) -> list[dict]:
+    """Rows of ``--device cuda`` for the staged backward (float32 without TF32 and float64; see the
+    module docstring)."""
+    device = torch.device("cuda")
+    target = target_for_device(device)
+    gpu = torch.cuda.get_device_name(device)
+    rows = []
+    for name in workloads:
+        for dtype in (d for d in dtypes if d in ("float32", "float64")):
+            workload = get_workload(name, dtype)
+            spec, inputs = workload.spec, workload.make_inputs(device=device)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                built = {k: pool.submit(_kernels, s, target, ("backward",))
+                         for k, s in (("per_size", spec), ("generic", generic_spec(spec)))}
+            calls = {k: _calls(spec, f.result(), inputs)["backward"] for k, f in built.items()}
+            ms = {k: statistics.median(gpu_ms(call, LAUNCHES) for _ in range(runs)) for k, call in calls.items()}
+            rows.append(_cuda_row(name, dtype, False, "staged_backward", ms, gpu, commit))
     return rows
 
 
@@ -193,6 +233,8 @@ def main(argv=None) -> None:
             rows = [row for rows_of in (cuda_forward_rows, cuda_backward_rows)
                     for row in rows_of(args.workloads or CUDA_WORKLOADS, args.dtypes, args.tf32 == "on", args.runs,
                                        commit)]
+            if args.tf32 == "off":
+                rows += cuda_staged_rows(args.workloads or CUDA_WORKLOADS, args.dtypes, args.runs, commit)
         _write(args.csv, rows)
         return
     target = tvm.target.Target("llvm")

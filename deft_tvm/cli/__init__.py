@@ -18,6 +18,7 @@ import torch
 from deft_tvm.cli.errors import ArgumentParser, UsageError
 from deft_tvm.compute.spec import SUPPORTED_DTYPES, kernel_key
 from deft_tvm.reference.tolerances import assert_close, tolerance_key
+from deft_tvm.runtime.records import TUNING_DIR_ENV, user_root
 from deft_tvm.tuning.fused_backward import KERNELS as FUSED_KERNELS
 from deft_tvm.tuning.workloads import DEFAULT_WORKLOAD, PROFILES, WORKLOADS, get_workload
 
@@ -187,7 +188,75 @@ def _default_entries(args, target, entries) -> list:
                 if kernel_key(spec, part) not in have:
                     have.add(kernel_key(spec, part))
                     sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)
-                    extra.append(KernelEntry(spec, sch, origin="default schedule", part=part))
+                    extra.append(KernelEntry(spec, sch.mod["main"], origin="default schedule", part=part))
+    return extra
+
+
+def _fused_specs(args, target) -> list:
+    """The specs of the fused CUDA backward that ``args`` export: with ``--backward`` on CUDA, that of
+    each of ``--workloads`` in each of ``--dtypes`` (the op's backward spec, NCHW); none otherwise."""
+    if not args.backward or target.kind.name != "cuda":
+        return []
+    return [dataclasses.replace(get_workload(name, dtype, _tf32(args, dtype)).spec, layout="NCHW")
+            for name in args.workloads for dtype in args.dtypes]
+
+
+def _fused_entries(args, target, specs, entries) -> list:
+    """``KernelEntry``s of the fused CUDA backward of ``specs`` that ``entries`` lack: the atomic
+    entry and, where deterministic calls take it (``runtime.backward.takes_fixed_point``), the
+    deterministic one, each with the tilings a call would compile (``runtime.backward.fused_choice``:
+    the spec's record under ``--logs`` or committed, else its layer configuration's defaults, an
+    entry for every batch and image size), which the manifest keeps for the runtime."""
+    from deft_tvm.runtime import backward
+    from deft_tvm.runtime.library import KernelEntry
+    from deft_tvm.runtime.records import fused_backward_path, record_roots
+    from deft_tvm.schedules.cuda_backward_fused import backward_entry
+
+    roots = [Path(args.logs), *record_roots()]
+    have = {kernel_key(e.spec, e.part) for e in entries}
+    extra = []
+    for spec in dict.fromkeys(specs):
+        for part in ("fused", "fused_deterministic") if backward.takes_fixed_point(spec) else ("fused",):
+            compiled, data, weight = backward.fused_choice(spec, target, part, roots)
+            library_part = backward.FUSED_PARTS[part]
+            if kernel_key(compiled, library_part) in have:
+                continue
+            have.add(kernel_key(compiled, library_part))
+            record = fused_backward_path(compiled, target, roots)
+            extra.append(KernelEntry(compiled, backward_entry(compiled, data, weight),
+                                     origin=str(record.parent) if record is not None else "default tilings",
+                                     part=library_part,
+                                     tilings={"data": dataclasses.asdict(data), "weight": dataclasses.asdict(weight)}))
+    return extra
+
+
+def _companion_entries(target, entries) -> list:
+    """``KernelEntry``s of the kernels the op runs on CUDA beside those of ``entries`` that
+    ``entries`` lack, for the spec each was compiled for (its configuration's where it is one): the
+    channels-last copies of input and weight (``schedules.cuda_layout``) of channels-last forward
+    and columns kernels, the output transpose of columns kernels (the unfused forward), and the
+    sorted gather (grad_input of deterministic calls) of gradient kernels."""
+    from deft_tvm.compute.backward import sorted_gather_primfunc
+    from deft_tvm.runtime import kernel_cache
+    from deft_tvm.runtime.library import KernelEntry
+    from deft_tvm.schedules.cuda_backward import THREADS
+    from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc, channels_last_primfunc
+
+    if target.kind.name != "cuda":
+        return []
+    primfuncs = {"channels_last": channels_last_primfunc, "channels_first_output": channels_first_output_primfunc,
+                 "gather": lambda spec: sorted_gather_primfunc(spec, THREADS)}
+    have = {kernel_key(e.spec, e.part) for e in entries}
+    extra = []
+    for entry in entries:
+        parts = (["channels_last"] if entry.part in ("forward", "columns") and entry.spec.layout == "NHWC" else []) + (
+            ["channels_first_output"] if entry.part == "columns" else []) + (
+            ["gather"] if entry.part == "backward" else [])
+        for part in parts:
+            if kernel_key(entry.spec, part) not in have:
+                have.add(kernel_key(entry.spec, part))
+                function = kernel_cache.scripted(lambda: primfuncs[part](entry.spec))
+                extra.append(KernelEntry(entry.spec, function, origin="companion kernel", part=part))
     return extra
 
 
@@ -249,18 +318,18 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     best = f"{best_s * 1e3:.4f} ms" if best_s is not None else "n/a"
     print(f"best     {best} of {record_count(directory)} records ({result.new_trials} new from the search in "
           f"{result.seconds:.0f} s); schedule: {readable}")
-    return KernelEntry(spec, sch, origin=str(directory), part=part)
+    return KernelEntry(spec, sch.mod["main"], origin=str(directory), part=part)
 
 
 def _kept_fused_record(args, target, name: str, spec) -> dict | None:
     """The record whose other kernel a ``--kernels`` search of one kernel keeps: the workload's under
     ``--logs``, else the committed one; None when both kernels are searched. UsageError if there is
     none."""
-    from deft_tvm.runtime.records import committed_root, fused_backward_record
+    from deft_tvm.runtime.records import fused_backward_record, record_roots
 
     if set(args.kernels) == set(FUSED_KERNELS):
         return None
-    kept = fused_backward_record(spec, target, [Path(args.logs), committed_root()])
+    kept = fused_backward_record(spec, target, [Path(args.logs), *record_roots()])
     if kept is None:
         raise UsageError(f"--kernels {' '.join(args.kernels)}: {name} {spec.dtype}{' tf32' * spec.tf32} has no "
                          f"fused-backward record under {args.logs} or committed to keep the other kernel's from; "
@@ -317,6 +386,8 @@ def cmd_tune(args) -> int:
                     return 1
                 entries.append(entry)
     entries += _default_entries(args, target, entries)  # the columns kernels not tuned (--columns)
+    entries += _fused_entries(args, target, _fused_specs(args, target), entries)
+    entries += _companion_entries(target, entries)
     manifest = export_library(entries, target, args.out, "deft_kernels")
     print(f"exported {len(entries)} kernels for {target_tag(target)} -> {manifest}")
     load_library(manifest)
@@ -342,9 +413,10 @@ def _export_target(args):
 
 
 def cmd_export(args) -> int:
-    """Compile tuned workloads (and optionally registry workloads with the default schedule) into one library."""
+    """Compile tuned workloads (MetaSchedule records and fused-backward tilings under ``--logs``, and
+    optionally registry workloads with the default schedule) into one library."""
     from deft_tvm.runtime.library import KernelEntry, export_library
-    from deft_tvm.runtime.records import best_schedule, database_dirs, read_part, target_tag
+    from deft_tvm.runtime.records import best_schedule, database_dirs, fused_backward_specs, read_part, target_tag
 
     target = _export_target(args)
     entries = []
@@ -353,8 +425,11 @@ def cmd_export(args) -> int:
         if sch is None:
             print(f"skipped  {directory}: no successful record for this target")
             continue
-        entries.append(KernelEntry(spec, sch, origin=str(directory), part=read_part(directory)))
+        entries.append(KernelEntry(spec, sch.mod["main"], origin=str(directory), part=read_part(directory)))
     entries += _default_entries(args, target, entries)
+    entries += _fused_entries(args, target, fused_backward_specs(args.logs, target) + _fused_specs(args, target),
+                              entries)
+    entries += _companion_entries(target, entries)
     if not entries:
         raise UsageError(
             f"nothing to export: --logs {args.logs} holds no tuning records for {target_tag(target)} and no "
@@ -405,7 +480,9 @@ def main(argv=None) -> int:
                       help="float32 kernels for TF32 tensor cores, the ones the op runs where "
                       "torch.backends.cuda.matmul.allow_tf32 (CUDA; other dtypes unaffected)")
     tune.add_argument("--backward", action="store_true",
-                      help="also tune the backward's gradient kernels of each workload (in folders ending _backward)")
+                      help="also tune the backward's gradient kernels of each workload (in folders ending _backward); "
+                      "on CUDA the library also gets each workload's fused backward (its record's tilings, else its "
+                      "layer configuration's defaults)")
     tune.add_argument("--columns", action="store_true",
                       help="also tune the columns kernel of each workload whose CUDA forward is unfused (wide "
                            "layers: im2col + cuBLAS GEMM; folders ending _columns); others have none")
@@ -423,8 +500,10 @@ def main(argv=None) -> int:
                       "workload in DTYPE under --logs (float16 for bfloat16: the same fragments; tf32, float32 "
                       "tuned with --tf32, for float32 without it; a family or dtype that cannot take them adds none)")
     tune.add_argument("--seed", type=int, default=None)
-    tune.add_argument("--logs", type=Path, default=Path("tuning_logs"), help="root of the tuning databases")
-    tune.add_argument("--schedules", type=Path, default=Path("schedules") / "tuned",
+    tune.add_argument("--logs", type=Path, default=user_root(),
+                      help=f"root of the tuning databases, where the op finds them from any folder (default "
+                      f"{user_root()}: ${TUNING_DIR_ENV}, else the XDG data directory)")
+    tune.add_argument("--schedules", type=Path, default=user_root().parent / "schedules",
                       help="where the best schedules are written in readable form")
     tune.add_argument("--out", type=Path, default=Path("deft_kernels"), help="folder of the exported library")
     tune.set_defaults(func=cmd_tune)
@@ -436,7 +515,8 @@ def main(argv=None) -> int:
     export = sub.add_parser("export", help="compile tuned workloads into one kernel library with a manifest")
     export.add_argument("--device", choices=["cpu", "cuda"], default=_device())
     export.add_argument("--arch", default=None, help="CUDA arch such as sm_90 (default: this machine's GPU)")
-    export.add_argument("--logs", type=Path, default=Path("tuning_logs"), help="root of the tuning databases")
+    export.add_argument("--logs", type=Path, default=user_root(),
+                        help=f"root of the tuning databases (default {user_root()})")
     export.add_argument("--workloads", nargs="*", default=[], choices=list(WORKLOADS),
                         help="also export these registry workloads (default schedule where not tuned)")
     export.add_argument("--dtypes", nargs="+", default=["float32"], choices=SUPPORTED_DTYPES)
@@ -444,7 +524,9 @@ def main(argv=None) -> int:
                         help="float32 kernels for TF32 tensor cores, the ones the op runs where "
                       "torch.backends.cuda.matmul.allow_tf32 (CUDA; other dtypes unaffected)")
     export.add_argument("--backward", action="store_true",
-                        help="also export the backward's gradient kernels of --workloads (default schedule where not tuned)")
+                        help="also export the backward's gradient kernels of --workloads (default schedule where "
+                        "not tuned) and, on CUDA, their fused backward (record's tilings, else the layer "
+                        "configuration's defaults; fused-backward records under --logs are exported without it)")
     export.add_argument("--out", type=Path, required=True, help="output folder")
     export.add_argument("--name", default="deft_kernels", help="library file name, without extension")
     export.set_defaults(func=cmd_export)

@@ -217,22 +217,28 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
     """grad_input (in the accumulate dtype) without atomics and deterministic on any device: every
     input pixel sums, in a fixed order, the shares of the samples that touch it.
 
-    For each (batch, offset group) the corner entries ``e = ((ky * kw + kx) * out_h * out_w + oy *
-    out_w + ox) * 4 + corner`` are stably sorted by the pixel they touch (``order``; entries outside
-    the image sort last), and ``starts[n, g, p]`` is the first sorted entry of pixel ``p`` (``h * w
-    + 1`` of them). One thread per (batch, channel, pixel): ``threads`` per CUDA block, or a
-    parallel CPU loop when ``None``."""
+    ``gather(grad_columns [batch, in_channels, kh, kw, out_h, out_w], coord_share [batch,
+    offset_groups, kh, kw, out_h, out_w, 4], order, grad_input [batch, in_channels, height, width],
+    starts)``: for each (batch, offset group) the corner entries ``e = ((ky * kw + kx) * out_h *
+    out_w + oy * out_w + ox) * 4 + corner`` are stably sorted by the pixel they touch (``order
+    [batch, offset_groups, kh * kw * out_h * out_w * 4]``, int32; entries outside the image sort
+    last), and ``starts[n, g, p]`` (``[batch, offset_groups, height * width + 1]``, int32) is the
+    first sorted entry of pixel ``p``. One thread per (batch, channel, pixel): ``threads`` per CUDA
+    block, or a parallel CPU loop when ``None``. For a ``generic_spec`` the sizes are its
+    variables, bound by grad_columns' and grad_input's shapes (so grad_input comes before
+    starts)."""
     from tvm.script import tirx as T
 
     acc = accumulate_dtype(spec.dtype)
     n, c, h, w = spec.input_shape
-    og = spec.offset_groups
-    cpg, pixels = c // og, h * w
-    entries = spec.kernel_h * spec.kernel_w * spec.out_h * spec.out_w * CORNERS
+    kh, kw, og, oh, ow = spec.kernel_h, spec.kernel_w, spec.offset_groups, spec.out_h, spec.out_w
+    cpg = c // og
     cpu = threads is None  # a Python constant: TVMScript keeps only the branch it selects
     threads = threads or 1
-    blocks = (n * c * pixels + threads - 1) // threads
-    n, c, pixels, samples, total, blocks = index_extents(spec, n, c, pixels, entries // CORNERS, n * c * pixels, blocks)
+    samples = kh * kw * oh * ow
+    n, c, h, w, oh, ow, pixels, samples, entries, total = index_extents(
+        spec, n, c, h, w, oh, ow, h * w, samples, samples * CORNERS, n * c * h * w)
+    blocks = (total + threads - 1) // threads
 
     @T.macro
     def pixel_sum(i, grad_columns, coord_share, order, starts, grad_input):
@@ -247,13 +253,16 @@ def sorted_gather_primfunc(spec: DeformConvSpec, threads: int | None = None):
 
     @T.prim_func
     def gather(
-        grad_columns: T.Buffer((n, c, samples), acc),
-        coord_share: T.Buffer((n, og, entries), acc),
+        grad_columns_taps: T.Buffer((n, c, kh, kw, oh, ow), acc),
+        coord_share_taps: T.Buffer((n, og, kh, kw, oh, ow, CORNERS), acc),
         order: T.Buffer((n, og, entries), "int32"),
+        grad_input_planes: T.Buffer((n, c, h, w), acc),
         starts: T.Buffer((n, og, pixels + 1), "int32"),
-        grad_input: T.Buffer((n, c, pixels), acc),
     ):
         T.func_attr({"global_symbol": "gather", "tirx.noalias": True})
+        grad_columns = T.decl_buffer((n, c, samples), acc, data=grad_columns_taps.data)  # flat views
+        coord_share = T.decl_buffer((n, og, entries), acc, data=coord_share_taps.data)
+        grad_input = T.decl_buffer((n, c, pixels), acc, data=grad_input_planes.data)
         if cpu:
             for i in T.parallel(total):
                 pixel_sum(i, grad_columns, coord_share, order, starts, grad_input)

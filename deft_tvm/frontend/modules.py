@@ -1,4 +1,5 @@
-"""``nn.Module`` wrappers: torchvision's ``DeformConv2d`` and a layer that predicts its own offsets.
+"""``nn.Module`` wrappers: torchvision's ``DeformConv2d`` and layers that predict their own offsets
+(mmcv's DCNv1 and DCNv2 packs).
 
 Both check their arguments when constructed and script with ``torch.jit.script``: ``forward``
 calls the ``deft_tvm::deform_conv2d`` op with the (height, width) pairs stored at construction.
@@ -137,7 +138,33 @@ class DeformConv2d(nn.Module):
         return s + ")"
 
 
-class ModulatedDeformConv2dPack(DeformConv2d):
+def _conv_offset(layer: "_Pack", offset_groups: int, per_tap: int) -> nn.Conv2d:
+    """The zero-initialised ``nn.Conv2d`` of a pack: ``layer``'s kernel, stride, padding and
+    dilation, ``per_tap * offset_groups * kernel_h * kernel_w`` output channels. Checks
+    ``offset_groups`` (TypeError, ValueError) and sets ``layer.offset_groups``."""
+    layer.offset_groups = _positive_int(offset_groups, "offset_groups")
+    _check_divisible("in_channels", layer.in_channels, "offset_groups", offset_groups)
+    kh, kw = layer.kernel_size
+    conv = nn.Conv2d(layer.in_channels, per_tap * offset_groups * kh * kw, layer.kernel_size, stride=layer.stride,
+                     padding=layer.padding, dilation=layer.dilation, bias=True)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class _Pack(DeformConv2d):
+    """A layer that predicts its own offsets with ``conv_offset`` (``_conv_offset``); its repr names
+    its offset groups."""
+
+    offset_groups: int
+
+    def __repr__(self) -> str:
+        base = super().__repr__()[:-1]
+        extra = f", offset_groups={self.offset_groups}" if self.offset_groups != 1 else ""
+        return base + extra + ")"
+
+
+class ModulatedDeformConv2dPack(_Pack):
     """A DCNv2 layer that predicts its own offsets and mask (mmcv's ``ModulatedDeformConv2dPack``).
 
     A plain ``nn.Conv2d`` (``conv_offset``, same kernel, stride, padding and dilation) maps the
@@ -168,21 +195,40 @@ class ModulatedDeformConv2dPack(DeformConv2d):
         bias: bool = True,
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        self.offset_groups = _positive_int(offset_groups, "offset_groups")
-        _check_divisible("in_channels", in_channels, "offset_groups", offset_groups)
-        kh, kw = self.kernel_size
-        self.conv_offset = nn.Conv2d(
-            in_channels, 3 * offset_groups * kh * kw, self.kernel_size, stride=self.stride,
-            padding=self.padding, dilation=self.dilation, bias=True,
-        )
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
+        self.conv_offset = _conv_offset(self, offset_groups, 3)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         offset, mask = _split_conv_offset(self.conv_offset(input))
         return self._deform_conv2d(input, offset, mask)
 
-    def __repr__(self) -> str:
-        base = super().__repr__()[:-1]
-        extra = f", offset_groups={self.offset_groups}" if self.offset_groups != 1 else ""
-        return base + extra + ")"
+
+class DeformConv2dPack(_Pack):
+    """A DCNv1 layer that predicts its own offsets (mmcv's ``DeformConv2dPack``): ``conv_offset``
+    (an ``nn.Conv2d`` of the same kernel, stride, padding and dilation, zero-initialised) maps the
+    input to the ``2 * offset_groups * kernel_h * kernel_w`` (dy, dx) offsets; no mask, and no bias
+    by default (mmcv's layer has none).
+
+    ``forward(input)``: input ``[batch, in_channels, height, width]`` ->
+    ``[batch, out_channels, out_h, out_w]``.
+
+    Raises:
+        TypeError, ValueError: as ``ModulatedDeformConv2dPack``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        offset_groups: int = 1,
+        bias: bool = False,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.conv_offset = _conv_offset(self, offset_groups, 2)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self._deform_conv2d(input, self.conv_offset(input), None)

@@ -6,19 +6,21 @@ per workload.
   one kernel that never writes the columns; grad_weight and grad_bias as split partial sums and
   their fixed-order sum), launched by one host function (``backward_entry``), with the tilings
   of the workload's committed record (``deft-tvm tune --fused-backward``), or else its layer
-  configuration's (one entry for every batch and image size, default tilings; ``_fused_spec``),
-  compiled through the kernel cache (memory and disk; the file is keyed by
-  ``cuda_backward_fused.fingerprint``).
+  configuration's (one entry for every batch and image size, default tilings; ``fused_choice``):
+  a loaded kernel library's (``deft-tvm export --backward``; of the call's sizes, else of its
+  configuration, with the tilings its manifest names), else compiled through the kernel cache
+  (memory and disk; the file is keyed by ``cuda_backward_fused.fingerprint``).
 * On CUDA in deterministic mode, for float16, bfloat16 and TF32 with finite inputs: the same
   fused kernels with grad_input in int64 fixed point at one quantum (``contribution_bound``),
   whose sums are the same bits on every run.
 * Otherwise the staged backward: the gradient kernels (every stage but grad_input's) are the
   workload's ``backward`` part: from a loaded kernel library if it has them, else the committed
   tuned record or the default schedule (``schedules/cpu_backward.py``,
-  ``schedules/cuda_backward.py``), compiled through the kernel cache (memory and disk), as the
-  forward's are; grad_input is, on the CPU, the plane scatter (parallel over (batch, channel)
-  planes, deterministic) and, on CUDA in deterministic mode, the sorted gather (no atomics, the
-  same bits on every run).
+  ``schedules/cuda_backward.py``; of the layer configuration, ``kernel_cache.compiled_spec``),
+  compiled through the kernel cache (memory and disk), as the forward's are; grad_input is, on
+  the CPU, the plane scatter (parallel over (batch, channel) planes, deterministic) and, on CUDA
+  in deterministic mode, the sorted gather (no atomics, the same bits on every run), each of the
+  same spec as the gradient kernels.
 
 ``deform_conv2d_backward`` returns torchvision's gradients of every argument.
 """
@@ -36,7 +38,7 @@ import torch
 import tvm
 
 from deft_tvm.compute.backward import deform_conv2d_backward_te, scatter_primfunc, sorted_gather_primfunc
-from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype, generic_spec
+from deft_tvm.compute.spec import INT32_MAX, DeformConvSpec, accumulate_dtype, generic_spec, kernel_key
 from deft_tvm.runtime import kernel_cache, library
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
@@ -44,6 +46,9 @@ from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, tar
 # target: target_for_device's.
 _kernels: dict[tuple, Callable] = {}
 _lock = threading.Lock()
+# The fused backward's parts (``_kernel``'s) -> their kernel parts (``compute.spec.PARTS``): the names of
+# their disk-cache files and library functions.
+FUSED_PARTS = {"fused": "fused_backward", "fused_deterministic": "fused_backward_deterministic"}
 
 
 def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
@@ -51,15 +56,16 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
     if part == "gradients":
         return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0],
                                           "backward")
-    if part in ("fused", "fused_deterministic"):
+    if part in FUSED_PARTS:
         return fused_kernels(spec, target, *_fused_tilings(spec, target, part), part)
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
-        gather = kernel_cache.scripted(lambda: sorted_gather_primfunc(spec, THREADS if cuda else None))
-        return compile_kernel(tvm.IRModule({part: gather}), target)[part]
-    mod = tvm.IRModule({part: kernel_cache.scripted(lambda: scatter_primfunc(spec))})
-    return kernel_cache.load_or_build_library(f"{spec.key()}_scatter", kernel_cache.module_fingerprint(mod), target,
+        primfunc = kernel_cache.scripted(lambda: sorted_gather_primfunc(spec, THREADS if cuda else None))
+    else:
+        primfunc = kernel_cache.scripted(lambda: scatter_primfunc(spec))
+    mod = tvm.IRModule({part: primfunc})
+    return kernel_cache.load_or_build_library(f"{spec.key()}_{part}", kernel_cache.module_fingerprint(mod), target,
                                               lambda: compile_kernel(mod, target), (part,))[0]
 
 
@@ -86,11 +92,12 @@ class FusedKernels:
 def fused_kernels(spec: DeformConvSpec, target: tvm.target.Target, data, weight,
                   part: str = "fused") -> FusedKernels:
     """The fused backward of ``spec`` (or of its layer configuration, ``generic_spec``) with the
-    given tilings, loaded from the disk cache or compiled (``part``: the cache file's name)."""
+    given tilings, loaded from the disk cache or compiled (``part``: ``FUSED_PARTS``' key, which
+    names the cache file)."""
     from deft_tvm.schedules.cuda_backward_fused import backward_entry, fingerprint, reduce_segments
 
     entry, = kernel_cache.load_or_build_library(
-        f"{spec.key()}-{part.replace('fused', 'fused_backward')}",
+        f"{spec.key()}-{FUSED_PARTS[part]}",
         fingerprint(spec, data, weight, str(target.attrs["arch"])), target,
         lambda: compile_kernel(tvm.IRModule({"backward": kernel_cache.scripted(
             lambda: backward_entry(spec, data, weight))}), target),
@@ -105,47 +112,85 @@ def _workspace_elements(spec: DeformConvSpec, data, weight) -> int:
     return backward_workspace(spec, data, weight).elements
 
 
-def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target,
-                         part: str) -> tuple[Callable | None, DeformConvSpec]:
-    """``(kernel, compiled)`` of ``part``: a loaded library's kernel (``deft_tvm.load_library``;
-    only the gradient kernels are exported, ``kernel_cache.library_kernel``) or None, and the spec
-    compiled otherwise: the gradient kernels' and the scatter's that of the layer configuration
-    where ``kernel_cache.compiled_spec`` says so for the backward (the CPU's), the others ``spec``."""
+def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> tuple[Callable | None,
+                                                                                         DeformConvSpec]:
+    """``(kernel, compiled)`` of ``part``: a loaded library's kernel (``deft_tvm.load_library``: the
+    gradient kernels, ``kernel_cache.library_kernel``, the fused backward, ``_library_fused``, and
+    the sorted gather; of the call's sizes, else of its layer configuration) or None, and the spec
+    compiled otherwise: the fused kernels' ``fused_choice``'s; the gradient
+    kernels', the scatter's and the gather's that of the layer configuration where
+    ``kernel_cache.compiled_spec`` says so for the backward, else ``spec``."""
     if part == "gradients":
         return kernel_cache.library_kernel(spec, target, "backward")
-    if part in ("fused", "fused_deterministic"):
-        return None, _fused_spec(spec, target, part)
-    return None, kernel_cache.compiled_spec(spec, target, "backward") if part == "scatter" else spec
+    if part in FUSED_PARTS:
+        loaded = _library_fused(spec, target, part)
+        return loaded, spec if loaded is not None else fused_choice(spec, target, part)[0]
+    compiled = kernel_cache.compiled_spec(spec, target, "backward")  # the scatter's and the gather's
+    if part == "gather":  # exported with the CUDA gradient kernels
+        for candidate in dict.fromkeys((spec, compiled)):
+            loaded = library.loaded_kernel(target.kind.name, kernel_key(candidate, part))
+            if loaded is not None:
+                return loaded, candidate
+    return None, compiled
 
 
-def _fused_tilings(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> tuple:
-    """The (data, weight) tilings of ``spec``'s fused kernels (``part``): its committed record's or
-    the defaults, the data kernel's deterministic for ``"fused_deterministic"``."""
-    from deft_tvm.runtime.records import committed_fused_tilings
+def _library_fused(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> FusedKernels | None:
+    """A loaded library's fused kernels (``part``) for a call of ``spec``, with the tilings its
+    manifest gives them: of the call's sizes, else of its layer configuration where they serve
+    them (``_serves``); or None."""
+    from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, reduce_segments
+
+    for candidate in (spec, generic_spec(spec)):
+        key = kernel_key(candidate, FUSED_PARTS[part])
+        entry, tilings = library.loaded_kernel(target.kind.name, key), library.loaded_tilings(target.kind.name, key)
+        if entry is None or tilings is None:
+            continue
+        data, weight = DataTiling(**tilings["data"]), WeightTiling(**tilings["weight"])
+        if candidate is spec or _serves(spec, candidate, data, weight):
+            return FusedKernels(entry, data, weight, reduce_segments(candidate, data))
+    return None
+
+
+def _fused_tilings(spec: DeformConvSpec, target: tvm.target.Target, part: str, roots=None) -> tuple:
+    """The (data, weight) tilings of ``spec``'s fused kernels (``part``): its record's under the
+    first of ``roots`` that holds one (default: the committed ``tuning_logs``) or the defaults, the
+    data kernel's deterministic for ``"fused_deterministic"``."""
+    from deft_tvm.runtime.records import recorded_fused_tilings
     from deft_tvm.schedules.cuda_backward_fused import default_tilings
 
-    data, weight = committed_fused_tilings(spec, target) or default_tilings(spec, str(target.attrs["arch"]))
+    data, weight = (recorded_fused_tilings(spec, target, roots)
+                    or default_tilings(spec, str(target.attrs["arch"])))
     if part == "fused_deterministic":
         data = dataclasses.replace(data, fixed_point=True, deterministic=True)
     return data, weight
 
 
-def _fused_spec(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> DeformConvSpec:
-    """The spec whose fused kernels (``part``) a call of ``spec`` runs: its layer configuration's
-    (``generic_spec``: one entry for every batch and image size, with the configuration's default
-    tilings) unless a tuned record of its sizes is committed, or its sizes need int64 indexing
-    (its own index space, the workspace or the reduction's segments)."""
-    from deft_tvm.runtime.records import committed_fused_tilings
+def _serves(spec: DeformConvSpec, generic: DeformConvSpec, data, weight) -> bool:
+    """Whether the fused kernels of the layer configuration ``generic`` with these tilings serve a
+    call of ``spec``'s sizes: its indices fit int32, the reduction leaves the runtime the same sums
+    (``reduce_segments``) and the workspace holds at most ``INT32_MAX`` elements."""
     from deft_tvm.schedules.cuda_backward_fused import reduce_segments
 
-    if spec.index_dtype != "int32" or committed_fused_tilings(spec, target) is not None:
-        return spec
-    generic = generic_spec(spec)
-    data, weight = _fused_tilings(generic, target, part)
-    if reduce_segments(spec, data) != reduce_segments(generic, data) or \
-            _workspace_elements(spec, data, weight) > INT32_MAX:
-        return spec
-    return generic
+    return (spec.index_dtype == "int32" and reduce_segments(spec, data) == reduce_segments(generic, data)
+            and _workspace_elements(spec, data, weight) <= INT32_MAX)
+
+
+def fused_choice(spec: DeformConvSpec, target: tvm.target.Target, part: str,
+                 roots=None) -> tuple[DeformConvSpec, object, object]:
+    """``(compiled, data, weight)``: the spec and tilings of the fused kernels (``part``) a call of
+    ``spec`` compiles where no library has them: the record of its sizes under the first of
+    ``roots`` that holds one (default: the committed ``tuning_logs``), else its layer
+    configuration's (``generic_spec``: one entry for every batch and image size) with that
+    configuration's default tilings where they serve its sizes (``_serves``), else its own default
+    tilings."""
+    from deft_tvm.runtime.records import recorded_fused_tilings
+
+    if recorded_fused_tilings(spec, target, roots) is None:
+        generic = generic_spec(spec)
+        data, weight = _fused_tilings(generic, target, part)
+        if _serves(spec, generic, data, weight):
+            return generic, data, weight
+    return (spec, *_fused_tilings(spec, target, part, roots))
 
 
 def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
@@ -179,9 +224,14 @@ def backward_parts(spec: DeformConvSpec, device_type: str, deterministic: bool) 
         return ("gradients", "scatter")
     if not deterministic:
         return ("fused",)
-    if spec.dtype in ("float16", "bfloat16") or spec.tf32:
-        return ("fused_deterministic",)
-    return ("gradients", "gather")
+    return ("fused_deterministic",) if takes_fixed_point(spec) else ("gradients", "gather")
+
+
+def takes_fixed_point(spec: DeformConvSpec) -> bool:
+    """Whether deterministic calls of ``spec`` (as ``kernel_cache.with_torch_tf32`` gives it) take the
+    fused kernels with grad_input in fixed point (float16, bfloat16, TF32), not the staged backward
+    (float32, whose tolerance is below the fixed-point quantum, and float64)."""
+    return spec.dtype in ("float16", "bfloat16") or spec.tf32
 
 
 def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_workers: int = 8,
@@ -240,17 +290,15 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
     given = [t.contiguous() for t in (input, offset, mask, weight, grad_output) if t is not None]
     _kernel(spec, target, "gradients")(*given, *results.values())
 
-    n, c, h, w = spec.input_shape
     acc = getattr(torch, accumulate_dtype(spec.dtype))
     columns, index, share = results["grad_columns"], results["coord_index"], results["coord_share"]
+    grad_input = torch.empty(spec.input_shape, dtype=acc, device=device)
     if device.type == "cuda":  # deterministic mode (the fused kernels take the other case)
-        order, starts = sort_by_pixel(index, h * w)
-        grad_input = torch.empty((n, c, h * w), dtype=acc, device=device)
-        _kernel(spec, target, "gather")(columns.flatten(2), share.flatten(2), order, starts, grad_input)
+        order, starts = sort_by_pixel(index, spec.height * spec.width)
+        _kernel(spec, target, "gather")(columns, share, order, grad_input, starts)
     else:
-        grad_input = torch.empty(spec.input_shape, dtype=acc, device=device)
         _kernel(spec, target, "scatter")(columns, index, share, grad_input)
-    return (grad_input.reshape(spec.input_shape).to(input.dtype), results["grad_offset"], results["grad_weight"],
+    return (grad_input.to(input.dtype), results["grad_offset"], results["grad_weight"],
             results["grad_bias_acc"].to(input.dtype) if spec.has_bias else None,
             results["grad_mask"] if spec.has_mask else None)
 
@@ -263,7 +311,7 @@ def contribution_bound(spec: DeformConvSpec, grad_output, mask, weight) -> float
     fixed-point quantum), float64, or a bound that is not finite (NaN or infinite grad_output, mask
     or weight). ``grad_output [N, O, Ho, Wo]``, ``mask [N, offset_groups * taps, Ho, Wo]`` or None,
     ``weight [O, C / groups, kh, kw]``, of the spec's dtype; one host synchronisation."""
-    if spec.dtype not in ("float16", "bfloat16") and not spec.tf32:
+    if not takes_fixed_point(spec):
         return None
     norm = torch.linalg.vector_norm  # one reduction kernel each; NaN and infinity propagate
     bound = norm(weight, 1, dim=0, dtype=torch.float32).amax() * norm(grad_output, math.inf, dtype=torch.float32)

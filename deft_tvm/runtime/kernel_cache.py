@@ -1,8 +1,9 @@
 """Compiled kernels, cached in memory and on disk.
 
-Which schedule a workload gets: the fastest record of the tuning database committed with the
-package (``tuning_logs/<target-tag>/<workload-key>/``) when there is one, compiled from its trace
-with no search; otherwise the target's default schedule, with a one-time warning.
+Which schedule a workload gets: the fastest record of its tuning database
+(``<root>/<target-tag>/<workload-key>/``) under the user's tuning directory or else the one shipped
+with the package (``records.record_roots``) when there is one, compiled from its trace with no
+search; otherwise the target's default schedule, with a one-time warning.
 
 On the CPU a workload without a tuned record or a loaded kernel of its sizes runs the default
 kernel of its layer configuration (``compiled_spec``, ``compute.spec.generic_spec``), compiled once
@@ -39,7 +40,7 @@ from deft_tvm.compute.spec import DeformConvSpec, generic_spec, kernel_key
 from deft_tvm.runtime import library
 from deft_tvm.runtime.columns import unfused_forward_kernel
 from deft_tvm.runtime.library import loaded_kernel
-from deft_tvm.runtime.records import best_schedule, committed_database, target_tag
+from deft_tvm.runtime.records import best_schedule, tuned_database, target_tag
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
 CACHE_DIR_ENV = "DEFT_TVM_CACHE_DIR"
@@ -77,11 +78,11 @@ def _user_stacklevel() -> int:
 
 
 def schedule_for(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward"):
-    """``(schedule, tuned)`` of ``spec``'s ``part`` kernel: the committed tuned record's schedule
-    if there is one, else the default."""
+    """``(schedule, tuned)`` of ``spec``'s ``part`` kernel: the schedule of its tuned record (the
+    user's or the shipped one, ``records.tuned_database``) if there is one, else the default."""
     from deft_tvm.schedules import default_schedule
 
-    directory = committed_database(spec, target, part)
+    directory = tuned_database(spec, target, part)
     if directory is not None:
         _, sch = best_schedule(directory, target)
         if sch is not None:
@@ -160,10 +161,10 @@ def compiled_spec(spec: DeformConvSpec, target: tvm.target.Target, part: str = "
     """The spec that ``spec``'s ``part`` kernel on ``target`` is compiled for, where no loaded
     library has it: its layer configuration (``compute.spec.generic_spec``: one kernel for every
     batch and image size) where ``schedules.shape_generic`` allows and no tuned record of these
-    exact sizes is committed; else ``spec``."""
+    exact sizes is found (``records.tuned_database``); else ``spec``."""
     from deft_tvm.schedules import shape_generic
 
-    if shape_generic(spec, target, part) and committed_database(spec, target, part) is None:
+    if shape_generic(spec, target, part) and tuned_database(spec, target, part) is None:
         return generic_spec(spec)
     return spec
 
@@ -343,21 +344,29 @@ def _channels_last_key(spec: DeformConvSpec) -> str:
 
 
 def channels_last_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
-    """``schedules.cuda_layout.channels_last_primfunc(spec)`` compiled for ``target`` once (memory
-    and disk cache, keyed by the input and weight shapes and dtype; a ``generic_spec``'s serves
-    every batch and image size): ``(input, weight, input_nhwc, weight_ohwi)``, the last two
+    """``schedules.cuda_layout.channels_last_primfunc(spec)``: a loaded library's (``deft-tvm
+    export`` puts in those of its channels-last forwards' specs), else compiled for ``target`` once
+    (memory and disk cache, keyed by the input and weight shapes and dtype; a ``generic_spec``'s
+    serves every batch and image size): ``(input, weight, input_nhwc, weight_ohwi)``, the last two
     written."""
     from deft_tvm.schedules.cuda_layout import channels_last_primfunc
 
+    loaded = loaded_kernel(target.kind.name, kernel_key(spec, "channels_last"))
+    if loaded is not None:
+        return loaded
     return _layout_kernel(_channels_last_key(spec), "channels_last", lambda: channels_last_primfunc(spec), target)
 
 
 def channels_first_output_kernel(spec: DeformConvSpec, target: tvm.target.Target) -> Callable:
-    """``schedules.cuda_layout.channels_first_output_primfunc(spec)`` compiled for ``target`` once
-    (memory and disk cache, keyed by the output shape and dtype; a ``generic_spec``'s serves every
-    size): ``(rows, output)``, the last written."""
+    """``schedules.cuda_layout.channels_first_output_primfunc(spec)``: a loaded library's (``deft-tvm
+    export`` puts in those of its columns kernels' specs), else compiled for ``target`` once (memory
+    and disk cache, keyed by the output shape and dtype; a ``generic_spec``'s serves every size):
+    ``(rows, output)``, the last written."""
     from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc, output_positions
 
+    loaded = loaded_kernel(target.kind.name, kernel_key(spec, "channels_first_output"))
+    if loaded is not None:
+        return loaded
     n, o = spec.output_shape[:2]
     return _layout_kernel(f"channels_first_output_n{n}_o{o}_p{output_positions(spec)}_{spec.dtype}",
                           "channels_first_output", lambda: channels_first_output_primfunc(spec), target)
@@ -427,9 +436,11 @@ def finish(futures, progress: Callable[[int], object] | None) -> list:
 def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callable[[int], object] | None = None) -> int:
     """Compile, in parallel, the forward kernels of ``specs`` (tuned record or default schedule, of
     the layer configuration where ``compiled_spec`` says; the columns kernel and the output
-    transpose of an unfused forward, ``forward_kernel``) that neither a loaded library nor the disk
-    cache holds, and load or compile the channels-last copies (``ForwardCall.arguments``) of those
-    that take them.
+    transpose of an unfused forward, ``forward_kernel``, and for a configuration's columns kernel
+    also the configuration's fused kernel, which its calls whose columns exceed
+    ``schedules.UNFUSED_MAX_COLUMNS_BYTES`` take) that neither a loaded library nor the disk cache
+    holds, and load or compile the channels-last copies (``ForwardCall.arguments``) of those that
+    take them.
 
     Compilation is mostly spent in nvcc/LLVM outside the GIL, so threads overlap it; ``progress``
     as ``finish`` takes it. Returns the number of forward kernels built.
@@ -444,11 +455,13 @@ def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callab
         if loaded_kernel(target.kind.name, spec.key()) is None:
             if part == "columns":  # the output transpose of the compiled columns kernel's spec (forward_kernel)
                 unfused[compiled] = compiled
-            if loaded is not None:
-                continue
-            sch = schedule_for(compiled, target, part)[0]
-            if not kernel_path(compiled, target, sch, part).exists():
-                missing[kernel_key(compiled, part)] = (compiled, sch, part)
+            wanted = [] if loaded is not None else [(compiled, part)]
+            if part == "columns" and compiled.shape_generic and loaded_kernel(target.kind.name, compiled.key()) is None:
+                wanted.append((compiled, "forward"))  # the configuration's calls too large for the columns
+            for kernel, kernel_part in wanted:
+                sch = schedule_for(kernel, target, kernel_part)[0]
+                if not kernel_path(kernel, target, sch, kernel_part).exists():
+                    missing[kernel_key(kernel, kernel_part)] = (kernel, sch, kernel_part)
 
     def build_and_store(spec, sch, part):
         _export_atomically(build(spec, target, sch), kernel_path(spec, target, sch, part))

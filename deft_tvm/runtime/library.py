@@ -1,9 +1,10 @@
 """One exported kernel library per target, with a manifest, and loading it without the compiler.
 
 ``export_library`` compiles many workloads for one target into ONE shared library (one function
-per workload and kernel part: the forward, and the backward's gradient kernels where tuned or
-asked for) and writes ``<name>.json`` beside it: kernel key -> function name, part, dtype, target
-and arch, TVM and tvm-ffi versions, the library's sha256 and where each schedule came from.
+per workload and kernel part: the forward, the backward's gradient kernels where tuned or asked
+for and, on CUDA, the fused backward's host entry) and writes ``<name>.json`` beside it: kernel
+key -> function name, part, dtype, target and arch, TVM and tvm-ffi versions, the library's
+sha256, where each schedule came from and a fused backward's tilings.
 ``load_library`` checks all of that against this process and machine before registering the
 kernels; calling them needs only the TVM runtime.
 """
@@ -27,13 +28,16 @@ MANIFEST_FORMAT = 1
 
 @dataclasses.dataclass(frozen=True)
 class KernelEntry:
-    """A scheduled workload kernel (``part``: ``deft_tvm.compute.spec.PARTS``) to put in a library;
-    ``origin`` says where the schedule came from."""
+    """A workload kernel (``part``: ``deft_tvm.compute.spec.PARTS``) to put in a library: its
+    PrimFunc (a schedule's ``mod["main"]``, or the fused backward's host entry); ``origin`` says
+    where the schedule came from; ``tilings``: JSON-ready values the runtime needs to call it (the
+    fused backward's ``{"data": ..., "weight": ...}``), kept in the manifest."""
 
     spec: DeformConvSpec
-    schedule: object  # tvm.s_tir.Schedule
+    function: object  # tvm.tirx.PrimFunc
     origin: str
     part: str = "forward"
+    tilings: dict | None = None
 
 
 def function_name(spec: DeformConvSpec, part: str = "forward") -> str:
@@ -65,7 +69,7 @@ def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, ou
         fname = function_name(entry.spec, entry.part)
         if fname in functions:
             raise ValueError(f"workload kernel {kernel_key(entry.spec, entry.part)} appears twice")
-        functions[fname] = entry.schedule.mod["main"].with_attr("global_symbol", fname)
+        functions[fname] = entry.function.with_attr("global_symbol", fname)
     executable = compile_kernel(tvm.IRModule(functions), target)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +92,7 @@ def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, ou
                 "dtype": entry.spec.dtype,
                 "spec": entry.spec.to_dict(),
                 "origin": entry.origin,
+                **({} if entry.tilings is None else {"tilings": entry.tilings}),
             }
             for entry in entries
         ],
@@ -117,6 +122,7 @@ class LoadedLibrary:
 
 
 _loaded: dict[tuple[str, str], Callable] = {}  # (target kind, kernel key) -> function
+_tilings: dict[tuple[str, str], dict] = {}  # (target kind, kernel key) -> its manifest's tilings
 generation = 0
 """How many times the registered kernels changed (``load_library``, ``unload_all``): callers that keep
 what ``loaded_kernel`` answered key it by this."""
@@ -148,8 +154,12 @@ def load_library(manifest_path: str | Path) -> LoadedLibrary:
     module = tvm.runtime.load_module(str(library))
     kernels = {k["workload"]: module[k["function"]] for k in manifest["kernels"]}
     global generation
-    for key, fn in kernels.items():
-        _loaded[(manifest["target_kind"], key)] = fn
+    for record in manifest["kernels"]:
+        key = (manifest["target_kind"], record["workload"])
+        _loaded[key] = kernels[record["workload"]]
+        _tilings.pop(key, None)
+        if "tilings" in record:
+            _tilings[key] = record["tilings"]
     generation += 1
     return LoadedLibrary(manifest_path, manifest["target_kind"], kernels)
 
@@ -159,8 +169,15 @@ def loaded_kernel(target_kind: str, workload_key: str) -> Callable | None:
     return _loaded.get((target_kind, workload_key))
 
 
+def loaded_tilings(target_kind: str, workload_key: str) -> dict | None:
+    """The tilings the manifest of the loaded library that registered this kernel key gives it (a
+    fused backward's ``{"data": ..., "weight": ...}``), if any."""
+    return _tilings.get((target_kind, workload_key))
+
+
 def unload_all() -> None:
     """Forget every registered library kernel (for tests)."""
     global generation
     _loaded.clear()
+    _tilings.clear()
     generation += 1

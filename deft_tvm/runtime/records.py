@@ -1,4 +1,8 @@
-"""MetaSchedule tuning databases as they are laid out under ``tuning_logs/``.
+"""MetaSchedule tuning databases as they are laid out under ``tuning_logs/``, and where they are.
+
+The op looks for a workload's records under the user's tuning directory (``user_root``:
+``deft-tvm tune``'s default ``--logs``, the same wherever a process runs), then under the records
+shipped with the package (``committed_root``); the first that holds one wins.
 
 ``<root>/<target-tag>/<kernel-key>/`` holds ``workload.json`` (the ``DeformConvSpec`` and the kernel
 part: ``forward``, or ``backward`` for the gradient kernels, whose folders' keys end in
@@ -9,6 +13,7 @@ part: ``forward``, or ``backward`` for the gradient kernels, whose folders' keys
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import tvm
@@ -18,6 +23,7 @@ from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, kernel_key
 
 SPEC_FILE = "workload.json"
+TUNING_DIR_ENV = "DEFT_TVM_TUNING_DIR"
 
 
 def target_tag(target: tvm.target.Target) -> str:
@@ -84,10 +90,27 @@ def committed_root() -> Path:
     return Path(deft_tvm.tuning_logs.__file__).parent
 
 
-def committed_database(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> Path | None:
-    """The committed database folder of ``spec``'s ``part`` for ``target``, if one holds a record."""
-    directory = database_dir(committed_root(), spec, target, part)
-    return directory if (directory / "database_tuning_record.json").exists() else None
+def user_root() -> Path:
+    """The user's tuning databases: ``$DEFT_TVM_TUNING_DIR``, else ``$XDG_DATA_HOME/deft_tvm/tuning_logs``
+    (``XDG_DATA_HOME`` default ``~/.local/share``, the XDG base directory convention)."""
+    if os.environ.get(TUNING_DIR_ENV):
+        return Path(os.environ[TUNING_DIR_ENV])
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "deft_tvm" / "tuning_logs"
+
+
+def record_roots() -> list[Path]:
+    """Where the op looks for tuning records, in order: the user's (``user_root``), the shipped ones."""
+    return [user_root(), committed_root()]
+
+
+def tuned_database(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> Path | None:
+    """The database folder of ``spec``'s ``part`` for ``target`` under the first of ``record_roots``
+    where one holds a record, or None."""
+    for root in record_roots():
+        directory = database_dir(root, spec, target, part)
+        if (directory / "database_tuning_record.json").exists():
+            return directory
+    return None
 
 
 def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
@@ -113,26 +136,40 @@ def write_fused_backward(directory: Path, record: dict) -> Path:
     return path
 
 
-def fused_backward_record(spec: DeformConvSpec, target: tvm.target.Target, roots: list[Path]) -> dict | None:
-    """The fused-backward record of ``spec`` for ``target`` under the first of ``roots`` that holds
-    one (as written, with every candidate's time), or None."""
+def fused_backward_path(spec: DeformConvSpec, target: tvm.target.Target, roots: list[Path]) -> Path | None:
+    """The fused-backward record file of ``spec`` for ``target`` under the first of ``roots`` that
+    holds one, or None."""
     for root in roots:
         path = fused_backward_dir(root, spec, target) / FUSED_BACKWARD_FILE
         if path.exists():
-            return json.loads(path.read_text())
+            return path
     return None
 
 
-def committed_fused_tilings(spec: DeformConvSpec, target: tvm.target.Target):
-    """``(data, weight)`` tilings of ``spec``'s committed fused-backward record for ``target``, or
+def fused_backward_record(spec: DeformConvSpec, target: tvm.target.Target, roots: list[Path]) -> dict | None:
+    """The fused-backward record of ``spec`` for ``target`` under the first of ``roots`` that holds
+    one (as written, with every candidate's time), or None."""
+    path = fused_backward_path(spec, target, roots)
+    return None if path is None else json.loads(path.read_text())
+
+
+def fused_backward_specs(root: Path, target: tvm.target.Target) -> list[DeformConvSpec]:
+    """The specs of every fused-backward record of ``target`` under ``root``, sorted by key."""
+    paths = (Path(root) / target_tag(target)).glob(f"*_fused_backward/{FUSED_BACKWARD_FILE}")
+    return sorted((DeformConvSpec.from_dict(json.loads(p.read_text())["spec"]) for p in paths), key=DeformConvSpec.key)
+
+
+def recorded_fused_tilings(spec: DeformConvSpec, target: tvm.target.Target, roots: list[Path] | None = None):
+    """``(data, weight)`` tilings of ``spec``'s fused-backward record for ``target`` under the first
+    of ``roots`` that holds one (default: ``record_roots()``, the user's then the shipped ones), or
     None where there is none. Raises ValueError where the record found is another spec's."""
     from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling
 
-    record = fused_backward_record(spec, target, [committed_root()])
-    if record is None:
+    path = fused_backward_path(spec, target, record_roots() if roots is None else roots)
+    if path is None:
         return None
+    record = json.loads(path.read_text())
     recorded = DeformConvSpec.from_dict(record["spec"])
     if recorded != spec:
-        path = fused_backward_dir(committed_root(), spec, target) / FUSED_BACKWARD_FILE
         raise ValueError(f"{path} records {recorded.key()}, not {spec.key()}")
     return DataTiling(**record["data"]), WeightTiling(**record["weight"])

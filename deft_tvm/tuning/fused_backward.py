@@ -16,7 +16,7 @@ flight (``refine_load_batch``), the fastest data tiling with other weight stages
 (``refine_steps``), and returns the record of the fastest data and weight tilings with every
 candidate's time (None: rejected; ``kernels``: one kernel searched, the other kept from an
 earlier record), which ``deft-tvm tune --fused-backward`` writes where
-``runtime.records.committed_fused_tilings`` finds it (the runtime then takes it over the
+``runtime.records.recorded_fused_tilings`` finds it (the runtime then takes it over the
 defaults).
 """
 
