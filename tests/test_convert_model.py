@@ -1,8 +1,8 @@
-"""``deft_tvm.convert_model`` (issue 17): torchvision's ``DeformConv2d`` and mmcv-style packs anywhere
-in a model become deft_tvm's layers with the same state dict, dtype, device, ``requires_grad`` and
-training mode, and the model's output stays that of the layers it replaced (here: stand-ins with
-their attributes whose forward is the float64 reference op; with torchvision installed, its own
-layer too)."""
+"""``deft_tvm.convert_model`` (issue 17): torchvision's ``DeformConv2d`` and mmcv-style packs
+anywhere in a model become deft_tvm's layers with the same state dict, dtype, device,
+``requires_grad`` and training mode, and the model's output stays that of the layers it replaced
+(here: stand-ins with their attributes whose forward is the float64 reference op; with torchvision
+installed, its own layer too)."""
 
 from __future__ import annotations
 

@@ -38,8 +38,8 @@ def _spec(dtype: str):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """``(manifest, recorded tilings)``: ``deft-tvm export --device cuda --arch sm_90 --backward`` of
-    the workload in float16 and float32, with a fused-backward record of the float16 spec under
+    """``(manifest, recorded tilings)``: ``deft-tvm export --device cuda --arch sm_90 --backward``
+    of the workload in float16 and float32, with a fused-backward record of the float16 spec under
     ``--logs`` (the default tilings with one more px of halo)."""
     root = tmp_path_factory.mktemp("fused_library")
     data, weight = default_tilings(_spec("float16"))
@@ -76,7 +76,8 @@ def test_the_manifest_names_each_fused_entry_and_its_tilings(exported):
 @pytest.fixture
 def loaded(exported, monkeypatch):
     """The exported library registered (its module loader handing out a sentinel per function),
-    the backward's kernels forgotten and building one an error; every library unloaded afterwards."""
+    the backward's kernels forgotten and building one an error; every library unloaded
+    afterwards."""
     monkeypatch.setattr(library, "_current_arch", lambda kind: "sm_90")
     monkeypatch.setattr(tvm.runtime, "load_module", lambda path: {k["function"]: f"sentinel {k['function']}" for k in
                                                                   json.loads(exported[0].read_text())["kernels"]})

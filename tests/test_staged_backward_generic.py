@@ -1,9 +1,9 @@
 """The staged CUDA backward of a layer configuration (issue 16; deterministic float32 and float64
-calls): ``schedules/cuda_backward.py``'s ``apply_backward_cuda_generic`` on the gradient kernels of a
-``generic_spec`` and the sorted gather of the same configuration. Built for the CPU (the same loops
-and buffers, no thread bound), one build serves several batch and image sizes and matches the float64
-reference backward; built for CUDA it compiles with nvcc for sm_90, every stage a kernel of the size
-variables with no buffer sized by them."""
+calls): ``schedules/cuda_backward.py``'s ``apply_backward_cuda_generic`` on the gradient kernels of
+a ``generic_spec`` and the sorted gather of the same configuration. Built for the CPU (the same
+loops and buffers, no thread bound), one build serves several batch and image sizes and matches
+the float64 reference backward; built for CUDA it compiles with nvcc for sm_90, every stage a
+kernel of the size variables with no buffer sized by them."""
 
 from __future__ import annotations
 

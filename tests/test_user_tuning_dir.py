@@ -1,5 +1,6 @@
-"""Tuning records in the user's data directory (issue 17): ``deft-tvm tune`` writes there by default,
-and the op finds them from any working directory, before the records shipped with the package."""
+"""Tuning records in the user's data directory (issue 17): ``deft-tvm tune`` writes there by
+default, and the op finds them from any working directory, before the records shipped with the
+package."""
 
 from __future__ import annotations
 

@@ -193,8 +193,8 @@ def _default_entries(args, target, entries) -> list:
 
 
 def _fused_specs(args, target) -> list:
-    """The specs of the fused CUDA backward that ``args`` export: with ``--backward`` on CUDA, that of
-    each of ``--workloads`` in each of ``--dtypes`` (the op's backward spec, NCHW); none otherwise."""
+    """The specs of the fused CUDA backward that ``args`` export: with ``--backward`` on CUDA, that
+    of each of ``--workloads`` in each of ``--dtypes`` (the op's backward spec, NCHW); else none."""
     if not args.backward or target.kind.name != "cuda":
         return []
     return [dataclasses.replace(get_workload(name, dtype, _tf32(args, dtype)).spec, layout="NCHW")
@@ -204,9 +204,10 @@ def _fused_specs(args, target) -> list:
 def _fused_entries(args, target, specs, entries) -> list:
     """``KernelEntry``s of the fused CUDA backward of ``specs`` that ``entries`` lack: the atomic
     entry and, where deterministic calls take it (``runtime.backward.takes_fixed_point``), the
-    deterministic one, each with the tilings a call would compile (``runtime.backward.fused_choice``:
-    the spec's record under ``--logs`` or committed, else its layer configuration's defaults, an
-    entry for every batch and image size), which the manifest keeps for the runtime."""
+    deterministic one, each with the tilings a call would compile
+    (``runtime.backward.fused_choice``: the spec's record under ``--logs``, the user's tuning
+    directory or the shipped records, else its layer configuration's defaults, an entry for every
+    batch and image size), which the manifest keeps for the runtime."""
     from deft_tvm.runtime import backward
     from deft_tvm.runtime.library import KernelEntry
     from deft_tvm.runtime.records import fused_backward_path, record_roots
@@ -249,10 +250,9 @@ def _companion_entries(target, entries) -> list:
     have = {kernel_key(e.spec, e.part) for e in entries}
     extra = []
     for entry in entries:
-        parts = (["channels_last"] if entry.part in ("forward", "columns") and entry.spec.layout == "NHWC" else []) + (
-            ["channels_first_output"] if entry.part == "columns" else []) + (
-            ["gather"] if entry.part == "backward" else [])
-        for part in parts:
+        wanted = {"channels_last": entry.part in ("forward", "columns") and entry.spec.layout == "NHWC",
+                  "channels_first_output": entry.part == "columns", "gather": entry.part == "backward"}
+        for part in (p for p, needed in wanted.items() if needed):
             if kernel_key(entry.spec, part) not in have:
                 have.add(kernel_key(entry.spec, part))
                 function = kernel_cache.scripted(lambda: primfuncs[part](entry.spec))
@@ -413,8 +413,8 @@ def _export_target(args):
 
 
 def cmd_export(args) -> int:
-    """Compile tuned workloads (MetaSchedule records and fused-backward tilings under ``--logs``, and
-    optionally registry workloads with the default schedule) into one library."""
+    """Compile tuned workloads (MetaSchedule records and fused-backward tilings under ``--logs``,
+    and optionally registry workloads with the default schedule) into one library."""
     from deft_tvm.runtime.library import KernelEntry, export_library
     from deft_tvm.runtime.records import best_schedule, database_dirs, fused_backward_specs, read_part, target_tag
 

@@ -238,10 +238,10 @@ def kernel_key(spec: DeformConvSpec, part: str = "forward") -> str:
     """The identifier of ``spec``'s ``part`` kernel (one of ``PARTS``): the spec's key for the
     forward, with ``_backward`` appended for the backward's gradient kernels, ``_columns`` for the
     unfused forward's columns kernel, ``_fused_backward`` (``_fused_backward_deterministic``) for
-    the fused CUDA backward's host entry (its deterministic variant), ``_gather`` for the staged CUDA
-    backward's grad_input (the sorted gather of deterministic calls), ``_channels_last`` for the
-    channels-last copies of a channels-last forward's input and weight and ``_channels_first_output``
-    for an unfused forward's output transpose."""
+    the fused CUDA backward's host entry (its deterministic variant), ``_gather`` for the staged
+    CUDA backward's grad_input (the sorted gather of deterministic calls), ``_channels_last`` for
+    the channels-last copies of a channels-last forward's input and weight and
+    ``_channels_first_output`` for an unfused forward's output transpose."""
     if part not in PARTS:
         raise ValueError(f"unknown kernel part {part!r}; expected one of {', '.join(PARTS)}")
     return spec.key() if part == "forward" else f"{spec.key()}_{part}"

@@ -5,7 +5,8 @@ per workload.
   fused kernels of ``schedules/cuda_backward_fused.py`` (grad_input, grad_offset and grad_mask in
   one kernel that never writes the columns; grad_weight and grad_bias as split partial sums and
   their fixed-order sum), launched by one host function (``backward_entry``), with the tilings
-  of the workload's committed record (``deft-tvm tune --fused-backward``), or else its layer
+  of the workload's tuned record (``deft-tvm tune --fused-backward``: the user's or the shipped
+  one, ``records.record_roots``), or else its layer
   configuration's (one entry for every batch and image size, default tilings; ``fused_choice``):
   a loaded kernel library's (``deft-tvm export --backward``; of the call's sizes, else of its
   configuration, with the tilings its manifest names), else compiled through the kernel cache
@@ -112,14 +113,14 @@ def _workspace_elements(spec: DeformConvSpec, data, weight) -> int:
     return backward_workspace(spec, data, weight).elements
 
 
-def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> tuple[Callable | None,
-                                                                                         DeformConvSpec]:
+def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target,
+                         part: str) -> tuple[Callable | None, DeformConvSpec]:
     """``(kernel, compiled)`` of ``part``: a loaded library's kernel (``deft_tvm.load_library``: the
     gradient kernels, ``kernel_cache.library_kernel``, the fused backward, ``_library_fused``, and
     the sorted gather; of the call's sizes, else of its layer configuration) or None, and the spec
-    compiled otherwise: the fused kernels' ``fused_choice``'s; the gradient
-    kernels', the scatter's and the gather's that of the layer configuration where
-    ``kernel_cache.compiled_spec`` says so for the backward, else ``spec``."""
+    compiled otherwise: the fused kernels' ``fused_choice``'s; the gradient kernels', the
+    scatter's and the gather's that of the layer configuration where ``kernel_cache.compiled_spec``
+    says so for the backward, else ``spec``."""
     if part == "gradients":
         return kernel_cache.library_kernel(spec, target, "backward")
     if part in FUSED_PARTS:
@@ -153,8 +154,9 @@ def _library_fused(spec: DeformConvSpec, target: tvm.target.Target, part: str) -
 
 def _fused_tilings(spec: DeformConvSpec, target: tvm.target.Target, part: str, roots=None) -> tuple:
     """The (data, weight) tilings of ``spec``'s fused kernels (``part``): its record's under the
-    first of ``roots`` that holds one (default: the committed ``tuning_logs``) or the defaults, the
-    data kernel's deterministic for ``"fused_deterministic"``."""
+    first of ``roots`` that holds one (default: ``records.record_roots()``, the user's tuning
+    directory, then the shipped ``tuning_logs``) or the defaults, the data kernel's deterministic
+    for ``"fused_deterministic"``."""
     from deft_tvm.runtime.records import recorded_fused_tilings
     from deft_tvm.schedules.cuda_backward_fused import default_tilings
 
@@ -179,7 +181,7 @@ def fused_choice(spec: DeformConvSpec, target: tvm.target.Target, part: str,
                  roots=None) -> tuple[DeformConvSpec, object, object]:
     """``(compiled, data, weight)``: the spec and tilings of the fused kernels (``part``) a call of
     ``spec`` compiles where no library has them: the record of its sizes under the first of
-    ``roots`` that holds one (default: the committed ``tuning_logs``), else its layer
+    ``roots`` that holds one (default: ``records.record_roots()``), else its layer
     configuration's (``generic_spec``: one entry for every batch and image size) with that
     configuration's default tilings where they serve its sizes (``_serves``), else its own default
     tilings."""

@@ -40,7 +40,7 @@ from deft_tvm.compute.spec import DeformConvSpec, generic_spec, kernel_key
 from deft_tvm.runtime import library
 from deft_tvm.runtime.columns import unfused_forward_kernel
 from deft_tvm.runtime.library import loaded_kernel
-from deft_tvm.runtime.records import best_schedule, tuned_database, target_tag
+from deft_tvm.runtime.records import best_schedule, target_tag, tuned_database
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
 CACHE_DIR_ENV = "DEFT_TVM_CACHE_DIR"

@@ -2,9 +2,10 @@
 
 ``export_library`` compiles many workloads for one target into ONE shared library (one function
 per workload and kernel part: the forward, the backward's gradient kernels where tuned or asked
-for and, on CUDA, the fused backward's host entry) and writes ``<name>.json`` beside it: kernel
-key -> function name, part, dtype, target and arch, TVM and tvm-ffi versions, the library's
-sha256, where each schedule came from and a fused backward's tilings.
+for and, on CUDA, the fused backward's host entry and the kernels run beside them: layout kernels
+and the sorted gather) and writes ``<name>.json`` beside it: kernel key -> function name, part,
+dtype, target and arch, TVM and tvm-ffi versions, the library's sha256, where each schedule came
+from and a fused backward's tilings.
 ``load_library`` checks all of that against this process and machine before registering the
 kernels; calling them needs only the TVM runtime.
 """

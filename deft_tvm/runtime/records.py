@@ -91,8 +91,9 @@ def committed_root() -> Path:
 
 
 def user_root() -> Path:
-    """The user's tuning databases: ``$DEFT_TVM_TUNING_DIR``, else ``$XDG_DATA_HOME/deft_tvm/tuning_logs``
-    (``XDG_DATA_HOME`` default ``~/.local/share``, the XDG base directory convention)."""
+    """The user's tuning databases: ``$DEFT_TVM_TUNING_DIR``, else
+    ``$XDG_DATA_HOME/deft_tvm/tuning_logs`` (``XDG_DATA_HOME`` default ``~/.local/share``, the XDG
+    base directory convention)."""
     if os.environ.get(TUNING_DIR_ENV):
         return Path(os.environ[TUNING_DIR_ENV])
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "deft_tvm" / "tuning_logs"
