@@ -130,8 +130,9 @@ def test_training_calls_of_twenty_random_sizes_compile_nothing_after_one(name, i
 def test_deterministic_training_calls_of_twenty_random_sizes_compile_nothing_after_one(dtype, isolated_cache,
                                                                                        monkeypatch):
     """The staged backward (gradient kernels and sorted gather) of a configuration: float32
-    without TF32 and float64 in deterministic mode, asymmetric and grouped."""
-    configuration = dataclasses.replace(CONFIGURATIONS["asymmetric_bfloat16"], groups=2, dtype=dtype)
+    without TF32 and float64 in deterministic mode, asymmetric (one group: a grouped layer's
+    forward is compiled per size)."""
+    configuration = dataclasses.replace(CONFIGURATIONS["asymmetric_bfloat16"], dtype=dtype)
     monkeypatch.setattr(backward, "_kernels", {})
     with tf32_mode("off"), deterministic_mode(True):
         target = target_for_device(DEVICE)

@@ -100,7 +100,7 @@ def _calls(spec, kernels: dict, inputs: dict) -> dict:
     grad_input = torch.empty(spec.input_shape, dtype=results[0].dtype, device=device)
     gradients, grad_input_kernel = kernels["backward"]
 
-    def backward():
+    def gradients_and_grad_input():
         gradients(*given, *results)
         if device.type == "cuda":  # columns, index, share: sorted by pixel, then gathered
             order, starts = backward.sort_by_pixel(results[1], spec.height * spec.width)
@@ -108,7 +108,7 @@ def _calls(spec, kernels: dict, inputs: dict) -> dict:
         else:
             grad_input_kernel(results[0], results[1], results[2], grad_input)
 
-    return {"forward": lambda: kernels["forward"](*args, output), "backward": backward}
+    return {"forward": lambda: kernels["forward"](*args, output), "backward": gradients_and_grad_input}
 
 
 def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> list[dict]:
