@@ -1297,6 +1297,8 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
 
         grads_size, samples_size = p * (o_tile + 4), p * (c_tile + 4)
     sums_count = o_regs * c_regs * (4 if tensor_cores else 1)
+    # grad_bias sums per thread: SIMT, its o_regs output channels; tensor cores, channels thread, thread + threads, ...
+    bias_rounds = -(-o_tile // threads) if tensor_cores else o_regs
     # grad_output staged in runs of up to 16 bytes where they stay in one image and aligned (tensor
     # cores: channel-major, rows of 16-byte multiples); samples by a thread per position where the
     # block's threads are a multiple of the step's positions
@@ -1372,10 +1374,11 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                             T.evaluate(mma.sync(a, (o_regs + m) * a_elements, b_, 0, sums, (m * c_regs + nt) * 4))
                             T.evaluate(mma.sync(a, m * a_elements, b_, b_elements, sums, (m * c_regs + nt) * 4))
                         T.evaluate(mma.sync(a, m * a_elements, b_, 0, sums, (m * c_regs + nt) * 4))
-            if has_bias:
-                if thread < o_tile:
-                    for q in range(p):
-                        bias_sums[0] = bias_sums[0] + T.Cast(acc, grads[grads_at(q, thread)])
+            if has_bias:  # output channel k * threads + thread (a block may have fewer threads than channels)
+                for k in T.unroll(bias_rounds):
+                    if k * threads + thread < o_tile:
+                        for q in range(p):
+                            bias_sums[k] = bias_sums[k] + T.Cast(acc, grads[grads_at(q, k * threads + thread)])
         else:
             ty = thread // c_threads
             tx = thread % c_threads
@@ -1407,9 +1410,10 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
                         ch = ct * c_tile + (wc * c_regs + nt) * 8 + cn
                         if o < o_end and ch < ipg:
                             weight_part[split, o, ch, t] = sums[(m * c_regs + nt) * 4 + i]
-            if has_bias:
-                if t == 0 and ct == 0 and thread < o_tile and o0 + thread < o_end:
-                    bias_part[split, o0 + thread] = bias_sums[0]
+            if has_bias and t == 0 and ct == 0:
+                for k in T.unroll(bias_rounds):
+                    if k * threads + thread < o_tile and o0 + k * threads + thread < o_end:
+                        bias_part[split, o0 + k * threads + thread] = bias_sums[k]
         else:
             ty = thread // c_threads
             tx = thread % c_threads
@@ -1466,7 +1470,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         samples = T.alloc_buffer((samples_size,), stage_dtype, scope=scope)
         grads = T.alloc_buffer((grads_size,), stage_dtype, scope=scope)
         sums = T.alloc_buffer((sums_count,), acc, scope="local")
-        bias_sums = T.alloc_buffer((o_regs,), acc, scope="local")
+        bias_sums = T.alloc_buffer((bias_rounds,), acc, scope="local")
         a = T.alloc_buffer(((1 + three_tf32) * o_regs * a_elements,), stage_dtype, scope="local")  # 3xTF32: rests after
         b_ = T.alloc_buffer(((1 + three_tf32) * c_regs * b_elements,), stage_dtype, scope="local")
         table = T.alloc_buffer((1,), "int32", scope="local")  # the offset group whose corners are loaded
@@ -1477,7 +1481,7 @@ def grad_weight_primfunc(spec: DeformConvSpec, tiling: WeightTiling):
         corner_weights = T.alloc_buffer((corner_batch * 4 if groups_in_tile > 1 else 1,), acc, scope="local")
         for i in T.unroll(sums_count):
             sums[i] = zero
-        for i in T.unroll(o_regs):
+        for i in T.unroll(bias_rounds):
             bias_sums[i] = zero
         for step in range(steps):
             q0 = (split * steps + step) * p

@@ -121,6 +121,17 @@ def test_committed_records_on_extreme_offsets_give_the_reference_gradients(name,
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+def test_grad_bias_of_more_output_channels_than_the_weight_blocks_threads(dtype):
+    """48 output channels on 16 input channels: the default tensor-core grad_weight block is one warp
+    (32 threads) for 48 output channels, whose grad_bias sums each thread takes two of."""
+    spec = DeformConvSpec(2, 16, 9, 11, 48, 3, 3, stride=(2, 1), padding=(1, 0),
+                          dtype="float32" if dtype == "tf32" else dtype, tf32=dtype == "tf32")
+    tiling = WeightTiling.for_spec(spec)
+    assert tiling.tensor_cores and tiling.o_tile > tiling.threads, tiling
+    _check_reference_gradients(spec, make_case(spec, seed=31), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("case", ["asymmetric", "og4_nobias", "k5x3_og5_nomask"])
 def test_deterministic_mode_on_extreme_offsets_gives_the_reference_gradients(case, dtype, monkeypatch):
     """The fixed-point deterministic kernels (int64 grad_input at the call's quantum) on extreme and NaN
