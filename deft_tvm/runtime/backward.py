@@ -55,19 +55,20 @@ FUSED_PARTS = {"fused": "fused_backward", "fused_deterministic": "fused_backward
 def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callable:
     cuda = target.kind.name == "cuda"
     if part == "gradients":
-        return kernel_cache.load_or_build(spec, target, kernel_cache.schedule_for(spec, target, "backward")[0],
-                                          "backward")
+        return kernel_cache.scheduled_kernel(spec, target, "backward")[0]
     if part in FUSED_PARTS:
         return fused_kernels(spec, target, *_fused_tilings(spec, target, part), part)
     if part == "gather":
         from deft_tvm.schedules.cuda_backward import THREADS
 
-        primfunc = kernel_cache.scripted(lambda: sorted_gather_primfunc(spec, THREADS if cuda else None))
+        def primfunc():
+            return sorted_gather_primfunc(spec, THREADS if cuda else None)
     else:
-        primfunc = kernel_cache.scripted(lambda: scatter_primfunc(spec))
-    mod = tvm.IRModule({part: primfunc})
-    return kernel_cache.load_or_build_library(f"{spec.key()}_{part}", kernel_cache.module_fingerprint(mod), target,
-                                              lambda: compile_kernel(mod, target), (part,))[0]
+        def primfunc():
+            return scatter_primfunc(spec)
+    return kernel_cache.indexed_library(f"{spec.key()}_{part}", repr(spec), target,
+                                        lambda: (tvm.IRModule({part: kernel_cache.scripted(primfunc)}), {}),
+                                        (part,))[0][0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,9 @@ for every batch and image size of the layer.
 The disk cache lives in ``$DEFT_TVM_CACHE_DIR`` (default ``~/.cache/deft_tvm``), one shared
 library per (TVM version, target, workload or configuration, schedule): the file name carries a
 structural hash of the scheduled module, so a new record or schedule never reuses a stale kernel.
-A corrupted or unloadable entry is rebuilt with a warning. Writes are atomic, so concurrent
-processes never see a half-written library.
+Its index (``index_path``: the kernel's spec, tuned record and deft_tvm's source -> that hash) lets
+a later process load the file without building the module. A corrupted or unloadable entry is
+rebuilt with a warning. Writes are atomic, so concurrent processes never see a half-written library.
 """
 
 from __future__ import annotations
@@ -151,6 +152,107 @@ def load_or_build_library(name: str, fingerprint: str, target: tvm.target.Target
     return [executable[f] for f in functions]
 
 
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """A hash of the source of deft_tvm's modules and of its schedules (every ``*.py`` file): with a
+    kernel's spec, part, target, tuned record and TVM's version, what its scheduled module is a
+    function of."""
+    import deft_tvm
+    import deft_tvm.schedules
+
+    digest = hashlib.sha256()
+    for root in dict.fromkeys(Path(module.__file__).parent for module in (deft_tvm, deft_tvm.schedules)):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{path.relative_to(root)}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def record_identity(directory: Path | None) -> str:
+    """What names a tuned database folder's content for the disk cache's index: its path and its
+    files' names, sizes and modification times ("" for no folder)."""
+    if directory is None:
+        return ""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir() if p.is_file())
+    return repr((str(directory), files))
+
+
+def index_path(name: str, inputs: str, target: tvm.target.Target) -> Path:
+    """The disk cache's index entry of the library ``name`` built from a module that is a function
+    of ``inputs`` (a spec's repr, a tuned record's ``record_identity``) besides deft_tvm's source
+    (``source_digest``), TVM's version and ``target``: it keeps the module's structural hash
+    (``module_fingerprint``, the library file's), so that a later process finds the file without
+    building the module (TIR, schedule, TVMScript: 0.1-0.3 s a kernel)."""
+    key = hashlib.sha256(f"{name}\0{inputs}\0{source_digest()}".encode()).hexdigest()[:16]
+    return cache_dir() / f"tvm-{tvm.__version__}" / _target_tag(target) / "index" / f"{name}-{key}.json"
+
+
+def indexed(index: Path, name: str, target: tvm.target.Target) -> dict | None:
+    """The entry ``{"fingerprint": ..., "notes": {...}}`` at ``index`` where its library file
+    exists, else None."""
+    try:
+        entry = json.loads(index.read_text())
+        return entry if library_path(name, entry["fingerprint"], target).exists() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember(index: Path, fingerprint: str, notes: dict) -> None:
+    """Writes the index entry ``index`` (atomically): the library's fingerprint and the notes."""
+    index.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=index.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"fingerprint": fingerprint, "notes": notes}, f)
+    os.replace(tmp, index)
+
+
+def indexed_library(name: str, inputs: str, target: tvm.target.Target,
+                    schedule: Callable[[], tuple[tvm.IRModule, dict]],
+                    functions: tuple[str, ...]) -> tuple[list[Callable], dict]:
+    """The ``functions`` of the cached library ``name`` compiled from the module ``schedule()``
+    returns, and the notes (a JSON-able dict) it returns with it: found through the index
+    (``index_path``) without calling ``schedule()``, else loaded or compiled as
+    ``load_or_build_library`` does and indexed."""
+    index = index_path(name, inputs, target)
+    entry = indexed(index, name, target)
+    if entry is not None:
+        try:
+            return load_or_build_library(name, entry["fingerprint"], target, _unindexed, functions), entry["notes"]
+        except _StaleIndexEntry:  # the file did not load (and is removed): built again below
+            pass
+    mod, notes = schedule()
+    fingerprint = module_fingerprint(mod)
+    kernels = load_or_build_library(name, fingerprint, target, lambda: compile_kernel(mod, target), functions)
+    remember(index, fingerprint, notes)
+    return kernels, notes
+
+
+class _StaleIndexEntry(Exception):
+    """An indexed library file that exists but does not load."""
+
+
+def _unindexed():
+    raise _StaleIndexEntry
+
+
+def _kernel_inputs(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> str:
+    """``index_path``'s inputs of ``spec``'s ``part`` kernel: the spec and its tuned record."""
+    return f"{spec!r}\0{record_identity(tuned_database(spec, target, part))}"
+
+
+def scheduled_kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> tuple[Callable, bool]:
+    """``(kernel, tuned)``: ``spec``'s ``part`` kernel as ``schedule_for`` schedules it (``tuned``:
+    from a record), from the disk cache (through its index, without building the schedule,
+    ``indexed_library``) or compiled into it."""
+    def schedule():
+        sch, tuned = schedule_for(spec, target, part)
+        return sch.mod, {"tuned": tuned}
+
+    (kernel,), notes = indexed_library(kernel_key(spec, part), _kernel_inputs(spec, target, part), target, schedule,
+                                       ("main",))
+    return kernel, notes["tuned"]
+
+
 def load_or_build(spec: DeformConvSpec, target: tvm.target.Target, sch, part: str = "forward") -> Callable:
     """The kernel of ``spec``'s ``part`` scheduled by ``sch``, from the disk cache or compiled into it."""
     return load_or_build_library(kernel_key(spec, part), module_fingerprint(sch.mod), target,
@@ -201,7 +303,7 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
     key = kernel_key(spec, part)
 
     def compile_once():
-        sch, tuned = schedule_for(spec, target, part)
+        kernel, tuned = scheduled_kernel(spec, target, part)
         if not tuned and part == "forward":
             workload = call_key if key == call_key else f"{call_key} (compiled for its layer configuration {key})"
             warnings.warn(
@@ -212,7 +314,7 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
                 UntunedKernelWarning,
                 stacklevel=_user_stacklevel(),
             )
-        return load_or_build(spec, target, sch, part)
+        return kernel
 
     return memoized(_memory, _lock, (key, str(target)), compile_once)
 
@@ -389,9 +491,8 @@ def _layout_kernel(name: str, function: str, primfunc: Callable, target: tvm.tar
     in memory and on disk as the library ``name``."""
 
     def load():
-        mod = tvm.IRModule({function: scripted(primfunc)})
-        return load_or_build_library(name, module_fingerprint(mod), target, lambda: compile_kernel(mod, target),
-                                     (function,))[0]
+        return indexed_library(name, "", target, lambda: (tvm.IRModule({function: scripted(primfunc)}), {}),
+                               (function,))[0][0]
 
     return memoized(_memory, _lock, (name, str(target)), load)
 
@@ -459,12 +560,18 @@ def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callab
             if part == "columns" and compiled.shape_generic and loaded_kernel(target.kind.name, compiled.key()) is None:
                 wanted.append((compiled, "forward"))  # the configuration's calls too large for the columns
             for kernel, kernel_part in wanted:
-                sch = schedule_for(kernel, target, kernel_part)[0]
-                if not kernel_path(kernel, target, sch, kernel_part).exists():
-                    missing[kernel_key(kernel, kernel_part)] = (kernel, sch, kernel_part)
+                index = index_path(kernel_key(kernel, kernel_part), _kernel_inputs(kernel, target, kernel_part), target)
+                if indexed(index, kernel_key(kernel, kernel_part), target) is not None:
+                    continue
+                sch, tuned = schedule_for(kernel, target, kernel_part)
+                if kernel_path(kernel, target, sch, kernel_part).exists():
+                    remember(index, module_fingerprint(sch.mod), {"tuned": tuned})
+                else:
+                    missing[kernel_key(kernel, kernel_part)] = (kernel, sch, kernel_part, tuned, index)
 
-    def build_and_store(spec, sch, part):
+    def build_and_store(spec, sch, part, tuned, index):
         _export_atomically(build(spec, target, sch), kernel_path(spec, target, sch, part))
+        remember(index, module_fingerprint(sch.mod), {"tuned": tuned})
 
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = [pool.submit(build_and_store, *item) for item in missing.values()]
