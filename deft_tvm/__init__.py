@@ -8,6 +8,7 @@ from deft_tvm.frontend.model import build_model, layer_specs
 from deft_tvm.frontend.modules import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 from deft_tvm.reference.forward import deform_conv2d_reference
 from deft_tvm.runtime.library import export_library, load_library
+from deft_tvm.tuning.model import tune_model
 
 __all__ = [
     "DeformConv2d",
@@ -21,4 +22,5 @@ __all__ = [
     "export_library",
     "layer_specs",
     "load_library",
+    "tune_model",
 ]

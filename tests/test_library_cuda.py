@@ -17,11 +17,11 @@ import pytest
 import tvm
 
 from deft_tvm import cli
-from deft_tvm.cli import _companion_entries
 from deft_tvm.compute.spec import generic_spec, kernel_key
 from deft_tvm.runtime import backward, kernel_cache, library, records
 from deft_tvm.runtime.targets import cuda_target, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, default_tilings
+from deft_tvm.tuning.export import companion_entries
 from deft_tvm.tuning.workloads import get_workload
 
 from test_fused_backward_codegen import needs_nvcc
@@ -140,17 +140,18 @@ def test_the_channels_last_copies_of_its_forwards_are_in_it(loaded):
 def test_a_cuda_library_gets_the_kernels_its_kernels_run_beside():
     """Each channels-last forward or columns kernel's channels-last copies, each columns kernel's
     output transpose and each gradient kernel's sorted gather, for the spec it was compiled for (a
-    configuration's where it is one), once; none on the CPU."""
+    configuration's where it is one), once; on the CPU the gradient kernel's scatter only."""
     c5, c3 = (get_workload(n, "float16").for_target(TARGET).spec for n in ("r50dcn_c5", "r50dcn_c3"))
     gradients = generic_spec(_spec("float32"))
     entries = [library.KernelEntry(c5, None, "tuned"), library.KernelEntry(c3, None, "tuned"),
                library.KernelEntry(generic_spec(c5), None, "default schedule", part="columns"),
                library.KernelEntry(gradients, None, "default schedule", part="backward")]
-    companions = _companion_entries(TARGET, entries)
+    companions = companion_entries(TARGET, entries)
     assert c5.layout == c3.layout == "NHWC"
     assert [(e.part, e.spec.key()) for e in companions] == [
         ("channels_last", c5.key()), ("channels_last", c3.key()), ("channels_last", generic_spec(c5).key()),
         ("channels_first_output", generic_spec(c5).key()), ("gather", gradients.key())]
     assert [e.function.params[-1].name for e in companions] == ["weight_ohwi"] * 3 + ["output", "starts"]
-    assert _companion_entries(TARGET, entries + companions) == []
-    assert _companion_entries(target_for_device("cpu"), entries) == []
+    assert companion_entries(TARGET, entries + companions) == []
+    on_cpu = companion_entries(target_for_device("cpu"), entries)
+    assert [(e.part, e.spec.key()) for e in on_cpu] == [("scatter", gradients.key())]

@@ -36,7 +36,7 @@ def test_the_library_serves_every_size_of_its_configurations(loaded, monkeypatch
     spec = get_workload("test_paper_small").spec
     key = generic_spec(spec).key()
     manifest = json.loads(loaded.manifest_path.read_text())
-    assert {k["workload"] for k in manifest["kernels"]} == {key, f"{key}_backward"}
+    assert {k["workload"] for k in manifest["kernels"]} == {key, f"{key}_backward", f"{key}_scatter"}
     assert {(k["spec"]["batch"], k["spec"]["height"], k["spec"]["width"]) for k in manifest["kernels"]} == {
         ("N", "H", "W")}
     compiled = []
@@ -46,6 +46,7 @@ def test_the_library_serves_every_size_of_its_configurations(loaded, monkeypatch
         sized = dataclasses.replace(spec, **dict(zip(("batch", "height", "width"), size)))
         assert kernel_cache.get_kernel(sized, torch.device("cpu")) is loaded.kernels[key]
         assert backward._kernel(sized, target, "gradients") is loaded.kernels[f"{key}_backward"]
+        assert backward._kernel(sized, target, "scatter") is loaded.kernels[f"{key}_scatter"]
         args = make_case(sized)
         with torch.no_grad():
             assert_close(deft_tvm.deform_conv2d(**args), deft_tvm.deform_conv2d_reference(**args), sized.dtype)

@@ -5,7 +5,6 @@ measurement inputs, its search start, its sampled design space compiling for sm_
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
 
@@ -14,13 +13,13 @@ import torch
 import tvm
 from tvm import s_tir
 
-from deft_tvm.cli import _default_entries, _parts
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import generic_spec, kernel_key
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.library import KernelEntry
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules import default_schedule, design_space, kernel_spec, search_start
+from deft_tvm.tuning.export import default_entries, kernel_parts
 from deft_tvm.tuning.search import ProfileInputs
 from deft_tvm.tuning.workloads import get_workload
 
@@ -79,24 +78,20 @@ def test_columns_space_samples_points_per_block_and_compiles():
     assert len(sources) > 1
 
 
-def _args(**changes) -> argparse.Namespace:
-    return argparse.Namespace(**{"workloads": ["r50dcn_c5", "r50dcn_c3"], "dtypes": ["float16"], "tf32": False,
-                                 "backward": False, **changes})
-
-
 def test_tune_searches_the_columns_kernel_only_when_asked_and_where_the_forward_is_unfused():
     c5, c3 = get_workload("r50dcn_c5", "float16"), get_workload("r50dcn_c3", "float16")
-    assert _parts(_args(), c5, SM90, columns=True) == ("forward", "columns")
-    assert _parts(_args(backward=True), c5, SM90, columns=False) == ("forward", "backward")
-    assert _parts(_args(), c3, SM90, columns=True) == ("forward",)
+    assert kernel_parts(c5, SM90, backward=False, columns=True) == ("forward", "columns")
+    assert kernel_parts(c5, SM90, backward=True, columns=False) == ("forward", "backward")
+    assert kernel_parts(c3, SM90, backward=False, columns=True) == ("forward",)
 
 
 def test_a_tuned_library_gets_the_default_columns_kernel_of_unfused_workloads():
     c5, c3 = (get_workload(n, "float16").for_target(SM90).spec for n in ("r50dcn_c5", "r50dcn_c3"))
     tuned = [KernelEntry(spec, None, origin="tuned") for spec in (c5, c3)]  # the forwards, tuned
-    entries = _default_entries(_args(), SM90, tuned)
+    workloads = [get_workload(n, "float16") for n in ("r50dcn_c5", "r50dcn_c3")]
+    entries = default_entries(workloads, SM90, tuned, backward=False)
     # the configuration's columns kernel, which serves every size
     assert [(e.part, e.spec.key(), e.origin) for e in entries] == [("columns", generic_spec(c5).key(),
                                                                      "default schedule")]
-    assert _default_entries(_args(), SM90, tuned + entries) == []
+    assert default_entries(workloads, SM90, tuned + entries, backward=False) == []
 

@@ -17,8 +17,8 @@ import torch
 
 from deft_tvm.cli.errors import ArgumentParser, UsageError
 from deft_tvm.compute.spec import SUPPORTED_DTYPES, kernel_key
-from deft_tvm.reference.tolerances import assert_close, tolerance_key
 from deft_tvm.runtime.records import TUNING_DIR_ENV, user_root
+from deft_tvm.tuning.export import check_forward, check_gradients, kernel_parts, library_entries, part_spec
 from deft_tvm.tuning.fused_backward import KERNELS as FUSED_KERNELS
 from deft_tvm.tuning.workloads import DEFAULT_WORKLOAD, PROFILES, WORKLOADS, get_workload
 
@@ -96,7 +96,7 @@ def cmd_build(args) -> int:
     start = time.perf_counter()
     get_kernel(spec, device)
     print(f"kernel   ready in {time.perf_counter() - start:.2f} s, cached at {kernel_path(spec, target)}")
-    err = _check_against_reference(workload, device, args.seed)
+    err = check_forward(workload, device, args.seed)
     print(f"check    matches the float64 reference (max abs error {err:.3g}, dtype {spec.dtype})")
     return 0
 
@@ -106,36 +106,9 @@ def _tf32(args, dtype: str) -> bool:
     return args.tf32 and dtype == "float32"
 
 
-def _check_against_reference(workload, device: str, seed: int) -> float:
-    from deft_tvm.bench import tf32_mode
-    from deft_tvm.frontend.functional import deform_conv2d
-    from deft_tvm.reference.forward import deform_conv2d_reference
-    from deft_tvm.runtime.targets import target_for_device
-
-    spec = workload.for_target(target_for_device(device)).spec  # tf32 only where the kernel is
-    inputs = workload.make_inputs(seed=seed, device=device)
-    with torch.no_grad(), tf32_mode("on" if spec.tf32 else "off"):
-        out = deform_conv2d(**inputs)
-        ref = deform_conv2d_reference(**inputs)
-    assert_close(out, ref, tolerance_key(spec.dtype, spec.tf32))
-    return (out.double() - ref).abs().max().item()
-
-
-def _check_gradients_against_reference(workload, device: str, seed: int) -> float:
-    """The op's gradients of every input vs the float64 reference backward; the largest error."""
-    from deft_tvm.frontend.functional import deform_conv2d
-    from deft_tvm.reference.backward import deform_conv2d_reference_backward
-
-    inputs = workload.make_inputs(seed=seed, device=device)
-    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    out = deform_conv2d(**{**inputs, **leaves})
-    gen = torch.Generator().manual_seed(seed)
-    grad_output = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(device=device, dtype=out.dtype))
-    expected = deform_conv2d_reference_backward(grad_output.to(device), **inputs)._asdict()
-    for name, grad in zip(leaves, grads):
-        assert_close(grad, expected[name], workload.spec.dtype)
-    return max((g.double() - expected[k]).abs().max().item() for k, g in zip(leaves, grads))
+def _workloads(args) -> list:
+    """``--workloads`` in each of ``--dtypes`` (float32 with ``--tf32``: TF32)."""
+    return [get_workload(name, dtype, _tf32(args, dtype)) for name in args.workloads for dtype in args.dtypes]
 
 
 def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch, part: str = "forward") -> Path:
@@ -153,122 +126,6 @@ def write_readable_schedule(root: Path, tag: str, workload_name: str, spec, sch,
     return path
 
 
-def _parts(args, workload, target, columns: bool) -> tuple[str, ...]:
-    """The kernels of ``workload`` to tune or export: the forward, the backward's with
-    ``--backward`` and, with ``columns``, the unfused forward's columns kernel where ``target`` runs
-    the workload's forward unfused (``schedules.unfused_forward``)."""
-    from deft_tvm.schedules import unfused_forward
-
-    columns = columns and unfused_forward(workload.for_target(target).spec, target)
-    return ("forward",) + (("backward",) if args.backward else ()) + (("columns",) if columns else ())
-
-
-def _default_entries(args, target, entries) -> list:
-    """``KernelEntry``s of the default schedule for the kernels of ``args``' workloads that
-    ``entries`` lack (``_parts``, the columns kernel included where the forward is unfused), so
-    that a library serves every kernel the op runs: where the target's default kernel is
-    shape-generic (``schedules.shape_generic``), that of
-    the workload's layer configuration, which serves every batch and image size."""
-    from deft_tvm.compute.kernels import kernel_primfunc
-    from deft_tvm.compute.spec import generic_spec
-    from deft_tvm.runtime.library import KernelEntry
-    from deft_tvm.schedules import default_schedule, shape_generic
-
-    have = {kernel_key(e.spec, e.part) for e in entries}
-    extra = []
-    for name in args.workloads:
-        for dtype in args.dtypes:
-            workload = get_workload(name, dtype, _tf32(args, dtype))
-            for part in _parts(args, workload, target, columns=True):
-                spec = _part_spec(workload, target, part)
-                if kernel_key(spec, part) in have:
-                    continue
-                if shape_generic(spec, target, part):
-                    spec = generic_spec(spec)
-                if kernel_key(spec, part) not in have:
-                    have.add(kernel_key(spec, part))
-                    sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)
-                    extra.append(KernelEntry(spec, sch.mod["main"], origin="default schedule", part=part))
-    return extra
-
-
-def _fused_specs(args, target) -> list:
-    """The specs of the fused CUDA backward that ``args`` export: with ``--backward`` on CUDA, that
-    of each of ``--workloads`` in each of ``--dtypes`` (the op's backward spec, NCHW); else none."""
-    if not args.backward or target.kind.name != "cuda":
-        return []
-    return [dataclasses.replace(get_workload(name, dtype, _tf32(args, dtype)).spec, layout="NCHW")
-            for name in args.workloads for dtype in args.dtypes]
-
-
-def _fused_entries(args, target, specs, entries) -> list:
-    """``KernelEntry``s of the fused CUDA backward of ``specs`` that ``entries`` lack: the atomic
-    entry and, where deterministic calls take it (``runtime.backward.takes_fixed_point``), the
-    deterministic one, each with the tilings a call would compile
-    (``runtime.backward.fused_choice``: the spec's record under ``--logs``, the user's tuning
-    directory or the shipped records, else its layer configuration's defaults, an entry for every
-    batch and image size), which the manifest keeps for the runtime."""
-    from deft_tvm.runtime import backward
-    from deft_tvm.runtime.library import KernelEntry
-    from deft_tvm.runtime.records import fused_backward_path, record_roots
-    from deft_tvm.schedules.cuda_backward_fused import backward_entry
-
-    roots = [Path(args.logs), *record_roots()]
-    have = {kernel_key(e.spec, e.part) for e in entries}
-    extra = []
-    for spec in dict.fromkeys(specs):
-        for part in ("fused", "fused_deterministic") if backward.takes_fixed_point(spec) else ("fused",):
-            compiled, data, weight = backward.fused_choice(spec, target, part, roots)
-            library_part = backward.FUSED_PARTS[part]
-            if kernel_key(compiled, library_part) in have:
-                continue
-            have.add(kernel_key(compiled, library_part))
-            record = fused_backward_path(compiled, target, roots)
-            extra.append(KernelEntry(compiled, backward_entry(compiled, data, weight),
-                                     origin=str(record.parent) if record is not None else "default tilings",
-                                     part=library_part,
-                                     tilings={"data": dataclasses.asdict(data), "weight": dataclasses.asdict(weight)}))
-    return extra
-
-
-def _companion_entries(target, entries) -> list:
-    """``KernelEntry``s of the kernels the op runs on CUDA beside those of ``entries`` that
-    ``entries`` lack, for the spec each was compiled for (its configuration's where it is one): the
-    channels-last copies of input and weight (``schedules.cuda_layout``) of channels-last forward
-    and columns kernels, the output transpose of columns kernels (the unfused forward), and the
-    sorted gather (grad_input of deterministic calls) of gradient kernels."""
-    from deft_tvm.compute.backward import sorted_gather_primfunc
-    from deft_tvm.runtime import kernel_cache
-    from deft_tvm.runtime.library import KernelEntry
-    from deft_tvm.schedules.cuda_backward import THREADS
-    from deft_tvm.schedules.cuda_layout import channels_first_output_primfunc, channels_last_primfunc
-
-    if target.kind.name != "cuda":
-        return []
-    primfuncs = {"channels_last": channels_last_primfunc, "channels_first_output": channels_first_output_primfunc,
-                 "gather": lambda spec: sorted_gather_primfunc(spec, THREADS)}
-    have = {kernel_key(e.spec, e.part) for e in entries}
-    extra = []
-    for entry in entries:
-        wanted = {"channels_last": entry.part in ("forward", "columns") and entry.spec.layout == "NHWC",
-                  "channels_first_output": entry.part == "columns", "gather": entry.part == "backward"}
-        for part in (p for p, needed in wanted.items() if needed):
-            if kernel_key(entry.spec, part) not in have:
-                have.add(kernel_key(entry.spec, part))
-                function = kernel_cache.scripted(lambda: primfuncs[part](entry.spec))
-                extra.append(KernelEntry(entry.spec, function, origin="companion kernel", part=part))
-    return extra
-
-
-def _part_spec(workload, target, part: str):
-    """The spec of ``workload``'s ``part`` kernel on ``target``: the forward's and the columns
-    kernel's is the kernel spec (``Workload.for_target``); the backward reads NCHW tensors in full
-    precision."""
-    if part in ("forward", "columns"):
-        return workload.for_target(target).spec
-    return dataclasses.replace(workload.spec, layout="NCHW", tf32=False)
-
-
 SEED_FROM_TF32 = "tf32"  # --seed-from's name for float32 records tuned with TF32 on
 
 
@@ -281,8 +138,24 @@ def _seed_source(args, name: str, spec, target, part: str):
         return None
     dtype, tf32 = (("float32", True) if args.seed_from == SEED_FROM_TF32
                    else (args.seed_from, _tf32(args, args.seed_from)))
-    source = _part_spec(get_workload(name, dtype, tf32), target, part)
+    source = part_spec(get_workload(name, dtype, tf32), target, part)
     return None if source == spec else source
+
+
+def _rpc(args):
+    """The RPC configuration of ``--rpc-tracker`` and ``--rpc-key`` (``tuning.search.rpc_config``),
+    or None without them. UsageError for one without the other or a tracker not ``HOST:PORT``."""
+    from deft_tvm.tuning.search import rpc_config
+
+    if args.rpc_tracker is None and args.rpc_key is None:
+        return None
+    if args.rpc_tracker is None or args.rpc_key is None:
+        raise UsageError(f"--rpc-tracker {args.rpc_tracker} --rpc-key {args.rpc_key}: give both (the tracker's "
+                         f"HOST:PORT and the key its servers registered under), or neither")
+    try:
+        return rpc_config(args.rpc_tracker, args.rpc_key)
+    except ValueError as err:
+        raise UsageError(f"--rpc-tracker: {err}") from None
 
 
 def _tune_kernel(args, target, name: str, workload, part: str):
@@ -293,12 +166,12 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     from deft_tvm.tuning.search import best_time, current_default, record_count, refine, transfer, tune
 
     tag = target_tag(target)
-    spec = _part_spec(workload, target, part)
+    spec = part_spec(workload, target, part)
     directory = database_dir(args.logs, spec, target, part)
     label = f"{name} {spec.dtype}" + ("" if part == "forward" else f" {part}")
     print(f"tune     {label} on {tag}: {kernel_key(spec, part)} (offsets: {workload.profile}) -> {directory}")
-    result = tune(spec, workload.profile, target, directory, args.trials,
-                  trials_per_round=args.trials_per_round, seed=args.seed, part=part)
+    result = tune(spec, workload.profile, target, directory, args.trials, trials_per_round=args.trials_per_round,
+                  seed=args.seed, part=part, rpc=_rpc(args), verbose=args.verbose)
     measured = {}
     source = _seed_source(args, name, spec, target, part)
     if source is not None:
@@ -358,13 +231,42 @@ def _tune_fused_backward(args, target, name: str, workload) -> None:
           f"(gradients not the default's) -> {path}")
 
 
+def cmd_tune_model(args) -> int:
+    """Tune a model's own DCN layers on their own statistics, export them as one library, check it."""
+    from deft_tvm.tuning.model import format_ms, tune_model
+
+    _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
+    if args.input_shape is None or min(args.input_shape) < 1:
+        raise UsageError(f"--model needs --input-shape N C H W (four positive sizes), got {args.input_shape}")
+    if args.batches < 1:
+        raise UsageError(f"--batches {args.batches}: expected at least 1")
+    dtype = getattr(torch, args.input_dtype)
+    model = _load_model(args.model).to(args.device, dtype)
+    generator = torch.Generator().manual_seed(args.seed or 0)
+    batches = [torch.randn(args.input_shape, generator=generator).to(args.device, dtype) for _ in range(args.batches)]
+    result = tune_model(model, batches, trials=args.trials, out=args.out, device=args.device, backward=args.backward,
+                        logs=args.logs, trials_per_round=args.trials_per_round, seed=args.seed, rpc=_rpc(args),
+                        verbose=args.verbose)
+    for layer, name in result.layers.items():
+        print(f"layer    {layer}: {name}")
+    for key, best in result.best_ms.items():
+        print(f"kernel   {key}: best {format_ms(best)}, default {format_ms(result.default_ms.get(key))}")
+    print(f"profile  {result.profile}")
+    print(f"exported {result.manifest} (checked against the float64 reference; load it with "
+          f"deft_tvm.load_library)")
+    return 0
+
+
 def cmd_tune(args) -> int:
     """Tune workloads on the DefT design space, export them as one library, check it."""
+    if args.model:
+        return cmd_tune_model(args)
     from deft_tvm.runtime.library import export_library, load_library
-    from deft_tvm.runtime.records import target_tag
+    from deft_tvm.runtime.records import record_roots, target_tag
     from deft_tvm.runtime.targets import target_for_device
 
     _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
+    _rpc(args)  # a bad --rpc-tracker / --rpc-key fails before any work
     if args.fused_backward and args.device != "cuda":
         raise UsageError("--fused-backward: the fused backward is a CUDA kernel; tune it with --device cuda on a GPU")
     if set(args.kernels) != set(FUSED_KERNELS) and not args.fused_backward:
@@ -377,29 +279,25 @@ def cmd_tune(args) -> int:
                 _tune_fused_backward(args, target, name, get_workload(name, dtype, _tf32(args, dtype)))
         return 0
     entries = []
-    for name in args.workloads:
-        for dtype in args.dtypes:
-            workload = get_workload(name, dtype, _tf32(args, dtype))
-            for part in _parts(args, workload, target, args.columns):
-                entry = _tune_kernel(args, target, name, workload, part)
-                if entry is None:
-                    return 1
-                entries.append(entry)
-    entries += _default_entries(args, target, entries)  # the columns kernels not tuned (--columns)
-    entries += _fused_entries(args, target, _fused_specs(args, target), entries)
-    entries += _companion_entries(target, entries)
+    for workload in _workloads(args):
+        for part in kernel_parts(workload, target, args.backward, args.columns):
+            entry = _tune_kernel(args, target, workload.name, workload, part)
+            if entry is None:
+                return 1
+            entries.append(entry)
+    # the columns kernels not tuned (--columns), the fused backward, the companion kernels
+    entries = library_entries(_workloads(args), target, entries, args.backward, [Path(args.logs), *record_roots()])
     manifest = export_library(entries, target, args.out, "deft_kernels")
     print(f"exported {len(entries)} kernels for {target_tag(target)} -> {manifest}")
     load_library(manifest)
-    for name in args.workloads:
-        for dtype in args.dtypes:
-            workload = get_workload(name, dtype, _tf32(args, dtype))
-            err = _check_against_reference(workload, args.device, args.seed or 0)
-            print(f"check    {name} {dtype}: the exported kernel matches the float64 reference (max abs error {err:.3g})")
-            if args.backward:
-                err = _check_gradients_against_reference(workload, args.device, args.seed or 0)
-                print(f"check    {name} {dtype}: the exported backward's gradients match the float64 reference "
-                      f"(max abs error {err:.3g})")
+    for workload in _workloads(args):
+        name, dtype = workload.name, workload.spec.dtype
+        err = check_forward(workload, args.device, args.seed or 0)
+        print(f"check    {name} {dtype}: the exported kernel matches the float64 reference (max abs error {err:.3g})")
+        if args.backward:
+            err = check_gradients(workload, args.device, args.seed or 0)
+            print(f"check    {name} {dtype}: the exported backward's gradients match the float64 reference "
+                  f"(max abs error {err:.3g})")
     return 0
 
 
@@ -416,7 +314,8 @@ def cmd_export(args) -> int:
     """Compile tuned workloads (MetaSchedule records and fused-backward tilings under ``--logs``,
     and optionally registry workloads with the default schedule) into one library."""
     from deft_tvm.runtime.library import KernelEntry, export_library
-    from deft_tvm.runtime.records import best_schedule, database_dirs, fused_backward_specs, read_part, target_tag
+    from deft_tvm.runtime.records import (best_schedule, database_dirs, fused_backward_specs, read_part,
+                                         record_roots, target_tag)
 
     target = _export_target(args)
     entries = []
@@ -426,10 +325,8 @@ def cmd_export(args) -> int:
             print(f"skipped  {directory}: no successful record for this target")
             continue
         entries.append(KernelEntry(spec, sch.mod["main"], origin=str(directory), part=read_part(directory)))
-    entries += _default_entries(args, target, entries)
-    entries += _fused_entries(args, target, fused_backward_specs(args.logs, target) + _fused_specs(args, target),
-                              entries)
-    entries += _companion_entries(target, entries)
+    entries = library_entries(_workloads(args), target, entries, args.backward, [Path(args.logs), *record_roots()],
+                              fused=fused_backward_specs(args.logs, target))
     if not entries:
         raise UsageError(
             f"nothing to export: --logs {args.logs} holds no tuning records for {target_tag(target)} and no "
@@ -506,6 +403,21 @@ def main(argv=None) -> int:
     tune.add_argument("--schedules", type=Path, default=user_root().parent / "schedules",
                       help="where the best schedules are written in readable form")
     tune.add_argument("--out", type=Path, default=Path("deft_kernels"), help="folder of the exported library")
+    tune.add_argument("--model", metavar="MODULE:CALLABLE",
+                      help="tune this model's own DCN layers (deft_tvm.tune_model) instead of --workloads: "
+                      "MODULE.CALLABLE() builds it, --batches random batches of --input-shape run it")
+    tune.add_argument("--input-shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
+                      help="with --model: the shape of its input batches")
+    tune.add_argument("--input-dtype", choices=SUPPORTED_DTYPES, default="float32",
+                      help="with --model: the dtype of the model and its inputs")
+    tune.add_argument("--batches", type=int, default=4, help="with --model: batches its statistics are recorded on")
+    tune.add_argument("--rpc-tracker", metavar="HOST:PORT", default=None,
+                      help="measure the search's candidates on the devices registered with this TVM RPC tracker "
+                      "(python -m tvm.exec.rpc_tracker; one python -m tvm.exec.rpc_server --tracker ... per GPU), "
+                      "as many at once as it has servers under --rpc-key; builds stay here, in parallel")
+    tune.add_argument("--rpc-key", default=None, help="with --rpc-tracker: the key its servers registered under")
+    tune.add_argument("--verbose", action="store_true",
+                      help="show MetaSchedule's own log (task tables, cost-model lines) on the console")
     tune.set_defaults(func=cmd_tune)
     from deft_tvm.bench import register_cli as register_bench
     from deft_tvm.cli.stats import register_cli as register_stats

@@ -230,8 +230,8 @@ class DeformConvSpec:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-PARTS = ("forward", "backward", "columns", "fused_backward", "fused_backward_deterministic", "gather", "channels_last",
-         "channels_first_output")
+PARTS = ("forward", "backward", "columns", "fused_backward", "fused_backward_deterministic", "gather", "scatter",
+         "channels_last", "channels_first_output")
 
 
 def kernel_key(spec: DeformConvSpec, part: str = "forward") -> str:
@@ -239,7 +239,8 @@ def kernel_key(spec: DeformConvSpec, part: str = "forward") -> str:
     forward, with ``_backward`` appended for the backward's gradient kernels, ``_columns`` for the
     unfused forward's columns kernel, ``_fused_backward`` (``_fused_backward_deterministic``) for
     the fused CUDA backward's host entry (its deterministic variant), ``_gather`` for the staged
-    CUDA backward's grad_input (the sorted gather of deterministic calls), ``_channels_last`` for
+    CUDA backward's grad_input (the sorted gather of deterministic calls), ``_scatter`` for the
+    CPU backward's (the plane scatter), ``_channels_last`` for
     the channels-last copies of a channels-last forward's input and weight and
     ``_channels_first_output`` for an unfused forward's output transpose."""
     if part not in PARTS:

@@ -66,7 +66,7 @@ def _build(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> Callab
     else:
         def primfunc():
             return scatter_primfunc(spec)
-    return kernel_cache.indexed_library(f"{spec.key()}_{part}", repr(spec), target,
+    return kernel_cache.indexed_library(kernel_key(spec, part), repr(spec), target,
                                         lambda: (tvm.IRModule({part: kernel_cache.scripted(primfunc)}), {}),
                                         (part,))[0][0]
 
@@ -128,7 +128,7 @@ def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target,
         loaded = _library_fused(spec, target, part)
         return loaded, spec if loaded is not None else fused_choice(spec, target, part)[0]
     compiled = kernel_cache.compiled_spec(spec, target, "backward")  # the scatter's and the gather's
-    if part == "gather":  # exported with the CUDA gradient kernels
+    if part in ("gather", "scatter"):  # exported with the gradient kernels
         for candidate in dict.fromkeys((spec, compiled)):
             loaded = library.loaded_kernel(target.kind.name, kernel_key(candidate, part))
             if loaded is not None:

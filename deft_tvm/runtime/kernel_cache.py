@@ -309,8 +309,10 @@ def get_kernel(spec: DeformConvSpec, device: torch.device, part: str = "forward"
             warnings.warn(
                 f"deft_tvm: no tuned kernel for workload {workload} on {target.kind.name} "
                 f"({target_tag(target)}); using the default schedule, compiled once and cached in "
-                f"{cache_dir()}. Registry workloads are tuned with `deft-tvm tune --workloads "
-                "NAME` (see `deft-tvm list`); load the exported library with deft_tvm.load_library().",
+                f"{cache_dir()}. Tune your model's layers with deft_tvm.tune_model(model, inputs) or "
+                "`deft-tvm tune --model MODULE:CALLABLE --input-shape N C H W` (registry workloads: "
+                "`deft-tvm tune --workloads NAME`, see `deft-tvm list`); load the exported library with "
+                "deft_tvm.load_library().",
                 UntunedKernelWarning,
                 stacklevel=_user_stacklevel(),
             )

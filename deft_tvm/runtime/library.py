@@ -58,8 +58,10 @@ def _target_arch(target: tvm.target.Target) -> str:
 
 
 def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, out_dir: Path,
-                   name: str = "deft_kernels") -> Path:
-    """Compile ``entries`` for ``target`` into ``out_dir/<name>.so``; returns the manifest's path."""
+                   name: str = "deft_kernels", model: dict | None = None) -> Path:
+    """Compile ``entries`` for ``target`` into ``out_dir/<name>.so``; returns the manifest's path.
+    ``model`` (JSON-ready: the model, its layers and their offset profile, as ``tune_model``
+    describes them) is kept in the manifest under ``"model"``."""
     from deft_tvm.runtime.targets import compile_kernel
 
     entries = list(entries)
@@ -97,6 +99,7 @@ def export_library(entries: Iterable[KernelEntry], target: tvm.target.Target, ou
             }
             for entry in entries
         ],
+        **({} if model is None else {"model": model}),
     }
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(manifest, indent=1) + "\n")

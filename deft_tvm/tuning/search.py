@@ -19,14 +19,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
 
 import tvm
 from tvm.ir.utils import derived_object
+from tvm.rpc.base import RPC_SESS_MASK
 from tvm.s_tir import meta_schedule as ms
 
 from deft_tvm.compute.kernels import kernel_primfunc
@@ -41,7 +44,7 @@ FAILED_SECONDS = 1e10  # the run time MetaSchedule's databases give a candidate 
 @dataclasses.dataclass(frozen=True)
 class ProfileInputs:
     """The runner's ``f_alloc_argument``: the kernel's arguments with offsets and mask drawn from
-    ``profile`` (a ``deft_tvm.workloads.PROFILES`` name), one seeded set per repeat. The inputs of
+    ``profile`` (a ``tuning.workloads.offset_profile`` name), one seeded set per repeat. The inputs of
     the ``part`` kernel come first (the backward's: the forward's tensors but the bias, then a
     random grad_output; the columns kernel's: the forward's input, offset and mask); its outputs
     follow, zeroed."""
@@ -79,12 +82,54 @@ class ProfileInputs:
             if observed != expected:
                 raise ValueError(f"ProfileInputs: arguments {observed} do not match the kernel's {expected}")
             args = []
+            remote = device.dlpack_device_type() >= RPC_SESS_MASK  # an RPC server's device: copied from host memory
             for t, (dtype, shape) in zip(tensors, observed):
                 on_device = tvm.runtime.empty(shape, dtype, device)
-                on_device.copyfrom(tvm.runtime.from_dlpack(t.contiguous()))
+                if remote:
+                    on_device.copyfrom((t.float() if t.dtype == torch.bfloat16 else t).contiguous().numpy())
+                else:
+                    on_device.copyfrom(tvm.runtime.from_dlpack(t.contiguous()))
                 args.append(on_device)
             sets.append(args)
         return sets
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteProfileInputs(ProfileInputs):
+    """``ProfileInputs`` as MetaSchedule's RPC runner calls its ``f_alloc_argument`` (the session
+    first): drawn on this machine, copied to the RPC server's device."""
+
+    def __call__(self, session, device, args_info, alloc_repeat: int):
+        return ProfileInputs.__call__(self, device, args_info, alloc_repeat)
+
+
+def rpc_config(tracker: str, key: str, session_timeout_s: int = 120) -> ms.runner.RPCConfig:
+    """The RPC configuration of the devices registered with a TVM RPC tracker (``python -m
+    tvm.exec.rpc_tracker``) under ``key``: ``tracker`` is ``HOST:PORT``.
+
+    Raises:
+        ValueError: ``tracker`` is not ``HOST:PORT`` with an integer port.
+    """
+    host, _, port = tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"RPC tracker {tracker!r}: expected HOST:PORT, e.g. 127.0.0.1:9190")
+    return ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
+                               session_timeout_sec=session_timeout_s)
+
+
+def rpc_devices(config: ms.runner.RPCConfig) -> int:
+    """The servers registered with ``config``'s tracker under its key (free or busy).
+
+    Raises:
+        RuntimeError: the tracker has none under the key, naming the keys it has.
+    """
+    summary = tvm.rpc.connect_tracker(config.tracker_host, config.tracker_port).summary()
+    count = sum(server.get("key") == f"server:{config.tracker_key}" for server in summary.get("server_info", []))
+    if count == 0:
+        keys = ", ".join(summary.get("queue_info", {})) or "none"
+        raise RuntimeError(f"RPC tracker {config.tracker_host}:{config.tracker_port} has no server under key "
+                           f"{config.tracker_key!r}; keys: {keys}")
+    return count
 
 
 def _mean_seconds(run_secs) -> float:
@@ -97,12 +142,14 @@ def _ms(seconds: float | None) -> float | None:
 
 @derived_object
 class ProgressReport(ms.measure_callback.PyMeasureCallback):
-    """Prints one line per measured round: trials so far, round time, best time, trials/minute;
-    keeps each round's candidates, failures, wall seconds and the best time so far (ms) in
-    ``rounds``, after ``rounds`` given (the seed's)."""
+    """Prints one line per measured round: trials so far, round time, best time, trials/minute (or,
+    given a progress ``bar``, a tqdm-like object, advances it by the round's trials and shows the
+    best time on it); keeps each round's candidates, failures, wall seconds and the best time so far
+    (ms) in ``rounds``, after ``rounds`` given (the seed's)."""
 
-    def __init__(self, label: str, already: int, best_s: float | None, rounds: list[dict]):
+    def __init__(self, label: str, already: int, best_s: float | None, rounds: list[dict], bar=None):
         self.label = label
+        self.bar = bar
         self.trials = already
         self.best_s = best_s
         self.start = self.last = time.perf_counter()
@@ -123,6 +170,10 @@ class ProgressReport(ms.measure_callback.PyMeasureCallback):
         best = f"{self.best_s * 1e3:.4f} ms" if self.best_s is not None else "none yet"
         self.rounds.append({"candidates": len(runner_results), "failed": failed, "seconds": round(round_s, 2),
                             "best_ms": _ms(self.best_s)})
+        if self.bar is not None:
+            self.bar.update(len(runner_results))
+            self.bar.set_postfix_str(f"best {best}", refresh=True)
+            return
         print(
             f"[tune {self.label}] {self.trials} trials, round of {len(runner_results)} ({failed} failed) "
             f"in {round_s:.1f} s, best {best}, {per_minute:.1f} trials/min",
@@ -244,6 +295,18 @@ def best_time(directory: Path) -> float | None:
     return min(times) if times else None
 
 
+def default_time(spec: DeformConvSpec, target: tvm.target.Target, directory: Path,
+                 part: str = "forward") -> float | None:
+    """Mean run time in seconds of a database folder's record of today's default schedule
+    (``schedules.search_start``, which ``tune`` seeds and ``current_default`` adds), or None where
+    it holds none that ran."""
+    from deft_tvm.schedules import search_start
+
+    trace = str(search_start(spec, target, part).trace)
+    times = [_mean_seconds(r.run_secs) for r in measured_records(directory) if str(r.trace) == trace]
+    return min(times) if times else None
+
+
 def _held_traces(directory: Path) -> set[str]:
     """The traces of every record of a database folder (failed ones included), as text; none for a
     folder without a database (not created)."""
@@ -360,6 +423,19 @@ def _measure_candidates(jobs: dict, target: tvm.target.Target, part: str) -> dic
     return results
 
 
+@contextlib.contextmanager
+def _meta_schedule_log(verbose: bool):
+    """MetaSchedule's logger at its own level (``verbose``) or at ERROR for the block."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    level = logger.level
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @dataclasses.dataclass
 class TuningResult:
     """What ``tune`` did: the database folder, its trials (records) now and this call's new ones,
@@ -399,9 +475,18 @@ def tune(
     num_tuning_cores: int | str = "physical",
     space: str = "deft",
     part: str = "forward",
+    bar=None,
+    rpc: ms.runner.RPCConfig | None = None,
+    verbose: bool = False,
 ) -> TuningResult:
     """Tune ``spec``'s ``part`` kernel (``deft_tvm.compute.spec.PARTS``) on ``space`` (see
-    ``space_generator``) until ``directory``'s database holds ``trials`` records (resuming it)."""
+    ``space_generator``) until ``directory``'s database holds ``trials`` records (resuming it).
+    Progress: a line per round, or given ``bar`` (a tqdm-like progress bar of ``trials``), its
+    advance by the trials measured (the folder's records first). The search's candidates are built
+    here in parallel and run on this machine's device, or with ``rpc`` (``rpc_config``) on the
+    devices of a TVM RPC tracker's key, as many at once as it has servers (``rpc_devices``); the
+    seed (the default schedule) is measured here. MetaSchedule's own log (its task tables, the
+    cost model's lines) reaches the console only with ``verbose``."""
     from deft_tvm.schedules import register_tensor_intrinsics
 
     generator = space_generator(space, spec, target, part)
@@ -415,29 +500,41 @@ def tune(
     _check_folder(directory, meta, profile=profile, space=space)
     label = f"{kernel_key(spec, part)} {target.kind.name}"
     rounds = []  # the seed's, then the search's (ProgressReport)
+    if bar is not None:
+        bar.update(min(already, trials))
     if already == 0 and space == "deft" and trials > 0:
         start = time.perf_counter()
         seconds = _seed_database(spec, profile, target, directory, part)
-        print(f"[tune {label}] 1 trial: the default schedule as the search's start, {seconds * 1e3:.4f} ms",
-              flush=True)
+        if bar is None:
+            print(f"[tune {label}] 1 trial: the default schedule as the search's start, {seconds * 1e3:.4f} ms",
+                  flush=True)
+        else:
+            bar.update(1)
+            bar.set_postfix_str(f"default {seconds * 1e3:.4f} ms", refresh=True)
         rounds.append({"candidates": 1, "failed": 0, "seconds": round(time.perf_counter() - start, 2),
                        "best_ms": _ms(seconds)})
         already = 1
     remaining = trials - already
     if remaining <= 0:
-        print(f"[tune {label}] {already} trials already in {directory}, nothing to do", flush=True)
+        if bar is None:
+            print(f"[tune {label}] {already} trials already in {directory}, nothing to do", flush=True)
         return TuningResult(directory, already, 0, best_time(directory), 0.0, rounds)
 
     mod = kernel_primfunc(spec, part)
-    runner = ms.runner.LocalRunner(
-        evaluator_config=_evaluator_config(target), f_alloc_argument=ProfileInputs(spec, profile, part=part),
-    )
+    if rpc is None:
+        runner = ms.runner.LocalRunner(
+            evaluator_config=_evaluator_config(target), f_alloc_argument=ProfileInputs(spec, profile, part=part),
+        )
+    else:
+        runner = ms.runner.RPCRunner(rpc, _evaluator_config(target), max_workers=rpc_devices(rpc),
+                                     f_alloc_argument=RemoteProfileInputs(spec, profile, part=part))
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(population, 32), genetic_num_iters=2,
     )
-    progress = ProgressReport(label, already, best_time(directory), rounds)
+    progress = ProgressReport(label, already, best_time(directory), rounds, bar)
     start = time.perf_counter()
-    with exact_cuda_compilation(), tempfile.TemporaryDirectory(prefix="deft_tune_") as scratch:
+    with exact_cuda_compilation(), tempfile.TemporaryDirectory(prefix="deft_tune_") as scratch, \
+            _meta_schedule_log(verbose):
         ms.tune_tir(
             mod,
             target,

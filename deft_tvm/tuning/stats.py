@@ -213,11 +213,12 @@ def halo_coverage(spec: DeformConvSpec, offset: torch.Tensor, tile: tuple[int, i
 
 @functools.lru_cache(maxsize=256)
 def profile_halo_coverage(spec: DeformConvSpec, profile: str, tile: tuple[int, int], seed: int = 0) -> tuple:
-    """``halo_coverage`` of ``spec``'s offsets drawn from the registry's offset profile ``profile``
-    (``workloads.PROFILES``; ``seed`` seeds the draw), as a tuple, cached."""
-    from deft_tvm.tuning.workloads import PROFILES
+    """``halo_coverage`` of ``spec``'s offsets drawn from the offset profile ``profile``
+    (``workloads.offset_profile``'s name; ``seed`` seeds the draw), as a tuple, cached."""
+    from deft_tvm.tuning.workloads import offset_profile
 
-    offset = PROFILES[profile].sample_offsets(spec.offset_shape, torch.Generator().manual_seed(seed), torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    offset = offset_profile(profile).sample_offsets(spec.offset_shape, generator, torch.float64)
     return tuple(halo_coverage(spec, offset, tile))
 
 

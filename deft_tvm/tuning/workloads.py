@@ -8,6 +8,7 @@ compile and check quickly. ``DEFAULT_WORKLOAD`` is what the README's main job bu
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -48,6 +49,32 @@ PROFILES = {
 }
 
 
+@functools.lru_cache(maxsize=64)
+def offset_profile(name: str):
+    """The offset distribution ``name`` names: a ``PROFILES`` key, or ``"PATH#LAYER[+LAYER...]"``,
+    the recorded histograms of those layers of a model profile (``tuning.stats.Profile``, as
+    ``deft-tvm stats`` and ``tune_model`` save it) pooled (``tuning.stats.EmpiricalProfile``).
+
+    Raises:
+        KeyError: ``name`` is neither, or the profile has no such layer.
+        OSError, ValueError: PATH cannot be read as a profile (``tuning.stats.load_profile``).
+    """
+    if name in PROFILES:
+        return PROFILES[name]
+    path, sep, layers = name.rpartition("#")
+    if not sep or not path or not layers:
+        raise KeyError(f"unknown offset profile {name!r}; expected one of {', '.join(PROFILES)} or "
+                       f"PATH.json#LAYER[+LAYER...] (a model profile's layers)")
+    from deft_tvm.tuning.stats import EmpiricalProfile, load_profile
+
+    recorded = load_profile(path).layers
+    missing = [layer for layer in layers.split("+") if layer not in recorded]
+    if missing:
+        raise KeyError(f"offset profile {name!r}: {path} has no layer {', '.join(map(repr, missing))}; "
+                       f"its layers: {', '.join(recorded)}")
+    return EmpiricalProfile.from_layers(name, [recorded[layer] for layer in layers.split("+")])
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """A named layer: its ``DeformConvSpec`` and the offset profile it is measured with."""
@@ -74,7 +101,7 @@ class Workload:
 
     def make_inputs(self, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
         """Random input/weight/bias and profile-distributed offset/mask, as keyword arguments."""
-        spec, profile = self.spec, PROFILES[self.profile]
+        spec, profile = self.spec, offset_profile(self.profile)
         gen = torch.Generator().manual_seed(seed)
         dtype = getattr(torch, spec.dtype)
 

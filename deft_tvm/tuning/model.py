@@ -1,0 +1,183 @@
+"""Tune a user's own model: ``tune_model`` records the offset statistics of its DCN layers on real
+batches, tunes each distinct layer call's kernels on inputs drawn from its own layers' statistics,
+exports one library whose manifest names the model, its layers and their profile, and checks
+every kernel of it against the float64 reference."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+import torch
+
+from deft_tvm.compute.spec import DeformConvSpec, kernel_key
+from deft_tvm.tuning.workloads import Workload
+
+LIBRARY_NAME = "deft_kernels"
+PROFILE_FILE = "profile.json"
+
+
+@dataclasses.dataclass
+class ModelTuning:
+    """What ``tune_model`` did: the library's manifest, the offset profile it recorded (file), one
+    workload per distinct layer call (its profile: its layers' statistics, ``offset_profile``),
+    which workload each layer runs, and each tuned kernel's best and default time (ms; None where
+    it was not measured), by kernel key."""
+
+    manifest: Path
+    profile: Path
+    workloads: list[Workload]
+    layers: dict[str, str]
+    best_ms: dict[str, float | None]
+    default_ms: dict[str, float | None]
+
+
+def format_ms(value: float | None) -> str:
+    """A time in ms as ``tune_model``'s progress and ``deft-tvm tune --model`` show it."""
+    return "n/a" if value is None else f"{value:.4f} ms"
+
+
+def _batches(inputs, max_batches: int | None) -> list:
+    """``inputs`` as a list of batches: a tensor or a tuple of a model's positional arguments is one
+    batch; anything else is iterated (a data loader), ``max_batches`` of it at most."""
+    if isinstance(inputs, (torch.Tensor, tuple)):
+        return [inputs]
+    batches = []
+    for batch in inputs:
+        if max_batches is not None and len(batches) == max_batches:
+            break
+        batches.append(batch)
+    if not batches:
+        raise ValueError("tune_model: inputs gave no batch; pass a tensor, a tuple of the model's arguments, "
+                         "or an iterable of them")
+    return batches
+
+
+def _layer_workloads(profile, profile_path: Path, model_name: str,
+                     device: torch.device) -> tuple[list[Workload], dict[str, str]]:
+    """One workload per distinct call spec of the profile's layers (float32 on TF32 where torch's
+    matmuls are on ``device``), measured on the pooled statistics of the layers that make it."""
+    from deft_tvm.runtime.kernel_cache import with_torch_tf32
+    from deft_tvm.tuning.stats import layer_spec
+
+    by_spec: dict[DeformConvSpec, list[str]] = {}
+    for layer, stats in profile.layers.items():
+        by_spec.setdefault(with_torch_tf32(layer_spec(stats), device), []).append(layer)
+    workloads, layers = [], {}
+    for spec, names in by_spec.items():
+        name = f"{model_name}.{names[0]}"
+        workloads.append(Workload(name, spec, f"{profile_path}#{'+'.join(names)}",
+                                  f"layers {', '.join(names)} of {model_name}"))
+        layers.update(dict.fromkeys(names, name))
+    return workloads, layers
+
+
+def _tune_part(workload: Workload, target, part: str, logs: Path, trials: int, trials_per_round: int,
+               seed: int | None, progress: bool, rpc, verbose: bool):
+    """MetaSchedule's search of ``workload``'s ``part`` kernel into its database under ``logs``, the
+    day's default measured and the best refined (as ``deft-tvm tune``), with a progress bar of its
+    trials where ``progress``; returns ``(KernelEntry or None, best ms, default ms)``."""
+    from tqdm import tqdm
+
+    from deft_tvm.runtime.library import KernelEntry
+    from deft_tvm.runtime.records import best_schedule, database_dir
+    from deft_tvm.tuning.export import part_spec
+    from deft_tvm.tuning.search import best_time, current_default, default_time, refine, tune
+
+    spec = part_spec(workload, target, part)
+    directory = database_dir(logs, spec, target, part)
+    with tqdm(total=trials, desc=f"{workload.name} {part}", unit="trial", disable=not progress) as bar:
+        tune(spec, workload.profile, target, directory, trials, trials_per_round=trials_per_round, seed=seed,
+             part=part, bar=bar, rpc=rpc, verbose=verbose)
+        current_default([(spec, workload.profile, directory)], target, part)
+        refine([(spec, workload.profile, directory)], target, part)
+        best, default = (None if s is None else s * 1e3
+                         for s in (best_time(directory), default_time(spec, target, directory, part)))
+        bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)}")
+    _, sch = best_schedule(directory, target)
+    entry = None if sch is None else KernelEntry(spec, sch.mod["main"], origin=str(directory), part=part)
+    return entry, best, default
+
+
+def _tune_fused(workload: Workload, target, logs: Path) -> tuple[float, float]:
+    """The fused CUDA backward's tilings of ``workload`` searched on its profile and recorded under
+    ``logs``; returns (best, default) grad_data + grad_weight time (ms)."""
+    from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
+    from deft_tvm.tuning.fused_backward import KERNELS, tune_fused_backward
+
+    spec = dataclasses.replace(workload.spec, layout="NCHW")
+    record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name())
+    write_fused_backward(fused_backward_dir(logs, spec, target), record)
+    best = sum(min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in KERNELS)
+    return best, sum(record[f"{kind}_ms"][0][1] for kind in KERNELS)
+
+
+def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | Path = LIBRARY_NAME,
+               device: str | torch.device | None = None, backward: bool = True, logs: str | Path | None = None,
+               max_batches: int | None = None, trials_per_round: int = 32, seed: int | None = None,
+               check_seed: int = 0, progress: bool = True, rpc=None, verbose: bool = False) -> ModelTuning:
+    """Tune ``model``'s deformable convolutions on their own offsets and export them as one library.
+
+    ``inputs``: one batch (a tensor, or a tuple of the model's positional arguments) or an iterable
+    of batches (a data loader; ``max_batches`` of it at most), on the model's device, which is the
+    tuning's (``device``, default: CUDA if there is a GPU, else the CPU). Every DCN layer
+    (deft_tvm's, torchvision's, and mmcv-style packs, on a converted copy: ``convert_model``) is
+    hooked and the model run on the batches under ``torch.no_grad()``; the layers' offset and mask
+    statistics (``tuning.stats.collect``) are saved as ``out/profile.json``. Each distinct layer
+    call (its spec: sizes of its first call, dtype, float32 on TF32 where torch's matmuls are) is
+    one workload, measured on offsets and masks drawn from the pooled statistics of the layers that
+    make it. Its forward is tuned by MetaSchedule (``trials`` records per kernel, databases under
+    ``logs``, default: the user's tuning directory, ``records.user_root``), and with ``backward``
+    its backward too (CUDA: the fused backward's tilings, ``tuning.fused_backward``; CPU: the
+    gradient kernels). The tuned kernels, the defaults of the rest (the configurations' kernels
+    that serve other sizes) and the kernels run beside them go into ``out/deft_kernels.so``, with a
+    manifest (``out/deft_kernels.json``) whose ``"model"`` names the model, each layer's kernel
+    spec and the profile; the library is loaded (``deft_tvm.load_library``) and every workload's
+    forward (and gradients) checked against the float64 reference on its profile's inputs
+    (AssertionError past the dtype's tolerance). ``progress``: a tqdm bar per tuned kernel (its
+    trials, then its best and default time) instead of a line per search round. ``rpc``
+    (``tuning.search.rpc_config``): the search's candidates run on a TVM RPC tracker's devices, as
+    many at once as it has servers; ``verbose``: MetaSchedule's own log on the console.
+
+    Raises:
+        ValueError: the model has no DCN layer, or none was called, or ``inputs`` gave no batch.
+    """
+    from deft_tvm.frontend.convert import convert_model
+    from deft_tvm.runtime.library import export_library, load_library
+    from deft_tvm.runtime.records import record_roots, user_root
+    from deft_tvm.runtime.targets import target_for_device
+    from deft_tvm.tuning.export import check_forward, check_gradients, kernel_parts, library_entries, part_spec
+    from deft_tvm.tuning.stats import collect
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = target_for_device(device)
+    out, logs = Path(out).resolve(), Path(logs or user_root())
+    model_name = type(model).__name__
+    profile = collect(convert_model(copy.deepcopy(model)), _batches(inputs, max_batches), seed=check_seed,
+                      source=f"tune_model({model_name})")
+    profile_path = profile.save(out / PROFILE_FILE)
+    workloads, layers = _layer_workloads(profile, profile_path, model_name, device)
+    cuda = target.kind.name == "cuda"
+    entries, best_ms, default_ms = [], {}, {}
+    for workload in workloads:
+        for part in kernel_parts(workload, target, backward and not cuda, columns=False):
+            key = kernel_key(part_spec(workload, target, part), part)
+            entry, best_ms[key], default_ms[key] = _tune_part(workload, target, part, logs, trials,
+                                                              trials_per_round, seed, progress, rpc, verbose)
+            if entry is not None:
+                entries.append(entry)
+        if backward and cuda:
+            key = kernel_key(dataclasses.replace(workload.spec, layout="NCHW"), "fused_backward")
+            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs)
+    specs = {w.name: w.spec for w in workloads}
+    description = {"name": model_name, "profile": str(profile_path),
+                   "layers": {layer: {"workload": name, "spec": specs[name].to_dict()}
+                              for layer, name in layers.items()}}
+    entries = library_entries(workloads, target, entries, backward, [logs, *record_roots()], configurations=True)
+    manifest = export_library(entries, target, out, LIBRARY_NAME, model=description)
+    load_library(manifest)
+    for workload in workloads:
+        check_forward(workload, device.type, check_seed)
+        if backward:
+            check_gradients(workload, device.type, check_seed)
+    return ModelTuning(manifest, profile_path, workloads, layers, best_ms, default_ms)
