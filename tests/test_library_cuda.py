@@ -21,7 +21,7 @@ from deft_tvm.compute.spec import generic_spec, kernel_key
 from deft_tvm.runtime import backward, kernel_cache, library, records
 from deft_tvm.runtime.targets import cuda_target, target_for_device
 from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, default_tilings
-from deft_tvm.tuning.export import companion_entries
+from deft_tvm.tuning.export import companion_entries, library_entries
 from deft_tvm.tuning.workloads import get_workload
 
 from test_fused_backward_codegen import needs_nvcc
@@ -155,3 +155,20 @@ def test_a_cuda_library_gets_the_kernels_its_kernels_run_beside():
     assert companion_entries(TARGET, entries + companions) == []
     on_cpu = companion_entries(target_for_device("cpu"), entries)
     assert [(e.part, e.spec.key()) for e in on_cpu] == [("scatter", gradients.key())]
+
+
+def test_a_model_librarys_entries_include_its_configurations_fused_backward(tmp_path):
+    """``tune_model``'s library (``configurations=True``): a workload with a fused-backward record of
+    its own sizes also gets its layer configuration's fused entries, with the configuration's
+    default tilings, for the calls of other sizes."""
+    workload = get_workload("test_tensor_core_small", "float16")
+    spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec
+    generic = generic_spec(spec)
+    assert backward.fused_choice(generic, TARGET, "fused") == (generic, *default_tilings(generic))
+    data, weight = default_tilings(spec)
+    records.write_fused_backward(records.fused_backward_dir(tmp_path, spec, TARGET), {
+        "spec": spec.to_dict(), "data": dataclasses.asdict(data), "weight": dataclasses.asdict(weight)})
+    entries = library_entries([workload], TARGET, [], True, [tmp_path], configurations=True)
+    fused = {kernel_key(e.spec, e.part) for e in entries if e.part.startswith("fused")}
+    assert fused == {kernel_key(s, part) for s in (spec, generic)
+                     for part in ("fused_backward", "fused_backward_deterministic")}

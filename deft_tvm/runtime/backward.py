@@ -185,9 +185,11 @@ def fused_choice(spec: DeformConvSpec, target: tvm.target.Target, part: str,
     ``roots`` that holds one (default: ``records.record_roots()``), else its layer
     configuration's (``generic_spec``: one entry for every batch and image size) with that
     configuration's default tilings where they serve its sizes (``_serves``), else its own default
-    tilings."""
+    tilings. A configuration's own choice: itself with its default tilings."""
     from deft_tvm.runtime.records import recorded_fused_tilings
 
+    if spec.shape_generic:
+        return (spec, *_fused_tilings(spec, target, part))
     if recorded_fused_tilings(spec, target, roots) is None:
         generic = generic_spec(spec)
         data, weight = _fused_tilings(generic, target, part)

@@ -132,11 +132,17 @@ def library_entries(workloads, target, entries, backward: bool, roots: list[Path
                     configurations: bool = False) -> list:
     """``entries`` (tuned kernels) and the kernels a library of ``workloads`` adds to them:
     ``default_entries`` (``configurations`` as it takes it), the fused CUDA backward's of
-    ``workloads`` with ``backward`` and of the specs ``fused`` (``fused_entries``, records under
-    ``roots`` first), and ``companion_entries``."""
+    ``workloads`` with ``backward`` (with ``configurations``, of their layer configurations too)
+    and of the specs ``fused`` (``fused_entries``, records under ``roots`` first), and
+    ``companion_entries``."""
+    from deft_tvm.compute.spec import generic_spec
+
     entries = list(entries)
     entries += default_entries(workloads, target, entries, backward, configurations)
-    entries += fused_entries([*fused, *fused_specs(workloads, target, backward)], target, entries, roots)
+    specs = fused_specs(workloads, target, backward)
+    if configurations:  # the configurations' entries too, for the calls of other sizes
+        specs += [generic_spec(spec) for spec in specs]
+    entries += fused_entries([*fused, *specs], target, entries, roots)
     return entries + companion_entries(target, entries)
 
 
