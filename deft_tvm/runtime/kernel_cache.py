@@ -157,11 +157,11 @@ def source_digest() -> str:
     """A hash of the source of deft_tvm's modules and of its schedules (every ``*.py`` file): with a
     kernel's spec, part, target, tuned record and TVM's version, what its scheduled module is a
     function of."""
-    import deft_tvm
     import deft_tvm.schedules
 
     digest = hashlib.sha256()
-    for root in dict.fromkeys(Path(module.__file__).parent for module in (deft_tvm, deft_tvm.schedules)):
+    package, schedules = Path(__file__).resolve().parents[1], Path(deft_tvm.schedules.__file__).resolve().parent
+    for root in dict.fromkeys((package, schedules)):
         for path in sorted(root.rglob("*.py")):
             digest.update(f"{path.relative_to(root)}\0".encode())
             digest.update(path.read_bytes())

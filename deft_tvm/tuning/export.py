@@ -149,16 +149,20 @@ def library_entries(workloads, target, entries, backward: bool, roots: list[Path
 def check_forward(workload, device: str, seed: int) -> float:
     """The op's output on ``workload``'s inputs (``Workload.make_inputs``) against the float64
     reference (AssertionError past the dtype's tolerance); the largest absolute error."""
-    from deft_tvm.bench import tf32_mode
     from deft_tvm.frontend.functional import deform_conv2d
     from deft_tvm.reference.forward import deform_conv2d_reference
     from deft_tvm.runtime.targets import target_for_device
 
     spec = workload.for_target(target_for_device(device)).spec  # tf32 only where the kernel is
     inputs = workload.make_inputs(seed=seed, device=device)
-    with torch.no_grad(), tf32_mode("on" if spec.tf32 else "off"):
-        out = deform_conv2d(**inputs)
-        ref = deform_conv2d_reference(**inputs)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32  # what decides the op's TF32 kernels
+    torch.backends.cuda.matmul.allow_tf32 = spec.tf32
+    try:
+        with torch.no_grad():
+            out = deform_conv2d(**inputs)
+            ref = deform_conv2d_reference(**inputs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     assert_close(out, ref, tolerance_key(spec.dtype, spec.tf32))
     return (out.double() - ref).abs().max().item()
 

@@ -2,7 +2,7 @@
 
 ``collect(model, batches)`` hooks every DCN layer of a model, runs it and returns a ``Profile``
 (per-layer statistics, saved as versioned JSON). ``Profile.offset_profile()`` turns histograms into
-an ``EmpiricalProfile`` that draws offsets and masks like ``deft_tvm.workloads.OffsetProfile``;
+an ``EmpiricalProfile`` that draws offsets and masks like ``OffsetProfile``;
 ``compare`` tabulates a profile against the synthetic ones; ``register_cli`` adds ``deft-tvm stats``.
 
 A *sample* is one (dy, dx) pair: one batch element, offset group, kernel tap ``(ky, kx)`` and output
@@ -50,6 +50,64 @@ TILES = ((1, 32), (2, 32), (4, 32), (4, 64), (8, 8), (8, 16), (16, 16))
 HALOS = tuple(range(9))
 SMALL_MASK = 0.01
 SYNTHETIC = ("normal_0.5px", "normal_2px", "normal_8px", "student_t3_2px")
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetProfile:
+    """A synthetic distribution of sampling offsets (pixels) and modulation masks.
+
+    ``dy`` and ``dx`` are i.i.d. ``sigma * t(dof)`` (Student's t with an integer number of degrees
+    of freedom; ``dof=None`` means normal), the mask is ``sigmoid`` of a standard normal.
+    """
+
+    name: str
+    sigma: float
+    dof: int | None = None
+
+    def sample_offsets(self, shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        draws = torch.randn(shape, generator=generator, dtype=torch.float64)
+        if self.dof is not None:
+            chi2 = torch.randn((*shape, self.dof), generator=generator, dtype=torch.float64).square().sum(-1)
+            draws = draws * (chi2 / self.dof).rsqrt()
+        return (self.sigma * draws).to(dtype=dtype, device=device)
+
+    def sample_mask(self, shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+PROFILES = {
+    p.name: p
+    for p in (
+        OffsetProfile("normal_0.5px", 0.5),
+        OffsetProfile("normal_2px", 2.0),
+        OffsetProfile("normal_8px", 8.0),
+        OffsetProfile("student_t3_2px", 2.0, dof=3),
+    )
+}
+
+
+@functools.lru_cache(maxsize=64)
+def offset_profile(name: str):
+    """The offset distribution ``name`` names: a ``PROFILES`` key, or ``"PATH#LAYER[+LAYER...]"``,
+    the recorded histograms of those layers of a model profile (``tuning.stats.Profile``, as
+    ``deft-tvm stats`` and ``tune_model`` save it) pooled (``tuning.stats.EmpiricalProfile``).
+
+    Raises:
+        KeyError: ``name`` is neither, or the profile has no such layer.
+        OSError, ValueError: PATH cannot be read as a profile (``tuning.stats.load_profile``).
+    """
+    if name in PROFILES:
+        return PROFILES[name]
+    path, sep, layers = name.rpartition("#")
+    if not sep or not path or not layers:
+        raise KeyError(f"unknown offset profile {name!r}; expected one of {', '.join(PROFILES)} or "
+                       f"PATH.json#LAYER[+LAYER...] (a model profile's layers)")
+    recorded = load_profile(path).layers
+    missing = [layer for layer in layers.split("+") if layer not in recorded]
+    if missing:
+        raise KeyError(f"offset profile {name!r}: {path} has no layer {', '.join(map(repr, missing))}; "
+                       f"its layers: {', '.join(recorded)}")
+    return EmpiricalProfile.from_layers(name, [recorded[layer] for layer in layers.split("+")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,9 +272,7 @@ def halo_coverage(spec: DeformConvSpec, offset: torch.Tensor, tile: tuple[int, i
 @functools.lru_cache(maxsize=256)
 def profile_halo_coverage(spec: DeformConvSpec, profile: str, tile: tuple[int, int], seed: int = 0) -> tuple:
     """``halo_coverage`` of ``spec``'s offsets drawn from the offset profile ``profile``
-    (``workloads.offset_profile``'s name; ``seed`` seeds the draw), as a tuple, cached."""
-    from deft_tvm.tuning.workloads import offset_profile
-
+    (``offset_profile``'s name; ``seed`` seeds the draw), as a tuple, cached."""
     generator = torch.Generator().manual_seed(seed)
     offset = offset_profile(profile).sample_offsets(spec.offset_shape, generator, torch.float64)
     return tuple(halo_coverage(spec, offset, tile))
@@ -365,7 +421,7 @@ class _Histogram:
 
 @dataclasses.dataclass(frozen=True)
 class EmpiricalProfile:
-    """Offsets and masks drawn from recorded histograms; a drop-in for ``workloads.OffsetProfile``.
+    """Offsets and masks drawn from recorded histograms; a drop-in for ``OffsetProfile``.
 
     dy and dx are drawn independently, each from its own histogram; the mask from the mask
     histogram, or ``sigmoid(N(0, 1))`` (as ``OffsetProfile``) when the layers had no mask.
@@ -532,13 +588,11 @@ def compare(
     seed: int = 0,
 ) -> str:
     """A text table of the real offsets (a Profile's pooled layers, one layer's statistics or an
-    EmpiricalProfile) against synthetic ``workloads.PROFILES``.
+    EmpiricalProfile) against synthetic ``PROFILES``.
 
     Every row is computed the same way, from ``samples`` seeded (dy, dx) draws: the std of dy and
     dx, quantiles of ``|offset|`` and the Kolmogorov-Smirnov distance of dy and dx to the real draws.
     """
-    from deft_tvm.tuning.workloads import PROFILES
-
     if isinstance(profile_or_layer, Profile):
         real = profile_or_layer.offset_profile()
     elif isinstance(profile_or_layer, dict):

@@ -8,71 +8,11 @@ compile and check quickly. ``DEFAULT_WORKLOAD`` is what the README's main job bu
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from deft_tvm.compute.spec import DeformConvSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class OffsetProfile:
-    """A synthetic distribution of sampling offsets (pixels) and modulation masks.
-
-    ``dy`` and ``dx`` are i.i.d. ``sigma * t(dof)`` (Student's t with an integer number of degrees
-    of freedom; ``dof=None`` means normal), the mask is ``sigmoid`` of a standard normal.
-    """
-
-    name: str
-    sigma: float
-    dof: int | None = None
-
-    def sample_offsets(self, shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        draws = torch.randn(shape, generator=generator, dtype=torch.float64)
-        if self.dof is not None:
-            chi2 = torch.randn((*shape, self.dof), generator=generator, dtype=torch.float64).square().sum(-1)
-            draws = draws * (chi2 / self.dof).rsqrt()
-        return (self.sigma * draws).to(dtype=dtype, device=device)
-
-    def sample_mask(self, shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
-
-
-PROFILES = {
-    p.name: p
-    for p in (
-        OffsetProfile("normal_0.5px", 0.5),
-        OffsetProfile("normal_2px", 2.0),
-        OffsetProfile("normal_8px", 8.0),
-        OffsetProfile("student_t3_2px", 2.0, dof=3),
-    )
-}
-
-
-@functools.lru_cache(maxsize=64)
-def offset_profile(name: str):
-    """The offset distribution ``name`` names: a ``PROFILES`` key, or ``"PATH#LAYER[+LAYER...]"``,
-    the recorded histograms of those layers of a model profile (``tuning.stats.Profile``, as
-    ``deft-tvm stats`` and ``tune_model`` save it) pooled (``tuning.stats.EmpiricalProfile``).
-
-    Raises:
-        KeyError: ``name`` is neither, or the profile has no such layer.
-        OSError, ValueError: PATH cannot be read as a profile (``tuning.stats.load_profile``).
-    """
-    if name in PROFILES:
-        return PROFILES[name]
-    path, sep, layers = name.rpartition("#")
-    if not sep or not path or not layers:
-        raise KeyError(f"unknown offset profile {name!r}; expected one of {', '.join(PROFILES)} or "
-                       f"PATH.json#LAYER[+LAYER...] (a model profile's layers)")
-    from deft_tvm.tuning.stats import EmpiricalProfile, load_profile
-
-    recorded = load_profile(path).layers
-    missing = [layer for layer in layers.split("+") if layer not in recorded]
-    if missing:
-        raise KeyError(f"offset profile {name!r}: {path} has no layer {', '.join(map(repr, missing))}; "
-                       f"its layers: {', '.join(recorded)}")
-    return EmpiricalProfile.from_layers(name, [recorded[layer] for layer in layers.split("+")])
+from deft_tvm.tuning.stats import PROFILES, OffsetProfile, offset_profile  # noqa: F401 - the registry's profiles
 
 
 @dataclasses.dataclass(frozen=True)
