@@ -173,8 +173,12 @@ def record_identity(directory: Path | None) -> str:
     files' names, sizes and modification times ("" for no folder)."""
     if directory is None:
         return ""
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir() if p.is_file())
-    return repr((str(directory), files))
+    files = []
+    for path in Path(directory).iterdir():
+        if path.is_file():
+            status = path.stat()
+            files.append((path.name, status.st_size, status.st_mtime_ns))
+    return repr((str(directory), sorted(files)))
 
 
 def index_path(name: str, inputs: str, target: tvm.target.Target) -> Path:
@@ -566,14 +570,15 @@ def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callab
                 if indexed(index, kernel_key(kernel, kernel_part), target) is not None:
                     continue
                 sch, tuned = schedule_for(kernel, target, kernel_part)
-                if kernel_path(kernel, target, sch, kernel_part).exists():
-                    remember(index, module_fingerprint(sch.mod), {"tuned": tuned})
+                fingerprint = module_fingerprint(sch.mod)
+                if library_path(kernel_key(kernel, kernel_part), fingerprint, target).exists():
+                    remember(index, fingerprint, {"tuned": tuned})
                 else:
-                    missing[kernel_key(kernel, kernel_part)] = (kernel, sch, kernel_part, tuned, index)
+                    missing[kernel_key(kernel, kernel_part)] = (kernel, sch, kernel_part, tuned, index, fingerprint)
 
-    def build_and_store(spec, sch, part, tuned, index):
-        _export_atomically(build(spec, target, sch), kernel_path(spec, target, sch, part))
-        remember(index, module_fingerprint(sch.mod), {"tuned": tuned})
+    def build_and_store(spec, sch, part, tuned, index, fingerprint):
+        _export_atomically(build(spec, target, sch), library_path(kernel_key(spec, part), fingerprint, target))
+        remember(index, fingerprint, {"tuned": tuned})
 
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
         futures = [pool.submit(build_and_store, *item) for item in missing.values()]

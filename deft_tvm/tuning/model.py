@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
+
 import torch
 
 from deft_tvm.compute.spec import DeformConvSpec, kernel_key

@@ -44,7 +44,7 @@ FAILED_SECONDS = 1e10  # the run time MetaSchedule's databases give a candidate 
 @dataclasses.dataclass(frozen=True)
 class ProfileInputs:
     """The runner's ``f_alloc_argument``: the kernel's arguments with offsets and mask drawn from
-    ``profile`` (a ``tuning.workloads.offset_profile`` name), one seeded set per repeat. The inputs of
+    ``profile`` (a ``tuning.stats.offset_profile`` name), one seeded set per repeat. The inputs of
     the ``part`` kernel come first (the backward's: the forward's tensors but the bias, then a
     random grad_output; the columns kernel's: the forward's input, offset and mask); its outputs
     follow, zeroed."""
