@@ -1,7 +1,7 @@
 """Benchmark of the forward (and forward+backward): deft_tvm vs torchvision vs a dense conv2d of the
 same shape, in one run.
 
-    deft-tvm bench [--workloads NAME ...] [--dtypes float32 float16 ...] [--tf32 off on]
+    deft-tvm bench [--workloads NAME ... | --library MANIFEST] [--dtypes float32 float16 ...] [--tf32 off on]
                    [--modes forward forward_backward forward_backward_deterministic] [--iters 20]
                    [--generic-trials N [--generic-dir DIR]] [--commit SHA]
                    [--csv PATH.csv] [--markdown PATH.md] [--plot PATH.png]
@@ -9,8 +9,14 @@ same shape, in one run.
 
 (``python tools/bench.py`` takes the same arguments.)
 
-Providers: ``deft_tvm`` (what users get: the committed tuned record when there is one, else the
-default schedule; the ``schedule`` column says which), ``deft_tvm_kernel`` (where a tuned record
+Workloads: registry names (``deft-tvm list``), in every ``--dtypes`` and ``--tf32`` mode; or, with
+``--library``, the layers a model's library was tuned for (``deft_tvm.tune_model``, ``deft-tvm tune
+--model``; ``tuning.model.library_workloads``), the library loaded, each layer in its own dtype and
+TF32 setting and measured on offsets drawn from its own recorded statistics.
+
+Providers: ``deft_tvm`` (what users get: a loaded library's kernel, else the committed tuned record
+when there is one, else the default schedule; the ``schedule`` column says which: library, tuned,
+default), ``deft_tvm_kernel`` (where a tuned record
 exists: the op's kernel, the record's, called directly on the kernel's tensors, so that its gap to
 ``deft_tvm`` is the op's own path, copies and host, and its gap to ``deft_tvm_default`` the
 record's), ``deft_tvm_default`` (the default schedule called directly: always on a GPU, on a CPU
@@ -73,7 +79,7 @@ from deft_tvm.runtime.records import best_schedule, database_dir, record_roots
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.tuning.search import tune
 from deft_tvm.tuning.timing import gpu_ms
-from deft_tvm.tuning.workloads import DEFAULT_WORKLOAD, WORKLOADS, get_workload
+from deft_tvm.tuning.workloads import DEFAULT_WORKLOAD, WORKLOADS, Workload, get_workload
 
 COLUMNS = ["device", "workload", "dtype", "tf32", "profile", "provider", "schedule", "mode", "gpu_ms",
            "cold_median_ms", "cold_p20_ms", "cold_p80_ms", "latency_ms", "vs_dense", "vs_torchvision", "commit"]
@@ -300,16 +306,31 @@ def print_row(row: dict) -> None:
     print(" | ".join(str(row[c]) for c in COLUMNS), flush=True)
 
 
+def _cases(workloads, dtypes, tf32_modes, device: str) -> dict[tuple[str, str, str], Workload]:
+    """(name, dtype, TF32 mode) -> the workload the op calls in that case: a registry name in each of
+    ``dtypes`` and ``tf32_modes`` (float32 with TF32 on takes the TF32 kernels), a ``Workload`` (a
+    model's layer, ``--library``) in its own dtype and TF32 setting."""
+    cases = {}
+    for workload in workloads:
+        if isinstance(workload, Workload):
+            spec = workload.spec
+            tf32 = _tf32_modes(spec.dtype, device, ["on" if spec.tf32 else "off"])[0]
+            cases[(workload.name, spec.dtype, tf32)] = workload
+            continue
+        for dtype in dtypes:
+            for tf32 in _tf32_modes(dtype, device, tf32_modes):
+                cases[(workload, dtype, tf32)] = get_workload(workload, dtype, tf32 == "on")
+    return cases
+
+
 def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *, modes=(FORWARD,),
         generic_trials: int = 0, generic_dir: Path = DEFAULT_GENERIC_DIR, csv_path: Path | None = None) -> list[dict]:
-    """Time every provider on every workload, dtype, TF32 mode and mode (``MODES``); one row
+    """Time every provider on every workload (registry names, or ``Workload`` objects: ``_cases``), dtype,
+    TF32 mode and mode (``MODES``); one row
     (``COLUMNS``) each, merged into ``csv_path`` (``write_csv``) group by group as measured, so
     that a run cut short keeps what it measured."""
     target = target_for_device(device)
-    cases = [(name, dtype, tf32) for name in workloads for dtype in dtypes
-             for tf32 in _tf32_modes(dtype, device, tf32_modes)]
-    # The kernels the op runs in each case: float32 with TF32 on takes the TF32 ones.
-    call_workloads = {case: get_workload(case[0], case[1], case[2] == "on") for case in cases}
+    call_workloads = _cases(workloads, dtypes, tf32_modes, device)
     case_workloads = {case: workload.for_target(target) for case, workload in call_workloads.items()}
     kernel_cache.prebuild(list(dict.fromkeys(w.spec for w in case_workloads.values())), torch.device(device))
     backward_modes = [mode for mode in modes if mode != FORWARD]
@@ -325,7 +346,9 @@ def run(workloads, dtypes, tf32_modes, iters: int, device: str, commit: str, *, 
     for (name, dtype, tf32), workload in case_workloads.items():
         tuned = kernel_cache.schedule_for(workload.spec, target)[1]
         kernels = deft_kernels(workload, device, tuned, generic_trials, generic_dir)
-        schedules = {"deft_tvm": "tuned" if tuned else "default", **{k: v[1] for k, v in kernels.items()}}
+        served = kernel_cache.library_kernel(workload.spec, target)[0] is not None  # a loaded library's kernel
+        schedules = {"deft_tvm": "library" if served else "tuned" if tuned else "default",
+                     **{k: v[1] for k, v in kernels.items()}}
         for mode in modes:
             group = []
             with tf32_mode(tf32), torch.set_grad_enabled(mode != FORWARD), deterministic_mode(mode == DETERMINISTIC):
@@ -492,6 +515,9 @@ def int_at_least(minimum: int):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``deft-tvm bench`` and ``tools/bench.py``."""
     parser.add_argument("--workloads", nargs="+", default=[DEFAULT_WORKLOAD], choices=list(WORKLOADS))
+    parser.add_argument("--library", type=Path, default=None, metavar="MANIFEST",
+                        help="instead of --workloads: the layers of a model's library (deft_tvm.tune_model, "
+                        "`deft-tvm tune --model`), loaded, in their own dtype and TF32 setting")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=SUPPORTED_DTYPES)
     parser.add_argument("--tf32", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help="TF32 modes of float32 rows on a GPU (default: off on)")
@@ -516,6 +542,13 @@ def _inside(path: Path, root: Path) -> bool:
 
 def check_arguments(args, parser: argparse.ArgumentParser) -> None:
     """Reject combinations argparse cannot: exits through ``parser.error``."""
+    if args.library is not None:
+        try:
+            from deft_tvm.tuning.model import library_workloads
+
+            library_workloads(args.library)
+        except (OSError, ValueError) as err:
+            parser.error(f"--library {args.library}: {err}")
     if args.from_csv is not None:
         if not args.from_csv.is_file():
             parser.error(f"--from-csv: no such file: {args.from_csv}")
@@ -543,7 +576,14 @@ def run_command(args, parser: argparse.ArgumentParser) -> int:
         print(f"torch {torch.__version__}; vs_dense = own time / fastest dense conv2d of the same shape, "
               f"vs_torchvision = torchvision time / own time ({'GPU time' if device == 'cuda' else 'latency'})")
         print(" | ".join(COLUMNS))
-        rows = run(args.workloads, args.dtypes, args.tf32, args.iters, device, args.commit or current_commit(),
+        workloads = args.workloads
+        if args.library is not None:
+            from deft_tvm.runtime.library import load_library
+            from deft_tvm.tuning.model import library_workloads
+
+            load_library(args.library)
+            workloads = library_workloads(args.library)
+        rows = run(workloads, args.dtypes, args.tf32, args.iters, device, args.commit or current_commit(),
                    modes=args.modes, generic_trials=args.generic_trials, generic_dir=args.generic_dir,
                    csv_path=args.csv)
     if args.markdown is not None:

@@ -169,3 +169,13 @@ def test_a_pack_whose_conv_offset_does_not_match_is_refused():
     del no_groups.deform_groups
     with pytest.raises(ValueError, match=r"neither deform_groups \(mmcv\) nor deformable_groups \(BasicSR\)"):
         deft_tvm.convert_model(no_groups)
+
+
+def test_deft_tvm_layers_stay_as_they_are():
+    """deft_tvm's packs share mmcv's class names but are not converted (nor refused: they keep their
+    offset groups in ``offset_groups``); the model is the same object with the same layers."""
+    model = nn.Sequential(deft_tvm.ModulatedDeformConv2dPack(4, 4, 3, padding=1, offset_groups=2),
+                          deft_tvm.DeformConv2dPack(4, 4, 3, padding=1), deft_tvm.DeformConv2d(4, 4, 3))
+    layers = list(model)
+    assert deft_tvm.convert_model(model) is model and list(model) == layers
+    assert deft_tvm.convert_model(layers[0]) is layers[0]

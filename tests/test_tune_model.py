@@ -57,7 +57,7 @@ def tuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune_model")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DEFT_TVM_CACHE_DIR", str(root / "cache"))
-        batches = [torch.randn(tiny_dcn_model.INPUT_SHAPE, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+        batches = [inputs for inputs, _ in tiny_dcn_model.loader()]
         result = deft_tvm.tune_model(tiny_dcn_model.build(), batches, trials=2, out=root / "lib", logs=root / "logs",
                                      device="cpu")
     yield result
@@ -111,13 +111,62 @@ def test_the_command_line_tunes_a_model_named_by_module_and_callable(tuned, caps
     assert f"layer    dcn2: {tuned.layers['dcn2']}" in printed and f"exported {tuned.manifest}" in printed
 
 
+def test_the_command_line_records_the_statistics_of_real_batches_from_data(tuned, capsys, monkeypatch):
+    """``--data tiny_dcn_model:loader`` (``(input, labels)`` batches, the ones ``tuned`` ran): the same
+    statistics as ``tune_model``'s, so the databases serve again; a third batch is not taken."""
+    from deft_tvm import cli
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setattr(tiny_dcn_model, "loader", lambda original=tiny_dcn_model.loader: [
+        *original(), (torch.full(tiny_dcn_model.INPUT_SHAPE, float("nan")), None)])
+    from deft_tvm.tuning.stats import collect
+
+    expected = collect(tiny_dcn_model.build(), [inputs for inputs, _ in tiny_dcn_model.loader()[:2]], seed=0)
+    root = tuned.manifest.parent.parent
+    tuned.profile.unlink()  # written again from --data's batches (the databases keep the profile's path)
+    assert cli.main(["tune", "--model", "tiny_dcn_model:build", "--data", "tiny_dcn_model:loader", "--batches", "2",
+                     "--device", "cpu", "--trials", "2", "--backward", "--logs", str(root / "logs"),
+                     "--out", str(tuned.manifest.parent)]) == 0
+    assert f"exported {tuned.manifest}" in capsys.readouterr().out
+    assert json.loads(tuned.profile.read_text())["layers"] == json.loads(json.dumps(expected.layers))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--input-shape", "2", "3", "0", "8"],
-     r"--model needs --input-shape N C H W \(four positive sizes\), got \[2, 3, 0, 8\]"),
+     r"--model needs --data MODULE:CALLABLE or --input-shape N C H W \(four positive sizes\), got \[2, 3, 0, 8\]"),
+    ([], r"--model needs --data MODULE:CALLABLE or --input-shape N C H W \(four positive sizes\), got None"),
     (["--input-shape", "2", "3", "9", "8", "--batches", "0"], r"--batches 0: expected at least 1"),
+    (["--data", "tiny_dcn_model:loader", "--input-shape", "2", "3", "9", "8"],
+     r"batches from --data tiny_dcn_model:loader or random ones of --input-shape 2 3 9 8, not both"),
+    (["--data", "tiny_dcn_model"], r"--data tiny_dcn_model: expected MODULE:CALLABLE"),
+    (["--data", "builtins:int"], r"--data builtins:int: returned a int, expected an iterable of batches"),
+    (["--data", "builtins:list"], r"--data builtins:list: gave no batch"),
+    (["--data", "itertools:count"], r"--data itertools:count: batch 0 is a int, expected a tensor or an \(input, ...\)"),
 ])
 def test_bad_model_tuning_arguments_name_the_observed_values(argv, message, capsys):
     from deft_tvm import cli
 
     assert cli.main(["tune", "--model", "tiny_dcn_model:build", "--device", "cpu", *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_benchmark_times_the_library_s_layers_in_their_own_dtype(tuned, tmp_path, capsys):
+    """``deft-tvm bench --library``: one row per layer workload and provider, the op's rows served by
+    the loaded library; a manifest without a model is refused by name."""
+    from deft_tvm import bench
+
+    csv_path = tmp_path / "layers.csv"
+    assert bench.main(["--library", str(tuned.manifest), "--iters", "1", "--modes", "forward", "forward_backward",
+                       "--csv", str(csv_path), "--commit", "test"]) == 0
+    rows = bench.read_csv(csv_path)
+    ours = [r for r in rows if r["provider"] == "deft_tvm"]
+    assert sorted((r["workload"], r["mode"]) for r in ours) == sorted(
+        (name, mode) for name in set(tuned.layers.values()) for mode in ("forward", "forward_backward"))
+    assert all(r["schedule"] == "library" and r["dtype"] == "float32" and r["tf32"] == "n/a" for r in ours)
+    assert all(r["profile"].startswith(f"{tuned.profile}#") for r in rows)
+    no_model = tmp_path / "plain.json"
+    no_model.write_text(json.dumps({"kernels": []}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="2"):
+        bench.main(["--library", str(no_model)])
+    assert f'--library {no_model}: {no_model}: no "model" entry' in capsys.readouterr().err

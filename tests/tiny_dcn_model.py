@@ -44,3 +44,10 @@ class TwoConfigurations(nn.Module):
 
 def build() -> nn.Module:
     return TwoConfigurations()
+
+
+def loader() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A stand-in data loader (``deft-tvm tune --model ... --data tiny_dcn_model:loader``): two
+    ``(input [2, 3, 9, 8], labels [2])`` batches, the inputs seeded 1 and 2."""
+    return [(torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(seed)), torch.zeros(2, dtype=torch.int64))
+            for seed in (1, 2)]

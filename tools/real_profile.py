@@ -2,14 +2,19 @@
 
     pip install scikit-learn   # only for its bundled digits data set; nothing is downloaded
     python tools/real_profile.py [--epochs 12] [--seed 0] [--out tuning_logs/profiles/digits_dcn.json]
+                                 [--weights deft_tvm/examples/digits_dcn_weights.pt]
+                                 [--held-out deft_tvm/examples/digits_held_out.pt]
 
 Data: scikit-learn's 1797 8x8 digits, upsampled to 24x24 on a 32x32 canvas and randomly rotated,
 scaled and shifted (so the offsets have something to do); a seeded split holds out 360 images.
-Network: conv stem -> two ``deft_tvm.ModulatedDeformConv2dPack`` layers -> linear classifier,
-trained on the CPU through deft_tvm's own op (TVM kernels forward and backward, torchvision's
-gradients), then evaluated and profiled by ``deft_tvm.stats.collect`` on augmented held-out
-images. Prints the accuracies and the comparison with the synthetic profiles. Seeded; a few
-minutes on two cores (each new batch shape compiles its kernels once).
+Network: ``deft_tvm.examples.digits.build_network`` (conv stem -> two
+``deft_tvm.ModulatedDeformConv2dPack`` layers -> linear classifier), trained on the CPU through
+deft_tvm's own op (TVM kernels forward and backward, torchvision's gradients), then evaluated and
+profiled by ``deft_tvm.stats.collect`` on the held-out images as ``deft_tvm.examples.digits.held_out``
+gives them (augmented, seeded). Saves the profile, the trained weights and the held-out 8x8 digits
+(the last two ship with the package: ``deft_tvm.examples.digits``, the README's main job). Prints
+the accuracies and the comparison with the synthetic profiles. Seeded; a few minutes on two cores
+(each new batch shape compiles its kernels once).
 """
 
 from __future__ import annotations
@@ -22,34 +27,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from digits_data import (  # tools/ is on sys.path when this script runs
-    MAX_ROTATION_DEG,
-    MAX_SHIFT_FRACTION,
-    SCALE_RANGE,
-    augment,
-    load_digits,
-)
 from torch import nn
 
-import deft_tvm
+from deft_tvm.examples import digits
 from deft_tvm.tuning import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_data import MAX_ROTATION_DEG, MAX_SHIFT_FRACTION, SCALE_RANGE, augment, load_digits  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "tuning_logs" / "profiles" / "digits_dcn.json"
 TEST_SIZE = 360
-EVAL_BATCH = 120  # divides TEST_SIZE: every evaluation batch has one shape, so one kernel per layer
+EVAL_BATCH = digits.EVAL_BATCH  # divides TEST_SIZE: one batch shape, so one kernel per layer
 TRAIN_BATCH = 64
 CANVAS = 32
-
-
-def build_network() -> nn.Sequential:
-    """``[batch, 1, 32, 32]`` -> logits ``[batch, 10]``."""
-    dcn = deft_tvm.ModulatedDeformConv2dPack
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),  # 16x16
-        dcn(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # 8x8
-        dcn(32, 32, 3, padding=1, offset_groups=2), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    )
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -82,9 +72,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--weights", type=Path, default=digits.WEIGHTS, help="where the trained state dict goes")
+    parser.add_argument("--held-out", type=Path, default=digits.HELD_OUT,
+                        help="where the held-out 8x8 digits (uint8 0..16) and labels go")
     args = parser.parse_args()
 
     try:
+        from sklearn.datasets import load_digits as sklearn_digits
         images, labels = load_digits(CANVAS)
     except ImportError as err:
         sys.exit(f"tools/real_profile.py: {err}")
@@ -92,10 +86,15 @@ def main() -> None:
     order = torch.randperm(len(images), generator=generator)
     test, train_split = order[:TEST_SIZE], order[TEST_SIZE:]
     torch.manual_seed(args.seed)
-    model = build_network()
+    model = digits.build_network()
     train(model, images[train_split], labels[train_split], args.epochs, generator)
 
-    held_out = augment(images[test], generator)
+    raw = torch.tensor(sklearn_digits().images, dtype=torch.uint8)[test]  # 0..16
+    torch.save({"images": raw, "labels": labels[test].clone()}, args.held_out)
+    torch.save(model.state_dict(), args.weights)
+    print(f"saved {args.weights} ({args.weights.stat().st_size / 1024:.0f} KiB), "
+          f"{args.held_out} ({args.held_out.stat().st_size / 1024:.0f} KiB)")
+    held_out = torch.cat(digits.held_out(args.seed))  # as the package gives them: fresh seeded augmentation
     results = {
         "train (augmented)": accuracy(model, augment(images[train_split], generator), labels[train_split]),
         "test (augmented)": accuracy(model, held_out, labels[test]),
@@ -113,7 +112,7 @@ def main() -> None:
         f"deft_tvm's op on {len(train_split)} images, Adam one-cycle, batch {TRAIN_BATCH}; accuracy "
         + ", ".join(f"{name} {value:.4f}" for name, value in results.items())
         + f"; profiled on the {TEST_SIZE} held-out images, augmented, in batches of {EVAL_BATCH}, "
-        f"through deft_tvm.ModulatedDeformConv2dPack"
+        f"through deft_tvm.ModulatedDeformConv2dPack (as deft_tvm.examples.digits.held_out({args.seed}) gives them)"
     )
     profile = stats.collect(model.eval(), held_out.split(EVAL_BATCH), seed=args.seed, source=source)
     path = profile.save(args.out)

@@ -40,26 +40,53 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _load_model(reference: str):
-    """``MODULE:CALLABLE`` imported and called (no arguments): the model. UsageError naming what is
+def _call_reference(reference: str, option: str):
+    """``MODULE:CALLABLE`` imported and called (no arguments): its result. UsageError naming what is
     missing."""
     import importlib
 
     module_name, _, attribute = reference.partition(":")
     if not module_name or not attribute:
-        raise UsageError(f"--model {reference}: expected MODULE:CALLABLE, e.g. my_package.models:build_dcn_net")
+        raise UsageError(f"{option} {reference}: expected MODULE:CALLABLE, e.g. my_package.models:build_dcn_net")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UsageError(f"--model {reference}: cannot import {module_name} ({err}); is it on PYTHONPATH?") from None
+        raise UsageError(f"{option} {reference}: cannot import {module_name} ({err}); is it on PYTHONPATH?") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
-        raise UsageError(f"--model {reference}: {module_name} has no callable {attribute}")
-    model = factory()
+        raise UsageError(f"{option} {reference}: {module_name} has no callable {attribute}")
+    return factory()
+
+
+def _load_model(reference: str):
+    """``--model MODULE:CALLABLE``: the model it builds; UsageError unless a torch.nn.Module."""
+    model = _call_reference(reference, "--model")
     if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"--model {reference}: {attribute}() returned a {type(model).__name__}, expected a "
-                         "torch.nn.Module")
+        raise UsageError(f"--model {reference}: {reference.partition(':')[2]}() returned a {type(model).__name__}, "
+                         "expected a torch.nn.Module")
     return model
+
+
+def _data_batches(reference: str, count: int) -> list[torch.Tensor]:
+    """``--data MODULE:CALLABLE``: the first ``count`` input batches of the iterable it returns
+    (tensors, or sequences whose first item is the input tensor, as a data loader's
+    ``(images, labels)``). UsageError naming what it gave otherwise."""
+    data = _call_reference(reference, "--data")
+    if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
+        raise UsageError(f"--data {reference}: returned a {type(data).__name__}, expected an iterable of batches "
+                         "(tensors, or (input, ...) sequences as a data loader gives)")
+    batches = []
+    for item in data:
+        if len(batches) == count:
+            break
+        batch = item[0] if isinstance(item, (list, tuple)) and item else item
+        if not isinstance(batch, torch.Tensor):
+            raise UsageError(f"--data {reference}: batch {len(batches)} is a {type(item).__name__}, expected a "
+                             "tensor or an (input, ...) sequence whose first item is a tensor")
+        batches.append(batch)
+    if not batches:
+        raise UsageError(f"--data {reference}: gave no batch")
+    return batches
 
 
 def cmd_build_model(args) -> int:
@@ -236,14 +263,22 @@ def cmd_tune_model(args) -> int:
     from deft_tvm.tuning.model import format_ms, tune_model
 
     _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
-    if args.input_shape is None or min(args.input_shape) < 1:
-        raise UsageError(f"--model needs --input-shape N C H W (four positive sizes), got {args.input_shape}")
+    if args.data is not None and args.input_shape is not None:
+        raise UsageError(f"--model takes its batches from --data {args.data} or random ones of --input-shape "
+                         f"{' '.join(map(str, args.input_shape))}, not both")
+    if args.data is None and (args.input_shape is None or min(args.input_shape) < 1):
+        raise UsageError(f"--model needs --data MODULE:CALLABLE or --input-shape N C H W (four positive sizes), "
+                         f"got {args.input_shape}")
     if args.batches < 1:
         raise UsageError(f"--batches {args.batches}: expected at least 1")
     dtype = getattr(torch, args.input_dtype)
     model = _load_model(args.model).to(args.device, dtype)
-    generator = torch.Generator().manual_seed(args.seed or 0)
-    batches = [torch.randn(args.input_shape, generator=generator).to(args.device, dtype) for _ in range(args.batches)]
+    if args.data is not None:
+        batches = [batch.to(args.device, dtype) for batch in _data_batches(args.data, args.batches)]
+    else:
+        generator = torch.Generator().manual_seed(args.seed or 0)
+        batches = [torch.randn(args.input_shape, generator=generator).to(args.device, dtype)
+                   for _ in range(args.batches)]
     result = tune_model(model, batches, trials=args.trials, out=args.out, device=args.device, backward=args.backward,
                         logs=args.logs, trials_per_round=args.trials_per_round, seed=args.seed, rpc=_rpc(args),
                         verbose=args.verbose)
@@ -405,12 +440,17 @@ def main(argv=None) -> int:
     tune.add_argument("--out", type=Path, default=Path("deft_kernels"), help="folder of the exported library")
     tune.add_argument("--model", metavar="MODULE:CALLABLE",
                       help="tune this model's own DCN layers (deft_tvm.tune_model) instead of --workloads: "
-                      "MODULE.CALLABLE() builds it, --batches random batches of --input-shape run it")
+                      "MODULE.CALLABLE() builds it, --batches of --data or random ones of --input-shape run it")
     tune.add_argument("--input-shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
                       help="with --model: the shape of its input batches")
     tune.add_argument("--input-dtype", choices=SUPPORTED_DTYPES, default="float32",
                       help="with --model: the dtype of the model and its inputs")
-    tune.add_argument("--batches", type=int, default=4, help="with --model: batches its statistics are recorded on")
+    tune.add_argument("--data", metavar="MODULE:CALLABLE", default=None,
+                      help="with --model: real input batches instead of random ones: MODULE.CALLABLE() returns "
+                      "an iterable of input tensors or (input, ...) sequences (a data loader), of which --batches "
+                      "are taken")
+    tune.add_argument("--batches", type=int, default=4,
+                      help="with --model: batches its statistics are recorded on (random ones, or the first of --data)")
     tune.add_argument("--rpc-tracker", metavar="HOST:PORT", default=None,
                       help="measure the search's candidates on the devices registered with this TVM RPC tracker "
                       "(python -m tvm.exec.rpc_tracker; one python -m tvm.exec.rpc_server --tracker ... per GPU), "

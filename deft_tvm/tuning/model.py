@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -113,6 +114,30 @@ def _tune_fused(workload: Workload, target, logs: Path) -> tuple[float, float]:
     return best, sum(record[f"{kind}_ms"][0][1] for kind in KERNELS)
 
 
+def library_workloads(manifest_path: str | Path) -> list[Workload]:
+    """The workloads a ``tune_model`` library was tuned for, from its manifest's ``"model"`` entry:
+    one per distinct layer call, named and profiled as ``tune_model`` named them (the recorded
+    profile, ``PATH#LAYER+LAYER``), their specs the layers' (dtype and TF32 included).
+
+    Raises:
+        ValueError: the manifest has no ``"model"`` entry (a library not made by ``tune_model``).
+    """
+    import json
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    model = manifest.get("model")
+    if not model:
+        raise ValueError(f"{manifest_path}: no \"model\" entry; a library of deft_tvm.tune_model or "
+                         f"`deft-tvm tune --model` has one")
+    layers: dict[str, list[str]] = {}
+    specs = {}
+    for layer, entry in model["layers"].items():
+        layers.setdefault(entry["workload"], []).append(layer)
+        specs[entry["workload"]] = DeformConvSpec.from_dict(entry["spec"])
+    return [Workload(name, specs[name], f"{model['profile']}#{'+'.join(names)}",
+                     f"layers {', '.join(names)} of {model['name']}") for name, names in layers.items()]
+
+
 def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | Path = LIBRARY_NAME,
                device: str | torch.device | None = None, backward: bool = True, logs: str | Path | None = None,
                max_batches: int | None = None, trials_per_round: int = 32, seed: int | None = None,
@@ -144,6 +169,7 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
         ValueError: the model has no DCN layer, or none was called, or ``inputs`` gave no batch.
     """
     from deft_tvm.frontend.convert import convert_model
+    from deft_tvm.runtime.kernel_cache import UntunedKernelWarning
     from deft_tvm.runtime.library import export_library, load_library
     from deft_tvm.runtime.records import record_roots, user_root
     from deft_tvm.runtime.targets import target_for_device
@@ -154,8 +180,10 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
     target = target_for_device(device)
     out, logs = Path(out).resolve(), Path(logs or user_root())
     model_name = type(model).__name__
-    profile = collect(convert_model(copy.deepcopy(model)), _batches(inputs, max_batches), seed=check_seed,
-                      source=f"tune_model({model_name})")
+    with warnings.catch_warnings():  # the layers run untuned here: that is what this call is about to change
+        warnings.simplefilter("ignore", UntunedKernelWarning)
+        profile = collect(convert_model(copy.deepcopy(model)), _batches(inputs, max_batches), seed=check_seed,
+                          source=f"tune_model({model_name})")
     profile_path = profile.save(out / PROFILE_FILE)
     workloads, layers = _layer_workloads(profile, profile_path, model_name, device)
     cuda = target.kind.name == "cuda"
