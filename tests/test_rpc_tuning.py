@@ -1,6 +1,6 @@
 """Tuning through TVM's RPC tracker (``deft-tvm tune --rpc-tracker HOST:PORT --rpc-key KEY``): a
-tracker and two CPU servers on loopback, started and stopped here; a search's candidates run on
-both servers, and the command line names a bad tracker address."""
+tracker and two CPU servers on loopback, started and stopped here; a search's seed (the default
+schedule) and candidates run on both servers, and the command line names a bad tracker address."""
 
 from __future__ import annotations
 
@@ -61,15 +61,17 @@ def tracker(tmp_path):
             process.wait(timeout=30)
 
 
-def test_a_search_measures_its_candidates_on_every_server_of_the_key(tracker, tmp_path):
+def test_a_search_measures_its_seed_and_candidates_on_every_server_of_the_key(tracker, tmp_path):
     config, server_logs = tracker
     workload = get_workload("test_paper_small")
     directory = tmp_path / "db"
     result = tune(workload.spec, workload.profile, target_for_device("cpu"), directory, 5, trials_per_round=4,
                   rpc=config)
     assert result.new_trials == 4 and record_count(directory) == 5 and best_time(directory) is not None
+    # One uploaded candidate per session: the default schedule (the search's seed; measured as the day's default
+    # and the refinements are, search._measure_candidates) and the 4 searched, on both servers.
     sessions = [len(re.findall(r"load_module", log.read_text())) for log in server_logs]
-    assert sum(sessions) == 4 and min(sessions) >= 1, sessions  # one uploaded candidate per session, on both
+    assert sum(sessions) == 5 and min(sessions) >= 1, sessions
 
 
 def test_a_tracker_without_servers_under_the_key_says_which_keys_it_has(tracker):

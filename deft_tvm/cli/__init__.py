@@ -197,15 +197,16 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     directory = database_dir(args.logs, spec, target, part)
     label = f"{name} {spec.dtype}" + ("" if part == "forward" else f" {part}")
     print(f"tune     {label} on {tag}: {kernel_key(spec, part)} (offsets: {workload.profile}) -> {directory}")
+    rpc = _rpc(args)
     result = tune(spec, workload.profile, target, directory, args.trials, trials_per_round=args.trials_per_round,
-                  seed=args.seed, part=part, rpc=_rpc(args), verbose=args.verbose)
+                  seed=args.seed, part=part, rpc=rpc, verbose=args.verbose)
     measured = {}
     source = _seed_source(args, name, spec, target, part)
     if source is not None:
         folder = (spec, workload.profile, directory, source, database_dir(args.logs, source, target, part))
-        measured["transfer"] = transfer([folder], target, part).get(directory, {})
-    measured["default"] = current_default([(spec, workload.profile, directory)], target, part).get(directory, {})
-    measured["refine"] = refine([(spec, workload.profile, directory)], target, part).get(directory, {})
+        measured["transfer"] = transfer([folder], target, part, rpc=rpc).get(directory, {})
+    measured["default"] = current_default([(spec, workload.profile, directory)], target, part, rpc).get(directory, {})
+    measured["refine"] = refine([(spec, workload.profile, directory)], target, part, rpc).get(directory, {})
     for step, candidates in measured.items():
         for candidate, seconds in candidates.items():
             print(f"{step:<8} {candidate}: " + (f"{seconds * 1e3:.4f} ms" if seconds is not None else "failed to build or run"))

@@ -91,8 +91,8 @@ def _tune_part(workload: Workload, target, part: str, logs: Path, trials: int, t
     with tqdm(total=trials, desc=f"{workload.name} {part}", unit="trial", disable=not progress) as bar:
         tune(spec, workload.profile, target, directory, trials, trials_per_round=trials_per_round, seed=seed,
              part=part, bar=bar, rpc=rpc, verbose=verbose)
-        current_default([(spec, workload.profile, directory)], target, part)
-        refine([(spec, workload.profile, directory)], target, part)
+        current_default([(spec, workload.profile, directory)], target, part, rpc)
+        refine([(spec, workload.profile, directory)], target, part, rpc)
         best, default = (None if s is None else s * 1e3
                          for s in (best_time(directory), default_time(spec, target, directory, part)))
         bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)}")

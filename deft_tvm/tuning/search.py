@@ -35,7 +35,7 @@ from tvm.s_tir import meta_schedule as ms
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, kernel_key
 from deft_tvm.runtime.records import commit_schedule, open_database, target_tag, write_spec
-from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, kernel_compilation
+from deft_tvm.runtime.targets import exact_cuda_compilation, kernel_compilation
 
 TUNING_FILE = "tuning.json"
 FAILED_SECONDS = 1e10  # the run time MetaSchedule's databases give a candidate that failed to build or run
@@ -203,31 +203,37 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, _params):
         return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def measure(spec: DeformConvSpec, profile: str, target: tvm.target.Target, sch, part: str = "forward") -> float:
-    """Mean seconds per call of ``sch`` (a schedule of ``spec``'s ``part``) on ``profile`` inputs,
-    timed as the tuning runner times candidates (on this machine's device of ``target``'s kind)."""
-    mod = compile_kernel(sch.mod, target).mod
-    device = tvm.cuda(0) if target.kind.name == "cuda" else tvm.cpu(0)
-    args_info = [info.as_json() for info in ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])]
-    args = ProfileInputs(spec, profile, part=part)(device, args_info, 1)[0]
-    config = _evaluator_config(target)
-    timer = mod.time_evaluator("main", device, number=config.number, repeat=config.repeat,
-                               min_repeat_ms=config.min_repeat_ms)
-    return float(sum(timer(*args).results) / config.repeat)
-
-
 def _seed_database(spec: DeformConvSpec, profile: str, target: tvm.target.Target, directory: Path,
-                   part: str) -> float:
-    """Measure ``schedules.search_start`` (the default schedule as a point of the design space) and store
-    it as the database's first record: the evolutionary search draws part of its initial
-    population from measured records, so it starts from (and never ends worse than) the default.
-    Returns its time in seconds."""
+                   part: str, rpc: ms.runner.RPCConfig | None = None) -> float:
+    """Measure ``schedules.search_start`` (the default schedule as a point of the design space) as
+    the search's candidates are measured (``_measure_candidates``: here, or with ``rpc`` on a
+    tracker's device) and store it as the database's first record: the evolutionary search draws
+    part of its initial population from measured records, so it starts from (and never ends worse
+    than) the default. Returns its time in seconds.
+
+    Raises:
+        RuntimeError: the default schedule failed to build or run.
+    """
     from deft_tvm.schedules import search_start
 
-    sch = search_start(spec, target, part)
-    seconds = measure(spec, profile, target, sch, part)
-    commit_schedule(directory, spec, sch, target, seconds, part)
+    seconds = _measure_candidates({directory: (spec, profile, [("default", search_start(spec, target, part))])},
+                                  target, part, rpc)[directory]["default"]
+    if seconds is None:
+        raise RuntimeError(f"{kernel_key(spec, part)}: the default schedule failed to build or run "
+                           f"({'RPC tracker ' + rpc.tracker_host if rpc else 'this machine'})")
     return seconds
+
+
+def _runner(spec: DeformConvSpec, profile: str, target: tvm.target.Target, part: str,
+            rpc: ms.runner.RPCConfig | None) -> ms.runner.Runner:
+    """The runner that times candidates of ``spec``'s ``part`` on ``profile`` inputs: this machine's
+    device (``ProfileInputs``), or with ``rpc`` the tracker's devices of its key, as many at once as
+    it has servers (``RemoteProfileInputs``, drawn here and copied there)."""
+    if rpc is None:
+        return ms.runner.LocalRunner(evaluator_config=_evaluator_config(target),
+                                     f_alloc_argument=ProfileInputs(spec, profile, part=part))
+    return ms.runner.RPCRunner(rpc, _evaluator_config(target), max_workers=rpc_devices(rpc),
+                               f_alloc_argument=RemoteProfileInputs(spec, profile, part=part))
 
 
 def _evaluator_config(target: tvm.target.Target) -> ms.runner.EvaluatorConfig:
@@ -315,7 +321,8 @@ def _held_traces(directory: Path) -> set[str]:
     return {str(record.trace) for record in open_database(directory).get_all_tuning_records()}
 
 
-def current_default(folders, target: tvm.target.Target, part: str = "forward") -> dict[Path, dict[str, float | None]]:
+def current_default(folders, target: tvm.target.Target, part: str = "forward",
+                    rpc: ms.runner.RPCConfig | None = None) -> dict[Path, dict[str, float | None]]:
     """Measure today's default schedule (``schedules.search_start``) in each of ``folders`` (``(spec,
     profile, directory)`` triples of existing tuning databases) that does not hold it yet, and store
     it as a record: a folder tuned before the default improved then never keeps a best slower than
@@ -334,10 +341,11 @@ def current_default(folders, target: tvm.target.Target, part: str = "forward") -
         sch = search_start(spec, target, part)
         if str(sch.trace) not in held:
             jobs[directory] = (spec, profile, [("default", sch)])
-    return _measure_candidates(jobs, target, part)
+    return _measure_candidates(jobs, target, part, rpc)
 
 
-def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Path, dict[str, float | None]]:
+def refine(folders, target: tvm.target.Target, part: str = "forward",
+           rpc: ms.runner.RPCConfig | None = None) -> dict[Path, dict[str, float | None]]:
     """Measure the ``schedules.refinements`` of the fastest record of each of ``folders`` (``(spec,
     profile, directory)`` triples of tuning databases) and store them as records of their folder,
     so that a faster one becomes its best. Candidates are built in parallel and run one at a time,
@@ -361,11 +369,11 @@ def refine(folders, target: tvm.target.Target, part: str = "forward") -> dict[Pa
                       if str(sch.trace) not in held]
         if candidates:
             jobs[directory] = (spec, profile, candidates)
-    return _measure_candidates(jobs, target, part)
+    return _measure_candidates(jobs, target, part, rpc)
 
 
-def transfer(folders, target: tvm.target.Target, part: str = "forward",
-             top: int = 3) -> dict[Path, dict[str, float | None]]:
+def transfer(folders, target: tvm.target.Target, part: str = "forward", top: int = 3,
+             rpc: ms.runner.RPCConfig | None = None) -> dict[Path, dict[str, float | None]]:
     """Measure, as points of each folder's design space, the tilings that the ``top`` fastest
     records of a database of the same layer in another dtype decided (``schedules.transferred``:
     float16 records for bfloat16, whose fragments are the same) and store them as records of the
@@ -392,13 +400,15 @@ def transfer(folders, target: tvm.target.Target, part: str = "forward",
                 break
         if candidates:
             jobs[directory] = (spec, profile, candidates)
-    return _measure_candidates(jobs, target, part)
+    return _measure_candidates(jobs, target, part, rpc)
 
 
-def _measure_candidates(jobs: dict, target: tvm.target.Target, part: str) -> dict[Path, dict[str, float | None]]:
+def _measure_candidates(jobs: dict, target: tvm.target.Target, part: str,
+                        rpc: ms.runner.RPCConfig | None = None) -> dict[Path, dict[str, float | None]]:
     """Build ``jobs`` (``{directory: (spec, profile, [(label, schedule)])}``) in parallel, run
-    them one at a time on their profile's inputs (``ProfileInputs``) as the tuning runner runs a
-    round, and store each as a record of its folder (a failed one at ``FAILED_SECONDS``)."""
+    them on their profile's inputs as the tuning runner runs a round (``_runner``: one at a time on
+    this machine's device, or with ``rpc`` on the tracker's devices), and store each as a record of
+    its folder (a failed one at ``FAILED_SECONDS``)."""
     if not jobs:
         return {}
     with exact_cuda_compilation():
@@ -409,8 +419,7 @@ def _measure_candidates(jobs: dict, target: tvm.target.Target, part: str) -> dic
     for directory, (spec, profile, candidates) in jobs.items():  # one runner per folder: its profile's inputs
         builds = [next(built) for _ in candidates]
         runnable = [(label, sch, build) for (label, sch), build in zip(candidates, builds) if build.error_msg is None]
-        runner = ms.runner.LocalRunner(evaluator_config=_evaluator_config(target),
-                                       f_alloc_argument=ProfileInputs(spec, profile, part=part))
+        runner = _runner(spec, profile, target, part, rpc)
         futures = runner.run([ms.runner.RunnerInput(build.artifact_path, device_type,
                                                     ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]))
                               for _, sch, build in runnable]) if runnable else []
@@ -484,8 +493,8 @@ def tune(
     Progress: a line per round, or given ``bar`` (a tqdm-like progress bar of ``trials``), its
     advance by the trials measured (the folder's records first). The search's candidates are built
     here in parallel and run on this machine's device, or with ``rpc`` (``rpc_config``) on the
-    devices of a TVM RPC tracker's key, as many at once as it has servers (``rpc_devices``); the
-    seed (the default schedule) is measured here. MetaSchedule's own log (its task tables, the
+    devices of a TVM RPC tracker's key, as many at once as it has servers (``rpc_devices``), the
+    seed (the default schedule) too. MetaSchedule's own log (its task tables, the
     cost model's lines) reaches the console only with ``verbose``."""
     from deft_tvm.schedules import register_tensor_intrinsics
 
@@ -504,7 +513,7 @@ def tune(
         bar.update(min(already, trials))
     if already == 0 and space == "deft" and trials > 0:
         start = time.perf_counter()
-        seconds = _seed_database(spec, profile, target, directory, part)
+        seconds = _seed_database(spec, profile, target, directory, part, rpc)
         if bar is None:
             print(f"[tune {label}] 1 trial: the default schedule as the search's start, {seconds * 1e3:.4f} ms",
                   flush=True)
@@ -521,13 +530,7 @@ def tune(
         return TuningResult(directory, already, 0, best_time(directory), 0.0, rounds)
 
     mod = kernel_primfunc(spec, part)
-    if rpc is None:
-        runner = ms.runner.LocalRunner(
-            evaluator_config=_evaluator_config(target), f_alloc_argument=ProfileInputs(spec, profile, part=part),
-        )
-    else:
-        runner = ms.runner.RPCRunner(rpc, _evaluator_config(target), max_workers=rpc_devices(rpc),
-                                     f_alloc_argument=RemoteProfileInputs(spec, profile, part=part))
+    runner = _runner(spec, profile, target, part, rpc)
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(population, 32), genetic_num_iters=2,
     )
