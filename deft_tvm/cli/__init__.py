@@ -189,37 +189,29 @@ def _tune_kernel(args, target, name: str, workload, part: str):
     """Tune one kernel of a workload and write its readable schedule; its ``KernelEntry``, or None
     when no candidate ran."""
     from deft_tvm.runtime.library import KernelEntry
-    from deft_tvm.runtime.records import best_schedule, database_dir, target_tag
-    from deft_tvm.tuning.search import best_time, current_default, record_count, refine, transfer, tune
+    from deft_tvm.runtime.records import database_dir, target_tag
+    from deft_tvm.tuning.search import record_count, tune_kernel
 
     tag = target_tag(target)
     spec = part_spec(workload, target, part)
     directory = database_dir(args.logs, spec, target, part)
     label = f"{name} {spec.dtype}" + ("" if part == "forward" else f" {part}")
     print(f"tune     {label} on {tag}: {kernel_key(spec, part)} (offsets: {workload.profile}) -> {directory}")
-    rpc = _rpc(args)
-    result = tune(spec, workload.profile, target, directory, args.trials, trials_per_round=args.trials_per_round,
-                  seed=args.seed, part=part, rpc=rpc, verbose=args.verbose)
-    measured = {}
     source = _seed_source(args, name, spec, target, part)
-    if source is not None:
-        folder = (spec, workload.profile, directory, source, database_dir(args.logs, source, target, part))
-        measured["transfer"] = transfer([folder], target, part, rpc=rpc).get(directory, {})
-    measured["default"] = current_default([(spec, workload.profile, directory)], target, part, rpc).get(directory, {})
-    measured["refine"] = refine([(spec, workload.profile, directory)], target, part, rpc).get(directory, {})
-    for step, candidates in measured.items():
+    done = tune_kernel(spec, workload.profile, target, directory, args.trials, trials_per_round=args.trials_per_round,
+                       seed=args.seed, part=part, rpc=_rpc(args), verbose=args.verbose,
+                       seed_from=None if source is None else (source, database_dir(args.logs, source, target, part)))
+    for step, candidates in done.measured.items():
         for candidate, seconds in candidates.items():
             print(f"{step:<8} {candidate}: " + (f"{seconds * 1e3:.4f} ms" if seconds is not None else "failed to build or run"))
-    _, sch = best_schedule(directory, target)
-    if sch is None:
-        print(f"error    no successful candidate for {label} in {result.trials} trials")
+    if done.schedule is None:
+        print(f"error    no successful candidate for {label} in {done.search.trials} trials")
         return None
-    readable = write_readable_schedule(args.schedules, tag, name, spec, sch, part)
-    best_s = best_time(directory)  # refinements included
-    best = f"{best_s * 1e3:.4f} ms" if best_s is not None else "n/a"
-    print(f"best     {best} of {record_count(directory)} records ({result.new_trials} new from the search in "
-          f"{result.seconds:.0f} s); schedule: {readable}")
-    return KernelEntry(spec, sch.mod["main"], origin=str(directory), part=part)
+    readable = write_readable_schedule(args.schedules, tag, name, spec, done.schedule, part)
+    best = f"{done.best_s * 1e3:.4f} ms" if done.best_s is not None else "n/a"  # refinements included
+    print(f"best     {best} of {record_count(directory)} records ({done.search.new_trials} new from the search in "
+          f"{done.search.seconds:.0f} s); schedule: {readable}")
+    return KernelEntry(spec, done.schedule.mod["main"], origin=str(directory), part=part)
 
 
 def _kept_fused_record(args, target, name: str, spec) -> dict | None:

@@ -82,22 +82,19 @@ def _tune_part(workload: Workload, target, part: str, logs: Path, trials: int, t
     from tqdm import tqdm
 
     from deft_tvm.runtime.library import KernelEntry
-    from deft_tvm.runtime.records import best_schedule, database_dir
+    from deft_tvm.runtime.records import database_dir
     from deft_tvm.tuning.export import part_spec
-    from deft_tvm.tuning.search import best_time, current_default, default_time, refine, tune
+    from deft_tvm.tuning.search import tune_kernel
 
     spec = part_spec(workload, target, part)
     directory = database_dir(logs, spec, target, part)
     with tqdm(total=trials, desc=f"{workload.name} {part}", unit="trial", disable=not progress) as bar:
-        tune(spec, workload.profile, target, directory, trials, trials_per_round=trials_per_round, seed=seed,
-             part=part, bar=bar, rpc=rpc, verbose=verbose)
-        current_default([(spec, workload.profile, directory)], target, part, rpc)
-        refine([(spec, workload.profile, directory)], target, part, rpc)
-        best, default = (None if s is None else s * 1e3
-                         for s in (best_time(directory), default_time(spec, target, directory, part)))
+        done = tune_kernel(spec, workload.profile, target, directory, trials, trials_per_round=trials_per_round,
+                           seed=seed, part=part, bar=bar, rpc=rpc, verbose=verbose)
+        best, default = (None if s is None else s * 1e3 for s in (done.best_s, done.default_s))
         bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)}")
-    _, sch = best_schedule(directory, target)
-    entry = None if sch is None else KernelEntry(spec, sch.mod["main"], origin=str(directory), part=part)
+    entry = None if done.schedule is None else KernelEntry(spec, done.schedule.mod["main"], origin=str(directory),
+                                                           part=part)
     return entry, best, default
 
 

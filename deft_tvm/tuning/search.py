@@ -562,3 +562,41 @@ def tune(
     })
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return TuningResult(directory, record_count(directory), progress.new, best_time(directory), seconds, progress.rounds)
+
+
+@dataclasses.dataclass
+class KernelTuning:
+    """What ``tune_kernel`` did: the search (``TuningResult``), the candidates measured after it
+    (``{step: {label: seconds, or None where it failed}}``, steps ``transfer``, ``default`` and
+    ``refine``), the folder's best and default times (s; None where none ran) and its best schedule
+    (None where no candidate ran)."""
+
+    search: TuningResult
+    measured: dict[str, dict[str, float | None]]
+    best_s: float | None
+    default_s: float | None
+    schedule: tvm.s_tir.Schedule | None
+
+
+def tune_kernel(spec: DeformConvSpec, profile: str, target: tvm.target.Target, directory: Path, trials: int, *,
+                trials_per_round: int = 32, seed: int | None = None, part: str = "forward", bar=None,
+                rpc: ms.runner.RPCConfig | None = None, verbose: bool = False,
+                seed_from: tuple[DeformConvSpec, Path] | None = None) -> KernelTuning:
+    """A kernel's whole tuning, as ``deft-tvm tune`` and ``tune_model`` run it: ``tune`` (the search,
+    resumed up to ``trials`` records), then, where ``seed_from`` (``(source spec, its database
+    folder)``) is given, the ``transfer`` of its fastest records, ``current_default`` (today's
+    default, where the folder does not hold it) and ``refine`` (the best's refinements), all measured
+    as the search's candidates (here, or on ``rpc``'s devices)."""
+    from deft_tvm.runtime.records import best_schedule
+
+    directory = Path(directory)
+    search = tune(spec, profile, target, directory, trials, trials_per_round=trials_per_round, seed=seed, part=part,
+                  bar=bar, rpc=rpc, verbose=verbose)
+    folder = (spec, profile, directory)
+    measured = {}
+    if seed_from is not None:
+        measured["transfer"] = transfer([(*folder, *seed_from)], target, part, rpc=rpc).get(directory, {})
+    measured["default"] = current_default([folder], target, part, rpc).get(directory, {})
+    measured["refine"] = refine([folder], target, part, rpc).get(directory, {})
+    return KernelTuning(search, measured, best_time(directory), default_time(spec, target, directory, part),
+                        best_schedule(directory, target)[1])
