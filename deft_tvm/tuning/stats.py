@@ -404,19 +404,23 @@ class _Histogram:
         return cls(lo, width, tuple(counts), min(q["min"] for q in found), max(q["max"] for q in found))
 
     def sample(self, count: int, generator: torch.Generator, device) -> torch.Tensor:
-        """``[count]`` float64 draws on ``device``: a bin by its count, then uniform within it."""
+        """``[count]`` float64 draws on ``device``: a bin by its count, then uniform within it; drawn
+        where ``generator`` draws (the CPU, as ``OffsetProfile``'s: the same draws for any
+        ``device``) and moved there."""
+        on = generator.device
         if count == 0:
             return torch.empty(0, dtype=torch.float64, device=device)
         inner = len(self.counts) - 2
         hi = self.lo + inner * self.width
-        edges = self.lo + self.width * torch.arange(inner, dtype=torch.float64, device=device)
-        lower = torch.cat((torch.tensor([self.min], dtype=torch.float64, device=device), edges,
-                           torch.tensor([hi], dtype=torch.float64, device=device)))
-        widths = torch.full((inner + 2,), self.width, dtype=torch.float64, device=device)
+        edges = self.lo + self.width * torch.arange(inner, dtype=torch.float64, device=on)
+        lower = torch.cat((torch.tensor([self.min], dtype=torch.float64, device=on), edges,
+                           torch.tensor([hi], dtype=torch.float64, device=on)))
+        widths = torch.full((inner + 2,), self.width, dtype=torch.float64, device=on)
         widths[0], widths[-1] = max(self.lo - self.min, 0.0), max(self.max - hi, 0.0)
-        weights = torch.tensor(self.counts, dtype=torch.float64, device=device)
+        weights = torch.tensor(self.counts, dtype=torch.float64, device=on)
         pick = torch.multinomial(weights, count, replacement=True, generator=generator)
-        return lower[pick] + widths[pick] * torch.rand(count, generator=generator, dtype=torch.float64, device=device)
+        draws = lower[pick] + widths[pick] * torch.rand(count, generator=generator, dtype=torch.float64, device=on)
+        return draws.to(device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,8 +463,8 @@ class EmpiricalProfile:
         """Mask values of ``shape``."""
         shape = tuple(shape)
         if self.mask is None:
-            draws = torch.randn(shape, generator=generator, dtype=torch.float64, device=device)
-            return torch.sigmoid(draws).to(dtype)
+            draws = torch.randn(shape, generator=generator, dtype=torch.float64)
+            return torch.sigmoid(draws).to(dtype=dtype, device=device)
         return self.mask.sample(math.prod(shape), generator, device).reshape(shape).to(dtype)
 
 
