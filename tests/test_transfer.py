@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import tvm
 from tvm import s_tir
 
 import deft_tvm.schedules

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from deft_tvm.tuning.workloads import PROFILES, get_workload
 from helpers import make_case
 
 SMALL = get_workload("test_paper_small")
+RECORDED_PROFILE = Path(__file__).parents[1] / "tuning_logs" / "profiles" / "digits_dcn.json"  # two layers
 
 
 def _args_info(spec):
@@ -67,6 +69,26 @@ def test_cpu_tuning_writes_a_resumable_database(tmp_path, isolated_cache):
     assert again.new_trials == 0 and record_count(directory) == 3  # resumed: nothing left to run
     with pytest.raises(ValueError, match=r"tuned with offset profile 'normal_2px', not 'normal_8px'"):
         tune(SMALL.spec, "normal_8px", target, directory, trials=4)
+
+
+def test_a_database_knows_a_recorded_profile_by_its_statistics_not_its_path(tmp_path, isolated_cache):
+    target = target_for_device("cpu")
+    directory = records.database_dir(tmp_path / "logs", SMALL.spec, target)
+    saved = json.loads(RECORDED_PROFILE.read_text())
+    first, moved, retrained = (tmp_path / name / "profile.json" for name in ("first", "moved", "retrained"))
+    for path, layers in ((first, saved["layers"]), (moved, saved["layers"]),
+                         (retrained, {"4": saved["layers"]["8"]})):  # another layer's offsets under the name "4"
+        path.parent.mkdir()
+        path.write_text(json.dumps({**saved, "layers": layers}))
+    assert tune(SMALL.spec, f"{first}#4", target, directory, trials=1).trials == 1  # the default schedule
+    # The same statistics saved elsewhere (another checkout, another --out) resume the folder ...
+    again = tune(SMALL.spec, f"{moved}#4", target, directory, trials=1)
+    assert again.new_trials == 0 and again.trials == 1
+    # ... other statistics do not, whatever the path.
+    with pytest.raises(ValueError, match=r"tuned with offset profile '.*first/profile.json#4' \(statistics "
+                                         r"sha256:[0-9a-f]{16}\), not '.*retrained/profile.json#4' \(statistics "
+                                         r"sha256:[0-9a-f]{16}\); use another folder"):
+        tune(SMALL.spec, f"{retrained}#4", target, directory, trials=2)
 
 
 @pytest.mark.parametrize("name", ["test_paper_small", "test_asymmetric"])

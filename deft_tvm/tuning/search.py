@@ -36,6 +36,7 @@ from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, kernel_key
 from deft_tvm.runtime.records import commit_schedule, open_database, target_tag, write_spec
 from deft_tvm.runtime.targets import exact_cuda_compilation, kernel_compilation
+from deft_tvm.tuning.stats import profile_digest
 
 TUNING_FILE = "tuning.json"
 FAILED_SECONDS = 1e10  # the run time MetaSchedule's databases give a candidate that failed to build or run
@@ -459,16 +460,20 @@ class TuningResult:
     rounds: list[dict]
 
 
-def _check_folder(directory: Path, meta: dict, **wanted: str) -> None:
-    """Refuse to resume a database tuned with another offset profile or design space."""
-    recorded = {"profile": meta["profile"], "space": meta.get("space", "deft")}  # older folders: the DefT space
-    labels = {"profile": "offset profile", "space": "design space"}
-    for field, value in wanted.items():
-        if recorded[field] != value:
-            raise ValueError(
-                f"{directory} was tuned with {labels[field]} {recorded[field]!r}, not {value!r}; "
-                f"use another folder for another {labels[field]}"
-            )
+def _check_folder(directory: Path, meta: dict, profile: str, space: str) -> None:
+    """Refuse to resume a database tuned on another offset distribution (``tuning.stats.
+    profile_digest``: a recorded profile is its statistics, wherever it is saved; folders from
+    before the digest compare the profiles' names) or on another design space."""
+    digest, recorded = profile_digest(profile), meta.get("profile_digest")
+    if (recorded != digest) if recorded is not None else (meta["profile"] != profile):
+        was, now = (f"{name!r}" + (f" (statistics {statistics})" if statistics not in (None, name) else "")
+                    for name, statistics in ((meta["profile"], recorded), (profile, digest)))
+        raise ValueError(f"{directory} was tuned with offset profile {was}, not {now}; use another folder (--logs) "
+                         f"for another offset profile")
+    recorded_space = meta.get("space", "deft")  # older folders: the DefT space
+    if recorded_space != space:
+        raise ValueError(f"{directory} was tuned with design space {recorded_space!r}, not {space!r}; "
+                         f"use another folder for another design space")
 
 
 def tune(
@@ -506,7 +511,9 @@ def tune(
     meta_path = directory / TUNING_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "space": space,
                                                                            "sessions": []}
-    _check_folder(directory, meta, profile=profile, space=space)
+    _check_folder(directory, meta, profile, space)
+    meta["profile_digest"] = profile_digest(profile)  # before any record: a resumed folder is checked
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     label = f"{kernel_key(spec, part)} {target.kind.name}"
     rounds = []  # the seed's, then the search's (ProgressReport)
     if bar is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -374,6 +375,22 @@ def halo_for(layer_stats: dict, tile: tuple[int, int], target_fraction: float) -
         if samples and covered / samples >= target_fraction:
             return halo
     return None
+
+
+def profile_digest(name: str) -> str:
+    """What a tuning database remembers of the offset distribution ``name`` names
+    (``offset_profile``): a synthetic profile's name, or ``sha256:`` and 16 hex digits of a recorded
+    one's pooled histograms (bins, counts, min, max), so the same statistics saved at another path
+    are the same profile and other statistics saved at the same path are not.
+
+    Raises: as ``offset_profile``.
+    """
+    profile = offset_profile(name)
+    if isinstance(profile, OffsetProfile):
+        return name
+    fields = {field: dataclasses.asdict(histogram) if histogram is not None else None
+              for field, histogram in (("dy", profile.dy), ("dx", profile.dx), ("mask", profile.mask))}
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
