@@ -256,6 +256,24 @@ def test_the_command_reports_the_chosen_halos_coverage_and_writes_the_record(tmp
     assert DataTiling(**written["data"]) == chosen
 
 
+def test_tune_model_resumes_a_fused_search_on_the_same_statistics_and_gpu(tmp_path, monkeypatch):
+    from deft_tvm.tuning import model
+
+    workload = get_workload("r50dcn_c4", "float16")
+    search, searched = fused_backward.tune_fused_backward, []
+    monkeypatch.setattr(fused_backward, "tune_fused_backward",
+                        lambda *a, **k: searched.append(a[1:4]) or search(*a, measure=_fake_measure(3, 2), **k))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    first = model._tune_fused(workload, TARGET, tmp_path)
+    assert model._tune_fused(workload, TARGET, tmp_path) == first and len(searched) == 1  # resumed
+    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path)  # other statistics
+    assert searched[-1] == ("normal_8px", TARGET, "a GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "another GPU")
+    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path)
+    assert searched[-1] == ("normal_8px", TARGET, "another GPU")
+    assert records.fused_backward_record(workload.spec, TARGET, [tmp_path])["device"] == "another GPU"
+
+
 def test_the_search_never_takes_a_rejected_candidate():
     spec = get_workload("r50dcn_c4", "float16").spec
     data, weight = data_space(spec, PROFILE), weight_space(spec)

@@ -44,6 +44,7 @@ from deft_tvm.schedules.cuda_backward_fused import (
     fused_backward_module,
     padded_positions,
 )
+from deft_tvm.tuning.stats import profile_digest
 from deft_tvm.tuning.timing import gpu_ms
 
 HALOS = (2, 3, 4)  # px, the data kernel's halos searched (with the default's) where no offset profile is given
@@ -492,11 +493,12 @@ def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.T
                         kept: dict | None = None) -> dict:
     """The record of ``spec``'s fastest data and weight tilings on ``target`` (``measure``: the
     candidates' times, ``measure_candidates`` on a GPU; None for a rejected one): the spec, the
-    profile, the device, the two tilings, and every candidate with its time (ms, or None): the
-    two spaces', then the fastest ones' with more loads in flight (``refine_load_batch``), then the
-    fastest data tiling's with other weight stages (``refine_stages``), then in other tile shapes
-    (``refine_tiles``), then with wider chunks (``refine_chunks``), and the fastest weight tiling's
-    with deeper steps (``refine_steps``). Only the ``kernels`` named are searched ("data",
+    profile (its name and statistics, ``tuning.stats.profile_digest``), the device, the two
+    tilings, and every candidate with its time (ms, or None): the two spaces', then the fastest
+    ones' with more loads in flight (``refine_load_batch``), then the fastest data tiling's with
+    other weight stages (``refine_stages``), then in other tile shapes (``refine_tiles``), then with
+    wider chunks (``refine_chunks``), and the fastest weight tiling's with deeper steps
+    (``refine_steps``). Only the ``kernels`` named are searched ("data",
     "weight"); the other's tiling and times are those of ``kept``, an earlier record of ``spec``
     (the two kernels are independent). Raises ValueError for other kernel names, or for a kernel
     left out without a record of ``spec`` to keep it from."""
@@ -508,7 +510,8 @@ def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.T
     data = data_space(spec, profile) if "data" in kernels else []
     weight = weight_space(spec) if "weight" in kernels else []
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
-    record = {"spec": spec.to_dict(), "profile": profile, "device": device_name, "target": str(target.attrs["arch"])}
+    record = {"spec": spec.to_dict(), "profile": profile, "profile_digest": profile_digest(profile),
+              "device": device_name, "target": str(target.attrs["arch"])}
     if "data" in kernels:
         data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
         data, data_ms, best_data = refine_stages(spec, profile, target, data, data_ms, best_data, measure)

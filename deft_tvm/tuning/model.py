@@ -100,13 +100,19 @@ def _tune_part(workload: Workload, target, part: str, logs: Path, trials: int, t
 
 def _tune_fused(workload: Workload, target, logs: Path) -> tuple[float, float]:
     """The fused CUDA backward's tilings of ``workload`` searched on its profile and recorded under
-    ``logs``; returns (best, default) grad_data + grad_weight time (ms)."""
-    from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
+    ``logs``, or the record there resumed where it was searched on the same statistics
+    (``tuning.stats.profile_digest``) and the same GPU; returns (best, default) grad_data +
+    grad_weight time (ms)."""
+    from deft_tvm.runtime.records import fused_backward_dir, fused_backward_record, write_fused_backward
     from deft_tvm.tuning.fused_backward import KERNELS, tune_fused_backward
+    from deft_tvm.tuning.stats import profile_digest
 
-    spec = dataclasses.replace(workload.spec, layout="NCHW")
-    record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name())
-    write_fused_backward(fused_backward_dir(logs, spec, target), record)
+    spec, device_name = dataclasses.replace(workload.spec, layout="NCHW"), torch.cuda.get_device_name()
+    record = fused_backward_record(spec, target, [logs])
+    searched_on = (profile_digest(workload.profile), device_name)
+    if record is None or (record.get("profile_digest"), record["device"]) != searched_on:
+        record = tune_fused_backward(spec, workload.profile, target, device_name)
+        write_fused_backward(fused_backward_dir(logs, spec, target), record)
     best = sum(min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in KERNELS)
     return best, sum(record[f"{kind}_ms"][0][1] for kind in KERNELS)
 
@@ -152,7 +158,8 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
     make it. Its forward is tuned by MetaSchedule (``trials`` records per kernel, databases under
     ``logs``, default: the user's tuning directory, ``records.user_root``), and with ``backward``
     its backward too (CUDA: the fused backward's tilings, ``tuning.fused_backward``; CPU: the
-    gradient kernels). The tuned kernels, the defaults of the rest (the configurations' kernels
+    gradient kernels). A call resumes what an earlier one left under ``logs`` on the same
+    statistics: the databases up to ``trials`` records, the fused searches done on the same GPU. The tuned kernels, the defaults of the rest (the configurations' kernels
     that serve other sizes) and the kernels run beside them go into ``out/deft_kernels.so``, with a
     manifest (``out/deft_kernels.json``) whose ``"model"`` names the model, each layer's kernel
     spec and the profile; the library is loaded (``deft_tvm.load_library``) and every workload's
