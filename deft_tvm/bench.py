@@ -75,6 +75,7 @@ from deft_tvm.compute.spec import SUPPORTED_DTYPES
 from deft_tvm.frontend.functional import deform_conv2d
 from deft_tvm.reference.forward import deform_conv2d_reference
 from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.kernel_cache import tf32_mode
 from deft_tvm.runtime.records import best_schedule, database_dir, record_roots
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.tuning.search import tune
@@ -247,18 +248,6 @@ def providers(workload, device: str, kernels: dict, mode: str = FORWARD) -> dict
     gen = torch.Generator().manual_seed(1)
     grad_output = torch.randn(spec.output_shape, generator=gen).to(dtype=getattr(torch, spec.dtype), device=device)
     return {name: _forward_backward(fn, leaves, grad_output) for name, fn in calls.items()}
-
-
-@contextlib.contextmanager
-def tf32_mode(mode: str):
-    """While active, TF32 in cuDNN and matmuls is on (``"on"``), off (``"off"``) or left as is (``"n/a"``)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if mode != "n/a":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "on"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @contextlib.contextmanager
@@ -540,13 +529,15 @@ def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-def check_arguments(args, parser: argparse.ArgumentParser) -> None:
-    """Reject combinations argparse cannot: exits through ``parser.error``."""
+def check_arguments(args, parser: argparse.ArgumentParser) -> list:
+    """Reject combinations argparse cannot (exits through ``parser.error``); the workloads to run:
+    ``--workloads``' names, or the ``Workload``s of ``--library``'s manifest."""
+    workloads = args.workloads
     if args.library is not None:
         try:
             from deft_tvm.tuning.model import library_workloads
 
-            library_workloads(args.library)
+            workloads = library_workloads(args.library)
         except (OSError, ValueError) as err:
             parser.error(f"--library {args.library}: {err}")
     if args.from_csv is not None:
@@ -564,11 +555,12 @@ def check_arguments(args, parser: argparse.ArgumentParser) -> None:
             _figure_class()
         except RuntimeError as err:
             parser.error(str(err))
+    return workloads
 
 
 def run_command(args, parser: argparse.ArgumentParser) -> int:
     """Run (or, with ``--from-csv``, read) the benchmark and write the outputs asked for."""
-    check_arguments(args, parser)
+    workloads = check_arguments(args, parser)
     if args.from_csv is not None:
         rows = read_csv(args.from_csv)
     else:
@@ -576,13 +568,10 @@ def run_command(args, parser: argparse.ArgumentParser) -> int:
         print(f"torch {torch.__version__}; vs_dense = own time / fastest dense conv2d of the same shape, "
               f"vs_torchvision = torchvision time / own time ({'GPU time' if device == 'cuda' else 'latency'})")
         print(" | ".join(COLUMNS))
-        workloads = args.workloads
         if args.library is not None:
             from deft_tvm.runtime.library import load_library
-            from deft_tvm.tuning.model import library_workloads
 
             load_library(args.library)
-            workloads = library_workloads(args.library)
         rows = run(workloads, args.dtypes, args.tf32, args.iters, device, args.commit or current_commit(),
                    modes=args.modes, generic_trials=args.generic_trials, generic_dir=args.generic_dir,
                    csv_path=args.csv)

@@ -31,7 +31,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,9 +45,8 @@ from train_bench import (  # noqa: E402
     dcn_layer_count,
     make_batches,
     read_rows,
-    sgd,
     tf32_label,
-    training_step,
+    train,
 )
 
 from deft_tvm.bench import current_commit, int_at_least, merge_csv, tf32_mode  # noqa: E402
@@ -87,41 +85,6 @@ def conv3x3_count(model: nn.Module) -> int:
     """The 3x3 layers (DCN or plain) of a ``build_resnet`` network: the loss tolerance's layers."""
     plain = sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules())
     return dcn_layer_count(model) or plain
-
-
-def train_mode(model: nn.Module, bn: str) -> None:
-    """Training mode, with ``frozen`` batch norms in eval mode (running statistics)."""
-    model.train()
-    if bn == "frozen":
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-
-
-def train(model: nn.Module, batches, bn: str, warmup: int, device: torch.device, world: int) -> tuple[list, list]:
-    """One step per ``(x, y)`` batch. Returns the losses (averaged over ranks under DDP: the global
-    batch's) and the host times (ms) of the steps after ``warmup``, synchronized around each."""
-    optimizer = sgd(model)
-    train_mode(model, bn)
-
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if world > 1:
-            dist.barrier()
-
-    losses, times = [], []
-    for x, y in batches:
-        synchronize()
-        start = time.perf_counter()
-        loss = training_step(model, optimizer, x, y).detach()
-        synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-        if world > 1:
-            dist.all_reduce(loss)
-            loss /= world
-        losses.append(loss.item())
-    return losses, times[warmup:]
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -172,10 +135,14 @@ def main(argv=None) -> int:
         model = prepare(build_variants([args.variant], args.width, args.seed)[args.variant], device, dtype, bn == "sync")
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
         with tf32_mode(tf32):
-            ddp_losses, ddp_ms = train(ddp, local, bn, args.warmup, device, world)
+            run = train(ddp, local, args.warmup, device, frozen_bn=bn == "frozen", barrier=dist.barrier)
+            ddp_losses = torch.tensor(run["losses"], dtype=torch.float64, device=device)
+            dist.all_reduce(ddp_losses)  # each rank's mean loss over its slice -> the global batch's
+            ddp_losses, ddp_ms = (ddp_losses / world).tolist(), run["host_ms"]
             if rank == 0:  # the same model, one process, the whole global batches
                 single = prepare(build_variants([args.variant], args.width, args.seed)[args.variant], device, dtype, False)
-                single_losses, single_ms = train(single, batches, bn, args.warmup, device, 1)
+                run = train(single, batches, args.warmup, device, frozen_bn=bn == "frozen")
+                single_losses, single_ms = run["losses"], run["host_ms"]
         dist.barrier()
         if rank != 0:
             return 0

@@ -224,25 +224,45 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     return loss
 
 
-def train(model: nn.Module, batches, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Train ``model`` one step per batch (``training_step``). Returns the loss of every step
-    (``losses``), the host time (ms) of each step after the first ``warmup`` (``host_ms``,
-    synchronized around each on a GPU) and their CUDA-event times (``gpu_ms``, GPU only)."""
+def train_mode(model: nn.Module, frozen_bn: bool = False) -> None:
+    """Training mode; with ``frozen_bn`` the batch norms in eval mode (running statistics, as
+    detection backbones are fine-tuned)."""
+    model.train()
+    if frozen_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def train(model: nn.Module, batches, warmup: int, device: torch.device, *, frozen_bn: bool = False,
+          barrier: Optional[Callable[[], None]] = None) -> dict[str, list[float]]:
+    """Train ``model`` one step per batch (``training_step``; ``train_mode`` with ``frozen_bn``).
+    Returns the loss of every step (``losses``), the host time (ms) of each step after the first
+    ``warmup`` (``host_ms``: synchronized around each on a GPU, and with ``barrier``, e.g.
+    ``torch.distributed.barrier``, every process waited for: the slowest one's) and their CUDA-event
+    times (``gpu_ms``, GPU only)."""
     optimizer = sgd(model)
     cuda = device.type == "cuda"
-    model.train()
+    train_mode(model, frozen_bn)
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize(device)
+        if barrier is not None:
+            barrier()
+
     losses, host_ms, events = [], [], []
     for x, y in batches:
         if cuda:
             events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         if cuda:
             events[-1][0].record()
         loss = training_step(model, optimizer, x, y)
         if cuda:
             events[-1][1].record()
-            torch.cuda.synchronize()
+        synchronize()
         host_ms.append((time.perf_counter() - start) * 1e3)
         losses.append(loss.detach())
     return {"losses": [loss.item() for loss in losses], "host_ms": host_ms[warmup:],

@@ -20,6 +20,7 @@ rebuilt with a warning. Writes are atomic, so concurrent processes never see a h
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -335,6 +336,19 @@ def memoized(store: dict, lock: threading.Lock, key, load: Callable[[], Callable
             if kernel is None:
                 kernel = store[key] = load()
     return kernel
+
+
+@contextlib.contextmanager
+def tf32_mode(mode: str):
+    """While active, TF32 in cuDNN and matmuls is on (``"on"``), off (``"off"``) or left as is
+    (``"n/a"``): the matmuls' flag decides the op's float32 kernels on CUDA (``with_torch_tf32``)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if mode != "n/a":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "on"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _torch_multiplies_on_tf32(spec: DeformConvSpec, device: torch.device) -> bool:

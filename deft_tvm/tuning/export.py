@@ -151,18 +151,14 @@ def check_forward(workload, device: str, seed: int) -> float:
     reference (AssertionError past the dtype's tolerance); the largest absolute error."""
     from deft_tvm.frontend.functional import deform_conv2d
     from deft_tvm.reference.forward import deform_conv2d_reference
+    from deft_tvm.runtime.kernel_cache import tf32_mode
     from deft_tvm.runtime.targets import target_for_device
 
     spec = workload.for_target(target_for_device(device)).spec  # tf32 only where the kernel is
     inputs = workload.make_inputs(seed=seed, device=device)
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32  # what decides the op's TF32 kernels
-    torch.backends.cuda.matmul.allow_tf32 = spec.tf32
-    try:
-        with torch.no_grad():
-            out = deform_conv2d(**inputs)
-            ref = deform_conv2d_reference(**inputs)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    with tf32_mode("on" if spec.tf32 else "off"), torch.no_grad():
+        out = deform_conv2d(**inputs)
+        ref = deform_conv2d_reference(**inputs)
     assert_close(out, ref, tolerance_key(spec.dtype, spec.tf32))
     return (out.double() - ref).abs().max().item()
 
@@ -174,20 +170,17 @@ def check_gradients(workload, device: str, seed: int) -> float:
     the target's kernel is); the largest absolute error."""
     from deft_tvm.frontend.functional import deform_conv2d
     from deft_tvm.reference.backward import deform_conv2d_reference_backward
+    from deft_tvm.runtime.kernel_cache import tf32_mode
     from deft_tvm.runtime.targets import target_for_device
 
     spec = workload.for_target(target_for_device(device)).spec  # tf32 only where the kernel is
     inputs = workload.make_inputs(seed=seed, device=device)
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32  # what decides the op's TF32 kernels
-    torch.backends.cuda.matmul.allow_tf32 = spec.tf32
-    try:
+    with tf32_mode("on" if spec.tf32 else "off"):
         out = deform_conv2d(**{**inputs, **leaves})
         gen = torch.Generator().manual_seed(seed)
         grad_output = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         grads = torch.autograd.grad(out, list(leaves.values()), grad_output.to(device=device, dtype=out.dtype))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     expected = deform_conv2d_reference_backward(grad_output.to(device), **inputs)._asdict()
     for name, grad in zip(leaves, grads):
         assert_close_to_largest(grad, expected[name], tolerance_key(spec.dtype, spec.tf32))
