@@ -1659,9 +1659,10 @@ def reduce_segments(spec: DeformConvSpec, data: DataTiling) -> ReduceSegments:
     calls whose own segments are the same, ``runtime.backward.fused_choice``)."""
     cast = spec.dtype != accumulate_dtype(spec.dtype)
     fold = data.channel_splits > 1 or cast
-    sizes = _reduce_sizes(spec)
-    if not spec.shape_generic and max(sum(sizes), data.channel_splits * sizes[2]) > INT32_MAX:
-        return ReduceSegments(False, False, False)
+    if not spec.shape_generic:  # (a configuration's sizes are TIR variables)
+        sizes = _reduce_sizes(spec)
+        if max(sum(sizes), data.channel_splits * sizes[2]) > INT32_MAX:
+            return ReduceSegments(False, False, False)
     return ReduceSegments(fold, fold and spec.has_mask, cast and not data.deterministic)
 
 
@@ -1986,10 +1987,12 @@ def without_parameters(func, names):
     return tirx.PrimFunc([v for v in func.params if v.name not in names], func.body, func.ret_type, func.attrs)
 
 
+@functools.lru_cache(maxsize=1024)
 def default_tilings(spec: DeformConvSpec, arch: str = "sm_90") -> tuple[DataTiling, WeightTiling]:
     """The ``for_spec`` tilings, with one-pixel grad_input flushes before ``sm_90`` (no float4
     atomics there); of a ``generic_spec``, those of its configuration at ``CONFIGURATION_SIZES``
-    (their channel and position splits fixed for every size)."""
+    (their channel and position splits fixed for every size). Kept per (spec, arch): every new
+    input size of a configuration asks for the configuration's."""
     if spec.shape_generic:
         spec = DeformConvSpec.from_dict({**spec.to_dict(), **dict(zip(GENERIC_DIMENSIONS, CONFIGURATION_SIZES))})
     data = DataTiling.for_spec(spec)

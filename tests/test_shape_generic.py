@@ -113,3 +113,23 @@ def test_calls_beyond_int32_indexing_or_with_a_tuned_record_keep_per_size_kernel
     assert huge.index_dtype == "int64" and kernel_cache.compiled_spec(huge, target) is huge
     monkeypatch.setattr(kernel_cache, "tuned_database", lambda *args: Path("a tuned record"))
     assert kernel_cache.compiled_spec(spec, target) is spec
+
+
+def test_a_new_size_takes_its_gradient_buffers_from_the_configuration_s_compute(monkeypatch):
+    """The gradient kernel's output buffers of a call are its configuration's compute with the
+    call's sizes put in: the shapes of the size's own compute, with no TE build for a new size (one
+    takes milliseconds); sizes past int32 indexing (kernels of their own) build their own."""
+    configuration = CONFIGURATIONS["asymmetric_v2"]
+    backward._output_layout(configuration)  # the configuration's compute, built once
+    compute, built = backward.deform_conv2d_backward_te, []
+    monkeypatch.setattr(backward, "deform_conv2d_backward_te", lambda spec: built.append(spec) or compute(spec))
+    sizes = random.Random(1)
+    for _ in range(5):
+        spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4), height=sizes.randint(17, 300),
+                                   width=sizes.randint(17, 300))
+        own = tuple((o.op.name, tuple(int(d) for d in o.shape), str(o.dtype)) for o in compute(spec)[1])
+        assert backward._output_layout(spec) == own
+    assert built == []
+    huge = dataclasses.replace(configuration, batch=64, height=4096, width=4096)
+    assert backward._output_layout(huge)[0] == ("grad_columns", (64, 6, 3, 2, huge.out_h, huge.out_w), "float32")
+    assert built == [huge]

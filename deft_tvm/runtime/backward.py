@@ -264,10 +264,28 @@ def prebuild(specs, device: torch.device, *, deterministic: bool = False, max_wo
 
 
 @functools.lru_cache(maxsize=None)
-def _output_layout(spec: DeformConvSpec) -> tuple[tuple[str, tuple[int, ...], str], ...]:
-    """(name, shape, dtype) of the gradient kernel's outputs, in its parameter order."""
+def _compute_outputs(spec: DeformConvSpec) -> tuple[tuple[str, tuple, str], ...]:
+    """(name, shape, dtype) of the gradient compute's outputs for ``spec``, a size's or a layer
+    configuration's (``generic_spec``: shapes of constants and the variables N, OH, OW), in the
+    kernel's parameter order; built once per spec (a TE build takes milliseconds)."""
     _, outputs = deform_conv2d_backward_te(spec)
-    return tuple((o.op.name, tuple(int(s) for s in o.shape), str(o.dtype)) for o in outputs)
+    return tuple((o.op.name, tuple(o.shape), str(o.dtype)) for o in outputs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _output_layout(spec: DeformConvSpec) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    """(name, shape, dtype) of the gradient kernel's outputs for a call of ``spec``'s sizes, in its
+    parameter order: its layer configuration's compute with the sizes put in, so that a new input
+    size costs no TE build (the compute's own where a dimension is another expression, or where
+    the sizes need int64 indices and so a kernel of their own)."""
+    if spec.index_dtype == "int32":
+        sizes = {"N": spec.batch, "H": spec.height, "W": spec.width, "OH": spec.out_h, "OW": spec.out_w}
+        layout = _compute_outputs(generic_spec(spec))
+        if all(isinstance(d, tvm.tirx.IntImm) or getattr(d, "name", None) in sizes
+               for _, shape, _ in layout for d in shape):
+            return tuple((name, tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else sizes[d.name] for d in shape),
+                          dtype) for name, shape, dtype in layout)
+    return tuple((name, tuple(int(d) for d in shape), dtype) for name, shape, dtype in _compute_outputs(spec))
 
 
 def _output_buffers(spec: DeformConvSpec, device: torch.device) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ part: ``forward``, or ``backward`` for the gradient kernels, whose folders' keys
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -83,6 +84,7 @@ def best_schedule(directory: Path, target: tvm.target.Target):
     return spec, sch
 
 
+@functools.cache
 def committed_root() -> Path:
     """The ``tuning_logs`` folder shipped with the package (``deft_tvm.tuning_logs``)."""
     import deft_tvm.tuning_logs
@@ -96,7 +98,8 @@ def user_root() -> Path:
     base directory convention)."""
     if os.environ.get(TUNING_DIR_ENV):
         return Path(os.environ[TUNING_DIR_ENV])
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "deft_tvm" / "tuning_logs"
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(os.path.join(data_home, "deft_tvm", "tuning_logs"))
 
 
 def record_roots() -> list[Path]:
@@ -104,14 +107,21 @@ def record_roots() -> list[Path]:
     return [user_root(), committed_root()]
 
 
+def _first_holding(roots, folder: str, file: str) -> Path | None:
+    """``root/folder`` of the first of ``roots`` whose ``root/folder/file`` exists, or None: string
+    joins and one ``stat`` per root, as the op asks on the first call of every input size."""
+    for root in roots:
+        directory = os.path.join(root, folder)
+        if os.path.exists(os.path.join(directory, file)):
+            return Path(directory)
+    return None
+
+
 def tuned_database(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> Path | None:
     """The database folder of ``spec``'s ``part`` for ``target`` under the first of ``record_roots``
     where one holds a record, or None."""
-    for root in record_roots():
-        directory = database_dir(root, spec, target, part)
-        if (directory / "database_tuning_record.json").exists():
-            return directory
-    return None
+    return _first_holding(record_roots(), os.path.join(target_tag(target), kernel_key(spec, part)),
+                          "database_tuning_record.json")
 
 
 def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
@@ -140,11 +150,9 @@ def write_fused_backward(directory: Path, record: dict) -> Path:
 def fused_backward_path(spec: DeformConvSpec, target: tvm.target.Target, roots: list[Path]) -> Path | None:
     """The fused-backward record file of ``spec`` for ``target`` under the first of ``roots`` that
     holds one, or None."""
-    for root in roots:
-        path = fused_backward_dir(root, spec, target) / FUSED_BACKWARD_FILE
-        if path.exists():
-            return path
-    return None
+    directory = _first_holding(roots, os.path.join(target_tag(target), f"{spec.key()}_fused_backward"),
+                               FUSED_BACKWARD_FILE)
+    return None if directory is None else directory / FUSED_BACKWARD_FILE
 
 
 def fused_backward_record(spec: DeformConvSpec, target: tvm.target.Target, roots: list[Path]) -> dict | None:
