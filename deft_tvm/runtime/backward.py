@@ -215,9 +215,14 @@ def _kernel(spec: DeformConvSpec, target: tvm.target.Target, part: str):
 
 def clear_memory_cache() -> None:
     """Forget the forward and backward kernels loaded in this process (the disk cache stays), as a
-    new process starts: ``kernel_cache.clear_memory_cache`` and the backward's own."""
+    new process starts: ``kernel_cache.clear_memory_cache``, the backward's own and what the
+    backward keeps per spec (buffer layouts, workspaces, default tilings)."""
+    from deft_tvm.schedules.cuda_backward_fused import default_tilings
+
     with _lock:
         _kernels.clear()
+    for per_spec in (_compute_outputs, _output_layout, _workspace_elements, default_tilings):
+        per_spec.cache_clear()
     kernel_cache.clear_memory_cache()
 
 
