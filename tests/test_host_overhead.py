@@ -24,7 +24,8 @@ def test_reports_each_provider_once(backward, new_sizes, providers, monkeypatch,
 
     host_overhead.main(["--calls", "2", *(["--backward"] if backward else []), *(["--new-sizes"] if new_sizes else [])])
     lines = capsys.readouterr().out.splitlines()
-    heading = ("forward and backward" if backward else "forward") + (", every call a new input size" if new_sizes else "")
+    heading = "forward and backward" if backward else "forward"
+    heading += ", every call a new input size" if new_sizes else ""
     assert lines[0].endswith(heading)
     rows = [re.fullmatch(r"(.+?) +host +([\d.]+) us per call, with the device +([\d.]+) us per call", l) for l in lines[1:]]
     assert [r.group(1) for r in rows] == providers

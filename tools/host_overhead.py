@@ -69,7 +69,8 @@ def main(argv=None) -> None:
         """Warm-up and timed inputs: with ``--new-sizes`` 10 and ``--calls`` sizes no call saw before
         (a provider's own), else one 8x8 case for every call."""
         if not args.new_sizes:
-            return [_case(8, 8, device, gen, args.backward)] * 10, [_case(8, 8, device, gen, args.backward)] * args.calls
+            case = _case(8, 8, device, gen, args.backward)
+            return [case] * 10, [case] * args.calls
         new = [_case(*next(sizes), device, gen, args.backward) for _ in range(10 + args.calls)]
         return new[:10], new[10:]
 

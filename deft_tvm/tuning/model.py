@@ -159,10 +159,11 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
     ``logs``, default: the user's tuning directory, ``records.user_root``), and with ``backward``
     its backward too (CUDA: the fused backward's tilings, ``tuning.fused_backward``; CPU: the
     gradient kernels). A call resumes what an earlier one left under ``logs`` on the same
-    statistics: the databases up to ``trials`` records, the fused searches done on the same GPU. The tuned kernels, the defaults of the rest (the configurations' kernels
-    that serve other sizes) and the kernels run beside them go into ``out/deft_kernels.so``, with a
-    manifest (``out/deft_kernels.json``) whose ``"model"`` names the model, each layer's kernel
-    spec and the profile; the library is loaded (``deft_tvm.load_library``) and every workload's
+    statistics: the databases up to ``trials`` records, the fused searches done on the same GPU.
+    The tuned kernels, the defaults of the rest (the configurations' kernels that serve other
+    sizes) and the kernels run beside them go into ``out/deft_kernels.so``, with a manifest
+    (``out/deft_kernels.json``) whose ``"model"`` names the model, each layer's kernel spec and
+    the profile; the library is loaded (``deft_tvm.load_library``) and every workload's
     forward (and gradients) checked against the float64 reference on its profile's inputs
     (AssertionError past the dtype's tolerance). ``progress``: a tqdm bar per tuned kernel (its
     trials, then its best and default time) instead of a line per search round. ``rpc``
