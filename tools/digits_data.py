@@ -16,12 +16,12 @@ import torch
 
 from deft_tvm.examples.digits import MAX_ROTATION_DEG, MAX_SHIFT_FRACTION, SCALE_RANGE, augment, to_canvas
 
-__all__ = ["MAX_ROTATION_DEG", "MAX_SHIFT_FRACTION", "SCALE_RANGE", "augment", "load_digits", "to_canvas"]
+__all__ = ["MAX_ROTATION_DEG", "MAX_SHIFT_FRACTION", "SCALE_RANGE", "augment", "load_digits", "load_raw_digits",
+           "to_canvas"]
 
 
-def load_digits(canvas: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``[1797, 1, canvas, canvas]`` float32 in [0, 1] (each digit upsampled to
-    ``round(3/4 * canvas)`` pixels square and centred) and labels ``[1797]`` int64.
+def load_raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as they are: uint8 ``[1797, 8, 8]`` (0..16) and labels ``[1797]`` int64.
 
     Raises ImportError, saying ``pip install scikit-learn``, where scikit-learn is missing.
     """
@@ -31,4 +31,14 @@ def load_digits(canvas: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         raise ImportError("the digits data set is scikit-learn's bundled copy (nothing is downloaded): "
                           "pip install scikit-learn") from err
     digits = sklearn_digits()
-    return to_canvas(torch.tensor(digits.images), canvas), torch.tensor(digits.target)
+    return torch.tensor(digits.images, dtype=torch.uint8), torch.tensor(digits.target)
+
+
+def load_digits(canvas: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[1797, 1, canvas, canvas]`` float32 in [0, 1] (each digit upsampled to
+    ``round(3/4 * canvas)`` pixels square and centred) and labels ``[1797]`` int64.
+
+    Raises ImportError, saying ``pip install scikit-learn``, where scikit-learn is missing.
+    """
+    raw, labels = load_raw_digits()
+    return to_canvas(raw, canvas), labels

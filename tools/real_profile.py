@@ -33,7 +33,7 @@ from deft_tvm.examples import digits
 from deft_tvm.tuning import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_data import MAX_ROTATION_DEG, MAX_SHIFT_FRACTION, SCALE_RANGE, augment, load_digits  # noqa: E402
+from digits_data import MAX_ROTATION_DEG, MAX_SHIFT_FRACTION, SCALE_RANGE, augment, load_raw_digits  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "tuning_logs" / "profiles" / "digits_dcn.json"
 TEST_SIZE = 360
@@ -78,10 +78,10 @@ def main() -> None:
     args = parser.parse_args()
 
     try:
-        from sklearn.datasets import load_digits as sklearn_digits
-        images, labels = load_digits(CANVAS)
+        raw, labels = load_raw_digits()  # 8x8, 0..16
     except ImportError as err:
         sys.exit(f"tools/real_profile.py: {err}")
+    images = digits.to_canvas(raw, CANVAS)
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(images), generator=generator)
     test, train_split = order[:TEST_SIZE], order[TEST_SIZE:]
@@ -89,8 +89,7 @@ def main() -> None:
     model = digits.build_network()
     train(model, images[train_split], labels[train_split], args.epochs, generator)
 
-    raw = torch.tensor(sklearn_digits().images, dtype=torch.uint8)[test]  # 0..16
-    torch.save({"images": raw, "labels": labels[test].clone()}, args.held_out)
+    torch.save({"images": raw[test].clone(), "labels": labels[test].clone()}, args.held_out)
     torch.save(model.state_dict(), args.weights)
     print(f"saved {args.weights} ({args.weights.stat().st_size / 1024:.0f} KiB), "
           f"{args.held_out} ({args.held_out.stat().st_size / 1024:.0f} KiB)")

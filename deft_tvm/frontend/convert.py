@@ -14,8 +14,8 @@ Converted, wherever they are in the model (the root included):
 
 The new layer takes the old one's parameters (values, dtype, device, ``requires_grad``) and
 training mode; its state dict has the same keys, so checkpoints load either way; a layer held in
-several places is replaced by one new layer. deft_tvm's own layers stay as they are. Other attributes and hooks of the old layer are not
-carried over.
+several places is replaced by one new layer. deft_tvm's own layers stay as they are. Other
+attributes and hooks of the old layer are not carried over.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def _convert(module: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
 
 
 def _converted(module: nn.Module) -> nn.Module | None:
-    """deft_tvm's layer replacing ``module``, or None where ``module`` is not a layer to convert (deft_tvm's
-    own layers included: its packs share mmcv's class names)."""
+    """deft_tvm's layer replacing ``module``, or None where ``module`` is not a layer to convert
+    (deft_tvm's own layers included: its packs share mmcv's class names)."""
     torchvision_ops = sys.modules.get("torchvision.ops")  # a model holding its layers has imported it
     if isinstance(module, DeformConv2d):  # deft_tvm's DeformConv2d and its packs
         return None

@@ -34,8 +34,13 @@ def target_tag(target: tvm.target.Target) -> str:
     return target.kind.name
 
 
+def _database_folder(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> str:
+    """A database folder's path under a root: ``<target-tag>/<kernel key>``."""
+    return os.path.join(target_tag(target), kernel_key(spec, part))
+
+
 def database_dir(root: Path, spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> Path:
-    return Path(root) / target_tag(target) / kernel_key(spec, part)
+    return Path(root) / _database_folder(spec, target, part)
 
 
 def write_spec(directory: Path, spec: DeformConvSpec, part: str = "forward") -> None:
@@ -120,8 +125,7 @@ def _first_holding(roots, folder: str, file: str) -> Path | None:
 def tuned_database(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> Path | None:
     """The database folder of ``spec``'s ``part`` for ``target`` under the first of ``record_roots``
     where one holds a record, or None."""
-    return _first_holding(record_roots(), os.path.join(target_tag(target), kernel_key(spec, part)),
-                          "database_tuning_record.json")
+    return _first_holding(record_roots(), _database_folder(spec, target, part), "database_tuning_record.json")
 
 
 def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
@@ -133,10 +137,14 @@ def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
 FUSED_BACKWARD_FILE = "fused_backward.json"
 
 
+def _fused_backward_folder(spec: DeformConvSpec, target: tvm.target.Target) -> str:
+    return os.path.join(target_tag(target), f"{spec.key()}_fused_backward")
+
+
 def fused_backward_dir(root: Path, spec: DeformConvSpec, target: tvm.target.Target) -> Path:
     """The folder of ``spec``'s fused-backward tiling record for ``target``: ``<root>/<target-tag>/
     <spec key>_fused_backward``."""
-    return Path(root) / target_tag(target) / f"{spec.key()}_fused_backward"
+    return Path(root) / _fused_backward_folder(spec, target)
 
 
 def write_fused_backward(directory: Path, record: dict) -> Path:
@@ -150,8 +158,7 @@ def write_fused_backward(directory: Path, record: dict) -> Path:
 def fused_backward_path(spec: DeformConvSpec, target: tvm.target.Target, roots: list[Path]) -> Path | None:
     """The fused-backward record file of ``spec`` for ``target`` under the first of ``roots`` that
     holds one, or None."""
-    directory = _first_holding(roots, os.path.join(target_tag(target), f"{spec.key()}_fused_backward"),
-                               FUSED_BACKWARD_FILE)
+    directory = _first_holding(roots, _fused_backward_folder(spec, target), FUSED_BACKWARD_FILE)
     return None if directory is None else directory / FUSED_BACKWARD_FILE
 
 

@@ -460,11 +460,11 @@ class TuningResult:
     rounds: list[dict]
 
 
-def _check_folder(directory: Path, meta: dict, profile: str, space: str) -> None:
-    """Refuse to resume a database tuned on another offset distribution (``tuning.stats.
-    profile_digest``: a recorded profile is its statistics, wherever it is saved; folders from
-    before the digest compare the profiles' names) or on another design space."""
-    digest, recorded = profile_digest(profile), meta.get("profile_digest")
+def _check_folder(directory: Path, meta: dict, profile: str, digest: str, space: str) -> None:
+    """Refuse to resume a database tuned on another offset distribution (``digest``, the profile's
+    ``tuning.stats.profile_digest``: a recorded profile is its statistics, wherever it is saved;
+    folders from before the digest compare the profiles' names) or on another design space."""
+    recorded = meta.get("profile_digest")
     if (recorded != digest) if recorded is not None else (meta["profile"] != profile):
         was, now = (f"{name!r}" + (f" (statistics {statistics})" if statistics not in (None, name) else "")
                     for name, statistics in ((meta["profile"], recorded), (profile, digest)))
@@ -511,8 +511,9 @@ def tune(
     meta_path = directory / TUNING_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "space": space,
                                                                            "sessions": []}
-    _check_folder(directory, meta, profile, space)
-    meta["profile_digest"] = profile_digest(profile)  # before any record: a resumed folder is checked
+    digest = profile_digest(profile)
+    _check_folder(directory, meta, profile, digest, space)
+    meta["profile_digest"] = digest  # written before any record: a resumed folder is checked
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     label = f"{kernel_key(spec, part)} {target.kind.name}"
     rounds = []  # the seed's, then the search's (ProgressReport)

@@ -73,7 +73,12 @@ class OffsetProfile:
         return (self.sigma * draws).to(dtype=dtype, device=device)
 
     def sample_mask(self, shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
+        return _sigmoid_normal(shape, generator, dtype, device)
+
+
+def _sigmoid_normal(shape, generator: torch.Generator, dtype, device) -> torch.Tensor:
+    """``sigmoid(N(0, 1))`` mask values of ``shape``, drawn on the CPU generator and moved to ``device``."""
+    return torch.sigmoid(torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype=dtype, device=device)
 
 
 PROFILES = {
@@ -480,8 +485,7 @@ class EmpiricalProfile:
         """Mask values of ``shape``."""
         shape = tuple(shape)
         if self.mask is None:
-            draws = torch.randn(shape, generator=generator, dtype=torch.float64)
-            return torch.sigmoid(draws).to(dtype=dtype, device=device)
+            return _sigmoid_normal(shape, generator, dtype, device)
         return self.mask.sample(math.prod(shape), generator, device).reshape(shape).to(dtype)
 
 
