@@ -132,6 +132,16 @@ def _export_atomically(executable, path: Path) -> None:
             os.unlink(tmp)
 
 
+def build_into_cache(name: str, fingerprint: str, target: tvm.target.Target, build_library: Callable) -> Path:
+    """The path of the cached library ``name``-``fingerprint`` for ``target``, ``build_library()``
+    (a TVM Executable) compiled and written there first where it is missing: a compile in another
+    process than the one that loads it (``load_or_build_library`` then finds it)."""
+    path = library_path(name, fingerprint, target)
+    if not path.exists():
+        _export_atomically(build_library(), path)
+    return path
+
+
 def load_or_build_library(name: str, fingerprint: str, target: tvm.target.Target, build_library: Callable,
                           functions: tuple[str, ...]) -> list[Callable]:
     """The ``functions`` of the cached library ``name``-``fingerprint`` for ``target``, or of

@@ -5,7 +5,7 @@ The fused kernels (``schedules/cuda_backward_fused.py``) are TIR generated from 
 space is ``data_space`` x ``weight_space``, tables of tilings around the defaults (each default a
 point of its table; the data kernel's halos from the statistics of the offset profile's samples,
 ``profile_halos``). The two kernels are independent, so each is chosen on its own:
-``tune_fused_backward`` compiles every candidate (in threads: nvcc runs outside the GIL), runs
+``tune_fused_backward`` compiles every candidate (in a pool of processes), runs
 each kernel as the op does (with the sum of its splits' partial outputs, ``data_call``,
 ``weight_call``) on inputs whose offsets and mask follow the workload's offset profile, keeps
 only the candidates whose gradients are the default's up to the dtype's tolerance (``agree``),
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 from collections.abc import Callable
 
@@ -31,7 +32,8 @@ import tvm
 
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.tolerances import assert_close_to_largest, tolerance_key
-from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation
+from deft_tvm.runtime import kernel_cache
+from deft_tvm.runtime.targets import compile_kernel
 from deft_tvm.schedules.cuda_backward_fused import (
     DTYPE_BYTES,
     DYNAMIC_SHARED_BYTES,
@@ -41,8 +43,11 @@ from deft_tvm.schedules.cuda_backward_fused import (
     DataTiling,
     WeightTiling,
     backward_mma,
-    fused_backward_module,
+    fingerprint,
+    grad_data_primfunc,
+    grad_weight_primfunc,
     padded_positions,
+    prepare_primfunc,
 )
 from deft_tvm.tuning.stats import profile_digest
 from deft_tvm.tuning.timing import gpu_ms
@@ -211,19 +216,50 @@ def weight_space(spec: DeformConvSpec) -> list[WeightTiling]:
                    if t.shared_bytes(spec) <= SHARED_BYTES and t.splits * weights <= max(PARTIAL_FLOATS, weights))
 
 
-def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
-                       weight: list[WeightTiling]) -> tuple[list[Callable], list[Callable]]:
-    """The compiled ``prepare`` and ``grad_data`` (one module) of each data tiling and ``grad_weight``
-    of each weight tiling, built in threads."""
-    def build(kind, tiling):
-        module, _, _ = fused_backward_module(spec, **{"data" if kind == "grad_data" else "weight": tiling})
-        if kind == "grad_data":
-            return compile_kernel(tvm.IRModule({name: module[name] for name in ("prepare", kind)}), target)
-        return compile_kernel(tvm.IRModule({kind: module[kind]}), target)[kind]
+_CANDIDATE_FUNCTIONS = {"grad_data": ("prepare", "grad_data"), "grad_weight": ("grad_weight",)}
 
+
+def _candidate_module(spec: DeformConvSpec, kind: str, tiling) -> tvm.IRModule:
+    """The IRModule of a candidate: ``prepare`` and ``grad_data`` of a data tiling, ``grad_weight``
+    of a weight tiling (only the kernels measured: each PrimFunc is TVMScript parsed in Python)."""
+    if kind == "grad_data":
+        return tvm.IRModule({"prepare": prepare_primfunc(spec, tiling), "grad_data": grad_data_primfunc(spec, tiling)})
+    return tvm.IRModule({"grad_weight": grad_weight_primfunc(spec, tiling)})
+
+
+def _candidate_library(spec: DeformConvSpec, target: tvm.target.Target, kind: str, tiling) -> tuple[str, str]:
+    """``(name, fingerprint)`` of a candidate's library in the kernel disk cache."""
+    data, weight = (tiling, None) if kind == "grad_data" else (None, tiling)
+    return f"{spec.key()}-candidate-{kind}", fingerprint(spec, data, weight, str(target.attrs["arch"]))
+
+
+def _compile_candidate(spec: DeformConvSpec, target: tvm.target.Target, kind: str, tiling) -> None:
+    """Compile a candidate into the kernel disk cache (a process pool's job)."""
+    kernel_cache.build_into_cache(*_candidate_library(spec, target, kind, tiling), target,
+                                  lambda: compile_kernel(_candidate_module(spec, kind, tiling), target))
+
+
+def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
+                       weight: list[WeightTiling]) -> tuple[list[dict[str, Callable]], list[Callable]]:
+    """The compiled ``prepare`` and ``grad_data`` (a dict by name) of each data tiling and the
+    ``grad_weight`` of each weight tiling. Those not in the kernel disk cache are compiled there
+    first by a pool of processes (one per CPU core, spawned): TVMScript parsing and TIR lowering
+    hold Python's GIL, ~0.6 s a candidate on a 2-core CPU, so threads ran them one at a time; the
+    cache lets a resumed search (``tune_model`` called again) load what it compiled before."""
     jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
-    with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-        kernels = list(pool.map(lambda job: build(*job), jobs))
+    libraries = [_candidate_library(spec, target, kind, tiling) for kind, tiling in jobs]
+    missing = [job for job, library in zip(jobs, libraries)
+               if not kernel_cache.library_path(*library, target).exists()]
+    if missing:
+        context = multiprocessing.get_context("spawn")  # the parent may hold a CUDA context: no fork
+        with concurrent.futures.ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1), context) as pool:
+            list(pool.map(_compile_candidate, *zip(*((spec, target, kind, tiling) for kind, tiling in missing))))
+    kernels = []
+    for (kind, tiling), library in zip(jobs, libraries):
+        functions = _CANDIDATE_FUNCTIONS[kind]
+        loaded = kernel_cache.load_or_build_library(
+            *library, target, lambda: compile_kernel(_candidate_module(spec, kind, tiling), target), functions)
+        kernels.append(dict(zip(functions, loaded)) if kind == "grad_data" else loaded[0])
     return kernels[:len(data)], kernels[len(data):]
 
 
