@@ -88,12 +88,33 @@ def test_module_without_bias_or_mask_skips_the_dispatcher(op_calls):
     assert op_calls == [] and weight_grad.shape == layer.weight.shape and input_grad.shape == x.shape
 
 
-def test_autocast_tensor_subclasses_and_fake_tensors_take_the_op(op_calls):
-    case = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in make_case(SPEC).items()}
+def test_autocast_takes_the_eager_path_with_the_ops_casts_and_results(op_calls, applied):
+    leaves = _leaves(torch.float32)
+    grad_output = torch.randn(SPEC.output_shape)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert deft_tvm.deform_conv2d(**case).dtype == torch.bfloat16
-    assert op_calls  # (the autocast kernel calls the op again, in bfloat16)
-    op_calls.clear()
+        eager = _call(leaves)
+    assert op_calls == [] and applied == [1] and eager.dtype == torch.bfloat16
+    eager_grads = torch.autograd.grad(eager, leaves, grad_output)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the registered op: its autocast kernel casts
+        via_op = ops.deform_conv2d_op(*leaves, *SPEC.stride, *SPEC.padding, *SPEC.dilation)
+    op_grads = torch.autograd.grad(via_op, leaves, grad_output)
+    assert op_calls and via_op.dtype == torch.bfloat16 and torch.equal(eager, via_op)
+    for name, leaf, a, b in zip(NAMES, leaves, eager_grads, op_grads):
+        assert a.dtype == leaf.dtype == torch.float32 and torch.equal(a, b), name
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # no gradient wanted: the kernel alone
+        assert torch.equal(_call(leaves), eager.detach()) and applied == [1]
+
+
+def test_float64_stays_float64_under_autocast(op_calls):
+    leaves = _leaves()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _call(leaves)
+    assert op_calls == [] and out.dtype == torch.float64
+    assert torch.equal(out, ops.deform_conv2d_op(*leaves, *SPEC.stride, *SPEC.padding, *SPEC.dilation))
+
+
+def test_tensor_subclasses_and_fake_tensors_take_the_op(op_calls):
+    case = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in make_case(SPEC).items()}
     two = dict(case, input=TwoTensor(case["input"], case["input"].clone()))
     assert ops.plain_eager([two["input"]]) is False and ops.plain_eager([case["input"]]) is True
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:

@@ -7,7 +7,9 @@ call: a plain eager call (``plain_eager``) runs the same kernels through an
 of host time per forward and backward on the H200's host, a third of a batch-1 layer's), or
 straight to the kernel where no gradient is wanted (no grad mode, or no argument requiring one:
 the ``autograd.Function`` alone costs about as much host time as the rest of the call), every
-other call (tracing, fake tensors, functorch transforms, autocast, tensor subclasses) the ops.
+call under autocast too, its arguments cast as the op's autocast rule casts them
+(``autocast_arguments``); every other call (tracing, fake tensors, functorch transforms, tensor
+subclasses) the ops.
 
 Tensor shapes are those of ``deft_tvm.compute.spec.DeformConvSpec``.
 """
@@ -180,17 +182,16 @@ def plain_eager(tensors) -> bool:
     """Whether a call on ``tensors`` (its tensor arguments, the input first; None for an absent
     bias or mask) may skip the dispatcher: plain tensors, the input on a CPU or CUDA device,
     nothing tracing (``torch.compile``, ``torch.export``, ``torch.jit.trace``), no dispatch or
-    torch-function mode (fake tensors, ``make_fx``), no functorch transform (``vmap``,
-    ``torch.func.grad``) and no autocast, each of which needs the registered ops (as do arguments
-    that are not tensors, for the op's error)."""
+    torch-function mode (fake tensors, ``make_fx``) and no functorch transform (``vmap``,
+    ``torch.func.grad``), each of which needs the registered ops (as do arguments
+    that are not tensors, for the op's error). Autocast is allowed: ``deform_conv2d_call`` casts
+    the arguments as the op's autocast rule would."""
     if not _PLAIN_TENSOR_TYPES.issuperset(map(type, tensors)) or tensors[0] is None:
         return False
-    device_type = tensors[0].device.type
-    return (device_type in ("cpu", "cuda")
+    return (tensors[0].device.type in ("cpu", "cuda")
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and not torch.is_autocast_enabled(device_type))
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def _wants_gradient(tensors) -> bool:
@@ -201,11 +202,23 @@ def deform_conv2d_call(input, offset, weight, bias, mask, stride_h: int, stride_
                        dilation_h: int, dilation_w: int) -> torch.Tensor:
     """``deform_conv2d_op``'s arguments and result: where ``plain_eager`` allows, through
     ``_EagerDeformConv2d`` if a gradient is wanted and straight to the kernel if not (the spec
-    from ``tensors_spec``, a look-up per repeated signature); through the op otherwise."""
+    from ``tensors_spec``, a look-up per repeated signature), under autocast on the arguments
+    ``autocast_arguments`` gives (the op's autocast kernel's casts, which autograd records);
+    through the op otherwise."""
     hyper = (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
     tensors = (input, offset, weight, bias, mask)
     if not plain_eager(tensors):
         return deform_conv2d_op(input, offset, weight, bias, mask, *hyper)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        cast = autocast_arguments(tensors, device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _plain_call(cast, hyper)
+    return _plain_call(tensors, hyper)
+
+
+def _plain_call(tensors, hyper) -> torch.Tensor:
+    input, offset, weight, bias, mask = tensors
     if _wants_gradient(tensors):
         return _EagerDeformConv2d.apply(input, offset, weight, bias, mask, hyper)
     return _forward(tensors_spec(*tensors, hyper), input, offset, weight, bias, mask)
@@ -214,19 +227,25 @@ AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}  # device type ->
 _library = torch.library.Library("deft_tvm", "FRAGMENT")
 
 
+def autocast_arguments(args, device_type: str) -> list:
+    """``args`` as the forward runs them under ``torch.autocast(device_type, dtype=D)``: its
+    floating-point tensors on that device type, except float64 ones, cast to ``D`` (torch's own
+    eligibility rule, as ``conv2d``'s); other arguments as they are."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+            and a.device.type == device_type else a for a in args]
+
+
 def _register_autocast(device_type: str) -> None:
-    """Under ``torch.autocast(device_type, dtype=D)`` the forward runs in ``D`` (float16 or
-    bfloat16), as ``conv2d`` does: its floating-point tensors on that device type, except float64
-    ones, are cast to ``D`` (torch's own eligibility rule, ``torch.library.register_autocast``,
-    whose cast dtype is fixed at registration; here it is the autocast dtype in force). The
-    backward needs no rule: autograd hands it the forward's dtype."""
+    """Under ``torch.autocast(device_type, dtype=D)`` the op runs in ``D`` (float16 or bfloat16)
+    on ``autocast_arguments`` (torch's ``torch.library.register_autocast`` fixes the cast dtype at
+    registration; here it is the autocast dtype in force). The backward needs no rule: autograd
+    hands it the forward's dtype."""
 
     def autocast_kernel(keyset, *args):
-        dtype = torch.get_autocast_dtype(device_type)
-        args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
-                and a.device.type == device_type else a for a in args]
+        cast = autocast_arguments(args, device_type)
         with torch.autocast(device_type, enabled=False):
-            return deform_conv2d_op(*args)
+            return deform_conv2d_op(*cast)
 
     _library.impl("deform_conv2d", autocast_kernel, AUTOCAST_KEYS[device_type], with_keyset=True)
 
