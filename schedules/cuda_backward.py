@@ -25,9 +25,9 @@ A layer configuration (``generic_spec``: batch and image sizes are variables) ta
 ``apply_backward_cuda_generic``: no tile of a row or of output positions, so that no shared or
 local buffer is sized by a tail of unknown extent; grad_columns one thread per element, its
 reduction over the output channels in a register; grad_weight's (batch x positions) reduction
-split over ``MAX_SPLITS`` partial sums, each thread one partial of ``GENERIC_O_REGS`` output
-channels of one (input channel, tap), each sample interpolated once per step into a register for
-them all.
+split over ``MAX_SPLITS`` partial sums (split s sums positions s, s + splits, ...), each thread one
+partial of ``GENERIC_O_REGS`` output channels of one (input channel, tap), each sample interpolated
+once per step into a register for them all, a warp's threads consecutive splits (positions).
 ``backward_cuda_space`` samples the grad_weight and grad_columns tiles (``sample_perfect_tile``)
 and every other kernel's threads per block (``sample_categorical`` over ``THREAD_CHOICES``); the
 default is ``BackwardTiling.for_spec`` and ``THREADS`` / ``REDUCTION_THREADS``.
@@ -334,8 +334,10 @@ def apply_backward_cuda_generic(sch: s_tir.Schedule, spec: DeformConvSpec, bind_
     _accumulate_in_registers(sch, "grad_weight_acc", "grad_weight", REDUCTION_THREADS, bind_threads)
     o, i, ky, kx, step, split = sch.get_loops(partial)
     o_outer, o_regs = sch.split(o, [None, largest_divisor(spec.out_channels // spec.groups, GENERIC_O_REGS)])
-    sch.reorder(split, i, ky, kx, o_outer, step, o_regs)
-    blocks, thread = sch.split(sch.fuse(split, i, ky, kx, o_outer), [None, THREADS])
+    # the splits innermost among the threads: a warp's threads sum consecutive positions at each step, so that
+    # their grad_output, offset and mask reads coalesce and their samples' corners lie close together
+    sch.reorder(i, ky, kx, o_outer, split, step, o_regs)
+    blocks, thread = sch.split(sch.fuse(i, ky, kx, o_outer, split), [None, THREADS])
     if bind_threads:
         sch.bind(blocks, "blockIdx.x")
         sch.bind(thread, "threadIdx.x")

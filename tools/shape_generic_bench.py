@@ -1,7 +1,8 @@
 """Shape-generic kernels against per-size kernels, side by side on the CPU or a CUDA GPU.
 
     python tools/shape_generic_bench.py [--device cpu|cuda] [--workloads NAME ...] [--dtypes float32 ...]
-                                        [--tf32 off|on] [--runs 5] [--csv PATH] [--commit SHA]
+                                        [--tf32 off|on] [--runs 5] [--parts PART ...] [--csv PATH]
+                                        [--commit SHA]
 
 For each registry workload and dtype, the default-schedule kernels of its exact sizes and those
 of its layer configuration (``compute.spec.generic_spec``: batch, height and width TIR variables,
@@ -20,7 +21,8 @@ configuration, and the committed tuned record where there is one, compiled in pa
 as the median of ``--runs`` rounds of 20 back-to-back calls (GPU time per call by CUDA events,
 ``tuning.timing.gpu_ms``), with the GPU's name; for float32 without TF32 and float64 also the staged
 backward of deterministic calls (``schedules/cuda_backward.py``: the gradient kernels, the sort by
-pixel and the sorted gather; part ``staged_backward``), per size and of the configuration.
+pixel and the sorted gather; part ``staged_backward``), per size and of the configuration;
+``--parts`` names the parts timed (default: all three).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ DEFAULT_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "r50dcn_c5", "v
 CUDA_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "paper_64c_64x64_n32", "train_64c_64x64_n32",
                   "train_128c_32x32_n32", "train_down_64to128_n32", "r50dcn_c3", "r50dcn_c4", "r50dcn_c5")
 LAUNCHES = 20
+CUDA_PARTS = ("forward", "backward", "staged_backward")  # --device cuda's parts (see the docstring)
 
 
 def _median_ms(fn, runs: int) -> float:
@@ -224,17 +227,20 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--tf32", choices=("off", "on"), default="off", help="float32 on TF32 (cuda only)")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--parts", nargs="+", choices=CUDA_PARTS, default=list(CUDA_PARTS),
+                        help="the kernels timed (cuda only; staged_backward with --tf32 off)")
     parser.add_argument("--csv", help="write the rows here")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse --short HEAD)")
     args = parser.parse_args(argv)
     commit = args.commit or current_commit()
     if args.device == "cuda":
+        workloads, rows = args.workloads or CUDA_WORKLOADS, []
         with tf32_mode(args.tf32):
-            rows = [row for rows_of in (cuda_forward_rows, cuda_backward_rows)
-                    for row in rows_of(args.workloads or CUDA_WORKLOADS, args.dtypes, args.tf32 == "on", args.runs,
-                                       commit)]
-            if args.tf32 == "off":
-                rows += cuda_staged_rows(args.workloads or CUDA_WORKLOADS, args.dtypes, args.runs, commit)
+            for part, rows_of in (("forward", cuda_forward_rows), ("backward", cuda_backward_rows)):
+                if part in args.parts:
+                    rows += rows_of(workloads, args.dtypes, args.tf32 == "on", args.runs, commit)
+            if args.tf32 == "off" and "staged_backward" in args.parts:
+                rows += cuda_staged_rows(workloads, args.dtypes, args.runs, commit)
         _write(args.csv, rows)
         return
     target = tvm.target.Target("llvm")
