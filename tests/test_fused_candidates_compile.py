@@ -5,11 +5,14 @@ caller gets the kernels it times by name, and a second search of the same candid
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
+import subprocess
+import sys
+import textwrap
 
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import cuda_target
+from deft_tvm.tuning import fused_backward
 from deft_tvm.tuning.fused_backward import compile_candidates, data_space, weight_space
 from deft_tvm.tuning.workloads import get_workload
 
@@ -27,13 +30,13 @@ def test_candidates_compile_once_into_the_disk_cache(isolated_cache, monkeypatch
     spec = get_workload("test_paper_small", "float16").spec
     data, weight = data_space(spec)[:2], weight_space(spec)[:1]
     monkeypatch.setattr(kernel_cache, "load_or_build_library", _loaded)
-    pools, process_pool = [], concurrent.futures.ProcessPoolExecutor
+    pools, process_pool = [], fused_backward.PopenPoolExecutor
 
-    def counted_pool(workers, context):
+    def counted_pool(workers):
         pools.append(workers)
-        return process_pool(workers, context)
+        return process_pool(workers)
 
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", counted_pool)
+    monkeypatch.setattr(fused_backward, "PopenPoolExecutor", counted_pool)
 
     data_kernels, weight_kernels = compile_candidates(spec, TARGET, data, weight)
 
@@ -50,3 +53,25 @@ def test_candidates_compile_once_into_the_disk_cache(isolated_cache, monkeypatch
     compile_candidates(spec, TARGET, data_space(spec)[1:3], [])
     assert pools == [min(3, os.cpu_count()), 1]
     assert len(list(isolated_cache.rglob("*-candidate-*.so"))) == 4
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path):
+    """The pool's workers are fresh interpreters: a user's script that tunes at its top level (no
+    ``if __name__ == "__main__"``) runs once, as a spawned ``multiprocessing`` pool would not."""
+    script = tmp_path / "tune_at_top_level.py"
+    script.write_text(textwrap.dedent(f"""
+        from deft_tvm.runtime.targets import cuda_target
+        from deft_tvm.tuning.fused_backward import compile_candidates, data_space
+        from deft_tvm.tuning.workloads import get_workload
+        with open({str(tmp_path / "runs")!r}, "a") as runs:
+            runs.write("run\\n")
+        spec = get_workload("test_paper_small", "float16").spec
+        try:
+            compile_candidates(spec, cuda_target("sm_90"), data_space(spec)[:2], [])
+        except Exception as err:  # loading a CUDA library needs a CUDA runtime, this CPU has none
+            print(type(err).__name__)
+    """))
+    env = dict(os.environ, DEFT_TVM_CACHE_DIR=str(tmp_path / "cache"), PYTHONWARNINGS="ignore")
+    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=300, capture_output=True)
+    assert (tmp_path / "runs").read_text() == "run\n"
+    assert len(list((tmp_path / "cache").rglob("*-candidate-grad_data-*.so"))) == 2

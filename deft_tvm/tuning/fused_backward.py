@@ -22,13 +22,12 @@ defaults).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
 import os
 from collections.abc import Callable
 
 import tvm
+from tvm.support.popen_pool import PopenPoolExecutor
 
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.reference.tolerances import assert_close_to_largest, tolerance_key
@@ -243,17 +242,22 @@ def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: li
                        weight: list[WeightTiling]) -> tuple[list[dict[str, Callable]], list[Callable]]:
     """The compiled ``prepare`` and ``grad_data`` (a dict by name) of each data tiling and the
     ``grad_weight`` of each weight tiling. Those not in the kernel disk cache are compiled there
-    first by a pool of processes (one per CPU core, spawned): TVMScript parsing and TIR lowering
-    hold Python's GIL, ~0.6 s a candidate on a 2-core CPU, so threads ran them one at a time; the
-    cache lets a resumed search (``tune_model`` called again) load what it compiled before."""
+    first by a pool of processes (one per CPU core; TVM's ``PopenPoolExecutor``, whose workers are
+    fresh interpreters that do not run the caller's main script again, as ``multiprocessing``'s
+    spawned ones would): TVMScript parsing and TIR lowering hold Python's GIL, ~0.6 s a candidate
+    on a 2-core CPU, so threads ran them one at a time; the cache lets a resumed search
+    (``tune_model`` called again) load what it compiled before."""
     jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
     libraries = [_candidate_library(spec, target, kind, tiling) for kind, tiling in jobs]
     missing = [job for job, library in zip(jobs, libraries)
                if not kernel_cache.library_path(*library, target).exists()]
     if missing:
-        context = multiprocessing.get_context("spawn")  # the parent may hold a CUDA context: no fork
-        with concurrent.futures.ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1), context) as pool:
-            list(pool.map(_compile_candidate, *zip(*((spec, target, kind, tiling) for kind, tiling in missing))))
+        pool = PopenPoolExecutor(min(len(missing), os.cpu_count() or 1))
+        try:
+            for future in [pool.submit(_compile_candidate, spec, target, kind, tiling) for kind, tiling in missing]:
+                future.result()
+        finally:
+            pool.shutdown()
     kernels = []
     for (kind, tiling), library in zip(jobs, libraries):
         functions = _CANDIDATE_FUNCTIONS[kind]
