@@ -601,7 +601,7 @@ def prebuild(specs, device: torch.device, max_workers: int = 8, progress: Callab
                     missing[kernel_key(kernel, kernel_part)] = (kernel, sch, kernel_part, tuned, index, fingerprint)
 
     def build_and_store(spec, sch, part, tuned, index, fingerprint):
-        _export_atomically(build(spec, target, sch), library_path(kernel_key(spec, part), fingerprint, target))
+        build_into_cache(kernel_key(spec, part), fingerprint, target, lambda: build(spec, target, sch))
         remember(index, fingerprint, {"tuned": tuned})
 
     with exact_cuda_compilation(), concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
