@@ -245,7 +245,7 @@ def test_the_command_reports_the_chosen_halos_coverage_and_writes_the_record(tmp
     workload = get_workload("r50dcn_c4", "float16")
     search = fused_backward.tune_fused_backward
     monkeypatch.setattr(fused_backward, "tune_fused_backward",
-                        lambda *a, **k: search(*a, measure=_fake_measure(3, 2), **k))
+                        lambda *a, **k: search(*a, **{**k, "measure": _fake_measure(3, 2)}))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
     args = argparse.Namespace(kernels=["data", "weight"], logs=str(tmp_path))
     cli._tune_fused_backward(args, TARGET, "r50dcn_c4", workload)
@@ -262,16 +262,44 @@ def test_tune_model_resumes_a_fused_search_on_the_same_statistics_and_gpu(tmp_pa
     workload = get_workload("r50dcn_c4", "float16")
     search, searched = fused_backward.tune_fused_backward, []
     monkeypatch.setattr(fused_backward, "tune_fused_backward",
-                        lambda *a, **k: searched.append(a[1:4]) or search(*a, measure=_fake_measure(3, 2), **k))
+                        lambda *a, **k: searched.append(a[1:4]) or search(*a, **{**k, "measure": _fake_measure(3, 2)}))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
-    first = model._tune_fused(workload, TARGET, tmp_path)
-    assert model._tune_fused(workload, TARGET, tmp_path) == first and len(searched) == 1  # resumed
-    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path)  # other statistics
+    first = model._tune_fused(workload, TARGET, tmp_path, False)
+    assert model._tune_fused(workload, TARGET, tmp_path, False) == first and len(searched) == 1  # resumed
+    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path, False)  # other statistics
     assert searched[-1] == ("normal_8px", TARGET, "a GPU")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "another GPU")
-    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path)
+    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path, False)
     assert searched[-1] == ("normal_8px", TARGET, "another GPU")
     assert records.fused_backward_record(workload.spec, TARGET, [tmp_path])["device"] == "another GPU"
+
+
+def test_tune_model_shows_the_fused_search_on_a_progress_bar(tmp_path, monkeypatch, capsys):
+    """The bar of a layer's fused search grows by each round's candidates, counts each measured one
+    (``measure_candidates`` with its compiles and GPU times stood in for) and ends on the best and
+    default grad_data + grad_weight time."""
+    from deft_tvm.tuning import model
+
+    workload = get_workload("r50dcn_c4", "float16")
+    rounds = []
+
+    def compiled(spec, target, data, weight, bar):
+        rounds.append(len(data) + len(weight))
+        bar.set_postfix_str(f"compiled {len(data) + len(weight)}/{len(data) + len(weight)}")
+        return [data] * len(data), [weight] * len(weight)
+
+    monkeypatch.setattr(fused_backward, "compile_candidates", compiled)
+    monkeypatch.setattr(fused_backward, "profile_inputs", lambda spec, profile: {})
+    for call in ("data_call", "weight_call"):
+        monkeypatch.setattr(fused_backward, call, lambda spec, kernel, tiling, inputs: lambda: [torch.ones(2)])
+    monkeypatch.setattr(fused_backward, "gpu_ms", lambda call: 0.5)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+
+    assert model._tune_fused(workload, TARGET, tmp_path, True) == (1.0, 1.0)
+    shown = capsys.readouterr().err.split("\r")[-1]
+    assert len(rounds) > 1 and f"| {sum(rounds)}/{sum(rounds)} [" in shown, shown
+    assert shown.startswith(f"{workload.name} fused backward: 100%")
+    assert "candidate/s, best 1.0000 ms, default 1.0000 ms (grad_data + grad_weight)]" in shown, shown
 
 
 def test_the_search_never_takes_a_rejected_candidate():

@@ -1,7 +1,7 @@
 """The fused backward search compiles its candidates in a pool of processes into the kernel disk
 cache (``fused_backward.compile_candidates``): every candidate's library is written once, the
-caller gets the kernels it times by name, and a second search of the same candidates (a resumed
-``tune_model``) compiles nothing."""
+caller gets the kernels it times by name, a progress bar counts the compiles, and a second search
+of the same candidates (a resumed ``tune_model``) compiles nothing."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ def _loaded(name, fingerprint, target, build_library, functions):
     return [f"{name}-{fingerprint}:{function}" for function in functions]
 
 
+class _Bar:
+    """A tqdm stand-in that keeps its postfixes."""
+
+    def __init__(self):
+        self.postfixes = []
+
+    def set_postfix_str(self, text):
+        self.postfixes.append(text)
+
+
 def test_candidates_compile_once_into_the_disk_cache(isolated_cache, monkeypatch):
     spec = get_workload("test_paper_small", "float16").spec
     data, weight = data_space(spec)[:2], weight_space(spec)[:1]
@@ -38,8 +48,10 @@ def test_candidates_compile_once_into_the_disk_cache(isolated_cache, monkeypatch
 
     monkeypatch.setattr(fused_backward, "PopenPoolExecutor", counted_pool)
 
-    data_kernels, weight_kernels = compile_candidates(spec, TARGET, data, weight)
+    bar = _Bar()
+    data_kernels, weight_kernels = compile_candidates(spec, TARGET, data, weight, bar)
 
+    assert bar.postfixes == ["compiled 0/3", "compiled 1/3", "compiled 2/3", "compiled 3/3"]
     assert [sorted(k) for k in data_kernels] == [["grad_data", "prepare"]] * 2
     assert data_kernels[0]["grad_data"].endswith(":grad_data") and "-candidate-grad_data-" in data_kernels[0]["prepare"]
     assert data_kernels[0] != data_kernels[1]
@@ -49,8 +61,9 @@ def test_candidates_compile_once_into_the_disk_cache(isolated_cache, monkeypatch
     # searched again (a resumed tune_model): all cached, no pool
     assert compile_candidates(spec, TARGET, data, weight) == (data_kernels, weight_kernels)
     assert pools == [min(3, os.cpu_count())]
-    # one new tiling beside a cached one: only it is compiled
-    compile_candidates(spec, TARGET, data_space(spec)[1:3], [])
+    # one new tiling beside a cached one: only it is compiled (the cached one counted at once)
+    compile_candidates(spec, TARGET, data_space(spec)[1:3], [], bar)
+    assert bar.postfixes[4:] == ["compiled 1/2", "compiled 2/2"]
     assert pools == [min(3, os.cpu_count()), 1]
     assert len(list(isolated_cache.rglob("*-candidate-*.so"))) == 4
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -234,11 +235,16 @@ def _tune_fused_backward(args, target, name: str, workload) -> None:
     """Search the fused backward's tilings of a workload and write the record."""
     from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
     from deft_tvm.schedules.cuda_backward_fused import DataTiling
-    from deft_tvm.tuning.fused_backward import patch_coverage, tune_fused_backward
+    from tqdm import tqdm
+
+    from deft_tvm.tuning.fused_backward import measure_candidates, patch_coverage, tune_fused_backward
 
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
-    record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name(),
-                                 kernels=tuple(args.kernels), kept=_kept_fused_record(args, target, name, spec))
+    kept = _kept_fused_record(args, target, name, spec)
+    with tqdm(total=0, desc=f"{name} {spec.dtype}{' tf32' * spec.tf32} fused backward", unit="candidate") as bar:
+        record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name(),
+                                     measure=functools.partial(measure_candidates, bar=bar),
+                                     kernels=tuple(args.kernels), kept=kept)
     path = write_fused_backward(fused_backward_dir(args.logs, spec, target), record)
     times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in FUSED_KERNELS}
     defaults = {kind: record[f"{kind}_ms"][0][1] for kind in FUSED_KERNELS}

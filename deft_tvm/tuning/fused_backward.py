@@ -22,6 +22,7 @@ defaults).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Callable
@@ -239,23 +240,31 @@ def _compile_candidate(spec: DeformConvSpec, target: tvm.target.Target, kind: st
 
 
 def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
-                       weight: list[WeightTiling]) -> tuple[list[dict[str, Callable]], list[Callable]]:
+                       weight: list[WeightTiling], bar=None) -> tuple[list[dict[str, Callable]], list[Callable]]:
     """The compiled ``prepare`` and ``grad_data`` (a dict by name) of each data tiling and the
     ``grad_weight`` of each weight tiling. Those not in the kernel disk cache are compiled there
     first by a pool of processes (one per CPU core; TVM's ``PopenPoolExecutor``, whose workers are
     fresh interpreters that do not run the caller's main script again, as ``multiprocessing``'s
     spawned ones would): TVMScript parsing and TIR lowering hold Python's GIL, ~0.6 s a candidate
     on a 2-core CPU, so threads ran them one at a time; the cache lets a resumed search
-    (``tune_model`` called again) load what it compiled before."""
+    (``tune_model`` called again) load what it compiled before. ``bar`` (tqdm-like), if given,
+    shows "compiled k/n" (the cached ones counted at once) as the candidates are compiled."""
     jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
     libraries = [_candidate_library(spec, target, kind, tiling) for kind, tiling in jobs]
     missing = [job for job, library in zip(jobs, libraries)
                if not kernel_cache.library_path(*library, target).exists()]
+    compiled = len(jobs) - len(missing)
+    if bar is not None:
+        bar.set_postfix_str(f"compiled {compiled}/{len(jobs)}")
     if missing:
         pool = PopenPoolExecutor(min(len(missing), os.cpu_count() or 1))
         try:
-            for future in [pool.submit(_compile_candidate, spec, target, kind, tiling) for kind, tiling in missing]:
+            futures = [pool.submit(_compile_candidate, spec, target, kind, tiling) for kind, tiling in missing]
+            for future in concurrent.futures.as_completed(futures):
                 future.result()
+                compiled += 1
+                if bar is not None:
+                    bar.set_postfix_str(f"compiled {compiled}/{len(jobs)}")
         finally:
             pool.shutdown()
     kernels = []
@@ -338,10 +347,10 @@ def agree(got: list, expected: list, key: str) -> bool:
     return True
 
 
-def time_checked(spec: DeformConvSpec, calls) -> list[float | None]:
+def time_checked(spec: DeformConvSpec, calls, bar=None) -> list[float | None]:
     """GPU time (ms, ``timing.gpu_ms``) of each of ``calls`` (``(make_call, args)`` pairs, the
     default's first), or None for a candidate whose gradients are not the default's (``agree``;
-    such a candidate is never chosen)."""
+    such a candidate is never chosen); ``bar`` (tqdm-like), if given, advanced by one per call."""
     key = tolerance_key(spec.dtype, spec.tf32)
     expected, times = None, []
     for make, args in calls:
@@ -351,17 +360,25 @@ def time_checked(spec: DeformConvSpec, calls) -> list[float | None]:
             expected = [t.clone() for t in got]
         times.append(gpu_ms(call) if agree(got, expected, key) else None)
         del call, got
+        if bar is not None:
+            bar.update(1)
     return times
 
 
 def measure_candidates(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
-                       weight: list[WeightTiling]) -> tuple[list[float | None], list[float | None]]:
+                       weight: list[WeightTiling], bar=None) -> tuple[list[float | None], list[float | None]]:
     """GPU time (ms) of each data and weight candidate, each kernel and the sum of its splits alone on
-    ``profile_inputs``; None for a candidate whose gradients differ from the default's."""
-    data_kernels, weight_kernels = compile_candidates(spec, target, data, weight)
+    ``profile_inputs``; None for a candidate whose gradients differ from the default's. ``bar``
+    (tqdm-like, e.g. ``tune_fused_backward``'s ``measure=functools.partial(measure_candidates,
+    bar=bar)``), if given: its total grows by the round's candidates, it shows their compiles
+    (``compile_candidates``) and advances by one per candidate measured (``time_checked``)."""
+    if bar is not None:
+        bar.total += len(data) + len(weight)
+        bar.refresh()
+    data_kernels, weight_kernels = compile_candidates(spec, target, data, weight, bar)
     inputs = profile_inputs(spec, profile)
-    return (time_checked(spec, [(data_call, (k, t, inputs)) for k, t in zip(data_kernels, data)]),
-            time_checked(spec, [(weight_call, (k, t, inputs)) for k, t in zip(weight_kernels, weight)]))
+    return (time_checked(spec, [(data_call, (k, t, inputs)) for k, t in zip(data_kernels, data)], bar),
+            time_checked(spec, [(weight_call, (k, t, inputs)) for k, t in zip(weight_kernels, weight)], bar))
 
 
 def _refine_round(spec: DeformConvSpec, profile: str, target: tvm.target.Target, tilings: list, times: list,

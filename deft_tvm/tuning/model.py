@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
 
@@ -98,23 +99,30 @@ def _tune_part(workload: Workload, target, part: str, logs: Path, trials: int, t
     return entry, best, default
 
 
-def _tune_fused(workload: Workload, target, logs: Path) -> tuple[float, float]:
+def _tune_fused(workload: Workload, target, logs: Path, progress: bool) -> tuple[float, float]:
     """The fused CUDA backward's tilings of ``workload`` searched on its profile and recorded under
     ``logs``, or the record there resumed where it was searched on the same statistics
-    (``tuning.stats.profile_digest``) and the same GPU; returns (best, default) grad_data +
-    grad_weight time (ms)."""
+    (``tuning.stats.profile_digest``) and the same GPU, with a progress bar of its candidates
+    (compiled, measured, then the best and default time) where ``progress``; returns (best,
+    default) grad_data + grad_weight time (ms)."""
+    from tqdm import tqdm
+
     from deft_tvm.runtime.records import fused_backward_dir, fused_backward_record, write_fused_backward
-    from deft_tvm.tuning.fused_backward import KERNELS, tune_fused_backward
+    from deft_tvm.tuning.fused_backward import KERNELS, measure_candidates, tune_fused_backward
     from deft_tvm.tuning.stats import profile_digest
 
     spec, device_name = dataclasses.replace(workload.spec, layout="NCHW"), torch.cuda.get_device_name()
     record = fused_backward_record(spec, target, [logs])
     searched_on = (profile_digest(workload.profile), device_name)
-    if record is None or (record.get("profile_digest"), record["device"]) != searched_on:
-        record = tune_fused_backward(spec, workload.profile, target, device_name)
-        write_fused_backward(fused_backward_dir(logs, spec, target), record)
-    best = sum(min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in KERNELS)
-    return best, sum(record[f"{kind}_ms"][0][1] for kind in KERNELS)
+    with tqdm(total=0, desc=f"{workload.name} fused backward", unit="candidate", disable=not progress) as bar:
+        if record is None or (record.get("profile_digest"), record["device"]) != searched_on:
+            record = tune_fused_backward(spec, workload.profile, target, device_name,
+                                         measure=functools.partial(measure_candidates, bar=bar))
+            write_fused_backward(fused_backward_dir(logs, spec, target), record)
+        best = sum(min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in KERNELS)
+        default = sum(record[f"{kind}_ms"][0][1] for kind in KERNELS)
+        bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)} (grad_data + grad_weight)")
+    return best, default
 
 
 def library_workloads(manifest_path: str | Path) -> list[Workload]:
@@ -202,7 +210,7 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
                 entries.append(entry)
         if backward and cuda:
             key = kernel_key(dataclasses.replace(workload.spec, layout="NCHW"), "fused_backward")
-            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs)
+            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress)
     specs = {w.name: w.spec for w in workloads}
     description = {"name": model_name, "profile": str(profile_path),
                    "layers": {layer: {"workload": name, "spec": specs[name].to_dict()}
