@@ -4,7 +4,9 @@ schedule) and candidates run on both servers, and the command line names a bad t
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -27,8 +29,11 @@ def _free_port() -> int:
 
 
 def _start(tmp_path, name: str, *args: str) -> subprocess.Popen:
+    """A TVM RPC process in a process group of its own: the tracker and the servers run in popen
+    workers of theirs, which outlive them unless the whole group is stopped."""
     log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 @pytest.fixture
@@ -56,7 +61,7 @@ def tracker(tmp_path):
         yield config, [tmp_path / f"server{i}.log" for i in range(2)]
     finally:
         for process in processes:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
         for process in processes:
             process.wait(timeout=30)
 

@@ -159,7 +159,8 @@ def test_top_limits_the_records_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(deft_tvm.schedules, "transferred", lambda spec, target_, source_, trace, part="forward":
                         other if str(trace) == str(fast.trace) else search_start(spec, target_))
     measured = []
-    monkeypatch.setattr(search, "_measure_candidates", lambda jobs, target_, part, rpc: measured.append(jobs) or {})
+    monkeypatch.setattr(search, "_measure_candidates",
+                        lambda jobs, target_, part, rpc, measurement: measured.append(jobs) or {})
     for top in (1, 2):
         transfer([(SMALL.spec, SMALL.profile, tmp_path / "new", source, source_dir)], target, top=top)
     labels = [[label for label, _ in candidates] for jobs in measured for _, _, candidates in jobs.values()]

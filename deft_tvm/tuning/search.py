@@ -205,7 +205,7 @@ def _build(mod: tvm.IRModule, target: tvm.target.Target, _params):
 
 
 def _seed_database(spec: DeformConvSpec, profile: str, target: tvm.target.Target, directory: Path,
-                   part: str, rpc: ms.runner.RPCConfig | None = None) -> float:
+                   part: str, rpc: ms.runner.RPCConfig | None = None, measurement: Measurement | None = None) -> float:
     """Measure ``schedules.search_start`` (the default schedule as a point of the design space) as
     the search's candidates are measured (``_measure_candidates``: here, or with ``rpc`` on a
     tracker's device) and store it as the database's first record: the evolutionary search draws
@@ -218,7 +218,7 @@ def _seed_database(spec: DeformConvSpec, profile: str, target: tvm.target.Target
     from deft_tvm.schedules import search_start
 
     seconds = _measure_candidates({directory: (spec, profile, [("default", search_start(spec, target, part))])},
-                                  target, part, rpc)[directory]["default"]
+                                  target, part, rpc, measurement)[directory]["default"]
     if seconds is None:
         raise RuntimeError(f"{kernel_key(spec, part)}: the default schedule failed to build or run "
                            f"({'RPC tracker ' + rpc.tracker_host if rpc else 'this machine'})")
@@ -235,6 +235,55 @@ def _runner(spec: DeformConvSpec, profile: str, target: tvm.target.Target, part:
                                      f_alloc_argument=ProfileInputs(spec, profile, part=part))
     return ms.runner.RPCRunner(rpc, _evaluator_config(target), max_workers=rpc_devices(rpc),
                                f_alloc_argument=RemoteProfileInputs(spec, profile, part=part))
+
+
+class Measurement:
+    """The builder and the runners (one per workload and part: its profile's inputs, ``_runner``)
+    that a kernel's tuning measures with, each made once: a MetaSchedule ``LocalBuilder`` and
+    every runner start a worker process to check themselves (3.8-3.9 s apiece on a 2-core CPU,
+    where ``tune_kernel`` made a builder and a runner for the seed, the search and each step after
+    it: 61 s of a 5-minute ``deft-tvm tune --model`` of the digits network), and a runner keeps its
+    worker (the process that allocates the inputs and runs the candidates) until ``close``, which
+    shuts the workers down (left to garbage collection, they outlived the process that made them).
+    A context manager."""
+
+    def __init__(self, target: tvm.target.Target, rpc: ms.runner.RPCConfig | None = None):
+        self.target, self.rpc = target, rpc
+        self._builder = None
+        self._runners: dict[tuple, ms.runner.Runner] = {}
+
+    @property
+    def builder(self) -> ms.builder.Builder:
+        if self._builder is None:
+            self._builder = ms.builder.LocalBuilder(f_build=_build, timeout_sec=120)
+        return self._builder
+
+    def runner(self, spec: DeformConvSpec, profile: str, part: str) -> ms.runner.Runner:
+        key = (spec, profile, part)
+        if key not in self._runners:
+            self._runners[key] = _runner(spec, profile, self.target, part, self.rpc)
+        return self._runners[key]
+
+    def close(self) -> None:
+        for runner in self._runners.values():
+            runner.pool.shutdown()
+        self._runners.clear()
+
+    def __enter__(self) -> Measurement:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _measurement(target: tvm.target.Target, rpc: ms.runner.RPCConfig | None, measurement: Measurement | None):
+    """``measurement``, or a new one (closed at the block's end) for ``target`` and ``rpc``."""
+    if measurement is not None:
+        yield measurement
+    else:
+        with Measurement(target, rpc) as made:
+            yield made
 
 
 def _evaluator_config(target: tvm.target.Target) -> ms.runner.EvaluatorConfig:
@@ -323,7 +372,8 @@ def _held_traces(directory: Path) -> set[str]:
 
 
 def current_default(folders, target: tvm.target.Target, part: str = "forward",
-                    rpc: ms.runner.RPCConfig | None = None) -> dict[Path, dict[str, float | None]]:
+                    rpc: ms.runner.RPCConfig | None = None,
+                    measurement: Measurement | None = None) -> dict[Path, dict[str, float | None]]:
     """Measure today's default schedule (``schedules.search_start``) in each of ``folders`` (``(spec,
     profile, directory)`` triples of existing tuning databases) that does not hold it yet, and store
     it as a record: a folder tuned before the default improved then never keeps a best slower than
@@ -342,11 +392,12 @@ def current_default(folders, target: tvm.target.Target, part: str = "forward",
         sch = search_start(spec, target, part)
         if str(sch.trace) not in held:
             jobs[directory] = (spec, profile, [("default", sch)])
-    return _measure_candidates(jobs, target, part, rpc)
+    return _measure_candidates(jobs, target, part, rpc, measurement)
 
 
 def refine(folders, target: tvm.target.Target, part: str = "forward",
-           rpc: ms.runner.RPCConfig | None = None) -> dict[Path, dict[str, float | None]]:
+           rpc: ms.runner.RPCConfig | None = None,
+           measurement: Measurement | None = None) -> dict[Path, dict[str, float | None]]:
     """Measure the ``schedules.refinements`` of the fastest record of each of ``folders`` (``(spec,
     profile, directory)`` triples of tuning databases) and store them as records of their folder,
     so that a faster one becomes its best. Candidates are built in parallel and run one at a time,
@@ -370,11 +421,12 @@ def refine(folders, target: tvm.target.Target, part: str = "forward",
                       if str(sch.trace) not in held]
         if candidates:
             jobs[directory] = (spec, profile, candidates)
-    return _measure_candidates(jobs, target, part, rpc)
+    return _measure_candidates(jobs, target, part, rpc, measurement)
 
 
 def transfer(folders, target: tvm.target.Target, part: str = "forward", top: int = 3,
-             rpc: ms.runner.RPCConfig | None = None) -> dict[Path, dict[str, float | None]]:
+             rpc: ms.runner.RPCConfig | None = None,
+             measurement: Measurement | None = None) -> dict[Path, dict[str, float | None]]:
     """Measure, as points of each folder's design space, the tilings that the ``top`` fastest
     records of a database of the same layer in another dtype decided (``schedules.transferred``:
     float16 records for bfloat16, whose fragments are the same) and store them as records of the
@@ -401,26 +453,33 @@ def transfer(folders, target: tvm.target.Target, part: str = "forward", top: int
                 break
         if candidates:
             jobs[directory] = (spec, profile, candidates)
-    return _measure_candidates(jobs, target, part, rpc)
+    return _measure_candidates(jobs, target, part, rpc, measurement)
 
 
-def _measure_candidates(jobs: dict, target: tvm.target.Target, part: str,
-                        rpc: ms.runner.RPCConfig | None = None) -> dict[Path, dict[str, float | None]]:
+def _measure_candidates(jobs: dict, target: tvm.target.Target, part: str, rpc: ms.runner.RPCConfig | None = None,
+                        measurement: Measurement | None = None) -> dict[Path, dict[str, float | None]]:
     """Build ``jobs`` (``{directory: (spec, profile, [(label, schedule)])}``) in parallel, run
     them on their profile's inputs as the tuning runner runs a round (``_runner``: one at a time on
     this machine's device, or with ``rpc`` on the tracker's devices), and store each as a record of
-    its folder (a failed one at ``FAILED_SECONDS``)."""
+    its folder (a failed one at ``FAILED_SECONDS``); with ``measurement``'s builder and runners
+    (else a ``Measurement`` of this call)."""
     if not jobs:
         return {}
+    with _measurement(target, rpc, measurement) as measuring:
+        return _measure_jobs(jobs, target, part, measuring)
+
+
+def _measure_jobs(jobs: dict, target: tvm.target.Target, part: str,
+                  measurement: Measurement) -> dict[Path, dict[str, float | None]]:
     with exact_cuda_compilation():
-        built = iter(ms.builder.LocalBuilder(f_build=_build, timeout_sec=120).build(
+        built = iter(measurement.builder.build(
             [ms.builder.BuilderInput(sch.mod, target) for _, _, candidates in jobs.values() for _, sch in candidates]))
     device_type = "cuda" if target.kind.name == "cuda" else "cpu"
     results: dict[Path, dict[str, float | None]] = {}
     for directory, (spec, profile, candidates) in jobs.items():  # one runner per folder: its profile's inputs
         builds = [next(built) for _ in candidates]
         runnable = [(label, sch, build) for (label, sch), build in zip(candidates, builds) if build.error_msg is None]
-        runner = _runner(spec, profile, target, part, rpc)
+        runner = measurement.runner(spec, profile, part)
         futures = runner.run([ms.runner.RunnerInput(build.artifact_path, device_type,
                                                     ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]))
                               for _, sch, build in runnable]) if runnable else []
@@ -492,6 +551,7 @@ def tune(
     bar=None,
     rpc: ms.runner.RPCConfig | None = None,
     verbose: bool = False,
+    measurement: Measurement | None = None,
 ) -> TuningResult:
     """Tune ``spec``'s ``part`` kernel (``deft_tvm.compute.spec.PARTS``) on ``space`` (see
     ``space_generator``) until ``directory``'s database holds ``trials`` records (resuming it).
@@ -500,76 +560,78 @@ def tune(
     here in parallel and run on this machine's device, or with ``rpc`` (``rpc_config``) on the
     devices of a TVM RPC tracker's key, as many at once as it has servers (``rpc_devices``), the
     seed (the default schedule) too. MetaSchedule's own log (its task tables, the
-    cost model's lines) reaches the console only with ``verbose``."""
+    cost model's lines) reaches the console only with ``verbose``. ``measurement``: the builder and
+    runners to measure with (``Measurement``; else this call's own)."""
     from deft_tvm.schedules import register_tensor_intrinsics
 
-    generator = space_generator(space, spec, target, part)
-    register_tensor_intrinsics(target)  # resuming replays the stored traces
     directory = Path(directory)
-    write_spec(directory, spec, part)
-    already = record_count(directory)
-    meta_path = directory / TUNING_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "space": space,
-                                                                           "sessions": []}
-    digest = profile_digest(profile)
-    _check_folder(directory, meta, profile, digest, space)
-    meta["profile_digest"] = digest  # written before any record: a resumed folder is checked
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
-    label = f"{kernel_key(spec, part)} {target.kind.name}"
-    rounds = []  # the seed's, then the search's (ProgressReport)
-    if bar is not None:
-        bar.update(min(already, trials))
-    if already == 0 and space == "deft" and trials > 0:
-        start = time.perf_counter()
-        seconds = _seed_database(spec, profile, target, directory, part, rpc)
-        if bar is None:
-            print(f"[tune {label}] 1 trial: the default schedule as the search's start, {seconds * 1e3:.4f} ms",
-                  flush=True)
-        else:
-            bar.update(1)
-            bar.set_postfix_str(f"default {seconds * 1e3:.4f} ms", refresh=True)
-        rounds.append({"candidates": 1, "failed": 0, "seconds": round(time.perf_counter() - start, 2),
-                       "best_ms": _ms(seconds)})
-        already = 1
-    remaining = trials - already
-    if remaining <= 0:
-        if bar is None:
-            print(f"[tune {label}] {already} trials already in {directory}, nothing to do", flush=True)
-        return TuningResult(directory, already, 0, best_time(directory), 0.0, rounds)
+    with _measurement(target, rpc, measurement) as measurement:
+        generator = space_generator(space, spec, target, part)
+        register_tensor_intrinsics(target)  # resuming replays the stored traces
+        write_spec(directory, spec, part)
+        already = record_count(directory)
+        meta_path = directory / TUNING_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"profile": profile, "space": space,
+                                                                               "sessions": []}
+        digest = profile_digest(profile)
+        _check_folder(directory, meta, profile, digest, space)
+        meta["profile_digest"] = digest  # written before any record: a resumed folder is checked
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+        label = f"{kernel_key(spec, part)} {target.kind.name}"
+        rounds = []  # the seed's, then the search's (ProgressReport)
+        if bar is not None:
+            bar.update(min(already, trials))
+        if already == 0 and space == "deft" and trials > 0:
+            start = time.perf_counter()
+            seconds = _seed_database(spec, profile, target, directory, part, rpc, measurement)
+            if bar is None:
+                print(f"[tune {label}] 1 trial: the default schedule as the search's start, "
+                      f"{seconds * 1e3:.4f} ms", flush=True)
+            else:
+                bar.update(1)
+                bar.set_postfix_str(f"default {seconds * 1e3:.4f} ms", refresh=True)
+            rounds.append({"candidates": 1, "failed": 0, "seconds": round(time.perf_counter() - start, 2),
+                           "best_ms": _ms(seconds)})
+            already = 1
+        remaining = trials - already
+        if remaining <= 0:
+            if bar is None:
+                print(f"[tune {label}] {already} trials already in {directory}, nothing to do", flush=True)
+            return TuningResult(directory, already, 0, best_time(directory), 0.0, rounds)
 
-    mod = kernel_primfunc(spec, part)
-    runner = _runner(spec, profile, target, part, rpc)
-    strategy = ms.search_strategy.EvolutionarySearch(
-        population_size=population, init_min_unmeasured=min(population, 32), genetic_num_iters=2,
-    )
-    progress = ProgressReport(label, already, best_time(directory), rounds, bar)
-    start = time.perf_counter()
-    with exact_cuda_compilation(), tempfile.TemporaryDirectory(prefix="deft_tune_") as scratch, \
-            _meta_schedule_log(verbose):
-        ms.tune_tir(
-            mod,
-            target,
-            work_dir=scratch,
-            max_trials_global=remaining,
-            num_trials_per_iter=min(trials_per_round, remaining),
-            space=generator,
-            builder=ms.builder.LocalBuilder(f_build=_build, timeout_sec=120),
-            runner=runner,
-            database=open_database(directory),
-            cost_model="xgb",
-            strategy=strategy,
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
-            seed=seed,
-            num_tuning_cores=num_tuning_cores,
+        mod = kernel_primfunc(spec, part)
+        strategy = ms.search_strategy.EvolutionarySearch(
+            population_size=population, init_min_unmeasured=min(population, 32), genetic_num_iters=2,
         )
-    seconds = time.perf_counter() - start
-    meta["sessions"].append({
-        "target": target_tag(target),
-        "new_trials": progress.new, "seconds": round(seconds, 1), "rounds": progress.rounds,
-        "tvm": tvm.__version__,
-    })
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
-    return TuningResult(directory, record_count(directory), progress.new, best_time(directory), seconds, progress.rounds)
+        progress = ProgressReport(label, already, best_time(directory), rounds, bar)
+        start = time.perf_counter()
+        with exact_cuda_compilation(), tempfile.TemporaryDirectory(prefix="deft_tune_") as scratch, \
+                _meta_schedule_log(verbose):
+            ms.tune_tir(
+                mod,
+                target,
+                work_dir=scratch,
+                max_trials_global=remaining,
+                num_trials_per_iter=min(trials_per_round, remaining),
+                space=generator,
+                builder=measurement.builder,
+                runner=measurement.runner(spec, profile, part),
+                database=open_database(directory),
+                cost_model="xgb",
+                strategy=strategy,
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+                seed=seed,
+                num_tuning_cores=num_tuning_cores,
+            )
+        seconds = time.perf_counter() - start
+        meta["sessions"].append({
+            "target": target_tag(target),
+            "new_trials": progress.new, "seconds": round(seconds, 1), "rounds": progress.rounds,
+            "tvm": tvm.__version__,
+        })
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+        return TuningResult(directory, record_count(directory), progress.new, best_time(directory), seconds,
+                            progress.rounds)
 
 
 @dataclasses.dataclass
@@ -594,17 +656,19 @@ def tune_kernel(spec: DeformConvSpec, profile: str, target: tvm.target.Target, d
     resumed up to ``trials`` records), then, where ``seed_from`` (``(source spec, its database
     folder)``) is given, the ``transfer`` of its fastest records, ``current_default`` (today's
     default, where the folder does not hold it) and ``refine`` (the best's refinements), all measured
-    as the search's candidates (here, or on ``rpc``'s devices)."""
+    as the search's candidates (here, or on ``rpc``'s devices), all with one ``Measurement``."""
     from deft_tvm.runtime.records import best_schedule
 
     directory = Path(directory)
-    search = tune(spec, profile, target, directory, trials, trials_per_round=trials_per_round, seed=seed, part=part,
-                  bar=bar, rpc=rpc, verbose=verbose)
     folder = (spec, profile, directory)
     measured = {}
-    if seed_from is not None:
-        measured["transfer"] = transfer([(*folder, *seed_from)], target, part, rpc=rpc).get(directory, {})
-    measured["default"] = current_default([folder], target, part, rpc).get(directory, {})
-    measured["refine"] = refine([folder], target, part, rpc).get(directory, {})
+    with Measurement(target, rpc) as measurement:
+        search = tune(spec, profile, target, directory, trials, trials_per_round=trials_per_round, seed=seed,
+                      part=part, bar=bar, rpc=rpc, verbose=verbose, measurement=measurement)
+        if seed_from is not None:
+            measured["transfer"] = transfer([(*folder, *seed_from)], target, part, rpc=rpc,
+                                            measurement=measurement).get(directory, {})
+        measured["default"] = current_default([folder], target, part, rpc, measurement).get(directory, {})
+        measured["refine"] = refine([folder], target, part, rpc, measurement).get(directory, {})
     return KernelTuning(search, measured, best_time(directory), default_time(spec, target, directory, part),
                         best_schedule(directory, target)[1])
