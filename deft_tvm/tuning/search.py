@@ -242,10 +242,10 @@ class Measurement:
     that a kernel's tuning measures with, each made once: a MetaSchedule ``LocalBuilder`` and
     every runner start a worker process to check themselves (3.8-3.9 s apiece on a 2-core CPU,
     where ``tune_kernel`` made a builder and a runner for the seed, the search and each step after
-    it: 61 s of a 5-minute ``deft-tvm tune --model`` of the digits network), and a runner keeps its
-    worker (the process that allocates the inputs and runs the candidates) until ``close``, which
-    shuts the workers down (left to garbage collection, they outlived the process that made them).
-    A context manager."""
+    it; ``deft-tvm tune --model`` of the digits network on the CPU, 8 trials, ``--backward``: 220
+    -> 182 s), and a runner keeps its worker (the process that allocates the inputs and runs the
+    candidates) until ``close``, which shuts the workers down (left to garbage collection, they
+    outlived the process that made them). A context manager."""
 
     def __init__(self, target: tvm.target.Target, rpc: ms.runner.RPCConfig | None = None):
         self.target, self.rpc = target, rpc
