@@ -274,6 +274,25 @@ def test_tune_model_resumes_a_fused_search_on_the_same_statistics_and_gpu(tmp_pa
     assert records.fused_backward_record(workload.spec, TARGET, [tmp_path])["device"] == "another GPU"
 
 
+def test_tune_model_with_a_tracker_measures_the_fused_search_there(tmp_path, monkeypatch):
+    """With ``rpc``, a layer's fused search measures on the tracker's devices
+    (``fused_rpc.measure_candidates_rpc``) and records the remote GPU's name, not this machine's."""
+    from deft_tvm.tuning import fused_rpc, model
+
+    workload, rpc, searched = get_workload("r50dcn_c4", "float16"), object(), []
+    search = fused_backward.tune_fused_backward
+    monkeypatch.setattr(fused_backward, "tune_fused_backward",
+                        lambda *a, **k: searched.append((a[3], k["measure"])) or search(
+                            *a, **{**k, "measure": _fake_measure(3, 2)}))
+    monkeypatch.setattr(fused_rpc, "remote_device_name", lambda config, target: f"GPU of {id(config)}")
+    monkeypatch.setattr(torch.cuda, "get_device_name", pytest.fail)
+    model._tune_fused(workload, TARGET, tmp_path, False, rpc)
+    (device_name, measure), = searched
+    assert device_name == f"GPU of {id(rpc)}"
+    assert measure.func is fused_rpc.measure_candidates_rpc and measure.keywords["rpc"] is rpc
+    assert records.fused_backward_record(workload.spec, TARGET, [tmp_path])["device"] == device_name
+
+
 def test_tune_model_shows_the_fused_search_on_a_progress_bar(tmp_path, monkeypatch, capsys):
     """The bar of a layer's fused search grows by each round's candidates, counts each measured one
     (``measure_candidates`` with its compiles and GPU times stood in for) and ends on the best and

@@ -4,13 +4,7 @@ schedule) and candidates run on both servers, and the command line names a bad t
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -18,52 +12,6 @@ from deft_tvm import cli
 from deft_tvm.runtime.targets import target_for_device
 from deft_tvm.tuning.search import best_time, record_count, rpc_config, rpc_devices, tune
 from deft_tvm.tuning.workloads import get_workload
-
-KEY = "deft-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(tmp_path, name: str, *args: str) -> subprocess.Popen:
-    """A TVM RPC process in a process group of its own: the tracker and the servers run in popen
-    workers of theirs, which outlive them unless the whole group is stopped."""
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-@pytest.fixture
-def tracker(tmp_path):
-    """``(RPCConfig, server log paths)`` of a tracker with two CPU servers under ``KEY``."""
-    port = _free_port()
-    processes = [_start(tmp_path, "tracker", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                        "--port-end", str(port + 1))]
-    try:
-        config = rpc_config(f"127.0.0.1:{port}", KEY)
-        for i in range(2):
-            server_port = _free_port()
-            processes.append(_start(tmp_path, f"server{i}", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
-                                    "--key", KEY, "--host", "127.0.0.1", "--port", str(server_port),
-                                    "--port-end", str(server_port + 1)))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if rpc_devices(config) == 2:
-                    break
-            except (RuntimeError, OSError):
-                pass
-            assert time.monotonic() < deadline, "the tracker did not register two servers in 60 s"
-            time.sleep(0.5)
-        yield config, [tmp_path / f"server{i}.log" for i in range(2)]
-    finally:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            process.wait(timeout=30)
 
 
 def test_a_search_measures_its_seed_and_candidates_on_every_server_of_the_key(tracker, tmp_path):
@@ -81,7 +29,7 @@ def test_a_search_measures_its_seed_and_candidates_on_every_server_of_the_key(tr
 
 def test_a_tracker_without_servers_under_the_key_says_which_keys_it_has(tracker):
     config, _ = tracker
-    with pytest.raises(RuntimeError, match=rf"has no server under key 'other'; keys: {KEY}"):
+    with pytest.raises(RuntimeError, match=rf"has no server under key 'other'; keys: {config.tracker_key}"):
         rpc_devices(rpc_config(f"{config.tracker_host}:{config.tracker_port}", "other"))
 
 

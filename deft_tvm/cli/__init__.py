@@ -231,20 +231,23 @@ def _kept_fused_record(args, target, name: str, spec) -> dict | None:
     return kept
 
 
-def _tune_fused_backward(args, target, name: str, workload) -> None:
-    """Search the fused backward's tilings of a workload and write the record."""
+def _tune_fused_backward(args, target, name: str, workload, rpc=None) -> None:
+    """Search the fused backward's tilings of a workload (on this GPU, or with ``rpc`` on the RPC
+    tracker's) and write the record."""
     from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
     from deft_tvm.schedules.cuda_backward_fused import DataTiling
     from tqdm import tqdm
 
-    from deft_tvm.tuning.fused_backward import measure_candidates, patch_coverage, tune_fused_backward
+    from deft_tvm.tuning.fused_backward import patch_coverage, tune_fused_backward
+    from deft_tvm.tuning.fused_rpc import fused_measure
 
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
     kept = _kept_fused_record(args, target, name, spec)
+    device_name, measure = fused_measure(target, rpc)
     with tqdm(total=0, desc=f"{name} {spec.dtype}{' tf32' * spec.tf32} fused backward", unit="candidate") as bar:
-        record = tune_fused_backward(spec, workload.profile, target, torch.cuda.get_device_name(),
-                                     measure=functools.partial(measure_candidates, bar=bar),
-                                     kernels=tuple(args.kernels), kept=kept)
+        record = tune_fused_backward(spec, workload.profile, target, device_name,
+                                     measure=functools.partial(measure, bar=bar), kernels=tuple(args.kernels),
+                                     kept=kept)
     path = write_fused_backward(fused_backward_dir(args.logs, spec, target), record)
     times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in FUSED_KERNELS}
     defaults = {kind: record[f"{kind}_ms"][0][1] for kind in FUSED_KERNELS}
@@ -300,7 +303,7 @@ def cmd_tune(args) -> int:
     from deft_tvm.runtime.targets import target_for_device
 
     _require_gpu(args, "tuning measures on the GPU, so run it where there is one, or pass --device cpu")
-    _rpc(args)  # a bad --rpc-tracker / --rpc-key fails before any work
+    rpc = _rpc(args)  # a bad --rpc-tracker / --rpc-key fails before any work
     if args.fused_backward and args.device != "cuda":
         raise UsageError("--fused-backward: the fused backward is a CUDA kernel; tune it with --device cuda on a GPU")
     if set(args.kernels) != set(FUSED_KERNELS) and not args.fused_backward:
@@ -310,7 +313,7 @@ def cmd_tune(args) -> int:
     if args.fused_backward:
         for name in args.workloads:
             for dtype in args.dtypes:
-                _tune_fused_backward(args, target, name, get_workload(name, dtype, _tf32(args, dtype)))
+                _tune_fused_backward(args, target, name, get_workload(name, dtype, _tf32(args, dtype)), rpc)
         return 0
     entries = []
     for workload in _workloads(args):
@@ -451,8 +454,9 @@ def main(argv=None) -> int:
     tune.add_argument("--batches", type=int, default=4,
                       help="with --model: batches its statistics are recorded on (random ones, or the first of --data)")
     tune.add_argument("--rpc-tracker", metavar="HOST:PORT", default=None,
-                      help="measure the search's candidates on the devices registered with this TVM RPC tracker "
-                      "(python -m tvm.exec.rpc_tracker; one python -m tvm.exec.rpc_server --tracker ... per GPU), "
+                      help="measure the searches' candidates (the fused backward's too) on the devices registered "
+                      "with this TVM RPC tracker (python -m tvm.exec.rpc_tracker; one python -m tvm.exec.rpc_server "
+                      "--tracker ... per GPU), "
                       "as many at once as it has servers under --rpc-key; builds stay here, in parallel")
     tune.add_argument("--rpc-key", default=None, help="with --rpc-tracker: the key its servers registered under")
     tune.add_argument("--verbose", action="store_true",

@@ -239,16 +239,16 @@ def _compile_candidate(spec: DeformConvSpec, target: tvm.target.Target, kind: st
                                   lambda: compile_kernel(_candidate_module(spec, kind, tiling), target))
 
 
-def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
-                       weight: list[WeightTiling], bar=None) -> tuple[list[dict[str, Callable]], list[Callable]]:
-    """The compiled ``prepare`` and ``grad_data`` (a dict by name) of each data tiling and the
-    ``grad_weight`` of each weight tiling. Those not in the kernel disk cache are compiled there
-    first by a pool of processes (one per CPU core; TVM's ``PopenPoolExecutor``, whose workers are
-    fresh interpreters that do not run the caller's main script again, as ``multiprocessing``'s
-    spawned ones would): TVMScript parsing and TIR lowering hold Python's GIL, ~0.6 s a candidate
-    on a 2-core CPU, so threads ran them one at a time; the cache lets a resumed search
-    (``tune_model`` called again) load what it compiled before. ``bar`` (tqdm-like), if given,
-    shows "compiled k/n" (the cached ones counted at once) as the candidates are compiled."""
+def compile_candidate_libraries(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
+                                weight: list[WeightTiling], bar=None) -> list[tuple[str, str]]:
+    """``(name, fingerprint)`` of each data and then weight candidate's library in the kernel disk
+    cache (``kernel_cache.library_path``), those not there compiled into it first by a pool of
+    processes (one per CPU core; TVM's ``PopenPoolExecutor``, whose workers are fresh interpreters
+    that do not run the caller's main script again, as ``multiprocessing``'s spawned ones would):
+    TVMScript parsing and TIR lowering hold Python's GIL, ~0.6 s a candidate on a 2-core CPU, so
+    threads ran them one at a time; the cache lets a resumed search (``tune_model`` called again)
+    load what it compiled before. ``bar`` (tqdm-like), if given, shows "compiled k/n" (the cached
+    ones counted at once) as the candidates are compiled."""
     jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
     libraries = [_candidate_library(spec, target, kind, tiling) for kind, tiling in jobs]
     missing = [job for job, library in zip(jobs, libraries)
@@ -267,7 +267,17 @@ def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: li
                     bar.set_postfix_str(f"compiled {compiled}/{len(jobs)}")
         finally:
             pool.shutdown()
+    return libraries
+
+
+def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
+                       weight: list[WeightTiling], bar=None) -> tuple[list[dict[str, Callable]], list[Callable]]:
+    """The compiled ``prepare`` and ``grad_data`` (a dict by name) of each data tiling and the
+    ``grad_weight`` of each weight tiling, loaded here from the kernel disk cache
+    (``compile_candidate_libraries`` compiles those not there; ``bar`` as there)."""
+    libraries = compile_candidate_libraries(spec, target, data, weight, bar)
     kernels = []
+    jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
     for (kind, tiling), library in zip(jobs, libraries):
         functions = _CANDIDATE_FUNCTIONS[kind]
         loaded = kernel_cache.load_or_build_library(
@@ -276,60 +286,87 @@ def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: li
     return kernels[:len(data)], kernels[len(data):]
 
 
-def profile_inputs(spec: DeformConvSpec, profile: str, seed: int = 0) -> dict:
-    """The kernels' inputs on the GPU: the workload's tensors (offsets and mask from ``profile``),
-    the input flattened to ``[N, C, H * W]``, and a seeded random grad_output."""
+def profile_inputs(spec: DeformConvSpec, profile: str, seed: int = 0, device: str = "cuda") -> dict:
+    """The kernels' inputs on ``device`` (torch tensors): the workload's tensors (offsets and mask
+    from ``profile``), the input flattened to ``[N, C, H * W]``, and a seeded random grad_output."""
     import torch
 
     from deft_tvm.tuning.workloads import Workload
 
-    inputs = Workload("tuning", spec, profile).make_inputs(seed=seed, device="cuda")
+    inputs = Workload("tuning", spec, profile).make_inputs(seed=seed, device=device)
     n, c, h, w = spec.input_shape
     gen = torch.Generator().manual_seed(seed + 1)
     return {**inputs, "input": inputs["input"].contiguous().view(n, c, h * w),
-            "grad_output": torch.randn(spec.output_shape, generator=gen).to(inputs["input"].dtype).cuda()}
+            "grad_output": torch.randn(spec.output_shape, generator=gen).to(inputs["input"].dtype).to(device)}
+
+
+def data_arguments(spec: DeformConvSpec, tiling: DataTiling, inputs: dict, empty: Callable,
+                   view: Callable) -> tuple[list, list, list]:
+    """``(prepare's arguments, grad_data's arguments, [grad_input, grad_offset partials, grad_mask
+    partials?])`` of a data tiling as the op passes them (``backward_entry``), the outputs made by
+    ``empty(shape)`` (float32), ``view(tensor, shape)`` a view of one: grad_input ``[N, C, H * W]``
+    (flat for ``prepare``, which zeroes it and writes the bound tables), the channel splits' partial
+    sums of grad_offset and grad_mask (``[splits, *offset / mask shape]``), the bound tables."""
+    n, c, h, w = spec.input_shape
+    mask = [inputs["mask"]] * spec.has_mask
+    grad_input = empty((n, c, h * w))
+    partials = [empty((tiling.channel_splits, *spec.offset_shape))]
+    partials += [empty((tiling.channel_splits, *spec.mask_shape))] * spec.has_mask
+    tables = tiling.bound_elements(spec)
+    bounds = [empty((tables,))] * (tables > 0)
+    operands = [inputs["weight"], inputs["grad_output"]] * (tables > 0)
+    prepare = [view(grad_input, (n * c * h * w,)), *operands, *bounds]
+    grad_data = [inputs["input"], inputs["offset"], *mask, inputs["weight"], inputs["grad_output"], grad_input,
+                 *partials, *bounds]
+    return prepare, grad_data, [grad_input, *partials]
+
+
+def weight_arguments(spec: DeformConvSpec, tiling: WeightTiling, inputs: dict, empty: Callable,
+                     view: Callable) -> tuple[list, list]:
+    """``(grad_weight's arguments, [grad_weight partials, grad_bias partials?])`` of a weight tiling,
+    the partial sums of its splits (``[splits, O, C / groups, taps]``, ``[splits, O]``; float32)
+    made by ``empty(shape)``, grad_output viewed (``view(tensor, shape)``) as ``[N, O, positions]``."""
+    mask = [inputs["mask"]] * spec.has_mask
+    o, ipg, taps = spec.out_channels, spec.in_channels // spec.groups, spec.kernel_h * spec.kernel_w
+    partials = [empty((tiling.splits, o, ipg, taps))]
+    partials += [empty((tiling.splits, o))] * spec.has_bias
+    grad_output = view(inputs["grad_output"], (spec.batch, o, spec.out_h * spec.out_w))
+    return [inputs["input"], inputs["offset"], *mask, grad_output, *partials], partials
+
+
+def _cuda_empty(shape):
+    import torch
+
+    return torch.empty(shape, device="cuda")
+
+
+def _torch_view(tensor, shape):
+    return tensor.view(shape)
 
 
 def data_call(spec: DeformConvSpec, kernels, tiling: DataTiling, inputs: dict) -> Callable:
     """A call of a compiled ``prepare`` and ``grad_data`` (``kernels``, one module) as the op makes
-    it (``backward_entry``): grad_input zeroed and the bound tables written by ``prepare``, the data
-    kernel, the channel splits' grad_offset and grad_mask added up; the call returns
-    ``[grad_input, grad_offset, grad_mask?]``."""
-    import torch
-
-    n, c, h, w = spec.input_shape
-    mask = [inputs["mask"]] * spec.has_mask
-    grad_input = torch.empty((n, c, h * w), device="cuda")
-    partials = [torch.empty((tiling.channel_splits, *spec.offset_shape), device="cuda")]
-    partials += [torch.empty((tiling.channel_splits, *spec.mask_shape), device="cuda")] * spec.has_mask
-    tables = tiling.bound_elements(spec)
-    bounds = [torch.empty(tables, device="cuda")] * (tables > 0)
-    operands = [inputs["weight"], inputs["grad_output"]] * (tables > 0)
+    it (``data_arguments``), the channel splits' grad_offset and grad_mask added up; the call
+    returns ``[grad_input, grad_offset, grad_mask?]``."""
+    prepare_args, data_args, (grad_input, *partials) = data_arguments(spec, tiling, inputs, _cuda_empty, _torch_view)
     prepare, grad_data = kernels["prepare"], kernels["grad_data"]
 
     def call():
-        prepare(grad_input.view(-1), *operands, *bounds)
-        grad_data(inputs["input"], inputs["offset"], *mask, inputs["weight"], inputs["grad_output"], grad_input,
-                  *partials, *bounds)
+        prepare(*prepare_args)
+        grad_data(*data_args)
         return [grad_input, *(p[0] if len(p) == 1 else p.sum(0) for p in partials)]
 
     return call
 
 
 def weight_call(spec: DeformConvSpec, kernel: Callable, tiling: WeightTiling, inputs: dict) -> Callable:
-    """A call of a compiled ``grad_weight`` and the sum of its splits (a torch sum in place of the
-    op's ``weight_reduce``); the call returns ``[grad_weight, grad_bias?]`` as partial-sum
-    layouts summed over the splits."""
-    import torch
-
-    mask = [inputs["mask"]] * spec.has_mask
-    o, ipg, taps = spec.out_channels, spec.in_channels // spec.groups, spec.kernel_h * spec.kernel_w
-    partials = [torch.empty((tiling.splits, o, ipg, taps), device="cuda")]
-    partials += [torch.empty((tiling.splits, o), device="cuda")] * spec.has_bias
-    grad_output = inputs["grad_output"].view(spec.batch, o, -1)
+    """A call of a compiled ``grad_weight`` (``weight_arguments``) and the sum of its splits (a torch
+    sum in place of the op's ``weight_reduce``); the call returns ``[grad_weight, grad_bias?]`` as
+    partial-sum layouts summed over the splits."""
+    arguments, partials = weight_arguments(spec, tiling, inputs, _cuda_empty, _torch_view)
 
     def call():
-        kernel(inputs["input"], inputs["offset"], *mask, grad_output, *partials)
+        kernel(*arguments)
         return [p.sum(0) for p in partials]
 
     return call

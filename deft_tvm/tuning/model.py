@@ -99,25 +99,27 @@ def _tune_part(workload: Workload, target, part: str, logs: Path, trials: int, t
     return entry, best, default
 
 
-def _tune_fused(workload: Workload, target, logs: Path, progress: bool) -> tuple[float, float]:
+def _tune_fused(workload: Workload, target, logs: Path, progress: bool, rpc=None) -> tuple[float, float]:
     """The fused CUDA backward's tilings of ``workload`` searched on its profile and recorded under
     ``logs``, or the record there resumed where it was searched on the same statistics
     (``tuning.stats.profile_digest``) and the same GPU, with a progress bar of its candidates
-    (compiled, measured, then the best and default time) where ``progress``; returns (best,
-    default) grad_data + grad_weight time (ms)."""
+    (compiled, measured, then the best and default time) where ``progress``; measured on this
+    machine's GPU, or with ``rpc`` on the tracker's (``tuning.fused_rpc``). Returns (best, default)
+    grad_data + grad_weight time (ms)."""
     from tqdm import tqdm
 
     from deft_tvm.runtime.records import fused_backward_dir, fused_backward_record, write_fused_backward
-    from deft_tvm.tuning.fused_backward import KERNELS, measure_candidates, tune_fused_backward
+    from deft_tvm.tuning.fused_backward import KERNELS, tune_fused_backward
+    from deft_tvm.tuning.fused_rpc import fused_measure
     from deft_tvm.tuning.stats import profile_digest
 
-    spec, device_name = dataclasses.replace(workload.spec, layout="NCHW"), torch.cuda.get_device_name()
+    spec, (device_name, measure) = dataclasses.replace(workload.spec, layout="NCHW"), fused_measure(target, rpc)
     record = fused_backward_record(spec, target, [logs])
     searched_on = (profile_digest(workload.profile), device_name)
     with tqdm(total=0, desc=f"{workload.name} fused backward", unit="candidate", disable=not progress) as bar:
         if record is None or (record.get("profile_digest"), record["device"]) != searched_on:
             record = tune_fused_backward(spec, workload.profile, target, device_name,
-                                         measure=functools.partial(measure_candidates, bar=bar))
+                                         measure=functools.partial(measure, bar=bar))
             write_fused_backward(fused_backward_dir(logs, spec, target), record)
         best = sum(min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in KERNELS)
         default = sum(record[f"{kind}_ms"][0][1] for kind in KERNELS)
@@ -175,8 +177,9 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
     forward (and gradients) checked against the float64 reference on its profile's inputs
     (AssertionError past the dtype's tolerance). ``progress``: a tqdm bar per tuned kernel (its
     trials, then its best and default time) instead of a line per search round. ``rpc``
-    (``tuning.search.rpc_config``): the search's candidates run on a TVM RPC tracker's devices, as
-    many at once as it has servers; ``verbose``: MetaSchedule's own log on the console.
+    (``tuning.search.rpc_config``): the searches' candidates (the forward's and the fused
+    backward's) run on a TVM RPC tracker's devices, as many at once as it has servers; ``verbose``:
+    MetaSchedule's own log on the console.
 
     Raises:
         ValueError: the model has no DCN layer, or none was called, or ``inputs`` gave no batch.
@@ -210,7 +213,7 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
                 entries.append(entry)
         if backward and cuda:
             key = kernel_key(dataclasses.replace(workload.spec, layout="NCHW"), "fused_backward")
-            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress)
+            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress, rpc)
     specs = {w.name: w.spec for w in workloads}
     description = {"name": model_name, "profile": str(profile_path),
                    "layers": {layer: {"workload": name, "spec": specs[name].to_dict()}
