@@ -18,7 +18,7 @@ from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import compile_kernel
 from deft_tvm.tuning import fused_backward, fused_rpc
 from deft_tvm.tuning.fused_backward import data_arguments, data_space, profile_inputs, weight_arguments, weight_space
-from deft_tvm.tuning.fused_rpc import _host_arrays, _run, measure_candidates_rpc
+from deft_tvm.tuning.fused_rpc import _host_arrays, _run, measure_candidates_rpc, remote_device_name
 from deft_tvm.tuning.search import rpc_config
 from deft_tvm.tuning.workloads import get_workload
 
@@ -141,3 +141,10 @@ def test_a_key_without_servers_fails_before_compiling(tracker, stand_ins, monkey
     with pytest.raises(RuntimeError, match=r"has no server under key 'other'"):
         measure_candidates_rpc(spec, PROFILE, TARGET, data, weight,
                                rpc=rpc_config(f"{config.tracker_host}:{config.tracker_port}", "other"))
+
+
+def test_the_remote_device_is_named_or_its_absence_said(tracker):
+    config, _ = tracker
+    remote_device_name(config, TARGET)  # the servers' CPU exists (its name is None: TVM names GPUs only)
+    with pytest.raises(RuntimeError, match=r"the server of key 'deft-test' has no cuda device"):
+        remote_device_name(config, tvm.target.Target("cuda"))

@@ -50,9 +50,17 @@ REPEATS = 3  # repeats of TIMED_CALLS; a candidate's time is their median
 
 
 def remote_device_name(rpc, target: tvm.target.Target) -> str:
-    """The name of the device (e.g. "NVIDIA H200") of a server of ``rpc``'s key, for a record."""
+    """The name of the device (e.g. "NVIDIA H200") of a server of ``rpc``'s key, for a record.
+
+    Raises:
+        RuntimeError: the server has no device of ``target``'s kind.
+    """
     session = rpc.connect_server()
-    return session.device(target.get_target_device_type(), 0).device_name
+    device = session.device(target.get_target_device_type(), 0)
+    if not device.exist:  # also initialises the server's CUDA driver, which the name's query does not
+        raise RuntimeError(f"RPC tracker {rpc.tracker_host}:{rpc.tracker_port}: the server of key "
+                           f"{rpc.tracker_key!r} has no {target.kind.name} device")
+    return device.device_name
 
 
 def fused_measure(target: tvm.target.Target, rpc=None) -> tuple[str, Callable]:
