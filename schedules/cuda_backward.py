@@ -23,8 +23,9 @@ over ``grad_columns``); with atomics, ``cuda_backward_fused.py`` runs instead.
 
 A layer configuration (``generic_spec``: batch and image sizes are variables) takes
 ``apply_backward_cuda_generic``: no tile of a row or of output positions, so that no shared or
-local buffer is sized by a tail of unknown extent; grad_columns one thread per element, its
-reduction over the output channels in a register; grad_weight's (batch x positions) reduction
+local buffer is sized by a tail of unknown extent; grad_columns a thread per ``GENERIC_C_REGS``
+input channels of one (batch, tap, position), their reductions over the output channels in
+registers, each grad_output value read once for them all; grad_weight's (batch x positions) reduction
 split over ``MAX_SPLITS`` partial sums (split s sums positions s, s + splits, ...), each thread one
 partial of ``GENERIC_O_REGS`` output channels of one (input channel, tap), each sample interpolated
 once per step into a register for them all, a warp's threads consecutive splits (positions).
@@ -50,7 +51,8 @@ MAX_WEIGHT_REGS = 8
 MAX_ROWS = 8
 MAX_K_STEP = 32  # output channels per shared-memory step of grad_columns
 MAX_SPLITS = 64  # bounds grad_weight's partial sums: splits x the weight's size in the accumulate dtype
-GENERIC_O_REGS = 8  # most output channels of a layer configuration's grad_weight partial per thread
+GENERIC_O_REGS = 16  # most output channels of a layer configuration's grad_weight partial per thread
+GENERIC_C_REGS = 8  # most input channels of a layer configuration's grad_columns per thread
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,10 +321,20 @@ def apply_backward_cuda_generic(sch: s_tir.Schedule, spec: DeformConvSpec, bind_
     sch.compute_inline(sch.get_sblock("coord_fraction"))
     for name in ("coord_index", "coord_share"):
         _bind_elementwise(sch, sch.get_sblock(name), THREADS, bind_threads)
-    columns = sch.get_sblock("grad_columns")  # weight read by a warp's threads at once, grad_output along rows
-    thread = _bind_elementwise(sch, columns, THREADS, bind_threads)
+    # grad_columns: a thread owns GENERIC_C_REGS input channels of one (batch, tap, position), so that each
+    # grad_output value it reads serves them all; the weight's are read by a warp's threads at once
+    columns = sch.get_sblock("grad_columns")
+    n, c, ky, kx, oy, ox, ro = sch.get_loops(columns)
+    c_outer, c_regs = sch.split(c, [None, largest_divisor(spec.in_channels, GENERIC_C_REGS)])
+    sch.reorder(c_outer, ky, kx, oy, ox, c_regs)
+    blocks, thread = sch.split(sch.fuse(n, c_outer, ky, kx, oy, ox), [None, THREADS])
+    if bind_threads:
+        sch.bind(blocks, "blockIdx.x")
+        sch.bind(thread, "threadIdx.x")
     sch.reverse_compute_at(sch.cache_write(columns, 0, "local"), thread, preserve_unit_loops=True)
-    sch.decompose_reduction(columns, sch.get_loops(columns)[-1])
+    sch.reorder(ro, c_regs)
+    sch.decompose_reduction(columns, ro)
+    sch.unroll(c_regs)
     _accumulate_in_registers(sch, "grad_offset_acc", "grad_offset", THREADS, bind_threads)
     if spec.has_mask:
         _accumulate_in_registers(sch, "grad_mask_acc", "grad_mask", THREADS, bind_threads)
