@@ -18,7 +18,7 @@ from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import compile_kernel
 from deft_tvm.tuning import fused_backward, fused_rpc
 from deft_tvm.tuning.fused_backward import data_arguments, data_space, profile_inputs, weight_arguments, weight_space
-from deft_tvm.tuning.fused_rpc import _host_arrays, _run, measure_candidates_rpc, remote_device_name
+from deft_tvm.tuning.fused_rpc import _host_arrays, _Session, measure_candidates_rpc, remote_device_name
 from deft_tvm.tuning.search import rpc_config
 from deft_tvm.tuning.workloads import get_workload
 
@@ -103,20 +103,21 @@ class _Bar:
         self.n += n
 
 
-def test_a_candidates_gradients_come_back_from_the_server(tracker, stand_ins):
+def test_candidates_gradients_come_back_from_a_session_on_the_server(tracker, stand_ins):
     config, _ = tracker
     spec, data, weight = stand_ins
     inputs = profile_inputs(spec, PROFILE, device="cpu")
     arrays = _host_arrays(inputs)
     path = kernel_cache.library_path(*fused_backward._candidate_library(spec, TARGET, "grad_data", data[0]), TARGET)
-    (grad_input, grad_offset, grad_mask), ms = _run(config, TARGET, spec, "grad_data", data[0], path, arrays)
+    session = _Session(config, TARGET, arrays, 60)
+    (grad_input, grad_offset, grad_mask), ms = session.run(spec, "grad_data", data[0], path)
     torch.testing.assert_close(grad_input, inputs["input"].float() * 2, rtol=0, atol=0)
     torch.testing.assert_close(grad_offset, inputs["offset"].float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_mask, inputs["mask"].float(), rtol=1e-6, atol=1e-6)
     assert ms > 0
     path = kernel_cache.library_path(*fused_backward._candidate_library(spec, TARGET, "grad_weight", weight[1]),
                                      TARGET)
-    (grad_weight, grad_bias), _ = _run(config, TARGET, spec, "grad_weight", weight[1], path, arrays)
+    (grad_weight, grad_bias), _ = session.run(spec, "grad_weight", weight[1], path)  # a second candidate
     assert grad_weight.shape == (spec.out_channels, spec.in_channels, 9)
     torch.testing.assert_close(grad_weight.flatten(), torch.arange(grad_weight.numel(), dtype=torch.float32))
     torch.testing.assert_close(grad_bias, torch.arange(spec.out_channels, dtype=torch.float32))
