@@ -257,19 +257,21 @@ def test_the_command_reports_the_chosen_halos_coverage_and_writes_the_record(tmp
 
 
 def test_tune_model_resumes_a_fused_search_on_the_same_statistics_and_gpu(tmp_path, monkeypatch):
-    from deft_tvm.tuning import model
+    from deft_tvm.tuning import fused_rpc, model
 
     workload = get_workload("r50dcn_c4", "float16")
     search, searched = fused_backward.tune_fused_backward, []
     monkeypatch.setattr(fused_backward, "tune_fused_backward",
                         lambda *a, **k: searched.append(a[1:4]) or search(*a, **{**k, "measure": _fake_measure(3, 2)}))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
-    first = model._tune_fused(workload, TARGET, tmp_path, False)
-    assert model._tune_fused(workload, TARGET, tmp_path, False) == first and len(searched) == 1  # resumed
-    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path, False)  # other statistics
+    local = fused_rpc.fused_measure(TARGET)
+    first = model._tune_fused(workload, TARGET, tmp_path, False, local)
+    assert model._tune_fused(workload, TARGET, tmp_path, False, local) == first and len(searched) == 1  # resumed
+    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path, False, local)  # statistics
     assert searched[-1] == ("normal_8px", TARGET, "a GPU")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "another GPU")
-    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path, False)
+    model._tune_fused(dataclasses.replace(workload, profile="normal_8px"), TARGET, tmp_path, False,
+                      fused_rpc.fused_measure(TARGET))
     assert searched[-1] == ("normal_8px", TARGET, "another GPU")
     assert records.fused_backward_record(workload.spec, TARGET, [tmp_path])["device"] == "another GPU"
 
@@ -286,7 +288,7 @@ def test_tune_model_with_a_tracker_measures_the_fused_search_there(tmp_path, mon
                             *a, **{**k, "measure": _fake_measure(3, 2)}))
     monkeypatch.setattr(fused_rpc, "remote_device_name", lambda config, target: f"GPU of {id(config)}")
     monkeypatch.setattr(torch.cuda, "get_device_name", pytest.fail)
-    model._tune_fused(workload, TARGET, tmp_path, False, rpc)
+    model._tune_fused(workload, TARGET, tmp_path, False, fused_rpc.fused_measure(TARGET, rpc))
     (device_name, measure), = searched
     assert device_name == f"GPU of {id(rpc)}"
     assert measure.func is fused_rpc.measure_candidates_rpc and measure.keywords["rpc"] is rpc
@@ -297,7 +299,7 @@ def test_tune_model_shows_the_fused_search_on_a_progress_bar(tmp_path, monkeypat
     """The bar of a layer's fused search grows by each round's candidates, counts each measured one
     (``measure_candidates`` with its compiles and GPU times stood in for) and ends on the best and
     default grad_data + grad_weight time."""
-    from deft_tvm.tuning import model
+    from deft_tvm.tuning import fused_rpc, model
 
     workload = get_workload("r50dcn_c4", "float16")
     rounds = []
@@ -314,7 +316,7 @@ def test_tune_model_shows_the_fused_search_on_a_progress_bar(tmp_path, monkeypat
     monkeypatch.setattr(fused_backward, "gpu_ms", lambda call: 0.5)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
 
-    assert model._tune_fused(workload, TARGET, tmp_path, True) == (1.0, 1.0)
+    assert model._tune_fused(workload, TARGET, tmp_path, True, fused_rpc.fused_measure(TARGET)) == (1.0, 1.0)
     shown = capsys.readouterr().err.split("\r")[-1]
     assert len(rounds) > 1 and f"| {sum(rounds)}/{sum(rounds)} [" in shown, shown
     assert shown.startswith(f"{workload.name} fused backward: 100%")

@@ -239,6 +239,11 @@ def _compile_candidate(spec: DeformConvSpec, target: tvm.target.Target, kind: st
                                   lambda: compile_kernel(_candidate_module(spec, kind, tiling), target))
 
 
+def _candidate_jobs(data: list[DataTiling], weight: list[WeightTiling]) -> list[tuple[str, object]]:
+    """``(kernel, tiling)`` of each data and then weight candidate, the order of their libraries."""
+    return [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
+
+
 def compile_candidate_libraries(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
                                 weight: list[WeightTiling], bar=None) -> list[tuple[str, str]]:
     """``(name, fingerprint)`` of each data and then weight candidate's library in the kernel disk
@@ -249,7 +254,7 @@ def compile_candidate_libraries(spec: DeformConvSpec, target: tvm.target.Target,
     threads ran them one at a time; the cache lets a resumed search (``tune_model`` called again)
     load what it compiled before. ``bar`` (tqdm-like), if given, shows "compiled k/n" (the cached
     ones counted at once) as the candidates are compiled."""
-    jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
+    jobs = _candidate_jobs(data, weight)
     libraries = [_candidate_library(spec, target, kind, tiling) for kind, tiling in jobs]
     missing = [job for job, library in zip(jobs, libraries)
                if not kernel_cache.library_path(*library, target).exists()]
@@ -277,8 +282,7 @@ def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: li
     (``compile_candidate_libraries`` compiles those not there; ``bar`` as there)."""
     libraries = compile_candidate_libraries(spec, target, data, weight, bar)
     kernels = []
-    jobs = [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
-    for (kind, tiling), library in zip(jobs, libraries):
+    for (kind, tiling), library in zip(_candidate_jobs(data, weight), libraries):
         functions = _CANDIDATE_FUNCTIONS[kind]
         loaded = kernel_cache.load_or_build_library(
             *library, target, lambda: compile_kernel(_candidate_module(spec, kind, tiling), target), functions)

@@ -147,14 +147,15 @@ class _Session:
         return gradients, ms
 
 
-def _measure(rpc, target: tvm.target.Target, spec: DeformConvSpec, kind: str, tilings: list, paths: list[Path],
-             arrays: dict, bar) -> list[float | None]:
+def _measure(rpc, servers: int, target: tvm.target.Target, spec: DeformConvSpec, kind: str, tilings: list,
+             paths: list[Path], arrays: dict, bar) -> list[float | None]:
     """The time (ms) of each candidate of one kernel, None where its gradients are not the first's:
-    the first on one session, then the rest spread over one session per server of the key."""
+    the first on one session, then the rest spread over one session per server of the key (``servers``
+    of them)."""
     if not tilings:
         return []
     key = tolerance_key(spec.dtype, spec.tf32)
-    workers = min(rpc_devices(rpc), len(tilings))
+    workers = min(servers, len(tilings))
     timeout = rpc.session_timeout_sec * len(tilings)  # the tracker's session timeout, per candidate a session runs
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         sessions = list(pool.map(lambda _: _Session(rpc, target, arrays, timeout), range(workers)))
@@ -194,12 +195,12 @@ def measure_candidates_rpc(spec: DeformConvSpec, profile: str, target: tvm.targe
     Raises:
         RuntimeError: the tracker has no server under the key (``search.rpc_devices``).
     """
-    rpc_devices(rpc)  # no server under the key: say so before compiling anything
+    servers = rpc_devices(rpc)  # no server under the key: say so before compiling anything
     if bar is not None:
         bar.total += len(data) + len(weight)
         bar.refresh()
     libraries = compile_candidate_libraries(spec, target, data, weight, bar)
     paths = [kernel_cache.library_path(*library, target) for library in libraries]
     arrays = _host_arrays(profile_inputs(spec, profile, device="cpu"))
-    return (_measure(rpc, target, spec, "grad_data", data, paths[:len(data)], arrays, bar),
-            _measure(rpc, target, spec, "grad_weight", weight, paths[len(data):], arrays, bar))
+    return (_measure(rpc, servers, target, spec, "grad_data", data, paths[:len(data)], arrays, bar),
+            _measure(rpc, servers, target, spec, "grad_weight", weight, paths[len(data):], arrays, bar))

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import functools
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,21 +100,21 @@ def _tune_part(workload: Workload, target, part: str, logs: Path, trials: int, t
     return entry, best, default
 
 
-def _tune_fused(workload: Workload, target, logs: Path, progress: bool, rpc=None) -> tuple[float, float]:
+def _tune_fused(workload: Workload, target, logs: Path, progress: bool, measured_on: tuple[str, Callable]
+                ) -> tuple[float, float]:
     """The fused CUDA backward's tilings of ``workload`` searched on its profile and recorded under
     ``logs``, or the record there resumed where it was searched on the same statistics
     (``tuning.stats.profile_digest``) and the same GPU, with a progress bar of its candidates
-    (compiled, measured, then the best and default time) where ``progress``; measured on this
-    machine's GPU, or with ``rpc`` on the tracker's (``tuning.fused_rpc``). Returns (best, default)
-    grad_data + grad_weight time (ms)."""
+    (compiled, measured, then the best and default time) where ``progress``; ``measured_on``: the
+    device name and measure of ``tuning.fused_rpc.fused_measure`` (this machine's GPU or a tracker's).
+    Returns (best, default) grad_data + grad_weight time (ms)."""
     from tqdm import tqdm
 
     from deft_tvm.runtime.records import fused_backward_dir, fused_backward_record, write_fused_backward
     from deft_tvm.tuning.fused_backward import KERNELS, tune_fused_backward
-    from deft_tvm.tuning.fused_rpc import fused_measure
     from deft_tvm.tuning.stats import profile_digest
 
-    spec, (device_name, measure) = dataclasses.replace(workload.spec, layout="NCHW"), fused_measure(target, rpc)
+    spec, (device_name, measure) = dataclasses.replace(workload.spec, layout="NCHW"), measured_on
     record = fused_backward_record(spec, target, [logs])
     searched_on = (profile_digest(workload.profile), device_name)
     with tqdm(total=0, desc=f"{workload.name} fused backward", unit="candidate", disable=not progress) as bar:
@@ -203,6 +204,10 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
     profile_path = profile.save(out / PROFILE_FILE)
     workloads, layers = _layer_workloads(profile, profile_path, model_name, device)
     cuda = target.kind.name == "cuda"
+    if backward and cuda:
+        from deft_tvm.tuning.fused_rpc import fused_measure
+
+        measured_on = fused_measure(target, rpc)  # one session asks a tracker's server for its GPU's name
     entries, best_ms, default_ms = [], {}, {}
     for workload in workloads:
         for part in kernel_parts(workload, target, backward and not cuda, columns=False):
@@ -213,7 +218,7 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
                 entries.append(entry)
         if backward and cuda:
             key = kernel_key(dataclasses.replace(workload.spec, layout="NCHW"), "fused_backward")
-            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress, rpc)
+            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress, measured_on)
     specs = {w.name: w.spec for w in workloads}
     description = {"name": model_name, "profile": str(profile_path),
                    "layers": {layer: {"workload": name, "spec": specs[name].to_dict()}
