@@ -26,7 +26,7 @@ A layer configuration (``generic_spec``: batch and image sizes are variables) ta
 local buffer is sized by a tail of unknown extent; grad_columns a thread per ``GENERIC_C_REGS``
 input channels of one (batch, tap, position), their reductions over the output channels in
 registers, each grad_output value read once for them all; grad_weight's (batch x positions) reduction
-split over ``MAX_SPLITS`` partial sums (split s sums positions s, s + splits, ...), each thread one
+split over ``generic_splits`` partial sums (split s sums positions s, s + splits, ...), each thread one
 partial of ``GENERIC_O_REGS`` output channels of one (input channel, tap), each sample interpolated
 once per step into a register for them all, a warp's threads consecutive splits (positions).
 ``backward_cuda_space`` samples the grad_weight and grad_columns tiles (``sample_perfect_tile``)
@@ -51,6 +51,7 @@ MAX_WEIGHT_REGS = 8
 MAX_ROWS = 8
 MAX_K_STEP = 32  # output channels per shared-memory step of grad_columns
 MAX_SPLITS = 64  # bounds grad_weight's partial sums: splits x the weight's size in the accumulate dtype
+GENERIC_PARTIALS = 1 << 22  # most grad_weight partial sums of a layer configuration (splits x weight elements)
 GENERIC_O_REGS = 16  # most output channels of a layer configuration's grad_weight partial per thread
 GENERIC_C_REGS = 8  # most input channels of a layer configuration's grad_columns per thread
 
@@ -313,6 +314,20 @@ def apply_backward_cuda(sch: s_tir.Schedule, has_mask: bool, tiles) -> None:
     _reduce_across_threads(sch, "grad_bias_acc", tiles.reduction_threads(sch))
 
 
+def generic_splits(spec: DeformConvSpec) -> int:
+    """The partial sums a layer configuration's grad_weight reduction is split into: the most powers
+    of two up to ``MAX_SPLITS`` whose partial sums (splits x the weight's elements, in the accumulate
+    dtype) stay within ``GENERIC_PARTIALS`` (16 MiB in float32), at least one. The batch and image
+    sizes are not known when the kernel is built; the weight's size is: 64 splits of r50 c5's
+    512 x 512 x 3 x 3 weight took 604 MB of workspace in float32, where one split still gives the
+    kernel 147 k threads (a thread per 16 output channels of one input channel and tap)."""
+    weights = spec.out_channels * (spec.in_channels // spec.groups) * spec.kernel_h * spec.kernel_w
+    splits = 1
+    while splits * 2 <= MAX_SPLITS and splits * 2 * weights <= GENERIC_PARTIALS:
+        splits *= 2
+    return splits
+
+
 def apply_backward_cuda_generic(sch: s_tir.Schedule, spec: DeformConvSpec, bind_threads: bool = True) -> None:
     """Apply the CUDA backward schedule of a layer configuration (``spec``: a ``generic_spec``; see
     the module's docstring) in place. ``bind_threads=False``: the same loops and buffers, no thread
@@ -341,7 +356,7 @@ def apply_backward_cuda_generic(sch: s_tir.Schedule, spec: DeformConvSpec, bind_
 
     acc = sch.get_sblock("grad_weight_acc")
     _, _, _, _, rn, ry, rx = sch.get_loops(acc)
-    step, split = sch.split(sch.fuse(rn, ry, rx), [None, MAX_SPLITS])  # split s sums positions s, s + splits, ...
+    step, split = sch.split(sch.fuse(rn, ry, rx), [None, generic_splits(spec)])  # split s: positions s, s + splits, ...
     partial = sch.rfactor(split, factor_axis=0)
     _accumulate_in_registers(sch, "grad_weight_acc", "grad_weight", REDUCTION_THREADS, bind_threads)
     o, i, ky, kx, step, split = sch.get_loops(partial)
