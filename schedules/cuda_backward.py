@@ -51,7 +51,8 @@ MAX_WEIGHT_REGS = 8
 MAX_ROWS = 8
 MAX_K_STEP = 32  # output channels per shared-memory step of grad_columns
 MAX_SPLITS = 64  # bounds grad_weight's partial sums: splits x the weight's size in the accumulate dtype
-GENERIC_PARTIALS = 1 << 22  # most grad_weight partial sums of a layer configuration (splits x weight elements)
+GENERIC_THREADS = 1 << 21  # grad_weight threads a layer configuration's splits aim at (~8 waves of an H100's)
+GENERIC_PARTIALS = 1 << 26  # most grad_weight partial sums of a layer configuration (splits x weight elements)
 GENERIC_O_REGS = 16  # most output channels of a layer configuration's grad_weight partial per thread
 GENERIC_C_REGS = 8  # most input channels of a layer configuration's grad_columns per thread
 
@@ -315,15 +316,19 @@ def apply_backward_cuda(sch: s_tir.Schedule, has_mask: bool, tiles) -> None:
 
 
 def generic_splits(spec: DeformConvSpec) -> int:
-    """The partial sums a layer configuration's grad_weight reduction is split into: the most powers
-    of two up to ``MAX_SPLITS`` whose partial sums (splits x the weight's elements, in the accumulate
-    dtype) stay within ``GENERIC_PARTIALS`` (16 MiB in float32), at least one. The batch and image
-    sizes are not known when the kernel is built; the weight's size is: 64 splits of r50 c5's
-    512 x 512 x 3 x 3 weight took 604 MB of workspace in float32, where one split still gives the
-    kernel 147 k threads (a thread per 16 output channels of one input channel and tap)."""
+    """The partial sums a layer configuration's grad_weight reduction is split into: the fewest powers
+    of two up to ``MAX_SPLITS`` that give ``GENERIC_THREADS`` threads (a thread per
+    ``GENERIC_O_REGS`` output channels of one input channel and tap, per split), their partial sums
+    (splits x the weight's elements, in the accumulate dtype) within ``GENERIC_PARTIALS``. The batch
+    and image sizes are unknown when the kernel is built, the weight's size is not. On an H100
+    (``tools/results/staged_generic_splits_h100_f55b071.txt``, float32, grad_weight's kernel) r50 c5
+    (512 x 512 x 3 x 3) took 5.38 ms at 64 splits (604 MB of partial sums, MAX_SPLITS for every
+    configuration until then), 4.20 at 16 (this rule's), 8.01 at 4 and 30.7 at 1; r50 c4 4.01 at 64
+    (the rule's), 4.24 at 16; r50 c3 4.41 at 64 (the rule's), 5.65 at 16."""
     weights = spec.out_channels * (spec.in_channels // spec.groups) * spec.kernel_h * spec.kernel_w
+    threads = weights // largest_divisor(spec.out_channels // spec.groups, GENERIC_O_REGS)
     splits = 1
-    while splits * 2 <= MAX_SPLITS and splits * 2 * weights <= GENERIC_PARTIALS:
+    while splits < MAX_SPLITS and splits * threads < GENERIC_THREADS and 2 * splits * weights <= GENERIC_PARTIALS:
         splits *= 2
     return splits
 

@@ -72,18 +72,19 @@ def test_one_cpu_build_of_the_configuration_serves_every_size(name):
                 assert_close_to_largest(value, expected[gradient], configuration.dtype)
 
 
-@pytest.mark.parametrize("channels, splits", [(64, 64), (128, 16), (256, 4), (512, 1)])
-def test_grad_weights_partial_sums_stay_within_their_budget(channels, splits):
-    """The paper's and ResNet-50's c3, c4 and c5 layer configurations: 64 splits of c5's weight
-    were 604 MB of partial sums in float32, one is 9 MB."""
+@pytest.mark.parametrize("channels, splits", [(64, 64), (128, 64), (256, 64), (512, 16), (2048, 1)])
+def test_grad_weights_splits_follow_the_weights_size(channels, splits):
+    """The paper's and ResNet-50's c3, c4 and c5 layer configurations, and one whose weight alone
+    gives grad_weight enough threads: 64 splits of c5's weight were 604 MB of partial sums in
+    float32, 16 are 151 MB (and were faster on an H100)."""
     spec = generic_spec(DeformConvSpec(1, channels, 8, 8, channels, 3, 3, padding=(1, 1)))
     assert generic_splits(spec) == splits
-    assert splits * spec.out_channels * channels * 9 <= cuda_backward.GENERIC_PARTIALS
+    assert splits * spec.out_channels * channels * 9 <= max(cuda_backward.GENERIC_PARTIALS, channels * channels * 9)
 
 
 def test_a_grad_weight_of_one_split_sums_every_position(monkeypatch):
     configuration = CONFIGURATIONS["v2_float32"]
-    monkeypatch.setattr(cuda_backward, "GENERIC_PARTIALS", 24 * 16 * 9)  # the weight's elements: one split
+    monkeypatch.setattr(cuda_backward, "GENERIC_THREADS", 1)  # the weight's threads are enough: one split
     generic = generic_spec(configuration)
     assert generic_splits(generic) == 1
     sch = s_tir.Schedule(kernel_primfunc(generic, "backward"))
