@@ -54,7 +54,10 @@ MAX_SPLITS = 64  # bounds grad_weight's partial sums: splits x the weight's size
 GENERIC_THREADS = 1 << 21  # grad_weight threads a layer configuration's splits aim at (~8 waves of an H100's)
 GENERIC_PARTIALS = 1 << 26  # most grad_weight partial sums of a layer configuration (splits x weight elements)
 GENERIC_O_REGS = 16  # most output channels of a layer configuration's grad_weight partial per thread
-GENERIC_C_REGS = 8  # most input channels of a layer configuration's grad_columns per thread
+# Most input channels of a layer configuration's grad_columns per thread: on an H100 (float32, its kernel;
+# tools/results/staged_generic_c_regs_h100_ff305ac.txt) 8 -> 16 -> 32 took paper N=8 1.07 -> 0.62 -> 0.49 ms and
+# r50 c5 4.36 -> 2.50 -> 1.82 ms (4: 8.18).
+GENERIC_C_REGS = 32
 
 
 @dataclasses.dataclass(frozen=True)
