@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deft_tvm.examples import digits
-from deft_tvm.reference.tolerances import assert_close
+from deft_tvm.reference.tolerances import TOLERANCES, assert_close
 from deft_tvm.tuning import stats
 
 PROFILE = Path(__file__).resolve().parent.parent / "tuning_logs" / "profiles" / "digits_dcn.json"
@@ -43,18 +43,26 @@ def test_the_shipped_network_classifies_the_held_out_digits(network):
 
 
 def test_the_shipped_profile_is_the_shipped_network_on_the_held_out_batches(network):
+    """Statistics within the float32 tolerance; counts of samples (histogram bins, samples within a
+    halo) within the float32 rtol times the layer's samples: a float32 rounding of an offset on
+    another CPU (the kernels are compiled for the host's vector units) moves a sample across a bin's
+    edge (on an AMD EPYC one of 829440 samples moved, failing a relative 1e-5 on its bin's count)."""
     shipped = json.loads(PROFILE.read_text())
     recorded = json.loads(json.dumps(stats.collect(network, digits.held_out(), seed=0).to_json()))
     assert recorded["layers"].keys() == shipped["layers"].keys() == {"4", "8"}
 
-    def numbers(tree):
+    def numbers(tree, kind):
         if isinstance(tree, dict):
-            return [x for key in sorted(tree) for x in numbers(tree[key])]
+            return [x for key in sorted(tree) for x in numbers(tree[key], kind)]
         if isinstance(tree, list):
-            return [x for item in tree for x in numbers(item)]
-        return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+            return [x for item in tree for x in numbers(item, kind)]
+        return [float(tree)] if isinstance(tree, kind) and not isinstance(tree, bool) else []
 
     for name, layer in recorded["layers"].items():
-        assert layer["spec"] == shipped["layers"][name]["spec"]
-        assert_close(torch.tensor(numbers(layer)), torch.tensor(numbers(shipped["layers"][name]), dtype=torch.float64),
+        expected = shipped["layers"][name]
+        assert layer["spec"] == expected["spec"] and layer["samples"] == expected["samples"]
+        assert_close(torch.tensor(numbers(layer, float)), torch.tensor(numbers(expected, float), dtype=torch.float64),
                      "float32")
+        moved = TOLERANCES["float32"]["rtol"] * expected["samples"]
+        torch.testing.assert_close(torch.tensor(numbers(layer, int)), torch.tensor(numbers(expected, int)),
+                                   rtol=0, atol=moved)
