@@ -223,7 +223,7 @@ def test_the_command_keeps_the_record_under_logs_else_the_committed_one(tmp_path
     from deft_tvm import cli
 
     spec = get_workload("r50dcn_c5", "float32", tf32=True).spec
-    args = argparse.Namespace(kernels=["weight"], logs=str(tmp_path))
+    args = argparse.Namespace(kernels=["weight"], logs=str(tmp_path), configuration=False)
     committed = records.fused_backward_record(spec, TARGET, [records.committed_root()])
     assert committed is not None and cli._kept_fused_record(args, TARGET, "r50dcn_c5", spec) == committed
     logged = {**committed, "device": "another GPU"}
@@ -247,7 +247,7 @@ def test_the_command_reports_the_chosen_halos_coverage_and_writes_the_record(tmp
     monkeypatch.setattr(fused_backward, "tune_fused_backward",
                         lambda *a, **k: search(*a, **{**k, "measure": _fake_measure(3, 2)}))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
-    args = argparse.Namespace(kernels=["data", "weight"], logs=str(tmp_path))
+    args = argparse.Namespace(kernels=["data", "weight"], logs=str(tmp_path), configuration=False)
     cli._tune_fused_backward(args, TARGET, "r50dcn_c4", workload)
     chosen = data_space(workload.spec, PROFILE)[3]
     covered = profile_halo_coverage(workload.spec, PROFILE, (chosen.tile_h, chosen.tile_w))[chosen.halo]

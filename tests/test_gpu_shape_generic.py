@@ -179,3 +179,51 @@ def test_a_loaded_librarys_kernels_train_at_twenty_random_sizes(dtype, tmp_path,
     finally:
         library.unload_all()
         backward.clear_memory_cache()
+
+
+def _tuned_tilings(configuration: DeformConvSpec, arch: str) -> tuple:
+    """Tilings unlike the configuration's defaults, as ``deft-tvm tune --fused-backward
+    --configuration`` may record them: its data space's last tensor-core tiling of a group of taps
+    (else its last one) and its weight space's last tiling, at the configuration's default sizes."""
+    from deft_tvm.compute.spec import GENERIC_DIMENSIONS
+    from deft_tvm.schedules.cuda_backward_fused import CONFIGURATION_SIZES, default_tilings
+    from deft_tvm.tuning.fused_backward import data_space, weight_space
+
+    sized = dataclasses.replace(configuration, **dict(zip(GENERIC_DIMENSIONS, CONFIGURATION_SIZES)))
+    defaults = default_tilings(generic_spec(configuration), arch)
+    data = [t for t in data_space(sized) if t != defaults[0]]
+    data = [t for t in data if t.tensor_cores and t.tap_group > 1] or data
+    weight = [t for t in weight_space(sized) if t != defaults[1]] or [defaults[1]]
+    return data[-1], weight[-1]
+
+
+@pytest.mark.parametrize("name", ["v2_float16", "v1_tf32_no_bias"])
+def test_a_configurations_tuned_tilings_train_twenty_random_sizes(name, tmp_path, isolated_cache, monkeypatch):
+    """A configuration's fused-backward record (tilings unlike its defaults) in the user's tuning
+    directory: the warm-up call compiles the configuration's entry with them, then 20 random
+    training calls (N 1-4, H and W 17-300) compile nothing and match the float64 reference."""
+    from deft_tvm.runtime import records
+
+    configuration = CONFIGURATIONS[name]
+    monkeypatch.setenv(records.TUNING_DIR_ENV, str(tmp_path / "logs"))
+    monkeypatch.setattr(backward, "_kernels", {})
+    with tf32_mode("on"):
+        target = target_for_device(DEVICE)
+        call = kernel_cache.with_torch_tf32(configuration, DEVICE)
+        data, weight = _tuned_tilings(call, str(target.attrs["arch"]))
+        records.write_fused_backward(records.fused_backward_dir(tmp_path / "logs", generic_spec(call), target), {
+            "spec": generic_spec(call).to_dict(), "data": dataclasses.asdict(data),
+            "weight": dataclasses.asdict(weight)})
+        assert backward.fused_choice(call, target, "fused") == (generic_spec(call), data, weight)
+        _check_training_call(configuration, seed=0)
+        files = {p.name for p in isolated_cache.rglob("*.so")}
+        assert any("fused_backward" in f for f in files) and all("nN_" in f for f in files), files
+        compiled = []
+        for module in (kernel_cache, backward):
+            monkeypatch.setattr(module, "compile_kernel", lambda *args: compiled.append(args))
+        sizes = random.Random(name)
+        for seed in range(1, 21):
+            spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4), height=sizes.randint(17, 300),
+                                       width=sizes.randint(17, 300))
+            _check_training_call(spec, seed)
+        assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files

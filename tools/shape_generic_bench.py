@@ -16,13 +16,17 @@ ratio, with the CPU, torch's thread count and the commit.
 forward is unfused, r50dcn_c4/c5, the columns kernel, ``cuda_columns.py``) of each workload's
 kernel spec (channels last; float32 on TF32 with ``--tf32 on``), and the fused backward
 (``schedules/cuda_backward_fused.py``, one entry call as the op makes it,
-``runtime.backward._fused_backward``): the default kernels of its exact sizes, those of its layer
-configuration, and the committed tuned record where there is one, compiled in parallel, each timed
+``runtime.backward.run_fused_backward``): the default kernels of its exact sizes, those of its layer
+configuration, the tuned record of its sizes where there is one (``tuned``) and the configuration's
+with the tilings of its record (``deft-tvm tune --fused-backward --configuration``, the user's or
+the shipped one) where there is one (``configuration_tuned``), compiled in parallel, each timed
 as the median of ``--runs`` rounds of 20 back-to-back calls (GPU time per call by CUDA events,
 ``tuning.timing.gpu_ms``), with the GPU's name; for float32 without TF32 and float64 also the staged
 backward of deterministic calls (``schedules/cuda_backward.py``: the gradient kernels, the sort by
 pixel and the sorted gather; part ``staged_backward``), per size and of the configuration;
-``--parts`` names the parts timed (default: all three).
+``--parts`` names the parts timed (default: all three); ``--sizes N H W ...`` (fused backward)
+times those batch and image sizes of each workload's configuration instead of the workload's own
+(its ``per_size`` default compiled for each).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import dataclasses
 import platform
 import statistics
 import time
@@ -49,13 +54,14 @@ from deft_tvm.schedules import default_schedule, unfused_forward
 from deft_tvm.schedules.cuda_backward import THREADS
 from deft_tvm.schedules.cuda_backward_fused import default_tilings
 from deft_tvm.tuning.timing import gpu_ms
-from deft_tvm.tuning.workloads import get_workload
+from deft_tvm.tuning.workloads import Workload, get_workload
 
 DEFAULT_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "r50dcn_c5", "video_64c_180x320_og8")
 # Tensor-core workloads (r50dcn_c4/c5: the columns kernel of their unfused forward).
 CUDA_WORKLOADS = ("paper_64c_64x64_n1", "paper_64c_64x64_n8", "paper_64c_64x64_n32", "train_64c_64x64_n32",
                   "train_128c_32x32_n32", "train_down_64to128_n32", "r50dcn_c3", "r50dcn_c4", "r50dcn_c5")
 LAUNCHES = 20
+SIZE_FIELDS = ("batch", "height", "width")
 CUDA_PARTS = ("forward", "backward", "staged_backward")  # --device cuda's parts (see the docstring)
 
 
@@ -152,7 +158,14 @@ def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> 
     return rows
 
 
-def cuda_backward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> list[dict]:
+def _sized(workload: Workload, size: tuple[int, int, int] | None) -> Workload:
+    """``workload`` at batch, height and width ``size`` (None: its own)."""
+    if size is None:
+        return workload
+    return dataclasses.replace(workload, spec=dataclasses.replace(workload.spec, **dict(zip(SIZE_FIELDS, size))))
+
+
+def cuda_backward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str, sizes=(None,)) -> list[dict]:
     """Rows of ``--device cuda`` for the fused backward (see the module docstring)."""
     device = torch.device("cuda")
     target = target_for_device(device)
@@ -160,14 +173,16 @@ def cuda_backward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) ->
     cases = []
     for name in workloads:
         for dtype in dtypes:
-            workload = get_workload(name, dtype, tf32=tf32 and dtype == "float32")
-            spec = workload.spec
-            variants = {"per_size": (spec, default_tilings(spec, arch)),
-                        "generic": (generic_spec(spec), default_tilings(generic_spec(spec), arch))}
-            tuned = recorded_fused_tilings(spec, target)
-            if tuned:
-                variants["tuned"] = (spec, tuned)
-            cases.append((name, dtype, workload, variants))
+            for size in sizes:
+                workload = _sized(get_workload(name, dtype, tf32=tf32 and dtype == "float32"), size)
+                spec, configuration = workload.spec, generic_spec(workload.spec)
+                variants = {"per_size": (spec, default_tilings(spec, arch)),
+                            "generic": (configuration, default_tilings(configuration, arch))}
+                for variant, compiled in (("tuned", spec), ("configuration_tuned", configuration)):
+                    recorded = recorded_fused_tilings(compiled, target)
+                    if recorded:
+                        variants[variant] = (compiled, recorded)
+                cases.append((name, dtype, workload, variants))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         built = [{k: pool.submit(backward.fused_kernels, compiled, target, *tilings)
                   for k, (compiled, tilings) in variants.items()} for *_, variants in cases]
@@ -178,10 +193,10 @@ def cuda_backward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) ->
         grad_output = torch.randn(spec.output_shape, generator=torch.Generator().manual_seed(0)).to(
             device, inputs["input"].dtype)
         tensors = (grad_output, inputs["input"], inputs["offset"], inputs["mask"], inputs["weight"])
-        ms = {k: statistics.median(gpu_ms(lambda fused=fused: backward._fused_backward(spec, fused, *tensors), LAUNCHES)
-                                   for _ in range(runs))
+        ms = {k: statistics.median(gpu_ms(lambda fused=fused: backward.run_fused_backward(spec, fused, *tensors),
+                                          LAUNCHES) for _ in range(runs))
               for k, fused in compiled.items()}
-        rows.append(_cuda_row(name, dtype, tf32, "backward", ms, gpu, commit))
+        rows.append(_cuda_row(name, dtype, tf32, "backward", ms, gpu, commit, spec))
     return rows
 
 
@@ -205,17 +220,27 @@ def cuda_staged_rows(workloads, dtypes, runs: int, commit: str) -> list[dict]:
     return rows
 
 
-def _cuda_row(name: str, dtype: str, tf32: bool, part: str, ms: dict, gpu: str, commit: str) -> dict:
-    """One CSV row of ``--device cuda`` (printed): ``ms`` of the variants per_size, generic, tuned?."""
+def _cuda_row(name: str, dtype: str, tf32: bool, part: str, ms: dict, gpu: str, commit: str,
+              spec=None) -> dict:
+    """One CSV row of ``--device cuda`` (printed): ``ms`` of the variants per_size, generic, tuned?,
+    configuration_tuned?; ``size``: the batch, height and width of ``spec`` (the fused backward's
+    rows: the sizes timed)."""
+    def ratio(variant: str, over: str):
+        return round(ms[variant] / ms[over], 3) if variant in ms and over in ms else ""
+
     row = {"workload": name, "dtype": dtype, "tf32": tf32, "part": part,
+           "size": "x".join(str(getattr(spec, f)) for f in SIZE_FIELDS) if spec is not None else "",
            "per_size_ms": round(ms["per_size"], 4), "generic_ms": round(ms["generic"], 4),
-           "generic_over_per_size": round(ms["generic"] / ms["per_size"], 3),
+           "generic_over_per_size": ratio("generic", "per_size"),
            "tuned_ms": round(ms["tuned"], 4) if "tuned" in ms else "",
-           "generic_over_tuned": round(ms["generic"] / ms["tuned"], 3) if "tuned" in ms else "",
+           "generic_over_tuned": ratio("generic", "tuned"),
+           "configuration_tuned_ms": round(ms["configuration_tuned"], 4) if "configuration_tuned" in ms else "",
+           "configuration_tuned_over_per_size": ratio("configuration_tuned", "per_size"),
+           "configuration_tuned_over_tuned": ratio("configuration_tuned", "tuned"),
            "gpu": gpu, "commit": commit}
-    print(f"{name:24s} {dtype:8s} {part:8s} per-size {row['per_size_ms']:8.4f} ms  "
-          f"generic {row['generic_ms']:8.4f} ms  x{row['generic_over_per_size']:.2f}  tuned {row['tuned_ms']}",
-          flush=True)
+    print(f"{name:24s} {dtype:8s} {part:8s} {row['size']:12s} per-size {row['per_size_ms']:8.4f} ms  "
+          f"generic {row['generic_ms']:8.4f} ms  x{row['generic_over_per_size']:.2f}  tuned {row['tuned_ms']}  "
+          f"configuration tuned {row['configuration_tuned_ms']}", flush=True)
     return row
 
 
@@ -229,16 +254,23 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--parts", nargs="+", choices=CUDA_PARTS, default=list(CUDA_PARTS),
                         help="the kernels timed (cuda only; staged_backward with --tf32 off)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=None, metavar="N H W",
+                        help="fused backward (cuda): time these batch, height and width triples of each workload's "
+                        "configuration instead of the workload's own sizes")
     parser.add_argument("--csv", help="write the rows here")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse --short HEAD)")
     args = parser.parse_args(argv)
+    if args.sizes is not None and (len(args.sizes) % 3 or min(args.sizes) < 1):
+        parser.error(f"--sizes: triples of positive N H W, got {args.sizes}")
+    sizes = [tuple(args.sizes[i:i + 3]) for i in range(0, len(args.sizes), 3)] if args.sizes else [None]
     commit = args.commit or current_commit()
     if args.device == "cuda":
         workloads, rows = args.workloads or CUDA_WORKLOADS, []
         with tf32_mode(args.tf32):
-            for part, rows_of in (("forward", cuda_forward_rows), ("backward", cuda_backward_rows)):
-                if part in args.parts:
-                    rows += rows_of(workloads, args.dtypes, args.tf32 == "on", args.runs, commit)
+            if "forward" in args.parts:
+                rows += cuda_forward_rows(workloads, args.dtypes, args.tf32 == "on", args.runs, commit)
+            if "backward" in args.parts:
+                rows += cuda_backward_rows(workloads, args.dtypes, args.tf32 == "on", args.runs, commit, sizes)
             if args.tf32 == "off" and "staged_backward" in args.parts:
                 rows += cuda_staged_rows(workloads, args.dtypes, args.runs, commit)
         _write(args.csv, rows)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from deft_tvm.cli.errors import ArgumentParser, UsageError
-from deft_tvm.compute.spec import SUPPORTED_DTYPES, kernel_key
+from deft_tvm.compute.spec import SUPPORTED_DTYPES, generic_spec, kernel_key
 from deft_tvm.runtime.records import TUNING_DIR_ENV, user_root
 from deft_tvm.tuning.export import check_forward, check_gradients, kernel_parts, library_entries, part_spec
 from deft_tvm.tuning.fused_backward import KERNELS as FUSED_KERNELS
@@ -216,9 +216,9 @@ def _tune_kernel(args, target, name: str, workload, part: str):
 
 
 def _kept_fused_record(args, target, name: str, spec) -> dict | None:
-    """The record whose other kernel a ``--kernels`` search of one kernel keeps: the workload's under
-    ``--logs``, else the committed one; None when both kernels are searched. UsageError if there is
-    none."""
+    """The record whose other kernel a ``--kernels`` search of one kernel keeps: the spec's (the
+    workload's, or with ``--configuration`` its configuration's) under ``--logs``, else the committed
+    one; None when both kernels are searched. UsageError if there is none."""
     from deft_tvm.runtime.records import fused_backward_record, record_roots
 
     if set(args.kernels) == set(FUSED_KERNELS):
@@ -233,29 +233,42 @@ def _kept_fused_record(args, target, name: str, spec) -> dict | None:
 
 def _tune_fused_backward(args, target, name: str, workload, rpc=None) -> None:
     """Search the fused backward's tilings of a workload (on this GPU, or with ``rpc`` on the RPC
-    tracker's) and write the record."""
+    tracker's), or with ``--configuration`` of its layer configuration (on this GPU), and write the
+    record."""
     from deft_tvm.runtime.records import fused_backward_dir, write_fused_backward
     from deft_tvm.schedules.cuda_backward_fused import DataTiling
     from tqdm import tqdm
 
-    from deft_tvm.tuning.fused_backward import patch_coverage, tune_fused_backward
+    from deft_tvm.tuning.fused_backward import measure_configuration, patch_coverage, record_times, tune_fused_backward
     from deft_tvm.tuning.fused_rpc import fused_measure
 
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
-    kept = _kept_fused_record(args, target, name, spec)
+    recorded = generic_spec(spec) if args.configuration else spec
+    kept = _kept_fused_record(args, target, name, recorded)
     device_name, measure = fused_measure(target, rpc)
-    with tqdm(total=0, desc=f"{name} {spec.dtype}{' tf32' * spec.tf32} fused backward", unit="candidate") as bar:
+    if args.configuration:
+        measure = measure_configuration
+    what = " configuration" * args.configuration
+    with tqdm(total=0, desc=f"{name} {spec.dtype}{' tf32' * spec.tf32}{what} fused backward",
+              unit="candidate") as bar:
         record = tune_fused_backward(spec, workload.profile, target, device_name,
                                      measure=functools.partial(measure, bar=bar), kernels=tuple(args.kernels),
-                                     kept=kept)
-    path = write_fused_backward(fused_backward_dir(args.logs, spec, target), record)
-    times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in FUSED_KERNELS}
-    defaults = {kind: record[f"{kind}_ms"][0][1] for kind in FUSED_KERNELS}
+                                     kept=kept, configuration=args.configuration)
+    path = write_fused_backward(fused_backward_dir(args.logs, recorded, target), record)
     rejected = sum(ms is None for kind in FUSED_KERNELS for _, ms in record[f"{kind}_ms"])
     data = DataTiling(**record["data"])
+    coverage = (f"halo {data.halo} px, its patches cover {patch_coverage(spec, workload.profile, data):.1%} of "
+                f"{workload.profile}'s samples")
+    if args.configuration:
+        best, default = record_times(record)
+        print(f"fused    {name} {spec.dtype}{' tf32' * spec.tf32} configuration at {spec.key()}: entry "
+              f"{best:.3f} ms fastest measured (default tilings {default:.3f}; {coverage}), {rejected} candidates "
+              f"rejected (gradients not the default's, or not serving these sizes) -> {path}")
+        return
+    times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in FUSED_KERNELS}
+    defaults = {kind: record[f"{kind}_ms"][0][1] for kind in FUSED_KERNELS}
     print(f"fused    {name} {spec.dtype}{' tf32' * spec.tf32}: grad_data {times['data']:.3f} ms (default "
-          f"{defaults['data']:.3f}; halo {data.halo} px, its patches cover "
-          f"{patch_coverage(spec, workload.profile, data):.1%} of {workload.profile}'s samples), grad_weight "
+          f"{defaults['data']:.3f}; {coverage}), grad_weight "
           f"{times['weight']:.3f} ms (default {defaults['weight']:.3f}), {rejected} candidates rejected "
           f"(gradients not the default's) -> {path}")
 
@@ -273,6 +286,9 @@ def cmd_tune_model(args) -> int:
                          f"got {args.input_shape}")
     if args.batches < 1:
         raise UsageError(f"--batches {args.batches}: expected at least 1")
+    if args.configuration and not (args.backward and args.device == "cuda" and args.rpc_tracker is None):
+        raise UsageError("--configuration with --model: searches each layer configuration's fused CUDA backward "
+                         "on this machine's GPU; add --backward, tune on a GPU (--device cuda), no --rpc-tracker")
     dtype = getattr(torch, args.input_dtype)
     model = _load_model(args.model).to(args.device, dtype)
     if args.data is not None:
@@ -283,7 +299,7 @@ def cmd_tune_model(args) -> int:
                    for _ in range(args.batches)]
     result = tune_model(model, batches, trials=args.trials, out=args.out, device=args.device, backward=args.backward,
                         logs=args.logs, trials_per_round=args.trials_per_round, seed=args.seed, rpc=_rpc(args),
-                        verbose=args.verbose)
+                        verbose=args.verbose, configurations=args.configuration)
     for layer, name in result.layers.items():
         print(f"layer    {layer}: {name}")
     for key, best in result.best_ms.items():
@@ -309,6 +325,12 @@ def cmd_tune(args) -> int:
     if set(args.kernels) != set(FUSED_KERNELS) and not args.fused_backward:
         raise UsageError(f"--kernels {' '.join(args.kernels)}: names the fused backward's kernels; "
                          f"add --fused-backward")
+    if args.configuration and not args.fused_backward:
+        raise UsageError("--configuration: searches the fused backward's tilings of a layer configuration; "
+                         "add --fused-backward")
+    if args.configuration and rpc is not None:
+        raise UsageError("--configuration: a configuration's whole fused entry is measured on this machine's GPU, "
+                         "not through --rpc-tracker; drop one of them")
     target = target_for_device(args.device)
     if args.fused_backward:
         for name in args.workloads:
@@ -423,6 +445,11 @@ def main(argv=None) -> int:
     tune.add_argument("--fused-backward", action="store_true",
                       help="instead, search the fused CUDA backward's tilings of each workload (records in folders "
                       "ending _fused_backward, which the op takes over the defaults once committed)")
+    tune.add_argument("--configuration", action="store_true",
+                      help="with --fused-backward: search the tilings of each workload's layer configuration (the "
+                      "entry every batch and image size of it runs where no record of its own sizes is), measured "
+                      "at the workload's sizes; with --model --backward on CUDA: those of each layer configuration "
+                      "too, at its first layer call's sizes")
     tune.add_argument("--kernels", nargs="+", choices=FUSED_KERNELS, default=list(FUSED_KERNELS),
                       help="with --fused-backward: the kernels to search (default both); the other keeps its tiling "
                       "and times from the workload's record under --logs, else the committed one")

@@ -226,8 +226,15 @@ class DeformConvSpec:
 
     @classmethod
     def from_dict(cls, fields: dict) -> "DeformConvSpec":
-        """Inverse of ``to_dict``."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        """Inverse of ``to_dict``: a layer configuration's dict (its sizes named ``N``, ``H``, ``W``)
+        gives its ``generic_spec``."""
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        if any(values.get(name) == variable for name, variable in GENERIC_DIMENSIONS.items()):
+            # any size that fits the kernel validates the configuration's other fields
+            extent = [(values[f"kernel_{axis}"] - 1) * values.get("dilation", (1, 1))[i] + 1
+                      for i, axis in enumerate("hw")]
+            return generic_spec(cls(**{**values, "batch": 1, "height": extent[0], "width": extent[1]}))
+        return cls(**values)
 
 
 PARTS = ("forward", "backward", "columns", "fused_backward", "fused_backward_deterministic", "gather", "scatter",

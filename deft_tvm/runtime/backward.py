@@ -6,8 +6,9 @@ per workload.
   one kernel that never writes the columns; grad_weight and grad_bias as split partial sums and
   their fixed-order sum), launched by one host function (``backward_entry``), with the tilings
   of the workload's tuned record (``deft-tvm tune --fused-backward``: the user's or the shipped
-  one, ``records.record_roots``), or else its layer
-  configuration's (one entry for every batch and image size, default tilings; ``fused_choice``):
+  one, ``records.record_roots``), or else its layer configuration's (one entry for every batch
+  and image size; the tilings of its record, ``--configuration``, else the defaults;
+  ``fused_choice``):
   a loaded kernel library's (``deft-tvm export --backward``; of the call's sizes, else of its
   configuration, with the tilings its manifest names), else compiled through the kernel cache
   (memory and disk; the file is keyed by ``cuda_backward_fused.fingerprint``).
@@ -91,19 +92,26 @@ class FusedKernels:
         return _workspace_elements(spec, self.data_tiling, self.weight_tiling)
 
 
+def fused_library(spec: DeformConvSpec, target: tvm.target.Target, data, weight,
+                  part: str = "fused") -> tuple[str, str, Callable]:
+    """``(name, fingerprint, build)`` of the disk-cache library of ``spec``'s fused backward with
+    the given tilings (``kernel_cache.library_path``; ``part``: ``FUSED_PARTS``' key, which names the
+    file), ``build()`` compiling it."""
+    from deft_tvm.schedules.cuda_backward_fused import backward_entry, fingerprint
+
+    return (f"{spec.key()}-{FUSED_PARTS[part]}", fingerprint(spec, data, weight, str(target.attrs["arch"])),
+            lambda: compile_kernel(tvm.IRModule({"backward": kernel_cache.scripted(
+                lambda: backward_entry(spec, data, weight))}), target))
+
+
 def fused_kernels(spec: DeformConvSpec, target: tvm.target.Target, data, weight,
                   part: str = "fused") -> FusedKernels:
     """The fused backward of ``spec`` (or of its layer configuration, ``generic_spec``) with the
-    given tilings, loaded from the disk cache or compiled (``part``: ``FUSED_PARTS``' key, which
-    names the cache file)."""
-    from deft_tvm.schedules.cuda_backward_fused import backward_entry, fingerprint, reduce_segments
+    given tilings, loaded from the disk cache or compiled (``fused_library``)."""
+    from deft_tvm.schedules.cuda_backward_fused import reduce_segments
 
-    entry, = kernel_cache.load_or_build_library(
-        f"{spec.key()}-{FUSED_PARTS[part]}",
-        fingerprint(spec, data, weight, str(target.attrs["arch"])), target,
-        lambda: compile_kernel(tvm.IRModule({"backward": kernel_cache.scripted(
-            lambda: backward_entry(spec, data, weight))}), target),
-        ("backward",))
+    name, fingerprint, build = fused_library(spec, target, data, weight, part)
+    entry, = kernel_cache.load_or_build_library(name, fingerprint, target, build, ("backward",))
     return FusedKernels(entry, data, weight, reduce_segments(spec, data))
 
 
@@ -139,7 +147,7 @@ def _library_or_compiled(spec: DeformConvSpec, target: tvm.target.Target,
 def _library_fused(spec: DeformConvSpec, target: tvm.target.Target, part: str) -> FusedKernels | None:
     """A loaded library's fused kernels (``part``) for a call of ``spec``, with the tilings its
     manifest gives them: of the call's sizes, else of its layer configuration where they serve
-    them (``_serves``); or None."""
+    them (``serves``); or None."""
     from deft_tvm.schedules.cuda_backward_fused import DataTiling, WeightTiling, reduce_segments
 
     for candidate in (spec, generic_spec(spec)):
@@ -148,7 +156,7 @@ def _library_fused(spec: DeformConvSpec, target: tvm.target.Target, part: str) -
         if entry is None or tilings is None:
             continue
         data, weight = DataTiling(**tilings["data"]), WeightTiling(**tilings["weight"])
-        if candidate is spec or _serves(spec, candidate, data, weight):
+        if candidate is spec or serves(spec, candidate, data, weight):
             return FusedKernels(entry, data, weight, reduce_segments(candidate, data))
     return None
 
@@ -168,7 +176,7 @@ def _fused_tilings(spec: DeformConvSpec, target: tvm.target.Target, part: str, r
     return data, weight
 
 
-def _serves(spec: DeformConvSpec, generic: DeformConvSpec, data, weight) -> bool:
+def serves(spec: DeformConvSpec, generic: DeformConvSpec, data, weight) -> bool:
     """Whether the fused kernels of the layer configuration ``generic`` with these tilings serve a
     call of ``spec``'s sizes: its indices fit int32, the reduction leaves the runtime the same sums
     (``reduce_segments``) and the workspace holds at most ``INT32_MAX`` elements."""
@@ -184,16 +192,17 @@ def fused_choice(spec: DeformConvSpec, target: tvm.target.Target, part: str,
     ``spec`` compiles where no library has them: the record of its sizes under the first of
     ``roots`` that holds one (default: ``records.record_roots()``), else its layer
     configuration's (``generic_spec``: one entry for every batch and image size) with that
-    configuration's default tilings where they serve its sizes (``_serves``), else its own default
-    tilings. A configuration's own choice: itself with its default tilings."""
+    configuration's tilings (its record's under ``roots``, ``tune_fused_backward(configuration=
+    True)``, else its defaults) where they serve its sizes (``serves``), else its own default
+    tilings. A configuration's own choice: itself with its recorded or default tilings."""
     from deft_tvm.runtime.records import recorded_fused_tilings
 
     if spec.shape_generic:
-        return (spec, *_fused_tilings(spec, target, part))
+        return (spec, *_fused_tilings(spec, target, part, roots))
     if recorded_fused_tilings(spec, target, roots) is None:
         generic = generic_spec(spec)
-        data, weight = _fused_tilings(generic, target, part)
-        if _serves(spec, generic, data, weight):
+        data, weight = _fused_tilings(generic, target, part, roots)
+        if serves(spec, generic, data, weight):
             return generic, data, weight
     return (spec, *_fused_tilings(spec, target, part, roots))
 
@@ -309,11 +318,11 @@ def deform_conv2d_backward(spec: DeformConvSpec, grad_output, input, offset, mas
     if device.type == "cuda":
         fused = kernel_cache.with_torch_tf32(spec, device)  # float32 on TF32 where torch's matmuls are
         if not torch.are_deterministic_algorithms_enabled():
-            return _fused_backward(fused, _kernel(fused, target, "fused"), grad_output, input, offset, mask, weight)
+            return run_fused_backward(fused, _kernel(fused, target, "fused"), grad_output, input, offset, mask, weight)
         bound = contribution_bound(fused, grad_output, mask, weight)
         if bound is not None:
             kernels = _kernel(fused, target, "fused_deterministic")
-            return _fused_backward(fused, kernels, grad_output, input, offset, mask, weight, bound)
+            return run_fused_backward(fused, kernels, grad_output, input, offset, mask, weight, bound)
     results = _output_buffers(spec, device)
     given = [t.contiguous() for t in (input, offset, mask, weight, grad_output) if t is not None]
     _kernel(spec, target, "gradients")(*given, *results.values())
@@ -349,7 +358,7 @@ def contribution_bound(spec: DeformConvSpec, grad_output, mask, weight) -> float
     return value if math.isfinite(value) else None
 
 
-def _fused_backward(spec: DeformConvSpec, kernels: FusedKernels, grad_output, input, offset, mask, weight,
+def run_fused_backward(spec: DeformConvSpec, kernels: FusedKernels, grad_output, input, offset, mask, weight,
                     bound: float | None = None) -> tuple:
     """``deform_conv2d_backward`` on CUDA by the fused kernels, no columns buffer, for ``spec`` as
     ``kernel_cache.with_torch_tf32`` gives it (float32 multiplies on TF32 tensor cores where

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import tvm
 from tvm.support.popen_pool import PopenPoolExecutor
 
-from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec
 from deft_tvm.reference.tolerances import assert_close_to_largest, tolerance_key
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import compile_kernel
@@ -43,6 +43,7 @@ from deft_tvm.schedules.cuda_backward_fused import (
     DataTiling,
     WeightTiling,
     backward_mma,
+    default_tilings,
     fingerprint,
     grad_data_primfunc,
     grad_weight_primfunc,
@@ -586,9 +587,86 @@ def step_variants(spec: DeformConvSpec, tiling: WeightTiling) -> list[WeightTili
 KERNELS = ("data", "weight")  # the fused backward's two searched kernels (grad_data, grad_weight)
 
 
+def _compile_configuration_entry(spec: DeformConvSpec, target: tvm.target.Target, data: DataTiling,
+                                 weight: WeightTiling) -> None:
+    """Compile the fused entry of ``spec``'s layer configuration with these tilings into the kernel
+    disk cache, where the op then loads it (a process pool's job; a configuration's size variables
+    are TVM objects of one process, so the worker takes ``spec``)."""
+    from deft_tvm.runtime.backward import fused_library
+
+    name, fingerprint_, build = fused_library(generic_spec(spec), target, data, weight)
+    kernel_cache.build_into_cache(name, fingerprint_, target, build)
+
+
+def entry_call(spec: DeformConvSpec, kernels, inputs: dict) -> Callable:
+    """A call of a fused entry (``runtime.backward.FusedKernels``, of ``spec`` or of its layer
+    configuration) as the op makes it (``runtime.backward.run_fused_backward``) on ``inputs``
+    (``Workload.make_inputs``' and ``grad_output``); the call returns the gradients."""
+    from deft_tvm.runtime.backward import run_fused_backward
+
+    mask = inputs["mask"] if spec.has_mask else None
+
+    def call():
+        gradients = run_fused_backward(spec, kernels, inputs["grad_output"], inputs["input"], inputs["offset"], mask,
+                                       inputs["weight"])
+        return [g for g in gradients if g is not None]
+
+    return call
+
+
+def measure_configuration(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
+                          weight: list[WeightTiling], bar=None) -> tuple[list[float | None], list[float | None]]:
+    """GPU time (ms) of each data and weight candidate of ``spec``'s layer configuration
+    (``generic_spec``) at ``spec``'s sizes: its whole fused entry as the op runs it (``entry_call``;
+    the kernels of a configuration bind its sizes in the entry, so they are not run alone), a data
+    tiling beside the configuration's default weight tiling and a weight tiling beside its default
+    data tiling (``default_tilings``), on inputs drawn from ``profile``; None for a candidate whose
+    gradients differ from the first's or whose entry would not serve these sizes
+    (``runtime.backward.serves``), as the op would not run it there. The entries are compiled by a
+    pool of processes into the kernel disk cache, where the op finds the chosen one. ``bar``: as
+    ``measure_candidates``'."""
+    import torch
+
+    from deft_tvm.runtime.backward import fused_kernels, serves
+    from deft_tvm.tuning.workloads import Workload
+
+    configuration = generic_spec(spec)
+    data_default, weight_default = default_tilings(configuration, str(target.attrs["arch"]))
+    pairs = [(t, weight_default) for t in data] + [(data_default, t) for t in weight]
+    usable = [pair for pair in dict.fromkeys(pairs) if serves(spec, configuration, *pair)]
+    if bar is not None:
+        bar.total += len(pairs)
+        bar.refresh()
+    pool = PopenPoolExecutor(max(1, min(len(usable), os.cpu_count() or 1)))
+    try:
+        for future in [pool.submit(_compile_configuration_entry, spec, target, *pair) for pair in usable]:
+            future.result()
+    finally:
+        pool.shutdown()
+    inputs = Workload("tuning", spec, profile).make_inputs(device="cuda")
+    generator = torch.Generator().manual_seed(1)
+    inputs["grad_output"] = torch.randn(spec.output_shape, generator=generator).to(inputs["input"])
+    kernels = [fused_kernels(configuration, target, *pair) for pair in usable]
+    times = dict(zip(usable, time_checked(spec, [(entry_call, (k, inputs)) for k in kernels], bar)))
+    if bar is not None:  # the candidates not run: repeated pairs and those that do not serve these sizes
+        bar.update(len(pairs) - len(usable))
+    measured = [times.get(pair) for pair in pairs]
+    return measured[:len(data)], measured[len(data):]
+
+
+def record_times(record: dict) -> tuple[float, float]:
+    """``(best, default)`` time (ms) of a ``tune_fused_backward`` record: grad_data's plus
+    grad_weight's fastest and default times, or of a configuration's record (``"times": "entry"``)
+    the fastest entry measured and the entry with the default tilings."""
+    times = [[ms for _, ms in record[f"{kind}_ms"]] for kind in KERNELS]
+    if record.get("times") == "entry":
+        return min(ms for kind in times for ms in kind if ms is not None), times[0][0]
+    return sum(min(ms for ms in kind if ms is not None) for kind in times), sum(kind[0] for kind in times)
+
+
 def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, device_name: str,
                         measure: Callable = measure_candidates, kernels: tuple[str, ...] = KERNELS,
-                        kept: dict | None = None) -> dict:
+                        kept: dict | None = None, configuration: bool = False) -> dict:
     """The record of ``spec``'s fastest data and weight tilings on ``target`` (``measure``: the
     candidates' times, ``measure_candidates`` on a GPU; None for a rejected one): the spec, the
     profile (its name and statistics, ``tuning.stats.profile_digest``), the device, the two
@@ -597,19 +675,42 @@ def tune_fused_backward(spec: DeformConvSpec, profile: str, target: tvm.target.T
     other weight stages (``refine_stages``), then in other tile shapes (``refine_tiles``), then with
     wider chunks (``refine_chunks``), and the fastest weight tiling's with deeper steps
     (``refine_steps``). Only the ``kernels`` named are searched ("data",
-    "weight"); the other's tiling and times are those of ``kept``, an earlier record of ``spec``
-    (the two kernels are independent). Raises ValueError for other kernel names, or for a kernel
-    left out without a record of ``spec`` to keep it from."""
+    "weight"); the other's tiling and times are those of ``kept``, an earlier record of the same
+    spec (the two kernels are independent).
+
+    With ``configuration``, the record is that of ``spec``'s layer configuration (``generic_spec``:
+    the entry every batch and image size of it runs where no record of its own sizes is,
+    ``runtime.backward.fused_choice``), searched over the configuration's default tilings
+    (``default_tilings``) and then ``spec``'s spaces at ``spec``'s sizes (``measured_at``), with
+    ``measure``: ``measure_configuration``, whose times are those of the whole entry
+    (``"times": "entry"``).
+
+    Raises ValueError for other kernel names, for a kernel left out without a record of the spec
+    to keep it from, or with ``configuration`` where its entry does not serve ``spec``'s sizes
+    (indices past int32)."""
     if not kernels or set(kernels) - set(KERNELS):
         raise ValueError(f"kernels: some of {KERNELS}, got {tuple(kernels)}")
-    if set(kernels) != set(KERNELS) and (kept is None or DeformConvSpec.from_dict(kept["spec"]) != spec):
+    recorded = generic_spec(spec) if configuration else spec
+    if set(kernels) != set(KERNELS) and (kept is None or DeformConvSpec.from_dict(kept["spec"]) != recorded):
         raise ValueError(f"searching only {', '.join(kernels)} keeps the other kernel's tiling from a record of "
-                         f"{spec.key()}, got {'none' if kept is None else kept['spec']}")
+                         f"{recorded.key()}, got {'none' if kept is None else kept['spec']}")
     data = data_space(spec, profile) if "data" in kernels else []
     weight = weight_space(spec) if "weight" in kernels else []
+    if configuration:
+        from deft_tvm.runtime.backward import serves
+
+        arch = str(target.attrs["arch"])
+        defaults = default_tilings(recorded, arch)
+        if not serves(spec, recorded, *defaults):
+            raise ValueError(f"{spec.key()}: its configuration's fused backward does not serve these sizes "
+                             f"(indices past int32); tune a smaller size of it")
+        data = _unique([defaults[0], *data]) if "data" in kernels else []
+        weight = _unique([defaults[1], *weight]) if "weight" in kernels else []
     data_ms, weight_ms = measure(spec, profile, target, data, weight)
-    record = {"spec": spec.to_dict(), "profile": profile, "profile_digest": profile_digest(profile),
+    record = {"spec": recorded.to_dict(), "profile": profile, "profile_digest": profile_digest(profile),
               "device": device_name, "target": str(target.attrs["arch"])}
+    if configuration:
+        record.update(measured_at=spec.to_dict(), times="entry")
     if "data" in kernels:
         data, data_ms, best_data = refine_load_batch(spec, profile, target, data, data_ms, measure)
         data, data_ms, best_data = refine_stages(spec, profile, target, data, data_ms, best_data, measure)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from deft_tvm.compute.spec import DeformConvSpec, kernel_key
+from deft_tvm.compute.spec import DeformConvSpec, generic_spec, kernel_key
 from deft_tvm.tuning.workloads import Workload
 
 LIBRARY_NAME = "deft_kernels"
@@ -100,31 +100,37 @@ def _tune_part(workload: Workload, target, part: str, logs: Path, trials: int, t
     return entry, best, default
 
 
-def _tune_fused(workload: Workload, target, logs: Path, progress: bool, measured_on: tuple[str, Callable]
-                ) -> tuple[float, float]:
-    """The fused CUDA backward's tilings of ``workload`` searched on its profile and recorded under
-    ``logs``, or the record there resumed where it was searched on the same statistics
+def _tune_fused(workload: Workload, target, logs: Path, progress: bool, measured_on: tuple[str, Callable],
+                configuration: bool = False) -> tuple[float, float]:
+    """The fused CUDA backward's tilings of ``workload`` (with ``configuration``: of its layer
+    configuration, measured at its sizes) searched on its profile and recorded under ``logs``, or
+    the record there resumed where it was searched on the same statistics
     (``tuning.stats.profile_digest``) and the same GPU, with a progress bar of its candidates
     (compiled, measured, then the best and default time) where ``progress``; ``measured_on``: the
-    device name and measure of ``tuning.fused_rpc.fused_measure`` (this machine's GPU or a tracker's).
-    Returns (best, default) grad_data + grad_weight time (ms)."""
+    device name and measure of ``tuning.fused_rpc.fused_measure`` (this machine's GPU or a tracker's;
+    a configuration's search measures its entries on this machine's GPU, ``measure_configuration``).
+    Returns (best, default) grad_data + grad_weight time (ms); of a configuration, the fastest entry
+    measured and the entry with the default tilings (``tuning.fused_backward.record_times``)."""
     from tqdm import tqdm
 
     from deft_tvm.runtime.records import fused_backward_dir, fused_backward_record, write_fused_backward
-    from deft_tvm.tuning.fused_backward import KERNELS, tune_fused_backward
+    from deft_tvm.tuning.fused_backward import measure_configuration, record_times, tune_fused_backward
     from deft_tvm.tuning.stats import profile_digest
 
     spec, (device_name, measure) = dataclasses.replace(workload.spec, layout="NCHW"), measured_on
-    record = fused_backward_record(spec, target, [logs])
+    recorded = generic_spec(spec) if configuration else spec
+    measure = measure_configuration if configuration else measure
+    record = fused_backward_record(recorded, target, [logs])
     searched_on = (profile_digest(workload.profile), device_name)
-    with tqdm(total=0, desc=f"{workload.name} fused backward", unit="candidate", disable=not progress) as bar:
+    description = f"{workload.name}{' configuration' * configuration} fused backward"
+    with tqdm(total=0, desc=description, unit="candidate", disable=not progress) as bar:
         if record is None or (record.get("profile_digest"), record["device"]) != searched_on:
             record = tune_fused_backward(spec, workload.profile, target, device_name,
-                                         measure=functools.partial(measure, bar=bar))
-            write_fused_backward(fused_backward_dir(logs, spec, target), record)
-        best = sum(min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in KERNELS)
-        default = sum(record[f"{kind}_ms"][0][1] for kind in KERNELS)
-        bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)} (grad_data + grad_weight)")
+                                         measure=functools.partial(measure, bar=bar), configuration=configuration)
+            write_fused_backward(fused_backward_dir(logs, recorded, target), record)
+        best, default = record_times(record)
+        what = "entry" if configuration else "grad_data + grad_weight"
+        bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)} ({what})")
     return best, default
 
 
@@ -155,7 +161,8 @@ def library_workloads(manifest_path: str | Path) -> list[Workload]:
 def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | Path = LIBRARY_NAME,
                device: str | torch.device | None = None, backward: bool = True, logs: str | Path | None = None,
                max_batches: int | None = None, trials_per_round: int = 32, seed: int | None = None,
-               check_seed: int = 0, progress: bool = True, rpc=None, verbose: bool = False) -> ModelTuning:
+               check_seed: int = 0, progress: bool = True, rpc=None, verbose: bool = False,
+               configurations: bool = False) -> ModelTuning:
     """Tune ``model``'s deformable convolutions on their own offsets and export them as one library.
 
     ``inputs``: one batch (a tensor, or a tuple of the model's positional arguments) or an iterable
@@ -180,10 +187,13 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
     trials, then its best and default time) instead of a line per search round. ``rpc``
     (``tuning.search.rpc_config``): the searches' candidates (the forward's and the fused
     backward's) run on a TVM RPC tracker's devices, as many at once as it has servers; ``verbose``:
-    MetaSchedule's own log on the console.
+    MetaSchedule's own log on the console. ``configurations`` (CUDA, with ``backward``): also search
+    the fused backward of each layer configuration (``compute.spec.generic_spec``: the entry the
+    library serves other batch and image sizes with), measured at its first workload's sizes.
 
     Raises:
-        ValueError: the model has no DCN layer, or none was called, or ``inputs`` gave no batch.
+        ValueError: the model has no DCN layer, or none was called, or ``inputs`` gave no batch, or
+            ``configurations`` with ``rpc`` (a configuration's entries are measured on this GPU).
     """
     from deft_tvm.frontend.convert import convert_model
     from deft_tvm.runtime.kernel_cache import UntunedKernelWarning
@@ -193,6 +203,9 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
     from deft_tvm.tuning.export import check_forward, check_gradients, kernel_parts, library_entries, part_spec
     from deft_tvm.tuning.stats import collect
 
+    if configurations and rpc is not None:
+        raise ValueError("tune_model: configurations are searched on this machine's GPU (their whole fused entry "
+                         "is measured, not through the RPC tracker); pass rpc=None or configurations=False")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     target = target_for_device(device)
     out, logs = Path(out).resolve(), Path(logs or user_root())
@@ -219,6 +232,13 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
         if backward and cuda:
             key = kernel_key(dataclasses.replace(workload.spec, layout="NCHW"), "fused_backward")
             best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress, measured_on)
+    if backward and cuda and configurations:
+        firsts = {}  # each configuration's first workload
+        for workload in workloads:
+            firsts.setdefault(generic_spec(dataclasses.replace(workload.spec, layout="NCHW")), workload)
+        for configuration, workload in firsts.items():
+            key = kernel_key(configuration, "fused_backward")
+            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress, measured_on, True)
     specs = {w.name: w.spec for w in workloads}
     description = {"name": model_name, "profile": str(profile_path),
                    "layers": {layer: {"workload": name, "spec": specs[name].to_dict()}
