@@ -173,6 +173,9 @@ def test_configurations_are_searched_on_this_gpu_not_through_a_tracker(capsys):
         tune_model(torch.nn.Identity(), torch.zeros(1), rpc=object(), configurations=True)
     line = error_line(["tune", "--configuration", "--device", "cpu"], capsys)
     assert "--configuration: searches the fused backward's tilings of a layer configuration; add --fused-backward" in line
+    line = error_line(["tune", "--model", "test_cli_errors:tiny_model", "--input-shape", "1", "2", "8", "8",
+                       "--device", "cpu", "--backward", "--configuration"], capsys)
+    assert "--configuration with --model: searches each layer configuration's fused CUDA backward on this" in line
 
 
 def test_the_command_writes_the_configurations_record(tmp_path, monkeypatch, capsys):
