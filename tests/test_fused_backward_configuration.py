@@ -100,6 +100,7 @@ class _InProcessPool:
     """Stand-in for TVM's ``PopenPoolExecutor``: keeps the jobs, runs none (no nvcc here)."""
 
     jobs: list = []
+    failing: tuple = ()  # (data, weight) pairs whose compile fails
 
     def __init__(self, workers):
         pass
@@ -107,7 +108,10 @@ class _InProcessPool:
     def submit(self, function, *args):
         _InProcessPool.jobs.append(args)
         future = concurrent.futures.Future()
-        future.set_result(None)
+        if args[2:] in _InProcessPool.failing:
+            future.set_exception(ValueError("cannot be copied asynchronously"))
+        else:
+            future.set_result(None)
         return future
 
     def shutdown(self):
@@ -117,7 +121,7 @@ class _InProcessPool:
 def test_measure_configuration_times_whole_entries_beside_the_other_kernels_default(monkeypatch):
     """A data tiling is measured in an entry with the configuration's default weight tiling and a
     weight tiling with its default data tiling, each entry once, those that would not serve the
-    size not at all (None), all of the configuration."""
+    size or do not compile not at all (None), all of the configuration."""
     from deft_tvm.tuning.workloads import Workload
 
     generic = generic_spec(SPEC)
@@ -125,7 +129,7 @@ def test_measure_configuration_times_whole_entries_beside_the_other_kernels_defa
     data = [data_default, *data_space(SPEC, PROFILE)[1:4]]
     weight = [weight_default, *weight_space(SPEC)[1:3]]
     not_serving = data[2]
-    _InProcessPool.jobs = []
+    _InProcessPool.jobs, _InProcessPool.failing = [], ((data_default, weight[2]),)
     monkeypatch.setattr(fused_backward, "PopenPoolExecutor", _InProcessPool)
     monkeypatch.setattr(backward, "serves", lambda spec, configuration, d, w: d != not_serving)
     monkeypatch.setattr(backward, "fused_kernels", lambda spec, target, d, w: (spec, d, w))
@@ -141,10 +145,10 @@ def test_measure_configuration_times_whole_entries_beside_the_other_kernels_defa
     data_ms, weight_ms = fused_backward.measure_configuration(SPEC, PROFILE, TARGET, data, weight)
     pairs = [(data_default, weight_default), (data[1], weight_default), (data[3], weight_default),
              (data_default, weight[1]), (data_default, weight[2])]
-    assert timed == [(generic, *pair) for pair in pairs]
     assert [args[1:] for args in _InProcessPool.jobs] == [(TARGET, *pair) for pair in pairs]
     assert all(args[0] is SPEC for args in _InProcessPool.jobs)  # the worker makes the configuration
-    assert data_ms == [0.0, 1.0, None, 2.0] and weight_ms == [0.0, 3.0, 4.0]
+    assert timed == [(generic, *pair) for pair in pairs[:-1]]  # the last one failed to compile
+    assert data_ms == [0.0, 1.0, None, 2.0] and weight_ms == [0.0, 3.0, None]
 
 
 def test_tune_model_searches_a_configuration_and_resumes_it(tmp_path, monkeypatch):

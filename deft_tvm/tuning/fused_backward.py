@@ -621,8 +621,10 @@ def measure_configuration(spec: DeformConvSpec, profile: str, target: tvm.target
     the kernels of a configuration bind its sizes in the entry, so they are not run alone), a data
     tiling beside the configuration's default weight tiling and a weight tiling beside its default
     data tiling (``default_tilings``), on inputs drawn from ``profile``; None for a candidate whose
-    gradients differ from the first's or whose entry would not serve these sizes
-    (``runtime.backward.serves``), as the op would not run it there. The entries are compiled by a
+    gradients differ from the first's, whose entry would not serve these sizes
+    (``runtime.backward.serves``), as the op would not run it there, or whose entry does not compile
+    for the configuration (e.g. a weight tiling's asynchronous copies of grad_output's runs, which
+    need runs of 4 bytes or more: a configuration's are of unknown length). The entries are compiled by a
     pool of processes into the kernel disk cache, where the op finds the chosen one. ``bar``: as
     ``measure_candidates``'."""
     import torch
@@ -639,8 +641,12 @@ def measure_configuration(spec: DeformConvSpec, profile: str, target: tvm.target
         bar.refresh()
     pool = PopenPoolExecutor(max(1, min(len(usable), os.cpu_count() or 1)))
     try:
-        for future in [pool.submit(_compile_configuration_entry, spec, target, *pair) for pair in usable]:
-            future.result()
+        futures = [(pool.submit(_compile_configuration_entry, spec, target, *pair), pair) for pair in usable]
+        for future, pair in futures:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - a tiling the configuration's kernels cannot take is not run
+                usable.remove(pair)
     finally:
         pool.shutdown()
     inputs = Workload("tuning", spec, profile).make_inputs(device="cuda")
