@@ -166,7 +166,8 @@ def test_tune_model_searches_a_configuration_and_resumes_it(tmp_path, monkeypatc
     assert model._tune_fused(workload, TARGET, tmp_path, False, measured_on, configuration=True) == first
     assert len(searched) == count  # resumed: same statistics, same GPU
     written = records.fused_backward_record(generic_spec(SPEC), TARGET, [tmp_path])
-    assert written["device"] == "a GPU" and (DataTiling(**written["data"]), WeightTiling(**written["weight"])) == fastest
+    assert written["device"] == "a GPU"
+    assert (DataTiling(**written["data"]), WeightTiling(**written["weight"])) == fastest
     assert records.fused_backward_record(SPEC, TARGET, [tmp_path]) is None
 
 
@@ -176,7 +177,8 @@ def test_configurations_are_searched_on_this_gpu_not_through_a_tracker(capsys):
     with pytest.raises(ValueError, match="configurations are searched on this machine's GPU"):
         tune_model(torch.nn.Identity(), torch.zeros(1), rpc=object(), configurations=True)
     line = error_line(["tune", "--configuration", "--device", "cpu"], capsys)
-    assert "--configuration: searches the fused backward's tilings of a layer configuration; add --fused-backward" in line
+    assert ("--configuration: searches the fused backward's tilings of a layer configuration; "
+            "add --fused-backward") in line
     line = error_line(["tune", "--model", "test_cli_errors:tiny_model", "--input-shape", "1", "2", "8", "8",
                        "--device", "cpu", "--backward", "--configuration"], capsys)
     assert "--configuration with --model: searches each layer configuration's fused CUDA backward on this" in line

@@ -1,6 +1,6 @@
 """The fused backward's one host function (``cuda_backward_fused.backward_entry``): built for the CPU
 around stand-in data and weight kernels, and called by the runtime's fused path
-(``runtime.backward._fused_backward``), it zeroes grad_input's sums, places every partial sum (and
+(``runtime.backward.run_fused_backward``), it zeroes grad_input's sums, places every partial sum (and
 the data kernel's bound tables) in its workspace region and finishes every gradient; built for
 CUDA it compiles with nvcc for sm_90 into its four kernels, in launch order, each on exactly the
 buffers of the kernel it wraps."""
@@ -75,7 +75,7 @@ def _entry(spec, data, weight):
 
 
 def _check_entry(spec, data, weight, compiled):
-    """``_fused_backward`` of ``spec`` through ``compiled`` (``_entry``) on buffers it fills with
+    """``run_fused_backward`` of ``spec`` through ``compiled`` (``_entry``) on buffers it fills with
     garbage first: every gradient is the stand-ins' pattern summed over its splits in order and
     cast."""
     written = {**_patterns(grad_data_primfunc(spec, data), 3), **_patterns(grad_weight_primfunc(spec, weight), 5)}
@@ -92,8 +92,8 @@ def _check_entry(spec, data, weight, compiled):
         ("weight", spec.weight_shape))}
     mask = torch.zeros(spec.mask_shape, dtype=dtype) if spec.has_mask else None
     bound = 3.0 if data.deterministic else None
-    grads = backward._fused_backward(spec, kernels, tensors["grad_output"], tensors["input"], tensors["offset"], mask,
-                                     tensors["weight"], bound)
+    grads = backward.run_fused_backward(spec, kernels, tensors["grad_output"], tensors["input"], tensors["offset"],
+                                        mask, tensors["weight"], bound)
 
     splits = {"offset": data.channel_splits, "mask": data.channel_splits, "weight": weight.splits,
               "bias": weight.splits}

@@ -480,7 +480,7 @@ def test_programmatic_grad_data_leaves_the_reduction_every_sum(dtype):
     # The kernels of these sizes (a call of them runs its configuration's, whose splits are not chosen for them).
     part = "fused_deterministic"
     kernels = backward.fused_kernels(spec, target, *backward._fused_tilings(spec, target, part), part)
-    runs = [backward._fused_backward(spec, kernels, *tensors, bound) for _ in range(30)]
+    runs = [backward.run_fused_backward(spec, kernels, *tensors, bound) for _ in range(30)]
     torch.cuda.synchronize()
     for run in runs[1:]:
         for got, expected in zip(run, runs[0]):
