@@ -359,7 +359,7 @@ def contribution_bound(spec: DeformConvSpec, grad_output, mask, weight) -> float
 
 
 def run_fused_backward(spec: DeformConvSpec, kernels: FusedKernels, grad_output, input, offset, mask, weight,
-                    bound: float | None = None) -> tuple:
+                       bound: float | None = None) -> tuple:
     """``deform_conv2d_backward`` on CUDA by the fused kernels, no columns buffer, for ``spec`` as
     ``kernel_cache.with_torch_tf32`` gives it (float32 multiplies on TF32 tensor cores where
     ``torch.backends.cuda.matmul.allow_tf32`` is set, as torchvision's matmuls do then): one call of
