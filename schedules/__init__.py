@@ -20,6 +20,7 @@ from .cuda import deft_cuda_space, schedule_cuda, seed_cuda_schedule
 from .cuda_backward import backward_cuda_space, schedule_backward_cuda, seed_backward_cuda_schedule
 from .cuda_columns import columns_bytes, columns_cuda_space, schedule_columns_cuda, seed_columns_cuda_schedule
 from .cuda_tensorcore import (
+    ConfigurationTilings,
     deft_cuda_tensorcore_space,
     schedule_cuda_tensorcore,
     seed_tensorcore_schedule,
@@ -95,7 +96,9 @@ class ScheduleFamily:
     whether ``default`` also schedules the PrimFunc of ``spec``'s ``compute.spec.generic_spec``
     (batch, height and width TIR variables; the tiles of their loops fixed and their tails
     predicated or padded), so that one kernel serves every size of a layer configuration
-    (``shape_generic``).
+    (``shape_generic``); ``configuration_space(generic spec)``: where a configuration's kernel is
+    searched (``deft-tvm tune --configuration``), its tilings (``default()``, ``admits``,
+    ``neighbours``, ``schedule(mod, tiling)``, ``to_dict`` / ``from_dict``), else None.
     """
 
     name: str
@@ -108,6 +111,7 @@ class ScheduleFamily:
     refinements: Callable = _no_refinements
     transfer: Callable = _no_transfer
     shape_generic: Callable = _no_spec  # default() also takes the spec's generic_spec: one kernel for every size
+    configuration_space: Callable | None = None  # (generic spec) -> the tilings its configuration search tries
 
 
 # The first family that applies to a kernel is its family (tensor cores before SIMT).
@@ -118,7 +122,7 @@ FAMILIES = (
                    seed_backward_cpu_schedule, shape_generic=_any_spec),
     ScheduleFamily("cuda_tensorcore", "cuda", "forward", _takes_tensor_cores, schedule_cuda_tensorcore,
                    deft_cuda_tensorcore_space, seed_tensorcore_schedule, tensorcore_refinements, tensorcore_transfer,
-                   shape_generic=_any_spec),
+                   shape_generic=_any_spec, configuration_space=ConfigurationTilings),
     ScheduleFamily("cuda_simt", "cuda", "forward", _any_spec, schedule_cuda, deft_cuda_space, seed_cuda_schedule,
                    shape_generic=_one_group),
     ScheduleFamily("cuda_backward", "cuda", "backward", _any_spec, schedule_backward_cuda, backward_cuda_space,
@@ -149,6 +153,14 @@ def shape_generic(spec, target, part: str = "forward") -> bool:
     and the call's sizes indexable in int32 (the generic kernel's index type). The CUDA backward's
     fused kernels: ``runtime.backward.fused_choice``."""
     return schedule_family(spec, target, part).shape_generic(spec) and spec.index_dtype == "int32"
+
+
+def configuration_space(spec, target, part: str = "forward"):
+    """The tilings a search of the layer configuration ``spec`` (a ``generic_spec``) tries for its
+    ``part`` kernel on ``target``: its family's ``configuration_space(spec)``, or None where the
+    family has none (the tensor-core forward has one)."""
+    space = schedule_family(spec, target, part).configuration_space
+    return None if space is None else space(spec)
 
 
 def unfused_forward(spec, target) -> bool:

@@ -638,6 +638,63 @@ def tensorcore_schedule_at(mod, spec: DeformConvSpec, tiling: TensorCoreTiling) 
     return sch
 
 
+class ConfigurationTilings:
+    """The tilings a layer configuration's kernel (``spec.shape_generic``) can take, the design
+    space of its search (``deft_tvm.tuning.forward_configuration``): ``TensorCoreTiling``s without
+    staged sampling points or split-K (see ``TensorCoreTiling.for_spec``), whose output-channel
+    block divides the layer's fragments and whose per-warp fragments, warps and channel chunk stay
+    within the per-size space's bounds (``MAX_FRAGS``, ``MAX_WARPS_CO``, ``MAX_WARPS_P``,
+    ``MAX_K_FRAGS``); the positions of a block need not divide anything (they are padded to whole
+    blocks). Raises ValueError for a spec of one size."""
+
+    def __init__(self, spec: DeformConvSpec):
+        if not spec.shape_generic:
+            raise ValueError(f"{spec.key()} is of one size; a configuration's tilings are of its generic_spec")
+        self.spec = spec
+
+    def default(self) -> TensorCoreTiling:
+        return TensorCoreTiling.for_spec(self.spec)
+
+    def admits(self, tiling: TensorCoreTiling) -> bool:
+        co_frags = self.spec.out_channels // self.spec.groups // FRAGMENT
+        return (not tiling.tap_points and tiling.k_splits == 1 and tiling.vector == _vector(self.spec)
+                and 1 <= tiling.frags_co <= MAX_FRAGS and 1 <= tiling.warps_co <= MAX_WARPS_CO
+                and co_frags % (tiling.frags_co * tiling.warps_co) == 0
+                and 1 <= tiling.frags_p <= MAX_FRAGS and 1 <= tiling.warps_p <= MAX_WARPS_P
+                and 1 <= tiling.k_frags <= MAX_K_FRAGS and channel_fragments(self.spec) % tiling.k_frags == 0)
+
+    def of_size(self, tiling: TensorCoreTiling) -> TensorCoreTiling | None:
+        """A per-size record's tiling (e.g. ``TensorCoreTiling.of_trace``) as a configuration's:
+        without staged sampling points and split-K; None where that is not in the space."""
+        tiling = dataclasses.replace(tiling, tap_points=False, k_splits=1)
+        return tiling if self.admits(tiling) else None
+
+    def neighbours(self, tiling: TensorCoreTiling) -> list[TensorCoreTiling]:
+        """The tilings one step from ``tiling``: one of its fragment, warp or chunk counts doubled
+        or halved, those in the space."""
+        steps = []
+        for field in ("frags_co", "warps_co", "frags_p", "warps_p", "k_frags"):
+            value = getattr(tiling, field)
+            steps += [dataclasses.replace(tiling, **{field: value * 2})]
+            if value % 2 == 0:
+                steps += [dataclasses.replace(tiling, **{field: value // 2})]
+        return [t for t in steps if self.admits(t)]
+
+    def schedule(self, mod, tiling: TensorCoreTiling) -> s_tir.Schedule:
+        """``tiling`` applied to ``mod`` (``kernel_primfunc(spec)``). ValueError outside the space."""
+        if not self.admits(tiling):
+            raise ValueError(f"{tiling} is not a tiling of {self.spec.key()}'s configuration")
+        return schedule_cuda_tensorcore(mod, self.spec, tiling)
+
+    @staticmethod
+    def to_dict(tiling: TensorCoreTiling) -> dict:
+        return dataclasses.asdict(tiling)
+
+    @staticmethod
+    def from_dict(fields: dict) -> TensorCoreTiling:
+        return TensorCoreTiling(**fields)
+
+
 def deft_cuda_tensorcore_space(spec: DeformConvSpec):
     """MetaSchedule design space (for ``ScheduleFn``): the tensor-core schedule with sampled tiles."""
 

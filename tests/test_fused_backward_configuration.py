@@ -177,8 +177,8 @@ def test_configurations_are_searched_on_this_gpu_not_through_a_tracker(capsys):
     with pytest.raises(ValueError, match="configurations are searched on this machine's GPU"):
         tune_model(torch.nn.Identity(), torch.zeros(1), rpc=object(), configurations=True)
     line = error_line(["tune", "--configuration", "--device", "cpu"], capsys)
-    assert ("--configuration: searches the fused backward's tilings of a layer configuration; "
-            "add --fused-backward") in line
+    assert ("--configuration: searches the tilings of a layer configuration's CUDA kernels; tune it with "
+            "--device cuda on a GPU") in line
     line = error_line(["tune", "--model", "test_cli_errors:tiny_model", "--input-shape", "1", "2", "8", "8",
                        "--device", "cpu", "--backward", "--configuration"], capsys)
     assert "--configuration with --model: searches each layer configuration's fused CUDA backward on this" in line

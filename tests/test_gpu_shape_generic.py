@@ -1,7 +1,8 @@
 """Shape-generic CUDA kernels (issue 16) on a real GPU (``pytest -m gpu``): the tensor-core forward of
 a layer configuration (fused, or unfused for wide layers: columns kernel, cuBLAS, output transpose;
 the SIMT forward of a 1-channel stem),
-its channels-last copies and its fused backward, compiled on the first call, serve calls of 20
+its channels-last copies and its fused backward (with the default tilings, or those of a
+configuration record), compiled on the first call, serve calls of 20
 random batch and image sizes without a compile and match the float64 reference (forward and
 gradients); so do the forward and fused backward of an exported library, loaded; skipped where
 there is no GPU."""
@@ -226,4 +227,40 @@ def test_a_configurations_tuned_tilings_train_twenty_random_sizes(name, tmp_path
             spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4), height=sizes.randint(17, 300),
                                        width=sizes.randint(17, 300))
             _check_training_call(spec, seed)
+        assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files
+
+
+@pytest.mark.parametrize("name", ["v2_float16", "asymmetric_bfloat16", "v1_tf32_no_bias"])
+def test_a_configurations_forward_record_serves_twenty_random_sizes(name, tmp_path, isolated_cache, monkeypatch):
+    """A configuration's forward tiling record (``deft-tvm tune --configuration``; here a neighbour
+    of its default tiling) in the user's tuning directory: the warm-up call compiles the
+    configuration's kernel with it, then calls of 20 random sizes compile nothing and match the
+    float64 reference."""
+    import tvm_ffi
+
+    from deft_tvm.compute.kernels import kernel_primfunc
+    from deft_tvm.runtime import records
+    from deft_tvm.schedules import configuration_space
+
+    configuration = CONFIGURATIONS[name]
+    monkeypatch.setenv(records.TUNING_DIR_ENV, str(tmp_path / "logs"))
+    with tf32_mode("on"):
+        target = target_for_device(DEVICE)
+        generic = generic_spec(kernel_cache.forward_spec(configuration, DEVICE))
+        space = configuration_space(generic, target)
+        tiling = space.neighbours(space.default())[-1]
+        records.write_configuration_record(records.database_dir(tmp_path / "logs", generic, target), generic,
+                                           {"tiling": space.to_dict(tiling)})
+        sch, tuned = kernel_cache.schedule_for(generic, target)
+        assert tuned and tvm_ffi.structural_equal(sch.mod, space.schedule(kernel_primfunc(generic), tiling).mod)
+        _check_call(configuration, seed=0)
+        files = {p.name for p in isolated_cache.rglob("*.so")}
+        assert files and all("nN_" in f for f in files), files
+        compiled = []
+        monkeypatch.setattr(kernel_cache, "compile_kernel", lambda *args: compiled.append(args))
+        sizes = random.Random(name)
+        for seed in range(1, 21):
+            spec = dataclasses.replace(configuration, batch=sizes.randint(1, 4), height=sizes.randint(17, 300),
+                                       width=sizes.randint(17, 300))
+            _check_call(spec, seed)
         assert compiled == [] and {p.name for p in isolated_cache.rglob("*.so")} == files

@@ -14,7 +14,10 @@ ratio, with the CPU, torch's thread count and the commit.
 
 ``--device cuda``: the tensor-core forward (``schedules/cuda_tensorcore.py``; for layers whose
 forward is unfused, r50dcn_c4/c5, the columns kernel, ``cuda_columns.py``) of each workload's
-kernel spec (channels last; float32 on TF32 with ``--tf32 on``), and the fused backward
+kernel spec (channels last; float32 on TF32 with ``--tf32 on``): the default kernel of its exact
+sizes, that of its configuration, the tuned record of its sizes where there is one (``tuned``)
+and the configuration's with the tiling of its record (``deft-tvm tune --configuration``) where
+there is one (``configuration_tuned``); and the fused backward
 (``schedules/cuda_backward_fused.py``, one entry call as the op makes it,
 ``runtime.backward.run_fused_backward``): the default kernels of its exact sizes, those of its layer
 configuration, the tuned record of its sizes where there is one (``tuned``) and the configuration's
@@ -24,9 +27,9 @@ as the median of ``--runs`` rounds of 20 back-to-back calls (GPU time per call b
 ``tuning.timing.gpu_ms``), with the GPU's name; for float32 without TF32 and float64 also the staged
 backward of deterministic calls (``schedules/cuda_backward.py``: the gradient kernels, the sort by
 pixel and the sorted gather; part ``staged_backward``), per size and of the configuration;
-``--parts`` names the parts timed (default: all three); ``--sizes N H W ...`` (fused backward)
-times those batch and image sizes of each workload's configuration instead of the workload's own
-(its ``per_size`` default compiled for each).
+``--parts`` names the parts timed (default: all three); ``--sizes N H W ...`` (forward and fused
+backward) times those batch and image sizes of each workload's configuration instead of the
+workload's own (its ``per_size`` default compiled for each).
 """
 
 from __future__ import annotations
@@ -120,17 +123,17 @@ def _calls(spec, kernels: dict, inputs: dict) -> dict:
     return {"forward": lambda: kernels["forward"](*args, output), "backward": gradients_and_grad_input}
 
 
-def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> list[dict]:
-    """Rows of ``--device cuda`` (see the module docstring)."""
+def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str, sizes=(None,)) -> list[dict]:
+    """Rows of ``--device cuda`` for the forward (see the module docstring)."""
     device = torch.device("cuda")
     target = target_for_device(device)
     gpu = torch.cuda.get_device_name(device)
     print(f"gpu {gpu}, TF32 {'on' if tf32 else 'off'}, commit {commit}")
     cases = []
     for name in workloads:
-        for dtype in dtypes:
-            workload = get_workload(name, dtype, tf32=tf32 and dtype == "float32")
-            spec = workload.for_target(target).spec
+        for dtype, size in ((d, z) for d in dtypes for z in sizes):
+            workload = _sized(get_workload(name, dtype, tf32=tf32 and dtype == "float32"), size).for_target(target)
+            spec = workload.spec
             part = "columns" if unfused_forward(spec, target) else "forward"
             tuned, is_tuned = schedule_for(spec, target, part)
             schedules = {"per_size": default_schedule(kernel_primfunc(spec, part), spec, target, part),
@@ -138,6 +141,9 @@ def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> 
                                                      target, part)}
             if is_tuned:
                 schedules["tuned"] = tuned
+            recorded, is_recorded = schedule_for(generic_spec(spec), target, part)
+            if is_recorded:
+                schedules["configuration_tuned"] = recorded
             cases.append((name, dtype, part, workload, spec, schedules))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         built = [{k: pool.submit(compile_kernel, sch.mod, target) for k, sch in schedules.items()}
@@ -154,7 +160,7 @@ def cuda_forward_rows(workloads, dtypes, tf32: bool, runs: int, commit: str) -> 
         output = torch.empty(shape, dtype=args[0].dtype, device=device)
         ms = {k: statistics.median(gpu_ms(lambda kernel=kernel: kernel(*args, output), LAUNCHES) for _ in range(runs))
               for k, kernel in compiled.items()}
-        rows.append(_cuda_row(name, dtype, tf32, part, ms, gpu, commit))
+        rows.append(_cuda_row(name, dtype, tf32, part, ms, gpu, commit, spec))
     return rows
 
 
@@ -255,7 +261,8 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", nargs="+", choices=CUDA_PARTS, default=list(CUDA_PARTS),
                         help="the kernels timed (cuda only; staged_backward with --tf32 off)")
     parser.add_argument("--sizes", nargs="+", type=int, default=None, metavar="N H W",
-                        help="fused backward (cuda): time these batch, height and width triples of each workload's "
+                        help="forward and fused backward (cuda): time these batch, height and width triples of each "
+                        "workload's "
                         "configuration instead of the workload's own sizes")
     parser.add_argument("--csv", help="write the rows here")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse --short HEAD)")
@@ -268,7 +275,7 @@ def main(argv=None) -> None:
         workloads, rows = args.workloads or CUDA_WORKLOADS, []
         with tf32_mode(args.tf32):
             if "forward" in args.parts:
-                rows += cuda_forward_rows(workloads, args.dtypes, args.tf32 == "on", args.runs, commit)
+                rows += cuda_forward_rows(workloads, args.dtypes, args.tf32 == "on", args.runs, commit, sizes)
             if "backward" in args.parts:
                 rows += cuda_backward_rows(workloads, args.dtypes, args.tf32 == "on", args.runs, commit, sizes)
             if args.tf32 == "off" and "staged_backward" in args.parts:

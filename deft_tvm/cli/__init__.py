@@ -263,7 +263,7 @@ def _tune_fused_backward(args, target, name: str, workload, rpc=None) -> None:
         best, default = record_times(record)
         print(f"fused    {name} {spec.dtype}{' tf32' * spec.tf32} configuration at {spec.key()}: entry "
               f"{best:.3f} ms fastest measured (default tilings {default:.3f}; {coverage}), {rejected} candidates "
-              f"rejected (gradients not the default's, or not serving these sizes) -> {path}")
+              f"rejected (gradients not the default's, not serving these sizes, or not compiling) -> {path}")
         return
     times = {kind: min(ms for _, ms in record[f"{kind}_ms"] if ms is not None) for kind in FUSED_KERNELS}
     defaults = {kind: record[f"{kind}_ms"][0][1] for kind in FUSED_KERNELS}
@@ -271,6 +271,30 @@ def _tune_fused_backward(args, target, name: str, workload, rpc=None) -> None:
           f"{defaults['data']:.3f}; {coverage}), grad_weight "
           f"{times['weight']:.3f} ms (default {defaults['weight']:.3f}), {rejected} candidates rejected "
           f"(gradients not the default's) -> {path}")
+
+
+def _tune_forward_configuration(args, target, name: str, workload) -> None:
+    """Search the forward tiling of a workload's layer configuration on this GPU, measured at the
+    workload's sizes, and write the record under ``--logs``."""
+    from deft_tvm.runtime.records import database_dir, write_configuration_record
+    from deft_tvm.tuning.forward_configuration import measure_configuration_forward, record_times
+    from deft_tvm.tuning.forward_configuration import tune_forward_configuration
+    from tqdm import tqdm
+
+    spec = workload.for_target(target).spec
+    label = f"{name} {spec.dtype}{' tf32' * spec.tf32} configuration forward"
+    try:
+        with tqdm(total=0, desc=label, unit="candidate") as bar:
+            record = tune_forward_configuration(spec, workload.profile, target, torch.cuda.get_device_name(),
+                                                measure=functools.partial(measure_configuration_forward, bar=bar))
+    except ValueError as error:
+        raise UsageError(f"--configuration without --fused-backward: {error}") from None
+    path = write_configuration_record(database_dir(args.logs, generic_spec(spec), target), generic_spec(spec), record)
+    best, default = record_times(record)
+    rejected = sum(ms is None for _, ms in record["candidates"])
+    print(f"forward  {label} at {spec.key()}: {best:.4f} ms fastest of {len(record['candidates'])} tilings "
+          f"(default {default:.4f}), {rejected} rejected (not compiling or running, or output not the "
+          f"default's) -> {path}")
 
 
 def cmd_tune_model(args) -> int:
@@ -325,13 +349,17 @@ def cmd_tune(args) -> int:
     if set(args.kernels) != set(FUSED_KERNELS) and not args.fused_backward:
         raise UsageError(f"--kernels {' '.join(args.kernels)}: names the fused backward's kernels; "
                          f"add --fused-backward")
-    if args.configuration and not args.fused_backward:
-        raise UsageError("--configuration: searches the fused backward's tilings of a layer configuration; "
-                         "add --fused-backward")
+    if args.configuration and args.device != "cuda":
+        raise UsageError("--configuration: searches the tilings of a layer configuration's CUDA kernels; tune it "
+                         "with --device cuda on a GPU")
     if args.configuration and rpc is not None:
-        raise UsageError("--configuration: a configuration's whole fused entry is measured on this machine's GPU, "
+        raise UsageError("--configuration: a configuration's kernels are measured on this machine's GPU, "
                          "not through --rpc-tracker; drop one of them")
     target = target_for_device(args.device)
+    if args.configuration and not args.fused_backward:
+        for workload in _workloads(args):
+            _tune_forward_configuration(args, target, workload.name, workload)
+        return 0
     if args.fused_backward:
         for name in args.workloads:
             for dtype in args.dtypes:
@@ -446,10 +474,11 @@ def main(argv=None) -> int:
                       help="instead, search the fused CUDA backward's tilings of each workload (records in folders "
                       "ending _fused_backward, which the op takes over the defaults once committed)")
     tune.add_argument("--configuration", action="store_true",
-                      help="with --fused-backward: search the tilings of each workload's layer configuration (the "
-                      "entry every batch and image size of it runs where no record of its own sizes is), measured "
-                      "at the workload's sizes; with --model --backward on CUDA: those of each layer configuration "
-                      "too, at its first layer call's sizes")
+                      help="search the CUDA forward's tiling of each workload's layer configuration (the kernel "
+                      "every batch and image size of it runs where no record of its own sizes is; the tensor-core "
+                      "forward), measured at the workload's sizes; with --fused-backward: the fused backward's "
+                      "tilings of the configuration instead; with --model --backward on CUDA: those of each layer "
+                      "configuration too, at its first layer call's sizes")
     tune.add_argument("--kernels", nargs="+", choices=FUSED_KERNELS, default=list(FUSED_KERNELS),
                       help="with --fused-backward: the kernels to search (default both); the other keeps its tiling "
                       "and times from the workload's record under --logs, else the committed one")

@@ -7,7 +7,8 @@ shipped with the package (``committed_root``); the first that holds one wins.
 ``<root>/<target-tag>/<kernel-key>/`` holds ``workload.json`` (the ``DeformConvSpec`` and the kernel
 part: ``forward``, or ``backward`` for the gradient kernels, whose folders' keys end in
 ``_backward``; folders without a part are forward ones) and the MetaSchedule JSON database
-(``database_workload.json``, ``database_tuning_record.json``).
+(``database_workload.json``, ``database_tuning_record.json``); a layer configuration's folder
+(``compute.spec.generic_spec``) holds its tiling record instead (``CONFIGURATION_FILE``).
 """
 
 from __future__ import annotations
@@ -124,8 +125,30 @@ def _first_holding(roots, folder: str, file: str) -> Path | None:
 
 def tuned_database(spec: DeformConvSpec, target: tvm.target.Target, part: str = "forward") -> Path | None:
     """The database folder of ``spec``'s ``part`` for ``target`` under the first of ``record_roots``
-    where one holds a record, or None."""
-    return _first_holding(record_roots(), _database_folder(spec, target, part), "database_tuning_record.json")
+    where one holds a record (of a layer configuration, ``spec.shape_generic``: its tiling record,
+    ``CONFIGURATION_FILE``), or None."""
+    held = CONFIGURATION_FILE if spec.shape_generic else "database_tuning_record.json"
+    return _first_holding(record_roots(), _database_folder(spec, target, part), held)
+
+
+# A layer configuration's record (``deft-tvm tune --configuration``): the tiling of its kernel,
+# measured at one size of it; a MetaSchedule record cannot hold it (the JSON database replays its
+# traces when it loads them, and TVM 0.27 fails to replay layout transforms of variable extents).
+CONFIGURATION_FILE = "configuration_tiling.json"
+
+
+def write_configuration_record(directory: Path, spec: DeformConvSpec, record: dict, part: str = "forward") -> Path:
+    """Write the tiling record of the layer configuration ``spec`` (``generic_spec``) in its
+    database folder (``database_dir``), replacing one there."""
+    write_spec(directory, spec, part)
+    path = Path(directory) / CONFIGURATION_FILE
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def configuration_record(directory: Path) -> dict:
+    """The tiling record in a configuration's database folder (``tuned_database``'s)."""
+    return json.loads((Path(directory) / CONFIGURATION_FILE).read_text())
 
 
 def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:

@@ -38,11 +38,14 @@ def default_entries(workloads, target, entries, backward: bool, configurations: 
     lack (``kernel_parts``, the columns kernel included where the forward is unfused), so that a
     library serves every kernel the op runs: where the target's default kernel is shape-generic
     (``schedules.shape_generic``), that of the workload's layer configuration, which serves every
-    batch and image size; with ``configurations``, that one also where ``entries`` hold a kernel
+    batch and image size (with the tiling of its configuration record where the op finds one,
+    ``runtime.kernel_cache.schedule_for``); with ``configurations``, that one also where ``entries`` hold a kernel
     of the workload's own sizes (a tuned one), for the calls of other sizes."""
     from deft_tvm.compute.kernels import kernel_primfunc
     from deft_tvm.compute.spec import generic_spec
+    from deft_tvm.runtime.kernel_cache import schedule_for
     from deft_tvm.runtime.library import KernelEntry
+    from deft_tvm.runtime.records import tuned_database
     from deft_tvm.schedules import default_schedule, shape_generic
 
     have = {kernel_key(e.spec, e.part) for e in entries}
@@ -56,8 +59,10 @@ def default_entries(workloads, target, entries, backward: bool, configurations: 
                 spec = generic_spec(spec)
             if kernel_key(spec, part) not in have:
                 have.add(kernel_key(spec, part))
-                sch = default_schedule(kernel_primfunc(spec, part), spec, target, part)
-                extra.append(KernelEntry(spec, sch.mod["main"], origin="default schedule", part=part))
+                sch, tuned = (schedule_for(spec, target, part) if spec.shape_generic
+                              else (default_schedule(kernel_primfunc(spec, part), spec, target, part), False))
+                origin = f"configuration record {tuned_database(spec, target, part)}" if tuned else "default schedule"
+                extra.append(KernelEntry(spec, sch.mod["main"], origin=origin, part=part))
     return extra
 
 
