@@ -6,6 +6,7 @@ library's and nvcc's use of it."""
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 
 import pytest
@@ -157,3 +158,89 @@ def test_the_command_writes_the_record_where_the_op_finds_it(tmp_path, monkeypat
     assert TensorCoreTiling(**recorded["tiling"]) == fastest
     with pytest.raises(cli.UsageError, match=r"--configuration without --fused-backward: .*is unfused"):
         cli._tune_forward_configuration(args, TARGET, "r50dcn_c5", get_workload("r50dcn_c5", "float16"))
+
+
+class _Pool:
+    """Stand-in for TVM's ``PopenPoolExecutor``: keeps the jobs, runs none (no nvcc here); the
+    tilings in ``failing`` fail to compile."""
+
+    jobs: list = []
+    failing: tuple = ()
+
+    def __init__(self, workers):
+        pass
+
+    def submit(self, function, *args):
+        _Pool.jobs.append(args)
+        future = concurrent.futures.Future()
+        if args[2] in _Pool.failing:
+            future.set_exception(ValueError("too much shared memory"))
+        else:
+            future.set_result(None)
+        return future
+
+    def shutdown(self):
+        pass
+
+
+def test_measure_runs_what_compiles_and_launches_and_checks_it_against_the_first(monkeypatch):
+    from deft_tvm.tuning.workloads import Workload
+
+    space = _space()
+    tilings = [space.default(), *space.neighbours(space.default())[:4]]
+    not_compiling, not_launching = tilings[1], tilings[2]
+    _Pool.jobs, _Pool.failing = [], (not_compiling,)
+    monkeypatch.setattr(forward_configuration, "PopenPoolExecutor", _Pool)
+    monkeypatch.setattr(forward_configuration, "_configuration_schedule", lambda spec, target, tiling: tiling)
+    launched = []
+
+    def load(spec, target, tiling):
+        assert spec is GENERIC  # the configuration's kernel, run at SPEC's sizes
+
+        def kernel(*args):
+            assert args[-1].shape == SPEC.output_shape and args[0].shape == SPEC.kernel_input_shape
+            if tiling == not_launching:
+                raise RuntimeError("CUDA_ERROR_INVALID_VALUE")
+            launched.append(tiling)
+        return kernel
+
+    monkeypatch.setattr(kernel_cache, "load_or_build", load)
+    make_inputs = Workload.make_inputs
+    monkeypatch.setattr(Workload, "make_inputs", lambda self, seed=0, device="cpu": make_inputs(self, seed))
+    timed = []
+
+    def time_checked(spec, calls, bar=None):
+        assert spec is SPEC
+        for make, args in calls:
+            make(spec, *args)()
+            timed.append(launched[-1])
+        return [float(k) for k in range(len(calls))]
+
+    monkeypatch.setattr(forward_configuration, "time_checked", time_checked)
+    times = forward_configuration.measure_configuration_forward(SPEC, PROFILE, TARGET, tilings)
+    assert [args[1:] for args in _Pool.jobs] == [(TARGET, t) for t in tilings]
+    assert timed == [tilings[0], *tilings[3:]]
+    assert times == [0.0, None, None, 1.0, 2.0]
+    _Pool.failing = (tilings[0],)
+    with pytest.raises(RuntimeError, match="the configuration's kernel with .* did not compile or run"):
+        forward_configuration.measure_configuration_forward(SPEC, PROFILE, TARGET, tilings)
+
+
+def test_tune_model_searches_each_configurations_forward_and_resumes_it(tmp_path, monkeypatch):
+    from deft_tvm.tuning import model
+
+    workload, searched = get_workload("paper_64c_64x64_n8", "float16"), []
+    fastest = _space().neighbours(_space().default())[1]
+    monkeypatch.setattr(forward_configuration, "measure_configuration_forward",
+                        lambda *a, bar=None: searched.append(a[0]) or _fake_measure(fastest, [])(*a))
+    entry, best, default = model._tune_forward_configuration(workload, TARGET, tmp_path, False, "a GPU")
+    assert (best, default) == (1.0, 2.0) and searched and all(s == SPEC for s in searched)
+    assert entry.spec is GENERIC and entry.origin == str(records.database_dir(tmp_path, GENERIC, TARGET))
+    assert tvm_ffi.structural_equal(entry.function, _space().schedule(kernel_primfunc(GENERIC), fastest).mod["main"])
+    count = len(searched)
+    again = model._tune_forward_configuration(workload, TARGET, tmp_path, False, "a GPU")
+    assert again[1:] == (1.0, 2.0) and len(searched) == count  # resumed: same statistics, same GPU
+    model._tune_forward_configuration(workload, TARGET, tmp_path, False, "another GPU")
+    assert len(searched) > count  # searched again on another GPU
+    assert model._tune_forward_configuration(get_workload("r50dcn_c5", "float16"), TARGET, tmp_path, False,
+                                             "a GPU") is None  # its forward is unfused at its sizes

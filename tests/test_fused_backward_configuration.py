@@ -181,7 +181,7 @@ def test_configurations_are_searched_on_this_gpu_not_through_a_tracker(capsys):
             "--device cuda on a GPU") in line
     line = error_line(["tune", "--model", "test_cli_errors:tiny_model", "--input-shape", "1", "2", "8", "8",
                        "--device", "cpu", "--backward", "--configuration"], capsys)
-    assert "--configuration with --model: searches each layer configuration's fused CUDA backward on this" in line
+    assert "--configuration with --model: searches each layer configuration's CUDA kernels on this" in line
 
 
 def test_the_command_writes_the_configurations_record(tmp_path, monkeypatch, capsys):

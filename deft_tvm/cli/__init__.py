@@ -310,9 +310,9 @@ def cmd_tune_model(args) -> int:
                          f"got {args.input_shape}")
     if args.batches < 1:
         raise UsageError(f"--batches {args.batches}: expected at least 1")
-    if args.configuration and not (args.backward and args.device == "cuda" and args.rpc_tracker is None):
-        raise UsageError("--configuration with --model: searches each layer configuration's fused CUDA backward "
-                         "on this machine's GPU; add --backward, tune on a GPU (--device cuda), no --rpc-tracker")
+    if args.configuration and not (args.device == "cuda" and args.rpc_tracker is None):
+        raise UsageError("--configuration with --model: searches each layer configuration's CUDA kernels on this "
+                         "machine's GPU; tune on a GPU (--device cuda), no --rpc-tracker")
     dtype = getattr(torch, args.input_dtype)
     model = _load_model(args.model).to(args.device, dtype)
     if args.data is not None:
@@ -477,8 +477,9 @@ def main(argv=None) -> int:
                       help="search the CUDA forward's tiling of each workload's layer configuration (the kernel "
                       "every batch and image size of it runs where no record of its own sizes is; the tensor-core "
                       "forward), measured at the workload's sizes; with --fused-backward: the fused backward's "
-                      "tilings of the configuration instead; with --model --backward on CUDA: those of each layer "
-                      "configuration too, at its first layer call's sizes")
+                      "tilings of the configuration instead; with --model on CUDA: each layer configuration's "
+                      "forward tiling (and with --backward its fused backward's) too, at its first layer call's "
+                      "sizes")
     tune.add_argument("--kernels", nargs="+", choices=FUSED_KERNELS, default=list(FUSED_KERNELS),
                       help="with --fused-backward: the kernels to search (default both); the other keeps its tiling "
                       "and times from the workload's record under --logs, else the committed one")

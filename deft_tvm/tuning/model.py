@@ -134,6 +134,44 @@ def _tune_fused(workload: Workload, target, logs: Path, progress: bool, measured
     return best, default
 
 
+def _tune_forward_configuration(workload: Workload, target, logs: Path, progress: bool, device_name: str):
+    """The forward tiling of ``workload``'s layer configuration searched at its sizes on its profile
+    (``tuning.forward_configuration``) and recorded under ``logs``, or the record there resumed
+    where it was searched on the same statistics and the same GPU, with a progress bar where
+    ``progress``. Returns ``(KernelEntry of the configuration's kernel with the recorded tiling,
+    best ms, default ms)``, or None where the configuration has no tiling search at these sizes
+    (``forward_configuration.tilings_space``)."""
+    from tqdm import tqdm
+
+    from deft_tvm.compute.kernels import kernel_primfunc
+    from deft_tvm.runtime.library import KernelEntry
+    from deft_tvm.runtime.records import (CONFIGURATION_FILE, configuration_record, database_dir,
+                                          write_configuration_record)
+    from deft_tvm.tuning.export import part_spec
+    from deft_tvm.tuning.forward_configuration import (measure_configuration_forward, record_times, tilings_space,
+                                                       tune_forward_configuration)
+    from deft_tvm.tuning.stats import profile_digest
+
+    spec = part_spec(workload, target, "forward")
+    try:
+        space = tilings_space(spec, target)
+    except ValueError:
+        return None
+    configuration = generic_spec(spec)
+    directory = database_dir(logs, configuration, target)
+    record = configuration_record(directory) if (directory / CONFIGURATION_FILE).exists() else None
+    with tqdm(total=0, desc=f"{workload.name} configuration forward", unit="candidate", disable=not progress) as bar:
+        if record is None or (record.get("profile_digest"), record["device"]) != (profile_digest(workload.profile),
+                                                                                   device_name):
+            record = tune_forward_configuration(spec, workload.profile, target, device_name,
+                                                measure=functools.partial(measure_configuration_forward, bar=bar))
+            write_configuration_record(directory, configuration, record)
+        best, default = record_times(record)
+        bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)}")
+    sch = space.schedule(kernel_primfunc(configuration), space.from_dict(record["tiling"]))
+    return KernelEntry(configuration, sch.mod["main"], origin=str(directory)), best, default
+
+
 def library_workloads(manifest_path: str | Path) -> list[Workload]:
     """The workloads a ``tune_model`` library was tuned for, from its manifest's ``"model"`` entry:
     one per distinct layer call, named and profiled as ``tune_model`` named them (the recorded
@@ -187,9 +225,11 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
     trials, then its best and default time) instead of a line per search round. ``rpc``
     (``tuning.search.rpc_config``): the searches' candidates (the forward's and the fused
     backward's) run on a TVM RPC tracker's devices, as many at once as it has servers; ``verbose``:
-    MetaSchedule's own log on the console. ``configurations`` (CUDA, with ``backward``): also search
-    the fused backward of each layer configuration (``compute.spec.generic_spec``: the entry the
-    library serves other batch and image sizes with), measured at its first workload's sizes.
+    MetaSchedule's own log on the console. ``configurations`` (CUDA): also search the forward
+    tiling of each layer configuration (``compute.spec.generic_spec``: the kernel the library
+    serves other batch and image sizes with; ``tuning.forward_configuration``, where its forward
+    is the tensor-core one) and with ``backward`` its fused backward, measured at its first
+    workload's sizes.
 
     Raises:
         ValueError: the model has no DCN layer, or none was called, or ``inputs`` gave no batch, or
@@ -232,13 +272,18 @@ def tune_model(model: torch.nn.Module, inputs, *, trials: int = 32, out: str | P
         if backward and cuda:
             key = kernel_key(dataclasses.replace(workload.spec, layout="NCHW"), "fused_backward")
             best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress, measured_on)
-    if backward and cuda and configurations:
-        firsts = {}  # each configuration's first workload
+    if cuda and configurations:
+        firsts = {}  # each configuration's first workload (its forward kernel spec's configuration)
         for workload in workloads:
-            firsts.setdefault(generic_spec(dataclasses.replace(workload.spec, layout="NCHW")), workload)
+            firsts.setdefault(generic_spec(part_spec(workload, target, "forward")), workload)
         for configuration, workload in firsts.items():
-            key = kernel_key(configuration, "fused_backward")
-            best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress, measured_on, True)
+            tuned = _tune_forward_configuration(workload, target, logs, progress, torch.cuda.get_device_name(device))
+            if tuned is not None:
+                entries.append(tuned[0])
+                best_ms[kernel_key(configuration)], default_ms[kernel_key(configuration)] = tuned[1:]
+            if backward:
+                key = kernel_key(generic_spec(dataclasses.replace(workload.spec, layout="NCHW")), "fused_backward")
+                best_ms[key], default_ms[key] = _tune_fused(workload, target, logs, progress, measured_on, True)
     specs = {w.name: w.spec for w in workloads}
     description = {"name": model_name, "profile": str(profile_path),
                    "layers": {layer: {"workload": name, "spec": specs[name].to_dict()}
