@@ -670,15 +670,22 @@ class ConfigurationTilings:
         return tiling if self.admits(tiling) else None
 
     def neighbours(self, tiling: TensorCoreTiling) -> list[TensorCoreTiling]:
-        """The tilings one step from ``tiling``: one of its fragment, warp or chunk counts doubled
-        or halved, those in the space."""
+        """The tilings one step from ``tiling``, those in the space: one of its fragment, warp or
+        chunk counts doubled or halved, or a block's channels (positions) kept with twice the
+        warps of half the fragments, or the reverse."""
+        def halved(value: int) -> int:
+            return value // 2 if value % 2 == 0 else 0  # 0: no tiling
+
         steps = []
         for field in ("frags_co", "warps_co", "frags_p", "warps_p", "k_frags"):
             value = getattr(tiling, field)
-            steps += [dataclasses.replace(tiling, **{field: value * 2})]
-            if value % 2 == 0:
-                steps += [dataclasses.replace(tiling, **{field: value // 2})]
-        return [t for t in steps if self.admits(t)]
+            steps += [dataclasses.replace(tiling, **{field: value * 2}),
+                      dataclasses.replace(tiling, **{field: halved(value)})]
+        for frags, warps in (("frags_co", "warps_co"), ("frags_p", "warps_p")):
+            f, w = getattr(tiling, frags), getattr(tiling, warps)
+            steps += [dataclasses.replace(tiling, **{frags: halved(f), warps: w * 2}),
+                      dataclasses.replace(tiling, **{frags: f * 2, warps: halved(w)})]
+        return list(dict.fromkeys(t for t in steps if self.admits(t)))
 
     def schedule(self, mod, tiling: TensorCoreTiling) -> s_tir.Schedule:
         """``tiling`` applied to ``mod`` (``kernel_primfunc(spec)``). ValueError outside the space."""

@@ -53,9 +53,13 @@ def test_the_space_holds_the_default_and_its_neighbours_one_step_away():
     assert neighbours and default not in neighbours and len(set(neighbours)) == len(neighbours)
     fields = ("frags_co", "warps_co", "frags_p", "warps_p", "k_frags")
     for tiling in neighbours:
-        changed = [f for f in fields if getattr(tiling, f) != getattr(default, f)]
-        assert len(changed) == 1 and getattr(tiling, changed[0]) / getattr(default, changed[0]) in (0.5, 2.0)
-        assert space.admits(tiling)
+        ratios = {f: getattr(tiling, f) / getattr(default, f) for f in fields
+                  if getattr(tiling, f) != getattr(default, f)}
+        assert set(ratios.values()) <= {0.5, 2.0} and space.admits(tiling)
+        # one count doubled or halved, or a block's channels (positions) kept on other warps
+        assert len(ratios) == 1 or (sorted(ratios.values()) == [0.5, 2.0] and set(ratios) in (
+            {"frags_co", "warps_co"}, {"frags_p", "warps_p"}))
+    assert dataclasses.replace(default, warps_co=1, frags_co=4) in neighbours  # 2 warps of 2 -> 1 warp of 4
     # 64 channels: 4 fragments of output channels, 4 of reduction channels (float16: 16 each)
     assert not space.admits(dataclasses.replace(default, frags_co=4, warps_co=2))
     assert not space.admits(dataclasses.replace(default, k_frags=3))

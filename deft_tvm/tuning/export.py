@@ -39,8 +39,9 @@ def default_entries(workloads, target, entries, backward: bool, configurations: 
     library serves every kernel the op runs: where the target's default kernel is shape-generic
     (``schedules.shape_generic``), that of the workload's layer configuration, which serves every
     batch and image size (with the tiling of its configuration record where the op finds one,
-    ``runtime.kernel_cache.schedule_for``); with ``configurations``, that one also where ``entries`` hold a kernel
-    of the workload's own sizes (a tuned one), for the calls of other sizes."""
+    ``runtime.kernel_cache.schedule_for``); with ``configurations``, that one also where
+    ``entries`` hold a kernel of the workload's own sizes (a tuned one), for the calls of other
+    sizes."""
     from deft_tvm.compute.kernels import kernel_primfunc
     from deft_tvm.compute.spec import generic_spec
     from deft_tvm.runtime.kernel_cache import schedule_for

@@ -3,7 +3,8 @@
 A layer configuration (``compute.spec.generic_spec``: batch, height and width as TIR variables)
 has one forward kernel for every size, which the op runs for every size without a tuned record of
 its own (``runtime.kernel_cache.compiled_spec``). Its tilings are its schedule family's
-``configuration_space`` (the tensor-core forward's: ``schedules.cuda_tensorcore.ConfigurationTilings``).
+``configuration_space`` (the tensor-core forward's:
+``schedules.cuda_tensorcore.ConfigurationTilings``).
 ``tune_forward_configuration`` measures the configuration's default tiling and the tiling of the
 tuned record of the workload's own size (where there is one and the space has it), then climbs
 from the fastest to its neighbours (one fragment, warp or chunk count doubled or halved) for
@@ -88,7 +89,8 @@ def measure_configuration_forward(spec: DeformConvSpec, profile: str, target: tv
     """GPU time (ms) of the configuration's kernel with each of ``tilings`` (the first: the one the
     others' outputs are checked against) at ``spec``'s sizes, on inputs drawn from ``profile``;
     None for a tiling whose kernel does not compile or launch, or whose output is not the first's.
-    ``bar`` (tqdm-like), if given: its total grows by the candidates, advanced by one per candidate."""
+    ``bar`` (tqdm-like), if given: its total grows by the candidates, advanced by one per
+    candidate."""
     from deft_tvm.tuning.workloads import Workload
 
     if bar is not None:
