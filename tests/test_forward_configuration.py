@@ -111,16 +111,19 @@ def _write_record(root, tiling: TensorCoreTiling):
 
 def test_the_op_and_the_library_take_the_record_for_every_size(tmp_path, monkeypatch):
     monkeypatch.setenv(records.TUNING_DIR_ENV, str(tmp_path))
-    default_sch, tuned = kernel_cache.schedule_for(GENERIC, TARGET)
-    assert not tuned
+    shipped_sch, tuned = kernel_cache.schedule_for(GENERIC, TARGET)  # the committed record (an H100's)
+    shipped = records.tuned_database(GENERIC, TARGET)
+    assert tuned and shipped == records.database_dir(records.committed_root(), GENERIC, TARGET)
+    shipped_tiling = TensorCoreTiling(**records.configuration_record(shipped)["tiling"])
+    assert tvm_ffi.structural_equal(shipped_sch.mod, _space().schedule(kernel_primfunc(GENERIC), shipped_tiling).mod)
     inputs = kernel_cache._kernel_inputs(GENERIC, TARGET, "forward")
-    tiling = _space().neighbours(_space().default())[-1]
-    path = _write_record(tmp_path, tiling)
+    tiling = next(t for t in _space().neighbours(_space().default()) if t != shipped_tiling)
+    path = _write_record(tmp_path, tiling)  # the user's record wins over the shipped one
     assert path.parent == records.tuned_database(GENERIC, TARGET)
     assert records.read_kernel(path.parent) == (GENERIC, "forward")
     sch, tuned = kernel_cache.schedule_for(GENERIC, TARGET)
     assert tuned and tvm_ffi.structural_equal(sch.mod, _space().schedule(kernel_primfunc(GENERIC), tiling).mod)
-    assert not tvm_ffi.structural_equal(sch.mod, default_sch.mod)
+    assert not tvm_ffi.structural_equal(sch.mod, shipped_sch.mod)
     assert kernel_cache._kernel_inputs(GENERIC, TARGET, "forward") != inputs  # the disk cache's index sees it
     other = dataclasses.replace(SPEC, batch=3, height=41, width=29)
     assert kernel_cache.compiled_spec(other, TARGET) is GENERIC
@@ -248,3 +251,23 @@ def test_tune_model_searches_each_configurations_forward_and_resumes_it(tmp_path
     assert len(searched) > count  # searched again on another GPU
     assert model._tune_forward_configuration(get_workload("r50dcn_c5", "float16"), TARGET, tmp_path, False,
                                              "a GPU") is None  # its forward is unfused at its sizes
+
+
+def test_export_takes_the_configuration_records_under_logs(tmp_path, monkeypatch, capsys):
+    from deft_tvm import cli
+    from deft_tvm.runtime import library
+
+    tiling = _space().neighbours(_space().default())[0]
+    _write_record(tmp_path, tiling)
+    assert records.database_dirs(tmp_path, TARGET) == []  # not a MetaSchedule database
+    assert records.configuration_dirs(tmp_path, TARGET) == [records.database_dir(tmp_path, GENERIC, TARGET)]
+    exported = []
+    monkeypatch.setattr(library, "export_library", lambda entries, *a: exported.extend(entries) or tmp_path / "m")
+    assert cli.main(["export", "--device", "cuda", "--arch", "sm_90", "--logs", str(tmp_path),
+                     "--out", str(tmp_path / "lib")]) == 0
+    entry, copies = exported  # the configuration's kernel and its channels-last copies' (a companion)
+    assert copies.part == "channels_last" and copies.spec is GENERIC
+    assert entry.spec is GENERIC and entry.part == "forward" and entry.origin == str(records.configuration_dirs(
+        tmp_path, TARGET)[0])
+    assert tvm_ffi.structural_equal(entry.function, _space().schedule(kernel_primfunc(GENERIC), tiling).mod["main"])
+    assert f"kernel   {kernel_key(GENERIC)}" in capsys.readouterr().out

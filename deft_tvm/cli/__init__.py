@@ -398,11 +398,12 @@ def _export_target(args):
 
 
 def cmd_export(args) -> int:
-    """Compile tuned workloads (MetaSchedule records and fused-backward tilings under ``--logs``,
-    and optionally registry workloads with the default schedule) into one library."""
+    """Compile tuned workloads (MetaSchedule records, layer configurations' tiling records and
+    fused-backward tilings under ``--logs``, and optionally registry workloads with the default
+    schedule) into one library."""
     from deft_tvm.runtime.library import KernelEntry, export_library
-    from deft_tvm.runtime.records import (best_schedule, database_dirs, fused_backward_specs, read_part,
-                                         record_roots, target_tag)
+    from deft_tvm.runtime.records import (best_schedule, configuration_dirs, configuration_schedule, database_dirs,
+                                         fused_backward_specs, read_part, record_roots, target_tag)
 
     target = _export_target(args)
     entries = []
@@ -412,6 +413,9 @@ def cmd_export(args) -> int:
             print(f"skipped  {directory}: no successful record for this target")
             continue
         entries.append(KernelEntry(spec, sch.mod["main"], origin=str(directory), part=read_part(directory)))
+    for directory in configuration_dirs(args.logs, target):  # layer configurations' tiling records
+        spec, part, sch = configuration_schedule(directory, target)
+        entries.append(KernelEntry(spec, sch.mod["main"], origin=str(directory), part=part))
     entries = library_entries(_workloads(args), target, entries, args.backward, [Path(args.logs), *record_roots()],
                               fused=fused_backward_specs(args.logs, target))
     if not entries:

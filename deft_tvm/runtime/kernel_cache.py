@@ -42,7 +42,7 @@ from deft_tvm.compute.spec import DeformConvSpec, generic_spec, kernel_key
 from deft_tvm.runtime import library
 from deft_tvm.runtime.columns import unfused_forward_kernel
 from deft_tvm.runtime.library import loaded_kernel
-from deft_tvm.runtime.records import best_schedule, configuration_record, target_tag, tuned_database
+from deft_tvm.runtime.records import best_schedule, configuration_schedule, target_tag, tuned_database
 from deft_tvm.runtime.targets import compile_kernel, exact_cuda_compilation, target_for_device
 
 CACHE_DIR_ENV = "DEFT_TVM_CACHE_DIR"
@@ -83,14 +83,12 @@ def schedule_for(spec: DeformConvSpec, target: tvm.target.Target, part: str = "f
     """``(schedule, tuned)`` of ``spec``'s ``part`` kernel: the schedule of its tuned record (the
     user's or the shipped one, ``records.tuned_database``; a layer configuration's: the tiling of
     its record in its family's ``configuration_space``) if there is one, else the default."""
-    from deft_tvm.schedules import configuration_space, default_schedule
+    from deft_tvm.schedules import default_schedule
 
     directory = tuned_database(spec, target, part)
-    space = configuration_space(spec, target, part) if spec.shape_generic and directory is not None else None
-    if space is not None:
-        tiling = space.from_dict(configuration_record(directory)["tiling"])
-        return space.schedule(kernel_primfunc(spec, part), tiling), True
-    if directory is not None and not spec.shape_generic:
+    if directory is not None and spec.shape_generic:
+        return configuration_schedule(directory, target)[2], True
+    if directory is not None:
         _, sch = best_schedule(directory, target)
         if sch is not None:
             return sch, True

@@ -151,10 +151,32 @@ def configuration_record(directory: Path) -> dict:
     return json.loads((Path(directory) / CONFIGURATION_FILE).read_text())
 
 
+def configuration_schedule(directory: Path, target: tvm.target.Target):
+    """``(spec, part, schedule)`` of the tiling record in a configuration's folder: its recorded
+    tiling in its family's ``configuration_space`` applied to ``kernel_primfunc(spec, part)``.
+    Raises ValueError where the family has no configuration space or the tiling is not in it."""
+    from deft_tvm.schedules import configuration_space
+
+    spec, part = read_kernel(directory)
+    space = configuration_space(spec, target, part)
+    if space is None:
+        raise ValueError(f"{directory}: the {part} kernel of {spec.key()} on {target_tag(target)} has no "
+                         f"configuration tilings")
+    tiling = space.from_dict(configuration_record(directory)["tiling"])
+    return spec, part, space.schedule(kernel_primfunc(spec, part), tiling)
+
+
 def database_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
-    """Every workload folder of ``target`` under ``root``, sorted."""
+    """Every workload folder of ``target`` under ``root`` that holds a MetaSchedule database (not a
+    layer configuration's tiling record, ``configuration_dirs``), sorted."""
     base = Path(root) / target_tag(target)
-    return sorted(p.parent for p in base.glob(f"*/{SPEC_FILE}"))
+    return sorted(p.parent for p in base.glob(f"*/{SPEC_FILE}") if not (p.parent / CONFIGURATION_FILE).exists())
+
+
+def configuration_dirs(root: Path, target: tvm.target.Target) -> list[Path]:
+    """Every layer configuration's folder of ``target`` under ``root`` that holds a tiling record
+    (``CONFIGURATION_FILE``), sorted."""
+    return sorted(p.parent for p in (Path(root) / target_tag(target)).glob(f"*/{CONFIGURATION_FILE}"))
 
 
 FUSED_BACKWARD_FILE = "fused_backward.json"
