@@ -6,7 +6,6 @@ library's and nvcc's use of it."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 
 import pytest
@@ -23,6 +22,8 @@ from deft_tvm.tuning import forward_configuration
 from deft_tvm.tuning.export import default_entries
 from deft_tvm.tuning.forward_configuration import record_times, start_tilings, tune_forward_configuration
 from deft_tvm.tuning.workloads import get_workload
+
+from test_fused_backward_configuration import _InProcessPool
 
 TARGET = cuda_target("sm_90")
 PROFILE = "normal_2px"
@@ -167,37 +168,14 @@ def test_the_command_writes_the_record_where_the_op_finds_it(tmp_path, monkeypat
         cli._tune_forward_configuration(args, TARGET, "r50dcn_c5", get_workload("r50dcn_c5", "float16"))
 
 
-class _Pool:
-    """Stand-in for TVM's ``PopenPoolExecutor``: keeps the jobs, runs none (no nvcc here); the
-    tilings in ``failing`` fail to compile."""
-
-    jobs: list = []
-    failing: tuple = ()
-
-    def __init__(self, workers):
-        pass
-
-    def submit(self, function, *args):
-        _Pool.jobs.append(args)
-        future = concurrent.futures.Future()
-        if args[2] in _Pool.failing:
-            future.set_exception(ValueError("too much shared memory"))
-        else:
-            future.set_result(None)
-        return future
-
-    def shutdown(self):
-        pass
-
-
 def test_measure_runs_what_compiles_and_launches_and_checks_it_against_the_first(monkeypatch):
     from deft_tvm.tuning.workloads import Workload
 
     space = _space()
     tilings = [space.default(), *space.neighbours(space.default())[:4]]
     not_compiling, not_launching = tilings[1], tilings[2]
-    _Pool.jobs, _Pool.failing = [], (not_compiling,)
-    monkeypatch.setattr(forward_configuration, "PopenPoolExecutor", _Pool)
+    _InProcessPool.jobs, _InProcessPool.failing = [], ((not_compiling,),)
+    monkeypatch.setattr(forward_configuration, "PopenPoolExecutor", _InProcessPool)
     monkeypatch.setattr(forward_configuration, "_configuration_schedule", lambda spec, target, tiling: tiling)
     launched = []
 
@@ -225,10 +203,10 @@ def test_measure_runs_what_compiles_and_launches_and_checks_it_against_the_first
 
     monkeypatch.setattr(forward_configuration, "time_checked", time_checked)
     times = forward_configuration.measure_configuration_forward(SPEC, PROFILE, TARGET, tilings)
-    assert [args[1:] for args in _Pool.jobs] == [(TARGET, t) for t in tilings]
+    assert [args[1:] for args in _InProcessPool.jobs] == [(TARGET, t) for t in tilings]
     assert timed == [tilings[0], *tilings[3:]]
     assert times == [0.0, None, None, 1.0, 2.0]
-    _Pool.failing = (tilings[0],)
+    _InProcessPool.failing = ((tilings[0],),)
     with pytest.raises(RuntimeError, match="the configuration's kernel with .* did not compile or run"):
         forward_configuration.measure_configuration_forward(SPEC, PROFILE, TARGET, tilings)
 

@@ -100,7 +100,7 @@ class _InProcessPool:
     """Stand-in for TVM's ``PopenPoolExecutor``: keeps the jobs, runs none (no nvcc here)."""
 
     jobs: list = []
-    failing: tuple = ()  # (data, weight) pairs whose compile fails
+    failing: tuple = ()  # the jobs' arguments after (spec, target) whose compile fails: (data, weight), or (tiling,)
 
     def __init__(self, workers):
         pass

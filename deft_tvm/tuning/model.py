@@ -143,10 +143,9 @@ def _tune_forward_configuration(workload: Workload, target, logs: Path, progress
     (``forward_configuration.tilings_space``)."""
     from tqdm import tqdm
 
-    from deft_tvm.compute.kernels import kernel_primfunc
     from deft_tvm.runtime.library import KernelEntry
-    from deft_tvm.runtime.records import (CONFIGURATION_FILE, configuration_record, database_dir,
-                                          write_configuration_record)
+    from deft_tvm.runtime.records import (CONFIGURATION_FILE, configuration_record, configuration_schedule,
+                                          database_dir, write_configuration_record)
     from deft_tvm.tuning.export import part_spec
     from deft_tvm.tuning.forward_configuration import (measure_configuration_forward, record_times, tilings_space,
                                                        tune_forward_configuration)
@@ -154,7 +153,7 @@ def _tune_forward_configuration(workload: Workload, target, logs: Path, progress
 
     spec = part_spec(workload, target, "forward")
     try:
-        space = tilings_space(spec, target)
+        tilings_space(spec, target)
     except ValueError:
         return None
     configuration = generic_spec(spec)
@@ -168,7 +167,7 @@ def _tune_forward_configuration(workload: Workload, target, logs: Path, progress
             write_configuration_record(directory, configuration, record)
         best, default = record_times(record)
         bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)}")
-    sch = space.schedule(kernel_primfunc(configuration), space.from_dict(record["tiling"]))
+    sch = configuration_schedule(directory, target)[2]
     return KernelEntry(configuration, sch.mod["main"], origin=str(directory)), best, default
 
 
