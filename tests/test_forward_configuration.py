@@ -18,7 +18,7 @@ from deft_tvm.runtime import kernel_cache, records
 from deft_tvm.runtime.targets import compile_kernel, cuda_target
 from deft_tvm.schedules import configuration_space, kernel_spec
 from deft_tvm.schedules.cuda_tensorcore import ConfigurationTilings, TensorCoreTiling
-from deft_tvm.tuning import forward_configuration
+from deft_tvm.tuning import forward_configuration, fused_backward
 from deft_tvm.tuning.export import default_entries
 from deft_tvm.tuning.forward_configuration import record_times, start_tilings, tune_forward_configuration
 from deft_tvm.tuning.workloads import get_workload
@@ -96,7 +96,8 @@ def test_the_search_starts_at_the_default_and_the_sizes_record_and_climbs_to_the
     record = tune_forward_configuration(SPEC, PROFILE, TARGET, "a GPU", measure=_fake_measure(fastest, calls, one_step))
     assert TensorCoreTiling(**record["tiling"]) == fastest
     assert all(spec == SPEC and tilings[0] == start[0] for spec, tilings in calls)  # checked against the default
-    assert calls[0][1] == start and len(calls) == 1 + forward_configuration.ROUNDS
+    # the start, one_step's neighbours, the fastest's, which find nothing faster: the search ends there
+    assert calls[0][1] == start and len(calls) == 4 < 1 + forward_configuration.ROUNDS
     assert record["spec"] == GENERIC.to_dict() and record["measured_at"] == SPEC.to_dict()
     assert (record["device"], record["target"], record["profile"]) == ("a GPU", "sm_90", PROFILE)
     tried = [TensorCoreTiling(**t) for t, _ in record["candidates"]]
@@ -154,7 +155,7 @@ def test_the_command_writes_the_record_where_the_op_finds_it(tmp_path, monkeypat
 
     fastest = _space().neighbours(_space().default())[0]
     monkeypatch.setattr(forward_configuration, "measure_configuration_forward",
-                        lambda *a, bar=None: _fake_measure(fastest, [])(*a))
+                        lambda *a, bar=None, pool=None: _fake_measure(fastest, [])(*a))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
     monkeypatch.setenv(records.TUNING_DIR_ENV, str(tmp_path))
     args = argparse.Namespace(logs=str(tmp_path))
@@ -174,8 +175,8 @@ def test_measure_runs_what_compiles_and_launches_and_checks_it_against_the_first
     space = _space()
     tilings = [space.default(), *space.neighbours(space.default())[:4]]
     not_compiling, not_launching = tilings[1], tilings[2]
-    _InProcessPool.jobs, _InProcessPool.failing = [], ((not_compiling,),)
-    monkeypatch.setattr(forward_configuration, "PopenPoolExecutor", _InProcessPool)
+    _InProcessPool.jobs, _InProcessPool.failing, _InProcessPool.opened = [], ((not_compiling,),), []
+    monkeypatch.setattr(fused_backward, "PopenPoolExecutor", _InProcessPool)
     monkeypatch.setattr(forward_configuration, "_configuration_schedule", lambda spec, target, tiling: tiling)
     launched = []
 
@@ -206,6 +207,14 @@ def test_measure_runs_what_compiles_and_launches_and_checks_it_against_the_first
     assert [args[1:] for args in _InProcessPool.jobs] == [(TARGET, t) for t in tilings]
     assert timed == [tilings[0], *tilings[3:]]
     assert times == [0.0, None, None, 1.0, 2.0]
+    assert len(_InProcessPool.opened) == 1 and _InProcessPool.opened[0].shut  # its own pool, shut down
+    # a search's rounds share the pool it is given (its workers import TVM once), which they leave open
+    _InProcessPool.opened = []
+    with fused_backward.compile_pool() as pool:
+        for _ in range(2):
+            forward_configuration.measure_configuration_forward(SPEC, PROFILE, TARGET, tilings, pool=pool)
+        assert _InProcessPool.opened == [pool] and not pool.shut
+    assert pool.shut
     _InProcessPool.failing = ((tilings[0],),)
     with pytest.raises(RuntimeError, match="the configuration's kernel with .* did not compile or run"):
         forward_configuration.measure_configuration_forward(SPEC, PROFILE, TARGET, tilings)
@@ -217,7 +226,7 @@ def test_tune_model_searches_each_configurations_forward_and_resumes_it(tmp_path
     workload, searched = get_workload("paper_64c_64x64_n8", "float16"), []
     fastest = _space().neighbours(_space().default())[1]
     monkeypatch.setattr(forward_configuration, "measure_configuration_forward",
-                        lambda *a, bar=None: searched.append(a[0]) or _fake_measure(fastest, [])(*a))
+                        lambda *a, bar=None, pool=None: searched.append(a[0]) or _fake_measure(fastest, [])(*a))
     entry, best, default = model._tune_forward_configuration(workload, TARGET, tmp_path, False, "a GPU")
     assert (best, default) == (1.0, 2.0) and searched and all(s == SPEC for s in searched)
     assert entry.spec is GENERIC and entry.origin == str(records.database_dir(tmp_path, GENERIC, TARGET))

@@ -101,9 +101,11 @@ class _InProcessPool:
 
     jobs: list = []
     failing: tuple = ()  # the jobs' arguments after (spec, target) whose compile fails: (data, weight), or (tiling,)
+    opened: list = []  # the pools made, each with its "shut" flag
 
     def __init__(self, workers):
-        pass
+        self.shut = False
+        _InProcessPool.opened.append(self)
 
     def submit(self, function, *args):
         _InProcessPool.jobs.append(args)
@@ -115,7 +117,7 @@ class _InProcessPool:
         return future
 
     def shutdown(self):
-        pass
+        self.shut = True
 
 
 def test_measure_configuration_times_whole_entries_beside_the_other_kernels_default(monkeypatch):
@@ -157,7 +159,7 @@ def test_tune_model_searches_a_configuration_and_resumes_it(tmp_path, monkeypatc
     workload, searched = get_workload("r50dcn_c4", "float16"), []
     fastest = data_space(SPEC, PROFILE)[3], weight_space(SPEC)[2]
     monkeypatch.setattr(fused_backward, "measure_configuration",
-                        lambda *a, bar=None: searched.append(a[0]) or _fake_measure(*fastest, [])(*a))
+                        lambda *a, bar=None, pool=None: searched.append(a[0]) or _fake_measure(*fastest, [])(*a))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
     measured_on = ("a GPU", pytest.fail)  # the layer's own measure is not the configuration's
     first = model._tune_fused(workload, TARGET, tmp_path, False, measured_on, configuration=True)
@@ -188,7 +190,7 @@ def test_the_command_writes_the_configurations_record(tmp_path, monkeypatch, cap
     from deft_tvm import cli
 
     fastest = data_space(SPEC, PROFILE)[3], weight_space(SPEC)[2]
-    monkeypatch.setattr(fused_backward, "measure_configuration", lambda *a, bar=None: _fake_measure(*fastest, [])(*a))
+    monkeypatch.setattr(fused_backward, "measure_configuration", lambda *a, bar=None, pool=None: _fake_measure(*fastest, [])(*a))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
     args = argparse.Namespace(kernels=["data", "weight"], logs=str(tmp_path), configuration=True)
     cli._tune_fused_backward(args, TARGET, "r50dcn_c4", get_workload("r50dcn_c4", "float16"))

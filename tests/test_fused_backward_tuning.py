@@ -298,14 +298,16 @@ def test_tune_model_with_a_tracker_measures_the_fused_search_there(tmp_path, mon
 def test_tune_model_shows_the_fused_search_on_a_progress_bar(tmp_path, monkeypatch, capsys):
     """The bar of a layer's fused search grows by each round's candidates, counts each measured one
     (``measure_candidates`` with its compiles and GPU times stood in for) and ends on the best and
-    default grad_data + grad_weight time."""
+    default grad_data + grad_weight time; every round's candidates go to the search's one pool of
+    compiling processes (``compile_pool``)."""
     from deft_tvm.tuning import fused_rpc, model
 
     workload = get_workload("r50dcn_c4", "float16")
-    rounds = []
+    rounds, pools = [], set()
 
-    def compiled(spec, target, data, weight, bar):
+    def compiled(spec, target, data, weight, bar, pool):
         rounds.append(len(data) + len(weight))
+        pools.add(pool)
         bar.set_postfix_str(f"compiled {len(data) + len(weight)}/{len(data) + len(weight)}")
         return [data] * len(data), [weight] * len(weight)
 
@@ -319,6 +321,7 @@ def test_tune_model_shows_the_fused_search_on_a_progress_bar(tmp_path, monkeypat
     assert model._tune_fused(workload, TARGET, tmp_path, True, fused_rpc.fused_measure(TARGET)) == (1.0, 1.0)
     shown = capsys.readouterr().err.split("\r")[-1]
     assert len(rounds) > 1 and f"| {sum(rounds)}/{sum(rounds)} [" in shown, shown
+    assert len(pools) == 1 and None not in pools
     assert shown.startswith(f"{workload.name} fused backward: 100%")
     assert "candidate/s, best 1.0000 ms, default 1.0000 ms (grad_data + grad_weight)]" in shown, shown
 

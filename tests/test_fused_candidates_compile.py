@@ -13,7 +13,7 @@ import textwrap
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.targets import cuda_target
 from deft_tvm.tuning import fused_backward
-from deft_tvm.tuning.fused_backward import compile_candidates, data_space, weight_space
+from deft_tvm.tuning.fused_backward import compile_candidates, compile_pool, data_space, weight_space
 from deft_tvm.tuning.workloads import get_workload
 
 TARGET = cuda_target("sm_90")
@@ -57,14 +57,15 @@ def test_candidates_compile_once_into_the_disk_cache(isolated_cache, monkeypatch
     assert data_kernels[0] != data_kernels[1]
     assert [k.rsplit(":", 1)[1] for k in weight_kernels] == ["grad_weight"]
     assert len(list(isolated_cache.rglob("*-candidate-*.so"))) == 3
-    assert pools == [min(3, os.cpu_count())]
+    assert pools == [os.cpu_count()]
     # searched again (a resumed tune_model): all cached, no pool
     assert compile_candidates(spec, TARGET, data, weight) == (data_kernels, weight_kernels)
-    assert pools == [min(3, os.cpu_count())]
-    # one new tiling beside a cached one: only it is compiled (the cached one counted at once)
-    compile_candidates(spec, TARGET, data_space(spec)[1:3], [], bar)
+    assert pools == [os.cpu_count()]
+    # one new tiling beside a cached one, in a search's pool: only it is compiled (the cached one counted at once)
+    with compile_pool() as pool:
+        compile_candidates(spec, TARGET, data_space(spec)[1:3], [], bar, pool)
     assert bar.postfixes[4:] == ["compiled 1/2", "compiled 2/2"]
-    assert pools == [min(3, os.cpu_count()), 1]
+    assert pools == [os.cpu_count()] * 2
     assert len(list(isolated_cache.rglob("*-candidate-*.so"))) == 4
 
 

@@ -239,7 +239,8 @@ def _tune_fused_backward(args, target, name: str, workload, rpc=None) -> None:
     from deft_tvm.schedules.cuda_backward_fused import DataTiling
     from tqdm import tqdm
 
-    from deft_tvm.tuning.fused_backward import measure_configuration, patch_coverage, record_times, tune_fused_backward
+    from deft_tvm.tuning.fused_backward import (compile_pool, measure_configuration, patch_coverage, record_times,
+                                                tune_fused_backward)
     from deft_tvm.tuning.fused_rpc import fused_measure
 
     spec = dataclasses.replace(workload.spec, layout="NCHW")  # the op's backward spec (NCHW view)
@@ -249,11 +250,11 @@ def _tune_fused_backward(args, target, name: str, workload, rpc=None) -> None:
     if args.configuration:
         measure = measure_configuration
     what = " configuration" * args.configuration
-    with tqdm(total=0, desc=f"{name} {spec.dtype}{' tf32' * spec.tf32}{what} fused backward",
-              unit="candidate") as bar:
+    label = f"{name} {spec.dtype}{' tf32' * spec.tf32}{what} fused backward"
+    with compile_pool() as pool, tqdm(total=0, desc=label, unit="candidate") as bar:
         record = tune_fused_backward(spec, workload.profile, target, device_name,
-                                     measure=functools.partial(measure, bar=bar), kernels=tuple(args.kernels),
-                                     kept=kept, configuration=args.configuration)
+                                     measure=functools.partial(measure, bar=bar, pool=pool),
+                                     kernels=tuple(args.kernels), kept=kept, configuration=args.configuration)
     path = write_fused_backward(fused_backward_dir(args.logs, recorded, target), record)
     rejected = sum(ms is None for kind in FUSED_KERNELS for _, ms in record[f"{kind}_ms"])
     data = DataTiling(**record["data"])
@@ -279,14 +280,16 @@ def _tune_forward_configuration(args, target, name: str, workload) -> None:
     from deft_tvm.runtime.records import database_dir, write_configuration_record
     from deft_tvm.tuning.forward_configuration import measure_configuration_forward, record_times
     from deft_tvm.tuning.forward_configuration import tune_forward_configuration
+    from deft_tvm.tuning.fused_backward import compile_pool
     from tqdm import tqdm
 
     spec = workload.for_target(target).spec
     label = f"{name} {spec.dtype}{' tf32' * spec.tf32} configuration forward"
     try:
-        with tqdm(total=0, desc=label, unit="candidate") as bar:
+        with compile_pool() as pool, tqdm(total=0, desc=label, unit="candidate") as bar:
+            measure = functools.partial(measure_configuration_forward, bar=bar, pool=pool)
             record = tune_forward_configuration(spec, workload.profile, target, torch.cuda.get_device_name(),
-                                                measure=functools.partial(measure_configuration_forward, bar=bar))
+                                                measure=measure)
     except ValueError as error:
         raise UsageError(f"--configuration without --fused-backward: {error}") from None
     path = write_configuration_record(database_dir(args.logs, generic_spec(spec), target), generic_spec(spec), record)

@@ -7,8 +7,9 @@ its own (``runtime.kernel_cache.compiled_spec``). Its tilings are its schedule f
 ``schedules.cuda_tensorcore.ConfigurationTilings``).
 ``tune_forward_configuration`` measures the configuration's default tiling and the tiling of the
 tuned record of the workload's own size (where there is one and the space has it), then climbs
-from the fastest to its neighbours (one fragment, warp or chunk count doubled or halved) for
-``rounds`` rounds: each candidate compiled by a pool of processes into the kernel disk cache (where
+from the fastest to its neighbours (one fragment, warp or chunk count doubled or halved, or warps
+traded for fragments) for at most ``rounds`` rounds (until one finds nothing faster): each candidate compiled by a pool of processes (the
+caller's, kept for the search: ``fused_backward.compile_pool``) into the kernel disk cache (where
 the op then finds the chosen one), run as the op runs it on the workload's sizes and inputs drawn
 from its offset profile, kept only where its output is the default's up to the dtype's tolerance,
 and timed with CUDA events (``fused_backward.time_checked``). The record (the fastest tiling and
@@ -19,22 +20,21 @@ configuration's database folder (``runtime.records.write_configuration_record``)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import tvm
-from tvm.support.popen_pool import PopenPoolExecutor
-
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, generic_spec, kernel_key
 from deft_tvm.runtime import kernel_cache
 from deft_tvm.runtime.records import best_schedule, tuned_database
 from deft_tvm.runtime.targets import compile_kernel
 from deft_tvm.schedules import configuration_space
-from deft_tvm.tuning.fused_backward import time_checked
+from deft_tvm.tuning.fused_backward import compile_pool, time_checked
 from deft_tvm.tuning.stats import profile_digest
 
-ROUNDS = 2  # neighbourhood rounds after the start (each: the neighbours of the fastest tiling so far)
+# Neighbourhood rounds after the start, at most (each: the untried neighbours of the fastest tiling so far; a round
+# that finds nothing faster ends the search, as the next would have nothing new to try).
+ROUNDS = 4
 
 
 def tilings_space(spec: DeformConvSpec, target: tvm.target.Target):
@@ -85,20 +85,20 @@ def forward_call(spec: DeformConvSpec, kernel: Callable, inputs: dict) -> Callab
 
 
 def measure_configuration_forward(spec: DeformConvSpec, profile: str, target: tvm.target.Target, tilings: list,
-                                  bar=None) -> list[float | None]:
+                                  bar=None, pool=None) -> list[float | None]:
     """GPU time (ms) of the configuration's kernel with each of ``tilings`` (the first: the one the
     others' outputs are checked against) at ``spec``'s sizes, on inputs drawn from ``profile``;
     None for a tiling whose kernel does not compile or launch, or whose output is not the first's.
     ``bar`` (tqdm-like), if given: its total grows by the candidates, advanced by one per
-    candidate."""
+    candidate. ``pool``: the search's compiling processes (``fused_backward.compile_pool``; a new
+    one where not given)."""
     from deft_tvm.tuning.workloads import Workload
 
     if bar is not None:
         bar.total += len(tilings)
         bar.refresh()
-    pool = PopenPoolExecutor(max(1, min(len(tilings), os.cpu_count() or 1)))
-    try:
-        futures = [pool.submit(_compile_candidate, spec, target, t) for t in tilings]
+    with compile_pool(pool) as workers:
+        futures = [workers.submit(_compile_candidate, spec, target, t) for t in tilings]
         compiled = []
         for future in futures:
             try:
@@ -106,8 +106,6 @@ def measure_configuration_forward(spec: DeformConvSpec, profile: str, target: tv
                 compiled.append(True)
             except Exception:  # noqa: BLE001 - a tiling the configuration's kernel cannot take is not run
                 compiled.append(False)
-    finally:
-        pool.shutdown()
     inputs = Workload("tuning", spec, profile).make_inputs(device="cuda")
     runs = {}
     for index, (tiling, ok) in enumerate(zip(tilings, compiled)):

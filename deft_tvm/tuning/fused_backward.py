@@ -23,6 +23,7 @@ defaults).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -245,16 +246,32 @@ def _candidate_jobs(data: list[DataTiling], weight: list[WeightTiling]) -> list[
     return [("grad_data", t) for t in data] + [("grad_weight", t) for t in weight]
 
 
+@contextlib.contextmanager
+def compile_pool(pool: PopenPoolExecutor | None = None):
+    """``pool`` where given (left open), else a new pool of compiling processes, one per CPU core
+    (TVM's ``PopenPoolExecutor``: fresh interpreters that do not run the caller's main script again,
+    as ``multiprocessing``'s spawned ones would), shut down on exit. A search keeps one for all its
+    rounds (``deft-tvm tune``, ``tune_model``): its workers, kept alive, import TVM's tensor
+    intrinsics once (~35 s a process on an H100 host's CPU), not once per round."""
+    if pool is not None:
+        yield pool
+        return
+    pool = PopenPoolExecutor(os.cpu_count() or 1)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
 def compile_candidate_libraries(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
-                                weight: list[WeightTiling], bar=None) -> list[tuple[str, str]]:
+                                weight: list[WeightTiling], bar=None, pool=None) -> list[tuple[str, str]]:
     """``(name, fingerprint)`` of each data and then weight candidate's library in the kernel disk
-    cache (``kernel_cache.library_path``), those not there compiled into it first by a pool of
-    processes (one per CPU core; TVM's ``PopenPoolExecutor``, whose workers are fresh interpreters
-    that do not run the caller's main script again, as ``multiprocessing``'s spawned ones would):
-    TVMScript parsing and TIR lowering hold Python's GIL, ~0.6 s a candidate on a 2-core CPU, so
-    threads ran them one at a time; the cache lets a resumed search (``tune_model`` called again)
-    load what it compiled before. ``bar`` (tqdm-like), if given, shows "compiled k/n" (the cached
-    ones counted at once) as the candidates are compiled."""
+    cache (``kernel_cache.library_path``), those not there compiled into it first by ``pool``
+    (``compile_pool``'s; a new one where not given): TVMScript parsing and TIR lowering hold
+    Python's GIL, ~0.6 s a candidate on a 2-core CPU, so threads ran them one at a time; the cache
+    lets a resumed search (``tune_model`` called again) load what it compiled before. ``bar``
+    (tqdm-like), if given, shows "compiled k/n" (the cached ones counted at once) as the candidates
+    are compiled."""
     jobs = _candidate_jobs(data, weight)
     libraries = [_candidate_library(spec, target, kind, tiling) for kind, tiling in jobs]
     missing = [job for job, library in zip(jobs, libraries)
@@ -263,25 +280,23 @@ def compile_candidate_libraries(spec: DeformConvSpec, target: tvm.target.Target,
     if bar is not None:
         bar.set_postfix_str(f"compiled {compiled}/{len(jobs)}")
     if missing:
-        pool = PopenPoolExecutor(min(len(missing), os.cpu_count() or 1))
-        try:
-            futures = [pool.submit(_compile_candidate, spec, target, kind, tiling) for kind, tiling in missing]
+        with compile_pool(pool) as workers:
+            futures = [workers.submit(_compile_candidate, spec, target, kind, tiling) for kind, tiling in missing]
             for future in concurrent.futures.as_completed(futures):
                 future.result()
                 compiled += 1
                 if bar is not None:
                     bar.set_postfix_str(f"compiled {compiled}/{len(jobs)}")
-        finally:
-            pool.shutdown()
     return libraries
 
 
 def compile_candidates(spec: DeformConvSpec, target: tvm.target.Target, data: list[DataTiling],
-                       weight: list[WeightTiling], bar=None) -> tuple[list[dict[str, Callable]], list[Callable]]:
+                       weight: list[WeightTiling], bar=None,
+                       pool=None) -> tuple[list[dict[str, Callable]], list[Callable]]:
     """The compiled ``prepare`` and ``grad_data`` (a dict by name) of each data tiling and the
     ``grad_weight`` of each weight tiling, loaded here from the kernel disk cache
-    (``compile_candidate_libraries`` compiles those not there; ``bar`` as there)."""
-    libraries = compile_candidate_libraries(spec, target, data, weight, bar)
+    (``compile_candidate_libraries`` compiles those not there; ``bar`` and ``pool`` as there)."""
+    libraries = compile_candidate_libraries(spec, target, data, weight, bar, pool)
     kernels = []
     for (kind, tiling), library in zip(_candidate_jobs(data, weight), libraries):
         functions = _CANDIDATE_FUNCTIONS[kind]
@@ -408,16 +423,18 @@ def time_checked(spec: DeformConvSpec, calls, bar=None) -> list[float | None]:
 
 
 def measure_candidates(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
-                       weight: list[WeightTiling], bar=None) -> tuple[list[float | None], list[float | None]]:
+                       weight: list[WeightTiling], bar=None, pool=None) -> tuple[list[float | None],
+                                                                                 list[float | None]]:
     """GPU time (ms) of each data and weight candidate, each kernel and the sum of its splits alone on
     ``profile_inputs``; None for a candidate whose gradients differ from the default's. ``bar``
     (tqdm-like, e.g. ``tune_fused_backward``'s ``measure=functools.partial(measure_candidates,
     bar=bar)``), if given: its total grows by the round's candidates, it shows their compiles
-    (``compile_candidates``) and advances by one per candidate measured (``time_checked``)."""
+    (``compile_candidates``) and advances by one per candidate measured (``time_checked``).
+    ``pool``: the search's compiling processes (``compile_pool``; a new one where not given)."""
     if bar is not None:
         bar.total += len(data) + len(weight)
         bar.refresh()
-    data_kernels, weight_kernels = compile_candidates(spec, target, data, weight, bar)
+    data_kernels, weight_kernels = compile_candidates(spec, target, data, weight, bar, pool)
     inputs = profile_inputs(spec, profile)
     return (time_checked(spec, [(data_call, (k, t, inputs)) for k, t in zip(data_kernels, data)], bar),
             time_checked(spec, [(weight_call, (k, t, inputs)) for k, t in zip(weight_kernels, weight)], bar))
@@ -615,7 +632,8 @@ def entry_call(spec: DeformConvSpec, kernels, inputs: dict) -> Callable:
 
 
 def measure_configuration(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
-                          weight: list[WeightTiling], bar=None) -> tuple[list[float | None], list[float | None]]:
+                          weight: list[WeightTiling], bar=None, pool=None) -> tuple[list[float | None],
+                                                                                    list[float | None]]:
     """GPU time (ms) of each data and weight candidate of ``spec``'s layer configuration
     (``generic_spec``) at ``spec``'s sizes: its whole fused entry as the op runs it (``entry_call``;
     the kernels of a configuration bind its sizes in the entry, so they are not run alone), a data
@@ -624,9 +642,9 @@ def measure_configuration(spec: DeformConvSpec, profile: str, target: tvm.target
     gradients differ from the first's, whose entry would not serve these sizes
     (``runtime.backward.serves``), as the op would not run it there, or whose entry does not compile
     for the configuration (e.g. a weight tiling's asynchronous copies of grad_output's runs, which
-    need runs of 4 bytes or more: a configuration's are of unknown length). The entries are compiled by a
-    pool of processes into the kernel disk cache, where the op finds the chosen one. ``bar``: as
-    ``measure_candidates``'."""
+    need runs of 4 bytes or more: a configuration's are of unknown length). The entries are
+    compiled by ``pool`` (``compile_pool``'s; a new one where not given) into the kernel disk cache,
+    where the op finds the chosen one. ``bar``: as ``measure_candidates``'."""
     import torch
 
     from deft_tvm.runtime.backward import fused_kernels, serves
@@ -639,16 +657,13 @@ def measure_configuration(spec: DeformConvSpec, profile: str, target: tvm.target
     if bar is not None:
         bar.total += len(pairs)
         bar.refresh()
-    pool = PopenPoolExecutor(max(1, min(len(usable), os.cpu_count() or 1)))
-    try:
-        futures = [(pool.submit(_compile_configuration_entry, spec, target, *pair), pair) for pair in usable]
+    with compile_pool(pool) as workers:
+        futures = [(workers.submit(_compile_configuration_entry, spec, target, *pair), pair) for pair in usable]
         for future, pair in futures:
             try:
                 future.result()
             except Exception:  # noqa: BLE001 - a tiling the configuration's kernels cannot take is not run
                 usable.remove(pair)
-    finally:
-        pool.shutdown()
     inputs = Workload("tuning", spec, profile).make_inputs(device="cuda")
     generator = torch.Generator().manual_seed(1)
     inputs["grad_output"] = torch.randn(spec.output_shape, generator=generator).to(inputs["input"])

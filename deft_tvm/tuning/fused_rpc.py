@@ -184,12 +184,13 @@ def _measure(rpc, servers: int, target: tvm.target.Target, spec: DeformConvSpec,
 
 
 def measure_candidates_rpc(spec: DeformConvSpec, profile: str, target: tvm.target.Target, data: list[DataTiling],
-                           weight: list[WeightTiling], bar=None, *, rpc) -> tuple[list[float | None],
-                                                                                   list[float | None]]:
+                           weight: list[WeightTiling], bar=None, pool=None, *, rpc) -> tuple[list[float | None],
+                                                                                              list[float | None]]:
     """Time (ms) of each data and weight candidate on the devices of ``rpc`` (``search.rpc_config``)
     under the key, as the module docstring says; None for a candidate whose gradients differ from
     the round's first's. ``bar`` (tqdm-like): as ``measure_candidates``' (its total grows by the
-    round's candidates, "compiled k/n", one step per candidate measured). For
+    round's candidates, "compiled k/n", one step per candidate measured); ``pool``: the search's
+    compiling processes (``fused_backward.compile_pool``; a new one where not given). For
     ``tune_fused_backward``'s ``measure``: ``functools.partial(measure_candidates_rpc, rpc=rpc)``.
 
     Raises:
@@ -199,7 +200,7 @@ def measure_candidates_rpc(spec: DeformConvSpec, profile: str, target: tvm.targe
     if bar is not None:
         bar.total += len(data) + len(weight)
         bar.refresh()
-    libraries = compile_candidate_libraries(spec, target, data, weight, bar)
+    libraries = compile_candidate_libraries(spec, target, data, weight, bar, pool)
     paths = [kernel_cache.library_path(*library, target) for library in libraries]
     arrays = _host_arrays(profile_inputs(spec, profile, device="cpu"))
     return (_measure(rpc, servers, target, spec, "grad_data", data, paths[:len(data)], arrays, bar),

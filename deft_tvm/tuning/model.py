@@ -114,7 +114,7 @@ def _tune_fused(workload: Workload, target, logs: Path, progress: bool, measured
     from tqdm import tqdm
 
     from deft_tvm.runtime.records import fused_backward_dir, fused_backward_record, write_fused_backward
-    from deft_tvm.tuning.fused_backward import measure_configuration, record_times, tune_fused_backward
+    from deft_tvm.tuning.fused_backward import compile_pool, measure_configuration, record_times, tune_fused_backward
     from deft_tvm.tuning.stats import profile_digest
 
     spec, (device_name, measure) = dataclasses.replace(workload.spec, layout="NCHW"), measured_on
@@ -125,8 +125,10 @@ def _tune_fused(workload: Workload, target, logs: Path, progress: bool, measured
     description = f"{workload.name}{' configuration' * configuration} fused backward"
     with tqdm(total=0, desc=description, unit="candidate", disable=not progress) as bar:
         if record is None or (record.get("profile_digest"), record["device"]) != searched_on:
-            record = tune_fused_backward(spec, workload.profile, target, device_name,
-                                         measure=functools.partial(measure, bar=bar), configuration=configuration)
+            with compile_pool() as pool:
+                record = tune_fused_backward(spec, workload.profile, target, device_name,
+                                             measure=functools.partial(measure, bar=bar, pool=pool),
+                                             configuration=configuration)
             write_fused_backward(fused_backward_dir(logs, recorded, target), record)
         best, default = record_times(record)
         what = "entry" if configuration else "grad_data + grad_weight"
@@ -149,6 +151,7 @@ def _tune_forward_configuration(workload: Workload, target, logs: Path, progress
     from deft_tvm.tuning.export import part_spec
     from deft_tvm.tuning.forward_configuration import (measure_configuration_forward, record_times, tilings_space,
                                                        tune_forward_configuration)
+    from deft_tvm.tuning.fused_backward import compile_pool
     from deft_tvm.tuning.stats import profile_digest
 
     spec = part_spec(workload, target, "forward")
@@ -162,8 +165,10 @@ def _tune_forward_configuration(workload: Workload, target, logs: Path, progress
     with tqdm(total=0, desc=f"{workload.name} configuration forward", unit="candidate", disable=not progress) as bar:
         if record is None or (record.get("profile_digest"), record["device"]) != (profile_digest(workload.profile),
                                                                                    device_name):
-            record = tune_forward_configuration(spec, workload.profile, target, device_name,
-                                                measure=functools.partial(measure_configuration_forward, bar=bar))
+            with compile_pool() as pool:
+                record = tune_forward_configuration(spec, workload.profile, target, device_name,
+                                                    measure=functools.partial(measure_configuration_forward, bar=bar,
+                                                                              pool=pool))
             write_configuration_record(directory, configuration, record)
         best, default = record_times(record)
         bar.set_postfix_str(f"best {format_ms(best)}, default {format_ms(default)}")
