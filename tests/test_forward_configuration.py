@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,11 +178,12 @@ def test_measure_runs_what_compiles_and_launches_and_checks_it_against_the_first
     not_compiling, not_launching = tilings[1], tilings[2]
     _InProcessPool.jobs, _InProcessPool.failing, _InProcessPool.opened = [], ((not_compiling,),), []
     monkeypatch.setattr(fused_backward, "PopenPoolExecutor", _InProcessPool)
-    monkeypatch.setattr(forward_configuration, "_configuration_schedule", lambda spec, target, tiling: tiling)
     launched = []
 
-    def load(spec, target, tiling):
-        assert spec is GENERIC  # the configuration's kernel, run at SPEC's sizes
+    def load(name, fingerprint, target, build, functions):
+        # the configuration's kernel, run at SPEC's sizes, loaded by the fingerprint its compile returned
+        assert name == kernel_key(GENERIC) and functions == ("main",)
+        (tiling,) = fingerprint
 
         def kernel(*args):
             assert args[-1].shape == SPEC.output_shape and args[0].shape == SPEC.kernel_input_shape
@@ -190,7 +192,7 @@ def test_measure_runs_what_compiles_and_launches_and_checks_it_against_the_first
             launched.append(tiling)
         return kernel
 
-    monkeypatch.setattr(kernel_cache, "load_or_build", load)
+    monkeypatch.setattr(kernel_cache, "load_or_build_library", lambda *a: [load(*a)])
     make_inputs = Workload.make_inputs
     monkeypatch.setattr(Workload, "make_inputs", lambda self, seed=0, device="cpu": make_inputs(self, seed))
     timed = []
@@ -218,6 +220,23 @@ def test_measure_runs_what_compiles_and_launches_and_checks_it_against_the_first
     _InProcessPool.failing = ((tilings[0],),)
     with pytest.raises(RuntimeError, match="the configuration's kernel with .* did not compile or run"):
         forward_configuration.measure_configuration_forward(SPEC, PROFILE, TARGET, tilings)
+
+
+def test_a_candidate_is_compiled_into_the_cache_under_the_fingerprint_it_returns(isolated_cache, monkeypatch):
+    """The pool's job returns the fingerprint of the module it compiled, by which the search loads
+    the library without scheduling the tiling again (the compile itself stood in for)."""
+    tiling = _space().neighbours(_space().default())[0]
+
+    class Executable:
+        def export_library(self, path):
+            Path(path).write_text("library")
+
+    compiled = []
+    monkeypatch.setattr(forward_configuration, "compile_kernel", lambda mod, target: compiled.append(mod) or Executable())
+    fingerprint = forward_configuration._compile_candidate(SPEC, TARGET, tiling)
+    assert fingerprint == kernel_cache.module_fingerprint(_space().schedule(kernel_primfunc(GENERIC), tiling).mod)
+    assert kernel_cache.library_path(kernel_key(GENERIC), fingerprint, TARGET).read_text() == "library"
+    assert kernel_cache.module_fingerprint(compiled[0]) == fingerprint
 
 
 def test_tune_model_searches_each_configurations_forward_and_resumes_it(tmp_path, monkeypatch):

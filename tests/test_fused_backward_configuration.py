@@ -97,7 +97,8 @@ def test_every_size_without_its_own_record_takes_the_configurations_record(tmp_p
 
 
 class _InProcessPool:
-    """Stand-in for TVM's ``PopenPoolExecutor``: keeps the jobs, runs none (no nvcc here)."""
+    """Stand-in for TVM's ``PopenPoolExecutor``: keeps the jobs, runs none (no nvcc here); a job's
+    result is its arguments after (spec, target), its failure a ValueError."""
 
     jobs: list = []
     failing: tuple = ()  # the jobs' arguments after (spec, target) whose compile fails: (data, weight), or (tiling,)
@@ -113,7 +114,7 @@ class _InProcessPool:
         if args[2:] in _InProcessPool.failing:
             future.set_exception(ValueError("cannot be copied asynchronously"))
         else:
-            future.set_result(None)
+            future.set_result(args[2:])
         return future
 
     def shutdown(self):

@@ -61,12 +61,16 @@ def _configuration_schedule(spec: DeformConvSpec, target: tvm.target.Target, til
     return tilings_space(spec, target).schedule(kernel_primfunc(configuration), tiling)
 
 
-def _compile_candidate(spec: DeformConvSpec, target: tvm.target.Target, tiling) -> None:
+def _compile_candidate(spec: DeformConvSpec, target: tvm.target.Target, tiling) -> str:
     """Compile the configuration's kernel with ``tiling`` into the kernel disk cache (a process
-    pool's job: a configuration's size variables are TVM objects of one process)."""
+    pool's job: a configuration's size variables are TVM objects of one process); returns its
+    library's fingerprint (``kernel_cache.module_fingerprint``), by which the caller loads it
+    without scheduling it again."""
     sch = _configuration_schedule(spec, target, tiling)
-    kernel_cache.build_into_cache(kernel_key(generic_spec(spec)), kernel_cache.module_fingerprint(sch.mod), target,
+    fingerprint = kernel_cache.module_fingerprint(sch.mod)
+    kernel_cache.build_into_cache(kernel_key(generic_spec(spec)), fingerprint, target,
                                   lambda: compile_kernel(sch.mod, target))
+    return fingerprint
 
 
 def forward_call(spec: DeformConvSpec, kernel: Callable, inputs: dict) -> Callable:
@@ -99,19 +103,20 @@ def measure_configuration_forward(spec: DeformConvSpec, profile: str, target: tv
         bar.refresh()
     with compile_pool(pool) as workers:
         futures = [workers.submit(_compile_candidate, spec, target, t) for t in tilings]
-        compiled = []
+        fingerprints = []
         for future in futures:
             try:
-                future.result()
-                compiled.append(True)
+                fingerprints.append(future.result())
             except Exception:  # noqa: BLE001 - a tiling the configuration's kernel cannot take is not run
-                compiled.append(False)
+                fingerprints.append(None)
     inputs = Workload("tuning", spec, profile).make_inputs(device="cuda")
     runs = {}
-    for index, (tiling, ok) in enumerate(zip(tilings, compiled)):
-        if not ok:
+    for index, (tiling, fingerprint) in enumerate(zip(tilings, fingerprints)):
+        if fingerprint is None:
             continue
-        kernel = kernel_cache.load_or_build(generic_spec(spec), target, _configuration_schedule(spec, target, tiling))
+        kernel = kernel_cache.load_or_build_library(
+            kernel_key(generic_spec(spec)), fingerprint, target,
+            lambda t=tiling: compile_kernel(_configuration_schedule(spec, target, t).mod, target), ("main",))[0]
         call = forward_call(spec, kernel, inputs)
         try:
             call()
