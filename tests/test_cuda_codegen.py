@@ -81,6 +81,33 @@ def test_exact_cuda_compilation_restores_the_environment(monkeypatch):
     assert os.environ["TVM_CUDA_COMPILE_MODE"] == "nvrtc" and "TVM_CUDA_NVCC_NO_FAST_MATH" not in os.environ
 
 
+def test_one_thread_leaving_exact_compilation_keeps_it_for_another_still_compiling(monkeypatch):
+    """Two threads' contexts overlapping (a thread pool of compiles): the first to enter leaves
+    first, and must not restore TVM's defaults (NVRTC, fast math) under the other; the last to
+    leave restores them."""
+    import os
+    import threading
+
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvrtc")
+    monkeypatch.delenv("TVM_CUDA_NVCC_NO_FAST_MATH", raising=False)
+    entered, second_entered = threading.Event(), threading.Event()
+
+    def first():
+        with exact_cuda_compilation():
+            entered.set()
+            assert second_entered.wait(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert entered.wait(10)
+    with exact_cuda_compilation():
+        second_entered.set()
+        thread.join()  # the first has left
+        assert os.environ.get("TVM_CUDA_COMPILE_MODE") == "nvcc"
+        assert os.environ.get("TVM_CUDA_NVCC_NO_FAST_MATH") == "1"
+    assert os.environ["TVM_CUDA_COMPILE_MODE"] == "nvrtc" and "TVM_CUDA_NVCC_NO_FAST_MATH" not in os.environ
+
+
 def _compile_cubin(source: str, arch: str) -> bytes:
     with exact_cuda_compilation(), cuda_target(arch):
         return nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 import tvm
@@ -26,19 +27,31 @@ def cuda_target(arch: str) -> tvm.target.Target:
 _EXACT_CUDA_ENV = {"TVM_CUDA_COMPILE_MODE": "nvcc", "TVM_CUDA_NVCC_NO_FAST_MATH": "1"}
 
 
+_exact = {"lock": threading.Lock(), "active": 0, "saved": {}}  # contexts active in this process, and what they replaced
+
+
 @contextlib.contextmanager
 def exact_cuda_compilation():
-    """While active, TVM compiles CUDA source with nvcc and without ``--use_fast_math``."""
-    saved = {name: os.environ.get(name) for name in _EXACT_CUDA_ENV}
-    os.environ.update(_EXACT_CUDA_ENV)
+    """While active, TVM compiles CUDA source with nvcc and without ``--use_fast_math``. Safe
+    across threads (e.g. a thread pool of ``compile_kernel`` calls): the variables are set by the
+    first context to enter and restored by the last to leave, so one thread leaving does not
+    unset them under another's compile, which then took TVM's defaults (NVRTC, fast math)."""
+    with _exact["lock"]:
+        if _exact["active"] == 0:
+            _exact["saved"] = {name: os.environ.get(name) for name in _EXACT_CUDA_ENV}
+            os.environ.update(_EXACT_CUDA_ENV)
+        _exact["active"] += 1
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        with _exact["lock"]:
+            _exact["active"] -= 1
+            if _exact["active"] == 0:
+                for name, value in _exact["saved"].items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
 
 
 @contextlib.contextmanager
