@@ -232,7 +232,8 @@ def test_a_candidate_is_compiled_into_the_cache_under_the_fingerprint_it_returns
             Path(path).write_text("library")
 
     compiled = []
-    monkeypatch.setattr(forward_configuration, "compile_kernel", lambda mod, target: compiled.append(mod) or Executable())
+    monkeypatch.setattr(forward_configuration, "compile_kernel",
+                        lambda mod, target: compiled.append(mod) or Executable())
     fingerprint = forward_configuration._compile_candidate(SPEC, TARGET, tiling)
     assert fingerprint == kernel_cache.module_fingerprint(_space().schedule(kernel_primfunc(GENERIC), tiling).mod)
     assert kernel_cache.library_path(kernel_key(GENERIC), fingerprint, TARGET).read_text() == "library"

@@ -191,7 +191,8 @@ def test_the_command_writes_the_configurations_record(tmp_path, monkeypatch, cap
     from deft_tvm import cli
 
     fastest = data_space(SPEC, PROFILE)[3], weight_space(SPEC)[2]
-    monkeypatch.setattr(fused_backward, "measure_configuration", lambda *a, bar=None, pool=None: _fake_measure(*fastest, [])(*a))
+    monkeypatch.setattr(fused_backward, "measure_configuration",
+                        lambda *a, bar=None, pool=None: _fake_measure(*fastest, [])(*a))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
     args = argparse.Namespace(kernels=["data", "weight"], logs=str(tmp_path), configuration=True)
     cli._tune_fused_backward(args, TARGET, "r50dcn_c4", get_workload("r50dcn_c4", "float16"))

@@ -8,9 +8,10 @@ its own (``runtime.kernel_cache.compiled_spec``). Its tilings are its schedule f
 ``tune_forward_configuration`` measures the configuration's default tiling and the tiling of the
 tuned record of the workload's own size (where there is one and the space has it), then climbs
 from the fastest to its neighbours (one fragment, warp or chunk count doubled or halved, or warps
-traded for fragments) for at most ``rounds`` rounds (until one finds nothing faster): each candidate compiled by a pool of processes (the
-caller's, kept for the search: ``fused_backward.compile_pool``) into the kernel disk cache (where
-the op then finds the chosen one), run as the op runs it on the workload's sizes and inputs drawn
+traded for fragments) for at most ``rounds`` rounds (until one finds nothing faster): each
+candidate compiled by a pool of processes (the caller's, kept for the search:
+``fused_backward.compile_pool``) into the kernel disk cache (where the op then finds the chosen
+one), run as the op runs it on the workload's sizes and inputs drawn
 from its offset profile, kept only where its output is the default's up to the dtype's tolerance,
 and timed with CUDA events (``fused_backward.time_checked``). The record (the fastest tiling and
 every candidate's time, the size measured at, the profile and the device) is written in the
@@ -23,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
+
 from deft_tvm.compute.kernels import kernel_primfunc
 from deft_tvm.compute.spec import DeformConvSpec, generic_spec, kernel_key
 from deft_tvm.runtime import kernel_cache
