@@ -10,14 +10,21 @@ Dependent Launch and Synchronization"; PTX ISA, "griddepcontrol"). Here a kernel
 TVM 0.27's CUDA runtime launches a kernel with that attribute when its launch parameters hold the
 tag ``tirx.use_programtic_dependent_launch`` (sic), which neither a PrimFunc attribute nor a
 statement attribute sets (checked on 0.27.0.post1); ``PIPELINE`` is the ``s_tir`` pipeline followed
-by ``programmatic_launch``, the module pass that adds the tag to such kernels.
+by ``cuda_sizes.positive_sizes`` (configuration kernels' sizes known positive) and
+``programmatic_launch``, the module pass that adds the tag to such kernels.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import sys
+from pathlib import Path
+
 import tvm
 
 from deft_tvm.schedules.cuda import compute_capability
+from deft_tvm.schedules.cuda_sizes import positive_sizes
 
 TAG = "tirx.use_programtic_dependent_launch"
 _DYNAMIC_SHARED = "tirx.use_dyn_shared_memory"  # the runtime wants this tag last
@@ -69,10 +76,22 @@ def programmatic_launch(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 def _pipeline(**kwargs):
     lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("s_tir", **kwargs)
-    return tvm.transform.Sequential([lower, programmatic_launch]), finalize_host, finalize_device
+    return tvm.transform.Sequential([lower, positive_sizes, programmatic_launch]), finalize_host, finalize_device
 
 
 tvm.tirx.register_tir_pipeline(PIPELINE, _pipeline)
+
+
+@functools.lru_cache(maxsize=1)
+def pipeline_digest() -> str:
+    """A hash of the source of the passes ``PIPELINE`` adds (this module and ``cuda_sizes``): what a
+    kernel compiled on it is a function of besides its module, TVM and the target."""
+    from deft_tvm.schedules import cuda_sizes
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], cuda_sizes):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def pipeline_for(target: tvm.target.Target) -> str:

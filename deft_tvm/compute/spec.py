@@ -256,6 +256,8 @@ def kernel_key(spec: DeformConvSpec, part: str = "forward") -> str:
 
 
 GENERIC_DIMENSIONS = {"batch": "N", "height": "H", "width": "W"}  # field -> its variable's name (and in the key)
+GENERIC_OUT_SIZES = ("OH", "OW")  # the output sizes' variables
+GENERIC_SIZE_NAMES = (*GENERIC_DIMENSIONS.values(), *GENERIC_OUT_SIZES)
 
 
 def generic_spec(spec: DeformConvSpec) -> DeformConvSpec:
@@ -283,7 +285,7 @@ def generic_spec(spec: DeformConvSpec) -> DeformConvSpec:
             object.__setattr__(generic, name, value)
         for name, variable in GENERIC_DIMENSIONS.items():
             object.__setattr__(generic, name, tirx.Var(variable, "int32"))
-        object.__setattr__(generic, "_out_sizes", (tirx.Var("OH", "int32"), tirx.Var("OW", "int32")))
+        object.__setattr__(generic, "_out_sizes", tuple(tirx.Var(name, "int32") for name in GENERIC_OUT_SIZES))
         object.__setattr__(generic, "_generic", True)
         generic = _generic_specs.setdefault(configuration, generic)
     return generic

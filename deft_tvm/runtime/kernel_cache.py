@@ -61,7 +61,13 @@ def cache_dir() -> Path:
 
 
 def _target_tag(target: tvm.target.Target) -> str:
-    text = json.dumps(target.export(), sort_keys=True, default=str)
+    """The target's folder of the disk cache: its kind and a hash of its attributes and of the TIR
+    pipeline its kernels are compiled on (``cuda_launch.pipeline_for``; a changed pass never reuses
+    a library compiled before)."""
+    from deft_tvm.schedules.cuda_launch import PIPELINE, pipeline_digest, pipeline_for
+
+    pipeline = pipeline_digest() if pipeline_for(target) == PIPELINE else "default"
+    text = json.dumps(target.export(), sort_keys=True, default=str) + pipeline
     return f"{target.kind.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
