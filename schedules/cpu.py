@@ -32,7 +32,7 @@ from deft_tvm.compute.forward import (
     STAGE_WEIGHT,
 )
 from deft_tvm.compute.spec import DeformConvSpec
-from deft_tvm.schedules.cuda import largest_divisor
+from deft_tvm.schedules.cuda import inline_positions, largest_divisor
 
 OUT_CHANNEL_TILE = 4
 WIDTH_TILE = 16
@@ -86,6 +86,7 @@ def seed_cpu_schedule(mod, spec: DeformConvSpec) -> s_tir.Schedule:
 def apply_deft_cpu(sch: s_tir.Schedule, spec: DeformConvSpec, tile_factors) -> None:
     """Apply the CPU schedule in place; ``tile_factors(loop, default_tile)`` gives a loop's split."""
     sch.compute_inline(sch.get_sblock(STAGE_WEIGHT))
+    inline_positions(sch, spec)
     sampled = sch.get_sblock(STAGE_SAMPLED)
     conv = sch.get_sblock(STAGE_CONV)
     output = sch.get_sblock(STAGE_OUTPUT)

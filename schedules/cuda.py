@@ -44,6 +44,7 @@ from deft_tvm.compute.forward import (
     STAGE_INDEX,
     STAGE_OUTPUT,
     STAGE_POINT_WEIGHT,
+    STAGE_POSITION,
     STAGE_SAMPLED,
     STAGE_WEIGHT,
 )
@@ -120,6 +121,14 @@ def thread_loops(bind_threads: bool = True):
 def largest_divisor(n: int, at_most: int) -> int:
     """The largest divisor of ``n`` that is at most ``at_most``."""
     return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+def inline_positions(sch: s_tir.Schedule, spec: DeformConvSpec) -> None:
+    """A layer configuration's stage ``sample_position`` inlined (its sampling stages then index
+    offsets, mask and input by ``(n, oy, ox)`` as a kernel of one size does), for the schedules
+    that do not stage positions; a spec of one size has no such stage."""
+    if spec.shape_generic:
+        sch.compute_inline(sch.get_sblock(STAGE_POSITION))
 
 
 def place_sampling_point_in_registers(sch: s_tir.Schedule, position) -> None:
@@ -272,6 +281,7 @@ def schedule_cuda(mod, spec: DeformConvSpec, tiling: CudaTiling | None = None) -
     an einsum), its output padded to whole tiles."""
     tiling = tiling or CudaTiling.for_spec(spec)
     sch = s_tir.Schedule(mod)
+    inline_positions(sch, spec)
     apply_deft_cuda(sch, FixedTiles(tiling), (tiling.rows, tiling.columns) if spec.shape_generic else None)
     return sch
 

@@ -24,7 +24,7 @@ from tvm import DataType, s_tir
 from deft_tvm.compute.forward import STAGE_COLUMNS, STAGE_CORNER, STAGE_SAMPLED
 from deft_tvm.compute.spec import DeformConvSpec
 
-from .cuda import place_sampling_point_in_registers
+from .cuda import inline_positions, place_sampling_point_in_registers
 
 POINT_CHOICES = (1, 2, 4, 8, 16)
 VECTOR_BYTES = (4, 8, 16)  # channels per thread and step: a 4-, 8- or 16-byte load per corner
@@ -69,6 +69,7 @@ def vector_choices(spec: DeformConvSpec) -> tuple[int, ...]:
 def apply_columns_cuda(sch: s_tir.Schedule, spec: DeformConvSpec, points, vector: int) -> None:
     """Schedule the columns kernel in place; ``points`` is an int or a sampled variable."""
     sch.compute_inline(sch.get_sblock(STAGE_SAMPLED))
+    inline_positions(sch, spec)
     block = sch.get_sblock(STAGE_COLUMNS)
     n, oy, ox, ky, kx, c = sch.get_loops(block)
     point_block, point = sch.split(sch.fuse(n, oy, ox, ky, kx), [None, points])

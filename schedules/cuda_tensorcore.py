@@ -36,9 +36,11 @@ use the SIMT schedule.
 The default schedule also takes a layer configuration (``compute.spec.generic_spec``: batch,
 height and width as TIR variables): one kernel for every size. Its flat positions are padded to
 whole blocks, so that every split of them divides (TVM 0.27 sizes a buffer placed under a
-predicated tail from the tail's region: no constant for a variable extent, see ``cpu.py``), and a
-position's (image, row, column) is divided out by the output plane's size at run time. Its tiling
-is that of a map of many blocks (``TensorCoreTiling.for_spec``).
+predicated tail from the tail's region: no constant for a variable extent, see ``cpu.py``). A
+position's (image, row, column) is divided out of its flat index by the output plane's run-time
+size once per block (the compute's ``sample_position``, staged in shared memory before the taps),
+and the sampling of every tap and chunk indexes through that table. Its tiling is that of a map of
+many blocks (``TensorCoreTiling.for_spec``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import dataclasses
 from tvm import s_tir
 
 from deft_tvm.compute.forward import (STAGE_CONV, STAGE_CORNER, STAGE_INDEX, STAGE_OUTPUT, STAGE_POINT_WEIGHT,
-                                     STAGE_SAMPLED, STAGE_WEIGHT)
+                                      STAGE_POSITION, STAGE_SAMPLED, STAGE_WEIGHT)
 from deft_tvm.compute.spec import DeformConvSpec
 from deft_tvm.schedules.cuda import largest_divisor, place_sampling_point_in_registers
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
@@ -359,6 +361,23 @@ def _flat_position(sch):
     return lambda n, oy, ox: n * (out_h * out_w) + oy * out_w + ox
 
 
+def _points_by_flat_position(sch, block, flat) -> None:
+    """A sampling-point stage's block and buffer ``[offset group][ky][kx][flat position][corner]``."""
+    sch.transform_layout(block, ("write", 0), lambda n, g, ky, kx, oy, ox, k: (g, ky, kx, flat(n, oy, ox), k))
+    sch.transform_block_layout(block, lambda n, g, ky, kx, oy, ox, k: (g, ky, kx, flat(n, oy, ox), k))
+
+
+def _sampling_by_flat_position(sch, flat) -> None:
+    """A layer configuration's sampling stages (points and corner reads), blocks and buffers, by
+    flat position: their bindings then divide no flat position by the run-time sizes, and their
+    reads of the staged positions (``_stage_positions``) index it as it is."""
+    for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
+        _points_by_flat_position(sch, sch.get_sblock(stage), flat)
+    corner = sch.get_sblock(STAGE_CORNER)
+    sch.transform_layout(corner, ("write", 0), lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c))
+    sch.transform_block_layout(corner, lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c))
+
+
 def _stage_sampling_points_per_tap(sch, tap, flat, warps_co: int, warps_p: int) -> None:
     """The sampling points (corner indices, weights times the mask) of the block's positions for
     one tap, computed under ``tap`` into shared memory ``[position][corner]`` by the whole block,
@@ -366,14 +385,31 @@ def _stage_sampling_points_per_tap(sch, tap, flat, warps_co: int, warps_p: int) 
     the offsets and mask again per chunk)."""
     for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
         block = sch.get_sblock(stage)
-        sch.transform_layout(block, ("write", 0), lambda n, g, ky, kx, oy, ox, k: (g, ky, kx, flat(n, oy, ox), k))
-        sch.transform_block_layout(block, lambda n, g, ky, kx, oy, ox, k: (g, ky, kx, flat(n, oy, ox), k))
+        _points_by_flat_position(sch, block, flat)
         sch.compute_at(block, tap, preserve_unit_loops=True)
         sch.set_scope(block, 0, "shared")
         _cooperative(sch, sch.get_loops(block)[-2:], warps_co, warps_p)
 
 
-def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int, points_staged: bool):
+def _stage_positions(sch, block_loop, flat, block_positions: int, warps_co: int, warps_p: int) -> None:
+    """A layer configuration's output positions of the block (image, row and column of each of its
+    ``block_positions`` flat positions; zeros past the last), computed into shared memory
+    ``[block][position][3]`` by the whole block once, before its taps: the sampling points of
+    every tap and chunk index offsets, mask and input through them instead of dividing the flat
+    position by the run-time sizes again (stage ``sample_position`` of the compute)."""
+    block = sch.get_sblock(STAGE_POSITION)
+    sch.transform_layout(block, ("write", 0), lambda n, oy, ox, k: (flat(n, oy, ox), k))
+    sch.transform_block_layout(block, lambda n, oy, ox, k: (flat(n, oy, ox), k))
+    # Whole blocks (the padding's zeros written too), so the shared tile has a constant size.
+    sch.transform_layout(block, ("write", 0), lambda p, k: (p // block_positions, p % block_positions, k),
+                         pad_value=0)
+    sch.compute_at(block, block_loop, preserve_unit_loops=True)
+    sch.set_scope(block, 0, "shared")
+    _cooperative(sch, sch.get_loops(block)[-2:], warps_co, warps_p)
+
+
+def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: int, points_staged: bool,
+                                corner_flat: bool):
     """Fill ``fill`` (the interpolated tile ``[position][channel]`` of one tap and channel chunk)
     with one thread per (position, ``vector`` consecutive channels): the sampling point's corner
     indices and weights into registers, each corner's ``vector`` channels in one contiguous read
@@ -391,8 +427,9 @@ def _gather_channels_vectorised(sch, fill, vector: int, warps_co: int, warps_p: 
     corner = sch.get_sblock(STAGE_CORNER)
     sch.compute_at(corner, lane, preserve_unit_loops=True)
     sch.set_scope(corner, 0, "local")
-    sch.transform_layout(corner, ("write", 0), lambda n, c, ky, kx, oy, ox, k: (n, ky, kx, oy, ox, k, c))
-    if points_staged:  # the corner block iterates over (tap, flat position, corner, channel)
+    if not corner_flat:
+        sch.transform_layout(corner, ("write", 0), lambda n, c, ky, kx, oy, ox, k: (n, ky, kx, oy, ox, k, c))
+    if points_staged or corner_flat:  # the corner block iterates over (tap, flat position, corner, channel)
         corner_k, corner_c = sch.get_loops(corner)[-2:]
     else:
         corner_c, corner_k = sch.get_loops(corner)[-6], sch.get_loops(corner)[-1]
@@ -440,6 +477,8 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
     if tap_points:  # corner reads then index the staged points by flat position, a tight region
         sch.transform_block_layout(sch.get_sblock(STAGE_CORNER),
                                    lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c))
+    if spec.shape_generic:  # every sampling stage by flat position, which indexes the staged positions
+        _sampling_by_flat_position(sch, flat)
     # Positions padded to whole fragments (a layer configuration's to whole blocks, see the module's
     # docstring): the padding samples zeros (its sampling points are never computed) and its
     # results are never written out.
@@ -500,7 +539,8 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
     warps_co, warps_p = co_factors[1], p_factors[1]
     rc_o, rc_f = sch.split(rc, tiles.rc(sch, rc))
     sch.reorder(co_b, p_b, co_w, p_w, ky, kx, rc_o, rc_f, co_f, p_f, co_i, p_i, rc_i)
-    sch.bind(sch.fuse(co_b, p_b) if split is None else sch.fuse(split, co_b, p_b), "blockIdx.x")
+    block_loop = sch.fuse(co_b, p_b) if split is None else sch.fuse(split, co_b, p_b)
+    sch.bind(block_loop, "blockIdx.x")
     warp = sch.fuse(co_w, p_w)
     sch.bind(warp, "threadIdx.y")
 
@@ -545,11 +585,13 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
     sch.compute_at(sampled_shared, rc_o, preserve_unit_loops=True)
     sch.compute_inline(sampled)
     sampled_store = _gather_channels_vectorised(sch, sampled_shared, tiles.vector(sch), warps_co, warps_p,
-                                                tap_points)
+                                                tap_points, spec.shape_generic)
     if tap_points:
         _stage_sampling_points_per_tap(sch, kx, flat, warps_co, warps_p)
     else:
         stage_weights()
+    if spec.shape_generic:
+        _stage_positions(sch, block_loop, flat, pad, warps_co, warps_p)
 
     # Operand tile rows padded (ROW_ALIGN, ROW_PAD): the rows a fragment load reads at once start
     # in different shared-memory banks (unpadded rows of 64 or 128 bytes share them).

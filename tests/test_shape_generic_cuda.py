@@ -31,6 +31,7 @@ LAYER = DeformConvSpec(2, 64, 20, 24, 64, 3, 3, padding=(1, 1), layout="NHWC")
 # such expressions of H and W (the configuration's OH and OW are variables of their own).
 ASYMMETRIC = DeformConvSpec(2, 32, 20, 24, 48, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(2, 1), offset_groups=2,
                             layout="NHWC")
+SIZE_DIVISION = re.compile(r"[/%] \(OH \* OW\)|[/%] O[HW]\b")
 PRECISIONS = {  # dtype, TF32: WMMA float16, mma m16n8k16 bfloat16, m16n8k8 TF32 and 3xTF32
     "float16": ("float16", False), "bfloat16": ("bfloat16", False), "tf32": ("float32", True),
     "3xtf32": ("float32", False),
@@ -46,9 +47,14 @@ def test_the_configurations_tensor_core_forward_compiles_with_sizes_as_parameter
     (device_module,) = compile_kernel(sch.mod, TARGET).mod.imports
     source = device_module.inspect_source()
     signature = re.search(r"main_kernel\(([^)]*)\)", source).group(1)
-    assert {"int N", "int H", "int W", "int OH", "int OW"} <= {a.strip() for a in signature.split(",")}, signature
+    # (The batch enters as the number of positions, N * OH * OW, which the host computes.)
+    assert {"int H", "int W", "int OH", "int OW"} <= {a.strip() for a in signature.split(",")}, signature
     # Every shared and local buffer has a constant size (blocks of whole positions: no clipped tail).
     assert re.findall(r"__shared__ [^;\[]*\[(\d+)\]", source) and "extern __shared__" in source
+    # The block's positions are divided out of their flat index once (sample_position, in shared memory), not in
+    # the sampling of every tap: the only divisions by the run-time sizes fill that table and place the outputs.
+    divisions = SIZE_DIVISION.findall(source)
+    assert "sample_position_shared" in source and 0 < len(divisions) <= 8, divisions
 
 
 @pytest.mark.parametrize("dtype, channels", [("float32", 1), ("float16", 4), ("bfloat16", 8), ("float64", 64)])

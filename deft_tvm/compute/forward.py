@@ -1,6 +1,9 @@
 """Pure TE compute of deformable convolution (torchvision semantics), with named stages.
 
 Stages (names are the block names schedules refer to):
+  ``sample_position`` - a layer configuration's only (``spec.shape_generic``): the image, row and
+                      column of every output position, int32 ``[batch, out_h, out_w, 3]``, which
+                      the sampling stages index offsets, mask and input through
   ``sample_index``  - per sampling point, the flat in-plane index (``y * width + x``) of each of
                       the four bilinear corners, or -1 where the corner contributes nothing,
                       int32 of shape ``[batch, offset_groups, kernel_h, kernel_w, out_h, out_w, 4]``
@@ -38,6 +41,7 @@ from tvm import te, tirx
 from deft_tvm.compute.sampling import CORNERS, bilinear_share, sampling_coordinates
 from deft_tvm.compute.spec import DeformConvSpec, accumulate_dtype
 
+STAGE_POSITION = "sample_position"
 STAGE_INDEX = "sample_index"
 STAGE_POINT_WEIGHT = "sample_weight"
 STAGE_CORNER = "sample_corner"
@@ -68,6 +72,21 @@ def _bilinear_point(y, x, corner, height: int, width: int, acc: str, index: bool
     return tirx.Select(outside, tirx.const(0, acc), share)
 
 
+def _positions(spec: DeformConvSpec):
+    """``(n, oy, ox) -> (image, row, column)``: the output position whose offsets, mask and input
+    the sampling stages of ``(n, oy, ox)`` read. A layer configuration's (``spec.shape_generic``)
+    come from stage ``sample_position`` (each output position's image, row and column, int32
+    ``[batch, out_h, out_w, 3]``), which a schedule that tiles flat positions can compute once per
+    block instead of dividing each flat position by the run-time sizes again at every tap; a kernel
+    of one size indexes by ``(n, oy, ox)`` itself."""
+    if not spec.shape_generic:
+        return lambda n, oy, ox: (n, oy, ox)
+    position = te.compute(
+        (spec.batch, spec.out_h, spec.out_w, 3),
+        lambda n, oy, ox, k: tirx.Select(k == 0, n, tirx.Select(k == 1, oy, ox)), name=STAGE_POSITION)
+    return lambda n, oy, ox: (position[n, oy, ox, 0], position[n, oy, ox, 1], position[n, oy, ox, 2])
+
+
 def sampled_te(spec: DeformConvSpec, data: te.Tensor, offset: te.Tensor, mask: te.Tensor | None) -> te.Tensor:
     """The stages ``sample_index`` .. ``sampled`` over ``data`` (``spec.kernel_input_shape``, in
     ``spec.layout``), ``offset`` and ``mask`` (None without one): the ``sampled`` tensor,
@@ -78,15 +97,18 @@ def sampled_te(spec: DeformConvSpec, data: te.Tensor, offset: te.Tensor, mask: t
     channels_per_offset_group = spec.in_channels // spec.offset_groups
     point_shape = (spec.batch, spec.offset_groups, kh, kw, spec.out_h, spec.out_w, CORNERS)
     coordinates = sampling_coordinates(spec, offset, acc)
+    at = _positions(spec)
 
     def point(n, g, ky, kx, oy, ox, corner, index):
-        y, x = coordinates(n, g, ky, kx, oy, ox)
+        image, row, column = at(n, oy, ox)
+        y, x = coordinates(image, g, ky, kx, row, column)
         return _bilinear_point(y, x, corner, spec.height, spec.width, acc, index)
 
     def point_weight(n, g, ky, kx, oy, ox, corner):
         value = point(n, g, ky, kx, oy, ox, corner, index=False)
         if mask is not None:
-            value = value * mask[n, g * taps + ky * kw + kx, oy, ox].astype(acc)
+            image, row, column = at(n, oy, ox)
+            value = value * mask[image, g * taps + ky * kw + kx, row, column].astype(acc)
         return value
 
     sample_index = te.compute(
@@ -96,9 +118,10 @@ def sampled_te(spec: DeformConvSpec, data: te.Tensor, offset: te.Tensor, mask: t
 
     def corner_value(n, c, ky, kx, oy, ox, corner):
         flat = tirx.max(sample_index[n, c // channels_per_offset_group, ky, kx, oy, ox, corner], 0)
+        image = at(n, oy, ox)[0]
         if spec.layout == "NHWC":
-            return data[n, flat // spec.width, flat % spec.width, c]
-        return data[n, c, flat // spec.width, flat % spec.width]
+            return data[image, flat // spec.width, flat % spec.width, c]
+        return data[image, c, flat // spec.width, flat % spec.width]
 
     sample_corner = te.compute(
         (spec.batch, spec.in_channels, kh, kw, spec.out_h, spec.out_w, CORNERS), corner_value,
