@@ -24,7 +24,7 @@ from pathlib import Path
 import tvm
 
 from deft_tvm.schedules.cuda import compute_capability
-from deft_tvm.schedules.cuda_sizes import positive_sizes
+from deft_tvm.schedules import cuda_sizes
 
 TAG = "tirx.use_programtic_dependent_launch"
 _DYNAMIC_SHARED = "tirx.use_dyn_shared_memory"  # the runtime wants this tag last
@@ -76,7 +76,8 @@ def programmatic_launch(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 def _pipeline(**kwargs):
     lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("s_tir", **kwargs)
-    return tvm.transform.Sequential([lower, positive_sizes, programmatic_launch]), finalize_host, finalize_device
+    passes = tvm.transform.Sequential([lower, cuda_sizes.positive_sizes, programmatic_launch])
+    return passes, finalize_host, finalize_device
 
 
 tvm.tirx.register_tir_pipeline(PIPELINE, _pipeline)
@@ -86,8 +87,6 @@ tvm.tirx.register_tir_pipeline(PIPELINE, _pipeline)
 def pipeline_digest() -> str:
     """A hash of the source of the passes ``PIPELINE`` adds (this module and ``cuda_sizes``): what a
     kernel compiled on it is a function of besides its module, TVM and the target."""
-    from deft_tvm.schedules import cuda_sizes
-
     digest = hashlib.sha256()
     for module in (sys.modules[__name__], cuda_sizes):
         digest.update(Path(module.__file__).read_bytes())
