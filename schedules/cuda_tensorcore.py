@@ -367,6 +367,12 @@ def _points_by_flat_position(sch, block, flat) -> None:
     sch.transform_block_layout(block, lambda n, g, ky, kx, oy, ox, k: (g, ky, kx, flat(n, oy, ox), k))
 
 
+def _corner_by_flat_position(flat):
+    """Index map of the corner-read stage ``(batch, channel, ky, kx, out_h, out_w, corner)`` to
+    ``(ky, kx, flat position, corner, channel)``."""
+    return lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c)
+
+
 def _sampling_by_flat_position(sch, flat) -> None:
     """A layer configuration's sampling stages (points and corner reads), blocks and buffers, by
     flat position: their bindings then divide no flat position by the run-time sizes, and their
@@ -374,8 +380,8 @@ def _sampling_by_flat_position(sch, flat) -> None:
     for stage in (STAGE_INDEX, STAGE_POINT_WEIGHT):
         _points_by_flat_position(sch, sch.get_sblock(stage), flat)
     corner = sch.get_sblock(STAGE_CORNER)
-    sch.transform_layout(corner, ("write", 0), lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c))
-    sch.transform_block_layout(corner, lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c))
+    sch.transform_layout(corner, ("write", 0), _corner_by_flat_position(flat))
+    sch.transform_block_layout(corner, _corner_by_flat_position(flat))
 
 
 def _stage_sampling_points_per_tap(sch, tap, flat, warps_co: int, warps_p: int) -> None:
@@ -475,8 +481,7 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
     sch.transform_block_layout(conv, lambda n, co, oy, ox, rc, ky, kx: (co, flat(n, oy, ox), ky, kx, rc))
     sch.transform_block_layout(output, lambda n, co, oy, ox: (co, flat(n, oy, ox)))
     if tap_points:  # corner reads then index the staged points by flat position, a tight region
-        sch.transform_block_layout(sch.get_sblock(STAGE_CORNER),
-                                   lambda n, c, ky, kx, oy, ox, k: (ky, kx, flat(n, oy, ox), k, c))
+        sch.transform_block_layout(sch.get_sblock(STAGE_CORNER), _corner_by_flat_position(flat))
     if spec.shape_generic:  # every sampling stage by flat position, which indexes the staged positions
         _sampling_by_flat_position(sch, flat)
     # Positions padded to whole fragments (a layer configuration's to whole blocks, see the module's
