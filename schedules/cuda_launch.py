@@ -10,7 +10,8 @@ Dependent Launch and Synchronization"; PTX ISA, "griddepcontrol"). Here a kernel
 TVM 0.27's CUDA runtime launches a kernel with that attribute when its launch parameters hold the
 tag ``tirx.use_programtic_dependent_launch`` (sic), which neither a PrimFunc attribute nor a
 statement attribute sets (checked on 0.27.0.post1); ``PIPELINE`` is the ``s_tir`` pipeline followed
-by ``cuda_sizes.positive_sizes`` (configuration kernels' sizes known positive) and
+by ``cuda_sizes.positive_sizes`` (configuration kernels' sizes known positive),
+``cuda_occupancy.min_blocks_per_sm`` (the resident blocks a schedule asked for) and
 ``programmatic_launch``, the module pass that adds the tag to such kernels.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import tvm
 
 from deft_tvm.schedules.cuda import compute_capability
-from deft_tvm.schedules import cuda_sizes
+from deft_tvm.schedules import cuda_occupancy, cuda_sizes
 
 TAG = "tirx.use_programtic_dependent_launch"
 _DYNAMIC_SHARED = "tirx.use_dyn_shared_memory"  # the runtime wants this tag last
@@ -76,7 +77,8 @@ def programmatic_launch(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 def _pipeline(**kwargs):
     lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("s_tir", **kwargs)
-    passes = tvm.transform.Sequential([lower, cuda_sizes.positive_sizes, programmatic_launch])
+    passes = tvm.transform.Sequential([lower, cuda_sizes.positive_sizes, cuda_occupancy.min_blocks_per_sm,
+                                       programmatic_launch])
     return passes, finalize_host, finalize_device
 
 
@@ -85,10 +87,11 @@ tvm.tirx.register_tir_pipeline(PIPELINE, _pipeline)
 
 @functools.lru_cache(maxsize=1)
 def pipeline_digest() -> str:
-    """A hash of the source of the passes ``PIPELINE`` adds (this module and ``cuda_sizes``): what a
-    kernel compiled on it is a function of besides its module, TVM and the target."""
+    """A hash of the source of the passes ``PIPELINE`` adds (this module, ``cuda_sizes`` and
+    ``cuda_occupancy``): what a kernel compiled on it is a function of besides its module, TVM and
+    the target."""
     digest = hashlib.sha256()
-    for module in (sys.modules[__name__], cuda_sizes):
+    for module in (sys.modules[__name__], cuda_sizes, cuda_occupancy):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 

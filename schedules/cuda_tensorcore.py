@@ -52,6 +52,7 @@ from tvm import s_tir
 from deft_tvm.compute.forward import (STAGE_CONV, STAGE_CORNER, STAGE_INDEX, STAGE_OUTPUT, STAGE_POINT_WEIGHT,
                                       STAGE_POSITION, STAGE_SAMPLED, STAGE_WEIGHT)
 from deft_tvm.compute.spec import DeformConvSpec
+from deft_tvm.schedules.cuda_occupancy import with_min_blocks
 from deft_tvm.schedules.cuda import largest_divisor, place_sampling_point_in_registers
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
 
@@ -73,6 +74,16 @@ ROW_PAD = 16
 # would take all of the 48 KB of static shared memory).
 DEFAULT_CHUNK = 32
 DEFAULT_WEIGHT_TILE_BYTES = 16384
+# A layer configuration's kernel asks for CONFIGURATION_MIN_BLOCKS resident blocks an SM where its
+# blocks have CONFIGURATION_MIN_BLOCKS_THREADS threads or fewer (``cuda_occupancy``): its run-time
+# sizes and staged positions take more registers than the per-size kernel of the same tiling (80
+# against 64 a thread for the paper float16 record's 256 threads, so 3 blocks an SM instead of 4).
+# Measured on an H100 (tools/results/configuration_forward_min_blocks_h100_fca2166.txt): the paper
+# float16 record 0.080 -> 0.067 ms, the others (TF32 record, bfloat16, video og8, r50 c3 defaults;
+# blocks of 64 to 256 threads) 0-3 % faster. Not asked of larger blocks (4 of 512 threads would
+# leave 32 registers a thread), nor measured there.
+CONFIGURATION_MIN_BLOCKS = 4
+CONFIGURATION_MIN_BLOCKS_THREADS = 256
 # The default tiling stages the sampling points per tap where each offset group has at least this
 # many channels (every staged point then serves that many gathered channels). H200, 22c9880, a
 # record's tiling without / with them: one offset group of 64-512 channels won wherever the staged
@@ -622,9 +633,14 @@ def apply_deft_cuda_tensorcore(sch: s_tir.Schedule, tiles, spec: DeformConvSpec)
 
 
 def schedule_cuda_tensorcore(mod, spec: DeformConvSpec, tiling: TensorCoreTiling | None = None) -> s_tir.Schedule:
-    """The tensor-core schedule of the ``main`` PrimFunc of ``deform_conv2d_primfunc(spec)``."""
+    """The tensor-core schedule of the ``main`` PrimFunc of ``deform_conv2d_primfunc(spec)``; a
+    layer configuration's (``spec.shape_generic``) asks for ``CONFIGURATION_MIN_BLOCKS`` resident
+    blocks an SM where its blocks are small enough."""
+    tiling = tiling or TensorCoreTiling.for_spec(spec)
+    if spec.shape_generic and WARP * tiling.warps_co * tiling.warps_p <= CONFIGURATION_MIN_BLOCKS_THREADS:
+        mod = with_min_blocks(mod, CONFIGURATION_MIN_BLOCKS)
     sch = s_tir.Schedule(mod)
-    apply_deft_cuda_tensorcore(sch, FixedTensorCoreTiles(tiling or TensorCoreTiling.for_spec(spec)), spec)
+    apply_deft_cuda_tensorcore(sch, FixedTensorCoreTiles(tiling), spec)
     return sch
 
 
