@@ -52,9 +52,9 @@ from tvm import s_tir
 from deft_tvm.compute.forward import (STAGE_CONV, STAGE_CORNER, STAGE_INDEX, STAGE_OUTPUT, STAGE_POINT_WEIGHT,
                                       STAGE_POSITION, STAGE_SAMPLED, STAGE_WEIGHT)
 from deft_tvm.compute.spec import DeformConvSpec
-from deft_tvm.schedules.cuda_occupancy import with_min_blocks
 from deft_tvm.schedules.cuda import largest_divisor, place_sampling_point_in_registers
 from deft_tvm.schedules.cuda_mma import MMA_SHAPES
+from deft_tvm.schedules.cuda_occupancy import with_min_blocks
 
 FRAGMENT = 16
 WARP = 32
