@@ -4,12 +4,16 @@ ptxas fits a kernel declared ``__launch_bounds__(max_threads, min_blocks)`` in t
 let ``min_blocks`` blocks of ``max_threads`` threads reside on one multiprocessor (65536 32-bit
 registers an SM on sm_90: 64 a thread for 4 blocks of 256 threads), spilling what does not fit to
 local memory (CUDA C++ Programming Guide, "Launch Bounds"). TVM 0.27 writes the second argument
-for a device function with the attribute ``tirx.launch_bounds_min_blocks_per_sm``. A schedule
-cannot set that itself: the device functions only exist after ``SplitHostDevice``, and the
-attributes of ``main`` stay on the host function (checked on 0.27.0.post1). So a schedule marks the
-PrimFunc it schedules with ``with_min_blocks``, and ``min_blocks_per_sm``, a pass of the
+for a device function with the attribute ``tirx.launch_bounds_min_blocks_per_sm``, which it also
+takes from a statement of that key inside the kernel's thread bindings: the kernels written in TIR
+(``cuda_backward_fused``, ``cuda_patch_forward``) set theirs so, one per kernel. A schedule of a
+compute cannot: no schedule primitive adds such a statement (a loop annotation of that key is not
+turned into one), the device functions only exist after ``SplitHostDevice``, and the attributes of
+``main`` stay on the host function (checked on 0.27.0.post1). So a schedule marks the PrimFunc it
+schedules with ``with_min_blocks``, and ``min_blocks_per_sm``, a pass of the
 ``cuda_launch.PIPELINE`` after lowering, copies the request to the module's device kernels.
-(ptxas ignores ``--maxrregcount`` for a kernel with ``__launch_bounds__``, which TVM writes for these.)
+(ptxas ignores ``--maxrregcount`` for a kernel with ``__launch_bounds__``, which TVM writes for
+these.)
 """
 
 from __future__ import annotations
